@@ -1,0 +1,300 @@
+use std::sync::Arc;
+
+use event_manager::SubscriberId;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{Queue, QueueT};
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::MutDeviceMmio;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{ActiveQueue, EventLoopHandle, GuestMemory, Interrupt, VirtioDevice};
+
+/// Bytes of guest-physical address space each virtio-mmio device occupies.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2; // the modern (virtio 1.x) register layout
+const VENDOR_ID: u32 = 0x0043_564d; // "MVC\0": cvm
+
+/// The virtio-mmio transport (virtio 1.2, section 4.2.2): the register file and the device
+/// status state machine between a Linux driver and a [`VirtioDevice`].
+///
+/// Status only moves forward (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK) until the driver
+/// writes 0 to reset; features may only change between DRIVER and FEATURES_OK and must be a
+/// subset of what the device offers; queues may only change before DRIVER_OK. Accesses outside
+/// these rules are ignored, never fatal.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    event_loop: EventLoopHandle,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    worker: Option<SubscriberId>,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        event_loop: EventLoopHandle,
+    ) -> std::io::Result<Self> {
+        let queues = fresh_queues(device.as_ref());
+        let kicks = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            event_loop,
+            queues,
+            kicks,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            worker: None,
+        })
+    }
+
+    /// One eventfd per queue: the VMM registers each with KVM as an ioeventfd on QueueNotify
+    /// (matching the queue index), so a notification never leaves the kernel.
+    pub fn kick_events(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+    }
+
+    fn read_register(&mut self, offset: u32) -> u32 {
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            // No shared memory regions: a length of all ones says "absent".
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u32, value: u32) {
+        let setup = self.queue_setup_allowed();
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                match self.driver_features_sel {
+                    0 if negotiating => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 if negotiating => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => tracing::debug!("virtio-mmio: feature write ignored"),
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16)
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1)
+                }
+            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH if setup => {
+                let high = offset == VIRTIO_MMIO_QUEUE_DESC_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    if high { q.set_desc_table_address(None, Some(value)) } else { q.set_desc_table_address(Some(value), None) }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setup => {
+                let high = offset == VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    if high { q.set_avail_ring_address(None, Some(value)) } else { q.set_avail_ring_address(Some(value), None) }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW | VIRTIO_MMIO_QUEUE_USED_HIGH if setup => {
+                let high = offset == VIRTIO_MMIO_QUEUE_USED_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    if high { q.set_used_ring_address(None, Some(value)) } else { q.set_used_ring_address(Some(value), None) }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // Reached only when no ioeventfd caught the write (or for an unknown queue).
+                if let Some(kick) = self.kicks.get(value as usize) {
+                    let _ = kick.write(1);
+                }
+            }
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_SHM_SEL => {}
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to {offset:#x} ignored"),
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value & self.status != self.status {
+            tracing::debug!("virtio-mmio: status {:#x} -> {value:#x} clears bits; ignored", self.status);
+            return;
+        }
+        let added = value & !self.status;
+        let mut next = value;
+        if added & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0 && added & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0 {
+            next &= !VIRTIO_CONFIG_S_DRIVER;
+        }
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let acceptable = next & VIRTIO_CONFIG_S_DRIVER != 0
+                && self.driver_features & !offered == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !acceptable {
+                // The driver reads FEATURES_OK back and gives up on the device.
+                next &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            if next & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                next &= !VIRTIO_CONFIG_S_DRIVER_OK;
+            } else if let Err(e) = self.activate() {
+                tracing::warn!("virtio-mmio: device {} failed to start: {e}", self.device.device_type());
+                next = (next & !VIRTIO_CONFIG_S_DRIVER_OK) | VIRTIO_CONFIG_S_NEEDS_RESET;
+            }
+        }
+        self.status = next;
+    }
+
+    fn activate(&mut self) -> std::io::Result<()> {
+        if let Some(bad) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("queue {bad} does not fit in guest memory"),
+            ));
+        }
+        let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
+        let active = queues
+            .into_iter()
+            .zip(&self.kicks)
+            .filter(|(q, _)| q.ready())
+            .map(|(queue, kick)| Ok(ActiveQueue { queue, kick: kick.try_clone()? }))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let worker = self.device.activate(
+            self.driver_features,
+            self.mem.clone(),
+            active,
+            self.interrupt.clone(),
+        )?;
+        if let Some(worker) = worker {
+            let id = self
+                .event_loop
+                .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
+                    Ok(ops.add_subscriber(worker))
+                })
+                .map_err(|e| std::io::Error::other(format!("event loop: {e:?}")))?;
+            self.worker = Some(id);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(id) = self.worker.take() {
+            let removed = self.event_loop.call_blocking(move |ops| -> Result<(), event_manager::Error> {
+                ops.remove_subscriber(id).map(drop)
+            });
+            if let Err(e) = removed {
+                tracing::warn!("virtio-mmio: cannot stop the device worker: {e:?}");
+            }
+        }
+        self.queues = fresh_queues(self.device.as_ref());
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.ack(u32::MAX);
+        self.status = 0;
+    }
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+        .collect()
+}
+
+impl MutDeviceMmio for MmioTransport {
+    fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            let value = self.read_register(offset as u32);
+            data.copy_from_slice(&value.to_le_bytes());
+        } else {
+            tracing::debug!("virtio-mmio: {}-byte read at {offset:#x} ignored", data.len());
+            data.fill(0);
+        }
+    }
+
+    fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            self.device.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+            self.write_register(offset as u32, u32::from_le_bytes(bytes));
+        } else {
+            tracing::debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Virtio over MMIO: the transport ([`MmioTransport`]) and the devices that run inside the VMM.
+//!
+//! A device is a [`VirtioDevice`]: it describes itself (type, features, queues, config space)
+//! and, once the driver sets DRIVER_OK, turns its queues into a worker that the VMM's event loop
+//! runs. vhost-user devices (next) implement the same trait and hand their queues to a backend.
+
+mod mmio;
+mod rng;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use event_manager::{MutEventSubscriber, RemoteEndpoint};
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+pub use rng::Rng;
+
+/// What the VMM's event loop runs: device workers register their eventfds with it.
+pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
+/// How a vCPU thread hands a newly activated device's worker to the event loop.
+pub type EventLoopHandle = RemoteEndpoint<Subscriber>;
+
+/// The guest RAM type every device sees.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// One ready queue handed to a device when the driver activates it.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    /// Written (by KVM through an ioeventfd, or by the transport) when the driver notifies.
+    pub kick: EventFd,
+}
+
+/// A device's interrupt line: the InterruptStatus register and the irqfd behind it.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irqfd }
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// The device half of a virtio device; [`MmioTransport`] is the bus half.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (4 for entropy, 19 for vsock, 26 for fs, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes to the device-specific configuration space; ignored unless the device has
+    /// writable fields.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!("virtio: ignored config write of {} bytes at {offset:#x}", data.len());
+    }
+    /// The driver set DRIVER_OK with `features` acknowledged: start serving the queues.
+    /// Returns the worker the event loop must run, if the device does its work there.
+    fn activate(
+        &mut self,
+        features: u64,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: std::sync::Arc<Interrupt>,
+    ) -> std::io::Result<Option<Subscriber>>;
+}
