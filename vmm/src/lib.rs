@@ -1,1 +1,46 @@
+//! cvm's virtual machine monitor: a plain-data [`VmConfig`] becomes a running KVM guest in one
+//! place ([`Vm::create`]), and [`Vm::run`] drives it until the guest resets, powers off, halts
+//! for good or fails, and says why ([`VmExit`]).
+//!
+//! Layout: `config` (plain data and its parsers), `memory` (memfd-backed guest RAM),
+//! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
+//! the event loop), `host` (what the host's KVM can do).
 
+mod config;
+pub mod host;
+mod memory;
+mod vcpu;
+mod vm;
+pub mod x86_64;
+
+pub use config::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
+pub use memory::layout;
+pub use vm::{BootTimings, ExitReason, Vm, VmExit};
+
+/// Everything that can stop a VM from being built or run. Each message says what went wrong
+/// and, where the user can do something about it, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Kvm(#[from] host::KvmUnavailable),
+    #[error("KVM refused to {what}: {source}")]
+    KvmCall { what: &'static str, source: kvm_ioctls::Error },
+    #[error("{0}")]
+    Config(String),
+    #[error("{}: {source}", path.display())]
+    File { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{} is not a kernel: {reason}", path.display())]
+    NotAKernel { path: std::path::PathBuf, reason: String },
+    #[error("cannot set up guest memory: {0}")]
+    Memory(String),
+    #[error("cannot boot: {0}")]
+    Boot(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::KvmCall { what, source }
+}

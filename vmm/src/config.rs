@@ -1,0 +1,133 @@
+use std::path::PathBuf;
+
+use crate::{Error, Result};
+
+/// The kernel command line `cvm boot` uses unless told otherwise: the console on the serial
+/// port, reboot through the i8042 (which ends the VM), and no wait on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// A virtual machine, as plain data. [`crate::Vm::create`] turns it into live objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// A vmlinux (ELF, PVH entry preferred, else its 64-bit entry) or a bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs, loaded at the top of low memory.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line; the VMM appends its devices' `virtio_mmio.device=` arguments.
+    pub cmdline: String,
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Give the guest a virtio-rng entropy device.
+    pub rng: bool,
+    /// Forward the host's standard input to the serial console.
+    pub serial_input: bool,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            memory_bytes: 512 << 20,
+            rng: true,
+            serial_input: true,
+        }
+    }
+
+    /// Checks what can be checked without touching KVM, so bad input fails fast and clearly.
+    pub fn validate(&self) -> Result<()> {
+        if self.vcpus == 0 || usize::from(self.vcpus) > crate::x86_64::MAX_VCPUS {
+            return Err(Error::Config(format!(
+                "--cpus must be between 1 and {}, not {}",
+                crate::x86_64::MAX_VCPUS,
+                self.vcpus
+            )));
+        }
+        if self.memory_bytes < crate::layout::MIN_MEMORY {
+            return Err(Error::Config(format!(
+                "--memory must be at least {} MiB",
+                crate::layout::MIN_MEMORY >> 20
+            )));
+        }
+        if self.memory_bytes % 4096 != 0 {
+            return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
+        }
+        for path in std::iter::once(&self.kernel).chain(self.initrd.as_ref()) {
+            let meta = std::fs::metadata(path)
+                .map_err(|source| Error::File { path: path.clone(), source })?;
+            if !meta.is_file() {
+                return Err(Error::Config(format!("{} is not a regular file", path.display())));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a memory size: a whole number with an optional binary unit (`K`, `M`, `G`, `T`,
+/// optionally followed by `i`/`iB`/`B`), case-insensitive. A bare number means MiB, as in
+/// QEMU's `-m` and Firecracker's `mem_size_mib`.
+pub fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!("invalid memory size {text:?}: expected a number like 512M or 2G"));
+    }
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mi" | "mib" => 20,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "g" | "gb" | "gi" | "gib" => 30,
+        "t" | "tb" | "ti" | "tib" => 40,
+        _ => return Err(format!("invalid memory size {text:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    let value: u64 = digits.parse().map_err(|_| format!("invalid memory size {text:?}: too large"))?;
+    let bytes = value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("invalid memory size {text:?}: too large"))?;
+    if bytes == 0 {
+        return Err("memory size must be greater than zero".into());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("256"), Ok(256 << 20));
+        assert_eq!(parse_memory_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_memory_size(" 1T "), Ok(1 << 40));
+    }
+
+    #[test]
+    fn hostile_memory_sizes() {
+        for bad in ["", "G", "-1G", "1.5G", "0", "0M", "12X", "1GG", "99999999999999999999", "17179869184T", "1 G"] {
+            assert!(parse_memory_size(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let dir = std::env::temp_dir();
+        let mut config = VmConfig::new(dir.join("no-such-kernel"));
+        assert!(matches!(config.validate(), Err(Error::File { .. })));
+        config.kernel = std::env::current_exe().unwrap();
+        assert!(config.validate().is_ok());
+        config.vcpus = 0;
+        assert!(config.validate().is_err());
+        config.vcpus = 1;
+        config.memory_bytes = 4096;
+        assert!(config.validate().is_err());
+        config.memory_bytes = 64 << 20;
+        config.initrd = Some(dir.clone());
+        assert!(config.validate().is_err(), "a directory is not an initrd");
+    }
+}

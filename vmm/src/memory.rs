@@ -1,0 +1,155 @@
+//! Guest RAM: one memfd, mapped shared (so vhost-user backends can map the same pages), given
+//! to KVM as one memory slot below the MMIO gap and, for guests larger than the gap's start, a
+//! second slot above 4 GiB.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::{Error, Result};
+
+/// The guest-physical address map.
+pub mod layout {
+    /// The smallest guest cvm builds: room for the boot structures, a kernel and its stack.
+    pub const MIN_MEMORY: u64 = 2 << 20;
+    /// Guest RAM stops here and resumes at [`HIGH_RAM_START`]; devices live in between.
+    pub const MMIO_GAP_START: u64 = 0xc000_0000;
+    pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+    /// The boot timer register (see `cvm_devices::legacy::BootTimer`).
+    pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
+    /// virtio-mmio windows follow the boot timer, one page each.
+    pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START + 0x1000;
+    /// Where the IOAPIC and the local APICs answer (fixed by the x86 platform).
+    pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+    pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+    /// KVM's real-mode TSS needs three pages below 4 GiB that the guest does not use.
+    pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+    // Low memory, all below 1 MiB.
+    pub const GDT_ADDR: u64 = 0x500;
+    pub const IDT_ADDR: u64 = 0x520;
+    pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+    pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+    pub const PVH_MEMMAP_ADDR: u64 = 0x6100;
+    pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+    pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+    /// Identity page tables for the 64-bit entry: PML4, PDPT, then four page directories.
+    pub const PML4_ADDR: u64 = 0x9000;
+    pub const CMDLINE_ADDR: u64 = 0x20000;
+    pub const CMDLINE_MAX: usize = 2048;
+    /// The MP table sits in the last KiB of conventional memory, where Linux looks for it.
+    pub const MPTABLE_ADDR: u64 = 0x9fc00;
+    pub const LOW_RAM_END: u64 = 0xa0000;
+    /// Kernels load at or above 1 MiB.
+    pub const HIMEM_START: u64 = 0x10_0000;
+
+    /// Serial console (COM1) and its interrupt line.
+    pub const SERIAL_PORT: u16 = 0x3f8;
+    pub const SERIAL_IRQ: u32 = 4;
+    /// The i8042 controller's data and command ports (0x60 and 0x64).
+    pub const I8042_PORT: u16 = 0x60;
+    /// virtio-mmio devices take interrupt lines from here on.
+    pub const VIRTIO_IRQ_START: u32 = 5;
+    /// The IOAPIC's pins: 0-23.
+    pub const IRQ_COUNT: u32 = 24;
+
+    /// The RAM ranges of a guest of `memory` bytes, as (start, length).
+    pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {
+        if memory <= MMIO_GAP_START {
+            vec![(0, memory)]
+        } else {
+            vec![(0, MMIO_GAP_START), (HIGH_RAM_START, memory - MMIO_GAP_START)]
+        }
+    }
+}
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Creates the guest's RAM: a memfd of `size` bytes, mapped once per RAM range. Pages are
+/// allocated on first touch, so a large guest costs nothing until it uses its memory.
+pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"cvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memory(format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| Error::Memory(format!("cannot size guest RAM: {e}")))?;
+
+    let mut regions = Vec::new();
+    let mut file_offset = 0;
+    for (start, len) in layout::ram_ranges(size) {
+        let len_usize = usize::try_from(len).map_err(|_| Error::Memory("guest too large".into()))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file.try_clone()?, file_offset)),
+            len_usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("cannot map {} MiB of guest RAM: {e}", len >> 20)))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| Error::Memory("guest RAM range overflows".into()))?;
+        regions.push(region);
+        file_offset += len;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((mem, file))
+}
+
+/// Refuses a guest larger than the host's RAM: the memfd would be created, but the guest would
+/// be killed by the host's OOM killer half-way through its boot.
+pub fn check_host_can_give(size: u64) -> Result<()> {
+    // SAFETY: sysinfo writes into the zeroed struct we pass and nothing else.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return Ok(());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field widths differ between libc targets
+    let total = (info.totalram as u64).saturating_mul(info.mem_unit as u64);
+    if size > total {
+        return Err(Error::Config(format!(
+            "--memory {} MiB is more than this host's {} MiB of RAM",
+            size >> 20,
+            total >> 20
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemory as _};
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(layout::ram_ranges(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(layout::ram_ranges(layout::MMIO_GAP_START), vec![(0, layout::MMIO_GAP_START)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let ranges = layout::ram_ranges(5 << 30);
+        assert_eq!(ranges, vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), 5 << 30);
+    }
+
+    #[test]
+    fn guest_memory_is_shared_memfd() {
+        let (mem, file) = create_guest_memory(16 << 20).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        let mut buf = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xdead_beef, "the memfd sees guest writes");
+        assert!(mem.write_obj(0u8, GuestAddress(16 << 20)).is_err());
+        assert_eq!(mem.num_regions(), 1);
+    }
+
+    #[test]
+    fn refuses_more_than_the_host_has() {
+        assert!(check_host_can_give(1 << 50).is_err());
+        assert!(check_host_can_give(16 << 20).is_ok());
+    }
+}

@@ -1,0 +1,179 @@
+//! vCPU threads: each runs KVM_RUN in a loop, routes port and MMIO exits to the device bus,
+//! and reports the exits that end the VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vm::ExitReason;
+
+const RFLAGS_IF: u64 = 1 << 9;
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing: the
+/// interrupted ioctl returning EINTR is the whole point.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| e.errno())
+        })
+        .map_err(std::io::Error::from_raw_os_error)
+}
+
+/// State the vCPU threads and the event loop share.
+pub struct Shared {
+    exit: Mutex<Option<ExitReason>>,
+    exit_evt: EventFd,
+    stop: AtomicBool,
+    /// Per vCPU: it cannot run again (halted with interrupts off, or never started).
+    stuck: Vec<AtomicBool>,
+    pub first_entry: OnceLock<Instant>,
+}
+
+impl Shared {
+    pub fn new(vcpus: usize, exit_evt: EventFd) -> Self {
+        Self {
+            exit: Mutex::new(None),
+            exit_evt,
+            stop: AtomicBool::new(false),
+            stuck: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            first_entry: OnceLock::new(),
+        }
+    }
+
+    /// Records why the VM ends (the first reason wins) and wakes the event loop.
+    pub fn request_exit(&self, reason: ExitReason) {
+        let mut exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if exit.is_none() {
+            *exit = Some(reason);
+            let _ = self.exit_evt.write(1);
+        }
+    }
+
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub index: usize,
+    pub io: Arc<IoManager>,
+    pub shared: Arc<Shared>,
+}
+
+impl Vcpu {
+    /// Runs the guest until the VM ends or the VMM stops this vCPU.
+    pub fn run(mut self) {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            if self.index == 0 && self.shared.first_entry.get().is_none() {
+                let _ = self.shared.first_entry.set(Instant::now());
+            }
+            let ended = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, &self.io),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.note_if_stuck();
+                    None
+                }
+                Err(e) => Some(ExitReason::Unexpected(format!("KVM_RUN failed: {e}"))),
+            };
+            if let Some(reason) = ended {
+                self.shared.request_exit(refine_internal_error(&mut self.fd, reason));
+                break;
+            }
+        }
+    }
+
+    /// Kicked by the event loop's watchdog: is this vCPU parked for good? When every vCPU is,
+    /// the guest has halted (Linux's halt and poweroff without ACPI end in `cli; hlt`).
+    fn note_if_stuck(&mut self) {
+        let Ok(mp) = self.fd.get_mp_state() else { return };
+        let stuck = match mp.mp_state {
+            KVM_MP_STATE_HALTED => self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0),
+            KVM_MP_STATE_INIT_RECEIVED | KVM_MP_STATE_UNINITIALIZED => self.index != 0,
+            _ => false,
+        };
+        self.shared.stuck[self.index].store(stuck, Ordering::SeqCst);
+        if stuck && self.shared.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
+            self.shared.request_exit(ExitReason::Halted);
+        }
+    }
+}
+
+fn handle_exit(exit: VcpuExit, io: &IoManager) -> Option<ExitReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if io.pio_read(PioAddress(port), data).is_err() {
+                data.fill(0xff); // nothing there: the bus floats high
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            let _ = io.pio_write(PioAddress(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if io.mmio_read(MmioAddress(addr), data).is_err() {
+                tracing::debug!("guest read unmapped MMIO at {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if io.mmio_write(MmioAddress(addr), data).is_err() {
+                tracing::debug!("guest wrote unmapped MMIO at {addr:#x}; ignored");
+            }
+        }
+        VcpuExit::Hlt => return Some(ExitReason::Halted),
+        VcpuExit::Shutdown => return Some(ExitReason::TripleFault),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Some(ExitReason::PowerOff),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Some(ExitReason::Reset),
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(ExitReason::Unexpected(format!("system event {kind}")))
+        }
+        VcpuExit::InternalError => {
+            return Some(ExitReason::InternalError { emulation: false, pvm: crate::host::is_pvm() })
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(ExitReason::FailedEntry { reason, cpu })
+        }
+        VcpuExit::Intr => {}
+        other => return Some(ExitReason::Unexpected(format!("{other:?}"))),
+    }
+    None
+}
+
+/// An InternalError exit carries its kind in the run structure: say whether it was an
+/// emulation failure (what PVM reports for a stock kernel).
+fn refine_internal_error(fd: &mut VcpuFd, reason: ExitReason) -> ExitReason {
+    match reason {
+        ExitReason::InternalError { pvm, .. } => {
+            // SAFETY: reading a plain integer of the run structure's union, which KVM filled
+            // for this InternalError exit.
+            let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            ExitReason::InternalError { emulation: suberror == KVM_INTERNAL_ERROR_EMULATION, pvm }
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,411 @@
+//! The one place where a [`VmConfig`] becomes a running VM, and the event loop that runs it.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cvm_devices::legacy::{BootTimer, I8042, SerialConsole};
+use cvm_devices::virtio::{EventLoopHandle, Interrupt, MmioTransport, Rng, Subscriber, VirtioDevice, MMIO_WINDOW_SIZE};
+use cvm_devices::EventFdTrigger;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_memory::{GuestMemory as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::layout::*;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{self, Shared, Vcpu};
+use crate::x86_64::{self, cpu, mptable, BootInfo};
+use crate::{host, kvm_call, Error, Result, VmConfig};
+
+/// How often the event loop checks whether every vCPU has halted for good. A halted vCPU
+/// sleeps inside KVM, so only a kick shows its state.
+const HALT_CHECK_PERIOD: Duration = Duration::from_millis(100);
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest pulsed the reset line (i8042 command 0xfe, what `reboot=k` does) or asked
+    /// KVM for a reset.
+    Reset,
+    /// The guest asked KVM to power off.
+    PowerOff,
+    /// Every vCPU halted with interrupts disabled: nothing can wake the guest again.
+    Halted,
+    /// A fault while delivering a double fault: the CPU shuts down.
+    TripleFault,
+    /// KVM gave up on the guest; `emulation` when it could not emulate an instruction.
+    InternalError { emulation: bool, pvm: bool },
+    /// KVM could not enter the guest (bad vCPU state).
+    FailedEntry { reason: u64, cpu: u32 },
+    Unexpected(String),
+}
+
+impl ExitReason {
+    /// A reset, power-off or final halt: the guest chose to stop.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, ExitReason::Reset | ExitReason::PowerOff | ExitReason::Halted)
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reset => write!(f, "the guest reset the machine"),
+            ExitReason::PowerOff => write!(f, "the guest powered off"),
+            ExitReason::Halted => write!(f, "the guest halted with interrupts disabled"),
+            ExitReason::TripleFault => write!(f, "the guest crashed: triple fault"),
+            ExitReason::InternalError { emulation: true, pvm: true } => {
+                write!(f, "KVM emulation failure: {}", host::PVM_CANNOT_RUN_LINUX)
+            }
+            ExitReason::InternalError { emulation: true, pvm: false } => {
+                write!(f, "KVM internal error: it could not emulate an instruction of the guest")
+            }
+            ExitReason::InternalError { emulation: false, .. } => write!(f, "KVM internal error"),
+            ExitReason::FailedEntry { reason, cpu } => {
+                write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
+            }
+            ExitReason::Unexpected(what) => write!(f, "unexpected VM exit: {what}"),
+        }
+    }
+}
+
+/// When the boot reached its milestones, counted from the VMM's start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootTimings {
+    /// To the boot processor's first KVM_RUN: the guest's first instruction.
+    pub first_instruction: Option<Duration>,
+    /// To the guest's write to the boot timer.
+    pub boot_timer: Option<Duration>,
+    /// To the moment the VM ended.
+    pub exit: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmExit {
+    pub reason: ExitReason,
+    pub timings: BootTimings,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    _ram: File,
+    vcpus: Vec<Vcpu>,
+    event_loop: EventManager<Subscriber>,
+    shared: Arc<Shared>,
+    serial: Arc<Mutex<SerialConsole>>,
+    boot_timer: Arc<OnceLock<Instant>>,
+    /// The running vCPU threads, for the event loop's kicks.
+    vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    started: Instant,
+}
+
+impl Vm {
+    /// Builds the VM `config` describes. `started` is when the VMM started, the zero of the
+    /// reported boot timings.
+    pub fn create(config: &VmConfig, started: Instant) -> Result<Vm> {
+        config.validate()?;
+        memory::check_host_can_give(config.memory_bytes)?;
+        let kvm = host::open_kvm()?;
+        let vm_fd = kvm.create_vm().map_err(kvm_call("create a VM"))?;
+        vm_fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_call("set the TSS address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_call("create the interrupt controller"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(kvm_call("create the PIT"))?;
+
+        let (mem, ram) = memory::create_guest_memory(config.memory_bytes)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the mapping behind `region` lives in `mem`, which the vCPUs and devices
+            // keep alive for as long as the VM exists; KVM only accesses it on their behalf.
+            unsafe { vm_fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_call("map guest memory"))?;
+        }
+
+        let kernel = x86_64::load_kernel(&mem, &config.kernel)?;
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|path| x86_64::load_initrd(&mem, path, &kernel))
+            .transpose()?;
+
+        let event_loop: EventManager<Subscriber> = EventManager::new().map_err(event_err)?;
+        let exit_evt = EventFd::new(EFD_NONBLOCK)?;
+        let shared = Arc::new(Shared::new(usize::from(config.vcpus), exit_evt));
+        let mut devices = DeviceManager::new(&vm_fd, mem.clone(), event_loop.remote_endpoint(), &config.cmdline)?;
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+        vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_call("wire the serial interrupt"))?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            EventFdTrigger::new(serial_irq),
+            Box::new(std::io::stdout()),
+        )));
+        devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
+        let reset_evt = EventFd::new(EFD_NONBLOCK)?;
+        devices.add_pio(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_evt.try_clone()?)))))?;
+        let boot_timer = BootTimer::new();
+        let boot_stamp = boot_timer.stamp();
+        devices.add_mmio(BOOT_TIMER_ADDR, 0x1000, Arc::new(Mutex::new(boot_timer)))?;
+        if config.rng {
+            devices.add_virtio(Box::new(Rng::new()))?;
+        }
+        let (io, cmdline) = devices.finish();
+
+        x86_64::write_boot_info(&mem, &BootInfo { kernel: &kernel, cmdline: &cmdline, initrd, memory: config.memory_bytes })?;
+        mptable::write(&mem, config.vcpus)?;
+
+        vcpu::install_kick_handler()?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_call("report its CPUID"))?;
+        let io = Arc::new(io);
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd = vm_fd.create_vcpu(u64::from(index)).map_err(kvm_call("create a vCPU"))?;
+            cpu::setup_cpuid(&fd, &supported, index, config.vcpus)?;
+            cpu::setup_lapic(&fd)?;
+            if index == 0 {
+                cpu::setup_boot_cpu(&fd, &mem, kernel.entry)?;
+            }
+            vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
+        }
+
+        let mut vm = Vm {
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            _ram: ram,
+            vcpus,
+            event_loop,
+            shared,
+            serial,
+            boot_timer: boot_stamp,
+            vcpu_threads: Arc::new(Mutex::new(Vec::new())),
+            started,
+        };
+        vm.watch_control_events(reset_evt, config.serial_input)?;
+        Ok(vm)
+    }
+
+    fn watch_control_events(&mut self, reset_evt: EventFd, serial_input: bool) -> Result<()> {
+        let halt_check = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let stdin = serial_input.then(std::io::stdin);
+        let control = Control {
+            exit_evt: self.shared.exit_evt().try_clone()?,
+            reset_evt,
+            halt_check,
+            stdin,
+            serial: self.serial.clone(),
+            shared: self.shared.clone(),
+            vcpu_threads: self.vcpu_threads.clone(),
+        };
+        self.event_loop.add_subscriber(Box::new(control));
+        Ok(())
+    }
+
+    /// Runs the guest until it ends, then stops every vCPU thread.
+    pub fn run(mut self) -> Result<VmExit> {
+        let threads: Vec<JoinHandle<()>> = self
+            .vcpus
+            .drain(..)
+            .map(|vcpu| {
+                std::thread::Builder::new()
+                    .name(format!("vcpu{}", vcpu.index))
+                    .spawn(move || vcpu.run())
+            })
+            .collect::<std::io::Result<_>>()?;
+        let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+        *self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()) = pthreads.clone();
+
+        let reason = loop {
+            if let Some(reason) = self.shared.exit_reason() {
+                break reason;
+            }
+            if let Err(e) = self.event_loop.run() {
+                break ExitReason::Unexpected(format!("event loop: {e:?}"));
+            }
+        };
+        let exit = self.started.elapsed();
+
+        self.shared.stop();
+        for (thread, pthread) in threads.into_iter().zip(pthreads) {
+            while !thread.is_finished() {
+                // SAFETY: the thread has not been joined, so its pthread_t is still valid.
+                unsafe { libc::pthread_kill(pthread, vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let _ = thread.join();
+        }
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+
+        let since_start = |t: &Instant| t.saturating_duration_since(self.started);
+        Ok(VmExit {
+            reason,
+            timings: BootTimings {
+                first_instruction: self.shared.first_entry.get().map(since_start),
+                boot_timer: self.boot_timer.get().map(since_start),
+                exit,
+            },
+        })
+    }
+}
+
+/// Kicks every vCPU out of KVM_RUN.
+fn kick_all(threads: &Mutex<Vec<libc::pthread_t>>) {
+    for &thread in threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // SAFETY: the vCPU threads are joined only after the event loop has stopped, so every
+        // pthread_t in the list is valid while the loop runs.
+        unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
+    }
+}
+
+/// The VM's own events: an exit requested by a vCPU, the i8042 reset line, the periodic check
+/// for a guest halted for good, and host input for the serial console.
+struct Control {
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+    halt_check: TimerFd,
+    stdin: Option<std::io::Stdin>,
+    serial: Arc<Mutex<SerialConsole>>,
+    shared: Arc<Shared>,
+    vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &dyn AsRawFd| {
+            if let Err(e) = ops.add(Events::new_raw(fd.as_raw_fd(), EventSet::IN)) {
+                tracing::error!("event loop: cannot watch fd {}: {e:?}", fd.as_raw_fd());
+            }
+        };
+        add(&self.exit_evt);
+        add(&self.reset_evt);
+        add(&self.halt_check);
+        if let Some(stdin) = &self.stdin {
+            add(stdin);
+        }
+        if let Err(e) = self.halt_check.reset(HALT_CHECK_PERIOD, Some(HALT_CHECK_PERIOD)) {
+            tracing::warn!("cannot start the halt check: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.exit_evt.as_raw_fd() {
+            let _ = self.exit_evt.read();
+        } else if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.shared.request_exit(ExitReason::Reset);
+        } else if fd == self.halt_check.as_raw_fd() {
+            let _ = self.halt_check.wait();
+            kick_all(&self.vcpu_threads);
+        } else if let Some(stdin) = &self.stdin {
+            let mut buf = [0u8; 64];
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    // End of input (or an unreadable stdin): stop watching it.
+                    let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+                    self.stdin = None;
+                }
+                Ok(n) => {
+                    let taken = self.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[..n]);
+                    if taken < n {
+                        tracing::debug!("serial: guest FIFO full, {} input bytes dropped", n - taken);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Places devices on the buses: each gets its address range, its interrupt line and, for
+/// virtio-mmio, its `virtio_mmio.device=` kernel argument.
+struct DeviceManager<'a> {
+    vm_fd: &'a VmFd,
+    mem: GuestMemory,
+    event_loop: EventLoopHandle,
+    io: IoManager,
+    cmdline: Cmdline,
+    next_virtio_addr: u64,
+    next_virtio_irq: u32,
+}
+
+impl<'a> DeviceManager<'a> {
+    fn new(vm_fd: &'a VmFd, mem: GuestMemory, event_loop: EventLoopHandle, cmdline: &str) -> Result<Self> {
+        let mut line = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(format!("command line: {e}")))?;
+        if !cmdline.trim().is_empty() {
+            line.insert_str(cmdline.trim())
+                .map_err(|e| Error::Config(format!("kernel command line {cmdline:?}: {e}")))?;
+        }
+        Ok(Self {
+            vm_fd,
+            mem,
+            event_loop,
+            io: IoManager::new(),
+            cmdline: line,
+            next_virtio_addr: VIRTIO_MMIO_START,
+            next_virtio_irq: VIRTIO_IRQ_START,
+        })
+    }
+
+    fn add_pio(&mut self, port: u16, len: u16, device: Arc<dyn vm_device::DevicePio + Send + Sync>) -> Result<()> {
+        let range = PioRange::new(PioAddress(port), len).map_err(bus_err)?;
+        self.io.register_pio(range, device).map_err(bus_err)
+    }
+
+    fn add_mmio(&mut self, addr: u64, len: u64, device: Arc<dyn vm_device::DeviceMmio + Send + Sync>) -> Result<()> {
+        let range = MmioRange::new(MmioAddress(addr), len).map_err(bus_err)?;
+        self.io.register_mmio(range, device).map_err(bus_err)
+    }
+
+    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<()> {
+        if self.next_virtio_irq >= IRQ_COUNT {
+            return Err(Error::Config("too many virtio devices".into()));
+        }
+        let (addr, irq) = (self.next_virtio_addr, self.next_virtio_irq);
+        let irqfd = EventFd::new(EFD_NONBLOCK)?;
+        self.vm_fd.register_irqfd(&irqfd, irq).map_err(kvm_call("wire a virtio interrupt"))?;
+        let transport = MmioTransport::new(device, self.mem.clone(), Arc::new(Interrupt::new(irqfd)), self.event_loop.clone())?;
+        for (queue, kick) in transport.kick_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(addr + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY));
+            self.vm_fd
+                .register_ioevent(kick, &notify, queue as u32)
+                .map_err(kvm_call("wire a virtio queue notification"))?;
+        }
+        self.add_mmio(addr, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.cmdline
+            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, vm_memory::GuestAddress(addr), irq, None)
+            .map_err(|e| Error::Config(format!("command line too long for the devices: {e}")))?;
+        self.next_virtio_addr += MMIO_WINDOW_SIZE;
+        self.next_virtio_irq += 1;
+        Ok(())
+    }
+
+    fn finish(self) -> (IoManager, Cmdline) {
+        (self.io, self.cmdline)
+    }
+}
+
+fn bus_err(e: vm_device::bus::Error) -> Error {
+    Error::Config(format!("device layout: {e}"))
+}
+
+fn event_err(e: event_manager::Error) -> Error {
+    Error::Io(std::io::Error::other(format!("event loop: {e:?}")))
+}

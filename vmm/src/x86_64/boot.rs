@@ -1,0 +1,230 @@
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _};
+
+use crate::layout::*;
+use crate::memory::GuestMemory;
+use crate::{Error, Result};
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+/// The 64-bit entry of a bzImage's protected-mode kernel is 0x200 bytes past its start.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// How the vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode, paging off, `ebx` = the start info.
+    Pvh(GuestAddress),
+    /// Linux 64-bit boot protocol: long mode, identity-mapped, `rsi` = the zero page.
+    Linux64(GuestAddress),
+}
+
+impl EntryPoint {
+    pub fn address(&self) -> GuestAddress {
+        match self {
+            EntryPoint::Pvh(a) | EntryPoint::Linux64(a) => *a,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadedKernel {
+    pub entry: EntryPoint,
+    /// The end of the kernel image in guest memory.
+    pub end: u64,
+    /// A bzImage's setup header, which the zero page must carry.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Loads a vmlinux (ELF) or a bzImage into guest memory. An ELF with a PVH note boots through
+/// it; one without boots through its 64-bit entry; a bzImage boots through its 64-bit entry.
+pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
+    let not_a_kernel = |reason: String| Error::NotAKernel { path: path.to_path_buf(), reason };
+    let mut file = File::open(path).map_err(|source| Error::File { path: path.into(), source })?;
+    let mut ident = [0u8; 20];
+    let n = file.read(&mut ident).map_err(|source| Error::File { path: path.into(), source })?;
+    file.seek(SeekFrom::Start(0))?;
+
+    if n >= 4 && ident[..4] == *b"\x7fELF" {
+        const ELFCLASS64: u8 = 2;
+        const ET_EXEC: u16 = 2;
+        const EM_X86_64: u16 = 62;
+        let e_type = u16::from_le_bytes([ident[16], ident[17]]);
+        let e_machine = u16::from_le_bytes([ident[18], ident[19]]);
+        if n < ident.len() || ident[4] != ELFCLASS64 || e_machine != EM_X86_64 {
+            return Err(not_a_kernel("an ELF file, but not a 64-bit x86 one".into()));
+        }
+        if e_type != ET_EXEC {
+            return Err(not_a_kernel("an ELF file, but not a statically placed executable (a program or library, not a vmlinux)".into()));
+        }
+        let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| not_a_kernel(format!("not a loadable x86_64 ELF kernel ({e})")))?;
+        let entry = match loaded.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
+            _ => EntryPoint::Linux64(loaded.kernel_load),
+        };
+        return Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None });
+    }
+    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+        Ok(loaded) => {
+            let header = loaded.setup_header.ok_or_else(|| not_a_kernel("bzImage without a setup header".into()))?;
+            if header.xloadflags & 1 == 0 {
+                return Err(not_a_kernel("this bzImage has no 64-bit entry point".into()));
+            }
+            Ok(LoadedKernel {
+                entry: EntryPoint::Linux64(loaded.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
+                end: loaded.kernel_end,
+                setup_header: Some(header),
+            })
+        }
+        Err(linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage)) => {
+            Err(not_a_kernel("neither an ELF vmlinux nor a bzImage".into()))
+        }
+        Err(e) => Err(not_a_kernel(format!("cannot load it as a bzImage ({e})"))),
+    }
+}
+
+/// One range of the guest's physical memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The memory map the guest is told about: RAM minus the MP table's corner of low memory and
+/// minus the legacy hole between 640 KiB and 1 MiB.
+pub fn e820_map(memory: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry { addr: 0, size: MPTABLE_ADDR, kind: E820_RAM },
+        E820Entry { addr: MPTABLE_ADDR, size: LOW_RAM_END - MPTABLE_ADDR, kind: E820_RESERVED },
+    ];
+    for (start, len) in ram_ranges(memory) {
+        let end = start + len;
+        let start = start.max(HIMEM_START);
+        if end > start {
+            map.push(E820Entry { addr: start, size: end - start, kind: E820_RAM });
+        }
+    }
+    map
+}
+
+/// What the boot structures describe: the kernel's entry, its command line and initrd.
+pub struct BootInfo<'a> {
+    pub kernel: &'a LoadedKernel,
+    pub cmdline: &'a Cmdline,
+    /// (address, size) of the initrd in guest memory.
+    pub initrd: Option<(u64, u64)>,
+    pub memory: u64,
+}
+
+/// Writes the command line and the entry protocol's structure (PVH start info or zero page).
+pub fn write_boot_info(mem: &GuestMemory, info: &BootInfo) -> Result<()> {
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), info.cmdline)
+        .map_err(|e| Error::Boot(format!("command line: {e}")))?;
+    let cmdline_len = info.cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
+    let map = e820_map(info.memory);
+    match info.kernel.entry {
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, info, &map),
+        EntryPoint::Linux64(_) => write_zero_page(mem, info, &map, cmdline_len),
+    }
+}
+
+fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry]) -> Result<()> {
+    let mut start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    let memmap: Vec<hvm_memmap_table_entry> = map
+        .iter()
+        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
+        .collect();
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_START_INFO_ADDR));
+    if let Some((addr, size)) = info.initrd {
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = PVH_MODLIST_ADDR;
+        params = BootParams::new(&start_info, GuestAddress(PVH_START_INFO_ADDR));
+        let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
+    }
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
+        .map_err(|e| Error::Boot(format!("PVH start info: {e}")))
+}
+
+fn write_zero_page(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry], cmdline_len: usize) -> Result<()> {
+    let mut params = boot_params::default();
+    params.hdr = info.kernel.setup_header.unwrap_or_else(|| setup_header {
+        boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+        header: KERNEL_HDR_MAGIC,
+        kernel_alignment: KERNEL_MIN_ALIGNMENT,
+        ..Default::default()
+    });
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    if let Some((addr, size)) = info.initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    if map.len() > params.e820_table.len() {
+        return Err(Error::Boot("too many e820 entries".into()));
+    }
+    for (slot, e) in params.e820_table.iter_mut().zip(map) {
+        *slot = boot_e820_entry { addr: e.addr, size: e.size, type_: e.kind };
+    }
+    params.e820_entries = map.len() as u8;
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+        mem,
+    )
+    .map_err(|e| Error::Boot(format!("zero page: {e}")))
+}
+
+/// Loads the initrd at the highest page-aligned address of low RAM that the kernel accepts.
+/// Returns its (address, size).
+pub fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &LoadedKernel) -> Result<(u64, u64)> {
+    let mut file = File::open(path).map_err(|source| Error::File { path: path.into(), source })?;
+    let size = file.metadata()?.len();
+    let low_end = mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1;
+    let max_end = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max) + 1)
+        .unwrap_or(low_end)
+        .min(low_end);
+    let addr = max_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel.end)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "the initrd ({} MiB) does not fit in guest memory next to the kernel: give the guest more --memory",
+                size >> 20
+            ))
+        })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| Error::Boot(format!("cannot load the initrd: {e}")))?;
+    Ok((addr, size))
+}
+
