@@ -5,29 +5,38 @@ use std::path::Path;
 /// Why `/dev/kvm` cannot be used, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmUnavailable {
-    #[error("/dev/kvm does not exist: this host has no KVM. Enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a cloud VM, choose an instance type with nested virtualization")]
-    Missing,
-    #[error("permission denied opening /dev/kvm: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again), or run: sudo setfacl -m u:$USER:rw /dev/kvm")]
-    PermissionDenied,
-    #[error("cannot open /dev/kvm: {0}")]
-    Other(std::io::Error),
-    #[error("/dev/kvm speaks KVM API version {0}, not 12")]
-    ApiVersion(i32),
+    #[error("{0} does not exist: this host has no KVM. Enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a cloud VM, choose an instance type with nested virtualization")]
+    Missing(std::path::PathBuf),
+    #[error("permission denied opening {0}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again), or run: sudo setfacl -m u:$USER:rw /dev/kvm")]
+    PermissionDenied(std::path::PathBuf),
+    #[error("cannot use {0} as KVM: {1}")]
+    Other(std::path::PathBuf, std::io::Error),
+    #[error("{0} is not a KVM device (its KVM API version is {1}, not 12)")]
+    ApiVersion(std::path::PathBuf, i32),
     #[error("this host's KVM lacks {0}, which cvm needs")]
     MissingCapability(&'static str),
 }
 
-/// Opens `/dev/kvm` and checks the capabilities cvm relies on.
+/// The KVM device: `/dev/kvm`, or `$CVM_KVM_DEVICE` (to point cvm at another node, and to
+/// test what happens without one).
+pub fn kvm_device() -> std::path::PathBuf {
+    std::env::var_os("CVM_KVM_DEVICE").map_or_else(|| "/dev/kvm".into(), Into::into)
+}
+
+/// Opens the KVM device and checks the capabilities cvm relies on.
 pub fn open_kvm() -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
     use kvm_ioctls::Cap;
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmUnavailable::Missing,
-        libc::EACCES | libc::EPERM => KvmUnavailable::PermissionDenied,
-        _ => KvmUnavailable::Other(std::io::Error::from_raw_os_error(e.errno())),
+    let path = kvm_device();
+    let device = std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes())
+        .map_err(|_| KvmUnavailable::Missing(path.clone()))?;
+    let kvm = kvm_ioctls::Kvm::new_with_path(&device).map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmUnavailable::Missing(path.clone()),
+        libc::EACCES | libc::EPERM => KvmUnavailable::PermissionDenied(path.clone()),
+        errno => KvmUnavailable::Other(path.clone(), std::io::Error::from_raw_os_error(errno)),
     })?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(KvmUnavailable::ApiVersion(version));
+        return Err(KvmUnavailable::ApiVersion(path, version));
     }
     for (cap, name) in [
         (Cap::Irqchip, "an in-kernel interrupt controller"),

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ use crate::{host, kvm_call, Error, Result, VmConfig};
 /// How often the event loop checks whether every vCPU has halted for good. A halted vCPU
 /// sleeps inside KVM, so only a kick shows its state.
 const HALT_CHECK_PERIOD: Duration = Duration::from_millis(100);
+/// How long a Linux kernel on a PVM host may stay silent before cvm calls it stuck. A stock
+/// kernel there takes 15-40 s to reach its emulation failure; a PVM-enabled one prints at once.
+pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
 
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +49,9 @@ pub enum ExitReason {
     TripleFault,
     /// KVM gave up on the guest; `emulation` when it could not emulate an instruction.
     InternalError { emulation: bool, pvm: bool },
+    /// On a PVM host, a Linux kernel showed no sign of life (no console output, no boot timer)
+    /// within [`PVM_LINUX_GRACE`]: it is crawling towards an emulation failure.
+    NoProgressOnPvm,
     /// KVM could not enter the guest (bad vCPU state).
     FailedEntry { reason: u64, cpu: u32 },
     Unexpected(String),
@@ -71,6 +78,12 @@ impl std::fmt::Display for ExitReason {
                 write!(f, "KVM internal error: it could not emulate an instruction of the guest")
             }
             ExitReason::InternalError { emulation: false, .. } => write!(f, "KVM internal error"),
+            ExitReason::NoProgressOnPvm => write!(
+                f,
+                "the kernel showed no sign of life after {} s: {}",
+                PVM_LINUX_GRACE.as_secs(),
+                host::PVM_CANNOT_RUN_LINUX
+            ),
             ExitReason::FailedEntry { reason, cpu } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
             }
@@ -153,9 +166,10 @@ impl Vm {
 
         let serial_irq = EventFd::new(EFD_NONBLOCK)?;
         vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_call("wire the serial interrupt"))?;
+        let console_bytes = Arc::new(AtomicU64::new(0));
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             EventFdTrigger::new(serial_irq),
-            Box::new(std::io::stdout()),
+            Box::new(ConsoleOut { written: console_bytes.clone() }),
         )));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
         let reset_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -199,11 +213,15 @@ impl Vm {
             vcpu_threads: Arc::new(Mutex::new(Vec::new())),
             started,
         };
-        vm.watch_control_events(reset_evt, config.serial_input)?;
+        let pvm_watch = (kernel.is_linux && host::is_pvm()).then(|| PvmWatch {
+            deadline: Instant::now() + PVM_LINUX_GRACE,
+            console_bytes,
+        });
+        vm.watch_control_events(reset_evt, config.serial_input, pvm_watch)?;
         Ok(vm)
     }
 
-    fn watch_control_events(&mut self, reset_evt: EventFd, serial_input: bool) -> Result<()> {
+    fn watch_control_events(&mut self, reset_evt: EventFd, serial_input: bool, pvm_watch: Option<PvmWatch>) -> Result<()> {
         let halt_check = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let stdin = serial_input.then(std::io::stdin);
         let control = Control {
@@ -214,6 +232,8 @@ impl Vm {
             serial: self.serial.clone(),
             shared: self.shared.clone(),
             vcpu_threads: self.vcpu_threads.clone(),
+            boot_timer: self.boot_timer.clone(),
+            pvm_watch,
         };
         self.event_loop.add_subscriber(Box::new(control));
         Ok(())
@@ -285,6 +305,41 @@ struct Control {
     serial: Arc<Mutex<SerialConsole>>,
     shared: Arc<Shared>,
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    boot_timer: Arc<OnceLock<Instant>>,
+    pvm_watch: Option<PvmWatch>,
+}
+
+/// Watches a Linux kernel booting on a PVM host for its first sign of life.
+struct PvmWatch {
+    deadline: Instant,
+    console_bytes: Arc<AtomicU64>,
+}
+
+impl Control {
+    fn check_pvm_progress(&mut self) {
+        let Some(watch) = &self.pvm_watch else { return };
+        if watch.console_bytes.load(Ordering::Relaxed) > 0 || self.boot_timer.get().is_some() {
+            self.pvm_watch = None; // alive: this kernel runs on PVM
+        } else if Instant::now() >= watch.deadline {
+            self.shared.request_exit(ExitReason::NoProgressOnPvm);
+        }
+    }
+}
+
+/// The serial console's sink: standard output, counting what the guest wrote.
+struct ConsoleOut {
+    written: Arc<AtomicU64>,
+}
+
+impl std::io::Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        std::io::stdout().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
 }
 
 impl MutEventSubscriber for Control {
@@ -315,6 +370,7 @@ impl MutEventSubscriber for Control {
         } else if fd == self.halt_check.as_raw_fd() {
             let _ = self.halt_check.wait();
             kick_all(&self.vcpu_threads);
+            self.check_pvm_progress();
         } else if let Some(stdin) = &self.stdin {
             let mut buf = [0u8; 64];
             match stdin.lock().read(&mut buf) {

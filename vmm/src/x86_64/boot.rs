@@ -51,6 +51,8 @@ pub struct LoadedKernel {
     pub end: u64,
     /// A bzImage's setup header, which the zero page must carry.
     pub setup_header: Option<setup_header>,
+    /// A Linux kernel (a bzImage, or an ELF carrying Linux's notes), not a micro-guest.
+    pub is_linux: bool,
 }
 
 /// Loads a vmlinux (ELF) or a bzImage into guest memory. An ELF with a PVH note boots through
@@ -80,7 +82,8 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
             PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
             _ => EntryPoint::Linux64(loaded.kernel_load),
         };
-        return Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None });
+        let is_linux = has_linux_note(&mut file).unwrap_or(false);
+        return Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux });
     }
     match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(loaded) => {
@@ -92,6 +95,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
                 entry: EntryPoint::Linux64(loaded.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
                 end: loaded.kernel_end,
                 setup_header: Some(header),
+                is_linux: true,
             })
         }
         Err(linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage)) => {
@@ -99,6 +103,40 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
         }
         Err(e) => Err(not_a_kernel(format!("cannot load it as a bzImage ({e})"))),
     }
+}
+
+/// Whether an ELF image carries a note named "Linux", as every vmlinux does.
+fn has_linux_note(file: &mut File) -> std::io::Result<bool> {
+    const PT_NOTE: u32 = 4;
+    let mut header = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut header)?;
+    let phoff = u64::from_le_bytes(header[32..40].try_into().unwrap());
+    let phnum = u16::from_le_bytes([header[56], header[57]]);
+    for i in 0..u64::from(phnum.min(64)) {
+        let mut phdr = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff + i * 56))?;
+        file.read_exact(&mut phdr)?;
+        if u32::from_le_bytes(phdr[0..4].try_into().unwrap()) != PT_NOTE {
+            continue;
+        }
+        let offset = u64::from_le_bytes(phdr[8..16].try_into().unwrap());
+        let size = u64::from_le_bytes(phdr[32..40].try_into().unwrap()).min(1 << 16);
+        let mut notes = vec![0u8; size as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut notes)?;
+        let mut at = 0usize;
+        while at + 12 <= notes.len() {
+            let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().unwrap()) as usize;
+            let (namesz, descsz) = (word(at), word(at + 4));
+            let name = notes.get(at + 12..at + 12 + namesz).unwrap_or_default();
+            if name == b"Linux\0" {
+                return Ok(true);
+            }
+            at += 12 + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;
+        }
+    }
+    Ok(false)
 }
 
 /// One range of the guest's physical memory map.

@@ -1,0 +1,274 @@
+//! End-to-end tests of `cvm boot`: the real binary, the real `/dev/kvm`, the project's
+//! micro-guests (tests/guests/) and, where the host can run it, the project's Linux kernel.
+//!
+//! Tests that need a usable `/dev/kvm` skip with a one-line reason when there is none, unless
+//! CVM_REQUIRE_KVM=1 (scripts/test sets it when /dev/kvm opens), where a skip is a failure.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn guest(name: &str) -> PathBuf {
+    PathBuf::from(env!("CVM_MICRO_GUESTS")).join(format!("{name}.elf"))
+}
+
+fn kvm_usable() -> bool {
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !usable {
+        assert!(std::env::var("CVM_REQUIRE_KVM").as_deref() != Ok("1"), "CVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
+        eprintln!("skipped: /dev/kvm cannot be opened on this host");
+    }
+    usable
+}
+
+fn is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The project's guest kernel and test initramfs, from scripts/build-kernel and
+/// scripts/build-initramfs (scripts/test exports them).
+fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
+    let kernel = std::env::var_os("CVM_TEST_KERNEL").map(PathBuf::from);
+    let initrd = std::env::var_os("CVM_TEST_INITRAMFS").map(PathBuf::from);
+    match (kernel, initrd) {
+        (Some(k), Some(i)) => Some((k, i)),
+        _ => {
+            assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_KERNEL/CVM_TEST_INITRAMFS are not set");
+            eprintln!("skipped: CVM_TEST_KERNEL and CVM_TEST_INITRAMFS are not set (run scripts/test)");
+            None
+        }
+    }
+}
+
+fn cvm(args: &[&str]) -> Output {
+    cvm_with_env(args, &[])
+}
+
+/// Runs cvm with a deadline: a hang is a test failure, not a stuck suite.
+fn cvm_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cvm");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("cvm {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn boot_guest(name: &str, extra: &[&str]) -> Output {
+    let path = guest(name);
+    let mut args = vec!["boot", "--kernel", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    cvm(&args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn hello_guest_prints_pokes_the_boot_timer_and_resets() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = boot_guest("hello", &["--timings"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cvm micro-guest: hello from the guest\n");
+    let stderr = text(&out.stderr);
+    let timings = stderr.lines().find(|l| l.starts_with("cvm timings")).expect("timings line");
+    let value = |name: &str| -> f64 {
+        let mut words = timings.split_whitespace();
+        words.find(|w| *w == name).unwrap();
+        words.next().unwrap().parse().unwrap_or_else(|_| panic!("{name} has no value in {timings:?}"))
+    };
+    let (first, timer, exit) = (value("first-instruction"), value("boot-timer"), value("exit"));
+    assert!(0.0 < first && first <= timer && timer <= exit, "{timings}");
+}
+
+#[test]
+fn smp_guest_boots_with_several_vcpus() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = boot_guest("hello", &["--cpus", "4"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hello from the guest"));
+}
+
+#[test]
+fn memory_map_matches_the_requested_size() {
+    if !kvm_usable() {
+        return;
+    }
+    for (size, last_ram) in [
+        ("16M", "ram 00000000:00100000 00000000:00f00000 type 00000001"),
+        ("1G", "ram 00000000:00100000 00000000:3ff00000 type 00000001"),
+        // Above 3 GiB the RAM splits around the MMIO gap and resumes at 4 GiB.
+        ("5G", "ram 00000001:00000000 00000000:80000000 type 00000001"),
+    ] {
+        let out = boot_guest("memory", &["--memory", size]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{size}: {}", text(&out.stderr));
+        assert!(stdout.contains("ram 00000000:00000000 00000000:0009fc00 type 00000001"), "{size}: {stdout}");
+        assert!(stdout.contains("ram 00000000:0009fc00 00000000:00000400 type 00000002"), "{size}: MP table reserved: {stdout}");
+        assert!(stdout.contains(last_ram), "{size}: {stdout}");
+        assert!(stdout.contains("memory ok"), "{size}: the guest could not use its last page: {stdout}");
+    }
+}
+
+#[test]
+fn unmapped_mmio_and_virtio_registers() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = boot_guest("mmio", &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "unmapped read ffffffff\n\
+         virtio magic 74726976 version 00000002 device 00000004\n\
+         features high 00000001\n\
+         status 0000000b queue max 00000100 queue1 max 00000000 after reset 00000000\n"
+    );
+}
+
+#[test]
+fn triple_fault_ends_the_vm_with_its_reason() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = boot_guest("triple-fault", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "about to triple fault\n");
+    assert!(text(&out.stderr).contains("triple fault"), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn halt_with_interrupts_off_ends_the_vm() {
+    if !kvm_usable() {
+        return;
+    }
+    let out = boot_guest("halt", &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "halting with interrupts off\n");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let hello = guest("hello");
+    let hello = hello.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("cvm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text_file = dir.join("notes.txt");
+    std::fs::write(&text_file, "not a kernel\n").unwrap();
+    let text_file = text_file.to_str().unwrap();
+
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, i32, &str)> = vec![
+        (vec!["--kernel", "/no/such/kernel"], vec![], 1, "/no/such/kernel: No such file"),
+        (vec!["--kernel", hello, "--initrd", "/no/such/initrd"], vec![], 1, "/no/such/initrd: No such file"),
+        (vec!["--kernel", hello, "--memory", "64Q"], vec![], 2, "unknown unit"),
+        (vec!["--kernel", hello, "--memory", "0"], vec![], 2, "greater than zero"),
+        (vec!["--kernel", hello, "--memory", "1000T"], vec![], 1, "more than this host's"),
+        (vec!["--kernel", hello, "--cpus", "0"], vec![], 1, "--cpus must be between 1 and"),
+        (vec!["--kernel", hello], vec![("CVM_KVM_DEVICE", "/no/such/kvm")], 1, "/no/such/kvm does not exist: this host has no KVM"),
+        (vec!["--kernel", hello], vec![("CVM_KVM_DEVICE", "/dev/null")], 1, "/dev/null is not a KVM device"),
+    ];
+    let mut cases = cases;
+    if kvm_usable() {
+        // These reach the kernel loader, after KVM opened.
+        cases.push((vec!["--kernel", text_file], vec![], 1, "is not a kernel: neither an ELF vmlinux nor a bzImage"));
+        cases.push((vec!["--kernel", "/bin/sh"], vec![], 1, "is not a kernel: an ELF file, but not a statically placed executable"));
+    }
+    for (args, env, code, message) in cases {
+        let mut full = vec!["boot"];
+        full.extend(args.iter().copied());
+        let out = cvm_with_env(&full, &env);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: expected {message:?} in {stderr:?}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn stock_kernel_on_pvm_fails_fast_with_the_reason() {
+    if !kvm_usable() || !is_pvm() {
+        eprintln!("skipped: this host's KVM is not PVM");
+        return;
+    }
+    let Some((kernel, initrd)) = linux_artifacts() else { return };
+    let started = Instant::now();
+    let out = cvm(&["boot", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]);
+    let elapsed = started.elapsed();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("PVM") && stderr.contains("cannot run a stock Linux kernel"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+/// Boots the project's kernel (`image`: the vmlinux or the bzImage built beside it) with the
+/// test initramfs on cvm's VMM: only where KVM is hardware.
+fn boot_linux(cpus: &str, image: &str) {
+    if !kvm_usable() {
+        return;
+    }
+    if is_pvm() {
+        eprintln!("skipped: Linux on cvm's VMM needs hardware KVM; this host's /dev/kvm is PVM");
+        return;
+    }
+    let Some((vmlinux, initrd)) = linux_artifacts() else { return };
+    let kernel = vmlinux.with_file_name(image);
+    let out = cvm(&[
+        "boot", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
+        "--cpus", cpus, "--memory", "256M", "--timings",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(stdout.contains(&format!("cvm-initramfs: init reached, {cpus} cpus")), "{stdout}");
+    assert!(!text(&out.stderr).contains("boot-timer -"), "the init's boot-timer poke was not seen");
+}
+
+#[test]
+fn linux_boots_to_init_on_one_vcpu() {
+    boot_linux("1", "vmlinux");
+}
+
+#[test]
+fn linux_boots_to_init_on_two_vcpus() {
+    boot_linux("2", "vmlinux");
+}
+
+#[test]
+fn linux_bzimage_boots_to_init() {
+    boot_linux("1", "bzImage");
+}
+
+/// The guest kernel and initramfs recipes, checked on QEMU's TCG where cvm's VMM cannot run
+/// Linux: the configuration boots, finds both CPUs through the MP table, and reaches init.
+#[test]
+fn guest_kernel_reaches_init_under_qemu_tcg() {
+    let Some((kernel, initrd)) = linux_artifacts() else { return };
+    let out = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "256M", "-smp", "2"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel").arg(&kernel)
+        .arg("-initrd").arg(&initrd)
+        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("qemu-system-x86_64 (scripts/bootstrap installs it)");
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("cvm-initramfs: init reached, 2 cpus"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+}
