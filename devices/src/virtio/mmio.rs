@@ -298,3 +298,162 @@ impl MutDeviceMmio for MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A virtual guest: a driver thread does what Linux's virtio_mmio and virtio-rng drivers do
+    //! (probe, negotiate, lay out a queue in guest RAM, go live, post a buffer, kick, take the
+    //! interrupt) while this thread runs the VMM's event loop.
+
+    use super::*;
+    use crate::virtio::{Rng, Subscriber};
+    use event_manager::EventManager;
+    use std::sync::Mutex;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFFER: u64 = 0x10000;
+
+    struct Driver(Arc<Mutex<MmioTransport>>);
+
+    impl Driver {
+        fn read(&self, offset: u32) -> u32 {
+            let mut data = [0u8; 4];
+            self.0.lock().unwrap().mmio_read(MmioAddress(0), offset.into(), &mut data);
+            u32::from_le_bytes(data)
+        }
+        fn write(&self, offset: u32, value: u32) {
+            self.0.lock().unwrap().mmio_write(MmioAddress(0), offset.into(), &value.to_le_bytes());
+        }
+        fn negotiate(&self) {
+            self.write(VIRTIO_MMIO_STATUS, 0);
+            self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+            self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+            self.write(VIRTIO_MMIO_STATUS, 0b1011);
+        }
+    }
+
+    fn setup() -> (EventManager<Subscriber>, Arc<Mutex<MmioTransport>>, GuestMemory, EventFd) {
+        let mem: GuestMemory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let event_loop = EventManager::<Subscriber>::new().unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let transport = MmioTransport::new(Box::new(Rng::new()), mem.clone(), interrupt, event_loop.remote_endpoint()).unwrap();
+        (event_loop, Arc::new(Mutex::new(transport)), mem, irq)
+    }
+
+    /// Runs the event loop until `driver` finishes.
+    fn run_with_driver<T: Send + 'static>(event_loop: &mut EventManager<Subscriber>, driver: impl FnOnce() -> T + Send + 'static) -> T {
+        let handle = std::thread::spawn(driver);
+        while !handle.is_finished() {
+            event_loop.run_with_timeout(10).unwrap();
+        }
+        handle.join().unwrap()
+    }
+
+    #[test]
+    fn linux_style_probe_negotiation_and_one_request() {
+        let (mut event_loop, transport, mem, irq) = setup();
+        let d = Driver(transport.clone());
+        assert_eq!(d.read(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(d.read(VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), 4);
+        d.negotiate();
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0b1011, "FEATURES_OK accepted");
+
+        // One descriptor: a 256-byte device-writable buffer.
+        mem.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
+        mem.write_obj(256u32, GuestAddress(DESC + 8)).unwrap();
+        mem.write_obj(VRING_DESC_F_WRITE as u16, GuestAddress(DESC + 12)).unwrap();
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap(); // ring[0] = descriptor 0
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap(); // avail idx
+        d.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        d.write(VIRTIO_MMIO_QUEUE_NUM, 16);
+        for (reg, addr) in [(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC), (VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL), (VIRTIO_MMIO_QUEUE_USED_LOW, USED)] {
+            d.write(reg, addr as u32);
+            d.write(reg + 4, 0);
+        }
+        d.write(VIRTIO_MMIO_QUEUE_READY, 1);
+
+        let t = transport.clone();
+        let status = run_with_driver(&mut event_loop, move || {
+            let d = Driver(t);
+            d.write(VIRTIO_MMIO_STATUS, 0b1111); // DRIVER_OK: the worker joins the event loop
+            d.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0); // no ioeventfd here: the transport kicks
+            d.read(VIRTIO_MMIO_STATUS)
+        });
+        assert_eq!(status, 0b1111);
+        for _ in 0..100 {
+            event_loop.run_with_timeout(10).unwrap();
+            if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == 1 {
+                break;
+            }
+        }
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1, "used idx");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 8)).unwrap(), 256, "used len");
+        assert_eq!(irq.read().unwrap(), 1, "interrupt raised");
+        assert_eq!(d.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING, "used-buffer bit set");
+        d.write(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(d.read(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // Reset removes the worker from the event loop and clears the device.
+        let t = transport.clone();
+        run_with_driver(&mut event_loop, move || Driver(t).write(VIRTIO_MMIO_STATUS, 0));
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0);
+        assert!(transport.lock().unwrap().worker.is_none());
+    }
+
+    #[test]
+    fn hostile_register_sequences_are_ignored() {
+        let (mut event_loop, transport, _mem, _irq) = setup();
+        let d = Driver(transport.clone());
+        // DRIVER_OK before negotiation, features without DRIVER, status bits cleared.
+        d.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER_OK);
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+        d.write(VIRTIO_MMIO_STATUS, 0);
+        d.write(VIRTIO_MMIO_DRIVER_FEATURES, u32::MAX);
+        d.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        // Features the device does not offer: FEATURES_OK is refused.
+        d.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        d.write(VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5);
+        d.write(VIRTIO_MMIO_STATUS, 0b1011);
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0b0011);
+        // A legacy (VERSION_1-less) driver is refused too.
+        d.write(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        d.write(VIRTIO_MMIO_STATUS, 0b1011);
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0b0011);
+        d.negotiate();
+        // A queue outside guest memory: DRIVER_OK fails with NEEDS_RESET, nothing runs.
+        d.write(VIRTIO_MMIO_QUEUE_SEL, 7);
+        d.write(VIRTIO_MMIO_QUEUE_NUM, 16); // no such queue: ignored
+        d.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        d.write(VIRTIO_MMIO_QUEUE_NUM, 16);
+        d.write(VIRTIO_MMIO_QUEUE_DESC_LOW, 0xffff_0000);
+        d.write(VIRTIO_MMIO_QUEUE_DESC_HIGH, 0xffff);
+        d.write(VIRTIO_MMIO_QUEUE_READY, 1);
+        let t = transport.clone();
+        let status = run_with_driver(&mut event_loop, move || {
+            let d = Driver(t);
+            d.write(VIRTIO_MMIO_STATUS, 0b1111);
+            d.read(VIRTIO_MMIO_STATUS)
+        });
+        assert_eq!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        // Odd-sized and unaligned register accesses, and notifications for absent queues.
+        let mut t = transport.lock().unwrap();
+        t.mmio_write(MmioAddress(0), 0x70, &[0xff]);
+        t.mmio_write(MmioAddress(0), 0x71, &[0, 0, 0, 0]);
+        t.mmio_write(MmioAddress(0), u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), &99u32.to_le_bytes());
+        let mut byte = [0xaau8; 1];
+        t.mmio_read(MmioAddress(0), 0, &mut byte);
+        assert_eq!(byte, [0]);
+        assert!(t.worker.is_none());
+    }
+}
