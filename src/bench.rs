@@ -146,9 +146,9 @@ fn boot(args: BootBench) -> Result<()> {
     cvm_cmd.arg("boot").arg("--kernel").arg(&kernel).args(["--memory", &args.memory, "--timings"]);
     let mut qemu_cmd = Command::new(&args.qemu);
     qemu_cmd
-        .args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", &args.memory])
+        .args(["-M", "microvm", "-enable-kvm", "-m", &args.memory])
         .args(["-no-user-config", "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-device", "isa-debug-exit"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .arg("-kernel")
         .arg(&kernel);
     if let Some(initrd) = &args.initrd {
