@@ -236,7 +236,7 @@ fn boot_linux(cpus: &str, image: &str) {
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
-    assert!(stdout.contains(&format!("cvm-initramfs: init reached, {cpus} cpus")), "{stdout}");
+    assert!(stdout.contains(&format!("cvm-agent: init reached, {cpus} cpus")), "{stdout}");
     assert!(!text(&out.stderr).contains("boot-timer -"), "the init's boot-timer poke was not seen");
 }
 
@@ -270,5 +270,5 @@ fn guest_kernel_reaches_init_under_qemu_tcg() {
         .output()
         .expect("qemu-system-x86_64 (scripts/bootstrap installs it)");
     let stdout = text(&out.stdout);
-    assert!(stdout.contains("cvm-initramfs: init reached, 2 cpus"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(stdout.contains("cvm-agent: init reached, 2 cpus"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
 }
