@@ -52,7 +52,7 @@ impl VmConfig {
                 crate::layout::MIN_MEMORY >> 20
             )));
         }
-        if self.memory_bytes % 4096 != 0 {
+        if !self.memory_bytes.is_multiple_of(4096) {
             return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
         }
         for path in std::iter::once(&self.kernel).chain(self.initrd.as_ref()) {

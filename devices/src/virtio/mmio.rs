@@ -278,7 +278,7 @@ impl MutDeviceMmio for MmioTransport {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             let value = self.read_register(offset as u32);
             data.copy_from_slice(&value.to_le_bytes());
         } else {
@@ -291,7 +291,7 @@ impl MutDeviceMmio for MmioTransport {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device.write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             self.config_generation = self.config_generation.wrapping_add(1);
-        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset as u32, u32::from_le_bytes(bytes));
         } else {
             tracing::debug!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());

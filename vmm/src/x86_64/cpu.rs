@@ -33,7 +33,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM view of a GDT descriptor, which must agree with the bytes in guest memory.
 fn segment(selector: u16, entry: u64) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
