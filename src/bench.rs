@@ -31,8 +31,9 @@ pub struct BootBench {
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel.
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 quiet")]
+    /// Kernel command line for --kernel (`cvm.boot_test`: cvm-agent resets the VM as soon as
+    /// it runs, so the run measures boot to init).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test")]
     append: String,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,

@@ -1,12 +1,15 @@
-//! `cvm`: the command line, a thin layer over the `cvm-vmm` library.
+//! `cvm`: the command line, a thin layer over the `cvm` and `cvm-vmm` libraries.
 
 mod bench;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use cvm::run::{parse_duration, EXIT_CVM_FAILED};
+use cvm::session::{Engine, SessionConfig};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser)]
@@ -24,9 +27,53 @@ enum Command {
     /// Boot a kernel on cvm's VMM with the serial console on this terminal. Exits 0 when the
     /// guest resets, powers off or halts.
     Boot(BootArgs),
+    /// Run a command in a fresh VM: its output, its exit status (128+N if killed by signal
+    /// N), then the VM is gone. With a terminal the command gets one too.
+    Run(RunArgs),
+    /// Open an interactive shell in a fresh VM.
+    Shell(VmArgs),
     /// Measure cvm against references.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: removes a session directory once cvm is gone.
+    #[command(name = "__janitor", hide = true)]
+    Janitor { dir: PathBuf },
+}
+
+/// The VM a session runs in.
+#[derive(clap::Args, Clone)]
+pub struct VmArgs {
+    /// Which monitor runs the VM: cvm's own (needs hardware KVM) or QEMU (TCG where there is
+    /// no hardware KVM). Also CVM_VMM.
+    #[arg(long = "vmm", env = "CVM_VMM", value_enum, default_value = "cvm")]
+    engine: Engine,
+    /// Root image: `minimal` (cvm-agent and busybox in an initramfs) or a path to one.
+    #[arg(long, default_value = "minimal")]
+    image: String,
+    /// Guest kernel (default: the one scripts/build-kernel built; also CVM_KERNEL).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    /// Guest memory: 512M, 2G, ... (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_memory_size)]
+    memory: u64,
+    /// Stop everything and exit 124 after this long: 30s, 5m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Show the guest's console (kernel and agent messages) when the session ends.
+    #[arg(long)]
+    debug: bool,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -58,6 +105,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
+        Command::Run(args) => run(&args.vm, args.command),
+        Command::Shell(args) => run(&args, vec!["/bin/sh".into(), "-l".into()]),
         Command::Bench(command) => match bench::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -65,6 +114,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Janitor { dir } => match cvm::rundir::janitor_main(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cvm: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn session_config(args: &VmArgs) -> anyhow::Result<SessionConfig> {
+    Ok(SessionConfig {
+        engine: args.engine,
+        kernel: cvm::images::kernel(args.kernel.clone())?,
+        image: cvm::images::image(&args.image)?,
+        cpus: args.cpus,
+        memory_bytes: args.memory,
+        debug: args.debug,
+    })
+}
+
+fn run(args: &VmArgs, command: Vec<OsString>) -> ExitCode {
+    match session_config(args).and_then(|config| cvm::run::run(&config, command, args.timeout)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            cvm::terminal::restore();
+            eprintln!("cvm: {e:#}");
+            ExitCode::from(EXIT_CVM_FAILED)
+        }
     }
 }
 

@@ -218,6 +218,9 @@ fn stock_kernel_on_pvm_fails_fast_with_the_reason() {
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 }
 
+/// Makes cvm-agent print its readiness line and reset at once.
+const BOOT_TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test";
+
 /// Boots the project's kernel (`image`: the vmlinux or the bzImage built beside it) with the
 /// test initramfs on cvm's VMM: only where KVM is hardware.
 fn boot_linux(cpus: &str, image: &str) {
@@ -232,7 +235,7 @@ fn boot_linux(cpus: &str, image: &str) {
     let kernel = vmlinux.with_file_name(image);
     let out = cvm(&[
         "boot", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-        "--cpus", cpus, "--memory", "256M", "--timings",
+        "--cpus", cpus, "--memory", "256M", "--timings", "--append", BOOT_TEST_CMDLINE,
     ]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
@@ -265,7 +268,7 @@ fn guest_kernel_reaches_init_under_qemu_tcg() {
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
         .arg("-kernel").arg(&kernel)
         .arg("-initrd").arg(&initrd)
-        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet"])
+        .args(["-append", BOOT_TEST_CMDLINE])
         .stdin(Stdio::null())
         .output()
         .expect("qemu-system-x86_64 (scripts/bootstrap installs it)");

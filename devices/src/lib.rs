@@ -3,9 +3,11 @@
 //!
 //! - [`legacy`]: the 8250 serial console, the i8042 reset line, the boot timer.
 //! - [`virtio`]: the virtio-mmio transport and the devices that run inside the VMM.
+//! - [`vsock`]: the embedded vhost-user vsock backend and its host Unix-socket muxer.
 
 pub mod legacy;
 pub mod virtio;
+pub mod vsock;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -22,6 +22,37 @@ pub struct VmConfig {
     pub rng: bool,
     /// Forward the host's standard input to the serial console.
     pub serial_input: bool,
+    /// Where the serial console's output goes: this file, or the host's standard output.
+    pub console_log: Option<PathBuf>,
+    /// Devices served by vhost-user backends (cvm's own vsock and fs servers).
+    pub vhost_user: Vec<VhostUserConfig>,
+}
+
+/// A device whose queues a vhost-user backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VhostUserConfig {
+    /// The backend's listening socket.
+    pub socket: PathBuf,
+    pub kind: VhostUserKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VhostUserKind {
+    Vsock,
+}
+
+impl VhostUserKind {
+    pub fn device_kind(self) -> cvm_devices::virtio::VhostUserDeviceKind {
+        use cvm_devices::vsock;
+        match self {
+            VhostUserKind::Vsock => cvm_devices::virtio::VhostUserDeviceKind {
+                device_type: vsock::DEVICE_TYPE,
+                num_queues: vsock::NUM_QUEUES,
+                queue_size: vsock::QUEUE_SIZE as u16,
+                config_len: 8,
+            },
+        }
+    }
 }
 
 impl VmConfig {
@@ -34,6 +65,8 @@ impl VmConfig {
             memory_bytes: 512 << 20,
             rng: true,
             serial_input: true,
+            console_log: None,
+            vhost_user: Vec::new(),
         }
     }
 

@@ -4,18 +4,20 @@
 //!
 //! Layout: `config` (plain data and its parsers), `memory` (memfd-backed guest RAM),
 //! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
-//! the event loop), `host` (what the host's KVM can do).
+//! the event loop), `host` (what the host's KVM can do), `qemu` (the same `VmConfig` run by
+//! QEMU: the fallback and full-stack test engine).
 
 mod config;
 pub mod host;
 mod memory;
+pub mod qemu;
 mod vcpu;
 mod vm;
 pub mod x86_64;
 
-pub use config::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
+pub use config::{parse_memory_size, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
 pub use memory::layout;
-pub use vm::{BootTimings, ExitReason, Vm, VmExit};
+pub use vm::{BootTimings, ExitReason, Stopper, Vm, VmExit};
 
 /// Everything that can stop a VM from being built or run. Each message says what went wrong
 /// and, where the user can do something about it, what to do.

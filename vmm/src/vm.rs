@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -10,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cvm_devices::legacy::{BootTimer, I8042, SerialConsole};
-use cvm_devices::virtio::{EventLoopHandle, Interrupt, MmioTransport, Rng, Subscriber, VirtioDevice, MMIO_WINDOW_SIZE};
+use cvm_devices::virtio::{EventLoopHandle, Interrupt, MmioTransport, Rng, Subscriber, VhostUserDevice, VirtioDevice, MMIO_WINDOW_SIZE};
 use cvm_devices::EventFdTrigger;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -54,13 +55,15 @@ pub enum ExitReason {
     NoProgressOnPvm,
     /// KVM could not enter the guest (bad vCPU state).
     FailedEntry { reason: u64, cpu: u32 },
+    /// cvm stopped it (the session ended).
+    Stopped,
     Unexpected(String),
 }
 
 impl ExitReason {
-    /// A reset, power-off or final halt: the guest chose to stop.
+    /// A reset, power-off or final halt (the guest chose to stop), or cvm stopping it.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::Reset | ExitReason::PowerOff | ExitReason::Halted)
+        matches!(self, ExitReason::Reset | ExitReason::PowerOff | ExitReason::Halted | ExitReason::Stopped)
     }
 }
 
@@ -87,6 +90,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::FailedEntry { reason, cpu } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
             }
+            ExitReason::Stopped => write!(f, "stopped by cvm"),
             ExitReason::Unexpected(what) => write!(f, "unexpected VM exit: {what}"),
         }
     }
@@ -107,6 +111,16 @@ pub struct BootTimings {
 pub struct VmExit {
     pub reason: ExitReason,
     pub timings: BootTimings,
+}
+
+/// Ends a running VM from outside (its run returns [`ExitReason::Stopped`]).
+#[derive(Clone)]
+pub struct Stopper(Arc<Shared>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.0.request_exit(ExitReason::Stopped);
+    }
 }
 
 /// A built VM, ready to run.
@@ -169,7 +183,7 @@ impl Vm {
         let console_bytes = Arc::new(AtomicU64::new(0));
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             EventFdTrigger::new(serial_irq),
-            Box::new(ConsoleOut { written: console_bytes.clone() }),
+            Box::new(ConsoleOut { written: console_bytes.clone(), sink: console_sink(config)? }),
         )));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
         let reset_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -179,6 +193,10 @@ impl Vm {
         devices.add_mmio(BOOT_TIMER_ADDR, 0x1000, Arc::new(Mutex::new(boot_timer)))?;
         if config.rng {
             devices.add_virtio(Box::new(Rng::new()))?;
+        }
+        for vhost in &config.vhost_user {
+            let socket = UnixStream::connect(&vhost.socket).map_err(|source| Error::File { path: vhost.socket.clone(), source })?;
+            devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind())?))?;
         }
         let (io, cmdline) = devices.finish();
 
@@ -240,6 +258,11 @@ impl Vm {
     }
 
     /// Runs the guest until it ends, then stops every vCPU thread.
+    /// A handle that ends the VM from another thread.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.shared.clone())
+    }
+
     pub fn run(mut self) -> Result<VmExit> {
         let threads: Vec<JoinHandle<()>> = self
             .vcpus
@@ -329,16 +352,24 @@ impl Control {
 /// The serial console's sink: standard output, counting what the guest wrote.
 struct ConsoleOut {
     written: Arc<AtomicU64>,
+    sink: Box<dyn std::io::Write + Send>,
+}
+
+fn console_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>> {
+    Ok(match &config.console_log {
+        Some(path) => Box::new(File::create(path).map_err(|source| Error::File { path: path.clone(), source })?),
+        None => Box::new(std::io::stdout()),
+    })
 }
 
 impl std::io::Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        std::io::stdout().write(buf)
+        self.sink.write(buf)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
+        self.sink.flush()
     }
 }
 

@@ -261,7 +261,7 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
-        self.interrupt.ack(u32::MAX);
+        self.interrupt.reset();
         self.status = 0;
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! A device is a [`VirtioDevice`]: it describes itself (type, features, queues, config space)
 //! and, once the driver sets DRIVER_OK, turns its queues into a worker that the VMM's event loop
-//! runs. vhost-user devices (next) implement the same trait and hand their queues to a backend.
+//! runs. [`VhostUserDevice`] implements the same trait and hands its queues to a backend.
 
 mod mmio;
 mod rng;
+mod vhost_user;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
@@ -17,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 pub use rng::Rng;
+pub use vhost_user::{VhostUserDevice, VhostUserDeviceKind};
 
 /// What the VMM's event loop runs: device workers register their eventfds with it.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
@@ -38,11 +40,19 @@ pub struct ActiveQueue {
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// A vhost-user backend writes the irqfd itself, so the status bit is never raised here.
+    signalled_by_backend: AtomicBool,
 }
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), irqfd }
+        Self { status: AtomicU32::new(0), irqfd, signalled_by_backend: AtomicBool::new(false) }
+    }
+
+    /// From now on InterruptStatus always reports "used buffer": Linux's virtio-mmio driver
+    /// ignores an interrupt whose status is zero, and only the backend knows when it fired.
+    pub fn set_signalled_by_backend(&self) {
+        self.signalled_by_backend.store(true, Ordering::SeqCst);
     }
 
     /// Tells the driver that a queue has new used buffers.
@@ -63,7 +73,14 @@ impl Interrupt {
     }
 
     fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let backend = if self.signalled_by_backend.load(Ordering::SeqCst) { VIRTIO_MMIO_INT_VRING } else { 0 };
+        self.status.load(Ordering::SeqCst) | backend
+    }
+
+    /// Back to the state of a fresh device.
+    fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.signalled_by_backend.store(false, Ordering::SeqCst);
     }
 
     fn ack(&self, bits: u32) {

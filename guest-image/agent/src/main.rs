@@ -1,23 +1,51 @@
-//! cvm-agent: PID 1 of a cvm guest, built as a static binary.
+//! cvm-agent: PID 1 of a cvm guest (a static binary), and the same exec server as a host
+//! process in tests.
 //!
-//! Today it does what the boot tests and the boot benchmark need from an init: mount the
-//! kernel file systems, report readiness (a console line, and the boot timer so the VMM can
-//! time the boot), and reset the machine, which ends the VM. The exec server over vsock grows
-//! from here.
+//! As PID 1 it mounts the kernel file systems, names the host, starts reaping, listens on
+//! vsock port [`CONTROL_PORT`], pokes the boot timer and tells the host it is ready by
+//! connecting to [`READY_PORT`]. Then each connection is one exec (see `exec.rs`). It says
+//! nothing on the console unless the kernel command line has `cvm.debug`.
+//!
+//! `cvm.boot_test` on the command line makes it print one line and reset the machine at once:
+//! the boot tests and the boot benchmark time exactly that.
+//!
+//! As a host process: `cvm-agent --listen unix:PATH [--ready unix:PATH]`.
+
+mod exec;
+mod reaper;
+mod transport;
 
 use std::ffi::CString;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cvm_agent::protocol::{self, Reply, CONTROL_PORT, READY_PORT};
+use transport::{Address, Listener};
 
 /// The boot timer register in guest-physical memory (cvm_vmm::layout::BOOT_TIMER_ADDR) and the
 /// byte that says "init reached".
 const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
 const BOOT_TIMER_MAGIC: u8 = 123;
 
-fn mount(source: &str, target: &str, fstype: &str) {
+static DEBUG: AtomicBool = AtomicBool::new(false);
+
+fn is_init() -> bool {
+    std::process::id() == 1
+}
+
+pub(crate) fn debug(msg: &str) {
+    if DEBUG.load(Ordering::Relaxed) {
+        eprintln!("cvm-agent: {msg}");
+    }
+}
+
+fn mount(source: &str, target: &str, fstype: &str, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
     let (s, t, f) = (CString::new(source).unwrap(), CString::new(target).unwrap(), CString::new(fstype).unwrap());
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    let data = data.map(|d| CString::new(d).unwrap());
+    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), libc::MS_NOSUID, data_ptr) };
     if rc != 0 {
         eprintln!("cvm-agent: mount {fstype} on {target}: {}", std::io::Error::last_os_error());
     }
@@ -29,14 +57,7 @@ fn poke_boot_timer() -> std::io::Result<()> {
     // SAFETY: maps one page of the boot timer's MMIO window, writes one byte to it and unmaps
     // it; the mapping is private to this function.
     unsafe {
-        let page = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            mem.as_raw_fd(),
-            BOOT_TIMER_ADDR as libc::off_t,
-        );
+        let page = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_WRITE, libc::MAP_SHARED, mem.as_raw_fd(), BOOT_TIMER_ADDR as libc::off_t);
         if page == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -46,24 +67,109 @@ fn poke_boot_timer() -> std::io::Result<()> {
     Ok(())
 }
 
-fn main() {
-    mount("devtmpfs", "/dev", "devtmpfs");
-    mount("proc", "/proc", "proc");
-    mount("sysfs", "/sys", "sysfs");
-    // SAFETY: sysconf only reads system configuration.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1).map(str::to_string)))
-        .unwrap_or_default();
-    if let Err(e) = poke_boot_timer() {
-        eprintln!("cvm-agent: cannot poke the boot timer: {e}");
+/// Syncs and ends the machine (as PID 1) or the process (in tests).
+pub(crate) fn shutdown() -> ! {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    if is_init() {
+        // SAFETY: reboot takes no pointers. With reboot=k the kernel resets through the i8042,
+        // which ends the VM on either engine.
+        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     }
-    println!("cvm-agent: init reached, {cpus} cpus, {kib} kB");
-    let _ = std::io::stdout().flush();
-    // SAFETY: sync and reboot take no pointers; PID 1 resetting the machine ends the VM.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
+    std::process::exit(0)
+}
+
+fn init_system(cmdline: &str) {
+    mount("devtmpfs", "/dev", "devtmpfs", None);
+    mount("proc", "/proc", "proc", None);
+    mount("sysfs", "/sys", "sysfs", None);
+    mount("devpts", "/dev/pts", "devpts", Some("gid=5,mode=620,ptmxmode=666"));
+    mount("tmpfs", "/tmp", "tmpfs", Some("mode=1777"));
+    mount("tmpfs", "/run", "tmpfs", Some("mode=755"));
+    let name = b"cvm";
+    // SAFETY: sethostname reads name.len() bytes.
+    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if cmdline.split_whitespace().any(|w| w == "cvm.boot_test") {
+        // SAFETY: sysconf only reads system configuration.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1).map(str::to_string)))
+            .unwrap_or_default();
+        let _ = poke_boot_timer();
+        println!("cvm-agent: init reached, {cpus} cpus, {kib} kB");
+        let _ = std::io::stdout().flush();
+        shutdown();
+    }
+}
+
+struct Options {
+    listen: Address,
+    ready: Option<Address>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut listen = None;
+    let mut ready = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().and_then(|v| Address::parse(&v)).ok_or(format!("{name} needs vsock:PORT, vsock:CID:PORT or unix:PATH"));
+        match arg.as_str() {
+            "--listen" => listen = Some(value("--listen")?),
+            "--ready" => ready = Some(value("--ready")?),
+            "--debug" => DEBUG.store(true, Ordering::Relaxed),
+            // The kernel passes unknown command line words to init; ignore them.
+            _ if is_init() => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if is_init() {
+        return Ok(Options {
+            listen: listen.unwrap_or(Address::Vsock { cid: libc::VMADDR_CID_ANY, port: CONTROL_PORT }),
+            ready: ready.or(Some(Address::Vsock { cid: libc::VMADDR_CID_HOST, port: READY_PORT })),
+        });
+    }
+    Ok(Options { listen: listen.ok_or("--listen is required outside a VM")?, ready })
+}
+
+fn main() {
+    if is_init() {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if cmdline.split_whitespace().any(|w| w == "cvm.debug") {
+            DEBUG.store(true, Ordering::Relaxed);
+        }
+        init_system(&cmdline);
+    }
+    let options = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cvm-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = serve(options) {
+        eprintln!("cvm-agent: {e}");
+        if is_init() {
+            shutdown();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn serve(options: Options) -> std::io::Result<()> {
+    let listener = Listener::bind(&options.listen)?;
+    if is_init() {
+        if let Err(e) = poke_boot_timer() {
+            debug(&format!("cannot poke the boot timer: {e}"));
+        }
+    }
+    if let Some(ready) = &options.ready {
+        let mut conn = transport::connect(ready)?;
+        protocol::write_frame(&mut conn, &Reply::Ready(env!("CARGO_PKG_VERSION").into()).encode())?;
+    }
+    debug("ready");
+    loop {
+        let conn = listener.accept()?;
+        std::thread::spawn(move || exec::serve(conn));
     }
 }

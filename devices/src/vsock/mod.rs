@@ -1,0 +1,258 @@
+//! virtio-vsock as a vhost-user backend embedded in cvm.
+//!
+//! [`VsockBackend`] moves packets between the guest's vrings and the [`Muxer`], which bridges
+//! them to host Unix sockets. [`VsockServer`] runs it on vhost-user-backend's threads for one
+//! frontend: cvm's own VMM or QEMU's `vhost-user-vsock-device`.
+
+pub mod muxer;
+
+use std::io;
+use std::ops::Deref;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+pub use muxer::{Header, Muxer};
+
+/// virtio device ID of vsock.
+pub const DEVICE_TYPE: u32 = 19;
+/// rx, tx, event.
+pub const NUM_QUEUES: usize = 3;
+/// QEMU's vhost-user-vsock-device uses 1024-entry rings; cvm's frontend asks for the same.
+pub const QUEUE_SIZE: usize = 1024;
+const RX: usize = 0;
+const TX: usize = 1;
+/// The custom event id for the muxer's epoll fd (0..=NUM_QUEUES are the library's).
+const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Largest payload cvm accepts or produces in one packet (Linux uses up to 64 KiB).
+const MAX_PKT_DATA: u32 = 64 * 1024;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// The device half: vrings in, muxer out.
+pub struct VsockBackend {
+    guest_cid: u64,
+    muxer: Muxer,
+    mem: Option<Mem>,
+    scratch: Vec<u8>,
+}
+
+impl VsockBackend {
+    pub fn new(guest_cid: u64, muxer: Muxer) -> Self {
+        Self { guest_cid, muxer, mem: None, scratch: vec![0; MAX_PKT_DATA as usize] }
+    }
+
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    fn memory(&self) -> io::Result<GuestMemoryLoadGuard<GuestMemoryMmap<()>>> {
+        self.mem.as_ref().map(|m| m.memory()).ok_or_else(|| io::Error::other("vsock: no guest memory yet"))
+    }
+
+    /// Takes every packet the guest queued for sending.
+    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.memory()?;
+        let mut used = false;
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.deref());
+            let Some(mut chain) = chain else { break };
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(mem.deref(), &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => {
+                    let hdr = header_of(&pkt);
+                    let mut data = vec![0u8; 0];
+                    if let Some(slice) = pkt.data_slice() {
+                        data.resize(slice.len().min(hdr.len as usize), 0);
+                        slice.copy_to(&mut data[..]);
+                    }
+                    self.muxer.handle_guest_packet(&hdr, &data);
+                }
+                Err(e) => tracing::debug!("vsock: bad TX chain: {e}"),
+            }
+            vring.add_used(head, 0).map_err(io::Error::other)?;
+            used = true;
+        }
+        if used {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Fills the guest's RX buffers with whatever the muxer has for it.
+    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.memory()?;
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.deref());
+            let Some(mut chain) = chain else { break };
+            let head = chain.head_index();
+            let mut pkt = match VsockPacket::from_rx_virtq_chain(mem.deref(), &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => pkt,
+                Err(e) => {
+                    tracing::debug!("vsock: bad RX chain: {e}");
+                    vring.add_used(head, 0).map_err(io::Error::other)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let room = pkt.data_slice().map_or(0, |s| s.len());
+            let Some(hdr) = self.muxer.next_rx_packet(&mut self.scratch[..room]) else {
+                vring.get_mut().get_queue_mut().go_to_previous_position();
+                break;
+            };
+            let len = hdr.len as usize;
+            if let (Some(slice), true) = (pkt.data_slice(), len > 0) {
+                slice.copy_from(&self.scratch[..len]);
+            }
+            write_header(&mut pkt, &hdr);
+            vring.add_used(head, (PKT_HEADER_SIZE + len) as u32).map_err(io::Error::other)?;
+            used = true;
+        }
+        if used {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+fn header_of<B: vm_memory::bitmap::BitmapSlice>(pkt: &VsockPacket<B>) -> Header {
+    Header {
+        src_cid: pkt.src_cid(),
+        dst_cid: pkt.dst_cid(),
+        src_port: pkt.src_port(),
+        dst_port: pkt.dst_port(),
+        len: pkt.len(),
+        type_: pkt.type_(),
+        op: pkt.op(),
+        flags: pkt.flags(),
+        buf_alloc: pkt.buf_alloc(),
+        fwd_cnt: pkt.fwd_cnt(),
+    }
+}
+
+fn write_header<B: vm_memory::bitmap::BitmapSlice>(pkt: &mut VsockPacket<B>, h: &Header) {
+    pkt.set_src_cid(h.src_cid)
+        .set_dst_cid(h.dst_cid)
+        .set_src_port(h.src_port)
+        .set_dst_port(h.dst_port)
+        .set_len(h.len)
+        .set_type(h.type_)
+        .set_op(h.op)
+        .set_flags(h.flags)
+        .set_buf_alloc(h.buf_alloc)
+        .set_fwd_cnt(h.fwd_cnt);
+}
+
+impl VhostUserBackendMut for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {}
+
+    /// The config space is the guest's CID, a little-endian u64.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.guest_cid.to_le_bytes();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    fn reset_device(&mut self) {
+        self.muxer.reset();
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(&mut self, device_event: u16, _evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+        if vrings.len() < NUM_QUEUES {
+            return Ok(());
+        }
+        match device_event as usize {
+            TX => self.process_tx(&vrings[TX])?,
+            RX => {}
+            _ if device_event == MUXER_EVENT => self.muxer.handle_host_events(),
+            _ => return Ok(()),
+        }
+        // Whatever happened may have freed RX buffers or produced packets for the guest.
+        if vrings[RX].get_ref().get_queue().ready() {
+            self.process_rx(&vrings[RX])?;
+        }
+        Ok(())
+    }
+}
+
+/// The embedded vsock device for one VM: a host socket for the Firecracker protocol, and a
+/// vhost-user socket its frontend connects to once.
+pub struct VsockServer {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VsockServer {
+    /// Starts serving: `vhost_user` is the (already listening) socket the frontend connects
+    /// to; `host_socket` is where host processes connect with `CONNECT <port>`.
+    pub fn start(guest_cid: u64, host_socket: &Path, vhost_user: UnixListener) -> io::Result<Self> {
+        let muxer = Muxer::new(guest_cid, host_socket)?;
+        let muxer_fd = muxer.epoll_fd();
+        let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, muxer)));
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mut daemon = VhostUserDaemon::new("cvm-vsock".into(), backend, mem).map_err(|e| io::Error::other(e.to_string()))?;
+        for handler in daemon.get_epoll_handlers() {
+            handler.register_listener(muxer_fd, EventSet::IN, MUXER_EVENT as u64)?;
+        }
+        let thread = std::thread::Builder::new().name("vsock-vhost-user".into()).spawn(move || {
+            let mut listener = Listener::from(vhost_user);
+            let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
+            if let Err(e) = result {
+                tracing::debug!("vsock: vhost-user session ended: {e}");
+            }
+            for handler in daemon.get_epoll_handlers() {
+                handler.send_exit_event();
+            }
+        })?;
+        Ok(Self { thread: Some(thread) })
+    }
+
+    /// Waits until the frontend disconnected and the backend threads stopped.
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

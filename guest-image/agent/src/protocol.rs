@@ -1,0 +1,417 @@
+//! The agent's control protocol: length-prefixed frames over one stream per exec.
+//!
+//! A frame is a little-endian u32 length (of what follows), a one-byte tag, and the payload.
+//! The host opens a connection to [`CONTROL_PORT`] and sends [`Request::Exec`] (or
+//! [`Request::Shutdown`]); then stdin, resizes and signals go one way, and output and the exit
+//! status come back as [`Reply`] frames. The agent announces itself by connecting to the
+//! host's [`READY_PORT`] and sending [`Reply::Ready`].
+//!
+//! Both ends treat the other as untrusted: every length is checked before it is used.
+
+use std::io::{self, Read, Write};
+
+/// Guest vsock port the agent serves execs on.
+pub const CONTROL_PORT: u32 = 1024;
+/// Host vsock port the agent connects to once it is ready.
+pub const READY_PORT: u32 = 1025;
+/// The largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// The most output or input one data frame carries.
+pub const MAX_DATA: usize = 64 * 1024;
+
+/// Rows and columns of a terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// A command to run. Byte strings, since Unix arguments need not be UTF-8.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exec {
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Option<Vec<u8>>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Some: run on a new pseudo-terminal of this size; None: plain pipes.
+    pub tty: Option<TtySize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Exec(Exec),
+    Stdin(Vec<u8>),
+    /// The host's stdin ended.
+    StdinEof,
+    Resize(TtySize),
+    Signal(i32),
+    /// Sync the disks and power off.
+    Shutdown,
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell would give: the code, or 128 + the signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The agent is up and serving; its version.
+    Ready(String),
+    Started { pid: u32 },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The command could not be started; followed by `Exited`.
+    Failed(String),
+    Exited(ExitStatus),
+}
+
+/// A frame that does not decode.
+#[derive(Debug)]
+pub enum DecodeError {
+    UnknownTag(u8),
+    Truncated,
+    TrailingBytes,
+    BadUtf8,
+}
+
+impl std::error::Error for DecodeError {}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::UnknownTag(t) => write!(f, "unknown frame tag {t}"),
+            DecodeError::Truncated => f.write_str("truncated frame"),
+            DecodeError::TrailingBytes => f.write_str("bytes after the end of a frame"),
+            DecodeError::BadUtf8 => f.write_str("text that is not UTF-8"),
+        }
+    }
+}
+
+impl From<DecodeError> for io::Error {
+    fn from(e: DecodeError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+mod tag {
+    pub const EXEC: u8 = 1;
+    pub const STDIN: u8 = 2;
+    pub const STDIN_EOF: u8 = 3;
+    pub const RESIZE: u8 = 4;
+    pub const SIGNAL: u8 = 5;
+    pub const SHUTDOWN: u8 = 6;
+    pub const READY: u8 = 64;
+    pub const STARTED: u8 = 65;
+    pub const STDOUT: u8 = 66;
+    pub const STDERR: u8 = 67;
+    pub const FAILED: u8 = 68;
+    pub const EXITED_CODE: u8 = 69;
+    pub const EXITED_SIGNAL: u8 = 70;
+}
+
+/// Builds a frame: reserve the length, append fields, patch the length.
+struct Encoder(Vec<u8>);
+
+impl Encoder {
+    fn new(tag: u8) -> Self {
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(&[0, 0, 0, 0, tag]);
+        Self(buf)
+    }
+    fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn bytes(self, v: &[u8]) -> Self {
+        let mut s = self.u32(v.len() as u32);
+        s.0.extend_from_slice(v);
+        s
+    }
+    fn opt_u32(self, v: Option<u32>) -> Self {
+        match v {
+            Some(v) => self.u8(1).u32(v),
+            None => self.u8(0),
+        }
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&len.to_le_bytes());
+        self.0
+    }
+}
+
+/// Reads fields from a frame's payload, never past its end.
+struct Decoder<'a>(&'a [u8]);
+
+impl<'a> Decoder<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+        let len = self.u32()? as usize;
+        Ok(self.take(len)?.to_vec())
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        String::from_utf8(self.bytes()?).map_err(|_| DecodeError::BadUtf8)
+    }
+    fn opt_u32(&mut self) -> Result<Option<u32>, DecodeError> {
+        Ok(match self.u8()? {
+            0 => None,
+            _ => Some(self.u32()?),
+        })
+    }
+    /// A count of items that each take at least `min_item` bytes: bounded by what is left,
+    /// so a hostile count cannot make us allocate.
+    fn count(&mut self, min_item: usize) -> Result<usize, DecodeError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.0.len() {
+            return Err(DecodeError::Truncated);
+        }
+        Ok(n)
+    }
+    fn tty(&mut self) -> Result<TtySize, DecodeError> {
+        Ok(TtySize { rows: self.u16()?, cols: self.u16()? })
+    }
+    fn end(self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes)
+        }
+    }
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Request::Exec(e) => {
+                let mut enc = Encoder::new(tag::EXEC).u32(e.argv.len() as u32);
+                for a in &e.argv {
+                    enc = enc.bytes(a);
+                }
+                enc = enc.u32(e.env.len() as u32);
+                for (k, v) in &e.env {
+                    enc = enc.bytes(k).bytes(v);
+                }
+                enc = match &e.cwd {
+                    Some(c) => enc.u8(1).bytes(c),
+                    None => enc.u8(0),
+                };
+                enc = enc.opt_u32(e.uid).opt_u32(e.gid);
+                enc = match e.tty {
+                    Some(t) => enc.u8(1).u16(t.rows).u16(t.cols),
+                    None => enc.u8(0),
+                };
+                enc.finish()
+            }
+            Request::Stdin(d) => Encoder::new(tag::STDIN).bytes(d).finish(),
+            Request::StdinEof => Encoder::new(tag::STDIN_EOF).finish(),
+            Request::Resize(t) => Encoder::new(tag::RESIZE).u16(t.rows).u16(t.cols).finish(),
+            Request::Signal(s) => Encoder::new(tag::SIGNAL).u32(*s as u32).finish(),
+            Request::Shutdown => Encoder::new(tag::SHUTDOWN).finish(),
+        }
+    }
+
+    pub fn decode(tag: u8, payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder(payload);
+        let req = match tag {
+            tag::EXEC => {
+                let n = d.count(4)?;
+                let argv = (0..n).map(|_| d.bytes()).collect::<Result<_, _>>()?;
+                let n = d.count(8)?;
+                let env = (0..n).map(|_| Ok((d.bytes()?, d.bytes()?))).collect::<Result<_, _>>()?;
+                let cwd = match d.u8()? {
+                    0 => None,
+                    _ => Some(d.bytes()?),
+                };
+                let uid = d.opt_u32()?;
+                let gid = d.opt_u32()?;
+                let tty = match d.u8()? {
+                    0 => None,
+                    _ => Some(d.tty()?),
+                };
+                Request::Exec(Exec { argv, env, cwd, uid, gid, tty })
+            }
+            tag::STDIN => Request::Stdin(d.bytes()?),
+            tag::STDIN_EOF => Request::StdinEof,
+            tag::RESIZE => Request::Resize(d.tty()?),
+            tag::SIGNAL => Request::Signal(d.u32()? as i32),
+            tag::SHUTDOWN => Request::Shutdown,
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        d.end()?;
+        Ok(req)
+    }
+}
+
+impl Reply {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Reply::Ready(v) => Encoder::new(tag::READY).bytes(v.as_bytes()).finish(),
+            Reply::Started { pid } => Encoder::new(tag::STARTED).u32(*pid).finish(),
+            Reply::Stdout(d) => Encoder::new(tag::STDOUT).bytes(d).finish(),
+            Reply::Stderr(d) => Encoder::new(tag::STDERR).bytes(d).finish(),
+            Reply::Failed(m) => Encoder::new(tag::FAILED).bytes(m.as_bytes()).finish(),
+            Reply::Exited(ExitStatus::Code(c)) => Encoder::new(tag::EXITED_CODE).u32(*c as u32).finish(),
+            Reply::Exited(ExitStatus::Signal(s)) => Encoder::new(tag::EXITED_SIGNAL).u32(*s as u32).finish(),
+        }
+    }
+
+    pub fn decode(tag: u8, payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder(payload);
+        let reply = match tag {
+            tag::READY => Reply::Ready(d.string()?),
+            tag::STARTED => Reply::Started { pid: d.u32()? },
+            tag::STDOUT => Reply::Stdout(d.bytes()?),
+            tag::STDERR => Reply::Stderr(d.bytes()?),
+            tag::FAILED => Reply::Failed(d.string()?),
+            tag::EXITED_CODE => Reply::Exited(ExitStatus::Code(d.u32()? as i32)),
+            tag::EXITED_SIGNAL => Reply::Exited(ExitStatus::Signal(d.u32()? as i32)),
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        d.end()?;
+        Ok(reply)
+    }
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
+    }
+    let mut frame = vec![0u8; len];
+    r.read_exact(&mut frame)?;
+    let payload = frame.split_off(1);
+    Ok(Some((frame[0], payload)))
+}
+
+pub fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
+    match read_frame(r)? {
+        Some((tag, payload)) => Ok(Some(Request::decode(tag, &payload)?)),
+        None => Ok(None),
+    }
+}
+
+pub fn read_reply(r: &mut impl Read) -> io::Result<Option<Reply>> {
+    match read_frame(r)? {
+        Some((tag, payload)) => Ok(Some(Reply::decode(tag, &payload)?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes a whole frame in one call, so frames from several threads never interleave when
+/// the writer is shared behind a lock.
+pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
+    w.write_all(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip_request(r: Request) {
+        let bytes = r.encode();
+        let got = read_request(&mut &bytes[..]).unwrap().unwrap();
+        assert_eq!(got, r);
+    }
+
+    #[test]
+    fn requests_and_replies_roundtrip() {
+        roundtrip_request(Request::Exec(Exec {
+            argv: vec![b"sh".to_vec(), b"-c".to_vec(), vec![0xff, 0]],
+            env: vec![(b"A".to_vec(), b"1=2".to_vec())],
+            cwd: Some(b"/work dir".to_vec()),
+            uid: Some(1000),
+            gid: None,
+            tty: Some(TtySize { rows: 24, cols: 80 }),
+        }));
+        roundtrip_request(Request::Exec(Exec::default()));
+        roundtrip_request(Request::Stdin(vec![0; 70000]));
+        for r in [Request::StdinEof, Request::Resize(TtySize { rows: 1, cols: 2 }), Request::Signal(15), Request::Shutdown] {
+            roundtrip_request(r);
+        }
+        for r in [
+            Reply::Ready("0.1.0".into()),
+            Reply::Started { pid: 42 },
+            Reply::Stdout(b"out".to_vec()),
+            Reply::Stderr(vec![]),
+            Reply::Failed("nope: not found".into()),
+            Reply::Exited(ExitStatus::Code(3)),
+            Reply::Exited(ExitStatus::Signal(9)),
+        ] {
+            let bytes = r.encode();
+            assert_eq!(read_reply(&mut &bytes[..]).unwrap().unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_errors_not_panics() {
+        // Oversized and empty frames.
+        assert!(read_frame(&mut &(u32::MAX.to_le_bytes())[..]).is_err());
+        assert!(read_frame(&mut &[0u8, 0, 0, 0][..]).is_err());
+        // A frame cut short, and a clean end.
+        assert!(read_frame(&mut &[10u8, 0, 0, 0, 1, 2][..]).is_err());
+        assert!(read_frame(&mut &[][..]).unwrap().is_none());
+        // Unknown tags, trailing bytes, a huge argv count with nothing behind it, a string
+        // length past the end.
+        assert!(matches!(Request::decode(200, &[]), Err(DecodeError::UnknownTag(200))));
+        assert!(matches!(Request::decode(tag::STDIN_EOF, &[1]), Err(DecodeError::TrailingBytes)));
+        assert!(matches!(Request::decode(tag::EXEC, &u32::MAX.to_le_bytes()), Err(DecodeError::Truncated)));
+        assert!(matches!(Request::decode(tag::STDIN, &[9, 0, 0, 0, 1]), Err(DecodeError::Truncated)));
+        assert!(matches!(Reply::decode(tag::READY, &[1, 0, 0, 0, 0xff]), Err(DecodeError::BadUtf8)));
+        // Every prefix of a valid Exec fails cleanly.
+        let full = Request::Exec(Exec { argv: vec![b"true".to_vec()], tty: Some(TtySize { rows: 5, cols: 5 }), ..Default::default() }).encode();
+        for cut in 5..full.len() {
+            assert!(Request::decode(tag::EXEC, &full[5..cut]).is_err(), "prefix {cut}");
+        }
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+}

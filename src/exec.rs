@@ -1,0 +1,177 @@
+//! The host end of one exec: connect to the agent through the VM's vsock socket, send the
+//! command, then relay stdin, terminal resizes and signals one way and output the other
+//! until the exit status arrives.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cvm_agent::protocol::{self, Exec, ExitStatus, Reply, Request};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
+
+use crate::terminal;
+
+/// Opens a stream to guest vsock `port` with the Firecracker protocol.
+pub fn connect_port(host_socket: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(host_socket)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match stream.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => {
+                if line.starts_with(b"OK ") {
+                    return Ok(stream);
+                }
+                break;
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::ConnectionRefused, format!("the guest refused a connection to vsock port {port}")))
+}
+
+/// How an exec ended from the host's point of view.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Exited(ExitStatus),
+    /// The deadline passed first.
+    TimedOut,
+    /// The VM stopped before the command finished.
+    MachineStopped,
+}
+
+/// Signals that the relay turns into requests; each sets its flag and wakes the poll.
+struct SignalWatch {
+    wake: UnixStream,
+    flags: Vec<(i32, Arc<AtomicBool>)>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl SignalWatch {
+    fn new(signals: &[i32]) -> io::Result<Self> {
+        let (wake, wake_w) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        let mut flags = Vec::new();
+        let mut ids = Vec::new();
+        for &signal in signals {
+            let flag = Arc::new(AtomicBool::new(false));
+            ids.push(signal_hook::flag::register(signal, flag.clone())?);
+            ids.push(signal_hook::low_level::pipe::register(signal, wake_w.try_clone()?)?);
+            flags.push((signal, flag));
+        }
+        Ok(Self { wake, flags, ids })
+    }
+
+    /// The signals that arrived since the last call.
+    fn take(&mut self) -> Vec<i32> {
+        let mut sink = [0u8; 64];
+        while matches!(self.wake.read(&mut sink), Ok(n) if n > 0) {}
+        self.flags.iter().filter(|(_, f)| f.swap(false, Ordering::SeqCst)).map(|(s, _)| *s).collect()
+    }
+}
+
+impl Drop for SignalWatch {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+fn write_all_fd(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Runs `exec` over `conn` with this process's stdio. With `exec.tty` set, stdin is expected
+/// in raw mode (the caller's job) and resizes follow SIGWINCH; without, termination signals
+/// are forwarded to the command.
+pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
+    let tty = exec.tty.is_some();
+    let mut writer = conn.try_clone()?;
+    let mut reader = io::BufReader::new(conn.try_clone()?);
+    protocol::write_frame(&mut writer, &Request::Exec(exec).encode())?;
+    let mut signals = SignalWatch::new(&[SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    let stdin = rustix::stdio::stdin();
+    let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
+    let mut stdin_open = true;
+    let mut output_open = (true, true);
+    let mut buf = vec![0u8; protocol::MAX_DATA];
+
+    loop {
+        // Frames already buffered need no poll.
+        if reader.buffer().is_empty() {
+            let timeout = deadline.map(|d| {
+                let left = d.saturating_duration_since(Instant::now());
+                Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
+            });
+            let mut fds = vec![
+                PollFd::new(&conn, PollFlags::IN),
+                PollFd::from_borrowed_fd(signals.wake.as_fd(), PollFlags::IN),
+                PollFd::from_borrowed_fd(machine_exit, PollFlags::IN),
+            ];
+            if stdin_open {
+                fds.push(PollFd::from_borrowed_fd(stdin, PollFlags::IN));
+            }
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(0) => return Ok(Outcome::TimedOut),
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            if ready[1] {
+                for signal in signals.take() {
+                    let request = match signal {
+                        SIGWINCH => terminal::size().map(Request::Resize),
+                        _ if tty => None,
+                        other => Some(Request::Signal(other)),
+                    };
+                    if let Some(request) = request {
+                        protocol::write_frame(&mut writer, &request.encode())?;
+                    }
+                }
+            }
+            if stdin_open && ready.get(3) == Some(&true) {
+                match rustix::io::read(stdin, &mut buf) {
+                    Ok(0) | Err(_) => {
+                        stdin_open = false;
+                        protocol::write_frame(&mut writer, &Request::StdinEof.encode())?;
+                    }
+                    Ok(n) => protocol::write_frame(&mut writer, &Request::Stdin(buf[..n].to_vec()).encode())?,
+                }
+            }
+            if !ready[0] {
+                if ready[2] {
+                    return Ok(Outcome::MachineStopped);
+                }
+                continue;
+            }
+        }
+        match protocol::read_reply(&mut reader) {
+            Ok(Some(Reply::Stdout(data))) if output_open.0 => output_open.0 = write_all_fd(stdout, &data).is_ok(),
+            Ok(Some(Reply::Stderr(data))) if output_open.1 => output_open.1 = write_all_fd(stderr, &data).is_ok(),
+            Ok(Some(Reply::Failed(message))) => {
+                terminal::restore();
+                eprintln!("cvm: {message}");
+            }
+            Ok(Some(Reply::Exited(status))) => return Ok(Outcome::Exited(status)),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Ok(Outcome::MachineStopped),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! cvm as a library; the `cvm` binary is a thin command line over it.
+//!
+//! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
+//! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
+//! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
+//! - [`rundir`]: a session's private directory and the janitor that removes it.
+//! - [`images`]: where the kernel and images are.
+//! - [`terminal`]: raw mode and window size.
+
+pub mod exec;
+pub mod images;
+pub mod run;
+pub mod rundir;
+pub mod session;
+pub mod terminal;

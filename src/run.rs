@@ -1,0 +1,95 @@
+//! `cvm run -- CMD` and `cvm shell`: boot, run one command with this terminal or these pipes,
+//! pass its exit status through, tear everything down.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use cvm_agent::protocol::Exec;
+
+use crate::exec::Outcome;
+use crate::session::{Session, SessionConfig};
+use crate::terminal;
+
+/// Exit status when `--timeout` expires (as timeout(1)).
+pub const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when cvm itself fails (as `docker run`).
+pub const EXIT_CVM_FAILED: u8 = 125;
+
+/// Parses a duration: a whole number with an optional unit `ms`, `s`, `m` or `h` (bare: s).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: expected a number like 30s, 5m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value.saturating_mul(60)),
+        "h" => Duration::from_secs(value.saturating_mul(3600)),
+        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+/// Runs `argv` in a fresh VM; returns the exit status cvm should exit with.
+pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration>) -> Result<u8> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let session = match Session::start(config, deadline) {
+        Ok(s) => s,
+        Err(e) if deadline.is_some_and(|d| Instant::now() >= d) => {
+            eprintln!("cvm: timed out after {:?} while booting ({e})", timeout.unwrap_or_default());
+            return Ok(EXIT_TIMEOUT);
+        }
+        Err(e) => return Err(e),
+    };
+    let interactive = terminal::is_interactive();
+    let mut env = Vec::new();
+    if interactive {
+        if let Some(term) = std::env::var_os("TERM") {
+            env.push((b"TERM".to_vec(), term.into_vec()));
+        }
+    }
+    let exec = Exec {
+        argv: argv.into_iter().map(OsString::into_vec).collect(),
+        env,
+        tty: if interactive { Some(terminal::size().unwrap_or(cvm_agent::protocol::TtySize { rows: 24, cols: 80 })) } else { None },
+        ..Default::default()
+    };
+    let raw = if interactive { Some(terminal::RawMode::enter()?) } else { None };
+    let outcome = session.exec(exec, deadline);
+    drop(raw);
+    session.shutdown();
+    Ok(match outcome? {
+        Outcome::Exited(status) => status.shell_code().clamp(0, 255) as u8,
+        Outcome::TimedOut => {
+            eprintln!("cvm: timed out after {:?}", timeout.unwrap_or_default());
+            EXIT_TIMEOUT
+        }
+        Outcome::MachineStopped => {
+            eprintln!("cvm: the VM stopped before the command finished");
+            EXIT_CVM_FAILED
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "0", "-1s", "1.5s", "10x", "1 s", "99999999999999999999999"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

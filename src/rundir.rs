@@ -1,0 +1,97 @@
+//! A session's private directory for its sockets and console log, removed however cvm ends.
+//!
+//! cvm removes it on a normal exit. For the exits it cannot clean up after (SIGKILL, a crash),
+//! a janitor process, a re-executed `cvm __janitor DIR` in its own process group, waits for
+//! the end of a pipe only cvm holds and removes the directory when that pipe closes.
+
+use std::fs::DirBuilder;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use rustix::pipe::{pipe_with, PipeFlags};
+
+/// Where session directories live: `$XDG_RUNTIME_DIR/cvm`, else `/tmp/cvm-<uid>`.
+pub fn runtime_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_dir() => dir.join("cvm"),
+        _ => std::env::temp_dir().join(format!("cvm-{}", rustix::process::getuid().as_raw())),
+    }
+}
+
+pub struct RunDir {
+    path: PathBuf,
+    janitor: Child,
+    /// Closing this (cvm exiting, however) tells the janitor to clean up.
+    _lifeline: std::os::fd::OwnedFd,
+}
+
+impl RunDir {
+    pub fn create() -> Result<RunDir> {
+        let base = runtime_base();
+        DirBuilder::new().recursive(true).mode(0o700).create(&base).with_context(|| format!("cannot create {}", base.display()))?;
+        let meta = std::fs::metadata(&base)?;
+        if meta.uid() != rustix::process::getuid().as_raw() || meta.permissions().mode() & 0o077 != 0 {
+            bail!("{} must be a directory only you can use (owner {}, mode {:o})", base.display(), meta.uid(), meta.permissions().mode() & 0o777);
+        }
+        let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let path = base.join(format!("{}-{unique:x}", std::process::id()));
+        DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+        let janitor = Command::new(std::env::current_exe()?)
+            .arg("__janitor")
+            .arg(&path)
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("cannot start cvm's janitor process")?;
+        Ok(RunDir { path, janitor, _lifeline: write })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        // Not waiting for the janitor would leave a zombie until cvm exits.
+        let _ = self.janitor.kill();
+        let _ = self.janitor.wait();
+    }
+}
+
+/// `cvm __janitor DIR`: waits for cvm to go away (its stdin reaches end of file), then
+/// removes DIR. Terminal signals do not stop it early.
+pub fn janitor_main(dir: &Path) -> Result<()> {
+    let base = runtime_base();
+    if dir.parent() != Some(base.as_path()) {
+        bail!("{} is not a cvm session directory", dir.display());
+    }
+    let ignored = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, ignored.clone())?;
+    }
+    let mut sink = [0u8; 64];
+    let mut stdin = io::stdin();
+    loop {
+        match stdin.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}

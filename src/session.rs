@@ -1,0 +1,242 @@
+//! A session: one disposable VM with cvm-agent inside, on either engine.
+//!
+//! [`Session::start`] turns a [`SessionConfig`] into a running VM: a private run directory,
+//! the embedded vsock backend, the VM itself (cvm's VMM or QEMU), and the agent's readiness
+//! message, awaited without polling. Execs then go over vsock; [`Session::shutdown`] asks the
+//! agent to power off and makes sure the VM is gone.
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cvm_agent::protocol::{self, Exec, Reply, Request, CONTROL_PORT, READY_PORT};
+use cvm_devices::vsock::VsockServer;
+use cvm_vmm::qemu::{QemuOptions, QemuVm};
+use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+use crate::exec::{self, Outcome};
+use crate::rundir::RunDir;
+
+/// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
+/// first CID the spec leaves to guests.
+pub const GUEST_CID: u64 = 3;
+/// How long the agent gets to say it is ready: generous, because QEMU's TCG is slow.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a powering-off guest gets before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Which monitor runs the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// cvm's own VMM on KVM.
+    Cvm,
+    /// QEMU's microvm machine (TCG without hardware KVM) with cvm's kernel, image and backends.
+    Qemu,
+}
+
+/// A session as plain data.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub engine: Engine,
+    pub kernel: PathBuf,
+    /// The initramfs (the minimal image).
+    pub image: PathBuf,
+    pub cpus: u8,
+    pub memory_bytes: u64,
+    /// Kernel and agent messages on the console log, and the log kept.
+    pub debug: bool,
+}
+
+/// A VM on either engine, as the session sees it.
+enum Machine {
+    Cvm { thread: Option<JoinHandle<cvm_vmm::Result<VmExit>>>, done: OwnedFd, stopper: Stopper },
+    Qemu(QemuVm),
+}
+
+impl Machine {
+    fn start(engine: Engine, config: &VmConfig) -> Result<Machine> {
+        match engine {
+            Engine::Cvm => {
+                if cvm_vmm::host::open_kvm().is_ok() && cvm_vmm::host::is_pvm() {
+                    bail!("{} (use --vmm qemu)", cvm_vmm::host::PVM_CANNOT_RUN_LINUX);
+                }
+                let vm = Vm::create(config, Instant::now())?;
+                let stopper = vm.stopper();
+                let done = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+                let signal = done.try_clone()?;
+                let thread = std::thread::Builder::new().name("vm".into()).spawn(move || {
+                    let result = vm.run();
+                    let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
+                    result
+                })?;
+                Ok(Machine::Cvm { thread: Some(thread), done, stopper })
+            }
+            Engine::Qemu => Ok(Machine::Qemu(QemuVm::spawn(config, &QemuOptions::default())?)),
+        }
+    }
+
+    /// Readable once the VM has stopped.
+    fn exit_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Machine::Cvm { done, .. } => done.as_fd(),
+            Machine::Qemu(q) => q.exit_fd(),
+        }
+    }
+
+    /// Waits up to `grace` for the VM to stop by itself, then stops it.
+    fn finish(&mut self, grace: Duration) {
+        let _ = wait_readable(self.exit_fd(), grace);
+        match self {
+            Machine::Cvm { thread, stopper, .. } => {
+                stopper.stop();
+                if let Some(thread) = thread.take() {
+                    match thread.join() {
+                        Ok(Ok(exit)) if !exit.reason.is_clean() => tracing::warn!("the VM ended: {}", exit.reason),
+                        Ok(Err(e)) => tracing::warn!("the VM failed: {e}"),
+                        _ => {}
+                    }
+                }
+            }
+            Machine::Qemu(q) => {
+                q.kill();
+                let _ = q.wait();
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is readable; false on timeout.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
+        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+pub struct Session {
+    // Field order is drop order: the VM goes first, the run directory last.
+    machine: Machine,
+    _vsock: VsockServer,
+    host_socket: PathBuf,
+    console_log: PathBuf,
+    debug: bool,
+    _rundir: RunDir,
+    /// When the agent said it was ready, counted from the start of the session.
+    pub ready_after: Duration,
+}
+
+impl Session {
+    pub fn start(config: &SessionConfig, deadline: Option<Instant>) -> Result<Session> {
+        let started = Instant::now();
+        let rundir = RunDir::create()?;
+        let dir = rundir.path().to_path_buf();
+        let host_socket = dir.join("vsock");
+        let vhost_socket = dir.join("vsock.vhost");
+        let ready_socket = dir.join(format!("vsock_{READY_PORT}"));
+        let console_log = dir.join("console.log");
+
+        let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
+        let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
+        let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
+
+        let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1");
+        cmdline.push_str(if config.debug { " cvm.debug" } else { " quiet" });
+        let vm_config = VmConfig {
+            initrd: Some(config.image.clone()),
+            cmdline,
+            vcpus: config.cpus,
+            memory_bytes: config.memory_bytes,
+            rng: true,
+            serial_input: false,
+            console_log: Some(console_log.clone()),
+            vhost_user: vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }],
+            ..VmConfig::new(&config.kernel)
+        };
+        let mut machine = Machine::start(config.engine, &vm_config)?;
+
+        let boot_deadline = started + BOOT_TIMEOUT;
+        let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
+        let ready_after = match wait_for_agent(&ready, machine.exit_fd(), deadline) {
+            Ok(()) => started.elapsed(),
+            Err(e) => {
+                machine.finish(Duration::ZERO);
+                let tail = console_tail(&console_log, 20);
+                return Err(if tail.is_empty() { e } else { e.context(format!("guest console (last lines):\n{tail}")) });
+            }
+        };
+        // Only needed to set up: the backend and the agent are connected now.
+        let _ = std::fs::remove_file(&vhost_socket);
+        drop(ready);
+        let _ = std::fs::remove_file(&ready_socket);
+        Ok(Session { machine, _vsock: vsock, host_socket, console_log, debug: config.debug, _rundir: rundir, ready_after })
+    }
+
+    /// The host socket of the VM's vsock device (Firecracker's protocol).
+    pub fn vsock_socket(&self) -> &Path {
+        &self.host_socket
+    }
+
+    /// Runs one command with this process's stdio.
+    pub fn exec(&self, exec: Exec, deadline: Option<Instant>) -> Result<Outcome> {
+        let conn = exec::connect_port(&self.host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
+        Ok(exec::relay(conn, exec, deadline, self.machine.exit_fd())?)
+    }
+
+    /// Asks the agent to sync and power off, and makes sure the VM is gone.
+    pub fn shutdown(mut self) {
+        let asked = exec::connect_port(&self.host_socket, CONTROL_PORT)
+            .and_then(|mut conn| protocol::write_frame(&mut conn, &Request::Shutdown.encode()));
+        let grace = if asked.is_ok() { SHUTDOWN_GRACE } else { Duration::ZERO };
+        self.machine.finish(grace);
+        if self.debug {
+            eprintln!("cvm: guest console:\n{}", console_tail(&self.console_log, 50));
+        }
+    }
+}
+
+/// Waits for the agent's readiness message on the host end of vsock port READY_PORT.
+fn wait_for_agent(ready: &UnixListener, machine_exit: BorrowedFd<'_>, deadline: Instant) -> Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
+        let mut fds = [PollFd::new(ready, PollFlags::IN), PollFd::from_borrowed_fd(machine_exit, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) => bail!("the guest agent was not ready after {} s", BOOT_TIMEOUT.as_secs()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        if !fds[0].revents().is_empty() {
+            let (mut conn, _) = ready.accept()?;
+            return match protocol::read_reply(&mut conn)? {
+                Some(Reply::Ready(_)) => Ok(()),
+                other => Err(anyhow!("unexpected message from the guest agent: {other:?}")),
+            };
+        }
+        if !fds[1].revents().is_empty() {
+            bail!("the VM stopped before its agent was ready");
+        }
+    }
+}
+
+/// The last `lines` lines of the guest console log.
+fn console_tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

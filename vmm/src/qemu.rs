@@ -1,0 +1,194 @@
+//! The QEMU engine: the same [`VmConfig`] run by Debian's `qemu-system-x86_64` on its microvm
+//! machine, with guest RAM in a shared memfd and the vhost-user devices connected to cvm's own
+//! backends. TCG where the host has no hardware KVM (this is how the full stack is tested on
+//! PVM hosts), KVM where it has.
+//!
+//! QEMU dies with cvm: it gets SIGKILL when cvm's main thread exits, however cvm exits.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::{Error, Result, VhostUserKind, VmConfig};
+
+/// How QEMU runs the guest's CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware KVM.
+    Kvm,
+    /// QEMU's software CPU: slow, but runs anywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when the host has hardware virtualization, TCG otherwise (PVM included: QEMU
+    /// cannot run a stock kernel there either).
+    pub fn for_this_host() -> Accel {
+        match crate::host::open_kvm() {
+            Ok(_) if !crate::host::is_pvm() => Accel::Kvm,
+            _ => Accel::Tcg,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct QemuOptions {
+    pub binary: PathBuf,
+    pub accel: Accel,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        Self { binary: "qemu-system-x86_64".into(), accel: Accel::for_this_host() }
+    }
+}
+
+/// QEMU's arguments for `config`.
+pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
+    let mib = config.memory_bytes >> 20;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-M", "microvm,acpi=off,memory-backend=ram"]);
+    match accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg"]),
+    }
+    push(&["-m", &format!("{mib}M"), "-smp", &config.vcpus.to_string()]);
+    push(&["-object", &format!("memory-backend-memfd,id=ram,size={mib}M,share=on")]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    // Modern (version 2) virtio-mmio, as cvm's own VMM: QEMU defaults to the legacy layout.
+    push(&["-global", "virtio-mmio.force-legacy=false"]);
+    args.push("-serial".into());
+    args.push(match &config.console_log {
+        Some(path) => {
+            let mut s = OsString::from("file:");
+            s.push(path);
+            s
+        }
+        None => "stdio".into(),
+    });
+    args.push("-kernel".into());
+    args.push(config.kernel.clone().into());
+    if let Some(initrd) = &config.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.clone().into());
+    }
+    args.push("-append".into());
+    args.push(config.cmdline.clone().into());
+    if config.rng {
+        args.extend(["-device".into(), "virtio-rng-device".into()]);
+    }
+    for (index, vhost) in config.vhost_user.iter().enumerate() {
+        let mut chardev = OsString::from(format!("socket,id=vhost{index},path="));
+        chardev.push(&vhost.socket);
+        args.extend(["-chardev".into(), chardev]);
+        let device = match vhost.kind {
+            VhostUserKind::Vsock => format!("vhost-user-vsock-device,chardev=vhost{index}"),
+        };
+        args.extend(["-device".into(), device.into()]);
+    }
+    args
+}
+
+/// A running QEMU.
+pub struct QemuVm {
+    child: Child,
+    pidfd: OwnedFd,
+}
+
+impl QemuVm {
+    pub fn spawn(config: &VmConfig, options: &QemuOptions) -> Result<QemuVm> {
+        config.validate()?;
+        let mut command = Command::new(&options.binary);
+        command.args(arguments(config, options.accel)).stdin(Stdio::null());
+        if config.console_log.is_some() {
+            command.stdout(Stdio::null());
+        }
+        // Its own process group: a Ctrl-C at the terminal is cvm's to forward, not QEMU's.
+        command.process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+        // which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| {
+            Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display()))
+        })?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) } as i32;
+        if fd < 0 {
+            return Err(Error::Io(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh pidfd that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(QemuVm { child, pidfd })
+    }
+
+    /// Readable once QEMU has exited.
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VhostUserConfig;
+
+    #[test]
+    fn arguments_carry_the_whole_config() {
+        let mut config = VmConfig::new("/k/vmlinux");
+        config.initrd = Some("/k/initrd".into());
+        config.vcpus = 2;
+        config.memory_bytes = 256 << 20;
+        config.rng = false;
+        config.console_log = Some("/run/x/console.log".into());
+        config.vhost_user.push(VhostUserConfig { socket: "/run/x/vsock.vhost".into(), kind: VhostUserKind::Vsock });
+        let args: Vec<String> = arguments(&config, Accel::Tcg).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let line = args.join(" ");
+        for want in [
+            "-M microvm,acpi=off,memory-backend=ram",
+            "-accel tcg",
+            "-m 256M -smp 2",
+            "memory-backend-memfd,id=ram,size=256M,share=on",
+            "-serial file:/run/x/console.log",
+            "-kernel /k/vmlinux -initrd /k/initrd",
+            "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
+            "-no-reboot",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+        assert!(!line.contains("virtio-rng"));
+        let append = args.iter().position(|a| a == "-append").unwrap();
+        assert_eq!(args[append + 1], config.cmdline, "the command line is one argument");
+    }
+}
