@@ -8,6 +8,8 @@
 pub mod legacy;
 pub mod virtio;
 pub mod vsock;
+#[cfg(test)]
+mod testing;
 
 use vmm_sys_util::eventfd::EventFd;
 

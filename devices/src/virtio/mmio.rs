@@ -306,6 +306,7 @@ mod tests {
     //! interrupt) while this thread runs the VMM's event loop.
 
     use super::*;
+    use crate::testing::MmioDriver as Driver;
     use crate::virtio::{Rng, Subscriber};
     use event_manager::EventManager;
     use std::sync::Mutex;
@@ -316,27 +317,6 @@ mod tests {
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
     const BUFFER: u64 = 0x10000;
-
-    struct Driver(Arc<Mutex<MmioTransport>>);
-
-    impl Driver {
-        fn read(&self, offset: u32) -> u32 {
-            let mut data = [0u8; 4];
-            self.0.lock().unwrap().mmio_read(MmioAddress(0), offset.into(), &mut data);
-            u32::from_le_bytes(data)
-        }
-        fn write(&self, offset: u32, value: u32) {
-            self.0.lock().unwrap().mmio_write(MmioAddress(0), offset.into(), &value.to_le_bytes());
-        }
-        fn negotiate(&self) {
-            self.write(VIRTIO_MMIO_STATUS, 0);
-            self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-            self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
-            self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-            self.write(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
-            self.write(VIRTIO_MMIO_STATUS, 0b1011);
-        }
-    }
 
     fn setup() -> (EventManager<Subscriber>, Arc<Mutex<MmioTransport>>, GuestMemory, EventFd) {
         let mem: GuestMemory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();

@@ -5,6 +5,8 @@
 //! frontend: cvm's own VMM or QEMU's `vhost-user-vsock-device`.
 
 pub mod muxer;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::ops::Deref;
