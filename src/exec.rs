@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cvm_agent::protocol::{self, Exec, ExitStatus, Reply, Request};
@@ -96,20 +96,44 @@ fn write_all_fd(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes whole frames; shared by the stdin thread and the signal handling.
+type Writer = Arc<Mutex<UnixStream>>;
+
+fn send(writer: &Writer, request: &Request) -> io::Result<()> {
+    protocol::write_frame(&mut *writer.lock().unwrap_or_else(|e| e.into_inner()), &request.encode())
+}
+
+/// Copies stdin to the guest on its own thread: a write that waits for the guest to read
+/// must never stop the output coming back (the command may be waiting for us to take it).
+fn forward_stdin(writer: Writer) {
+    std::thread::spawn(move || {
+        let stdin = rustix::stdio::stdin();
+        let mut buf = vec![0u8; protocol::MAX_DATA];
+        loop {
+            let request = match rustix::io::read(stdin, &mut buf) {
+                Ok(0) | Err(_) => Request::StdinEof,
+                Ok(n) => Request::Stdin(buf[..n].to_vec()),
+            };
+            let eof = request == Request::StdinEof;
+            if send(&writer, &request).is_err() || eof {
+                return;
+            }
+        }
+    });
+}
+
 /// Runs `exec` over `conn` with this process's stdio. With `exec.tty` set, stdin is expected
 /// in raw mode (the caller's job) and resizes follow SIGWINCH; without, termination signals
 /// are forwarded to the command.
 pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
     let tty = exec.tty.is_some();
-    let mut writer = conn.try_clone()?;
+    let writer: Writer = Arc::new(Mutex::new(conn.try_clone()?));
     let mut reader = io::BufReader::new(conn.try_clone()?);
-    protocol::write_frame(&mut writer, &Request::Exec(exec).encode())?;
+    send(&writer, &Request::Exec(exec))?;
     let mut signals = SignalWatch::new(&[SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
-    let stdin = rustix::stdio::stdin();
+    forward_stdin(writer.clone());
     let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
-    let mut stdin_open = true;
     let mut output_open = (true, true);
-    let mut buf = vec![0u8; protocol::MAX_DATA];
 
     loop {
         // Frames already buffered need no poll.
@@ -118,22 +142,18 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
                 let left = d.saturating_duration_since(Instant::now());
                 Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
             });
-            let mut fds = vec![
+            let mut fds = [
                 PollFd::new(&conn, PollFlags::IN),
                 PollFd::from_borrowed_fd(signals.wake.as_fd(), PollFlags::IN),
                 PollFd::from_borrowed_fd(machine_exit, PollFlags::IN),
             ];
-            if stdin_open {
-                fds.push(PollFd::from_borrowed_fd(stdin, PollFlags::IN));
-            }
             match poll(&mut fds, timeout.as_ref()) {
                 Ok(0) => return Ok(Outcome::TimedOut),
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             }
-            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-            drop(fds);
+            let ready = fds.map(|f| !f.revents().is_empty());
             if ready[1] {
                 for signal in signals.take() {
                     let request = match signal {
@@ -142,17 +162,8 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
                         other => Some(Request::Signal(other)),
                     };
                     if let Some(request) = request {
-                        protocol::write_frame(&mut writer, &request.encode())?;
+                        send(&writer, &request)?;
                     }
-                }
-            }
-            if stdin_open && ready.get(3) == Some(&true) {
-                match rustix::io::read(stdin, &mut buf) {
-                    Ok(0) | Err(_) => {
-                        stdin_open = false;
-                        protocol::write_frame(&mut writer, &Request::StdinEof.encode())?;
-                    }
-                    Ok(n) => protocol::write_frame(&mut writer, &Request::Stdin(buf[..n].to_vec()).encode())?,
                 }
             }
             if !ready[0] {
@@ -171,7 +182,11 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
             }
             Ok(Some(Reply::Exited(status))) => return Ok(Outcome::Exited(status)),
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => return Ok(Outcome::MachineStopped),
+            Ok(None) => return Ok(Outcome::MachineStopped),
+            Err(e) => {
+                tracing::debug!("the agent connection failed: {e}");
+                return Ok(Outcome::MachineStopped);
+            }
         }
     }
 }

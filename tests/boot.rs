@@ -4,40 +4,15 @@
 //! Tests that need a usable `/dev/kvm` skip with a one-line reason when there is none, unless
 //! CVM_REQUIRE_KVM=1 (scripts/test sets it when /dev/kvm opens), where a skip is a failure.
 
+mod common;
+
+use common::{is_pvm, kvm_usable, linux_artifacts, text};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn guest(name: &str) -> PathBuf {
     PathBuf::from(env!("CVM_MICRO_GUESTS")).join(format!("{name}.elf"))
-}
-
-fn kvm_usable() -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    if !usable {
-        assert!(std::env::var("CVM_REQUIRE_KVM").as_deref() != Ok("1"), "CVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened");
-        eprintln!("skipped: /dev/kvm cannot be opened on this host");
-    }
-    usable
-}
-
-fn is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// The project's guest kernel and test initramfs, from scripts/build-kernel and
-/// scripts/build-initramfs (scripts/test exports them).
-fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
-    let kernel = std::env::var_os("CVM_TEST_KERNEL").map(PathBuf::from);
-    let initrd = std::env::var_os("CVM_TEST_INITRAMFS").map(PathBuf::from);
-    match (kernel, initrd) {
-        (Some(k), Some(i)) => Some((k, i)),
-        _ => {
-            assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_KERNEL/CVM_TEST_INITRAMFS are not set");
-            eprintln!("skipped: CVM_TEST_KERNEL and CVM_TEST_INITRAMFS are not set (run scripts/test)");
-            None
-        }
-    }
 }
 
 fn cvm(args: &[&str]) -> Output {
@@ -72,9 +47,6 @@ fn boot_guest(name: &str, extra: &[&str]) -> Output {
     cvm(&args)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[test]
 fn hello_guest_prints_pokes_the_boot_timer_and_resets() {

@@ -8,7 +8,7 @@ pub mod muxer;
 #[cfg(test)]
 mod tests;
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::ops::Deref;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -19,13 +19,12 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{QueueOwnedT, QueueT};
-use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-pub use muxer::{Header, Muxer};
+pub use muxer::{Header, Muxer, HEADER_SIZE};
 
 /// virtio device ID of vsock.
 pub const DEVICE_TYPE: u32 = 19;
@@ -63,25 +62,19 @@ impl VsockBackend {
         self.mem.as_ref().map(|m| m.memory()).ok_or_else(|| io::Error::other("vsock: no guest memory yet"))
     }
 
-    /// Takes every packet the guest queued for sending.
+    /// Takes every packet the guest queued for sending. A packet may spread over any number
+    /// of device-readable descriptors (Linux 6.x sends the header and the data apart, and large
+    /// data in several pieces); a chain that does not hold a whole packet is dropped.
     fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory()?;
         let mut used = false;
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.deref());
-            let Some(mut chain) = chain else { break };
+            let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(mem.deref(), &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => {
-                    let hdr = header_of(&pkt);
-                    let mut data = vec![0u8; 0];
-                    if let Some(slice) = pkt.data_slice() {
-                        data.resize(slice.len().min(hdr.len as usize), 0);
-                        slice.copy_to(&mut data[..]);
-                    }
-                    self.muxer.handle_guest_packet(&hdr, &data);
-                }
-                Err(e) => tracing::debug!("vsock: bad TX chain: {e}"),
+            match read_packet(mem.deref(), chain) {
+                Ok((hdr, data)) => self.muxer.handle_guest_packet(&hdr, &data),
+                Err(e) => tracing::debug!("vsock: dropped a TX chain: {e}"),
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
             used = true;
@@ -98,28 +91,26 @@ impl VsockBackend {
         let mut used = false;
         while self.muxer.has_rx() {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.deref());
-            let Some(mut chain) = chain else { break };
+            let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let mut pkt = match VsockPacket::from_rx_virtq_chain(mem.deref(), &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => pkt,
-                Err(e) => {
-                    tracing::debug!("vsock: bad RX chain: {e}");
+            let mut writer = match Writer::new(mem.deref(), chain) {
+                Ok(w) if w.available_bytes() >= HEADER_SIZE => w,
+                result => {
+                    tracing::debug!("vsock: unusable RX chain: {:?}", result.err());
                     vring.add_used(head, 0).map_err(io::Error::other)?;
                     used = true;
                     continue;
                 }
             };
-            let room = pkt.data_slice().map_or(0, |s| s.len());
+            let room = (writer.available_bytes() - HEADER_SIZE).min(self.scratch.len());
             let Some(hdr) = self.muxer.next_rx_packet(&mut self.scratch[..room]) else {
                 vring.get_mut().get_queue_mut().go_to_previous_position();
                 break;
             };
             let len = hdr.len as usize;
-            if let (Some(slice), true) = (pkt.data_slice(), len > 0) {
-                slice.copy_from(&self.scratch[..len]);
-            }
-            write_header(&mut pkt, &hdr);
-            vring.add_used(head, (PKT_HEADER_SIZE + len) as u32).map_err(io::Error::other)?;
+            writer.write_all(&hdr.to_bytes())?;
+            writer.write_all(&self.scratch[..len])?;
+            vring.add_used(head, (HEADER_SIZE + len) as u32).map_err(io::Error::other)?;
             used = true;
         }
         if used {
@@ -129,32 +120,18 @@ impl VsockBackend {
     }
 }
 
-fn header_of<B: vm_memory::bitmap::BitmapSlice>(pkt: &VsockPacket<B>) -> Header {
-    Header {
-        src_cid: pkt.src_cid(),
-        dst_cid: pkt.dst_cid(),
-        src_port: pkt.src_port(),
-        dst_port: pkt.dst_port(),
-        len: pkt.len(),
-        type_: pkt.type_(),
-        op: pkt.op(),
-        flags: pkt.flags(),
-        buf_alloc: pkt.buf_alloc(),
-        fwd_cnt: pkt.fwd_cnt(),
+/// Reads one packet (header, then `len` bytes of data) from a TX chain's readable buffers.
+fn read_packet(mem: &GuestMemoryMmap<()>, chain: DescriptorChain<&GuestMemoryMmap<()>>) -> io::Result<(Header, Vec<u8>)> {
+    let mut reader = Reader::new(mem, chain).map_err(|e| io::Error::other(format!("{e:?}")))?;
+    let mut raw = [0u8; HEADER_SIZE];
+    reader.read_exact(&mut raw)?;
+    let hdr = Header::from_bytes(&raw);
+    if hdr.len > MAX_PKT_DATA {
+        return Err(io::Error::other(format!("{} bytes of data in one packet", hdr.len)));
     }
-}
-
-fn write_header<B: vm_memory::bitmap::BitmapSlice>(pkt: &mut VsockPacket<B>, h: &Header) {
-    pkt.set_src_cid(h.src_cid)
-        .set_dst_cid(h.dst_cid)
-        .set_src_port(h.src_port)
-        .set_dst_port(h.dst_port)
-        .set_len(h.len)
-        .set_type(h.type_)
-        .set_op(h.op)
-        .set_flags(h.flags)
-        .set_buf_alloc(h.buf_alloc)
-        .set_fwd_cnt(h.fwd_cnt);
+    let mut data = vec![0u8; hdr.len as usize];
+    reader.read_exact(&mut data)?;
+    Ok((hdr, data))
 }
 
 impl VhostUserBackendMut for VsockBackend {

@@ -67,6 +67,44 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
+/// Size of a packet header on the wire.
+pub const HEADER_SIZE: usize = 44;
+
+impl Header {
+    /// The little-endian wire layout (virtio spec `struct virtio_vsock_hdr`, packed).
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Header {
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().expect("2 bytes"));
+        Header {
+            src_cid: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            dst_cid: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            src_port: u32_at(16),
+            dst_port: u32_at(20),
+            len: u32_at(24),
+            type_: u16_at(28),
+            op: u16_at(30),
+            flags: u32_at(32),
+            buf_alloc: u32_at(36),
+            fwd_cnt: u32_at(40),
+        }
+    }
+}
+
 /// A connection is named by (host port, guest port).
 type Key = (u32, u32);
 
@@ -675,6 +713,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Muxer::new(GUEST, &dir.path().join("v.sock")).unwrap();
         (dir, m)
+    }
+
+    #[test]
+    fn header_wire_layout() {
+        let h = Header { src_cid: 3, dst_cid: 2, src_port: 7, dst_port: 1024, len: 5, type_: 1, op: op::RW, flags: 3, buf_alloc: 9, fwd_cnt: 11 };
+        let b = h.to_bytes();
+        assert_eq!(&b[24..28], &5u32.to_le_bytes(), "len at offset 24");
+        assert_eq!(&b[30..32], &op::RW.to_le_bytes(), "op at offset 30");
+        assert_eq!(Header::from_bytes(&b), h);
     }
 
     #[test]

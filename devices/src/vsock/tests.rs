@@ -18,38 +18,6 @@ const MEM_SIZE: u64 = 64 << 20;
 const BUFFERS: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-fn header_bytes(h: &Header) -> Vec<u8> {
-    let mut b = Vec::with_capacity(PKT_HEADER_SIZE);
-    b.extend_from_slice(&h.src_cid.to_le_bytes());
-    b.extend_from_slice(&h.dst_cid.to_le_bytes());
-    b.extend_from_slice(&h.src_port.to_le_bytes());
-    b.extend_from_slice(&h.dst_port.to_le_bytes());
-    b.extend_from_slice(&h.len.to_le_bytes());
-    b.extend_from_slice(&h.type_.to_le_bytes());
-    b.extend_from_slice(&h.op.to_le_bytes());
-    b.extend_from_slice(&h.flags.to_le_bytes());
-    b.extend_from_slice(&h.buf_alloc.to_le_bytes());
-    b.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-    b
-}
-
-fn parse_header(b: &[u8]) -> Header {
-    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-    let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
-    Header {
-        src_cid: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-        dst_cid: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-        src_port: u32_at(16),
-        dst_port: u32_at(20),
-        len: u32_at(24),
-        type_: u16_at(28),
-        op: u16_at(30),
-        flags: u32_at(32),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
-    }
-}
-
 fn guest_header(src_port: u32, dst_port: u32, op: u16) -> Header {
     Header { src_cid: GUEST, dst_cid: HOST_CID, src_port, dst_port, type_: TYPE_STREAM, op, buf_alloc: 256 * 1024, ..Default::default() }
 }
@@ -115,13 +83,13 @@ impl VirtualGuest {
     /// Queues one packet for sending: header and data in separate descriptors.
     fn send(&mut self, h: Header, data: &[u8]) {
         let hdr_addr = self.buffer();
-        self.mem.write_slice(&header_bytes(&Header { len: data.len() as u32, ..h }), GuestAddress(hdr_addr)).unwrap();
+        self.mem.write_slice(&Header::to_bytes(&Header { len: data.len() as u32, ..h }), GuestAddress(hdr_addr)).unwrap();
         if data.is_empty() {
-            self.tx.push(&self.mem, &[(hdr_addr, PKT_HEADER_SIZE as u32, false)]);
+            self.tx.push(&self.mem, &[(hdr_addr, HEADER_SIZE as u32, false)]);
         } else {
             let data_addr = self.buffer();
             self.mem.write_slice(data, GuestAddress(data_addr)).unwrap();
-            self.tx.push(&self.mem, &[(hdr_addr, PKT_HEADER_SIZE as u32, false), (data_addr, data.len() as u32, false)]);
+            self.tx.push(&self.mem, &[(hdr_addr, HEADER_SIZE as u32, false), (data_addr, data.len() as u32, false)]);
         }
     }
 
@@ -143,9 +111,9 @@ impl VirtualGuest {
                 let addr: u64 = self.mem.read_obj(GuestAddress(self.rx.desc + 16 * u64::from(head))).unwrap();
                 let mut bytes = vec![0u8; len as usize];
                 self.mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
-                let h = parse_header(&bytes);
-                assert_eq!(h.len as usize, len as usize - PKT_HEADER_SIZE, "used length = header + data");
-                (h, bytes[PKT_HEADER_SIZE..].to_vec())
+                let h = Header::from_bytes(bytes[..HEADER_SIZE].try_into().unwrap());
+                assert_eq!(h.len as usize, len as usize - HEADER_SIZE, "used length = header + data");
+                (h, bytes[HEADER_SIZE..].to_vec())
             })
             .collect()
     }
@@ -188,21 +156,46 @@ fn a_guest_connection_carries_data_both_ways() {
 }
 
 #[test]
+fn a_packet_spread_over_many_descriptors_arrives_whole() {
+    // Linux 6.x sends the header and the data apart, and large data in several pieces.
+    let mut g = VirtualGuest::new();
+    let listener = g.listen(9);
+    g.post_rx(4);
+    g.send(guest_header(50, 9, op::REQUEST), &[]);
+    g.kick_tx();
+    let (mut host, _) = listener.accept().unwrap();
+    let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let hdr = g.buffer();
+    g.mem.write_slice(&Header { len: data.len() as u32, ..guest_header(50, 9, op::RW) }.to_bytes(), GuestAddress(hdr)).unwrap();
+    let mut pieces = vec![(hdr, HEADER_SIZE as u32, false)];
+    for piece in data.chunks(4096) {
+        let at = g.buffer();
+        g.mem.write_slice(piece, GuestAddress(at)).unwrap();
+        pieces.push((at, piece.len() as u32, false));
+    }
+    g.tx.push(&g.mem, &pieces);
+    g.kick_tx();
+    let mut got = vec![0u8; data.len()];
+    host.read_exact(&mut got).unwrap();
+    assert!(got == data);
+}
+
+#[test]
 fn hostile_descriptor_chains_are_consumed_without_harm() {
     let mut g = VirtualGuest::new();
     let _listener = g.listen(1);
     g.post_rx(4);
-    let hdr = header_bytes(&guest_header(7, 1, op::REQUEST));
+    let hdr = Header::to_bytes(&guest_header(7, 1, op::REQUEST));
     let a = g.buffer();
     g.mem.write_slice(&hdr, GuestAddress(a)).unwrap();
     // A device-writable header, a header cut short, a header outside guest RAM, a length far
     // past its data, and a zero-length descriptor.
-    g.tx.push(&g.mem, &[(a, PKT_HEADER_SIZE as u32, true)]);
+    g.tx.push(&g.mem, &[(a, HEADER_SIZE as u32, true)]);
     g.tx.push(&g.mem, &[(a, 10, false)]);
-    g.tx.push(&g.mem, &[(MEM_SIZE + 4096, PKT_HEADER_SIZE as u32, false)]);
+    g.tx.push(&g.mem, &[(MEM_SIZE + 4096, HEADER_SIZE as u32, false)]);
     let long = g.buffer();
-    g.mem.write_slice(&header_bytes(&Header { len: 1 << 30, ..guest_header(7, 1, op::RW) }), GuestAddress(long)).unwrap();
-    g.tx.push(&g.mem, &[(long, PKT_HEADER_SIZE as u32, false), (g.next_buffer, 10, false)]);
+    g.mem.write_slice(&Header::to_bytes(&Header { len: 1 << 30, ..guest_header(7, 1, op::RW) }), GuestAddress(long)).unwrap();
+    g.tx.push(&g.mem, &[(long, HEADER_SIZE as u32, false), (g.next_buffer, 10, false)]);
     g.tx.push(&g.mem, &[(a, 0, false)]);
     g.kick_tx();
     assert_eq!(g.tx.take_used(&g.mem).len(), 5, "every chain is returned");

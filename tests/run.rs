@@ -1,0 +1,263 @@
+//! End-to-end tests of `cvm run`: the real binary, the project's kernel and minimal image, the
+//! agent over vsock through cvm's own vhost-user backend. Here the full stack runs on the QEMU
+//! engine (TCG where KVM is not hardware); the same tests on cvm's VMM need hardware KVM.
+//!
+//! Every run gets its own XDG_RUNTIME_DIR, so "nothing left behind" is checked exactly.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{is_pvm, kvm_usable, linux_artifacts, text};
+
+/// A hang is a failure, not a stuck suite.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct Env {
+    kernel: PathBuf,
+    image: PathBuf,
+    runtime: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Option<Env> {
+        let (kernel, image) = linux_artifacts()?;
+        Some(Env { kernel, image, runtime: tempfile::tempdir().unwrap() })
+    }
+
+    fn command(&self, engine: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
+        c.arg("run").arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);
+        c.args(args).env("XDG_RUNTIME_DIR", self.runtime.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    /// Runs `cvm run` with `stdin` as its input.
+    fn run(&self, engine: &str, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self.command(engine, args).stdin(Stdio::piped()).spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let feeder = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = wait_output(child);
+        feeder.join().unwrap();
+        out
+    }
+
+    /// The session directories under this run's XDG_RUNTIME_DIR/cvm: none once cvm is gone.
+    fn leftovers(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.runtime.path().join("cvm")) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftovers().is_empty() {
+            assert!(Instant::now() < deadline, "left behind: {:?}", self.leftovers());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn wait_output(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        // SAFETY (test): SIGKILL to our own hung child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("cvm did not finish within {DEADLINE:?}");
+    })
+}
+
+/// The engine that can run the full stack here, or None (with the reason printed).
+fn engines() -> Vec<&'static str> {
+    let mut engines = vec!["qemu"];
+    if kvm_usable() && !is_pvm() {
+        engines.push("cvm");
+    } else {
+        eprintln!("skipped on the cvm engine: it needs hardware KVM to run Linux; this host's /dev/kvm is PVM or absent");
+    }
+    engines
+}
+
+#[test]
+fn a_command_prints_and_its_exit_status_comes_back() {
+    let Some(env) = Env::new() else { return };
+    for engine in engines() {
+        let out = env.run(engine, &["--", "sh", "-c", "echo $((6*7)); exit 3"], b"");
+        assert_eq!(text(&out.stdout), "42\n", "[{engine}] stderr: {}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(3), "[{engine}] stderr: {}", text(&out.stderr));
+        let out = env.run(engine, &["--", "sh", "-c", "kill -9 $$"], b"");
+        assert_eq!(out.status.code(), Some(128 + 9), "[{engine}] killed by signal 9");
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn binary_stdin_round_trips_and_stderr_stays_apart() {
+    let Some(env) = Env::new() else { return };
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    for engine in engines() {
+        let out = env.run(engine, &["--", "sh", "-c", "cat; echo to-stderr >&2"], &data);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] stderr: {}", text(&out.stderr));
+        assert_eq!(out.stdout.len(), data.len(), "[{engine}]");
+        assert!(out.stdout == data, "[{engine}] stdout differs from stdin");
+        assert_eq!(text(&out.stderr), "to-stderr\n", "[{engine}]");
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn a_missing_command_exits_127() {
+    let Some(env) = Env::new() else { return };
+    let out = env.run("qemu", &["--", "no-such-command"], b"");
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("no-such-command: command not found"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn timeout_exits_124_and_leaves_nothing() {
+    let Some(env) = Env::new() else { return };
+    let started = Instant::now();
+    let out = env.run("qemu", &["--timeout", "4s", "--", "sleep", "600"], b"");
+    assert_eq!(out.status.code(), Some(124), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    env.assert_clean();
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks {
+            let path = task.unwrap().path().join("children");
+            for child in std::fs::read_to_string(path).unwrap_or_default().split_whitespace() {
+                out.push(child.parse().unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Alive and not a zombie.
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn sigkill_of_cvm_leaves_nothing_running() {
+    let Some(env) = Env::new() else { return };
+    let mut child = env.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "stderr: {}", {
+        let mut e = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut e);
+        e
+    });
+    let helpers = children_of(child.id());
+    assert!(helpers.len() >= 2, "QEMU and the janitor: {helpers:?}");
+    assert!(!env.leftovers().is_empty(), "the session directory exists while running");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while helpers.iter().any(|&p| running(p)) {
+        assert!(Instant::now() < deadline, "still running after cvm was killed: {:?}", helpers.iter().filter(|&&p| running(p)).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn a_guest_kernel_panic_is_reported_with_the_console() {
+    let Some(env) = Env::new() else { return };
+    // An initramfs whose /init cannot run: the kernel finds no init and panics.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("init"), "not a program\n").unwrap();
+    let image = root.path().join("broken.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && echo init | cpio -o -H newc --quiet > {}", root.path().display(), image.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let broken = Env { kernel: env.kernel.clone(), image, runtime: tempfile::tempdir().unwrap() };
+    let out = broken.run("qemu", &["--", "true"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("stopped before its agent was ready"), "{stderr}");
+    assert!(stderr.contains("Kernel panic"), "the console tail shows the panic: {stderr}");
+    broken.assert_clean();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let Some(env) = Env::new() else { return };
+    let no_kernel = Env { kernel: "/no/such/kernel".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap() };
+    let out = no_kernel.run("qemu", &["--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("/no/such/kernel"), "{}", text(&out.stderr));
+
+    let no_image = Env { kernel: env.kernel.clone(), image: "/no/such/image".into(), runtime: tempfile::tempdir().unwrap() };
+    let out = no_image.run("qemu", &["--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("/no/such/image"), "{}", text(&out.stderr));
+
+    for args in [&["--"][..], &["--timeout", "0", "--", "true"], &["--timeout", "soon", "--", "true"], &["--memory", "lots", "--", "true"]] {
+        let out = env.run("qemu", args, b"");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: usage error expected; {}", text(&out.stderr));
+    }
+    env.assert_clean();
+}
+
+#[test]
+fn the_cvm_engine_on_pvm_says_why_and_what_to_use() {
+    let Some(env) = Env::new() else { return };
+    if !(kvm_usable() && is_pvm()) {
+        eprintln!("skipped: this host's KVM is not PVM");
+        return;
+    }
+    let out = env.run("cvm", &["--", "true"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("PVM") && stderr.contains("--vmm qemu"), "{stderr}");
+    env.assert_clean();
+}
+
+#[test]
+fn the_vsock_socket_speaks_the_firecracker_protocol_to_host_tools() {
+    // A host process reaches the guest agent through the VM's socket with CONNECT, as
+    // Firecracker documents; the session's socket lives in the run directory.
+    let Some(env) = Env::new() else { return };
+    let mut child = env.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let session = env.leftovers().pop().expect("session directory");
+    let socket: &Path = &session.join("vsock");
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.write_all(b"CONNECT 1024\n").unwrap();
+    let mut reply = [0u8; 32];
+    let n = conn.read(&mut reply).unwrap();
+    assert!(reply[..n].starts_with(b"OK "), "{:?}", text(&reply[..n]));
+    let mut refused = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    refused.write_all(b"CONNECT 4242\n").unwrap();
+    assert_eq!(refused.read(&mut reply).unwrap(), 0, "a port nobody listens on is refused");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.assert_clean();
+}
