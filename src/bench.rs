@@ -1,9 +1,12 @@
 //! `cvm bench boot`: the whole `cvm boot` process against QEMU's microvm on the same guest, in
 //! one run, with paired runs so that both see the same machine noise.
+//!
+//! `cvm bench run`: `cvm run --image minimal -- true` per engine, whole process and phases,
+//! against the same kernel and image booted to init by bare QEMU in the same run.
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,26 @@ const HELLO_LINE: &str = "cvm micro-guest: hello from the guest";
 pub enum BenchCommand {
     /// Boot time: `cvm boot` against `qemu-system-x86_64 -M microvm` on the same kernel.
     Boot(BootBench),
+    /// Session time: `cvm run --image minimal -- true` per engine, with its phases.
+    Run(RunBench),
+}
+
+#[derive(clap::Args)]
+pub struct RunBench {
+    /// Runs per engine (after one warm-up run).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Engines to measure (repeat the flag); default: every engine this host can run Linux on.
+    #[arg(long = "vmm", value_enum)]
+    engines: Vec<cvm::session::Engine>,
+    /// Guest kernel (default: scripts/build-kernel's).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Image (default: minimal).
+    #[arg(long, default_value = "minimal")]
+    image: String,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
 }
 
 #[derive(clap::Args)]
@@ -45,6 +68,7 @@ pub struct BootBench {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Boot(args) => boot(args),
+        BenchCommand::Run(args) => run_bench(args),
     }
 }
 
@@ -133,11 +157,11 @@ fn boot(args: BootBench) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let tmp = tempdir()?;
+    let tmp = tempfile::tempdir()?;
     let (kernel, expect) = match &args.kernel {
         Some(k) => (k.clone(), None),
         None => {
-            let path = tmp.0.join("hello.elf");
+            let path = tmp.path().join("hello.elf");
             std::fs::write(&path, HELLO_GUEST)?;
             (path, Some(HELLO_LINE))
         }
@@ -213,24 +237,135 @@ fn boot(args: BootBench) -> Result<()> {
     Ok(())
 }
 
-/// A private temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn p90(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() * 9).div_ceil(10)).saturating_sub(1).min(v.len() - 1)]
 }
 
-fn tempdir() -> Result<TempDir> {
-    let base = std::env::temp_dir();
-    for attempt in 0..100u32 {
-        let path = base.join(format!("cvm-bench-{}-{attempt}", std::process::id()));
-        match std::fs::create_dir(&path) {
-            Ok(()) => return Ok(TempDir(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).context(format!("cannot create {}", Path::new(&path).display())),
+/// The phases `cvm run --timings` reports.
+const RUN_PHASES: [&str; 5] = ["setup", "boot", "exec", "teardown", "total"];
+
+fn parse_run_timings(stderr: &str) -> Option<Vec<f64>> {
+    let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    RUN_PHASES
+        .iter()
+        .map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok()))
+        .collect()
+}
+
+/// Starts `cmd` and returns how long it took to print `line`; then kills it.
+fn time_to_line(cmd: &mut Command, line: &str) -> Result<Duration> {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    let mut reader = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut text = String::new();
+    let found = loop {
+        text.clear();
+        if reader.read_line(&mut text)? == 0 {
+            break None;
+        }
+        if text.contains(line) {
+            break Some(start.elapsed());
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    found.with_context(|| format!("{cmd:?} never printed {line:?}"))
+}
+
+fn run_bench(args: RunBench) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let kernel = cvm::images::kernel(args.kernel.clone())?;
+    let image = cvm::images::image(&args.image)?;
+    let engines = if args.engines.is_empty() {
+        let hardware = cvm_vmm::host::open_kvm().is_ok() && !cvm_vmm::host::is_pvm();
+        if !hardware {
+            eprintln!("bench run: the cvm engine is skipped: this host has no hardware KVM (PVM or none)");
+        }
+        if hardware { vec![cvm::session::Engine::Cvm, cvm::session::Engine::Qemu] } else { vec![cvm::session::Engine::Qemu] }
+    } else {
+        args.engines.clone()
+    };
+    let cvm = std::env::current_exe()?;
+    let accel = match cvm_vmm::qemu::Accel::for_this_host() {
+        cvm_vmm::qemu::Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].as_slice(),
+        cvm_vmm::qemu::Accel::Tcg => ["-accel", "tcg"].as_slice(),
+    };
+    // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
+    // timed to the init's line on the console (then QEMU is killed: its power-off under TCG
+    // is slower than the boot and not part of what is compared).
+    let mut reference = Command::new(&args.qemu);
+    reference
+        .args(["-M", "microvm,acpi=off", "-m", "512M", "-smp", "2"])
+        .args(accel)
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&image)
+        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test"]);
+    let mut commands: Vec<(String, Command)> = engines
+        .iter()
+        .map(|engine| {
+            let name = format!("{engine:?}").to_lowercase();
+            let mut c = Command::new(&cvm);
+            c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&image).args(["--", "true"]);
+            (name, c)
+        })
+        .collect();
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
+    let mut reference_walls = Vec::new();
+    let mut phases: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); RUN_PHASES.len()]; commands.len()];
+    let check = |name: &str, s: &Sample, want: &str| -> Result<()> {
+        if !s.stdout.contains(want) && !s.stderr.contains(want) {
+            bail!("{name} did not finish as expected; stdout: {:?}, stderr: {:?}", s.stdout, s.stderr);
+        }
+        Ok(())
+    };
+    // Warm-up: page cache, first exec.
+    for (name, c) in commands.iter_mut() {
+        check(name, &measure(c)?, cvm::run::TIMINGS_PREFIX)?;
+    }
+    time_to_line(&mut reference, "cvm-agent: init reached")?;
+    let mut progress = std::io::stderr();
+    for i in 0..args.runs {
+        for (index, (name, c)) in commands.iter_mut().enumerate() {
+            let s = measure(c)?;
+            let Some(t) = parse_run_timings(&s.stderr) else { bail!("{name}: no timings in {:?}", s.stderr) };
+            for (phase, value) in t.into_iter().enumerate() {
+                phases[index][phase].push(value);
+            }
+            walls[index].push(ms(s.wall));
+            cpus[index].push(ms(s.cpu));
+        }
+        reference_walls.push(ms(time_to_line(&mut reference, "cvm-agent: init reached")?));
+        let _ = write!(progress, "\rbench run: {}/{} rounds", i + 1, args.runs);
+    }
+    let _ = writeln!(progress);
+
+    println!("run benchmark: `cvm run --image {} -- true`, {} runs per engine, 512M, 2 vCPUs", args.image, args.runs);
+    println!("{:<44} {:>9} {:>9} {:>9}", "(ms)", "min", "median", "p90");
+    let row = |name: &str, v: &[f64]| {
+        let s = stats(v.to_vec());
+        println!("{name:<44} {:>9.1} {:>9.1} {:>9.1}", s.min, s.median, p90(v));
+    };
+    for (index, (name, _)) in commands.iter().enumerate() {
+        row(&format!("cvm run --vmm {name}, wall"), &walls[index]);
+        row(&format!("cvm run --vmm {name}, CPU (user+sys)"), &cpus[index]);
+        for (phase, values) in RUN_PHASES.iter().zip(&phases[index]) {
+            row(&format!("  phase: {phase}"), values);
         }
     }
-    bail!("cannot create a temporary directory in {}", base.display())
+    row("reference: bare QEMU to the init's line, wall", &reference_walls);
+    let reference_median = stats(reference_walls).median;
+    for (index, (name, _)) in commands.iter().enumerate() {
+        println!("ratio cvm run --vmm {name} / reference, median wall: {:.2}x", stats(walls[index].clone()).median / reference_median);
+    }
+    Ok(())
 }

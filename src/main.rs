@@ -71,6 +71,10 @@ pub struct VmArgs {
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// Print how long each phase took (VMM set-up, boot to agent ready, the command, teardown)
+    /// on standard error.
+    #[arg(long)]
+    timings: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
@@ -105,8 +109,8 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
-        Command::Run(args) => run(&args.vm, args.command),
-        Command::Shell(args) => run(&args, vec!["/bin/sh".into(), "-l".into()]),
+        Command::Run(args) => run(&args.vm, args.command, args.timings),
+        Command::Shell(args) => run(&args, vec!["/bin/sh".into(), "-l".into()], false),
         Command::Bench(command) => match bench::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -135,8 +139,8 @@ fn session_config(args: &VmArgs) -> anyhow::Result<SessionConfig> {
     })
 }
 
-fn run(args: &VmArgs, command: Vec<OsString>) -> ExitCode {
-    match session_config(args).and_then(|config| cvm::run::run(&config, command, args.timeout)) {
+fn run(args: &VmArgs, command: Vec<OsString>, timings: bool) -> ExitCode {
+    match session_config(args).and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             cvm::terminal::restore();

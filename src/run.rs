@@ -36,9 +36,14 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(duration)
 }
 
-/// Runs `argv` in a fresh VM; returns the exit status cvm should exit with.
-pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration>) -> Result<u8> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+/// Prefix of the line `--timings` prints on stderr (`cvm bench run` reads it).
+pub const TIMINGS_PREFIX: &str = "cvm run timings (ms):";
+
+/// Runs `argv` in a fresh VM; returns the exit status cvm should exit with. With `timings`,
+/// prints how long each phase took on stderr.
+pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration>, timings: bool) -> Result<u8> {
+    let started = Instant::now();
+    let deadline = timeout.map(|t| started + t);
     let session = match Session::start(config, deadline) {
         Ok(s) => s,
         Err(e) if deadline.is_some_and(|d| Instant::now() >= d) => {
@@ -61,9 +66,24 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
         ..Default::default()
     };
     let raw = if interactive { Some(terminal::RawMode::enter()?) } else { None };
+    let exec_started = Instant::now();
     let outcome = session.exec(exec, deadline);
+    let exec_time = exec_started.elapsed();
     drop(raw);
+    let (setup, boot) = (session.setup, session.boot);
+    let teardown_started = Instant::now();
     session.shutdown();
+    if timings {
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+        eprintln!(
+            "{TIMINGS_PREFIX} setup {} boot {} exec {} teardown {} total {}",
+            ms(setup),
+            ms(boot),
+            ms(exec_time),
+            ms(teardown_started.elapsed()),
+            ms(started.elapsed())
+        );
+    }
     Ok(match outcome? {
         Outcome::Exited(status) => status.shell_code().clamp(0, 255) as u8,
         Outcome::TimedOut => {

@@ -27,8 +27,8 @@ use crate::rundir::RunDir;
 pub const GUEST_CID: u64 = 3;
 /// How long the agent gets to say it is ready: generous, because QEMU's TCG is slow.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a powering-off guest gets before it is killed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long the guest gets to sync its disks at the end of a session.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which monitor runs the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -133,8 +133,10 @@ pub struct Session {
     console_log: PathBuf,
     debug: bool,
     _rundir: RunDir,
-    /// When the agent said it was ready, counted from the start of the session.
-    pub ready_after: Duration,
+    /// From the start of the session to the VM starting (VMM set-up, or QEMU spawned).
+    pub setup: Duration,
+    /// From the VM starting to the agent's readiness message.
+    pub boot: Duration,
 }
 
 impl Session {
@@ -165,11 +167,12 @@ impl Session {
             ..VmConfig::new(&config.kernel)
         };
         let mut machine = Machine::start(config.engine, &vm_config)?;
+        let setup = started.elapsed();
 
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
-        let ready_after = match wait_for_agent(&ready, machine.exit_fd(), deadline) {
-            Ok(()) => started.elapsed(),
+        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline) {
+            Ok(()) => started.elapsed() - setup,
             Err(e) => {
                 machine.finish(Duration::ZERO);
                 let tail = console_tail(&console_log, 20);
@@ -180,7 +183,7 @@ impl Session {
         let _ = std::fs::remove_file(&vhost_socket);
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, host_socket, console_log, debug: config.debug, _rundir: rundir, ready_after })
+        Ok(Session { machine, _vsock: vsock, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
     /// The host socket of the VM's vsock device (Firecracker's protocol).
@@ -194,12 +197,18 @@ impl Session {
         Ok(exec::relay(conn, exec, deadline, self.machine.exit_fd())?)
     }
 
-    /// Asks the agent to sync and power off, and makes sure the VM is gone.
+    /// Asks the agent to sync, then stops the VM: once the guest's data is on disk there is
+    /// nothing to wait for in its power-off.
     pub fn shutdown(mut self) {
-        let asked = exec::connect_port(&self.host_socket, CONTROL_PORT)
-            .and_then(|mut conn| protocol::write_frame(&mut conn, &Request::Shutdown.encode()));
-        let grace = if asked.is_ok() { SHUTDOWN_GRACE } else { Duration::ZERO };
-        self.machine.finish(grace);
+        let synced = exec::connect_port(&self.host_socket, CONTROL_PORT).and_then(|mut conn| {
+            conn.set_read_timeout(Some(SYNC_TIMEOUT))?;
+            protocol::write_frame(&mut conn, &Request::Shutdown.encode())?;
+            protocol::read_reply(&mut conn)
+        });
+        if !matches!(synced, Ok(Some(Reply::Synced))) {
+            tracing::warn!("the guest did not confirm its sync: {synced:?}");
+        }
+        self.machine.finish(Duration::ZERO);
         if self.debug {
             eprintln!("cvm: guest console:\n{}", console_tail(&self.console_log, 50));
         }

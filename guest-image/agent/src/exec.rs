@@ -30,7 +30,12 @@ pub fn serve(conn: File) {
         let writer: Writer = Arc::new(Mutex::new(conn));
         match protocol::read_request(&mut reader)? {
             Some(Request::Exec(exec)) => run(exec, reader, writer),
-            Some(Request::Shutdown) => crate::shutdown(),
+            Some(Request::Shutdown) => {
+                // SAFETY: sync takes no arguments.
+                unsafe { libc::sync() };
+                let _ = send(&writer, &Reply::Synced);
+                crate::shutdown()
+            }
             Some(other) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("expected exec, got {other:?}"))),
             None => Ok(()),
         }

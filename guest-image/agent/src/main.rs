@@ -79,7 +79,9 @@ pub(crate) fn shutdown() -> ! {
     std::process::exit(0)
 }
 
-fn init_system(cmdline: &str) {
+/// Mounts, names the machine; returns the kernel command line. Resets at once under
+/// `cvm.boot_test`.
+fn init_system() -> String {
     mount("devtmpfs", "/dev", "devtmpfs", None);
     mount("proc", "/proc", "proc", None);
     mount("sysfs", "/sys", "sysfs", None);
@@ -89,6 +91,7 @@ fn init_system(cmdline: &str) {
     let name = b"cvm";
     // SAFETY: sethostname reads name.len() bytes.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|w| w == "cvm.boot_test") {
         // SAFETY: sysconf only reads system configuration.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
@@ -101,6 +104,7 @@ fn init_system(cmdline: &str) {
         let _ = std::io::stdout().flush();
         shutdown();
     }
+    cmdline
 }
 
 struct Options {
@@ -134,11 +138,10 @@ fn parse_args() -> Result<Options, String> {
 
 fn main() {
     if is_init() {
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        let cmdline = init_system();
         if cmdline.split_whitespace().any(|w| w == "cvm.debug") {
             DEBUG.store(true, Ordering::Relaxed);
         }
-        init_system(&cmdline);
     }
     let options = match parse_args() {
         Ok(o) => o,

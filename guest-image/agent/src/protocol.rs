@@ -46,7 +46,7 @@ pub enum Request {
     StdinEof,
     Resize(TtySize),
     Signal(i32),
-    /// Sync the disks and power off.
+    /// Sync the disks, say so ([`Reply::Synced`]), and power off.
     Shutdown,
 }
 
@@ -77,6 +77,8 @@ pub enum Reply {
     /// The command could not be started; followed by `Exited`.
     Failed(String),
     Exited(ExitStatus),
+    /// Everything is on disk: the host may stop the VM without waiting for the power-off.
+    Synced,
 }
 
 /// A frame that does not decode.
@@ -121,6 +123,7 @@ mod tag {
     pub const FAILED: u8 = 68;
     pub const EXITED_CODE: u8 = 69;
     pub const EXITED_SIGNAL: u8 = 70;
+    pub const SYNCED: u8 = 71;
 }
 
 /// Builds a frame: reserve the length, append fields, patch the length.
@@ -290,6 +293,7 @@ impl Reply {
             Reply::Failed(m) => Encoder::new(tag::FAILED).bytes(m.as_bytes()).finish(),
             Reply::Exited(ExitStatus::Code(c)) => Encoder::new(tag::EXITED_CODE).u32(*c as u32).finish(),
             Reply::Exited(ExitStatus::Signal(s)) => Encoder::new(tag::EXITED_SIGNAL).u32(*s as u32).finish(),
+            Reply::Synced => Encoder::new(tag::SYNCED).finish(),
         }
     }
 
@@ -303,6 +307,7 @@ impl Reply {
             tag::FAILED => Reply::Failed(d.string()?),
             tag::EXITED_CODE => Reply::Exited(ExitStatus::Code(d.u32()? as i32)),
             tag::EXITED_SIGNAL => Reply::Exited(ExitStatus::Signal(d.u32()? as i32)),
+            tag::SYNCED => Reply::Synced,
             other => return Err(DecodeError::UnknownTag(other)),
         };
         d.end()?;
@@ -381,6 +386,7 @@ mod tests {
             Reply::Failed("nope: not found".into()),
             Reply::Exited(ExitStatus::Code(3)),
             Reply::Exited(ExitStatus::Signal(9)),
+            Reply::Synced,
         ] {
             let bytes = r.encode();
             assert_eq!(read_reply(&mut &bytes[..]).unwrap().unwrap(), r);
