@@ -101,6 +101,11 @@ pub struct BootArgs {
     /// and the end, on standard error.
     #[arg(long)]
     timings: bool,
+    /// Give the guest a vsock device (CID 3) whose host side is this Unix socket, with
+    /// Firecracker's protocol: connect and write `CONNECT <port>`; guest connections to port P
+    /// reach PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -166,8 +171,19 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Starts the embedded vsock backend for `cvm boot --vsock PATH` and wires its device.
+fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyhow::Result<cvm_devices::vsock::VsockServer> {
+    use anyhow::Context;
+    let vhost_socket = PathBuf::from(format!("{}.vhost", path.display()));
+    let listener = std::os::unix::net::UnixListener::bind(&vhost_socket).with_context(|| format!("cannot create {}", vhost_socket.display()))?;
+    let server = cvm_devices::vsock::VsockServer::start(cvm::session::GUEST_CID, path, listener)
+        .with_context(|| format!("cannot serve vsock on {}", path.display()))?;
+    config.vhost_user.push(cvm_vmm::VhostUserConfig { socket: vhost_socket, kind: cvm_vmm::VhostUserKind::Vsock });
+    Ok(server)
+}
+
 fn boot(args: &BootArgs, started: Instant) -> ExitCode {
-    let config = VmConfig {
+    let mut config = VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         cmdline: args.append.clone(),
@@ -175,7 +191,23 @@ fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         memory_bytes: args.memory,
         ..VmConfig::new(&args.kernel)
     };
-    let result = Vm::create(&config, started).and_then(Vm::run);
+    // Lives until the VM is gone; the backend stops when its frontend disconnects.
+    let _vsock = match &args.vsock {
+        Some(path) => match start_vsock(path, &mut config) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("cvm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let result = Vm::create(&config, started).and_then(|vm| {
+        if let Some(vhost) = config.vhost_user.first() {
+            let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
+        }
+        vm.run()
+    });
     match result {
         Ok(exit) => {
             if args.timings {

@@ -47,7 +47,6 @@ fn boot_guest(name: &str, extra: &[&str]) -> Output {
     cvm(&args)
 }
 
-
 #[test]
 fn hello_guest_prints_pokes_the_boot_timer_and_resets() {
     if !kvm_usable() {
@@ -246,4 +245,33 @@ fn guest_kernel_reaches_init_under_qemu_tcg() {
         .expect("qemu-system-x86_64 (scripts/bootstrap installs it)");
     let stdout = text(&out.stdout);
     assert!(stdout.contains("cvm-agent: init reached, 2 cpus"), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+}
+
+/// cvm's VMM with a vhost-user device on the real /dev/kvm: the micro-guest's notifications
+/// reach cvm's vsock backend through KVM ioeventfds, and its connection reaches a host socket.
+#[test]
+fn vsock_micro_guest_reaches_a_host_socket_through_the_vhost_user_backend() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("v.sock");
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("v.sock_5555")).unwrap();
+    let host = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut line).unwrap();
+        line
+    });
+    let out = boot_guest("vsock", &["--vsock", socket.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
+    assert!(stdout.contains("cvm micro-guest: vsock connected and sent"), "{stdout}");
+    assert_eq!(host.join().unwrap(), "hello from the micro-guest\n");
+    assert!(!socket.exists(), "the host socket is removed with the VM");
+
+    // Nobody listening on the port: the guest is refused (RST).
+    let lonely = tempfile::tempdir().unwrap();
+    let out = boot_guest("vsock", &["--vsock", lonely.path().join("v.sock").to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("the host refused the connection"), "{}", text(&out.stdout));
 }

@@ -261,3 +261,48 @@ fn the_vsock_socket_speaks_the_firecracker_protocol_to_host_tools() {
     child.wait().unwrap();
     env.assert_clean();
 }
+
+#[test]
+fn with_a_terminal_the_command_gets_one_of_the_same_size() {
+    // script(1) (util-linux) gives cvm a pseudo-terminal, as a user's terminal would.
+    let Some(env) = Env::new() else { return };
+    let inner = format!(
+        "stty rows 33 cols 101; XDG_RUNTIME_DIR={} {} run --vmm qemu --kernel {} --image {} -- sh -c 'tty; stty size; read x; echo got $x; exit 7'",
+        env.runtime.path().display(),
+        env!("CARGO_BIN_EXE_cvm"),
+        env.kernel.display(),
+        env.image.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut answered = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !answered && text(&seen).contains("33 101") {
+                stdin.write_all(b"hello\r").unwrap();
+                answered = true;
+            }
+        }
+        text(&seen)
+    });
+    let status = wait_output(child).status;
+    let seen = reader.join().unwrap();
+    assert!(seen.contains("/dev/pts/"), "the command has a terminal: {seen:?}");
+    assert!(seen.contains("33 101"), "of the host terminal's size: {seen:?}");
+    assert!(seen.contains("got hello"), "keys reach it: {seen:?}");
+    assert_eq!(status.code(), Some(7), "{seen:?}");
+    env.assert_clean();
+}

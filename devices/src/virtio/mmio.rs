@@ -226,8 +226,9 @@ impl MmioTransport {
         let active = queues
             .into_iter()
             .zip(&self.kicks)
-            .filter(|(q, _)| q.ready())
-            .map(|(queue, kick)| Ok(ActiveQueue { queue, kick: kick.try_clone()? }))
+            .enumerate()
+            .filter(|(_, (q, _))| q.ready())
+            .map(|(index, (queue, kick))| Ok(ActiveQueue { index, queue, kick: kick.try_clone()? }))
             .collect::<std::io::Result<Vec<_>>>()?;
         let worker = self.device.activate(
             self.driver_features,

@@ -30,6 +30,8 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 
 /// One ready queue handed to a device when the driver activates it.
 pub struct ActiveQueue {
+    /// The queue's index in the device (queues the driver left unused are not handed over).
+    pub index: usize,
     pub queue: Queue,
     /// Written (by KVM through an ioeventfd, or by the transport) when the driver notifies.
     pub kick: EventFd,

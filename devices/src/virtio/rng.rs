@@ -43,7 +43,7 @@ impl VirtioDevice for Rng {
         mut queues: Vec<ActiveQueue>,
         interrupt: Arc<Interrupt>,
     ) -> std::io::Result<Option<Subscriber>> {
-        let ActiveQueue { queue, kick } = queues.pop().ok_or_else(|| {
+        let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "virtio-rng needs its queue")
         })?;
         Ok(Some(Box::new(RngWorker { mem, queue, kick, interrupt })))

@@ -73,8 +73,8 @@ impl VhostUserDevice {
                 .map(|p| p as u64)
                 .map_err(|e| io::Error::other(format!("vhost-user: ring at {addr:#x} is not in guest RAM: {e}")))
         };
-        for (index, active) in queues.iter().enumerate() {
-            let q = &active.queue;
+        for active in queues {
+            let (index, q) = (active.index, &active.queue);
             self.frontend.set_vring_num(index, q.size()).map_err(vhost_err("SET_VRING_NUM"))?;
             let addrs = VringConfigData {
                 queue_max_size: q.max_size(),
@@ -91,7 +91,7 @@ impl VhostUserDevice {
             self.frontend.set_vring_kick(index, &active.kick).map_err(vhost_err("SET_VRING_KICK"))?;
         }
         if self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            for index in 0..queues.len() {
+            for index in queues.iter().map(|q| q.index) {
                 self.frontend.set_vring_enable(index, true).map_err(vhost_err("SET_VRING_ENABLE"))?;
             }
         }
