@@ -144,7 +144,9 @@ fn bad_input_gets_a_clear_error() {
     std::fs::write(&text_file, "not a kernel\n").unwrap();
     let text_file = text_file.to_str().unwrap();
 
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, i32, &str)> = vec![
+    // (arguments, environment, exit status, what stderr must say)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, i32, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--kernel", "/no/such/kernel"], vec![], 1, "/no/such/kernel: No such file"),
         (vec!["--kernel", hello, "--initrd", "/no/such/initrd"], vec![], 1, "/no/such/initrd: No such file"),
         (vec!["--kernel", hello, "--memory", "64Q"], vec![], 2, "unknown unit"),

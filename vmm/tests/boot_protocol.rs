@@ -135,7 +135,7 @@ fn mp_table_is_where_linux_scans_for_it() {
     assert_eq!(&signature, b"_MP_");
     // Linux scans the last KiB below 640 KiB in 16-byte steps.
     assert_eq!(MPTABLE_ADDR % 16, 0);
-    assert!(MPTABLE_ADDR >= 639 * 1024 && MPTABLE_ADDR < 640 * 1024);
+    const { assert!(MPTABLE_ADDR >= 639 * 1024 && MPTABLE_ADDR < 640 * 1024) };
     let table: u32 = mem.read_obj(GuestAddress(MPTABLE_ADDR + 4)).unwrap();
     let mut pcmp = [0u8; 4];
     mem.read_slice(&mut pcmp, GuestAddress(table.into())).unwrap();

@@ -212,13 +212,13 @@ fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry]) -
 }
 
 fn write_zero_page(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry], cmdline_len: usize) -> Result<()> {
-    let mut params = boot_params::default();
-    params.hdr = info.kernel.setup_header.unwrap_or_else(|| setup_header {
+    let hdr = info.kernel.setup_header.unwrap_or_else(|| setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
         kernel_alignment: KERNEL_MIN_ALIGNMENT,
         ..Default::default()
     });
+    let mut params = boot_params { hdr, ..Default::default() };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
