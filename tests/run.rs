@@ -48,6 +48,20 @@ impl Env {
         out
     }
 
+    /// Starts a session whose command says "ready" and then waits; returns once it said so.
+    fn start_idle_session(&self) -> Child {
+        let mut child = self.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        if line != "ready\n" {
+            let mut e = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut e);
+            panic!("the session did not start: {line:?}, stderr: {e}");
+        }
+        child
+    }
+
     /// The session directories under this run's XDG_RUNTIME_DIR/cvm: none once cvm is gone.
     fn leftovers(&self) -> Vec<PathBuf> {
         match std::fs::read_dir(self.runtime.path().join("cvm")) {
@@ -157,15 +171,7 @@ fn running(pid: u32) -> bool {
 #[test]
 fn sigkill_of_cvm_leaves_nothing_running() {
     let Some(env) = Env::new() else { return };
-    let mut child = env.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n", "stderr: {}", {
-        let mut e = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut e);
-        e
-    });
+    let mut child = env.start_idle_session();
     let helpers = children_of(child.id());
     assert!(helpers.len() >= 2, "QEMU and the janitor: {helpers:?}");
     assert!(!env.leftovers().is_empty(), "the session directory exists while running");
@@ -242,11 +248,7 @@ fn the_vsock_socket_speaks_the_firecracker_protocol_to_host_tools() {
     // A host process reaches the guest agent through the VM's socket with CONNECT, as
     // Firecracker documents; the session's socket lives in the run directory.
     let Some(env) = Env::new() else { return };
-    let mut child = env.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n");
+    let mut child = env.start_idle_session();
     let session = env.leftovers().pop().expect("session directory");
     let socket: &Path = &session.join("vsock");
     let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();

@@ -774,15 +774,21 @@ mod tests {
         assert_eq!(m.connection_count(), 0);
     }
 
+    /// A host client connects and asks for guest `port`: returns it and the REQUEST the guest
+    /// gets.
+    fn host_connect(dir: &tempfile::TempDir, m: &mut Muxer, port: u32) -> (UnixStream, Header) {
+        let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        host.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        m.handle_host_events();
+        let out = drain(m);
+        assert_eq!(out.len(), 1);
+        (host, out[0].0)
+    }
+
     #[test]
     fn host_connect_gets_ok_once_the_guest_accepts() {
         let (dir, mut m) = muxer();
-        let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-        host.write_all(b"CONNECT 1024\n").unwrap();
-        m.handle_host_events();
-        let out = drain(&mut m);
-        assert_eq!(out.len(), 1);
-        let req = out[0].0;
+        let (mut host, req) = host_connect(&dir, &mut m, 1024);
         assert_eq!((req.op, req.dst_port, req.dst_cid), (op::REQUEST, 1024, GUEST));
         m.handle_guest_packet(&guest_hdr(1024, req.src_port, op::RESPONSE), &[]);
         let mut line = [0u8; 64];
@@ -793,10 +799,7 @@ mod tests {
     #[test]
     fn host_connect_refused_by_the_guest_closes_the_host_socket() {
         let (dir, mut m) = muxer();
-        let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-        host.write_all(b"CONNECT 9\n").unwrap();
-        m.handle_host_events();
-        let req = drain(&mut m)[0].0;
+        let (mut host, req) = host_connect(&dir, &mut m, 9);
         m.handle_guest_packet(&guest_hdr(9, req.src_port, op::RST), &[]);
         let mut buf = [0u8; 8];
         assert_eq!(host.read(&mut buf).unwrap(), 0);
