@@ -62,8 +62,11 @@ impl Machine {
     fn start(engine: Engine, config: &VmConfig) -> Result<Machine> {
         match engine {
             Engine::Cvm => {
-                if cvm_vmm::host::open_kvm().is_ok() && cvm_vmm::host::is_pvm() {
-                    bail!("{} (use --vmm qemu)", cvm_vmm::host::PVM_CANNOT_RUN_LINUX);
+                // Without hardware KVM the QEMU engine still runs the session, only slower.
+                match cvm_vmm::host::open_kvm() {
+                    Ok(_) if cvm_vmm::host::is_pvm() => bail!("{}, or use --vmm qemu", cvm_vmm::host::PVM_CANNOT_RUN_LINUX),
+                    Err(e) => bail!("{e}; or use --vmm qemu"),
+                    Ok(_) => {}
                 }
                 let vm = Vm::create(config, Instant::now())?;
                 let stopper = vm.stopper();
