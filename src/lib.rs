@@ -1,6 +1,7 @@
 //! cvm as a library; the `cvm` binary is a thin command line over it.
 //!
 //! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
+//! - [`shares`]: what the guest gets of the host's files, planned as plain data.
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
 //! - [`rundir`]: a session's private directory and the janitor that removes it.
@@ -12,4 +13,5 @@ pub mod images;
 pub mod run;
 pub mod rundir;
 pub mod session;
+pub mod shares;
 pub mod terminal;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::session::{Engine, SessionConfig};
+use cvm::shares::{parse_mount_spec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser)]
@@ -31,10 +32,16 @@ enum Command {
     /// N), then the VM is gone. With a terminal the command gets one too.
     Run(RunArgs),
     /// Open an interactive shell in a fresh VM.
-    Shell(VmArgs),
+    Shell(ShellArgs),
     /// Measure cvm against references.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: serves one share to one VM (started by cvm itself, its socket on fd 3).
+    #[command(name = "__fs-backend", hide = true)]
+    FsBackend {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Internal: removes a session directory once cvm is gone.
     #[command(name = "__janitor", hide = true)]
     Janitor { dir: PathBuf },
@@ -65,10 +72,20 @@ pub struct VmArgs {
     /// Show the guest's console (kernel and agent messages) when the session ends.
     #[arg(long)]
     debug: bool,
+    /// Also share a host directory: /host[:/guest][:ro|rw] (the guest path defaults to the host
+    /// path; `~` is your home). Read-only is enforced by cvm's file server. Repeatable.
+    #[arg(long = "mount", value_name = "SPEC")]
+    mounts: Vec<String>,
+    /// Leave the project's conversation folder (~/.claude/projects/<project>) out of the guest.
+    #[arg(long)]
+    no_conversations: bool,
 }
 
 #[derive(clap::Args, Clone)]
 pub struct RunArgs {
+    /// The project directory: shared read-write at its host path, where the command runs as
+    /// you. Without it the command runs as root in `/` with nothing shared.
+    path: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
     /// Print how long each phase took (VMM set-up, boot to agent ready, the command, teardown)
@@ -78,6 +95,14 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ShellArgs {
+    /// The project directory, shared as with `cvm run`.
+    path: Option<PathBuf>,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -114,12 +139,19 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
-        Command::Run(args) => run(&args.vm, args.command, args.timings),
-        Command::Shell(args) => run(&args, vec!["/bin/sh".into(), "-l".into()], false),
+        Command::Run(args) => run(&args.vm, args.path, args.command, args.timings),
+        Command::Shell(args) => run(&args.vm, args.path, vec!["/bin/sh".into(), "-l".into()], false),
         Command::Bench(command) => match bench::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cvm: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::FsBackend { args } => match fs_backend(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cvm fs backend: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -133,8 +165,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn session_config(args: &VmArgs) -> anyhow::Result<SessionConfig> {
+fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<SessionConfig> {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let mounts = args.mounts.iter().map(|m| parse_mount_spec(m, &home)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     Ok(SessionConfig {
+        shares: ShareRequest {
+            project,
+            mounts,
+            conversations: !args.no_conversations,
+            claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
+        },
         engine: args.engine,
         kernel: cvm::images::kernel(args.kernel.clone())?,
         image: cvm::images::image(&args.image)?,
@@ -144,8 +184,8 @@ fn session_config(args: &VmArgs) -> anyhow::Result<SessionConfig> {
     })
 }
 
-fn run(args: &VmArgs, command: Vec<OsString>, timings: bool) -> ExitCode {
-    match session_config(args).and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
+fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings: bool) -> ExitCode {
+    match session_config(args, project).and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             cvm::terminal::restore();
@@ -153,6 +193,13 @@ fn run(args: &VmArgs, command: Vec<OsString>, timings: bool) -> ExitCode {
             ExitCode::from(EXIT_CVM_FAILED)
         }
     }
+}
+
+/// `cvm __fs-backend ARGS`: one share's server, in its own process and sandbox.
+fn fs_backend(args: Vec<OsString>) -> anyhow::Result<()> {
+    let share = cvm_devices::fs::ShareConfig::from_args(args).map_err(anyhow::Error::msg)?;
+    cvm_devices::fs::serve(cvm_devices::fs::inherited_listener()?, &share)?;
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {

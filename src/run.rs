@@ -53,7 +53,7 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
         Err(e) => return Err(e),
     };
     let interactive = terminal::is_interactive();
-    let mut env = Vec::new();
+    let (uid, gid, cwd, mut env) = session.exec_context();
     if interactive {
         if let Some(term) = std::env::var_os("TERM") {
             env.push((b"TERM".to_vec(), term.into_vec()));
@@ -62,8 +62,10 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
     let exec = Exec {
         argv: argv.into_iter().map(OsString::into_vec).collect(),
         env,
+        cwd,
+        uid,
+        gid,
         tty: if interactive { Some(terminal::size().unwrap_or(cvm_agent::protocol::TtySize { rows: 24, cols: 80 })) } else { None },
-        ..Default::default()
     };
     let raw = if interactive { Some(terminal::RawMode::enter()?) } else { None };
     let exec_started = Instant::now();

@@ -1,19 +1,22 @@
 //! A session: one disposable VM with cvm-agent inside, on either engine.
 //!
 //! [`Session::start`] turns a [`SessionConfig`] into a running VM: a private run directory,
-//! the embedded vsock backend, the VM itself (cvm's VMM or QEMU), and the agent's readiness
-//! message, awaited without polling. Execs then go over vsock; [`Session::shutdown`] asks the
-//! agent to power off and makes sure the VM is gone.
+//! the embedded vsock backend, one fs backend process per share, the VM itself (cvm's VMM or
+//! QEMU), the agent's readiness message (awaited without polling), and the agent's set-up of
+//! the user and the shares. Execs then go over vsock; [`Session::shutdown`] asks the agent to
+//! power off and makes sure the VM is gone.
 
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::{Command, Stdio};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cvm_agent::protocol::{self, Exec, Reply, Request, CONTROL_PORT, READY_PORT};
+use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, CONTROL_PORT, READY_PORT};
+use cvm_devices::fs::FsBackend;
 use cvm_devices::vsock::VsockServer;
 use cvm_vmm::qemu::{QemuOptions, QemuVm};
 use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
@@ -21,6 +24,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
 use crate::rundir::RunDir;
+use crate::shares::{HostUser, ShareRequest, SharePlan};
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
 /// first CID the spec leaves to guests.
@@ -50,6 +54,8 @@ pub struct SessionConfig {
     pub memory_bytes: u64,
     /// Kernel and agent messages on the console log, and the log kept.
     pub debug: bool,
+    /// The project and other host directories the guest gets.
+    pub shares: ShareRequest,
 }
 
 /// A VM on either engine, as the session sees it.
@@ -132,6 +138,8 @@ pub struct Session {
     // Field order is drop order: the VM goes first, the run directory last.
     machine: Machine,
     _vsock: VsockServer,
+    _fs: Vec<FsBackend>,
+    plan: SharePlan,
     host_socket: PathBuf,
     console_log: PathBuf,
     debug: bool,
@@ -155,6 +163,10 @@ impl Session {
         let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
         let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
         let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
+        let plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &dir.join("meta"))? };
+        plan.write_meta(&dir.join("meta"))?;
+        let mut vhost_user = vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }];
+        let fs = start_fs_backends(&plan, &dir, &mut vhost_user)?;
 
         let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1");
         cmdline.push_str(if config.debug { " cvm.debug" } else { " quiet" });
@@ -166,7 +178,7 @@ impl Session {
             rng: true,
             serial_input: false,
             console_log: Some(console_log.clone()),
-            vhost_user: vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }],
+            vhost_user,
             ..VmConfig::new(&config.kernel)
         };
         let mut machine = Machine::start(config.engine, &vm_config)?;
@@ -174,7 +186,7 @@ impl Session {
 
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
-        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline) {
+        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &plan.setup)) {
             Ok(()) => started.elapsed() - setup,
             Err(e) => {
                 machine.finish(Duration::ZERO);
@@ -182,11 +194,19 @@ impl Session {
                 return Err(if tail.is_empty() { e } else { e.context(format!("guest console (last lines):\n{tail}")) });
             }
         };
-        // Only needed to set up: the backend and the agent are connected now.
-        let _ = std::fs::remove_file(&vhost_socket);
+        // Only needed to set up: the backends and the agent are connected now.
+        for socket in &vm_config.vhost_user {
+            let _ = std::fs::remove_file(&socket.socket);
+        }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, plan, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+    }
+
+    /// Who commands run as and where: (uid, gid, working directory, environment), all unset
+    /// (root in `/`) when nothing is shared.
+    pub fn exec_context(&self) -> (Option<u32>, Option<u32>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>) {
+        self.plan.exec_context()
     }
 
     /// The host socket of the VM's vsock device (Firecracker's protocol).
@@ -215,6 +235,45 @@ impl Session {
         if self.debug {
             eprintln!("cvm: guest console:\n{}", console_tail(&self.console_log, 50));
         }
+    }
+}
+
+/// Starts one fs backend process per planned share, each listening on its own socket in the
+/// session directory, and adds their devices to `vhost_user`.
+fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUserConfig>) -> Result<Vec<FsBackend>> {
+    let mut backends = Vec::new();
+    if plan.shares.is_empty() {
+        return Ok(backends);
+    }
+    let exe = std::env::current_exe().context("cannot find the cvm executable for the fs backends")?;
+    let log = std::fs::File::options().create(true).append(true).open(dir.join("fs.log"))?;
+    for share in &plan.shares {
+        let tag = &share.backend.tag;
+        let socket = dir.join(format!("fs-{tag}.vhost"));
+        let listener = UnixListener::bind(&socket).with_context(|| format!("cannot create {}", socket.display()))?;
+        let mut command = Command::new(&exe);
+        command.arg("__fs-backend").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log.try_clone()?);
+        if tracing::enabled!(tracing::Level::INFO) {
+            command.env("CVM_LOG", "info");
+        }
+        let backend = FsBackend::spawn(command, listener, &share.backend).with_context(|| format!("cannot share {}", share.backend.dir.display()))?;
+        backends.push(backend);
+        vhost_user.push(VhostUserConfig { socket, kind: VhostUserKind::Fs { tag: tag.clone() } });
+    }
+    Ok(backends)
+}
+
+/// Has the agent create the user and mount the shares; nothing to do when nothing is shared.
+fn set_up_guest(host_socket: &Path, setup: &Setup) -> Result<()> {
+    if *setup == Setup::default() {
+        return Ok(());
+    }
+    let mut conn = exec::connect_port(host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
+    protocol::write_frame(&mut conn, &Request::Setup(setup.clone()).encode())?;
+    match protocol::read_reply(&mut conn)? {
+        Some(Reply::Done) => Ok(()),
+        Some(Reply::Failed(message)) => bail!("the guest could not set up its shares: {message}"),
+        other => bail!("unexpected answer from the guest agent to its set-up: {other:?}"),
     }
 }
 

@@ -36,20 +36,45 @@ pub struct VhostUserConfig {
     pub kind: VhostUserKind,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VhostUserKind {
     Vsock,
+    /// virtio-fs; the guest mounts it by `tag` (the backend reports it in its config space
+    /// too, but QEMU takes it as a property).
+    Fs { tag: String },
 }
 
 impl VhostUserKind {
-    pub fn device_kind(self) -> cvm_devices::virtio::VhostUserDeviceKind {
-        use cvm_devices::vsock;
+    /// The device's config space: the vsock backend reports its CID; a file system's tag is
+    /// the frontend's to give, as QEMU's `tag=` is.
+    pub fn device_config(&self) -> cvm_devices::virtio::DeviceConfig {
+        use cvm_devices::virtio::DeviceConfig;
+        match self {
+            VhostUserKind::Vsock => DeviceConfig::FromBackend,
+            VhostUserKind::Fs { tag } => {
+                let mut config = vec![0u8; cvm_devices::fs::CONFIG_LEN as usize];
+                let tag = &tag.as_bytes()[..tag.len().min(cvm_devices::fs::MAX_TAG_LEN)];
+                config[..tag.len()].copy_from_slice(tag);
+                config[cvm_devices::fs::MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes()); // one request queue
+                DeviceConfig::Local(config)
+            }
+        }
+    }
+
+    pub fn device_kind(&self) -> cvm_devices::virtio::VhostUserDeviceKind {
+        use cvm_devices::{fs, vsock};
         match self {
             VhostUserKind::Vsock => cvm_devices::virtio::VhostUserDeviceKind {
                 device_type: vsock::DEVICE_TYPE,
                 num_queues: vsock::NUM_QUEUES,
                 queue_size: vsock::QUEUE_SIZE as u16,
                 config_len: 8,
+            },
+            VhostUserKind::Fs { .. } => cvm_devices::virtio::VhostUserDeviceKind {
+                device_type: fs::DEVICE_TYPE,
+                num_queues: fs::NUM_QUEUES,
+                queue_size: fs::QUEUE_SIZE as u16,
+                config_len: fs::CONFIG_LEN,
             },
         }
     }

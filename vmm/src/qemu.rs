@@ -85,8 +85,9 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         let mut chardev = OsString::from(format!("socket,id=vhost{index},path="));
         chardev.push(&vhost.socket);
         args.extend(["-chardev".into(), chardev]);
-        let device = match vhost.kind {
+        let device = match &vhost.kind {
             VhostUserKind::Vsock => format!("vhost-user-vsock-device,chardev=vhost{index}"),
+            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,chardev=vhost{index},tag={tag},queue-size={}", cvm_devices::fs::QUEUE_SIZE),
         };
         args.extend(["-device".into(), device.into()]);
     }
@@ -173,6 +174,7 @@ mod tests {
         config.rng = false;
         config.console_log = Some("/run/x/console.log".into());
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/vsock.vhost".into(), kind: VhostUserKind::Vsock });
+        config.vhost_user.push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
         let args: Vec<String> = arguments(&config, Accel::Tcg).into_iter().map(|a| a.into_string().unwrap()).collect();
         let line = args.join(" ");
         for want in [
@@ -183,6 +185,7 @@ mod tests {
             "-serial file:/run/x/console.log",
             "-kernel /k/vmlinux -initrd /k/initrd",
             "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
+            "-chardev socket,id=vhost1,path=/run/x/fs-project.vhost -device vhost-user-fs-device,chardev=vhost1,tag=project,queue-size=1024",
             "-no-reboot",
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");

@@ -196,7 +196,7 @@ impl Vm {
         }
         for vhost in &config.vhost_user {
             let socket = UnixStream::connect(&vhost.socket).map_err(|source| Error::File { path: vhost.socket.clone(), source })?;
-            devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind())?))?;
+            devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind(), vhost.kind.device_config())?))?;
         }
         let (io, cmdline) = devices.finish();
 

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 pub use rng::Rng;
-pub use vhost_user::{VhostUserDevice, VhostUserDeviceKind};
+pub use vhost_user::{DeviceConfig, VhostUserDevice, VhostUserDeviceKind};
 
 /// What the VMM's event loop runs: device workers register their eventfds with it.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;

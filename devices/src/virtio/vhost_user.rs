@@ -37,6 +37,15 @@ pub struct VhostUserDeviceKind {
     pub config_len: u32,
 }
 
+/// Where a device's config space comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    /// Asked of the backend (GET_CONFIG), `config_len` bytes.
+    FromBackend,
+    /// Known to the frontend, as QEMU knows a file system's tag: the backend needs no config.
+    Local(Vec<u8>),
+}
+
 pub struct VhostUserDevice {
     frontend: Frontend,
     kind: VhostUserDeviceKind,
@@ -47,16 +56,19 @@ pub struct VhostUserDevice {
 
 impl VhostUserDevice {
     /// Negotiates with the backend on `socket` what can be negotiated before the guest runs.
-    pub fn connect(socket: UnixStream, kind: VhostUserDeviceKind) -> io::Result<Self> {
+    pub fn connect(socket: UnixStream, kind: VhostUserDeviceKind, device_config: DeviceConfig) -> io::Result<Self> {
         let mut frontend = Frontend::from_stream(socket, kind.num_queues as u64);
         frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
-        let mut config = Vec::new();
+        let (mut config, from_backend) = match device_config {
+            DeviceConfig::Local(bytes) => (bytes, false),
+            DeviceConfig::FromBackend => (Vec::new(), true),
+        };
         if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
             let offered = frontend.get_protocol_features().map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
             let used = offered & WANTED_PROTOCOL_FEATURES;
             frontend.set_protocol_features(used).map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
-            if used.contains(VhostUserProtocolFeatures::CONFIG) && kind.config_len > 0 {
+            if from_backend && used.contains(VhostUserProtocolFeatures::CONFIG) && kind.config_len > 0 {
                 let buf = vec![0u8; kind.config_len as usize];
                 let (_, payload) = frontend
                     .get_config(0, kind.config_len, VhostUserConfigFlags::WRITABLE, &buf)
@@ -109,7 +121,8 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Both are vhost-user's own bits, not the device's: never offered to the guest.
+        self.backend_features & !(VhostUserVirtioFeatures::PROTOCOL_FEATURES | VhostUserVirtioFeatures::LOG_ALL).bits()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -176,7 +189,7 @@ mod tests {
         let host_listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
 
         let kind = VhostUserDeviceKind { device_type: vsock::DEVICE_TYPE, num_queues: vsock::NUM_QUEUES, queue_size: 256, config_len: 8 };
-        let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind).unwrap();
+        let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind, DeviceConfig::FromBackend).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let event_loop = EventManager::<Subscriber>::new().unwrap();
         let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone().unwrap())), event_loop.remote_endpoint()).unwrap();

@@ -36,6 +36,10 @@ pub fn serve(conn: File) {
                 let _ = send(&writer, &Reply::Synced);
                 crate::shutdown()
             }
+            Some(Request::Setup(setup)) => match crate::setup::apply(&setup) {
+                Ok(()) => send(&writer, &Reply::Done),
+                Err(message) => send(&writer, &Reply::Failed(message)),
+            },
             Some(other) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("expected exec, got {other:?}"))),
             None => Ok(()),
         }

@@ -13,9 +13,9 @@
 
 mod exec;
 mod reaper;
+mod setup;
 mod transport;
 
-use std::ffi::CString;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -41,13 +41,8 @@ pub(crate) fn debug(msg: &str) {
 
 fn mount(source: &str, target: &str, fstype: &str, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
-    let (s, t, f) = (CString::new(source).unwrap(), CString::new(target).unwrap(), CString::new(fstype).unwrap());
-    let data = data.map(|d| CString::new(d).unwrap());
-    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), libc::MS_NOSUID, data_ptr) };
-    if rc != 0 {
-        eprintln!("cvm-agent: mount {fstype} on {target}: {}", std::io::Error::last_os_error());
+    if let Err(e) = setup::mount(source, std::path::Path::new(target), Some(fstype), libc::MS_NOSUID, data) {
+        eprintln!("cvm-agent: mount {fstype} on {target}: {e}");
     }
 }
 

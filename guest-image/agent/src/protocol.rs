@@ -48,6 +48,38 @@ pub enum Request {
     Signal(i32),
     /// Sync the disks, say so ([`Reply::Synced`]), and power off.
     Shutdown,
+    /// Prepare the guest before the first exec: the user, then the mounts in order. Answered
+    /// with [`Reply::Done`] or [`Reply::Failed`].
+    Setup(Setup),
+}
+
+/// The guest user commands run as: the host user's name, ids and home path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: Vec<u8>,
+}
+
+/// One step of the guest's file-system set-up. Paths are guest paths; missing mount points
+/// are created (owned by the user when under its home).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mount {
+    /// The virtio-fs share `tag` at `target`.
+    Share { tag: String, target: Vec<u8>, read_only: bool },
+    /// An overlay at `target` with `lower` below and a fresh in-memory upper layer owned by
+    /// the user: writes land in the guest and vanish with it.
+    Overlay { lower: Vec<u8>, target: Vec<u8> },
+    /// `source` (a file or a directory) bind-mounted on `target`; skipped when `source`
+    /// does not exist.
+    Bind { source: Vec<u8>, target: Vec<u8> },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Setup {
+    pub user: Option<User>,
+    pub mounts: Vec<Mount>,
 }
 
 /// How a command ended.
@@ -79,6 +111,8 @@ pub enum Reply {
     Exited(ExitStatus),
     /// Everything is on disk: the host may stop the VM without waiting for the power-off.
     Synced,
+    /// The set-up asked for is in place.
+    Done,
 }
 
 /// A frame that does not decode.
@@ -116,6 +150,7 @@ mod tag {
     pub const RESIZE: u8 = 4;
     pub const SIGNAL: u8 = 5;
     pub const SHUTDOWN: u8 = 6;
+    pub const SETUP: u8 = 7;
     pub const READY: u8 = 64;
     pub const STARTED: u8 = 65;
     pub const STDOUT: u8 = 66;
@@ -124,6 +159,7 @@ mod tag {
     pub const EXITED_CODE: u8 = 69;
     pub const EXITED_SIGNAL: u8 = 70;
     pub const SYNCED: u8 = 71;
+    pub const DONE: u8 = 72;
 }
 
 /// Builds a frame: reserve the length, append fields, patch the length.
@@ -248,6 +284,22 @@ impl Request {
             Request::Resize(t) => Encoder::new(tag::RESIZE).u16(t.rows).u16(t.cols).finish(),
             Request::Signal(s) => Encoder::new(tag::SIGNAL).u32(*s as u32).finish(),
             Request::Shutdown => Encoder::new(tag::SHUTDOWN).finish(),
+            Request::Setup(setup) => {
+                let mut enc = Encoder::new(tag::SETUP);
+                enc = match &setup.user {
+                    Some(u) => enc.u8(1).bytes(u.name.as_bytes()).u32(u.uid).u32(u.gid).bytes(&u.home),
+                    None => enc.u8(0),
+                };
+                enc = enc.u32(setup.mounts.len() as u32);
+                for m in &setup.mounts {
+                    enc = match m {
+                        Mount::Share { tag, target, read_only } => enc.u8(1).bytes(tag.as_bytes()).bytes(target).u8(u8::from(*read_only)),
+                        Mount::Overlay { lower, target } => enc.u8(2).bytes(lower).bytes(target),
+                        Mount::Bind { source, target } => enc.u8(3).bytes(source).bytes(target),
+                    };
+                }
+                enc.finish()
+            }
         }
     }
 
@@ -276,6 +328,25 @@ impl Request {
             tag::RESIZE => Request::Resize(d.tty()?),
             tag::SIGNAL => Request::Signal(d.u32()? as i32),
             tag::SHUTDOWN => Request::Shutdown,
+            tag::SETUP => {
+                let user = match d.u8()? {
+                    0 => None,
+                    _ => Some(User { name: d.string()?, uid: d.u32()?, gid: d.u32()?, home: d.bytes()? }),
+                };
+                // Each mount is at least its kind and two lengths.
+                let n = d.count(9)?;
+                let mounts = (0..n)
+                    .map(|_| {
+                        Ok(match d.u8()? {
+                            1 => Mount::Share { tag: d.string()?, target: d.bytes()?, read_only: d.u8()? != 0 },
+                            2 => Mount::Overlay { lower: d.bytes()?, target: d.bytes()? },
+                            3 => Mount::Bind { source: d.bytes()?, target: d.bytes()? },
+                            other => return Err(DecodeError::UnknownTag(other)),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Request::Setup(Setup { user, mounts })
+            }
             other => return Err(DecodeError::UnknownTag(other)),
         };
         d.end()?;
@@ -294,6 +365,7 @@ impl Reply {
             Reply::Exited(ExitStatus::Code(c)) => Encoder::new(tag::EXITED_CODE).u32(*c as u32).finish(),
             Reply::Exited(ExitStatus::Signal(s)) => Encoder::new(tag::EXITED_SIGNAL).u32(*s as u32).finish(),
             Reply::Synced => Encoder::new(tag::SYNCED).finish(),
+            Reply::Done => Encoder::new(tag::DONE).finish(),
         }
     }
 
@@ -308,6 +380,7 @@ impl Reply {
             tag::EXITED_CODE => Reply::Exited(ExitStatus::Code(d.u32()? as i32)),
             tag::EXITED_SIGNAL => Reply::Exited(ExitStatus::Signal(d.u32()? as i32)),
             tag::SYNCED => Reply::Synced,
+            tag::DONE => Reply::Done,
             other => return Err(DecodeError::UnknownTag(other)),
         };
         d.end()?;
@@ -378,6 +451,8 @@ mod tests {
         for r in [Request::StdinEof, Request::Resize(TtySize { rows: 1, cols: 2 }), Request::Signal(15), Request::Shutdown] {
             roundtrip_request(r);
         }
+        roundtrip_request(Request::Setup(Setup::default()));
+        roundtrip_request(Request::Setup(sample_setup()));
         for r in [
             Reply::Ready("0.1.0".into()),
             Reply::Started { pid: 42 },
@@ -387,6 +462,7 @@ mod tests {
             Reply::Exited(ExitStatus::Code(3)),
             Reply::Exited(ExitStatus::Signal(9)),
             Reply::Synced,
+            Reply::Done,
         ] {
             let bytes = r.encode();
             assert_eq!(read_reply(&mut &bytes[..]).unwrap().unwrap(), r);
@@ -413,6 +489,31 @@ mod tests {
         for cut in 5..full.len() {
             assert!(Request::decode(tag::EXEC, &full[5..cut]).is_err(), "prefix {cut}");
         }
+    }
+
+    fn sample_setup() -> Setup {
+        Setup {
+            user: Some(User { name: "dev".into(), uid: 1000, gid: 100, home: b"/home/dev".to_vec() }),
+            mounts: vec![
+                Mount::Share { tag: "project".into(), target: b"/home/dev/my project".to_vec(), read_only: false },
+                Mount::Share { tag: "claude".into(), target: b"/run/cvm/fs/claude".to_vec(), read_only: true },
+                Mount::Overlay { lower: b"/run/cvm/fs/claude".to_vec(), target: b"/home/dev/.claude".to_vec() },
+                Mount::Bind { source: b"/run/cvm/fs/claude/.credentials.json".to_vec(), target: b"/home/dev/.claude/.credentials.json".to_vec() },
+            ],
+        }
+    }
+
+    #[test]
+    fn hostile_setups_are_errors_not_panics() {
+        let full = Request::Setup(sample_setup()).encode();
+        for cut in 5..full.len() {
+            assert!(Request::decode(tag::SETUP, &full[5..cut]).is_err(), "prefix {cut}");
+        }
+        // A mount count far beyond what follows, and an unknown mount kind.
+        assert!(matches!(Request::decode(tag::SETUP, &[0, 0xff, 0xff, 0xff, 0x0f]), Err(DecodeError::Truncated)));
+        let mut bad = vec![0u8, 1, 0, 0, 0, 9];
+        bad.extend_from_slice(&[0; 8]);
+        assert!(matches!(Request::decode(tag::SETUP, &bad), Err(DecodeError::UnknownTag(9))));
     }
 
     #[test]

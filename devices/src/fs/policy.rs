@@ -1,0 +1,362 @@
+//! What a guest may see and change in one share, enforced in the server, on the host side.
+//!
+//! [`PolicyFs`] wraps virtiofsd's passthrough file system. Rules apply to the names directly
+//! under the share's root (the only place cvm needs them): a name can be hidden (not found,
+//! not listed), protected (it and everything below it read-only, and the name itself cannot
+//! be removed, replaced or created), or, in a read-only share, the one writable file. Inodes
+//! are tracked by FUSE node id, which virtiofsd never reuses, so an inode reached through a
+//! protected name stays protected however the guest addresses it later.
+//!
+//! Every method of the trait that is not listed here keeps the trait's default (ENOSYS), so
+//! an operation this wrapper does not know about is refused rather than passed through.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use virtiofsd::filesystem::{
+    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply, ListxattrReply,
+    OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
+};
+use virtiofsd::fuse;
+
+/// The root directory's FUSE node id.
+const ROOT: u64 = fuse::ROOT_ID;
+
+/// A share's rules, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Nothing in the share can be changed (except `writable_file`).
+    pub read_only: bool,
+    /// When set, only these names under the root exist for the guest.
+    pub visible: Option<Vec<String>>,
+    /// Names under the root that are read-only, with everything below them.
+    pub protected: Vec<String>,
+    /// In a read-only share: one existing file under the root whose contents the guest may
+    /// rewrite (not create, remove, rename or link).
+    pub writable_file: Option<String>,
+}
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn enoent() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOENT)
+}
+
+pub struct PolicyFs<F> {
+    inner: F,
+    policy: Policy,
+    /// Node ids that must not change (reached through a protected name).
+    protected: RwLock<HashSet<u64>>,
+    /// Node ids of `writable_file`.
+    writable: RwLock<HashSet<u64>>,
+}
+
+impl<F: FileSystem> PolicyFs<F> {
+    pub fn new(inner: F, policy: Policy) -> Self {
+        Self { inner, policy, protected: RwLock::default(), writable: RwLock::default() }
+    }
+
+    fn is_visible(&self, parent: u64, name: &CStr) -> bool {
+        if parent != ROOT {
+            return true;
+        }
+        let bytes = name.to_bytes();
+        match &self.policy.visible {
+            None => true,
+            Some(names) => bytes == b"." || bytes == b".." || names.iter().any(|n| n.as_bytes() == bytes),
+        }
+    }
+
+    fn is_protected_name(&self, parent: u64, name: &CStr) -> bool {
+        parent == ROOT && self.policy.protected.iter().any(|n| n.as_bytes() == name.to_bytes())
+    }
+
+    fn is_protected(&self, inode: u64) -> bool {
+        self.protected.read().unwrap_or_else(|e| e.into_inner()).contains(&inode)
+    }
+
+    /// Whether the contents and attributes of `inode` may change.
+    fn can_modify(&self, inode: u64) -> bool {
+        if self.policy.read_only {
+            return self.writable.read().unwrap_or_else(|e| e.into_inner()).contains(&inode);
+        }
+        !self.is_protected(inode)
+    }
+
+    /// Whether the entry `name` in `parent` may be created, removed or replaced.
+    fn can_change_entry(&self, parent: u64, name: &CStr) -> io::Result<()> {
+        if self.policy.read_only || self.is_protected(parent) || self.is_protected_name(parent, name) {
+            return Err(erofs());
+        }
+        if !self.is_visible(parent, name) {
+            return Err(enoent());
+        }
+        Ok(())
+    }
+
+    /// Records what a lookup (or a creation) found, so the rules follow the inode.
+    fn note(&self, parent: u64, name: &CStr, entry: &Entry) {
+        // `..` leads back up: it inherits nothing from where it was looked up.
+        if matches!(name.to_bytes(), b"." | b"..") {
+            return;
+        }
+        if self.is_protected(parent) || self.is_protected_name(parent, name) {
+            self.protected.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
+        }
+        if parent == ROOT && self.policy.writable_file.as_deref().is_some_and(|f| f.as_bytes() == name.to_bytes()) {
+            self.writable.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
+        }
+    }
+
+    fn check_modify(&self, inode: u64) -> io::Result<()> {
+        if self.can_modify(inode) {
+            Ok(())
+        } else {
+            Err(erofs())
+        }
+    }
+}
+
+/// Whether `open` flags ask for anything beyond reading.
+fn open_writes(flags: u32) -> bool {
+    let flags = flags as i32;
+    if flags & libc::O_PATH != 0 {
+        return false;
+    }
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE
+}
+
+/// A directory listing: passed through, or (for the root of a share that hides names) read
+/// whole and filtered.
+pub enum PolicyDirIter<I> {
+    Pass(I),
+    Filtered { entries: VecDeque<(u64, u64, u32, CString)>, current: Option<(u64, u64, u32, CString)> },
+}
+
+impl<I: DirectoryIterator> DirectoryIterator for PolicyDirIter<I> {
+    fn next(&mut self) -> Option<DirEntry<'_>> {
+        match self {
+            PolicyDirIter::Pass(inner) => inner.next(),
+            PolicyDirIter::Filtered { entries, current } => {
+                *current = entries.pop_front();
+                current.as_ref().map(|(ino, offset, type_, name)| DirEntry { ino: *ino, offset: *offset, type_: *type_, name: name.as_c_str() })
+            }
+        }
+    }
+}
+
+impl<F: FileSystem> FileSystem for PolicyFs<F> {
+    type Inode = F::Inode;
+    type Handle = F::Handle;
+    type DirIter = PolicyDirIter<F::DirIter>;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
+        let parent: u64 = parent.into();
+        if !self.is_visible(parent, name) {
+            return Err(enoent());
+        }
+        let entry = self.inner.lookup(ctx, parent.into(), name)?;
+        self.note(parent, name, &entry);
+        Ok(entry)
+    }
+
+    fn forget(&self, ctx: Context, inode: Self::Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: Context, requests: Vec<(Self::Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(&self, ctx: Context, inode: Self::Inode, handle: Option<Self::Handle>) -> io::Result<(fuse::Attr, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(&self, ctx: Context, inode: Self::Inode, attr: fuse::SetattrIn, handle: Option<Self::Handle>, valid: SetattrValid) -> io::Result<(fuse::Attr, Duration)> {
+        let inode: u64 = inode.into();
+        self.check_modify(inode)?;
+        self.inner.setattr(ctx, inode.into(), attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(&self, ctx: Context, linkname: &CStr, parent: Self::Inode, name: &CStr, extensions: Extensions) -> io::Result<Entry> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.symlink(ctx, linkname, parent.into(), name, extensions)
+    }
+
+    fn mknod(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, rdev: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.mknod(ctx, parent.into(), name, mode, rdev, umask, extensions)
+    }
+
+    fn mkdir(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.mkdir(ctx, parent.into(), name, mode, umask, extensions)
+    }
+
+    fn unlink(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.unlink(ctx, parent.into(), name)
+    }
+
+    fn rmdir(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.rmdir(ctx, parent.into(), name)
+    }
+
+    fn rename(&self, ctx: Context, olddir: Self::Inode, oldname: &CStr, newdir: Self::Inode, newname: &CStr, flags: u32) -> io::Result<()> {
+        let (olddir, newdir): (u64, u64) = (olddir.into(), newdir.into());
+        self.can_change_entry(olddir, oldname)?;
+        self.can_change_entry(newdir, newname)?;
+        self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)
+    }
+
+    fn link(&self, ctx: Context, inode: Self::Inode, newparent: Self::Inode, newname: &CStr) -> io::Result<Entry> {
+        let (inode, newparent): (u64, u64) = (inode.into(), newparent.into());
+        // A protected file linked elsewhere would be writable under its new name.
+        self.check_modify(inode)?;
+        self.can_change_entry(newparent, newname)?;
+        self.inner.link(ctx, inode.into(), newparent.into(), newname)
+    }
+
+    fn open(&self, ctx: Context, inode: Self::Inode, kill_priv: bool, flags: u32) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        let inode: u64 = inode.into();
+        if open_writes(flags) {
+            self.check_modify(inode)?;
+        }
+        self.inner.open(ctx, inode.into(), kill_priv, flags)
+    }
+
+    fn create(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, kill_priv: bool, flags: u32, umask: u32, extensions: Extensions) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
+        let parent: u64 = parent.into();
+        self.can_change_entry(parent, name)?;
+        self.inner.create(ctx, parent.into(), name, mode, kill_priv, flags, umask, extensions)
+    }
+
+    fn read<W: ZeroCopyWriter>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, w: W, size: u32, offset: u64, lock_owner: Option<u64>, flags: u32) -> io::Result<usize> {
+        self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write<R: ZeroCopyReader>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, r: R, size: u32, offset: u64, lock_owner: Option<u64>, delayed_write: bool, kill_priv: bool, flags: u32) -> io::Result<usize> {
+        let inode: u64 = inode.into();
+        self.check_modify(inode)?;
+        self.inner.write(ctx, inode.into(), handle, r, size, offset, lock_owner, delayed_write, kill_priv, flags)
+    }
+
+    fn flush(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: Context, inode: Self::Inode, datasync: bool, handle: Self::Handle) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, mode: u32, offset: u64, length: u64) -> io::Result<()> {
+        let inode: u64 = inode.into();
+        self.check_modify(inode)?;
+        self.inner.fallocate(ctx, inode.into(), handle, mode, offset, length)
+    }
+
+    fn release(&self, ctx: Context, inode: Self::Inode, flags: u32, handle: Self::Handle, flush: bool, flock_release: bool, lock_owner: Option<u64>) -> io::Result<()> {
+        self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<libc::statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn setxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, value: &[u8], flags: u32, extra_flags: SetxattrFlags) -> io::Result<()> {
+        let inode: u64 = inode.into();
+        self.check_modify(inode)?;
+        self.inner.setxattr(ctx, inode.into(), name, value, flags, extra_flags)
+    }
+
+    fn getxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(&self, ctx: Context, inode: Self::Inode, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
+        let inode: u64 = inode.into();
+        self.check_modify(inode)?;
+        self.inner.removexattr(ctx, inode.into(), name)
+    }
+
+    fn opendir(&self, ctx: Context, inode: Self::Inode, flags: u32) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, size: u32, offset: u64) -> io::Result<Self::DirIter> {
+        let inode: u64 = inode.into();
+        let mut inner = self.inner.readdir(ctx, inode.into(), handle, size, offset)?;
+        if inode != ROOT || self.policy.visible.is_none() {
+            return Ok(PolicyDirIter::Pass(inner));
+        }
+        // One reply's worth of entries (bounded by `size`), read whole so hidden names can be
+        // dropped; offsets stay the inner ones, so the next call resumes where this one ended.
+        let mut entries = VecDeque::new();
+        while let Some(e) = inner.next() {
+            if self.is_visible(ROOT, e.name) {
+                entries.push_back((e.ino, e.offset, e.type_, e.name.to_owned()));
+            }
+        }
+        Ok(PolicyDirIter::Filtered { entries, current: None })
+    }
+
+    fn fsyncdir(&self, ctx: Context, inode: Self::Inode, datasync: bool, handle: Self::Handle) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: Context, inode: Self::Inode, flags: u32, handle: Self::Handle) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn access(&self, ctx: Context, inode: Self::Inode, mask: u32) -> io::Result<()> {
+        let inode: u64 = inode.into();
+        if mask & libc::W_OK as u32 != 0 && !self.can_modify(inode) {
+            return Err(erofs());
+        }
+        self.inner.access(ctx, inode.into(), mask)
+    }
+
+    fn lseek(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, offset: u64, whence: u32) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn copyfilerange(&self, ctx: Context, inode_in: Self::Inode, handle_in: Self::Handle, offset_in: u64, inode_out: Self::Inode, handle_out: Self::Handle, offset_out: u64, len: u64, flags: u64) -> io::Result<usize> {
+        let inode_out: u64 = inode_out.into();
+        self.check_modify(inode_out)?;
+        self.inner.copyfilerange(ctx, inode_in, handle_in, offset_in, inode_out.into(), handle_out, offset_out, len, flags)
+    }
+
+    fn syncfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<()> {
+        self.inner.syncfs(ctx, inode)
+    }
+}
+
+/// Live migration is not something cvm does: the trait's refusals stand.
+impl<F> SerializableFileSystem for PolicyFs<F> {}

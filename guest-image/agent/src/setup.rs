@@ -1,0 +1,155 @@
+//! The guest's set-up before the first exec ([`Request::Setup`]): the host user, then the
+//! shares, overlays and bind mounts in the order the host gave them.
+//!
+//! [`Request::Setup`]: cvm_agent::protocol::Request::Setup
+
+use std::ffi::{CString, OsStr};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use cvm_agent::protocol::{Mount, Setup, User};
+
+/// Where overlays keep their in-memory upper and work directories (/run is a tmpfs).
+const OVERLAY_DIR: &str = "/run/cvm/overlay";
+
+fn cstr(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
+}
+
+/// mount(2) with Rust types.
+pub fn mount(source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
+    let source = CString::new(source).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a mount source"))?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(|f| CString::new(f).expect("file system names have no NUL"));
+    let data = data.map(CString::new).transpose().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in mount options"))?;
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whose directories the set-up creates: the user's under its home, root's elsewhere.
+struct Owner<'a>(Option<&'a User>);
+
+impl Owner<'_> {
+    fn claim(&self, path: &Path) -> io::Result<()> {
+        let Some(user) = self.0 else { return Ok(()) };
+        if path.starts_with(OsStr::from_bytes(&user.home)) {
+            std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))?;
+        }
+        Ok(())
+    }
+
+    /// `mkdir -p`, giving what it creates to the owner.
+    fn create_dirs(&self, path: &Path) -> io::Result<()> {
+        if path.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = path.parent() {
+            self.create_dirs(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => self.claim(path),
+        }
+    }
+}
+
+fn describe(what: &str, path: &[u8], e: io::Error) -> String {
+    format!("{what} {}: {e}", String::from_utf8_lossy(path))
+}
+
+/// Applies `setup`; the error says which step failed.
+pub fn apply(setup: &Setup) -> Result<(), String> {
+    if let Some(user) = &setup.user {
+        add_user(user).map_err(|e| format!("cannot add user {}: {e}", user.name))?;
+    }
+    let owner = Owner(setup.user.as_ref());
+    for (index, step) in setup.mounts.iter().enumerate() {
+        match step {
+            Mount::Share { tag, target, read_only } => {
+                let path = Path::new(OsStr::from_bytes(target));
+                owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
+                let flags = libc::MS_NOSUID | libc::MS_NODEV | if *read_only { libc::MS_RDONLY } else { 0 };
+                mount(tag, path, Some("virtiofs"), flags, None).map_err(|e| describe(&format!("cannot mount share {tag} on"), target, e))?;
+            }
+            Mount::Overlay { lower, target } => {
+                let path = Path::new(OsStr::from_bytes(target));
+                let layers = PathBuf::from(format!("{OVERLAY_DIR}/{index}"));
+                let (upper, work) = (layers.join("upper"), layers.join("work"));
+                for dir in [&upper, &work] {
+                    std::fs::create_dir_all(dir).map_err(|e| describe("cannot create", dir.as_os_str().as_bytes(), e))?;
+                }
+                // The overlay's root takes the upper directory's owner.
+                if let Some(user) = &setup.user {
+                    std::os::unix::fs::chown(&upper, Some(user.uid), Some(user.gid)).map_err(|e| describe("cannot chown", upper.as_os_str().as_bytes(), e))?;
+                }
+                owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
+                let options = format!("lowerdir={},upperdir={},workdir={}", String::from_utf8_lossy(lower), upper.display(), work.display());
+                mount("overlay", path, Some("overlay"), libc::MS_NOSUID | libc::MS_NODEV, Some(&options))
+                    .map_err(|e| describe("cannot mount an overlay on", target, e))?;
+            }
+            Mount::Bind { source, target } => {
+                let source_path = Path::new(OsStr::from_bytes(source));
+                let Ok(meta) = std::fs::metadata(source_path) else { continue };
+                let path = Path::new(OsStr::from_bytes(target));
+                if meta.is_dir() {
+                    owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
+                } else if !path.exists() {
+                    if let Some(parent) = path.parent() {
+                        owner.create_dirs(parent).map_err(|e| describe("cannot create", target, e))?;
+                    }
+                    std::fs::File::create(path).map_err(|e| describe("cannot create", target, e))?;
+                    owner.claim(path).map_err(|e| describe("cannot chown", target, e))?;
+                }
+                let source_str = source_path.to_str().ok_or_else(|| describe("not UTF-8:", source, io::ErrorKind::InvalidInput.into()))?;
+                mount(source_str, path, None, libc::MS_BIND, None).map_err(|e| describe(&format!("cannot bind {source_str} on"), target, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds `user` (and its group) to /etc/passwd and /etc/group, replacing entries with the same
+/// name or id, and creates its home.
+fn add_user(user: &User) -> io::Result<()> {
+    if user.name.is_empty() || user.name.contains([':', '\n', '/']) || user.home.contains(&b':') || user.home.contains(&b'\n') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a name or home that cannot go in /etc/passwd"));
+    }
+    std::fs::create_dir_all("/etc")?;
+    let home = String::from_utf8_lossy(&user.home);
+    let replace = |file: &str, id: u32, line: String| -> io::Result<()> {
+        let old = std::fs::read_to_string(file).unwrap_or_default();
+        let mut out = String::new();
+        for l in old.lines() {
+            let mut fields = l.split(':');
+            let (name, id_field) = (fields.next(), fields.nth(1));
+            if name != Some(user.name.as_str()) && id_field != Some(id.to_string().as_str()) {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+        std::fs::File::create(file)?.write_all(out.as_bytes())
+    };
+    replace("/etc/passwd", user.uid, format!("{}:x:{}:{}::{home}:/bin/sh", user.name, user.uid, user.gid))?;
+    replace("/etc/group", user.gid, format!("{}:x:{}:", user.name, user.gid))?;
+    // The home may already exist (an image's /root): in this guest it is the user's.
+    let home = Path::new(OsStr::from_bytes(&user.home));
+    Owner(Some(user)).create_dirs(home)?;
+    std::os::unix::fs::chown(home, Some(user.uid), Some(user.gid))
+}

@@ -1,0 +1,426 @@
+//! What a session shares with its guest, planned as plain data: which host directories get an
+//! fs backend and under which rules, where the agent mounts them, and who runs the command.
+//!
+//! - The project, read-write, at its host absolute path (so `getcwd()` in the guest is the
+//!   host path, and Claude Code's per-path keys match the host's).
+//! - A selected view of `~/.claude` (only what configures Claude), read-only on the host side,
+//!   as the lower layer of an in-guest overlay; its `.credentials.json` is the one file the
+//!   guest may rewrite, bind-mounted over the overlay so an OAuth token refresh reaches the
+//!   host (Claude Code rewrites the file in place when it is a mount point).
+//! - The project's conversation folder `~/.claude/projects/<encoded path>`, read-write.
+//! - The main repository's `.git` when the project is a git worktree, with `hooks/`, `config`
+//!   and `info/` read-only on the host side.
+//! - `--mount` directories, read-write or read-only.
+//! - The meta dir, read-only at [`META_GUEST_DIR`]: who and where the host user is.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cvm_agent::protocol::{Mount, Setup, User};
+use cvm_devices::fs::{Policy, ShareConfig};
+
+/// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
+/// conversations, sessions, todos, history or memory.
+pub const CLAUDE_DEFAULT_ITEMS: &[&str] = &[
+    ".credentials.json",
+    "CLAUDE.md",
+    "settings.json",
+    "file-suggestion.sh",
+    "statusline.sh",
+    "skills",
+    "commands",
+    "agents",
+    "plugins",
+];
+/// The one file in `~/.claude` whose rewrites reach the host (OAuth token refresh).
+const CREDENTIALS: &str = ".credentials.json";
+/// Where the agent mounts shares that are not mounted at a host path.
+const GUEST_SHARE_DIR: &str = "/run/cvm/fs";
+/// Where the guest finds the meta dir.
+pub const META_GUEST_DIR: &str = "/run/cvm/meta";
+/// The guest user when the host user is root: Claude Code refuses to skip permissions as root.
+const UNPRIVILEGED_UID: u32 = 1000;
+
+/// A `--mount /host[:/guest][:ro|rw]` as given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    pub host: PathBuf,
+    pub guest: PathBuf,
+    pub read_only: bool,
+}
+
+/// Expands a leading `~` to `home`.
+fn expand_home(text: &str, home: &Path) -> PathBuf {
+    match text.strip_prefix('~') {
+        Some("") => home.to_path_buf(),
+        Some(rest) if rest.starts_with('/') => home.join(&rest[1..]),
+        _ => PathBuf::from(text),
+    }
+}
+
+/// Whether `path` is absolute and has no `.` or `..` in it.
+fn is_plain_absolute(path: &Path) -> bool {
+    path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// Parses `--mount /host[:/guest][:ro|rw]` (docker's form; `~` is the host home). The guest
+/// path defaults to the host path.
+pub fn parse_mount_spec(text: &str, home: &Path) -> std::result::Result<MountSpec, String> {
+    let mut parts: Vec<&str> = text.split(':').collect();
+    let mut read_only = false;
+    if parts.len() > 1 {
+        match *parts.last().expect("non-empty") {
+            "ro" => {
+                read_only = true;
+                parts.pop();
+            }
+            "rw" => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    let (host, guest) = match parts.as_slice() {
+        [host] => (*host, *host),
+        [host, guest] => (*host, *guest),
+        _ => return Err(format!("bad mount {text:?}: expected /host[:/guest][:ro|rw]")),
+    };
+    let (host, guest) = (expand_home(host, home), expand_home(guest, home));
+    for (what, path) in [("host", &host), ("guest", &guest)] {
+        if !is_plain_absolute(path) {
+            return Err(format!("bad mount {text:?}: the {what} path must be absolute, without . or .."));
+        }
+    }
+    if guest == Path::new("/") {
+        return Err(format!("bad mount {text:?}: cannot mount over the guest's /"));
+    }
+    Ok(MountSpec { host, guest, read_only })
+}
+
+/// The host user cvm runs as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl HostUser {
+    pub fn current() -> Result<HostUser> {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        let home = std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")?;
+        let name = std::env::var("USER").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| if uid == 0 { "root".into() } else { format!("user{uid}") });
+        Ok(HostUser { name, uid, gid, home })
+    }
+
+    /// The guest user: the host user's name and ids, except that root becomes an
+    /// unprivileged user (whose files the fs backends still write as root).
+    pub fn guest(&self) -> User {
+        let home = self.home.as_os_str().as_bytes().to_vec();
+        if self.uid == 0 {
+            return User { name: "cvm".into(), uid: UNPRIVILEGED_UID, gid: UNPRIVILEGED_UID, home };
+        }
+        User { name: self.name.clone(), uid: self.uid, gid: self.gid, home }
+    }
+}
+
+/// What the user asked to share.
+#[derive(Clone, Debug, Default)]
+pub struct ShareRequest {
+    /// The project directory (`cvm run PATH`).
+    pub project: Option<PathBuf>,
+    pub mounts: Vec<MountSpec>,
+    /// Share the project's conversation folder (`--no-conversations` turns it off).
+    pub conversations: bool,
+    /// What `~/.claude` shows the guest.
+    pub claude_items: Vec<String>,
+}
+
+impl ShareRequest {
+    /// Nothing to share: the session runs as root in `/` with no fs backend.
+    pub fn is_empty(&self) -> bool {
+        self.project.is_none() && self.mounts.is_empty()
+    }
+}
+
+/// One share: its backend and where the guest sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedShare {
+    pub backend: ShareConfig,
+    pub guest_path: PathBuf,
+}
+
+/// Everything a session needs to share, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharePlan {
+    pub shares: Vec<PlannedShare>,
+    /// What the agent does before the first exec.
+    pub setup: Setup,
+    /// Where commands start (the project's host path).
+    pub workdir: Option<PathBuf>,
+    /// The meta dir's files (name, contents), written by the session into its own directory.
+    pub meta: Vec<(&'static str, String)>,
+}
+
+/// Claude Code's folder name for a project: every character other than a letter or a digit
+/// becomes `-`.
+pub fn encode_project_path(path: &Path) -> String {
+    path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+}
+
+/// The main repository's `.git` when `project` is a git worktree (its `.git` is a file that
+/// points into `<main>/.git/worktrees/<name>`).
+fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
+    let pointer = std::fs::read_to_string(project.join(".git")).ok()?;
+    let gitdir = PathBuf::from(pointer.strip_prefix("gitdir:")?.trim());
+    let gitdir = if gitdir.is_absolute() { gitdir } else { project.join(gitdir) };
+    let common = std::fs::read_to_string(gitdir.join("commondir")).ok()?;
+    let common = PathBuf::from(common.trim());
+    let common = if common.is_absolute() { common } else { gitdir.join(common) };
+    common.canonicalize().ok().filter(|c| c.is_dir())
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    path.as_os_str().as_bytes().to_vec()
+}
+
+impl SharePlan {
+    /// Plans `request` for `host`; `meta_dir` is the host directory the session will write
+    /// the meta files into. Every host path is checked here, so bad input fails before a VM
+    /// starts.
+    pub fn new(request: &ShareRequest, host: &HostUser, meta_dir: &Path) -> Result<SharePlan> {
+        let user = host.guest();
+        let mut plan = SharePlan::default();
+        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, policy: Policy, guest_path: PathBuf, read_only: bool| {
+            let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid };
+            plan.setup.mounts.push(Mount::Share { tag, target: bytes(&guest_path), read_only });
+            plan.shares.push(PlannedShare { backend, guest_path });
+        };
+
+        if let Some(project) = &request.project {
+            let project = project.canonicalize().with_context(|| format!("cannot share {}", project.display()))?;
+            if !project.is_dir() {
+                bail!("cannot share {}: not a directory", project.display());
+            }
+            add(&mut plan, "project".into(), project.clone(), Policy::default(), project.clone(), false);
+            if let Some(git) = worktree_common_dir(&project).filter(|g| !g.starts_with(&project)) {
+                let policy = Policy { protected: vec!["hooks".into(), "config".into(), "info".into()], ..Policy::default() };
+                add(&mut plan, "git".into(), git.clone(), policy, git, false);
+            }
+            plan.plan_claude(request, host, &user, &project, &mut add)?;
+            plan.workdir = Some(project);
+        }
+
+        for (index, spec) in request.mounts.iter().enumerate() {
+            let host_dir = spec.host.canonicalize().with_context(|| format!("cannot mount {}", spec.host.display()))?;
+            if !host_dir.is_dir() {
+                bail!("cannot mount {}: not a directory", spec.host.display());
+            }
+            if plan.shares.iter().any(|s| s.guest_path == spec.guest) {
+                bail!("{} is mounted twice in the guest", spec.guest.display());
+            }
+            let policy = Policy { read_only: spec.read_only, ..Policy::default() };
+            add(&mut plan, format!("mount{index}"), host_dir, policy, spec.guest.clone(), spec.read_only);
+        }
+
+        if !plan.shares.is_empty() {
+            plan.meta = vec![
+                ("user", user.name.clone()),
+                ("uid", user.uid.to_string()),
+                ("gid", user.gid.to_string()),
+                ("home", host.home.display().to_string()),
+                ("project", plan.workdir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
+                ("mounts", plan.shares.iter().map(|s| format!("{} {} {}\n", s.backend.dir.display(), s.guest_path.display(), if s.backend.policy.read_only { "ro" } else { "rw" })).collect()),
+            ];
+            let policy = Policy { read_only: true, ..Policy::default() };
+            add(&mut plan, "meta".into(), meta_dir.to_path_buf(), policy, PathBuf::from(META_GUEST_DIR), true);
+            plan.setup.user = Some(user);
+        }
+        Ok(plan)
+    }
+
+    /// The `~/.claude` view and the project's conversation folder.
+    fn plan_claude(
+        &mut self,
+        request: &ShareRequest,
+        host: &HostUser,
+        user: &User,
+        project: &Path,
+        add: &mut impl FnMut(&mut SharePlan, String, PathBuf, Policy, PathBuf, bool),
+    ) -> Result<()> {
+        let claude = host.home.join(".claude");
+        if !claude.is_dir() {
+            return Ok(());
+        }
+        let guest_claude = Path::new(OsStr::from_bytes(&user.home)).join(".claude");
+        let lower = Path::new(GUEST_SHARE_DIR).join("claude");
+        let writable_file = request.claude_items.iter().any(|i| i == CREDENTIALS).then(|| CREDENTIALS.to_string());
+        let policy = Policy { read_only: true, visible: Some(request.claude_items.clone()), writable_file: writable_file.clone(), ..Policy::default() };
+        // Mounted read-write in the guest so the credentials bind can write: the backend's
+        // policy is what makes the rest read-only.
+        add(self, "claude".into(), claude.clone(), policy, lower.clone(), false);
+        self.setup.mounts.push(Mount::Overlay { lower: bytes(&lower), target: bytes(&guest_claude) });
+        if writable_file.is_some() && claude.join(CREDENTIALS).is_file() {
+            self.setup.mounts.push(Mount::Bind { source: bytes(&lower.join(CREDENTIALS)), target: bytes(&guest_claude.join(CREDENTIALS)) });
+        }
+        if request.conversations {
+            let folder = Path::new("projects").join(encode_project_path(project));
+            let host_folder = claude.join(&folder);
+            std::fs::create_dir_all(&host_folder).with_context(|| format!("cannot create {}", host_folder.display()))?;
+            add(self, "conversations".into(), host_folder, Policy::default(), guest_claude.join(folder), false);
+        }
+        Ok(())
+    }
+
+    /// Writes the meta files into `dir` (the session's own directory).
+    pub fn write_meta(&self, dir: &Path) -> Result<()> {
+        if self.meta.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (name, contents) in &self.meta {
+            std::fs::write(dir.join(name), contents).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+        }
+        Ok(())
+    }
+
+    /// The identity and place commands run with: the guest user in the project, or root in
+    /// `/` when nothing is shared.
+    pub fn exec_context(&self) -> (Option<u32>, Option<u32>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>) {
+        let Some(user) = &self.setup.user else { return (None, None, None, Vec::new()) };
+        let env = vec![
+            (b"HOME".to_vec(), user.home.clone()),
+            (b"USER".to_vec(), user.name.as_bytes().to_vec()),
+            (b"LOGNAME".to_vec(), user.name.as_bytes().to_vec()),
+        ];
+        let cwd = self.workdir.as_deref().map(bytes).unwrap_or_else(|| user.home.clone());
+        (Some(user.uid), Some(user.gid), Some(cwd), env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn home() -> PathBuf {
+        PathBuf::from("/home/dev")
+    }
+
+    #[test]
+    fn mount_specs() {
+        let m = |t: &str| parse_mount_spec(t, &home());
+        assert_eq!(m("/data"), Ok(MountSpec { host: "/data".into(), guest: "/data".into(), read_only: false }));
+        assert_eq!(m("/data:ro"), Ok(MountSpec { host: "/data".into(), guest: "/data".into(), read_only: true }));
+        assert_eq!(m("/data:/mnt/d"), Ok(MountSpec { host: "/data".into(), guest: "/mnt/d".into(), read_only: false }));
+        assert_eq!(m("/data:/mnt/d:rw"), Ok(MountSpec { host: "/data".into(), guest: "/mnt/d".into(), read_only: false }));
+        assert_eq!(m("~/src:/src:ro"), Ok(MountSpec { host: "/home/dev/src".into(), guest: "/src".into(), read_only: true }));
+        assert_eq!(m("~"), Ok(MountSpec { host: "/home/dev".into(), guest: "/home/dev".into(), read_only: false }));
+        for bad in ["", "data", "./data", "/data:mnt", "/a/../etc", "/data:/mnt/./x", "/a:/b:ro:rw", "/a:/b:/c", "/data:/", "~user/x", ":ro", "/a:ro:/b"] {
+            assert!(m(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn project_folder_names() {
+        assert_eq!(encode_project_path(Path::new("/home/dev/my project.v2")), "-home-dev-my-project-v2");
+        assert_eq!(encode_project_path(Path::new("/work/main")), "-work-main");
+    }
+
+    fn request(project: &Path) -> ShareRequest {
+        ShareRequest { project: Some(project.to_path_buf()), conversations: true, claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(), mounts: Vec::new() }
+    }
+
+    #[test]
+    fn a_project_with_claude_and_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let project = dir.path().join("proj");
+        std::fs::create_dir_all(home.join(".claude")).unwrap();
+        std::fs::write(home.join(".claude/.credentials.json"), "{}").unwrap();
+        std::fs::create_dir_all(&project).unwrap();
+        let host = HostUser { name: "dev".into(), uid: 1234, gid: 99, home: home.clone() };
+        let plan = SharePlan::new(&request(&project), &host, &dir.path().join("meta")).unwrap();
+
+        let tags: Vec<&str> = plan.shares.iter().map(|s| s.backend.tag.as_str()).collect();
+        assert_eq!(tags, ["project", "claude", "conversations", "meta"]);
+        assert_eq!(plan.shares[0].guest_path, project);
+        assert_eq!(plan.workdir.as_deref(), Some(project.as_path()));
+        let claude = &plan.shares[1].backend;
+        assert!(claude.policy.read_only);
+        assert_eq!(claude.policy.writable_file.as_deref(), Some(CREDENTIALS));
+        assert!(!claude.policy.visible.as_ref().unwrap().iter().any(|n| n == "projects" || n == "history.jsonl"));
+        let folder = home.join(".claude/projects").join(encode_project_path(&project));
+        assert!(folder.is_dir(), "the conversation folder is created on the host");
+        assert_eq!(plan.shares[2].backend.dir, folder);
+        assert!(plan.shares[3].backend.policy.read_only, "the meta dir is read-only");
+        let user = plan.setup.user.as_ref().unwrap();
+        assert_eq!((user.uid, user.gid, user.name.as_str()), (1234, 99, "dev"));
+        assert!(plan.shares.iter().all(|s| s.backend.guest_uid == 1234 && s.backend.guest_gid == 99));
+        // The overlay and the credentials bind come right after the claude share.
+        assert!(matches!(&plan.setup.mounts[2], Mount::Overlay { target, .. } if target.ends_with(b"/.claude")));
+        assert!(matches!(&plan.setup.mounts[3], Mount::Bind { target, .. } if target.ends_with(b"/.claude/.credentials.json")));
+        let (uid, gid, cwd, env) = plan.exec_context();
+        assert_eq!((uid, gid, cwd), (Some(1234), Some(99), Some(bytes(&project))));
+        assert!(env.contains(&(b"HOME".to_vec(), bytes(&home))));
+
+        let mut no_conv = request(&project);
+        no_conv.conversations = false;
+        let plan = SharePlan::new(&no_conv, &host, &dir.path().join("meta")).unwrap();
+        assert!(!plan.shares.iter().any(|s| s.backend.tag == "conversations"));
+    }
+
+    #[test]
+    fn root_gets_an_unprivileged_guest_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostUser { name: "root".into(), uid: 0, gid: 0, home: dir.path().to_path_buf() };
+        let plan = SharePlan::new(&request(dir.path()), &host, &dir.path().join("meta")).unwrap();
+        let user = plan.setup.user.unwrap();
+        assert_ne!(user.uid, 0);
+        assert_ne!(user.name, "root");
+        assert_eq!(user.home, bytes(dir.path()));
+    }
+
+    #[test]
+    fn a_worktree_shares_its_main_git_dir_with_hooks_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let main_git = dir.path().join("main/.git");
+        std::fs::create_dir_all(main_git.join("worktrees/wt")).unwrap();
+        std::fs::write(main_git.join("worktrees/wt/commondir"), "../..\n").unwrap();
+        let wt = dir.path().join("wt");
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main_git.join("worktrees/wt").display())).unwrap();
+        let host = HostUser { name: "dev".into(), uid: 1000, gid: 1000, home: dir.path().join("nohome") };
+        let plan = SharePlan::new(&request(&wt), &host, &dir.path().join("meta")).unwrap();
+        let git = plan.shares.iter().find(|s| s.backend.tag == "git").expect("the main .git is shared");
+        assert_eq!(git.backend.dir, main_git.canonicalize().unwrap());
+        assert_eq!(git.guest_path, git.backend.dir, "at its host path, where the worktree's pointer leads");
+        assert_eq!(git.backend.policy.protected, ["hooks", "config", "info"]);
+        assert!(!git.backend.policy.read_only);
+    }
+
+    #[test]
+    fn bad_shares_fail_before_a_vm_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostUser { name: "dev".into(), uid: 1000, gid: 1000, home: dir.path().to_path_buf() };
+        let meta = dir.path().join("meta");
+        let missing = ShareRequest { project: Some(dir.path().join("nope")), ..ShareRequest::default() };
+        assert!(SharePlan::new(&missing, &host, &meta).is_err());
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let not_dir = ShareRequest { mounts: vec![MountSpec { host: file, guest: "/f".into(), read_only: false }], ..ShareRequest::default() };
+        assert!(SharePlan::new(&not_dir, &host, &meta).is_err());
+        let twice = ShareRequest {
+            mounts: vec![
+                MountSpec { host: dir.path().to_path_buf(), guest: "/x".into(), read_only: false },
+                MountSpec { host: dir.path().to_path_buf(), guest: "/x".into(), read_only: true },
+            ],
+            ..ShareRequest::default()
+        };
+        assert!(SharePlan::new(&twice, &host, &meta).unwrap_err().to_string().contains("twice"));
+        assert_eq!(SharePlan::new(&ShareRequest::default(), &host, &meta).unwrap(), SharePlan::default(), "nothing shared, nothing planned");
+    }
+}
