@@ -3,6 +3,11 @@
 //!
 //! `cvm bench run`: `cvm run --image minimal -- true` per engine, whole process and phases,
 //! against the same kernel and image booted to init by bare QEMU in the same run.
+//!
+//! `cvm bench fs` (in `fs.rs`): file-system throughput of cvm's fs backend against virtiofsd
+//! and the host.
+
+mod fs;
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -23,6 +28,9 @@ pub enum BenchCommand {
     Boot(BootBench),
     /// Session time: `cvm run --image minimal -- true` per engine, with its phases.
     Run(RunBench),
+    /// File-system throughput: cvm's fs backend against virtiofsd and the host, driven by the
+    /// virtual guest.
+    Fs(fs::FsBench),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +77,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Boot(args) => boot(args),
         BenchCommand::Run(args) => run_bench(args),
+        BenchCommand::Fs(args) => fs::run(args),
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::session::{Engine, SessionConfig};
-use cvm::shares::{parse_mount_spec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
+use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser)]
@@ -74,8 +74,8 @@ pub struct VmArgs {
     debug: bool,
     /// Also share a host directory: /host[:/guest][:ro|rw] (the guest path defaults to the host
     /// path; `~` is your home). Read-only is enforced by cvm's file server. Repeatable.
-    #[arg(long = "mount", value_name = "SPEC")]
-    mounts: Vec<String>,
+    #[arg(long = "mount", value_name = "SPEC", value_parser = parse_mount)]
+    mounts: Vec<MountSpec>,
     /// Leave the project's conversation folder (~/.claude/projects/<project>) out of the guest.
     #[arg(long)]
     no_conversations: bool,
@@ -166,12 +166,10 @@ fn main() -> ExitCode {
 }
 
 fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<SessionConfig> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let mounts = args.mounts.iter().map(|m| parse_mount_spec(m, &home)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     Ok(SessionConfig {
         shares: ShareRequest {
             project,
-            mounts,
+            mounts: args.mounts.clone(),
             conversations: !args.no_conversations,
             claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
         },
@@ -193,6 +191,10 @@ fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings:
             ExitCode::from(EXIT_CVM_FAILED)
         }
     }
+}
+
+fn parse_mount(text: &str) -> Result<MountSpec, String> {
+    parse_mount_spec(text, &std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default())
 }
 
 /// `cvm __fs-backend ARGS`: one share's server, in its own process and sandbox.

@@ -15,7 +15,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{Mount, Setup, User};
@@ -60,9 +60,10 @@ fn expand_home(text: &str, home: &Path) -> PathBuf {
     }
 }
 
-/// Whether `path` is absolute and has no `.` or `..` in it.
+/// Whether `path` is absolute and has no `.` or `..` in it (checked on the bytes:
+/// `Path::components` drops inner `.`s).
 fn is_plain_absolute(path: &Path) -> bool {
-    path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+    path.is_absolute() && path.as_os_str().as_bytes().split(|&b| b == b'/').all(|part| part != b"." && part != b"..")
 }
 
 /// Parses `--mount /host[:/guest][:ro|rw]` (docker's form; `~` is the host home). The guest

@@ -6,100 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{is_pvm, kvm_usable, linux_artifacts, text};
-
-/// A hang is a failure, not a stuck suite.
-const DEADLINE: Duration = Duration::from_secs(120);
-
-struct Env {
-    kernel: PathBuf,
-    image: PathBuf,
-    runtime: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Option<Env> {
-        let (kernel, image) = linux_artifacts()?;
-        Some(Env { kernel, image, runtime: tempfile::tempdir().unwrap() })
-    }
-
-    fn command(&self, engine: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
-        c.arg("run").arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);
-        c.args(args).env("XDG_RUNTIME_DIR", self.runtime.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        c
-    }
-
-    /// Runs `cvm run` with `stdin` as its input.
-    fn run(&self, engine: &str, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self.command(engine, args).stdin(Stdio::piped()).spawn().unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let feeder = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let out = wait_output(child);
-        feeder.join().unwrap();
-        out
-    }
-
-    /// Starts a session whose command says "ready" and then waits; returns once it said so.
-    fn start_idle_session(&self) -> Child {
-        let mut child = self.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        if line != "ready\n" {
-            let mut e = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut e);
-            panic!("the session did not start: {line:?}, stderr: {e}");
-        }
-        child
-    }
-
-    /// The session directories under this run's XDG_RUNTIME_DIR/cvm: none once cvm is gone.
-    fn leftovers(&self) -> Vec<PathBuf> {
-        match std::fs::read_dir(self.runtime.path().join("cvm")) {
-            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    fn assert_clean(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.leftovers().is_empty() {
-            assert!(Instant::now() < deadline, "left behind: {:?}", self.leftovers());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn wait_output(child: Child) -> Output {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
-    rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        // SAFETY (test): SIGKILL to our own hung child.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("cvm did not finish within {DEADLINE:?}");
-    })
-}
-
-/// The engine that can run the full stack here, or None (with the reason printed).
-fn engines() -> Vec<&'static str> {
-    let mut engines = vec!["qemu"];
-    if kvm_usable() && !is_pvm() {
-        engines.push("cvm");
-    } else {
-        eprintln!("skipped on the cvm engine: it needs hardware KVM to run Linux; this host's /dev/kvm is PVM or absent");
-    }
-    engines
-}
+use common::{engines, is_pvm, kvm_usable, text, wait_output, Env};
 
 #[test]
 fn a_command_prints_and_its_exit_status_comes_back() {
@@ -199,7 +111,7 @@ fn a_guest_kernel_panic_is_reported_with_the_console() {
         .status()
         .unwrap();
     assert!(status.success());
-    let broken = Env { kernel: env.kernel.clone(), image, runtime: tempfile::tempdir().unwrap() };
+    let broken = Env { kernel: env.kernel.clone(), image, runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
     let out = broken.run("qemu", &["--", "true"], b"");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
@@ -211,12 +123,12 @@ fn a_guest_kernel_panic_is_reported_with_the_console() {
 #[test]
 fn bad_input_gets_a_clear_error() {
     let Some(env) = Env::new() else { return };
-    let no_kernel = Env { kernel: "/no/such/kernel".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap() };
+    let no_kernel = Env { kernel: "/no/such/kernel".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
     let out = no_kernel.run("qemu", &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/kernel"), "{}", text(&out.stderr));
 
-    let no_image = Env { kernel: env.kernel.clone(), image: "/no/such/image".into(), runtime: tempfile::tempdir().unwrap() };
+    let no_image = Env { kernel: env.kernel.clone(), image: "/no/such/image".into(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
     let out = no_image.run("qemu", &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/image"), "{}", text(&out.stderr));

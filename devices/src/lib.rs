@@ -4,14 +4,14 @@
 //! - [`legacy`]: the 8250 serial console, the i8042 reset line, the boot timer.
 //! - [`virtio`]: the virtio-mmio transport and the devices that run inside the VMM.
 //! - [`vsock`]: the embedded vhost-user vsock backend and its host Unix-socket muxer.
+//! - [`virtual_guest`]: a test and benchmark driver that does what Linux's virtio drivers do.
 //! - [`fs`]: the embedded vhost-user virtio-fs backend (virtiofsd's server) and its share rules.
 
 pub mod fs;
 pub mod legacy;
 pub mod virtio;
 pub mod vsock;
-#[cfg(test)]
-mod testing;
+pub mod virtual_guest;
 
 use vmm_sys_util::eventfd::EventFd;
 

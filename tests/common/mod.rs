@@ -1,7 +1,10 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)] // each test crate uses its own subset
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn kvm_usable() -> bool {
     let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
@@ -34,3 +37,96 @@ pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// A hang is a failure, not a stuck suite.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A `cvm run` environment: the project's kernel and image, a private XDG_RUNTIME_DIR (so
+/// "nothing left behind" is checked exactly) and a private HOME (so `~/.claude` is the
+/// test's own).
+pub struct Env {
+    pub kernel: PathBuf,
+    pub image: PathBuf,
+    pub runtime: tempfile::TempDir,
+    pub home: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Option<Env> {
+        let (kernel, image) = linux_artifacts()?;
+        Some(Env { kernel, image, runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() })
+    }
+
+    pub fn command(&self, engine: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
+        c.arg("run").arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);
+        c.args(args).env("XDG_RUNTIME_DIR", self.runtime.path()).env("HOME", self.home.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    }
+
+    /// Runs `cvm run` with `stdin` as its input.
+    pub fn run(&self, engine: &str, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self.command(engine, args).stdin(Stdio::piped()).spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let feeder = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = wait_output(child);
+        feeder.join().unwrap();
+        out
+    }
+
+    /// Starts a session whose command says "ready" and then waits; returns once it said so.
+    pub fn start_idle_session(&self) -> Child {
+        let mut child = self.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        if line != "ready\n" {
+            let mut e = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut e);
+            panic!("the session did not start: {line:?}, stderr: {e}");
+        }
+        child
+    }
+
+    /// The session directories under this run's XDG_RUNTIME_DIR/cvm: none once cvm is gone.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.runtime.path().join("cvm")) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.leftovers().is_empty() {
+            assert!(Instant::now() < deadline, "left behind: {:?}", self.leftovers());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn wait_output(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+        // SAFETY (test): SIGKILL to our own hung child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("cvm did not finish within {DEADLINE:?}");
+    })
+}
+
+/// The engine that can run the full stack here, or None (with the reason printed).
+pub fn engines() -> Vec<&'static str> {
+    let mut engines = vec!["qemu"];
+    if kvm_usable() && !is_pvm() {
+        engines.push("cvm");
+    } else {
+        eprintln!("skipped on the cvm engine: it needs hardware KVM to run Linux; this host's /dev/kvm is PVM or absent");
+    }
+    engines
+}
+

@@ -134,12 +134,14 @@ impl FsBackend {
         share.validate()?;
         command.args(share.to_args());
         let fd = listener.as_raw_fd();
-        // SAFETY: runs in the child between fork and exec; dup2 and prctl are async-signal-safe
-        // and touch only the child's own descriptors and attributes. dup2 clears CLOEXEC on
-        // fd 3, so the listener (and nothing else) survives the exec.
+        // SAFETY: runs in the child between fork and exec; dup2, fcntl and prctl are
+        // async-signal-safe and touch only the child's own descriptors and attributes. The
+        // listener must reach fd 3 without CLOEXEC: dup2 clears the flag, except when the
+        // listener is fd 3 already, where it is cleared by hand.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(fd, LISTENER_FD) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                let moved = if fd == LISTENER_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, LISTENER_FD) };
+                if moved < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
@@ -148,6 +150,13 @@ impl FsBackend {
         let child = command.spawn()?;
         drop(listener);
         Ok(FsBackend { child })
+    }
+}
+
+impl FsBackend {
+    /// The process's exit status, if it has ended.
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
     }
 }
 
@@ -206,17 +215,33 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let dir = share.dir.to_str().ok_or_else(|| io::Error::other("the share's path must be UTF-8"))?;
     // Before the sandbox, which hides /proc/sys.
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;
-    let (mut listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener))?;
-
-    // The guest user's files are the backend's own user's, as the sandbox sees it (root in a
-    // user namespace, the host user without one).
-    let (host_uid, host_gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
-    let map = |guest: u32, host: u32| (guest != host).then(|| vec![IdMap::Bidirectional { guest, host, count: 1 }]);
+    let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener))?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
         proc_sfd_rawfd: sandbox.get_proc_self_fd(),
         proc_mountinfo_rawfd: sandbox.get_mountinfo_fd(),
+        guest_fd_limit: fd_limit.saturating_sub(64),
+        ..passthrough_config(share)
+    };
+    serve_with(listener, share, config)
+}
+
+/// [`serve`] without the sandbox, on the calling thread: for tests and benchmarks, which
+/// drive the backend from the same process.
+pub fn serve_in_process(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
+    share.validate()?;
+    let root_dir = share.dir.to_str().ok_or_else(|| io::Error::other("the share's path must be UTF-8"))?.to_string();
+    serve_with(Listener::from(listener), share, passthrough::Config { root_dir, ..passthrough_config(share) })
+}
+
+/// The passthrough settings every share gets.
+fn passthrough_config(share: &ShareConfig) -> passthrough::Config {
+    // The guest user's files are the backend's own user's, as the sandbox sees it (root in a
+    // user namespace, the host user without one).
+    let (host_uid, host_gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    let map = |guest: u32, host: u32| (guest != host).then(|| vec![IdMap::Bidirectional { guest, host, count: 1 }]);
+    passthrough::Config {
         // The host may change the project under the guest (an editor, git): the guest must not
         // trust its cache for long. Auto revalidates on open, as virtiofsd's default.
         cache_policy: CachePolicy::Auto,
@@ -225,14 +250,14 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
         readdirplus: share.policy.visible.is_none(),
         uid_map: map(share.guest_uid, host_uid),
         gid_map: map(share.guest_gid, host_gid),
-        guest_fd_limit: fd_limit.saturating_sub(64),
         ..Default::default()
-    };
+    }
+}
+
+fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::Config) -> io::Result<()> {
     let fs = PolicyFs::new(PassthroughFs::new(config)?, share.policy.clone());
     // No tag: the frontend (cvm's or QEMU's) gives the guest the config space.
-    let backend = VhostUserFsBackendBuilder::default()
-        .build(fs)
-        .map_err(|e| io::Error::other(format!("fs backend: {e}")))?;
+    let backend = VhostUserFsBackendBuilder::default().build(fs).map_err(|e| io::Error::other(format!("fs backend: {e}")))?;
     let mut daemon = VhostUserDaemon::new(format!("cvm-fs-{}", share.tag), Arc::new(backend), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
         .map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     daemon.start(&mut listener).map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;

@@ -39,6 +39,17 @@ pub struct Policy {
     pub writable_file: Option<String>,
 }
 
+/// A name the guest gives must be one path component: never empty, `.`, `..`, or with a `/`.
+/// The sandbox would contain such names too, but the server must not depend on one (the
+/// last-resort mode has none).
+fn check_name(name: &CStr) -> io::Result<()> {
+    match name.to_bytes() {
+        b"" | b"." | b".." => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        bytes if bytes.contains(&b'/') => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        _ => Ok(()),
+    }
+}
+
 fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
@@ -90,6 +101,7 @@ impl<F: FileSystem> PolicyFs<F> {
 
     /// Whether the entry `name` in `parent` may be created, removed or replaced.
     fn can_change_entry(&self, parent: u64, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
         if self.policy.read_only || self.is_protected(parent) || self.is_protected_name(parent, name) {
             return Err(erofs());
         }
@@ -101,10 +113,6 @@ impl<F: FileSystem> PolicyFs<F> {
 
     /// Records what a lookup (or a creation) found, so the rules follow the inode.
     fn note(&self, parent: u64, name: &CStr, entry: &Entry) {
-        // `..` leads back up: it inherits nothing from where it was looked up.
-        if matches!(name.to_bytes(), b"." | b"..") {
-            return;
-        }
         if self.is_protected(parent) || self.is_protected_name(parent, name) {
             self.protected.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
         }
@@ -165,6 +173,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn lookup(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
         let parent: u64 = parent.into();
+        check_name(name)?;
         if !self.is_visible(parent, name) {
             return Err(enoent());
         }

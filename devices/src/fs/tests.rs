@@ -1,0 +1,297 @@
+//! A hostile guest against the fs backend: FUSE requests over real vrings, through cvm's
+//! vhost-user frontend and virtio-mmio transport, to the backend serving a temporary share.
+//! Every test checks the host side: nothing outside the share is read, written or created.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use super::{serve_in_process, Policy, ShareConfig};
+use crate::virtual_guest::fuse::{FuseGuest, ROOT};
+
+const SECRET: &str = "host secret\n";
+
+/// A share and a directory beside it that the guest must never reach.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    share: PathBuf,
+    outside: PathBuf,
+    backend: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Fixture {
+    fn new(policy: Policy, prepare: impl FnOnce(&Path, &Path)) -> (Fixture, FuseGuest) {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), SECRET).unwrap();
+        std::fs::write(share.join("file"), "in the share\n").unwrap();
+        prepare(&share, &outside);
+        let socket = dir.path().join("fs.vhost");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        let config = ShareConfig { dir: share.clone(), tag: "test".into(), policy, guest_uid: uid, guest_gid: gid };
+        let backend = std::thread::spawn(move || serve_in_process(listener, &config));
+        let guest = FuseGuest::connect(&socket).unwrap();
+        (Fixture { _dir: dir, share, outside, backend: Some(backend) }, guest)
+    }
+
+    /// The directory beside the share holds exactly what it held at the start.
+    fn assert_outside_untouched(&self) {
+        let names: Vec<_> = std::fs::read_dir(&self.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["secret"], "something was created outside the share");
+        assert_eq!(std::fs::read_to_string(self.outside.join("secret")).unwrap(), SECRET);
+        assert!(!self.outside.parent().unwrap().join("x").exists());
+    }
+
+    /// Ends the guest and checks the backend stopped cleanly on the disconnect.
+    fn finish(mut self, guest: FuseGuest) {
+        drop(guest);
+        self.backend.take().unwrap().join().unwrap().unwrap();
+        self.assert_outside_untouched();
+    }
+}
+
+fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or_else(|| panic!("not an errno: {e}"))
+}
+
+#[test]
+fn reads_and_writes_reach_the_share() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    let file = g.lookup(ROOT, b"file").unwrap();
+    let fh = g.open(file.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(file.nodeid, fh, 0, 4096).unwrap(), b"in the share\n");
+    let (new, fh) = g.create(ROOT, b"new", 0o644).unwrap();
+    assert_eq!(g.write(new.nodeid, fh, 0, b"from the guest").unwrap(), 14);
+    g.release(new.nodeid, fh, false).unwrap();
+    assert_eq!(std::fs::read_to_string(fx.share.join("new")).unwrap(), "from the guest");
+    let names = g.list(ROOT).unwrap();
+    assert!(names.contains(&b"new".to_vec()) && names.contains(&b"file".to_vec()));
+    fx.finish(g);
+}
+
+#[test]
+fn dot_dot_names_with_slashes_and_nul_stay_in_the_share() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    let sub = g.mkdir(ROOT, b"sub", 0o755).unwrap();
+    // Only single path components are names: anything else is refused before it reaches the
+    // host, in every operation that takes a name.
+    for name in [&b".."[..], b".", b"", b"../outside/secret", b"../outside", b"sub/../../outside", b"/etc/passwd", b"../x"] {
+        let shown = String::from_utf8_lossy(name);
+        assert_eq!(g.lookup(ROOT, name).map_err(errno), Err(libc::EINVAL), "lookup {shown:?}");
+        assert_eq!(g.lookup(sub.nodeid, name).map_err(errno), Err(libc::EINVAL), "lookup in sub {shown:?}");
+        assert_eq!(g.create(sub.nodeid, name, 0o644).map_err(errno), Err(libc::EINVAL), "create {shown:?}");
+        assert_eq!(g.mkdir(ROOT, name, 0o755).map_err(errno), Err(libc::EINVAL), "mkdir {shown:?}");
+        assert_eq!(g.symlink(sub.nodeid, name, b"/").map_err(errno), Err(libc::EINVAL), "symlink {shown:?}");
+        assert_eq!(g.unlink(sub.nodeid, name).map_err(errno), Err(libc::EINVAL), "unlink {shown:?}");
+        assert_eq!(g.rename(ROOT, b"file", sub.nodeid, name).map_err(errno), Err(libc::EINVAL), "rename to {shown:?}");
+    }
+    // A NUL ends a name: what follows it is not part of the path.
+    assert!(g.create(sub.nodeid, b"ok\0/../../x", 0o644).is_ok());
+    assert!(fx.share.join("sub/ok").exists());
+    let mut names: Vec<_> = std::fs::read_dir(&fx.share).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["file", "sub"]);
+    fx.finish(g);
+}
+
+#[test]
+fn symlinks_are_never_followed_on_the_host() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |share, outside| {
+        std::os::unix::fs::symlink(outside.join("secret"), share.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../outside/secret", share.join("rel")).unwrap();
+        std::os::unix::fs::symlink(outside, share.join("dirlink")).unwrap();
+    });
+    for link in [&b"abs"[..], b"rel"] {
+        let e = g.lookup(ROOT, link).unwrap();
+        assert_eq!(e.mode & libc::S_IFMT, libc::S_IFLNK, "the guest sees the link itself");
+        assert!(!g.readlink(e.nodeid).unwrap().is_empty());
+        let opened = g.open(e.nodeid, libc::O_RDONLY).and_then(|fh| g.read(e.nodeid, fh, 0, 4096));
+        assert!(opened.is_err(), "opening a symlink read through it: {opened:?}");
+        assert!(g.open(e.nodeid, libc::O_WRONLY | libc::O_TRUNC).is_err());
+        assert!(g.truncate(e.nodeid, 0).is_err() || std::fs::read_to_string(fx.outside.join("secret")).unwrap() == SECRET);
+    }
+    // A directory symlink is not a directory to the server.
+    let dirlink = g.lookup(ROOT, b"dirlink").unwrap();
+    assert!(g.lookup(dirlink.nodeid, b"secret").is_err());
+    assert!(g.create(dirlink.nodeid, b"planted", 0o644).is_err());
+    assert!(g.mkdir(dirlink.nodeid, b"planted", 0o755).is_err());
+    // A symlink the guest makes is only text on the host.
+    let mine = g.symlink(ROOT, b"mine", b"/etc/shadow").unwrap();
+    assert!(g.open(mine.nodeid, libc::O_RDONLY).is_err());
+    assert_eq!(std::fs::read_link(fx.share.join("mine")).unwrap(), Path::new("/etc/shadow"));
+    fx.finish(g);
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_during_use_does_not_lead_out() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    let d = g.mkdir(ROOT, b"d", 0o755).unwrap();
+    // The host (or a racing guest) swaps the directory for a link to the outside.
+    std::fs::rename(fx.share.join("d"), fx.share.join("d_old")).unwrap();
+    std::os::unix::fs::symlink(&fx.outside, fx.share.join("d")).unwrap();
+    assert!(g.lookup(d.nodeid, b"secret").is_err(), "the old directory's node now leads outside");
+    let (_, fh) = g.create(d.nodeid, b"x", 0o644).unwrap();
+    let _ = fh;
+    assert!(fx.share.join("d_old/x").exists(), "the node still names the directory it was");
+    let now = g.lookup(ROOT, b"d").unwrap();
+    assert!(g.lookup(now.nodeid, b"secret").is_err());
+    assert!(g.create(now.nodeid, b"planted", 0o644).is_err());
+    fx.finish(g);
+}
+
+#[test]
+fn links_and_renames_cannot_name_anything_outside() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |share, outside| {
+        // A hard link the host made to a file outside is the host's business; the guest can
+        // only reach it by its name in the share, and can make no new one.
+        let _ = (share, outside);
+    });
+    let file = g.lookup(ROOT, b"file").unwrap();
+    for bogus in [0u64, 999_999, u64::MAX] {
+        assert!(g.link(bogus, ROOT, b"stolen").is_err(), "link from node {bogus}");
+        assert!(g.rename(ROOT, b"file", bogus, b"x").is_err(), "rename into node {bogus}");
+        assert!(g.lookup(bogus, b"secret").is_err());
+    }
+    for name in [&b"../x"[..], b"../outside/x", b"a/b", b".."] {
+        assert!(g.rename(ROOT, b"file", ROOT, name).is_err(), "rename to {:?}", String::from_utf8_lossy(name));
+        assert!(g.link(file.nodeid, ROOT, name).is_err(), "link to {:?}", String::from_utf8_lossy(name));
+    }
+    assert!(fx.share.join("file").exists());
+    fx.finish(g);
+}
+
+#[test]
+fn a_read_only_share_refuses_every_change_with_erofs() {
+    let (fx, mut g) = Fixture::new(Policy { read_only: true, ..Policy::default() }, |share, _| std::fs::create_dir(share.join("dir")).unwrap());
+    let file = g.lookup(ROOT, b"file").unwrap();
+    let dir = g.lookup(ROOT, b"dir").unwrap();
+    let fh = g.open(file.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(g.read(file.nodeid, fh, 0, 100).unwrap(), b"in the share\n", "reading still works");
+    let refused = [
+        ("create", g.create(ROOT, b"new", 0o644).map(drop)),
+        ("mkdir", g.mkdir(ROOT, b"newdir", 0o755).map(drop)),
+        ("open for writing", g.open(file.nodeid, libc::O_WRONLY).map(drop)),
+        ("open with O_TRUNC", g.open(file.nodeid, libc::O_RDONLY | libc::O_TRUNC).map(drop)),
+        ("write on a read handle", g.write(file.nodeid, fh, 0, b"x").map(drop)),
+        ("truncate", g.truncate(file.nodeid, 0)),
+        ("unlink", g.unlink(ROOT, b"file")),
+        ("rmdir", g.rmdir(ROOT, b"dir")),
+        ("rename", g.rename(ROOT, b"file", dir.nodeid, b"moved")),
+        ("link", g.link(file.nodeid, dir.nodeid, b"again").map(drop)),
+        ("symlink", g.symlink(ROOT, b"l", b"file").map(drop)),
+    ];
+    for (what, result) in refused {
+        assert_eq!(result.map_err(errno), Err(libc::EROFS), "{what}");
+    }
+    assert_eq!(std::fs::read_to_string(fx.share.join("file")).unwrap(), "in the share\n");
+    assert_eq!(std::fs::read_dir(&fx.share).unwrap().count(), 2);
+    fx.finish(g);
+}
+
+#[test]
+fn a_selected_view_hides_names_and_lets_only_its_one_file_be_rewritten() {
+    let policy = Policy { read_only: true, visible: Some(vec!["settings.json".into(), ".credentials.json".into(), "skills".into()]), writable_file: Some(".credentials.json".into()), ..Policy::default() };
+    let (fx, mut g) = Fixture::new(policy, |share, _| {
+        std::fs::write(share.join("settings.json"), "{}").unwrap();
+        std::fs::write(share.join(".credentials.json"), "old token").unwrap();
+        std::fs::write(share.join("history.jsonl"), "other sessions").unwrap();
+        std::fs::create_dir_all(share.join("projects/-other")).unwrap();
+        std::fs::write(share.join("projects/-other/s.jsonl"), "other project").unwrap();
+    });
+    let mut names = g.list(ROOT).unwrap();
+    names.sort();
+    assert_eq!(names, [&b"."[..], b"..", b".credentials.json", b"settings.json"], "skills is listed only where it exists");
+    for hidden in [&b"history.jsonl"[..], b"projects", b"file"] {
+        assert_eq!(g.lookup(ROOT, hidden).map_err(errno), Err(libc::ENOENT));
+    }
+    let settings = g.lookup(ROOT, b"settings.json").unwrap();
+    assert_eq!(g.open(settings.nodeid, libc::O_WRONLY).map_err(errno), Err(libc::EROFS));
+
+    // The token refresh: rewritten in place, and only that.
+    let creds = g.lookup(ROOT, b".credentials.json").unwrap();
+    let fh = g.open(creds.nodeid, libc::O_WRONLY | libc::O_TRUNC).unwrap();
+    g.write(creds.nodeid, fh, 0, b"new token").unwrap();
+    g.release(creds.nodeid, fh, false).unwrap();
+    assert_eq!(std::fs::read_to_string(fx.share.join(".credentials.json")).unwrap(), "new token");
+    assert_eq!(g.unlink(ROOT, b".credentials.json").map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.rename(ROOT, b".credentials.json", ROOT, b"settings.json").map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.link(creds.nodeid, ROOT, b"copy").map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.create(ROOT, b"history.jsonl", 0o644).map_err(errno), Err(libc::EROFS));
+    assert_eq!(std::fs::read_to_string(fx.share.join("history.jsonl")).unwrap(), "other sessions");
+    fx.finish(g);
+}
+
+#[test]
+fn protected_names_stay_read_only_however_they_are_reached() {
+    let policy = Policy { protected: vec!["hooks".into(), "config".into(), "info".into()], ..Policy::default() };
+    let (fx, mut g) = Fixture::new(policy, |share, _| {
+        std::fs::create_dir_all(share.join("hooks")).unwrap();
+        std::fs::write(share.join("hooks/pre-commit"), "#!/bin/sh\n").unwrap();
+        std::fs::write(share.join("config"), "[core]\n").unwrap();
+        std::fs::create_dir_all(share.join("objects")).unwrap();
+    });
+    let hooks = g.lookup(ROOT, b"hooks").unwrap();
+    let hook = g.lookup(hooks.nodeid, b"pre-commit").unwrap();
+    let config = g.lookup(ROOT, b"config").unwrap();
+    let objects = g.lookup(ROOT, b"objects").unwrap();
+    let refused = [
+        ("write a hook", g.open(hook.nodeid, libc::O_WRONLY).map(drop)),
+        ("truncate a hook", g.truncate(hook.nodeid, 0)),
+        ("add a hook", g.create(hooks.nodeid, b"post-checkout", 0o755).map(drop)),
+        ("remove a hook", g.unlink(hooks.nodeid, b"pre-commit")),
+        ("rename hooks away", g.rename(ROOT, b"hooks", objects.nodeid, b"h")),
+        ("replace config", g.rename(objects.nodeid, b"..", ROOT, b"config")),
+        ("write config", g.open(config.nodeid, libc::O_RDWR).map(drop)),
+        ("remove config", g.unlink(ROOT, b"config")),
+        ("create a missing protected name", g.mkdir(ROOT, b"info", 0o755).map(drop)),
+        ("link a hook elsewhere", g.link(hook.nodeid, objects.nodeid, b"writable").map(drop)),
+        ("symlink over config", g.symlink(ROOT, b"info", b"/tmp").map(drop)),
+    ];
+    for (what, result) in refused {
+        assert!(result.is_err(), "{what} was allowed");
+    }
+    // The rest of the repository is the guest's to change.
+    let (obj, fh) = g.create(objects.nodeid, b"ab", 0o644).unwrap();
+    g.write(obj.nodeid, fh, 0, b"blob").unwrap();
+    g.release(obj.nodeid, fh, false).unwrap();
+    assert_eq!(std::fs::read_to_string(fx.share.join("hooks/pre-commit")).unwrap(), "#!/bin/sh\n");
+    assert_eq!(std::fs::read_to_string(fx.share.join("config")).unwrap(), "[core]\n");
+    assert!(!fx.share.join("info").exists());
+    assert_eq!(std::fs::read_to_string(fx.share.join("objects/ab")).unwrap(), "blob");
+    fx.finish(g);
+}
+
+#[test]
+fn unknown_requests_and_a_flood_get_answers() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    // Requests the server does not know: answered with an error. (Requests that do not decode,
+    // and chains that break virtio, end the backend's process by virtiofsd's design:
+    // tests/fs_backend.rs checks that only that process ends.)
+    let header = |opcode: u32| {
+        let mut h = vec![0u8; 40];
+        h[..4].copy_from_slice(&40u32.to_le_bytes());
+        h[4..8].copy_from_slice(&opcode.to_le_bytes());
+        h[16..24].copy_from_slice(&ROOT.to_le_bytes());
+        h
+    };
+    let requests = [header(9999), header(0), header(u32::MAX)];
+    for round in 0..20 {
+        for (i, request) in requests.iter().enumerate() {
+            let addr = 0x70_0000 + 0x1000 * i as u64;
+            g.write_ram(addr, request).unwrap();
+            g.post_raw(&[(addr, request.len() as u32, false), (0x80_0000 + 0x1000 * i as u64, 4096, true)]).unwrap();
+        }
+        assert_eq!(g.lookup(ROOT, b"missing").map_err(errno), Err(libc::ENOENT), "round {round}");
+    }
+    for i in 0..5000 {
+        assert!(g.lookup(ROOT, format!("missing{i}").as_bytes()).is_err());
+    }
+    assert!(g.lookup(ROOT, b"file").is_ok());
+    fx.finish(g);
+}

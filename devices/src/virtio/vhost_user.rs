@@ -165,7 +165,7 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
-    use crate::testing::{GuestQueue, MmioDriver};
+    use crate::virtual_guest::{GuestQueue, MmioDriver};
     use crate::virtio::MmioTransport;
     use crate::vsock::{self, VsockServer};
 

@@ -1,6 +1,9 @@
-//! The virtual guest for device tests: what Linux's virtio drivers do, done by the test. It
-//! programs a virtio-mmio transport's registers ([`MmioDriver`]) and lays out split virtqueues
-//! in guest RAM, posting buffers and reading back used ones ([`GuestQueue`]).
+//! The virtual guest for device tests and benchmarks: what Linux's virtio drivers do, done by
+//! a host thread. It programs a virtio-mmio transport's registers ([`MmioDriver`]) and lays out
+//! split virtqueues in guest RAM, posting buffers and reading back used ones ([`GuestQueue`]);
+//! [`fuse::FuseGuest`] speaks FUSE to a virtio-fs backend through them.
+
+pub mod fuse;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,0 +1,351 @@
+//! A FUSE client that does what Linux's virtiofs driver does: it brings up a virtio-fs device
+//! (cvm's vhost-user frontend on the virtio-mmio transport, guest RAM in a memfd the backend
+//! maps) and sends FUSE requests through the request queue, one at a time, each a chain of a
+//! device-readable request and a device-writable reply buffer. Its requests are built byte by
+//! byte from the FUSE ABI, not from the server's own definitions, so the two are checked
+//! against each other.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::EventManager;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{GuestQueue, MmioDriver};
+use crate::virtio::{DeviceConfig, GuestMemory, Interrupt, MmioTransport, Subscriber, VhostUserDevice, VhostUserDeviceKind};
+
+pub const ROOT: u64 = 1;
+const RAM: u64 = 16 << 20;
+const REQUEST_QUEUE: u32 = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Where requests and replies are laid out in guest RAM, and how large each may be.
+const IN_ADDR: u64 = 0x20_0000;
+const OUT_ADDR: u64 = 0x60_0000;
+pub const MAX_PAYLOAD: u32 = 1 << 20;
+const HEADER_IN: usize = 40;
+const HEADER_OUT: u32 = 16;
+/// A reply that does not come in this long means a stuck backend.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// FUSE opcodes this client sends.
+pub mod op {
+    pub const LOOKUP: u32 = 1;
+    pub const GETATTR: u32 = 3;
+    pub const SETATTR: u32 = 4;
+    pub const READLINK: u32 = 5;
+    pub const SYMLINK: u32 = 6;
+    pub const MKDIR: u32 = 9;
+    pub const UNLINK: u32 = 10;
+    pub const RMDIR: u32 = 11;
+    pub const RENAME: u32 = 12;
+    pub const LINK: u32 = 13;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const WRITE: u32 = 16;
+    pub const RELEASE: u32 = 18;
+    pub const INIT: u32 = 26;
+    pub const OPENDIR: u32 = 27;
+    pub const READDIR: u32 = 28;
+    pub const RELEASEDIR: u32 = 29;
+    pub const CREATE: u32 = 35;
+}
+
+/// What a lookup or a creation returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub nodeid: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Entry {
+    /// An `EntryOut`: node id, generation, two validities and their nanoseconds, then `Attr`.
+    fn parse(b: &[u8]) -> io::Result<Entry> {
+        if b.len() < 128 {
+            return Err(io::Error::other(format!("short entry reply ({} bytes)", b.len())));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let attr = 40;
+        Ok(Entry { nodeid: u64_at(0), ino: u64_at(attr), size: u64_at(attr + 8), mode: u32_at(attr + 60), uid: u32_at(attr + 68), gid: u32_at(attr + 72) })
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+fn name(n: &[u8]) -> Vec<u8> {
+    let mut v = n.to_vec();
+    v.push(0);
+    v
+}
+
+/// A guest with one virtio-fs device, driving it as Linux's driver would.
+pub struct FuseGuest {
+    mem: GuestMemory,
+    driver: MmioDriver,
+    transport: Arc<Mutex<MmioTransport>>,
+    queue: GuestQueue,
+    irq: EventFd,
+    unique: u64,
+    /// Keeps the transport's remote endpoint valid.
+    _event_loop: EventManager<Subscriber>,
+}
+
+impl FuseGuest {
+    /// Connects to the vhost-user fs backend listening on `socket` and sends FUSE INIT.
+    pub fn connect(socket: &Path) -> io::Result<FuseGuest> {
+        let ram = memfd()?;
+        ram.set_len(RAM)?;
+        let mem: GuestMemory = GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), RAM as usize, Some(FileOffset::new(ram, 0)))])
+            .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
+        let kind = VhostUserDeviceKind { device_type: crate::fs::DEVICE_TYPE, num_queues: crate::fs::NUM_QUEUES, queue_size: QUEUE_SIZE, config_len: crate::fs::CONFIG_LEN };
+        let device = VhostUserDevice::connect(UnixStream::connect(socket)?, kind, DeviceConfig::Local(vec![0; crate::fs::CONFIG_LEN as usize]))?;
+        let irq = EventFd::new(EFD_NONBLOCK)?;
+        let event_loop = EventManager::<Subscriber>::new().map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone()?)), event_loop.remote_endpoint())
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let transport = Arc::new(Mutex::new(transport));
+        let driver = MmioDriver(transport.clone());
+        driver.negotiate();
+        let hiprio = GuestQueue::new(0x1000, QUEUE_SIZE);
+        let queue = GuestQueue::new(0x1_0000, QUEUE_SIZE);
+        driver.setup_queue(0, &hiprio);
+        driver.setup_queue(REQUEST_QUEUE, &queue);
+        driver.driver_ok();
+        let mut guest = FuseGuest { mem, driver, transport, queue, irq, unique: 0, _event_loop: event_loop };
+        // major 7, minor 31, max_readahead, flags: none.
+        let init = [7u32, 31, 1 << 20, 0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
+        guest.request(op::INIT, 0, &init, 256)?;
+        Ok(guest)
+    }
+
+    /// Whether the device accepted DRIVER_OK (a broken backend makes the transport fail it).
+    pub fn status(&self) -> u32 {
+        self.driver.read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS)
+    }
+
+    /// Posts `chain` (address, length, device-writable) on the request queue and kicks; does
+    /// not wait. Returns the chain's head. For hostile chains.
+    pub fn post_raw(&mut self, chain: &[(u64, u32, bool)]) -> io::Result<u16> {
+        let head = self.queue.push(&self.mem, chain);
+        self.transport.lock().unwrap_or_else(|e| e.into_inner()).kick_events()[REQUEST_QUEUE as usize].write(1)?;
+        Ok(head)
+    }
+
+    /// Writes raw bytes into guest RAM at `addr` (for hostile requests).
+    pub fn write_ram(&self, addr: u64, bytes: &[u8]) -> io::Result<()> {
+        self.mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| io::Error::other(format!("{e}")))
+    }
+
+    /// Waits for the chain at `head` to come back; returns how many bytes the device wrote.
+    /// Other chains returned meanwhile (hostile ones posted earlier) are passed over.
+    pub fn wait_used(&mut self, head: u16) -> io::Result<u32> {
+        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            if let Some(&(_, len)) = self.queue.take_used(&self.mem).iter().find(|(h, _)| *h == u32::from(head)) {
+                return Ok(len);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the backend did not answer"));
+            }
+            let mut pfd = libc::pollfd { fd: self.irq.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd that outlives the call.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            let _ = self.irq.read();
+        }
+    }
+
+    /// Sends one request on `nodeid` and returns the reply's payload, or the error the
+    /// server answered with.
+    pub fn request(&mut self, opcode: u32, nodeid: u64, args: &[u8], reply_room: u32) -> io::Result<Vec<u8>> {
+        self.request_as(opcode, nodeid, args, reply_room, 0, 0)
+    }
+
+    /// [`FuseGuest::request`] with the caller's uid and gid in the header.
+    pub fn request_as(&mut self, opcode: u32, nodeid: u64, args: &[u8], reply_room: u32, uid: u32, gid: u32) -> io::Result<Vec<u8>> {
+        if args.len() > (MAX_PAYLOAD as usize + 4096) || reply_room > MAX_PAYLOAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "request too large for the virtual guest"));
+        }
+        self.unique += 1;
+        let mut req = Vec::with_capacity(HEADER_IN + args.len());
+        req.extend_from_slice(&((HEADER_IN + args.len()) as u32).to_le_bytes());
+        req.extend_from_slice(&opcode.to_le_bytes());
+        req.extend_from_slice(&self.unique.to_le_bytes());
+        req.extend_from_slice(&nodeid.to_le_bytes());
+        req.extend_from_slice(&uid.to_le_bytes());
+        req.extend_from_slice(&gid.to_le_bytes());
+        req.extend_from_slice(&1u32.to_le_bytes()); // pid
+        req.extend_from_slice(&[0u8; 4]); // no extensions, padding
+        req.extend_from_slice(args);
+        self.write_ram(IN_ADDR, &req)?;
+        let head = self.post_raw(&[(IN_ADDR, req.len() as u32, false), (OUT_ADDR, HEADER_OUT + reply_room, true)])?;
+        let written = self.wait_used(head)?;
+        if written < HEADER_OUT {
+            return Err(io::Error::other(format!("reply of {written} bytes")));
+        }
+        let mut out = vec![0u8; written as usize];
+        self.mem.read_slice(&mut out, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
+        let error = i32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
+        let unique = u64::from_le_bytes(out[8..16].try_into().expect("8 bytes"));
+        if unique != self.unique {
+            return Err(io::Error::other(format!("reply to request {unique}, expected {}", self.unique)));
+        }
+        if error != 0 {
+            return Err(errno(-error));
+        }
+        Ok(out.split_off(HEADER_OUT as usize))
+    }
+
+    pub fn lookup(&mut self, parent: u64, n: &[u8]) -> io::Result<Entry> {
+        Entry::parse(&self.request(op::LOOKUP, parent, &name(n), 128)?)
+    }
+
+    pub fn getattr(&mut self, nodeid: u64) -> io::Result<Entry> {
+        let reply = self.request(op::GETATTR, nodeid, &[0u8; 16], 104)?;
+        // AttrOut: validity (8), nanoseconds (4), padding (4), then Attr: shaped as an entry
+        // whose node id is this one.
+        let mut entry = vec![0u8; 40];
+        entry.extend_from_slice(reply.get(16..).unwrap_or_default());
+        let mut e = Entry::parse(&entry)?;
+        e.nodeid = nodeid;
+        Ok(e)
+    }
+
+    pub fn mkdir(&mut self, parent: u64, n: &[u8], mode: u32) -> io::Result<Entry> {
+        let mut args = mode.to_le_bytes().to_vec();
+        args.extend_from_slice(&0u32.to_le_bytes());
+        args.extend_from_slice(&name(n));
+        Entry::parse(&self.request(op::MKDIR, parent, &args, 128)?)
+    }
+
+    /// Creates and opens `n` for writing: (entry, file handle).
+    pub fn create(&mut self, parent: u64, n: &[u8], mode: u32) -> io::Result<(Entry, u64)> {
+        let mut args = Vec::new();
+        for v in [(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32, mode, 0, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        args.extend_from_slice(&name(n));
+        let reply = self.request(op::CREATE, parent, &args, 128 + 16)?;
+        let entry = Entry::parse(&reply)?;
+        let fh = u64::from_le_bytes(reply.get(128..136).ok_or_else(|| io::Error::other("short create reply"))?.try_into().expect("8 bytes"));
+        Ok((entry, fh))
+    }
+
+    pub fn open(&mut self, nodeid: u64, flags: i32) -> io::Result<u64> {
+        let mut args = (flags as u32).to_le_bytes().to_vec();
+        args.extend_from_slice(&0u32.to_le_bytes());
+        let reply = self.request(op::OPEN, nodeid, &args, 16)?;
+        Ok(u64::from_le_bytes(reply.get(..8).ok_or_else(|| io::Error::other("short open reply"))?.try_into().expect("8 bytes")))
+    }
+
+    pub fn opendir(&mut self, nodeid: u64) -> io::Result<u64> {
+        let reply = self.request(op::OPENDIR, nodeid, &[0u8; 8], 16)?;
+        Ok(u64::from_le_bytes(reply.get(..8).ok_or_else(|| io::Error::other("short opendir reply"))?.try_into().expect("8 bytes")))
+    }
+
+    fn io_args(fh: u64, offset: u64, size: u32) -> Vec<u8> {
+        let mut args = Vec::with_capacity(40);
+        args.extend_from_slice(&fh.to_le_bytes());
+        args.extend_from_slice(&offset.to_le_bytes());
+        args.extend_from_slice(&size.to_le_bytes());
+        args.extend_from_slice(&[0u8; 20]); // read/write flags, lock owner, flags, padding
+        args
+    }
+
+    pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        self.request(op::READ, nodeid, &Self::io_args(fh, offset, size), size)
+    }
+
+    pub fn write(&mut self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> io::Result<u32> {
+        let mut args = Self::io_args(fh, offset, data.len() as u32);
+        args.extend_from_slice(data);
+        let reply = self.request(op::WRITE, nodeid, &args, 8)?;
+        Ok(u32::from_le_bytes(reply.get(..4).ok_or_else(|| io::Error::other("short write reply"))?.try_into().expect("4 bytes")))
+    }
+
+    pub fn release(&mut self, nodeid: u64, fh: u64, dir: bool) -> io::Result<()> {
+        let mut args = fh.to_le_bytes().to_vec();
+        args.extend_from_slice(&[0u8; 16]);
+        self.request(if dir { op::RELEASEDIR } else { op::RELEASE }, nodeid, &args, 0).map(drop)
+    }
+
+    /// The names in a directory (one READDIR reply's worth is enough for these tests'
+    /// directories; larger ones are read until an empty reply).
+    pub fn list(&mut self, nodeid: u64) -> io::Result<Vec<Vec<u8>>> {
+        let fh = self.opendir(nodeid)?;
+        let mut names = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let reply = self.request(op::READDIR, nodeid, &Self::io_args(fh, offset, 64 * 1024), 64 * 1024)?;
+            if reply.is_empty() {
+                break;
+            }
+            let mut at = 0;
+            while at + 24 <= reply.len() {
+                let off = u64::from_le_bytes(reply[at + 8..at + 16].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(reply[at + 16..at + 20].try_into().expect("4 bytes")) as usize;
+                let end = (at + 24 + len).min(reply.len());
+                names.push(reply[at + 24..end].to_vec());
+                offset = off;
+                at += (24 + len + 7) & !7;
+            }
+        }
+        self.release(nodeid, fh, true)?;
+        Ok(names)
+    }
+
+    pub fn unlink(&mut self, parent: u64, n: &[u8]) -> io::Result<()> {
+        self.request(op::UNLINK, parent, &name(n), 0).map(drop)
+    }
+
+    pub fn rmdir(&mut self, parent: u64, n: &[u8]) -> io::Result<()> {
+        self.request(op::RMDIR, parent, &name(n), 0).map(drop)
+    }
+
+    pub fn rename(&mut self, olddir: u64, old: &[u8], newdir: u64, new: &[u8]) -> io::Result<()> {
+        let mut args = newdir.to_le_bytes().to_vec();
+        args.extend_from_slice(&name(old));
+        args.extend_from_slice(&name(new));
+        self.request(op::RENAME, olddir, &args, 0).map(drop)
+    }
+
+    pub fn link(&mut self, nodeid: u64, newparent: u64, n: &[u8]) -> io::Result<Entry> {
+        let mut args = nodeid.to_le_bytes().to_vec();
+        args.extend_from_slice(&name(n));
+        Entry::parse(&self.request(op::LINK, newparent, &args, 128)?)
+    }
+
+    pub fn symlink(&mut self, parent: u64, n: &[u8], target: &[u8]) -> io::Result<Entry> {
+        let mut args = name(n);
+        args.extend_from_slice(&name(target));
+        Entry::parse(&self.request(op::SYMLINK, parent, &args, 128)?)
+    }
+
+    pub fn readlink(&mut self, nodeid: u64) -> io::Result<Vec<u8>> {
+        self.request(op::READLINK, nodeid, &[], 4096)
+    }
+
+    /// Truncates `nodeid` to `size` (SETATTR with FATTR_SIZE).
+    pub fn truncate(&mut self, nodeid: u64, size: u64) -> io::Result<()> {
+        let mut args = vec![0u8; 88];
+        args[..4].copy_from_slice(&(1u32 << 3).to_le_bytes()); // FATTR_SIZE
+        args[16..24].copy_from_slice(&size.to_le_bytes());
+        self.request(op::SETATTR, nodeid, &args, 104).map(drop)
+    }
+}
+
+fn memfd() -> io::Result<std::fs::File> {
+    let fd = rustix::fs::memfd_create("cvm-virtual-guest", rustix::fs::MemfdFlags::CLOEXEC)?;
+    Ok(std::fs::File::from(fd))
+}

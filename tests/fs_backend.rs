@@ -1,0 +1,99 @@
+//! The fs backend as cvm runs it: a re-executed `cvm __fs-backend` in its sandbox, driven by
+//! the virtual guest through cvm's vhost-user frontend. A guest that breaks the protocol can
+//! end its own backend's process, never the process that stands for the VMM here, and never
+//! reach the host outside the share.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cvm_devices::fs::{FsBackend, Policy, ShareConfig};
+use cvm_devices::virtual_guest::fuse::{FuseGuest, ROOT};
+
+struct Backend {
+    dir: tempfile::TempDir,
+    process: FsBackend,
+    guest: FuseGuest,
+}
+
+fn start(guest_uid: u32) -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("file"), "shared\n").unwrap();
+    std::fs::write(dir.path().join("secret"), "outside\n").unwrap();
+    let socket = dir.path().join("fs.vhost");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let config = ShareConfig { dir: share, tag: "t".into(), policy: Policy::default(), guest_uid, guest_gid: guest_uid };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
+    command.arg("__fs-backend");
+    let process = FsBackend::spawn(command, listener, &config).unwrap();
+    let guest = FuseGuest::connect(&socket).unwrap();
+    Backend { dir, process, guest }
+}
+
+impl Backend {
+    fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.process.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn assert_outside_untouched(&self) {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["fs.vhost", "secret", "share"]);
+        assert_eq!(std::fs::read_to_string(self.dir.path().join("secret")).unwrap(), "outside\n");
+    }
+}
+
+#[test]
+fn the_sandboxed_backend_serves_its_share_as_the_host_user() {
+    let me = rustix::process::geteuid().as_raw();
+    // A guest user other than the host user: its files are the host user's on the host.
+    let guest_uid = if me == 0 { 1000 } else { me };
+    let mut b = start(guest_uid);
+    let file = b.guest.lookup(ROOT, b"file").unwrap();
+    assert_eq!(file.uid, guest_uid, "the host user's files belong to the guest user");
+    let fh = b.guest.open(file.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(b.guest.read(file.nodeid, fh, 0, 100).unwrap(), b"shared\n");
+    let mkdir = b.guest.request_as(cvm_devices::virtual_guest::fuse::op::MKDIR, ROOT, b"\xed\x01\0\0\0\0\0\0made\0", 128, guest_uid, guest_uid);
+    assert!(mkdir.is_ok(), "{mkdir:?}");
+    let made = std::fs::metadata(b.dir.path().join("share/made")).unwrap();
+    assert_eq!(made.uid(), me, "what the guest user makes is the host user's");
+    assert!(b.guest.lookup(ROOT, b"..").is_err());
+    b.assert_outside_untouched();
+}
+
+#[test]
+fn chains_that_break_virtio_end_only_the_backend() {
+    // Each case on a fresh backend: a reply buffer outside guest RAM, a request outside guest
+    // RAM, a request with no reply buffer, a header that does not decode.
+    let cases: [(&str, &[(u64, u32, bool)], &[u8]); 4] = [
+        ("reply outside RAM", &[(0x70_0000, 40, false), (1 << 40, 4096, true)], &[]),
+        ("request outside RAM", &[(1 << 40, 40, false), (0x80_0000, 4096, true)], &[]),
+        ("no reply buffer", &[(0x70_0000, 40, false)], &[]),
+        ("short header", &[(0x70_0000, 12, false), (0x80_0000, 4096, true)], &[12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    for (what, chain, bytes) in cases {
+        let mut b = start(1000);
+        let mut lookup = vec![0u8; 40];
+        lookup[..4].copy_from_slice(&46u32.to_le_bytes());
+        lookup[4..8].copy_from_slice(&1u32.to_le_bytes());
+        lookup[16..24].copy_from_slice(&ROOT.to_le_bytes());
+        lookup.extend_from_slice(b"file\0\0");
+        b.guest.write_ram(0x70_0000, if bytes.is_empty() { &lookup } else { bytes }).unwrap();
+        b.guest.post_raw(chain).unwrap();
+        // Either the backend refuses to go on (its process ends) or it still answers.
+        if !b.exited_within(Duration::from_secs(2)) {
+            assert!(b.guest.lookup(ROOT, b"file").is_ok(), "{what}: the backend neither ended nor answered");
+        }
+        b.assert_outside_untouched();
+    }
+}

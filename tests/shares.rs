@@ -1,0 +1,151 @@
+//! End-to-end tests of what the guest gets of the host's files: `cvm run PROJECT` with the
+//! project at its host path, the `~/.claude` view, the conversation folder, `--mount`, through
+//! cvm's own fs backends. The full stack runs on the QEMU engine here, and on cvm's VMM where
+//! there is hardware KVM.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::{engines, text, Env};
+
+/// The uid the guest user has: the host user's, or an unprivileged one for root.
+fn guest_uid() -> u32 {
+    match rustix::process::getuid().as_raw() {
+        0 => 1000,
+        uid => uid,
+    }
+}
+
+fn project(env: &Env) -> std::path::PathBuf {
+    let dir = env.home.path().join("my project");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), "from the host\n").unwrap();
+    dir.canonicalize().unwrap()
+}
+
+fn arg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn the_project_is_at_its_host_path_and_files_are_the_host_users() {
+    let Some(env) = Env::new() else { return };
+    let dir = project(&env);
+    for engine in engines() {
+        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", "pwd; id -u; echo $HOME; cat a.txt; echo made > made.txt"], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines, [arg(&dir), &guest_uid().to_string(), arg(env.home.path()), "from the host"], "[{engine}]");
+        let made = std::fs::metadata(dir.join("made.txt")).unwrap();
+        assert_eq!(made.uid(), rustix::process::getuid().as_raw(), "[{engine}] the file is the host user's");
+        assert_eq!(std::fs::read_to_string(dir.join("made.txt")).unwrap(), "made\n");
+        std::fs::remove_file(dir.join("made.txt")).unwrap();
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn claude_sees_only_its_configuration_and_its_own_conversations() {
+    let Some(env) = Env::new() else { return };
+    let dir = project(&env);
+    let claude = env.home.path().join(".claude");
+    let folder = claude.join("projects").join(cvm::shares::encode_project_path(&dir));
+    std::fs::create_dir_all(claude.join("projects/-other-project")).unwrap();
+    std::fs::write(claude.join("projects/-other-project/s.jsonl"), "another project's conversation").unwrap();
+    std::fs::write(claude.join("history.jsonl"), "every prompt ever").unwrap();
+    std::fs::write(claude.join("settings.json"), "{\"theme\":\"dark\"}").unwrap();
+    std::fs::write(claude.join(".credentials.json"), "{\"token\":\"old\"}").unwrap();
+    std::fs::create_dir_all(claude.join("skills/mine")).unwrap();
+    let script = "cd ~/.claude; ls -A; ls projects; cat settings.json; echo; \
+                  test -e history.jsonl && echo LEAK; \
+                  echo debug > debug.log; echo '{}' > settings.json; mkdir -p todos; \
+                  echo '{\"token\":\"refreshed\"}' > .credentials.json; \
+                  echo turn > \"projects/$(ls projects)/session.jsonl\"";
+    for engine in engines() {
+        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines[..4], [".credentials.json", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
+        assert_eq!(lines[4], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
+        assert_eq!(lines[5], "{\"theme\":\"dark\"}", "[{engine}]");
+        assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
+        // On the host: the refreshed token and the conversation arrived; nothing else did.
+        assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
+        assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");
+        assert_eq!(std::fs::read_to_string(claude.join("settings.json")).unwrap(), "{\"theme\":\"dark\"}", "[{engine}]");
+        assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists(), "[{engine}] guest writes stayed in the guest");
+        std::fs::remove_file(folder.join("session.jsonl")).unwrap();
+
+        // Without the conversation folder, the guest's conversation stays in the guest.
+        let out = env.run(engine, &[arg(&dir), "--no-conversations", "--", "sh", "-c", "ls ~/.claude/projects 2>/dev/null | wc -l; mkdir -p ~/.claude/projects/x; echo t > ~/.claude/projects/x/s"], b"");
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "0", "[{engine}]");
+        assert!(!claude.join("projects/x").exists(), "[{engine}]");
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn mounts_are_shared_read_only_when_asked_and_bad_ones_are_refused() {
+    let Some(env) = Env::new() else { return };
+    let data = env.home.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("in.txt"), "data\n").unwrap();
+    let ro = format!("{}:/mnt/data:ro", data.display());
+    let rw = format!("{}:/mnt/rw", data.display());
+    for engine in engines() {
+        let out = env.run(engine, &["--mount", &ro, "--mount", &rw, "--", "sh", "-c", "cat /mnt/data/in.txt; echo x > /mnt/data/new; echo status $?; echo w > /mnt/rw/new"], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        assert_eq!(stdout, "data\nstatus 1\n", "[{engine}]");
+        assert!(text(&out.stderr).contains("Read-only file system"), "[{engine}] {}", text(&out.stderr));
+        assert_eq!(std::fs::read_to_string(data.join("new")).unwrap(), "w\n", "[{engine}] the read-write mount of the same directory");
+        std::fs::remove_file(data.join("new")).unwrap();
+        env.assert_clean();
+    }
+    // Malformed specs are usage errors; a missing directory or a guest path used twice is
+    // refused before any VM starts.
+    for bad in ["relative/path", "/data:relative", "/a/../b", "/data:/mnt:rx:ro"] {
+        let out = env.run("qemu", &["--mount", bad, "--", "true"], b"");
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("bad mount"), "{bad}: {}", text(&out.stderr));
+    }
+    let missing = env.run("qemu", &["--mount", "/no/such/dir", "--", "true"], b"");
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(text(&missing.stderr).contains("/no/such/dir"), "{}", text(&missing.stderr));
+    let twice = format!("{}:/mnt/x", data.display());
+    let out = env.run("qemu", &["--mount", &twice, "--mount", &twice, "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("mounted twice"), "{}", text(&out.stderr));
+    env.assert_clean();
+}
+
+#[test]
+fn a_large_file_and_ten_thousand_small_ones_round_trip() {
+    let Some(env) = Env::new() else { return };
+    let dir = project(&env);
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(dir.join("big"), &data).unwrap();
+    let script = "sha256sum big | cut -d' ' -f1; cp big copy; \
+                  mkdir many && cd many && i=0; while [ $i -lt 10000 ]; do echo $i > f$i; i=$((i+1)); done; \
+                  ls | wc -l; cat f9999; cd .. && rm -r many && echo removed";
+    for engine in engines() {
+        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        let host_sum = {
+            let o = std::process::Command::new("sha256sum").arg(dir.join("big")).output().unwrap();
+            text(&o.stdout).split_whitespace().next().unwrap().to_string()
+        };
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines, [host_sum.as_str(), "10000", "9999", "removed"], "[{engine}]");
+        assert!(std::fs::read(dir.join("copy")).unwrap() == data, "[{engine}] the guest's copy differs");
+        assert!(!dir.join("many").exists(), "[{engine}]");
+        std::fs::remove_file(dir.join("copy")).unwrap();
+        env.assert_clean();
+    }
+}
