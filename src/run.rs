@@ -53,20 +53,19 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
         Err(e) => return Err(e),
     };
     let interactive = terminal::is_interactive();
-    let (uid, gid, cwd, mut env) = session.exec_context();
+    let mut env = Vec::new();
     if interactive {
         if let Some(term) = std::env::var_os("TERM") {
             env.push((b"TERM".to_vec(), term.into_vec()));
         }
     }
-    let exec = Exec {
+    let mut exec = Exec {
         argv: argv.into_iter().map(OsString::into_vec).collect(),
         env,
-        cwd,
-        uid,
-        gid,
         tty: if interactive { Some(terminal::size().unwrap_or(cvm_agent::protocol::TtySize { rows: 24, cols: 80 })) } else { None },
+        ..Default::default()
     };
+    session.prepare(&mut exec);
     let raw = if interactive { Some(terminal::RawMode::enter()?) } else { None };
     let exec_started = Instant::now();
     let outcome = session.exec(exec, deadline);

@@ -203,10 +203,9 @@ impl Session {
         Ok(Session { machine, _vsock: vsock, _fs: fs, plan, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
-    /// Who commands run as and where: (uid, gid, working directory, environment), all unset
-    /// (root in `/`) when nothing is shared.
-    pub fn exec_context(&self) -> (Option<u32>, Option<u32>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>) {
-        self.plan.exec_context()
+    /// Gives `exec` the session's user, working directory and identity variables.
+    pub fn prepare(&self, exec: &mut Exec) {
+        self.plan.prepare(exec)
     }
 
     /// The host socket of the VM's vsock device (Firecracker's protocol).

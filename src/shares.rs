@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use cvm_agent::protocol::{Mount, Setup, User};
+use cvm_agent::protocol::{Exec, Mount, Setup, User};
 use cvm_devices::fs::{Policy, ShareConfig};
 
 /// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
@@ -289,17 +289,15 @@ impl SharePlan {
         Ok(())
     }
 
-    /// The identity and place commands run with: the guest user in the project, or root in
-    /// `/` when nothing is shared.
-    pub fn exec_context(&self) -> (Option<u32>, Option<u32>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>) {
-        let Some(user) = &self.setup.user else { return (None, None, None, Vec::new()) };
-        let env = vec![
-            (b"HOME".to_vec(), user.home.clone()),
-            (b"USER".to_vec(), user.name.as_bytes().to_vec()),
-            (b"LOGNAME".to_vec(), user.name.as_bytes().to_vec()),
-        ];
-        let cwd = self.workdir.as_deref().map(bytes).unwrap_or_else(|| user.home.clone());
-        (Some(user.uid), Some(user.gid), Some(cwd), env)
+    /// Gives `exec` the identity and place commands run with: the guest user in the project
+    /// (its home without one), or, when nothing is shared, root in `/` as it stands.
+    pub fn prepare(&self, exec: &mut Exec) {
+        let Some(user) = &self.setup.user else { return };
+        exec.uid = Some(user.uid);
+        exec.gid = Some(user.gid);
+        exec.cwd = Some(self.workdir.as_deref().map(bytes).unwrap_or_else(|| user.home.clone()));
+        let identity = [(b"HOME".to_vec(), user.home.clone()), (b"USER".to_vec(), user.name.as_bytes().to_vec()), (b"LOGNAME".to_vec(), user.name.as_bytes().to_vec())];
+        exec.env.splice(0..0, identity);
     }
 }
 
@@ -364,9 +362,11 @@ mod tests {
         // The overlay and the credentials bind come right after the claude share.
         assert!(matches!(&plan.setup.mounts[2], Mount::Overlay { target, .. } if target.ends_with(b"/.claude")));
         assert!(matches!(&plan.setup.mounts[3], Mount::Bind { target, .. } if target.ends_with(b"/.claude/.credentials.json")));
-        let (uid, gid, cwd, env) = plan.exec_context();
-        assert_eq!((uid, gid, cwd), (Some(1234), Some(99), Some(bytes(&project))));
-        assert!(env.contains(&(b"HOME".to_vec(), bytes(&home))));
+        let mut exec = Exec { env: vec![(b"TERM".to_vec(), b"xterm".to_vec())], ..Exec::default() };
+        plan.prepare(&mut exec);
+        assert_eq!((exec.uid, exec.gid, exec.cwd), (Some(1234), Some(99), Some(bytes(&project))));
+        assert_eq!(exec.env[0], (b"HOME".to_vec(), bytes(&home)));
+        assert_eq!(exec.env.last().unwrap().0, b"TERM", "the caller's variables come after, so they win");
 
         let mut no_conv = request(&project);
         no_conv.conversations = false;
@@ -422,6 +422,10 @@ mod tests {
             ..ShareRequest::default()
         };
         assert!(SharePlan::new(&twice, &host, &meta).unwrap_err().to_string().contains("twice"));
-        assert_eq!(SharePlan::new(&ShareRequest::default(), &host, &meta).unwrap(), SharePlan::default(), "nothing shared, nothing planned");
+        let nothing = SharePlan::new(&ShareRequest::default(), &host, &meta).unwrap();
+        assert_eq!(nothing, SharePlan::default(), "nothing shared, nothing planned");
+        let mut exec = Exec::default();
+        nothing.prepare(&mut exec);
+        assert_eq!(exec, Exec::default(), "root in / as it stands");
     }
 }

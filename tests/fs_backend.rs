@@ -75,7 +75,8 @@ fn the_sandboxed_backend_serves_its_share_as_the_host_user() {
 fn chains_that_break_virtio_end_only_the_backend() {
     // Each case on a fresh backend: a reply buffer outside guest RAM, a request outside guest
     // RAM, a request with no reply buffer, a header that does not decode.
-    let cases: [(&str, &[(u64, u32, bool)], &[u8]); 4] = [
+    type Chain = &'static [(u64, u32, bool)];
+    let cases: [(&str, Chain, &[u8]); 4] = [
         ("reply outside RAM", &[(0x70_0000, 40, false), (1 << 40, 4096, true)], &[]),
         ("request outside RAM", &[(1 << 40, 40, false), (0x80_0000, 4096, true)], &[]),
         ("no reply buffer", &[(0x70_0000, 40, false)], &[]),

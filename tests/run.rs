@@ -59,13 +59,16 @@ fn timeout_exits_124_and_leaves_nothing() {
     env.assert_clean();
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
+/// Every process below `pid`: children, their children, and so on.
+fn descendants_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks {
             let path = task.unwrap().path().join("children");
             for child in std::fs::read_to_string(path).unwrap_or_default().split_whitespace() {
-                out.push(child.parse().unwrap());
+                let child: u32 = child.parse().unwrap();
+                out.push(child);
+                out.extend(descendants_of(child));
             }
         }
     }
@@ -83,9 +86,13 @@ fn running(pid: u32) -> bool {
 #[test]
 fn sigkill_of_cvm_leaves_nothing_running() {
     let Some(env) = Env::new() else { return };
-    let mut child = env.start_idle_session();
-    let helpers = children_of(child.id());
-    assert!(helpers.len() >= 2, "QEMU and the janitor: {helpers:?}");
+    // With a project and a mount: their fs backends (and the sandboxes they fork) too.
+    let project = env.home.path().join("p");
+    std::fs::create_dir_all(&project).unwrap();
+    let mount = format!("{}:/mnt/p:ro", project.display());
+    let mut child = env.start_idle_session(&[project.to_str().unwrap(), "--mount", &mount]);
+    let helpers = descendants_of(child.id());
+    assert!(helpers.len() >= 5, "QEMU, the janitor and the fs backends: {helpers:?}");
     assert!(!env.leftovers().is_empty(), "the session directory exists while running");
 
     child.kill().unwrap();
@@ -160,7 +167,7 @@ fn the_vsock_socket_speaks_the_firecracker_protocol_to_host_tools() {
     // A host process reaches the guest agent through the VM's socket with CONNECT, as
     // Firecracker documents; the session's socket lives in the run directory.
     let Some(env) = Env::new() else { return };
-    let mut child = env.start_idle_session();
+    let mut child = env.start_idle_session(&[]);
     let session = env.leftovers().pop().expect("session directory");
     let socket: &Path = &session.join("vsock");
     let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();

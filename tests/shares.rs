@@ -117,6 +117,11 @@ fn mounts_are_shared_read_only_when_asked_and_bad_ones_are_refused() {
     let missing = env.run("qemu", &["--mount", "/no/such/dir", "--", "true"], b"");
     assert_eq!(missing.status.code(), Some(125));
     assert!(text(&missing.stderr).contains("/no/such/dir"), "{}", text(&missing.stderr));
+    // A mount the guest cannot make fails the session with the guest's reason.
+    let unmountable = format!("{}:/proc/cvm-test", data.display());
+    let out = env.run("qemu", &["--mount", &unmountable, "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("could not set up its shares") && text(&out.stderr).contains("/proc/cvm-test"), "{}", text(&out.stderr));
     let twice = format!("{}:/mnt/x", data.display());
     let out = env.run("qemu", &["--mount", &twice, "--mount", &twice, "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
@@ -146,6 +151,38 @@ fn a_large_file_and_ten_thousand_small_ones_round_trip() {
         assert!(std::fs::read(dir.join("copy")).unwrap() == data, "[{engine}] the guest's copy differs");
         assert!(!dir.join("many").exists(), "[{engine}]");
         std::fs::remove_file(dir.join("copy")).unwrap();
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn a_worktree_gets_its_main_git_dir_with_hooks_and_config_read_only() {
+    let Some(env) = Env::new() else { return };
+    // The layout `git worktree add` makes, written by hand (the minimal image has no git).
+    let main_git = env.home.path().join("main/.git");
+    for dir in ["hooks", "info", "objects", "refs", "worktrees/wt"] {
+        std::fs::create_dir_all(main_git.join(dir)).unwrap();
+    }
+    std::fs::write(main_git.join("config"), "[core]\n").unwrap();
+    std::fs::write(main_git.join("worktrees/wt/commondir"), "../..\n").unwrap();
+    let wt = env.home.path().join("wt");
+    std::fs::create_dir_all(&wt).unwrap();
+    std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main_git.join("worktrees/wt").display())).unwrap();
+    let git = main_git.canonicalize().unwrap();
+    let script = format!(
+        "cd {g}; cat config; echo evil > hooks/post-checkout; echo hooks $?; echo evil >> config; echo config $?; \
+         mkdir info/x; echo info $?; echo blob > objects/ab; echo objects $?",
+        g = git.display()
+    );
+    for engine in engines() {
+        let out = env.run(engine, &[arg(&wt), "--", "sh", "-c", &script], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        assert_eq!(stdout, "[core]\nhooks 1\nconfig 1\ninfo 1\nobjects 0\n", "[{engine}] {}", text(&out.stderr));
+        assert!(!git.join("hooks/post-checkout").exists(), "[{engine}]");
+        assert_eq!(std::fs::read_to_string(git.join("config")).unwrap(), "[core]\n", "[{engine}]");
+        assert_eq!(std::fs::read_to_string(git.join("objects/ab")).unwrap(), "blob\n", "[{engine}]");
+        std::fs::remove_file(git.join("objects/ab")).unwrap();
         env.assert_clean();
     }
 }

@@ -164,6 +164,12 @@ impl Fuse {
         let e = self.0.lookup(ROOT, name.as_bytes())?;
         Ok((e.nodeid, self.0.open(e.nodeid, flags)?))
     }
+
+    /// Closes what [`Fuse::open`] opened, and lets the server forget the node.
+    fn close(&mut self, node: u64, fh: u64) -> Result<()> {
+        self.0.release(node, fh, false)?;
+        Ok(self.0.forget(node, 1)?)
+    }
 }
 
 impl Target for Fuse {
@@ -171,50 +177,56 @@ impl Target for Fuse {
         let (node, fh) = self.open(name, libc::O_RDONLY)?;
         let mut total = 0;
         while total < size {
-            let got = self.0.read(node, fh, total, MAX_PAYLOAD)?.len() as u64;
+            let got = u64::from(self.0.read_in_place(node, fh, total, MAX_PAYLOAD)?);
             if got == 0 {
                 break;
             }
             total += got;
         }
-        self.0.release(node, fh, false)?;
+        self.close(node, fh)?;
         Ok(total)
     }
 
     fn seq_write(&mut self, name: &str, size: u64) -> Result<u64> {
         let (e, fh) = self.0.create(ROOT, name.as_bytes(), 0o644)?;
-        let buf = vec![0x5au8; MAX_PAYLOAD as usize];
+        self.0.fill_data(&vec![0x5au8; MAX_PAYLOAD as usize])?;
         let mut total = 0;
         while total < size {
-            total += u64::from(self.0.write(e.nodeid, fh, total, &buf)?);
+            total += u64::from(self.0.write_in_place(e.nodeid, fh, total, MAX_PAYLOAD)?);
         }
         self.0.release(e.nodeid, fh, false)?;
         self.0.unlink(ROOT, name.as_bytes())?;
+        self.0.forget(e.nodeid, 1)?;
         Ok(total)
     }
 
     fn random_reads(&mut self, name: &str, size: u64, count: usize) -> Result<u64> {
         let (node, fh) = self.open(name, libc::O_RDONLY)?;
         for offset in random_offsets(size, count) {
-            self.0.read(node, fh, offset, 4096)?;
+            self.0.read_in_place(node, fh, offset, 4096)?;
         }
-        self.0.release(node, fh, false)?;
+        self.close(node, fh)?;
         Ok(count as u64)
     }
 
     fn create_stat_unlink(&mut self, dir: &str, count: usize) -> Result<u64> {
         let d = self.0.mkdir(ROOT, dir.as_bytes(), 0o755)?.nodeid;
+        let mut nodes = Vec::with_capacity(count);
         for i in 0..count {
             let (e, fh) = self.0.create(d, format!("f{i}").as_bytes(), 0o644)?;
             self.0.release(e.nodeid, fh, false)?;
+            nodes.push(e.nodeid);
         }
         for i in 0..count {
             self.0.lookup(d, format!("f{i}").as_bytes())?;
         }
-        for i in 0..count {
+        for (i, node) in nodes.into_iter().enumerate() {
             self.0.unlink(d, format!("f{i}").as_bytes())?;
+            // Created and looked up once each, as the kernel would count them.
+            self.0.forget(node, 2)?;
         }
         self.0.rmdir(ROOT, dir.as_bytes())?;
+        self.0.forget(d, 1)?;
         Ok(count as u64)
     }
 
@@ -230,11 +242,14 @@ impl Target for Fuse {
                 if e.mode & libc::S_IFMT == libc::S_IFDIR {
                     n += walk(g, e.nodeid)?;
                 }
+                g.forget(e.nodeid, 1)?;
             }
             Ok(n)
         }
         let top = self.0.lookup(ROOT, dir.as_bytes())?.nodeid;
-        walk(&mut self.0, top)
+        let n = walk(&mut self.0, top)?;
+        self.0.forget(top, 1)?;
+        Ok(n)
     }
 }
 

@@ -77,9 +77,12 @@ impl Env {
         out
     }
 
-    /// Starts a session whose command says "ready" and then waits; returns once it said so.
-    pub fn start_idle_session(&self) -> Child {
-        let mut child = self.command("qemu", &["--", "sh", "-c", "echo ready; sleep 600"]).stdin(Stdio::null()).spawn().unwrap();
+    /// Starts a session (with `args` before the command) whose command says "ready" and then
+    /// waits; returns once it said so.
+    pub fn start_idle_session(&self, args: &[&str]) -> Child {
+        let mut all = args.to_vec();
+        all.extend(["--", "sh", "-c", "echo ready; sleep 600"]);
+        let mut child = self.command("qemu", &all).stdin(Stdio::null()).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();

@@ -173,6 +173,17 @@ mod tests {
     }
 
     #[test]
+    fn a_file_systems_config_space_carries_its_tag() {
+        let config = VhostUserKind::Fs { tag: "project".into() }.device_config();
+        let cvm_devices::virtio::DeviceConfig::Local(bytes) = config else { panic!("the frontend gives the tag") };
+        assert_eq!(bytes.len(), 40);
+        assert_eq!(&bytes[..8], b"project\0");
+        assert!(bytes[8..36].iter().all(|&b| b == 0));
+        assert_eq!(&bytes[36..], &1u32.to_le_bytes(), "one request queue");
+        assert_eq!(VhostUserKind::Vsock.device_config(), cvm_devices::virtio::DeviceConfig::FromBackend);
+    }
+
+    #[test]
     fn validation() {
         let dir = std::env::temp_dir();
         let mut config = VmConfig::new(dir.join("no-such-kernel"));

@@ -2,7 +2,6 @@
 //! vhost-user frontend and virtio-mmio transport, to the backend serving a temporary share.
 //! Every test checks the host side: nothing outside the share is read, written or created.
 
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;

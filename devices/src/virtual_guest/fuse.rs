@@ -26,6 +26,8 @@ const QUEUE_SIZE: u16 = 256;
 /// Where requests and replies are laid out in guest RAM, and how large each may be.
 const IN_ADDR: u64 = 0x20_0000;
 const OUT_ADDR: u64 = 0x60_0000;
+/// Data that write requests carry in their own descriptor, as Linux's page-cache pages.
+const DATA_ADDR: u64 = 0xa0_0000;
 pub const MAX_PAYLOAD: u32 = 1 << 20;
 const HEADER_IN: usize = 40;
 const HEADER_OUT: u32 = 16;
@@ -35,6 +37,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// FUSE opcodes this client sends.
 pub mod op {
     pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
     pub const GETATTR: u32 = 3;
     pub const SETATTR: u32 = 4;
     pub const READLINK: u32 = 5;
@@ -174,12 +177,22 @@ impl FuseGuest {
 
     /// [`FuseGuest::request`] with the caller's uid and gid in the header.
     pub fn request_as(&mut self, opcode: u32, nodeid: u64, args: &[u8], reply_room: u32, uid: u32, gid: u32) -> io::Result<Vec<u8>> {
+        let len = self.send(opcode, nodeid, args, None, reply_room, (uid, gid))?;
+        let mut out = vec![0u8; len as usize];
+        self.mem.read_slice(&mut out, GuestAddress(OUT_ADDR + u64::from(HEADER_OUT))).map_err(|e| io::Error::other(format!("{e}")))?;
+        Ok(out)
+    }
+
+    /// Sends one request (with `data` as a second device-readable buffer, if any) and waits
+    /// for its reply; returns the payload's length, which stays in guest RAM.
+    fn send(&mut self, opcode: u32, nodeid: u64, args: &[u8], data: Option<(u64, u32)>, reply_room: u32, (uid, gid): (u32, u32)) -> io::Result<u32> {
+        let data_len = data.map_or(0, |(_, len)| len as usize);
         if args.len() > (MAX_PAYLOAD as usize + 4096) || reply_room > MAX_PAYLOAD {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "request too large for the virtual guest"));
         }
         self.unique += 1;
         let mut req = Vec::with_capacity(HEADER_IN + args.len());
-        req.extend_from_slice(&((HEADER_IN + args.len()) as u32).to_le_bytes());
+        req.extend_from_slice(&((HEADER_IN + args.len() + data_len) as u32).to_le_bytes());
         req.extend_from_slice(&opcode.to_le_bytes());
         req.extend_from_slice(&self.unique.to_le_bytes());
         req.extend_from_slice(&nodeid.to_le_bytes());
@@ -189,26 +202,62 @@ impl FuseGuest {
         req.extend_from_slice(&[0u8; 4]); // no extensions, padding
         req.extend_from_slice(args);
         self.write_ram(IN_ADDR, &req)?;
-        let head = self.post_raw(&[(IN_ADDR, req.len() as u32, false), (OUT_ADDR, HEADER_OUT + reply_room, true)])?;
+        let mut chain = vec![(IN_ADDR, req.len() as u32, false)];
+        chain.extend(data.map(|(addr, len)| (addr, len, false)));
+        // FORGET has no reply: the server only returns the buffer.
+        if opcode == op::FORGET {
+            let head = self.post_raw(&chain)?;
+            return self.wait_used(head).map(|_| 0);
+        }
+        chain.push((OUT_ADDR, HEADER_OUT + reply_room, true));
+        let head = self.post_raw(&chain)?;
         let written = self.wait_used(head)?;
         if written < HEADER_OUT {
             return Err(io::Error::other(format!("reply of {written} bytes")));
         }
-        let mut out = vec![0u8; written as usize];
-        self.mem.read_slice(&mut out, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
-        let error = i32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
-        let unique = u64::from_le_bytes(out[8..16].try_into().expect("8 bytes"));
+        let mut header = [0u8; HEADER_OUT as usize];
+        self.mem.read_slice(&mut header, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
+        let error = i32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let unique = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         if unique != self.unique {
             return Err(io::Error::other(format!("reply to request {unique}, expected {}", self.unique)));
         }
         if error != 0 {
             return Err(errno(-error));
         }
-        Ok(out.split_off(HEADER_OUT as usize))
+        Ok(written - HEADER_OUT)
+    }
+
+    /// Fills the data area that [`FuseGuest::write_in_place`] sends from.
+    pub fn fill_data(&self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > MAX_PAYLOAD as usize {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "more data than the data area holds"));
+        }
+        self.write_ram(DATA_ADDR, bytes)
+    }
+
+    /// READ into guest RAM, as the kernel reads into its page cache: returns how many bytes
+    /// came, without copying them out.
+    pub fn read_in_place(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<u32> {
+        self.send(op::READ, nodeid, &Self::io_args(fh, offset, size), None, size, (0, 0))
+    }
+
+    /// WRITE of the first `size` bytes of the data area, in their own descriptor.
+    pub fn write_in_place(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<u32> {
+        self.send(op::WRITE, nodeid, &Self::io_args(fh, offset, size), Some((DATA_ADDR, size.min(MAX_PAYLOAD))), 8, (0, 0))?;
+        let mut written = [0u8; 4];
+        self.mem.read_slice(&mut written, GuestAddress(OUT_ADDR + u64::from(HEADER_OUT))).map_err(|e| io::Error::other(format!("{e}")))?;
+        Ok(u32::from_le_bytes(written))
     }
 
     pub fn lookup(&mut self, parent: u64, n: &[u8]) -> io::Result<Entry> {
         Entry::parse(&self.request(op::LOOKUP, parent, &name(n), 128)?)
+    }
+
+    /// Drops `count` lookups of `nodeid`, as the kernel does when it evicts an inode: the
+    /// server may then close what it held for it.
+    pub fn forget(&mut self, nodeid: u64, count: u64) -> io::Result<()> {
+        self.send(op::FORGET, nodeid, &count.to_le_bytes(), None, 0, (0, 0)).map(drop)
     }
 
     pub fn getattr(&mut self, nodeid: u64) -> io::Result<Entry> {
