@@ -20,6 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -243,8 +244,14 @@ fn passthrough_config(share: &ShareConfig) -> passthrough::Config {
     let map = |guest: u32, host: u32| (guest != host).then(|| vec![IdMap::Bidirectional { guest, host, count: 1 }]);
     passthrough::Config {
         // The host may change the project under the guest (an editor, git): the guest must not
-        // trust its cache for long. Auto revalidates on open, as virtiofsd's default.
+        // trust its cache for long. Auto revalidates on open and keeps names and attributes
+        // for a second, as virtiofsd's defaults.
         cache_policy: CachePolicy::Auto,
+        entry_timeout: Duration::from_secs(1),
+        attr_timeout: Duration::from_secs(1),
+        // A host mount inside a share gets its own st_dev in the guest, so inode numbers from
+        // two file systems never collide (virtiofsd's default too).
+        announce_submounts: true,
         // A hidden name must never be looked up behind the guest's back: no READDIRPLUS where
         // names are hidden.
         readdirplus: share.policy.visible.is_none(),

@@ -25,6 +25,9 @@ const REQUEST_QUEUE: u32 = 1;
 const QUEUE_SIZE: u16 = 256;
 /// Where requests and replies are laid out in guest RAM, and how large each may be.
 const IN_ADDR: u64 = 0x20_0000;
+/// Replies come as Linux lays them out: the header in its own buffer, the payload in
+/// page-aligned ones (where a read's data lands in the page cache).
+const OUT_HEADER_ADDR: u64 = 0x5f_f000;
 const OUT_ADDR: u64 = 0x60_0000;
 /// Data that write requests carry in their own descriptor, as Linux's page-cache pages.
 const DATA_ADDR: u64 = 0xa0_0000;
@@ -56,6 +59,8 @@ pub mod op {
     pub const READDIR: u32 = 28;
     pub const RELEASEDIR: u32 = 29;
     pub const CREATE: u32 = 35;
+    pub const BATCH_FORGET: u32 = 42;
+    pub const READDIRPLUS: u32 = 44;
 }
 
 /// What a lookup or a creation returns.
@@ -179,7 +184,7 @@ impl FuseGuest {
     pub fn request_as(&mut self, opcode: u32, nodeid: u64, args: &[u8], reply_room: u32, uid: u32, gid: u32) -> io::Result<Vec<u8>> {
         let len = self.send(opcode, nodeid, args, None, reply_room, (uid, gid))?;
         let mut out = vec![0u8; len as usize];
-        self.mem.read_slice(&mut out, GuestAddress(OUT_ADDR + u64::from(HEADER_OUT))).map_err(|e| io::Error::other(format!("{e}")))?;
+        self.mem.read_slice(&mut out, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
         Ok(out)
     }
 
@@ -204,19 +209,22 @@ impl FuseGuest {
         self.write_ram(IN_ADDR, &req)?;
         let mut chain = vec![(IN_ADDR, req.len() as u32, false)];
         chain.extend(data.map(|(addr, len)| (addr, len, false)));
-        // FORGET has no reply: the server only returns the buffer.
-        if opcode == op::FORGET {
+        // Forgetting has no reply: the server only returns the buffer.
+        if opcode == op::FORGET || opcode == op::BATCH_FORGET {
             let head = self.post_raw(&chain)?;
             return self.wait_used(head).map(|_| 0);
         }
-        chain.push((OUT_ADDR, HEADER_OUT + reply_room, true));
+        chain.push((OUT_HEADER_ADDR, HEADER_OUT, true));
+        if reply_room > 0 {
+            chain.push((OUT_ADDR, reply_room, true));
+        }
         let head = self.post_raw(&chain)?;
         let written = self.wait_used(head)?;
         if written < HEADER_OUT {
             return Err(io::Error::other(format!("reply of {written} bytes")));
         }
         let mut header = [0u8; HEADER_OUT as usize];
-        self.mem.read_slice(&mut header, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
+        self.mem.read_slice(&mut header, GuestAddress(OUT_HEADER_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
         let error = i32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
         let unique = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         if unique != self.unique {
@@ -246,7 +254,7 @@ impl FuseGuest {
     pub fn write_in_place(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<u32> {
         self.send(op::WRITE, nodeid, &Self::io_args(fh, offset, size), Some((DATA_ADDR, size.min(MAX_PAYLOAD))), 8, (0, 0))?;
         let mut written = [0u8; 4];
-        self.mem.read_slice(&mut written, GuestAddress(OUT_ADDR + u64::from(HEADER_OUT))).map_err(|e| io::Error::other(format!("{e}")))?;
+        self.mem.read_slice(&mut written, GuestAddress(OUT_ADDR)).map_err(|e| io::Error::other(format!("{e}")))?;
         Ok(u32::from_le_bytes(written))
     }
 
@@ -352,6 +360,47 @@ impl FuseGuest {
         }
         self.release(nodeid, fh, true)?;
         Ok(names)
+    }
+
+    /// A directory's entries with their attributes (READDIRPLUS, as Linux reads directories
+    /// when the server offers it); `.` and `..` left out. Each entry counts as a lookup.
+    pub fn list_plus(&mut self, nodeid: u64) -> io::Result<Vec<(Vec<u8>, Entry)>> {
+        let fh = self.opendir(nodeid)?;
+        let mut entries = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let reply = self.request(op::READDIRPLUS, nodeid, &Self::io_args(fh, offset, 64 * 1024), 64 * 1024)?;
+            if reply.is_empty() {
+                break;
+            }
+            let mut at = 0;
+            // fuse_direntplus: an entry (128 bytes), then a dirent (24 bytes and the name).
+            while at + 152 <= reply.len() {
+                let entry = Entry::parse(&reply[at..at + 128])?;
+                let d = at + 128;
+                let off = u64::from_le_bytes(reply[d + 8..d + 16].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(reply[d + 16..d + 20].try_into().expect("4 bytes")) as usize;
+                let name = reply[d + 24..(d + 24 + len).min(reply.len())].to_vec();
+                offset = off;
+                at = d + ((24 + len + 7) & !7);
+                if entry.nodeid != 0 && name != b"." && name != b".." {
+                    entries.push((name, entry));
+                }
+            }
+        }
+        self.release(nodeid, fh, true)?;
+        Ok(entries)
+    }
+
+    /// Drops one lookup of each of `nodeids` in one request, as the kernel batches them.
+    pub fn batch_forget(&mut self, nodeids: &[u64]) -> io::Result<()> {
+        let mut args = (nodeids.len() as u32).to_le_bytes().to_vec();
+        args.extend_from_slice(&[0u8; 4]);
+        for node in nodeids {
+            args.extend_from_slice(&node.to_le_bytes());
+            args.extend_from_slice(&1u64.to_le_bytes());
+        }
+        self.send(op::BATCH_FORGET, 0, &args, None, 0, (0, 0)).map(drop)
     }
 
     pub fn unlink(&mut self, parent: u64, n: &[u8]) -> io::Result<()> {
