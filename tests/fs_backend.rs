@@ -98,3 +98,25 @@ fn chains_that_break_virtio_end_only_the_backend() {
         b.assert_outside_untouched();
     }
 }
+
+#[test]
+fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["bench", "fs", "--size", "4M", "--random-reads", "50", "--files", "50", "--tree", "600", "--rounds", "1"])
+        .args(["--virtiofsd", "/no/such/virtiofsd", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no virtiofsd reference"), "{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| workload")).collect();
+    assert_eq!(rows.len(), 5, "{stdout}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        let (host, cvm): (f64, f64) = (cells[1].parse().unwrap(), cells[2].parse().unwrap());
+        assert!(host > 0.0 && cvm > 0.0, "{row}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
+}

@@ -337,59 +337,46 @@ impl FuseGuest {
         self.request(if dir { op::RELEASEDIR } else { op::RELEASE }, nodeid, &args, 0).map(drop)
     }
 
-    /// The names in a directory (one READDIR reply's worth is enough for these tests'
-    /// directories; larger ones are read until an empty reply).
-    pub fn list(&mut self, nodeid: u64) -> io::Result<Vec<Vec<u8>>> {
+    /// Reads a whole directory with `opcode` (READDIR or READDIRPLUS): each entry, as
+    /// (its entry part for READDIRPLUS, its name), until an empty reply.
+    fn read_dir(&mut self, nodeid: u64, opcode: u32) -> io::Result<Vec<(Option<Entry>, Vec<u8>)>> {
+        // READDIRPLUS puts an entry (128 bytes) before each dirent (24 bytes and the name).
+        let entry_len = if opcode == op::READDIRPLUS { 128 } else { 0 };
         let fh = self.opendir(nodeid)?;
-        let mut names = Vec::new();
+        let mut out = Vec::new();
         let mut offset = 0u64;
         loop {
-            let reply = self.request(op::READDIR, nodeid, &Self::io_args(fh, offset, 64 * 1024), 64 * 1024)?;
+            let reply = self.request(opcode, nodeid, &Self::io_args(fh, offset, 64 * 1024), 64 * 1024)?;
             if reply.is_empty() {
                 break;
             }
             let mut at = 0;
-            while at + 24 <= reply.len() {
-                let off = u64::from_le_bytes(reply[at + 8..at + 16].try_into().expect("8 bytes"));
-                let len = u32::from_le_bytes(reply[at + 16..at + 20].try_into().expect("4 bytes")) as usize;
-                let end = (at + 24 + len).min(reply.len());
-                names.push(reply[at + 24..end].to_vec());
-                offset = off;
-                at += (24 + len + 7) & !7;
+            while at + entry_len + 24 <= reply.len() {
+                let entry = (entry_len > 0).then(|| Entry::parse(&reply[at..at + entry_len])).transpose()?;
+                let d = at + entry_len;
+                offset = u64::from_le_bytes(reply[d + 8..d + 16].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(reply[d + 16..d + 20].try_into().expect("4 bytes")) as usize;
+                out.push((entry, reply[d + 24..(d + 24 + len).min(reply.len())].to_vec()));
+                at = d + ((24 + len + 7) & !7);
             }
         }
         self.release(nodeid, fh, true)?;
-        Ok(names)
+        Ok(out)
+    }
+
+    /// The names in a directory, `.` and `..` included (READDIR).
+    pub fn list(&mut self, nodeid: u64) -> io::Result<Vec<Vec<u8>>> {
+        Ok(self.read_dir(nodeid, op::READDIR)?.into_iter().map(|(_, name)| name).collect())
     }
 
     /// A directory's entries with their attributes (READDIRPLUS, as Linux reads directories
     /// when the server offers it); `.` and `..` left out. Each entry counts as a lookup.
     pub fn list_plus(&mut self, nodeid: u64) -> io::Result<Vec<(Vec<u8>, Entry)>> {
-        let fh = self.opendir(nodeid)?;
-        let mut entries = Vec::new();
-        let mut offset = 0u64;
-        loop {
-            let reply = self.request(op::READDIRPLUS, nodeid, &Self::io_args(fh, offset, 64 * 1024), 64 * 1024)?;
-            if reply.is_empty() {
-                break;
-            }
-            let mut at = 0;
-            // fuse_direntplus: an entry (128 bytes), then a dirent (24 bytes and the name).
-            while at + 152 <= reply.len() {
-                let entry = Entry::parse(&reply[at..at + 128])?;
-                let d = at + 128;
-                let off = u64::from_le_bytes(reply[d + 8..d + 16].try_into().expect("8 bytes"));
-                let len = u32::from_le_bytes(reply[d + 16..d + 20].try_into().expect("4 bytes")) as usize;
-                let name = reply[d + 24..(d + 24 + len).min(reply.len())].to_vec();
-                offset = off;
-                at = d + ((24 + len + 7) & !7);
-                if entry.nodeid != 0 && name != b"." && name != b".." {
-                    entries.push((name, entry));
-                }
-            }
-        }
-        self.release(nodeid, fh, true)?;
-        Ok(entries)
+        Ok(self
+            .read_dir(nodeid, op::READDIRPLUS)?
+            .into_iter()
+            .filter_map(|(entry, name)| entry.filter(|e| e.nodeid != 0 && name != b"." && name != b"..").map(|e| (name, e)))
+            .collect())
     }
 
     /// Drops one lookup of each of `nodeids` in one request, as the kernel batches them.
