@@ -31,6 +31,9 @@ use crate::shares::{HostUser, ShareRequest, SharePlan};
 pub const GUEST_CID: u64 = 3;
 /// How long the agent gets to say it is ready: generous, because QEMU's TCG is slow.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The session directory's logs: the guest's serial console, and what fs backends said.
+const CONSOLE_LOG: &str = "console.log";
+const FS_LOG: &str = "fs.log";
 /// How long the guest gets to sync its disks at the end of a session.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -158,7 +161,7 @@ impl Session {
         let host_socket = dir.join("vsock");
         let vhost_socket = dir.join("vsock.vhost");
         let ready_socket = dir.join(format!("vsock_{READY_PORT}"));
-        let console_log = dir.join("console.log");
+        let console_log = dir.join(CONSOLE_LOG);
 
         let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
         let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
@@ -181,7 +184,7 @@ impl Session {
             vhost_user,
             ..VmConfig::new(&config.kernel)
         };
-        let mut machine = Machine::start(config.engine, &vm_config)?;
+        let mut machine = Machine::start(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
         let setup = started.elapsed();
 
         let boot_deadline = started + BOOT_TIMEOUT;
@@ -190,8 +193,7 @@ impl Session {
             Ok(()) => started.elapsed() - setup,
             Err(e) => {
                 machine.finish(Duration::ZERO);
-                let tail = console_tail(&console_log, 20);
-                return Err(if tail.is_empty() { e } else { e.context(format!("guest console (last lines):\n{tail}")) });
+                return Err(explain(e, &dir));
             }
         };
         // Only needed to set up: the backends and the agent are connected now.
@@ -232,7 +234,7 @@ impl Session {
         }
         self.machine.finish(Duration::ZERO);
         if self.debug {
-            eprintln!("cvm: guest console:\n{}", console_tail(&self.console_log, 50));
+            eprintln!("cvm: guest console:\n{}", log_tail(&self.console_log, 50));
         }
     }
 }
@@ -245,15 +247,20 @@ fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUse
         return Ok(backends);
     }
     let exe = std::env::current_exe().context("cannot find the cvm executable for the fs backends")?;
-    let log = std::fs::File::options().create(true).append(true).open(dir.join("fs.log"))?;
+    // With -v the backends log on this terminal (which sandbox each entered); otherwise what
+    // they say goes to a log that a failed start shows.
+    let verbose = tracing::enabled!(tracing::Level::INFO);
+    let log = std::fs::File::options().create(true).append(true).open(dir.join(FS_LOG))?;
     for share in &plan.shares {
         let tag = &share.backend.tag;
         let socket = dir.join(format!("fs-{tag}.vhost"));
         let listener = UnixListener::bind(&socket).with_context(|| format!("cannot create {}", socket.display()))?;
         let mut command = Command::new(&exe);
-        command.arg("__fs-backend").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log.try_clone()?);
-        if tracing::enabled!(tracing::Level::INFO) {
+        command.arg("__fs-backend").stdin(Stdio::null()).stdout(Stdio::null());
+        if verbose {
             command.env("CVM_LOG", "info");
+        } else {
+            command.stderr(log.try_clone()?);
         }
         let backend = FsBackend::spawn(command, listener, &share.backend).with_context(|| format!("cannot share {}", share.backend.dir.display()))?;
         backends.push(backend);
@@ -301,8 +308,19 @@ fn wait_for_agent(ready: &UnixListener, machine_exit: BorrowedFd<'_>, deadline: 
     }
 }
 
-/// The last `lines` lines of the guest console log.
-fn console_tail(path: &Path, lines: usize) -> String {
+/// Adds what the guest's console and the fs backends said to an error from a session's start.
+fn explain(mut e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    for (what, file, lines) in [("fs backends", FS_LOG, 10), ("guest console (last lines)", CONSOLE_LOG, 20)] {
+        let tail = log_tail(&dir.join(file), lines);
+        if !tail.is_empty() {
+            e = e.context(format!("{what}:\n{tail}"));
+        }
+    }
+    e
+}
+
+/// The last `lines` lines of a log.
+fn log_tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         let _ = f.read_to_string(&mut text);

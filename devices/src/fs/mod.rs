@@ -67,6 +67,10 @@ impl ShareConfig {
         if !self.dir.is_absolute() || !self.dir.is_dir() {
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} is not a directory", self.dir.display())));
         }
+        // virtiofsd's sandbox takes the path as text.
+        if self.dir.to_str().is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a UTF-8 path, which the file server needs", self.dir.display())));
+        }
         Ok(())
     }
 
@@ -213,7 +217,7 @@ fn enter_sandbox(dir: &str, listener: Listener) -> io::Result<(Listener, Sandbox
 /// Forks for the sandbox: call it from a process that has no other threads yet.
 pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     share.validate()?;
-    let dir = share.dir.to_str().ok_or_else(|| io::Error::other("the share's path must be UTF-8"))?;
+    let dir = share.dir.to_str().expect("validated as UTF-8");
     // Before the sandbox, which hides /proc/sys.
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;
     let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener))?;
@@ -232,7 +236,7 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
 /// drive the backend from the same process.
 pub fn serve_in_process(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     share.validate()?;
-    let root_dir = share.dir.to_str().ok_or_else(|| io::Error::other("the share's path must be UTF-8"))?.to_string();
+    let root_dir = share.dir.to_str().expect("validated as UTF-8").to_string();
     serve_with(Listener::from(listener), share, passthrough::Config { root_dir, ..passthrough_config(share) })
 }
 

@@ -2,6 +2,7 @@
 //! vhost-user frontend and virtio-mmio transport, to the backend serving a temporary share.
 //! Every test checks the host side: nothing outside the share is read, written or created.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -293,4 +294,36 @@ fn unknown_requests_and_a_flood_get_answers() {
     }
     assert!(g.lookup(ROOT, b"file").is_ok());
     fx.finish(g);
+}
+
+#[test]
+fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ShareConfig {
+        dir: dir.path().to_path_buf(),
+        tag: "claude".into(),
+        policy: Policy { read_only: true, visible: Some(vec!["a".into(), "b c".into()]), protected: vec!["hooks".into()], writable_file: Some("a".into()) },
+        guest_uid: 1000,
+        guest_gid: 100,
+    };
+    assert_eq!(ShareConfig::from_args(config.to_args()), Ok(config.clone()));
+    let plain = ShareConfig { policy: Policy::default(), ..config.clone() };
+    assert_eq!(ShareConfig::from_args(plain.to_args()), Ok(plain));
+    for bad in [&["--dir"][..], &["--tag", "t", "--uid", "1", "--gid", "1"], &["--dir", "/", "--tag", "t", "--uid", "x", "--gid", "1"], &["--bogus", "1"]] {
+        assert!(ShareConfig::from_args(bad.iter().map(std::ffi::OsString::from)).is_err(), "{bad:?}");
+    }
+    assert!(config.validate().is_ok());
+    let invalid = |change: &dyn Fn(&mut ShareConfig)| {
+        let mut c = config.clone();
+        change(&mut c);
+        c.validate().is_err()
+    };
+    assert!(invalid(&|c| c.tag = String::new()));
+    assert!(invalid(&|c| c.tag = "x".repeat(37)));
+    assert!(invalid(&|c| c.tag = "a,b".into()));
+    assert!(invalid(&|c| c.dir = "relative".into()));
+    assert!(invalid(&|c| c.dir = dir.path().join("missing")));
+    let non_utf8 = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff"));
+    std::fs::create_dir(&non_utf8).unwrap();
+    assert!(invalid(&|c| c.dir = non_utf8.clone()));
 }
