@@ -301,29 +301,24 @@ fn run_bench(args: RunBench) -> Result<()> {
         args.engines.clone()
     };
     let cvm = std::env::current_exe()?;
-    let accel = match cvm_vmm::qemu::Accel::for_this_host() {
-        cvm_vmm::qemu::Accel::Kvm => ["-accel", "kvm", "-cpu", "host"].as_slice(),
-        cvm_vmm::qemu::Accel::Tcg => ["-accel", "tcg"].as_slice(),
-    };
     // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
     // timed to the init's line on the console (then QEMU is killed: its power-off under TCG
     // is slower than the boot and not part of what is compared).
+    let mut vm = cvm_vmm::VmConfig {
+        cmdline: "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test".into(),
+        vcpus: 2,
+        serial_input: false,
+        ..cvm_vmm::VmConfig::new(&kernel)
+    };
+    image.configure(&mut vm);
     let mut reference = Command::new(&args.qemu);
-    reference
-        .args(["-M", "microvm,acpi=off", "-m", "512M", "-smp", "2"])
-        .args(accel)
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&image)
-        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test"]);
+    reference.args(cvm_vmm::qemu::arguments(&vm, cvm_vmm::qemu::Accel::for_this_host()));
     let mut commands: Vec<(String, Command)> = engines
         .iter()
         .map(|engine| {
             let name = format!("{engine:?}").to_lowercase();
             let mut c = Command::new(&cvm);
-            c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&image).args(["--", "true"]);
+            c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&args.image).args(["--", "true"]);
             (name, c)
         })
         .collect();

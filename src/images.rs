@@ -1,9 +1,14 @@
 //! Where the guest kernel and images are: built by the project's scripts into the cache, with
 //! a `current` link to the latest build of each.
+//!
+//! An image is a root file system in one of two forms: an initramfs (the minimal image, a cpio
+//! the kernel unpacks into memory) or a disk image (the Debian image, EROFS on a read-only
+//! virtio-blk device). Which one a file is, is read from the file itself.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// `$XDG_CACHE_HOME/cvm`, else `~/.cache/cvm`: where scripts/build-* put their results.
 pub fn cache_dir() -> PathBuf {
@@ -25,20 +30,159 @@ pub fn kernel(explicit: Option<PathBuf>) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The root image for `--image`: `minimal` is the initramfs scripts/build-initramfs makes
-/// (or `$CVM_MINIMAL_IMAGE`); anything else is a path to an initramfs.
-pub fn image(name: &str) -> Result<PathBuf> {
-    let path = match name {
-        "minimal" => std::env::var_os("CVM_MINIMAL_IMAGE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache_dir().join("initramfs/current/initramfs.cpio")),
-        other => PathBuf::from(other),
-    };
-    if !path.exists() {
-        if name == "minimal" {
-            bail!("the minimal image is not built ({} is missing): run scripts/build-initramfs", path.display());
+/// A root image, by its form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Image {
+    /// A cpio archive the kernel unpacks into memory; its `/init` is cvm-agent.
+    Initramfs(PathBuf),
+    /// An EROFS or ext4 file system served read-only as the guest's /dev/vda; its `/init` is
+    /// cvm-agent, which lays a writable in-memory layer over it.
+    Disk(PathBuf),
+}
+
+impl Image {
+    /// Gives `vm` this image as its root: the initrd, or the first disk (read-only, the
+    /// guest's /dev/vda) and the kernel arguments that mount it.
+    pub fn configure(&self, vm: &mut cvm_vmm::VmConfig) {
+        match self {
+            Image::Initramfs(path) => vm.initrd = Some(path.clone()),
+            Image::Disk(path) => {
+                vm.disks.insert(0, cvm_vmm::DiskConfig { path: path.clone(), read_only: true });
+                vm.cmdline.push_str(" root=/dev/vda ro init=/init");
+            }
         }
-        bail!("no image at {}", path.display());
+    }
+}
+
+/// A built-in image: its name, the variable that overrides its path, where its recipe caches
+/// builds (`<dir>/<recipe hash>/<file>`, with `<dir>/current` the latest) and the recipe.
+struct Named {
+    name: &'static str,
+    variable: &'static str,
+    dir: &'static str,
+    file: &'static str,
+    script: &'static str,
+}
+
+const NAMED: &[Named] = &[
+    Named { name: "minimal", variable: "CVM_MINIMAL_IMAGE", dir: "initramfs", file: "initramfs.cpio", script: "scripts/build-initramfs" },
+    Named { name: "debian", variable: "CVM_DEBIAN_IMAGE", dir: "images/debian", file: "root.erofs", script: "scripts/build-image" },
+];
+
+fn named(name: &str) -> Option<&'static Named> {
+    NAMED.iter().find(|n| n.name == name)
+}
+
+/// One cached build of a named image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedImage {
+    pub name: &'static str,
+    /// The recipe's hash: the build's directory name.
+    pub key: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// What `--image NAME` uses.
+    pub current: bool,
+}
+
+/// Every cached build of the named images, current ones first.
+pub fn cached() -> Vec<CachedImage> {
+    let mut out = Vec::new();
+    for named in NAMED {
+        let base = cache_dir().join(named.dir);
+        let current = std::fs::read_link(base.join("current")).ok();
+        let Ok(entries) = std::fs::read_dir(&base) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path().join(named.file);
+            let key = entry.file_name().to_string_lossy().into_owned();
+            if key == "current" || !path.is_file() {
+                continue;
+            }
+            let bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
+            let is_current = current.as_deref() == Some(Path::new(&key));
+            out.push(CachedImage { name: named.name, key, path, bytes, current: is_current });
+        }
+    }
+    out.sort_by_key(|i| (i.name, !i.current, i.key.clone()));
+    out
+}
+
+/// The recipe that builds a named image, from the source tree this cvm was built from.
+pub fn recipe(name: &str) -> Result<PathBuf> {
+    let named = named(name).with_context(|| format!("no image is called {name} (debian, minimal)"))?;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(named.script);
+    if !path.is_file() {
+        bail!("{} is gone: cvm builds images from the source tree it was built from", path.display());
     }
     Ok(path)
+}
+
+/// The root image for `--image`: a name (`debian`, `minimal`) or a path to an image.
+pub fn image(name: &str) -> Result<Image> {
+    let path = match named(name) {
+        Some(n) => {
+            let path = std::env::var_os(n.variable).map(PathBuf::from).unwrap_or_else(|| cache_dir().join(n.dir).join("current").join(n.file));
+            if !path.exists() {
+                bail!("the {name} image is not built ({} is missing): run `cvm image build {name}` ({})", path.display(), n.script);
+            }
+            path
+        }
+        None => PathBuf::from(name),
+    };
+    if !path.exists() {
+        bail!("no image at {}", path.display());
+    }
+    identify(&path)
+}
+
+/// Reads which form of image `path` is from its magic numbers.
+fn identify(path: &Path) -> Result<Image> {
+    let mut head = vec![0u8; 2048];
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let n = f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?;
+    head.truncate(n);
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"070701") || at(0, b"070702") {
+        return Ok(Image::Initramfs(path.to_path_buf()));
+    }
+    // EROFS: le32 0xE0F5E1E2 at 1024; ext2/3/4: le16 0xEF53 at 1080.
+    if at(1024, &0xE0F5_E1E2u32.to_le_bytes()) || at(1080, &0xEF53u16.to_le_bytes()) {
+        return Ok(Image::Disk(path.to_path_buf()));
+    }
+    bail!("{} is not an image cvm can boot: neither an initramfs (cpio) nor an EROFS or ext4 file system", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_known_by_their_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[(usize, &[u8])]| {
+            let mut data = vec![0u8; 4096];
+            for (offset, b) in bytes {
+                data[*offset..offset + b.len()].copy_from_slice(b);
+            }
+            let p = dir.path().join(name);
+            std::fs::write(&p, data).unwrap();
+            p
+        };
+        let cpio = write("a.cpio", &[(0, b"070701")]);
+        let erofs = write("root.img", &[(1024, &0xE0F5_E1E2u32.to_le_bytes())]);
+        let ext4 = write("disk", &[(1080, &0xEF53u16.to_le_bytes())]);
+        let junk = write("junk.erofs", &[(0, b"hello")]);
+        assert_eq!(image(cpio.to_str().unwrap()).unwrap(), Image::Initramfs(cpio));
+        assert_eq!(image(erofs.to_str().unwrap()).unwrap(), Image::Disk(erofs.clone()));
+        assert_eq!(image(ext4.to_str().unwrap()).unwrap(), Image::Disk(ext4));
+        let err = image(junk.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("not an image"), "{err}");
+        let mut vm = cvm_vmm::VmConfig::new("/k");
+        Image::Disk(erofs.clone()).configure(&mut vm);
+        assert_eq!(vm.disks, [cvm_vmm::DiskConfig { path: erofs, read_only: true }]);
+        assert!(vm.cmdline.ends_with(" root=/dev/vda ro init=/init") && vm.initrd.is_none());
+        std::fs::write(dir.path().join("short"), b"07").unwrap();
+        assert!(image(dir.path().join("short").to_str().unwrap()).is_err());
+        assert!(image("/no/such/image").unwrap_err().to_string().contains("/no/such/image"));
+    }
 }

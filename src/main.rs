@@ -33,6 +33,9 @@ enum Command {
     Run(RunArgs),
     /// Open an interactive shell in a fresh VM.
     Shell(ShellArgs),
+    /// Build, list and remove the cached root images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Measure cvm against references.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,8 +57,10 @@ pub struct VmArgs {
     /// no hardware KVM). Also CVM_VMM.
     #[arg(long = "vmm", env = "CVM_VMM", value_enum, default_value = "cvm")]
     engine: Engine,
-    /// Root image: `minimal` (cvm-agent and busybox in an initramfs) or a path to one.
-    #[arg(long, default_value = "minimal")]
+    /// Root image: `debian` (Debian with Claude Code, from scripts/build-image), `minimal`
+    /// (cvm-agent and busybox in an initramfs, from scripts/build-initramfs) or a path to an
+    /// image of either kind.
+    #[arg(long, default_value = "debian")]
     image: String,
     /// Guest kernel (default: the one scripts/build-kernel built; also CVM_KERNEL).
     #[arg(long)]
@@ -92,9 +97,28 @@ pub struct RunArgs {
     /// on standard error.
     #[arg(long)]
     timings: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// The command and its arguments. Without one: Claude Code
+    /// (`claude --dangerously-skip-permissions`) in the project, `.` unless PATH is given.
+    #[arg(last = true)]
     command: Vec<OsString>,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build an image (or reuse the cached build of the same recipe), with progress.
+    Build {
+        /// `debian` (Debian with Claude Code) or `minimal` (cvm-agent and busybox).
+        #[arg(default_value = "debian")]
+        name: String,
+    },
+    /// List the cached builds: name, recipe hash, size, and which one `--image NAME` uses.
+    Ls,
+    /// Remove cached builds that are not in use (`--all`: those in use too).
+    Rm {
+        /// Also the builds `--image NAME` uses now.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -139,8 +163,18 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
-        Command::Run(args) => run(&args.vm, args.path, args.command, args.timings),
+        Command::Run(args) => {
+            let (project, command) = cvm::run::agent_defaults(args.path, args.command);
+            run(&args.vm, project, command, args.timings)
+        }
         Command::Shell(args) => run(&args.vm, args.path, vec!["/bin/sh".into(), "-l".into()], false),
+        Command::Image(command) => match image_command(command) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("cvm: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(command) => match bench::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -195,6 +229,32 @@ fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings:
 
 fn parse_mount(text: &str) -> Result<MountSpec, String> {
     parse_mount_spec(text, &std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default())
+}
+
+fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ImageCommand::Build { name } => {
+            // The recipe prints its progress on stderr and the image's path last on stdout.
+            let status = std::process::Command::new(cvm::images::recipe(&name)?).status()?;
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        ImageCommand::Ls => {
+            println!("{:<8} {:<17} {:>9}  {}", "IMAGE", "RECIPE", "SIZE", "PATH");
+            for image in cvm::images::cached() {
+                let mark = if image.current { " (current)" } else { "" };
+                println!("{:<8} {:<17} {:>8}M  {}{mark}", image.name, image.key, image.bytes >> 20, image.path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Rm { all } => {
+            for image in cvm::images::cached().into_iter().filter(|i| all || !i.current) {
+                let dir = image.path.parent().expect("a build directory");
+                std::fs::remove_dir_all(dir)?;
+                println!("removed {} {}", image.name, image.key);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// `cvm __fs-backend ARGS`: one share's server, in its own process and sandbox.

@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -34,6 +35,19 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
         return Err("the duration must be greater than zero".into());
     }
     Ok(duration)
+}
+
+/// What `cvm run` runs when no command is given: the coding agent, allowed to act without
+/// asking (the VM is the sandbox).
+pub const AGENT_COMMAND: &[&str] = &["claude", "--dangerously-skip-permissions"];
+
+/// `cvm run [PATH] [-- CMD]`: with no command, the agent in the project (`.` by default);
+/// with one, exactly what was asked (no project unless PATH is given).
+pub fn agent_defaults(project: Option<PathBuf>, command: Vec<OsString>) -> (Option<PathBuf>, Vec<OsString>) {
+    if !command.is_empty() {
+        return (project, command);
+    }
+    (Some(project.unwrap_or_else(|| PathBuf::from("."))), AGENT_COMMAND.iter().map(OsString::from).collect())
 }
 
 /// Prefix of the line `--timings` prints on stderr (`cvm bench run` reads it).
@@ -101,6 +115,16 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_command_the_agent_runs_in_the_project() {
+        let agent: Vec<OsString> = AGENT_COMMAND.iter().map(OsString::from).collect();
+        assert_eq!(agent_defaults(None, vec![]), (Some(PathBuf::from(".")), agent.clone()));
+        assert_eq!(agent_defaults(Some("/p".into()), vec![]), (Some(PathBuf::from("/p")), agent));
+        let cmd = vec![OsString::from("make"), OsString::from("test")];
+        assert_eq!(agent_defaults(None, cmd.clone()), (None, cmd.clone()), "a command shares nothing unasked");
+        assert_eq!(agent_defaults(Some("/p".into()), cmd.clone()), (Some(PathBuf::from("/p")), cmd));
+    }
 
     #[test]
     fn durations() {

@@ -23,6 +23,7 @@ use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
+use crate::images::Image;
 use crate::rundir::RunDir;
 use crate::shares::{HostUser, ShareRequest, SharePlan};
 
@@ -51,8 +52,8 @@ pub enum Engine {
 pub struct SessionConfig {
     pub engine: Engine,
     pub kernel: PathBuf,
-    /// The initramfs (the minimal image).
-    pub image: PathBuf,
+    /// The root image.
+    pub image: Image,
     pub cpus: u8,
     pub memory_bytes: u64,
     /// Kernel and agent messages on the console log, and the log kept.
@@ -173,8 +174,7 @@ impl Session {
 
         let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1");
         cmdline.push_str(if config.debug { " cvm.debug" } else { " quiet" });
-        let vm_config = VmConfig {
-            initrd: Some(config.image.clone()),
+        let mut vm_config = VmConfig {
             cmdline,
             vcpus: config.cpus,
             memory_bytes: config.memory_bytes,
@@ -184,6 +184,7 @@ impl Session {
             vhost_user,
             ..VmConfig::new(&config.kernel)
         };
+        config.image.configure(&mut vm_config);
         let mut machine = Machine::start(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
         let setup = started.elapsed();
 

@@ -140,7 +140,7 @@ fn bad_input_gets_a_clear_error() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/image"), "{}", text(&out.stderr));
 
-    for args in [&["--"][..], &["--timeout", "0", "--", "true"], &["--timeout", "soon", "--", "true"], &["--memory", "lots", "--", "true"]] {
+    for args in [&["--timeout", "0", "--", "true"][..], &["--timeout", "soon", "--", "true"], &["--memory", "lots", "--", "true"]] {
         let out = env.run("qemu", args, b"");
         assert_eq!(out.status.code(), Some(2), "{args:?}: usage error expected; {}", text(&out.stderr));
     }

@@ -57,6 +57,20 @@ impl Env {
         Some(Env { kernel, image, runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() })
     }
 
+    /// The same with the Debian image (scripts/build-image; scripts/test exports it).
+    pub fn debian() -> Option<Env> {
+        let mut env = Env::new()?;
+        match std::env::var_os("CVM_TEST_DEBIAN_IMAGE") {
+            Some(image) => env.image = PathBuf::from(image),
+            None => {
+                assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_DEBIAN_IMAGE is not set");
+                eprintln!("skipped: CVM_TEST_DEBIAN_IMAGE is not set (run scripts/test)");
+                return None;
+            }
+        }
+        Some(env)
+    }
+
     pub fn command(&self, engine: &str, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
         c.arg("run").arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);

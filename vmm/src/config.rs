@@ -26,6 +26,16 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Devices served by vhost-user backends (cvm's own vsock and fs servers).
     pub vhost_user: Vec<VhostUserConfig>,
+    /// Disk images as virtio-blk devices, in order: the first is the guest's /dev/vda.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A disk image file as the guest sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// Refused by the device itself, not only by a guest mount flag.
+    pub read_only: bool,
 }
 
 /// A device whose queues a vhost-user backend serves.
@@ -92,6 +102,7 @@ impl VmConfig {
             serial_input: true,
             console_log: None,
             vhost_user: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -113,7 +124,7 @@ impl VmConfig {
         if !self.memory_bytes.is_multiple_of(4096) {
             return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
         }
-        for path in std::iter::once(&self.kernel).chain(self.initrd.as_ref()) {
+        for path in std::iter::once(&self.kernel).chain(self.initrd.as_ref()).chain(self.disks.iter().map(|d| &d.path)) {
             let meta = std::fs::metadata(path)
                 .map_err(|source| Error::File { path: path.clone(), source })?;
             if !meta.is_file() {

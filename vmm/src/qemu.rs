@@ -54,7 +54,9 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     push(&["-M", "microvm,acpi=off,memory-backend=ram"]);
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-accel", "tcg"]),
+        // Every feature TCG can emulate (AVX2 included): Claude Code's binary needs more than
+        // the default qemu64 model has.
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
     push(&["-m", &format!("{mib}M"), "-smp", &config.vcpus.to_string()]);
     push(&["-object", &format!("memory-backend-memfd,id=ram,size={mib}M,share=on")]);
@@ -80,6 +82,13 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     args.push(config.cmdline.clone().into());
     if config.rng {
         args.extend(["-device".into(), "virtio-rng-device".into()]);
+    }
+    for (index, disk) in config.disks.iter().enumerate() {
+        let mut drive = OsString::from("file=");
+        // QEMU's option syntax doubles a comma inside a value.
+        drive.push(disk.path.to_string_lossy().replace(',', ",,"));
+        drive.push(format!(",format=raw,if=none,id=disk{index},readonly={}", if disk.read_only { "on" } else { "off" }));
+        args.extend(["-drive".into(), drive, "-device".into(), format!("virtio-blk-device,drive=disk{index}").into()]);
     }
     for (index, vhost) in config.vhost_user.iter().enumerate() {
         let mut chardev = OsString::from(format!("socket,id=vhost{index},path="));
@@ -175,6 +184,7 @@ mod tests {
         config.console_log = Some("/run/x/console.log".into());
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/vsock.vhost".into(), kind: VhostUserKind::Vsock });
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
+        config.disks.push(crate::DiskConfig { path: "/img/root,1.erofs".into(), read_only: true });
         let args: Vec<String> = arguments(&config, Accel::Tcg).into_iter().map(|a| a.into_string().unwrap()).collect();
         let line = args.join(" ");
         for want in [
@@ -187,6 +197,7 @@ mod tests {
             "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
             "-chardev socket,id=vhost1,path=/run/x/fs-project.vhost -device vhost-user-fs-device,chardev=vhost1,tag=project,queue-size=1024",
             "-no-reboot",
+            "-drive file=/img/root,,1.erofs,format=raw,if=none,id=disk0,readonly=on -device virtio-blk-device,drive=disk0",
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");
         }

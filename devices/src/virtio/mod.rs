@@ -4,6 +4,7 @@
 //! and, once the driver sets DRIVER_OK, turns its queues into a worker that the VMM's event loop
 //! runs. [`VhostUserDevice`] implements the same trait and hands its queues to a backend.
 
+mod block;
 mod mmio;
 mod rng;
 mod vhost_user;
@@ -16,6 +17,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use block::Block;
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 pub use rng::Rng;
 pub use vhost_user::{DeviceConfig, VhostUserDevice, VhostUserDeviceKind};

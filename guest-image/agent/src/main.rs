@@ -77,6 +77,9 @@ pub(crate) fn shutdown() -> ! {
 /// Mounts, names the machine; returns the kernel command line. Resets at once under
 /// `cvm.boot_test`.
 fn init_system() -> String {
+    if let Err(e) = setup::make_root_writable() {
+        eprintln!("cvm-agent: cannot make the root writable: {e}");
+    }
     mount("devtmpfs", "/dev", "devtmpfs", None);
     mount("proc", "/proc", "proc", None);
     mount("sysfs", "/sys", "sysfs", None);
@@ -86,6 +89,11 @@ fn init_system() -> String {
     let name = b"cvm";
     // SAFETY: sethostname reads name.len() bytes.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    // The name resolves without a network (sudo and others look it up).
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    if !hosts.split_whitespace().any(|w| w == "cvm") {
+        let _ = std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n127.0.1.1 cvm\n::1 localhost\n{hosts}"));
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if cmdline.split_whitespace().any(|w| w == "cvm.boot_test") {
         // SAFETY: sysconf only reads system configuration.

@@ -40,6 +40,40 @@ pub fn mount(source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_u
     Ok(())
 }
 
+/// Where the writable layer over a read-only root lives before the switch (then `/mnt`).
+const ROOT_LAYERS: &str = "/run/cvm-root";
+
+/// When the kernel mounted a read-only root (a disk image), lays an in-memory writable layer
+/// over it and makes the overlay the root: the session writes anywhere, the image never
+/// changes, and everything written is gone with the VM. Nothing to do on an initramfs.
+pub fn make_root_writable() -> io::Result<()> {
+    // SAFETY: statvfs writes into the zeroed struct we pass; the path is a NUL-terminated literal.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c"/".as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+        return Ok(());
+    }
+    let layers = Path::new(ROOT_LAYERS);
+    mount("tmpfs", Path::new("/run"), Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=755"))?;
+    let (upper, work, root) = (layers.join("upper"), layers.join("work"), layers.join("root"));
+    for dir in [&upper, &work, &root] {
+        std::fs::create_dir_all(dir)?;
+    }
+    let options = format!("lowerdir=/,upperdir={},workdir={}", upper.display(), work.display());
+    mount("overlay", &root, Some("overlay"), 0, Some(&options))?;
+    // The old root goes under the new one's /mnt, then away: the overlay keeps what it needs.
+    let (new_root, put_old) = (cstr(&root)?, cstr(&root.join("mnt"))?);
+    // SAFETY: pivot_root takes two NUL-terminated paths that outlive the call.
+    if unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")?;
+    // SAFETY: umount2 takes a NUL-terminated literal.
+    if unsafe { libc::umount2(c"/mnt".as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whose directories the set-up creates: the user's under its home, root's elsewhere.
 struct Owner<'a>(Option<&'a User>);
 
@@ -131,13 +165,15 @@ fn add_user(user: &User) -> io::Result<()> {
     }
     std::fs::create_dir_all("/etc")?;
     let home = String::from_utf8_lossy(&user.home);
-    let replace = |file: &str, id: u32, line: String| -> io::Result<()> {
+    // Lines of the same name, or (in passwd and group) the same id, make way for the user's.
+    let replace = |file: &str, id: Option<u32>, line: String| -> io::Result<()> {
         let old = std::fs::read_to_string(file).unwrap_or_default();
+        let id = id.map(|i| i.to_string());
         let mut out = String::new();
         for l in old.lines() {
             let mut fields = l.split(':');
             let (name, id_field) = (fields.next(), fields.nth(1));
-            if name != Some(user.name.as_str()) && id_field != Some(id.to_string().as_str()) {
+            if name != Some(user.name.as_str()) && (id.is_none() || id_field != id.as_deref()) {
                 out.push_str(l);
                 out.push('\n');
             }
@@ -146,8 +182,21 @@ fn add_user(user: &User) -> io::Result<()> {
         out.push('\n');
         std::fs::File::create(file)?.write_all(out.as_bytes())
     };
-    replace("/etc/passwd", user.uid, format!("{}:x:{}:{}::{home}:/bin/sh", user.name, user.uid, user.gid))?;
-    replace("/etc/group", user.gid, format!("{}:x:{}:", user.name, user.gid))?;
+    let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+    replace("/etc/passwd", Some(user.uid), format!("{}:x:{}:{}::{home}:{shell}", user.name, user.uid, user.gid))?;
+    replace("/etc/group", Some(user.gid), format!("{}:x:{}:", user.name, user.gid))?;
+    // An account without a shadow entry fails PAM's account check (sudo refuses it); `*`
+    // means no password can log in.
+    if Path::new("/etc/shadow").exists() {
+        replace("/etc/shadow", None, format!("{}:*:19000:0:99999:7:::", user.name))?;
+    }
+    // Root inside the VM is the user's (the VM is the boundary): sudo without a password,
+    // where the image has sudo.
+    if Path::new("/etc/sudoers.d").is_dir() {
+        let rule = format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.name);
+        std::fs::write("/etc/sudoers.d/cvm-user", rule)?;
+        std::fs::set_permissions("/etc/sudoers.d/cvm-user", std::os::unix::fs::PermissionsExt::from_mode(0o440))?;
+    }
     // The home may already exist (an image's /root): in this guest it is the user's.
     let home = Path::new(OsStr::from_bytes(&user.home));
     Owner(Some(user)).create_dirs(home)?;
