@@ -239,7 +239,7 @@ fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         ImageCommand::Ls => {
-            println!("{:<8} {:<17} {:>9}  {}", "IMAGE", "RECIPE", "SIZE", "PATH");
+            println!("{:<8} {:<17} {:>9}  PATH", "IMAGE", "RECIPE", "SIZE");
             for image in cvm::images::cached() {
                 let mark = if image.current { " (current)" } else { "" };
                 println!("{:<8} {:<17} {:>8}M  {}{mark}", image.name, image.key, image.bytes >> 20, image.path.display());

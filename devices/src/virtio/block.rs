@@ -179,7 +179,7 @@ impl BlockWorker {
     /// the disk.
     fn range(&self, sector: u64, len: usize) -> Result<u64, Failure> {
         let len = len as u64;
-        if len % SECTOR != 0 {
+        if !len.is_multiple_of(SECTOR) {
             return Err(Failure::IoErr);
         }
         let end = sector.checked_add(len / SECTOR).ok_or(Failure::IoErr)?;
