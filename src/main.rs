@@ -14,7 +14,8 @@ use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEM
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser)]
-#[command(name = "cvm", version, about = "A microVM sandbox for coding agents")]
+#[command(name = "cvm", version, about = "A microVM sandbox for coding agents", after_help = "cvm \"PROMPT\" is `cvm run` with Claude Code given that prompt, in the current directory.")]
+#[command(allow_external_subcommands = true)]
 struct Cli {
     /// Log what the VMM does (repeat for more); CVM_LOG=debug does the same.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -39,6 +40,9 @@ enum Command {
     /// Measure cvm against references.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// `cvm "PROMPT"`: Claude Code on the current directory, given the prompt.
+    #[command(external_subcommand)]
+    Prompt(Vec<OsString>),
     /// Internal: serves one share to one VM (started by cvm itself, its socket on fd 3).
     #[command(name = "__fs-backend", hide = true)]
     FsBackend {
@@ -159,7 +163,14 @@ pub struct BootArgs {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Command::Prompt(prompt) = cli.command {
+        // Exactly `cvm run . -- claude --dangerously-skip-permissions PROMPT`.
+        let mut argv: Vec<OsString> = vec!["cvm".into(), "run".into(), ".".into(), "--".into()];
+        argv.extend(cvm::run::AGENT_COMMAND.iter().map(OsString::from));
+        argv.extend(prompt);
+        cli = Cli { command: Cli::parse_from(argv).command, ..cli };
+    }
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
@@ -182,6 +193,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Prompt(_) => unreachable!("a prompt became `cvm run` above"),
         Command::FsBackend { args } => match fs_backend(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

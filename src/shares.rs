@@ -173,6 +173,22 @@ pub fn encode_project_path(path: &Path) -> String {
     path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
 }
 
+/// The most of `~/.claude.json` a guest gets: Claude Code's settings and account state, with
+/// the per-project entries of every other project left out. None when there is no readable
+/// JSON object, or when even that is too large to send.
+fn claude_state(path: &Path, project: &Path) -> Option<String> {
+    const MAX: usize = 256 << 10;
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let object = state.as_object_mut()?;
+    if let Some(serde_json::Value::Object(projects)) = object.get_mut("projects") {
+        let keep = project.to_string_lossy();
+        projects.retain(|key, _| *key == keep);
+    }
+    let out = state.to_string();
+    (out.len() <= MAX).then_some(out)
+}
+
 /// The main repository's `.git` when `project` is a git worktree (its `.git` is a file that
 /// points into `<main>/.git/worktrees/<name>`).
 fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
@@ -213,6 +229,9 @@ impl SharePlan {
                 add(&mut plan, "git".into(), git.clone(), policy, git, false);
             }
             plan.plan_claude(request, host, &user, &project, &mut add)?;
+            if let Some(state) = claude_state(&host.home.join(".claude.json"), &project) {
+                plan.setup.mounts.push(Mount::File { target: [user.home.as_slice(), b"/.claude.json"].concat(), contents: state.into_bytes() });
+            }
             plan.workdir = Some(project);
         }
 
@@ -372,6 +391,24 @@ mod tests {
         no_conv.conversations = false;
         let plan = SharePlan::new(&no_conv, &host, &dir.path().join("meta")).unwrap();
         assert!(!plan.shares.iter().any(|s| s.backend.tag == "conversations"));
+    }
+
+    #[test]
+    fn claude_json_keeps_only_this_projects_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".claude.json");
+        std::fs::write(&path, r#"{"hasCompletedOnboarding":true,"projects":{"/p":{"history":[1]},"/secret":{"history":[2]}},"userID":"u"}"#).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&claude_state(&path, Path::new("/p")).unwrap()).unwrap();
+        assert_eq!(state["hasCompletedOnboarding"], true);
+        assert_eq!(state["userID"], "u");
+        assert_eq!(state["projects"].as_object().unwrap().keys().collect::<Vec<_>>(), ["/p"]);
+        for bad in ["not json", "[1,2]", ""] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(claude_state(&path, Path::new("/p")), None, "{bad:?}");
+        }
+        std::fs::write(&path, format!(r#"{{"big":"{}"}}"#, "x".repeat(300 << 10))).unwrap();
+        assert_eq!(claude_state(&path, Path::new("/p")), None, "too large to send");
+        assert_eq!(claude_state(&dir.path().join("missing"), Path::new("/p")), None);
     }
 
     #[test]

@@ -67,3 +67,28 @@ fn image_ls_and_rm_manage_the_cache() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("cvm image build debian"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_prompt_alone_starts_claude_code_on_the_current_directory() {
+    let Some(env) = Env::debian() else { return };
+    let dir = env.home.path().join("here");
+    std::fs::create_dir_all(&dir).unwrap();
+    // `cvm PROMPT` takes its settings from the environment; no credentials here, so Claude
+    // Code, having accepted the prompt and --dangerously-skip-permissions as the guest user,
+    // asks for a login.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .arg("list the files")
+        .current_dir(&dir)
+        .env("CVM_VMM", "qemu")
+        .env("CVM_KERNEL", &env.kernel)
+        .env("CVM_DEBIAN_IMAGE", &env.image)
+        .env("HOME", env.home.path())
+        .env("XDG_RUNTIME_DIR", env.runtime.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("Not logged in"), "{all}");
+    assert!(!all.contains("root"), "{all}");
+    env.assert_clean();
+}

@@ -59,11 +59,15 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
     std::fs::write(claude.join("settings.json"), "{\"theme\":\"dark\"}").unwrap();
     std::fs::write(claude.join(".credentials.json"), "{\"token\":\"old\"}").unwrap();
     std::fs::create_dir_all(claude.join("skills/mine")).unwrap();
+    let state = format!(r#"{{"hasCompletedOnboarding":true,"projects":{{"{}":{{"allowedTools":[]}},"/other-secret":{{}}}}}}"#, dir.display());
+    std::fs::write(env.home.path().join(".claude.json"), &state).unwrap();
     let script = "cd ~/.claude; ls -A; ls projects; cat settings.json; echo; \
                   test -e history.jsonl && echo LEAK; \
                   echo debug > debug.log; echo '{}' > settings.json; mkdir -p todos; \
                   echo '{\"token\":\"refreshed\"}' > .credentials.json; \
-                  echo turn > \"projects/$(ls projects)/session.jsonl\"";
+                  echo turn > \"projects/$(ls projects)/session.jsonl\"; \
+                  grep -c other-secret ~/.claude.json; grep -c hasCompletedOnboarding ~/.claude.json; \
+                  echo '{}' > ~/.claude.json";
     for engine in engines() {
         let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
         let stdout = text(&out.stdout);
@@ -73,6 +77,8 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
         assert_eq!(lines[4], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
         assert_eq!(lines[5], "{\"theme\":\"dark\"}", "[{engine}]");
         assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
+        assert_eq!(lines[6..8], ["0", "1"], "[{engine}] ~/.claude.json without other projects: {stdout}");
+        assert_eq!(std::fs::read_to_string(env.home.path().join(".claude.json")).unwrap(), state, "[{engine}] the guest's copy is its own");
         // On the host: the refreshed token and the conversation arrived; nothing else did.
         assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
         assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");

@@ -74,6 +74,9 @@ pub enum Mount {
     /// `source` (a file or a directory) bind-mounted on `target`; skipped when `source`
     /// does not exist.
     Bind { source: Vec<u8>, target: Vec<u8> },
+    /// A file written at `target` with `contents` (the guest's own copy: changes stay in the
+    /// guest).
+    File { target: Vec<u8>, contents: Vec<u8> },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -296,6 +299,7 @@ impl Request {
                         Mount::Share { tag, target, read_only } => enc.u8(1).bytes(tag.as_bytes()).bytes(target).u8(u8::from(*read_only)),
                         Mount::Overlay { lower, target } => enc.u8(2).bytes(lower).bytes(target),
                         Mount::Bind { source, target } => enc.u8(3).bytes(source).bytes(target),
+                        Mount::File { target, contents } => enc.u8(4).bytes(target).bytes(contents),
                     };
                 }
                 enc.finish()
@@ -341,6 +345,7 @@ impl Request {
                             1 => Mount::Share { tag: d.string()?, target: d.bytes()?, read_only: d.u8()? != 0 },
                             2 => Mount::Overlay { lower: d.bytes()?, target: d.bytes()? },
                             3 => Mount::Bind { source: d.bytes()?, target: d.bytes()? },
+                            4 => Mount::File { target: d.bytes()?, contents: d.bytes()? },
                             other => return Err(DecodeError::UnknownTag(other)),
                         })
                     })
@@ -499,6 +504,7 @@ mod tests {
                 Mount::Share { tag: "claude".into(), target: b"/run/cvm/fs/claude".to_vec(), read_only: true },
                 Mount::Overlay { lower: b"/run/cvm/fs/claude".to_vec(), target: b"/home/dev/.claude".to_vec() },
                 Mount::Bind { source: b"/run/cvm/fs/claude/.credentials.json".to_vec(), target: b"/home/dev/.claude/.credentials.json".to_vec() },
+                Mount::File { target: b"/home/dev/.claude.json".to_vec(), contents: b"{}".to_vec() },
             ],
         }
     }

@@ -152,6 +152,14 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 let source_str = source_path.to_str().ok_or_else(|| describe("not UTF-8:", source, io::ErrorKind::InvalidInput.into()))?;
                 mount(source_str, path, None, libc::MS_BIND, None).map_err(|e| describe(&format!("cannot bind {source_str} on"), target, e))?;
             }
+            Mount::File { target, contents } => {
+                let path = Path::new(OsStr::from_bytes(target));
+                if let Some(parent) = path.parent() {
+                    owner.create_dirs(parent).map_err(|e| describe("cannot create", target, e))?;
+                }
+                std::fs::write(path, contents).map_err(|e| describe("cannot write", target, e))?;
+                owner.claim(path).map_err(|e| describe("cannot chown", target, e))?;
+            }
         }
     }
     Ok(())
