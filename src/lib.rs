@@ -4,6 +4,7 @@
 //! - [`shares`]: what the guest gets of the host's files, planned as plain data.
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
+//! - [`runtime`]: runtime scripts and the CLAUDE.md context, run before each command.
 //! - [`rundir`]: a session's private directory and the janitor that removes it.
 //! - [`images`]: where the kernel and images are.
 //! - [`terminal`]: raw mode and window size.
@@ -12,6 +13,7 @@ pub mod exec;
 pub mod images;
 pub mod run;
 pub mod rundir;
+pub mod runtime;
 pub mod session;
 pub mod shares;
 pub mod terminal;

@@ -88,6 +88,10 @@ pub struct VmArgs {
     /// Leave the project's conversation folder (~/.claude/projects/<project>) out of the guest.
     #[arg(long)]
     no_conversations: bool,
+    /// A script sourced before the command, in the same shell, after the project's own
+    /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
+    #[arg(long = "runtime-script", value_name = "FILE")]
+    runtime_scripts: Vec<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -225,6 +229,7 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
         cpus: args.cpus,
         memory_bytes: args.memory,
         debug: args.debug,
+        runtime_scripts: args.runtime_scripts.clone(),
     })
 }
 

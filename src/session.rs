@@ -25,6 +25,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use crate::exec::{self, Outcome};
 use crate::images::Image;
 use crate::rundir::RunDir;
+use crate::runtime::{Runtime, VmFacts};
 use crate::shares::{HostUser, ShareRequest, SharePlan};
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
@@ -60,6 +61,8 @@ pub struct SessionConfig {
     pub debug: bool,
     /// The project and other host directories the guest gets.
     pub shares: ShareRequest,
+    /// Runtime scripts to source before each command, after the project's own.
+    pub runtime_scripts: Vec<PathBuf>,
 }
 
 /// A VM on either engine, as the session sees it.
@@ -144,6 +147,8 @@ pub struct Session {
     _vsock: VsockServer,
     _fs: Vec<FsBackend>,
     plan: SharePlan,
+    /// What runs before each command of a project session.
+    runtime: Option<Runtime>,
     host_socket: PathBuf,
     console_log: PathBuf,
     debug: bool,
@@ -167,8 +172,19 @@ impl Session {
         let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
         let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
         let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
-        let plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &dir.join("meta"))? };
+        let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &dir.join("meta"))? };
         plan.write_meta(&dir.join("meta"))?;
+        let runtime = match &plan.workdir {
+            Some(project) => {
+                let mounts = plan.shares.iter().filter(|s| s.backend.tag.starts_with("mount")).map(|s| (s.backend.dir.clone(), s.guest_path.clone(), s.backend.policy.read_only)).collect();
+                let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts };
+                let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
+                plan.setup.mounts.extend(runtime.files());
+                Some(runtime)
+            }
+            None if !config.runtime_scripts.is_empty() => bail!("--runtime-script needs a project: cvm run PATH"),
+            None => None,
+        };
         let mut vhost_user = vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }];
         let fs = start_fs_backends(&plan, &dir, &mut vhost_user)?;
 
@@ -203,12 +219,16 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, plan, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
-    /// Gives `exec` the session's user, working directory and identity variables.
+    /// Gives `exec` the session's user, working directory and identity variables, and, in a
+    /// project, the runtime prologue.
     pub fn prepare(&self, exec: &mut Exec) {
-        self.plan.prepare(exec)
+        self.plan.prepare(exec);
+        if let Some(runtime) = &self.runtime {
+            runtime.wrap(exec);
+        }
     }
 
     /// The host socket of the VM's vsock device (Firecracker's protocol).

@@ -192,3 +192,34 @@ fn a_worktree_gets_its_main_git_dir_with_hooks_and_config_read_only() {
         env.assert_clean();
     }
 }
+
+#[test]
+fn runtime_scripts_prepare_the_shell_and_claude_md_says_where_claude_is() {
+    let Some(env) = Env::new() else { return };
+    let dir = project(&env);
+    std::fs::write(dir.join(".cvm.runtime.sh"), "export GREETING=hello\nmkdir -p ~/.cvm/context\necho 'Build with make.' > ~/.cvm/context/build.txt\n").unwrap();
+    let claude = env.home.path().join(".claude");
+    std::fs::create_dir_all(&claude).unwrap();
+    std::fs::write(claude.join("CLAUDE.md"), "My own rules.\n").unwrap();
+    let extra = env.home.path().join("extra.sh");
+    std::fs::write(&extra, "export SECOND=\"$GREETING again\"\n").unwrap();
+    let failing = env.home.path().join("failing.sh");
+    std::fs::write(&failing, "echo about to fail\nfalse\necho not reached\n").unwrap();
+    for engine in engines() {
+        let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&extra), "--", "sh", "-c", "echo $SECOND; cat ~/.claude/CLAUDE.md"], b"");
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+        assert!(stdout.starts_with("hello again\nMy own rules.\n<!-- cvm:begin -->\n"), "[{engine}] {stdout}");
+        assert!(stdout.contains(arg(&dir)) && stdout.contains("Build with make.\n<!-- cvm:end -->"), "[{engine}] {stdout}");
+        assert_eq!(std::fs::read_to_string(claude.join("CLAUDE.md")).unwrap(), "My own rules.\n", "[{engine}] the host's CLAUDE.md is untouched");
+
+        // A failing runtime script stops the run with its status; the command never runs.
+        let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&failing), "--", "sh", "-c", "echo COMMAND RAN"], b"");
+        assert_eq!(out.status.code(), Some(1), "[{engine}] {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "about to fail\n", "[{engine}]");
+        env.assert_clean();
+    }
+    let out = env.run("qemu", &["--runtime-script", arg(&extra), "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("needs a project"), "{}", text(&out.stderr));
+}
