@@ -73,17 +73,18 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
         let stdout = text(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
         let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines[..4], [".credentials.json", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
-        assert_eq!(lines[4], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
-        assert_eq!(lines[5], "{\"theme\":\"dark\"}", "[{engine}]");
+        // CLAUDE.md is the guest's own, with the context block the runtime prologue wrote.
+        assert_eq!(lines[..5], [".credentials.json", "CLAUDE.md", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
+        assert_eq!(lines[5], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
+        assert_eq!(lines[6], "{\"theme\":\"dark\"}", "[{engine}]");
         assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
-        assert_eq!(lines[6..8], ["0", "1"], "[{engine}] ~/.claude.json without other projects: {stdout}");
+        assert_eq!(lines[7..9], ["0", "1"], "[{engine}] ~/.claude.json without other projects: {stdout}");
         assert_eq!(std::fs::read_to_string(env.home.path().join(".claude.json")).unwrap(), state, "[{engine}] the guest's copy is its own");
         // On the host: the refreshed token and the conversation arrived; nothing else did.
         assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
         assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");
         assert_eq!(std::fs::read_to_string(claude.join("settings.json")).unwrap(), "{\"theme\":\"dark\"}", "[{engine}]");
-        assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists(), "[{engine}] guest writes stayed in the guest");
+        assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists() && !claude.join("CLAUDE.md").exists(), "[{engine}] guest writes stayed in the guest");
         std::fs::remove_file(folder.join("session.jsonl")).unwrap();
 
         // Without the conversation folder, the guest's conversation stays in the guest.
