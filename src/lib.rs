@@ -2,6 +2,7 @@
 //!
 //! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
 //! - [`shares`]: what the guest gets of the host's files, planned as plain data.
+//! - [`egress`]: the host-side HTTP proxy that is the guest's only way out, and its policy.
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
 //! - [`runtime`]: runtime scripts and the CLAUDE.md context, run before each command.
@@ -9,6 +10,7 @@
 //! - [`images`]: where the kernel and images are.
 //! - [`terminal`]: raw mode and window size.
 
+pub mod egress;
 pub mod exec;
 pub mod images;
 pub mod run;

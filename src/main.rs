@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
+use cvm::egress::{EgressPolicy, NetworkMode, DEFAULT_ALLOW};
 use cvm::session::{Engine, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
@@ -34,6 +35,12 @@ enum Command {
     Run(RunArgs),
     /// Open an interactive shell in a fresh VM.
     Shell(ShellArgs),
+    /// Show what cvm logged: `--network`, every egress decision of every session.
+    Logs {
+        /// The egress audit log ($XDG_STATE_HOME/cvm/network.log).
+        #[arg(long, required = true)]
+        network: bool,
+    },
     /// Build, list and remove the cached root images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -88,6 +95,21 @@ pub struct VmArgs {
     /// Leave the project's conversation folder (~/.claude/projects/<project>) out of the guest.
     #[arg(long)]
     no_conversations: bool,
+    /// How the guest reaches the outside: `proxy` (allow-listed HTTP and HTTPS through a
+    /// proxy on the host) or `none`. Also CVM_NETWORK.
+    #[arg(long, env = "CVM_NETWORK", value_enum, default_value = "proxy")]
+    network: NetworkMode,
+    /// Also allow this host name through the proxy (`*.example.com` for its subdomains).
+    /// Repeatable.
+    #[arg(long = "allow", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
+    allow: Vec<String>,
+    /// Refuse this host name even if allowed. Repeatable.
+    #[arg(long = "deny", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
+    deny: Vec<String>,
+    /// Resolve NAME to IP for the proxy (docker's --add-host); such a name may point at a
+    /// private or loopback address. Repeatable.
+    #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::egress::parse_add_host)]
+    add_hosts: Vec<(String, std::net::IpAddr)>,
     /// A script sourced before the command, in the same shell, after the project's own
     /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
     #[arg(long = "runtime-script", value_name = "FILE")]
@@ -183,6 +205,20 @@ fn main() -> ExitCode {
             run(&args.vm, project, command, args.timings)
         }
         Command::Shell(args) => run(&args.vm, args.path, vec!["/bin/sh".into(), "-l".into()], false),
+        Command::Logs { network: _ } => {
+            let path = cvm::egress::audit_log_path();
+            match std::fs::read(&path) {
+                Ok(log) => {
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), &log);
+                    ExitCode::SUCCESS
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cvm: {}: {e}", path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Image(command) => match image_command(command) {
             Ok(code) => code,
             Err(e) => {
@@ -230,6 +266,12 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
         memory_bytes: args.memory,
         debug: args.debug,
         runtime_scripts: args.runtime_scripts.clone(),
+        egress: EgressPolicy {
+            mode: args.network,
+            allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).chain(args.allow.iter().cloned()).collect(),
+            deny: args.deny.clone(),
+            hosts: args.add_hosts.clone(),
+        },
     })
 }
 

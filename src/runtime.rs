@@ -57,6 +57,7 @@ pub struct VmFacts<'a> {
     pub project: &'a Path,
     /// (host path, guest path, read-only) of each share the user asked for.
     pub mounts: Vec<(PathBuf, PathBuf, bool)>,
+    pub network: crate::egress::NetworkMode,
 }
 
 impl Runtime {
@@ -100,10 +101,14 @@ fn context(facts: &VmFacts<'_>) -> String {
          - The project `{}` is shared with the host: changes there are kept.\n\
          - Everything else you change (installed packages, files outside the shares, `~/.claude` \
          apart from this project's conversations) is discarded when the session ends.\n\
-         - No network interface: nothing outside this VM can be reached unless cvm forwards it.\n",
+         - {}\n",
         facts.cpus,
         facts.memory_bytes >> 20,
-        facts.project.display()
+        facts.project.display(),
+        match facts.network {
+            crate::egress::NetworkMode::Proxy => "No network interface: HTTP and HTTPS go through cvm's proxy on the host (HTTPS_PROXY is set), to allowed hosts only; others get 403.",
+            crate::egress::NetworkMode::None => "No network at all: nothing outside this VM can be reached.",
+        }
     ));
     for (host, guest, read_only) in &facts.mounts {
         text.push_str(&format!("- `{}` is the host's `{}`, {}.\n", guest.display(), host.display(), if *read_only { "read-only" } else { "read-write" }));
@@ -121,11 +126,12 @@ mod tests {
         std::fs::write(dir.path().join(PROJECT_SCRIPT), "export A=1\n").unwrap();
         let extra = dir.path().join("more.sh");
         std::fs::write(&extra, "export B=2\n").unwrap();
-        let facts = VmFacts { cpus: 2, memory_bytes: 512 << 20, project: dir.path(), mounts: vec![("/data".into(), "/mnt/data".into(), true)] };
+        let facts = VmFacts { cpus: 2, memory_bytes: 512 << 20, project: dir.path(), mounts: vec![("/data".into(), "/mnt/data".into(), true)], network: crate::egress::NetworkMode::None };
         let runtime = Runtime::new(dir.path(), &[extra], &facts).unwrap();
         assert_eq!(runtime.scripts, [("00.sh".to_string(), b"export A=1\n".to_vec()), ("01.sh".to_string(), b"export B=2\n".to_vec())]);
         assert!(runtime.context.contains("2 vCPUs and 512 MiB"), "{}", runtime.context);
         assert!(runtime.context.contains("`/mnt/data` is the host's `/data`, read-only"), "{}", runtime.context);
+        assert!(runtime.context.contains("No network at all"), "{}", runtime.context);
         let files = runtime.files();
         assert_eq!(files.len(), 3);
         assert!(matches!(&files[2], Mount::File { target, .. } if target == b"/run/cvm/runtime/context.md"));

@@ -11,6 +11,7 @@
 //!
 //! As a host process: `cvm-agent --listen unix:PATH [--ready unix:PATH]`.
 
+mod egress;
 mod exec;
 mod reaper;
 mod setup;
@@ -165,6 +166,10 @@ fn main() {
 fn serve(options: Options) -> std::io::Result<()> {
     let listener = Listener::bind(&options.listen)?;
     if is_init() {
+        // Commands reach the outside only through the host's proxy.
+        if let Err(e) = egress::bring_up_loopback().and_then(|()| egress::start_relay()) {
+            eprintln!("cvm-agent: no egress relay: {e}");
+        }
         if let Err(e) = poke_boot_timer() {
             debug(&format!("cannot poke the boot timer: {e}"));
         }

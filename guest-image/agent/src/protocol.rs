@@ -14,6 +14,8 @@ use std::io::{self, Read, Write};
 pub const CONTROL_PORT: u32 = 1024;
 /// Host vsock port the agent connects to once it is ready.
 pub const READY_PORT: u32 = 1025;
+/// The egress proxy: the host's vsock port, and the guest's 127.0.0.1 port relayed to it.
+pub const PROXY_PORT: u32 = 3128;
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most output or input one data frame carries.

@@ -1,0 +1,487 @@
+//! The guest's way out: an HTTP proxy on the host that the guest reaches over vsock, which
+//! lets a connection through only to an allowed host name, and writes every decision to an
+//! audit log that outlives the VM.
+//!
+//! The guest has no network interface to the outside. Its agent relays 127.0.0.1:3128 to host
+//! vsock port [`PROXY_PORT`], which is this proxy (`<vsock socket>_3128`). The proxy takes one
+//! request per connection, `CONNECT host:port` (HTTPS and any TLS) or an absolute-form
+//! `GET http://host/...` (plain HTTP), decides, connects, and then only relays bytes between
+//! the guest and that one upstream. Names resolve on the host; loopback, private, link-local,
+//! unspecified and multicast addresses (cloud metadata among them) are refused unless the user
+//! mapped the name with `--add-host`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+pub use cvm_agent::protocol::PROXY_PORT;
+/// The longest request head (request line and headers) the proxy reads.
+const MAX_HEAD: usize = 16 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a coding agent needs by default: Anthropic's API and the common package registries
+/// and git hosts.
+pub const DEFAULT_ALLOW: &[&str] = &[
+    "api.anthropic.com",
+    "*.anthropic.com",
+    "claude.ai",
+    "*.claude.ai",
+    "registry.npmjs.org",
+    "pypi.org",
+    "files.pythonhosted.org",
+    "crates.io",
+    "*.crates.io",
+    "proxy.golang.org",
+    "sum.golang.org",
+    "deb.debian.org",
+    "security.debian.org",
+    "github.com",
+    "*.github.com",
+    "*.githubusercontent.com",
+    "gitlab.com",
+    "bitbucket.org",
+];
+
+/// How the guest reaches the outside.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkMode {
+    /// Allow-listed HTTP and HTTPS through the host's proxy.
+    #[default]
+    Proxy,
+    /// Nothing leaves the VM.
+    None,
+}
+
+/// The egress rules, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub mode: NetworkMode,
+    /// Names (exact, or `*.domain` for its subdomains) a connection may go to.
+    pub allow: Vec<String>,
+    /// Names refused even when allowed.
+    pub deny: Vec<String>,
+    /// Names the user mapped to an address (docker's `--add-host`): used as given, private
+    /// addresses included.
+    pub hosts: Vec<(String, IpAddr)>,
+}
+
+/// What commands in the guest get so that ordinary tools (curl, git, npm, pip, cargo) use the
+/// proxy.
+pub fn guest_environment() -> Vec<(Vec<u8>, Vec<u8>)> {
+    let proxy = format!("http://127.0.0.1:{PROXY_PORT}").into_bytes();
+    let local = b"localhost,127.0.0.1,::1".to_vec();
+    let mut env = Vec::new();
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push((name.as_bytes().to_vec(), proxy.clone()));
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        env.push((name.as_bytes().to_vec(), local.clone()));
+    }
+    env
+}
+
+/// Parses `--add-host NAME:IP` (an IPv6 address may follow the first colon).
+pub fn parse_add_host(text: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = text.split_once(':').ok_or_else(|| format!("bad --add-host {text:?}: expected NAME:IP"))?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = ip.parse().map_err(|_| format!("bad --add-host {text:?}: {ip:?} is not an IP address"))?;
+    if !valid_name(name) {
+        return Err(format!("bad --add-host {text:?}: {name:?} is not a host name"));
+    }
+    Ok((name.to_ascii_lowercase(), ip))
+}
+
+/// Parses an `--allow`/`--deny` pattern: a host name, or `*.` and a domain.
+pub fn parse_pattern(text: &str) -> Result<String, String> {
+    let name = text.strip_prefix("*.").unwrap_or(text);
+    if !valid_name(name) {
+        return Err(format!("bad host pattern {text:?}: expected a name like api.example.com or *.example.com"));
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(domain) => name.len() > domain.len() + 1 && name.ends_with(domain) && name.as_bytes()[name.len() - domain.len() - 1] == b'.',
+        None => pattern == name,
+    }
+}
+
+/// Addresses the guest must never reach unless the user mapped a name to them.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || is_shared_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_internal(IpAddr::V4(v4)),
+            None => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || is_unique_local(v6) || is_link_local_v6(v6),
+        },
+    }
+}
+
+/// 100.64.0.0/10, carrier-grade NAT: not the public internet either.
+fn is_shared_v4(ip: Ipv4Addr) -> bool {
+    ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64
+}
+
+fn is_unique_local(ip: Ipv6Addr) -> bool {
+    (ip.segments()[0] & 0xfe00) == 0xfc00
+}
+
+fn is_link_local_v6(ip: Ipv6Addr) -> bool {
+    (ip.segments()[0] & 0xffc0) == 0xfe80
+}
+
+/// The proxy's answer to one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow(SocketAddr),
+    Deny(String),
+}
+
+impl EgressPolicy {
+    /// Decides whether the guest may reach `host:port`, resolving the name on the host.
+    pub fn decide(&self, host: &str, port: u16) -> Decision {
+        let host = host.to_ascii_lowercase();
+        if self.mode == NetworkMode::None {
+            return Decision::Deny("the network is off (--network none)".into());
+        }
+        if self.deny.iter().any(|p| matches(p, &host)) {
+            return Decision::Deny(format!("{host} is denied"));
+        }
+        if !self.allow.iter().any(|p| matches(p, &host)) {
+            return Decision::Deny(format!("{host} is not on the allow list (--allow {host})"));
+        }
+        // A name the user mapped goes where they said, inside addresses included.
+        if let Some((_, ip)) = self.hosts.iter().find(|(name, _)| *name == host) {
+            return Decision::Allow(SocketAddr::new(*ip, port));
+        }
+        if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            if is_internal(ip) {
+                return Decision::Deny(format!("{ip} is an internal address"));
+            }
+        }
+        let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
+            Ok(a) => a.collect(),
+            Err(e) => return Decision::Deny(format!("{host} does not resolve: {e}")),
+        };
+        // Every address the name has must be public: a name that resolves partly inside is
+        // refused whole (DNS rebinding).
+        if let Some(inside) = addrs.iter().find(|a| is_internal(a.ip())) {
+            return Decision::Deny(format!("{host} resolves to the internal address {} (map it with --add-host)", inside.ip()));
+        }
+        match addrs.first() {
+            Some(addr) => Decision::Allow(*addr),
+            None => Decision::Deny(format!("{host} has no address")),
+        }
+    }
+}
+
+/// One proxy request, as the guest sent it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProxyRequest {
+    pub host: String,
+    pub port: u16,
+    /// CONNECT: a tunnel. Otherwise the head to send upstream (origin-form request line).
+    pub forward: Option<Vec<u8>>,
+}
+
+/// Parses a proxy request head: `CONNECT host:port HTTP/1.x` or `METHOD http://host[:port]/path
+/// HTTP/1.x` followed by headers.
+pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
+    let text = std::str::from_utf8(head).map_err(|_| "the request is not text".to_string())?;
+    let (line, rest) = text.split_once("\r\n").ok_or("no request line")?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None) if v.starts_with("HTTP/1.") && !m.is_empty() => (m, t, v),
+        _ => return Err(format!("malformed request line {line:?}")),
+    };
+    if method == "CONNECT" {
+        let (host, port) = split_host_port(target, None)?;
+        return Ok(ProxyRequest { host, port, forward: None });
+    }
+    let after_scheme = target.strip_prefix("http://").ok_or_else(|| format!("{method} needs an absolute http:// URL, not {target:?}"))?;
+    let (authority, path) = match after_scheme.find('/') {
+        Some(i) => (&after_scheme[..i], &after_scheme[i..]),
+        None => (after_scheme, "/"),
+    };
+    if authority.contains('@') {
+        return Err("credentials in the URL are not forwarded".into());
+    }
+    let (host, port) = split_host_port(authority, Some(80))?;
+    let mut forward = format!("{method} {path} {version}\r\n").into_bytes();
+    forward.extend_from_slice(rest.as_bytes());
+    Ok(ProxyRequest { host, port, forward: Some(forward) })
+}
+
+fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (ip, after) = v6.split_once(']').ok_or_else(|| format!("bad address {authority:?}"))?;
+        (ip.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port in {authority:?}"))?,
+        None => default_port.ok_or_else(|| format!("{authority:?} has no port"))?,
+    };
+    if host.is_empty() || !(valid_name(&host) || host.parse::<IpAddr>().is_ok()) {
+        return Err(format!("bad host {host:?}"));
+    }
+    Ok((host, port))
+}
+
+/// Where decisions are written: `$XDG_STATE_HOME/cvm/network.log`, else
+/// `~/.local/state/cvm/network.log`.
+pub fn audit_log_path() -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("cvm/network.log")
+}
+
+/// Appends decisions to the audit log, one line each.
+#[derive(Clone)]
+struct Audit(Arc<Mutex<std::fs::File>>, String);
+
+impl Audit {
+    fn open(path: &Path, session: String) -> io::Result<Audit> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::File::options().create(true).append(true).open(path)?;
+        Ok(Audit(Arc::new(Mutex::new(file)), session))
+    }
+
+    fn record(&self, verdict: &str, target: &str, reason: &str) {
+        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let line = format!("{secs} session={} {verdict} {target} {reason}\n", self.1);
+        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes());
+    }
+}
+
+/// The running proxy: stops accepting when dropped (connections under way end with the VM).
+pub struct EgressProxy {
+    stop: Arc<AtomicBool>,
+    socket: PathBuf,
+}
+
+impl EgressProxy {
+    /// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), logging to `audit`.
+    pub fn start(socket: &Path, policy: EgressPolicy, audit: &Path, session: String) -> io::Result<EgressProxy> {
+        let listener = UnixListener::bind(socket)?;
+        let audit = Audit::open(audit, session)?;
+        let policy = Arc::new(policy);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::Builder::new().name("egress".into()).spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (policy, audit) = (policy.clone(), audit.clone());
+                std::thread::spawn(move || serve(conn, &policy, &audit));
+            }
+        })?;
+        Ok(EgressProxy { stop, socket: socket.to_path_buf() })
+    }
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag and ends; no waiting for it (if the socket
+        // is already gone, the thread ends with the process).
+        let _ = UnixStream::connect(&self.socket);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Reads the request head: up to the blank line, at most MAX_HEAD bytes.
+fn read_head(reader: &mut BufReader<UnixStream>) -> io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    loop {
+        let n = reader.by_ref().take((MAX_HEAD - head.len()) as u64).read_until(b'\n', &mut head)?;
+        if n == 0 || head.ends_with(b"\r\n\r\n") || head.len() >= MAX_HEAD {
+            return Ok(head);
+        }
+    }
+}
+
+fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
+    let _ = conn.set_read_timeout(Some(CONNECT_TIMEOUT));
+    let Ok(writer) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(conn);
+    let refuse = |mut w: &UnixStream, status: &str, message: &str| {
+        let body = format!("cvm: {message}\n");
+        let _ = write!(w, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    };
+    let head = match read_head(&mut reader) {
+        Ok(h) if h.ends_with(b"\r\n\r\n") => h,
+        _ => {
+            refuse(&writer, "400 Bad Request", "a proxy request must end its head with a blank line");
+            return;
+        }
+    };
+    let request = match parse_request(&head) {
+        Ok(r) => r,
+        Err(e) => {
+            audit.record("deny", "-", &e);
+            refuse(&writer, "400 Bad Request", &e);
+            return;
+        }
+    };
+    let target = format!("{}:{}", request.host, request.port);
+    let addr = match policy.decide(&request.host, request.port) {
+        Decision::Allow(addr) => addr,
+        Decision::Deny(reason) => {
+            audit.record("deny", &target, &reason);
+            refuse(&writer, "403 Forbidden", &format!("egress to {target} refused: {reason}"));
+            return;
+        }
+    };
+    let upstream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            audit.record("fail", &target, &format!("{addr}: {e}"));
+            refuse(&writer, "502 Bad Gateway", &format!("cannot reach {target}: {e}"));
+            return;
+        }
+    };
+    audit.record("allow", &target, &addr.to_string());
+    let _ = reader.get_ref().set_read_timeout(None);
+    let mut up_writer = match upstream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let result = match &request.forward {
+        None => (&writer).write_all(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+        Some(head) => up_writer.write_all(head),
+    };
+    if result.is_err() {
+        return;
+    }
+    // Whatever the guest already sent past the head, then both directions until either ends.
+    let buffered = reader.buffer().to_vec();
+    let guest = reader.into_inner();
+    let guest_reader = match guest.try_clone() {
+        Ok(g) => g,
+        Err(_) => return,
+    };
+    let upstream_reader = upstream;
+    let to_guest = std::thread::spawn(move || {
+        let mut from = upstream_reader;
+        let mut to = writer;
+        let _ = io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    let _ = up_writer.write_all(&buffered);
+    let mut from = guest_reader;
+    let _ = io::copy(&mut from, &mut up_writer);
+    let _ = up_writer.shutdown(Shutdown::Write);
+    let _ = to_guest.join();
+    drop(guest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &[&str]) -> EgressPolicy {
+        EgressPolicy { allow: allow.iter().map(|s| s.to_string()).collect(), ..EgressPolicy::default() }
+    }
+
+    #[test]
+    fn patterns_match_names_and_their_subdomains_only() {
+        assert!(matches("api.example.com", "api.example.com"));
+        assert!(!matches("api.example.com", "xapi.example.com"));
+        assert!(matches("*.example.com", "a.example.com"));
+        assert!(matches("*.example.com", "a.b.example.com"));
+        assert!(!matches("*.example.com", "example.com"));
+        assert!(!matches("*.example.com", "evilexample.com"));
+        assert!(!matches("*.example.com", "example.com.evil.org"));
+        for bad in ["", "*", "*.", "a..b", "a b", "a/b", "a:b", &"x".repeat(64)] {
+            assert!(parse_pattern(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_pattern("*.Example.COM"), Ok("*.example.com".into()));
+    }
+
+    #[test]
+    fn internal_addresses_are_recognized() {
+        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "224.0.0.1", "::1", "fc00::1", "fe80::1", "::ffff:10.0.0.1", "::"] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let mut p = policy(&["api.test", "*.allowed.test", "localhost", "10.0.0.1"]);
+        p.hosts.push(("api.test".into(), "127.0.0.1".parse().unwrap()));
+        p.hosts.push(("mapped.test".into(), "127.0.0.1".parse().unwrap()));
+        assert!(matches!(p.decide("mapped.test", 80), Decision::Deny(r) if r.contains("not on the allow list")), "a mapping is not an allowance");
+        assert_eq!(p.decide("api.test", 8080), Decision::Allow("127.0.0.1:8080".parse().unwrap()), "a mapped name may be internal");
+        assert_eq!(p.decide("API.TEST", 80), Decision::Allow("127.0.0.1:80".parse().unwrap()));
+        assert!(matches!(p.decide("other.test", 80), Decision::Deny(r) if r.contains("not on the allow list")));
+        assert!(matches!(p.decide("localhost", 80), Decision::Deny(r) if r.contains("internal")), "allowed by name, but it resolves inside");
+        assert!(matches!(p.decide("10.0.0.1", 80), Decision::Deny(r) if r.contains("internal")), "allowed by its text, but internal");
+        assert!(matches!(p.decide("10.0.0.2", 80), Decision::Deny(r) if r.contains("not on the allow list")));
+        assert!(matches!(p.decide("169.254.169.254", 80), Decision::Deny(_)), "cloud metadata");
+        p.deny.push("api.test".into());
+        assert!(matches!(p.decide("api.test", 80), Decision::Deny(r) if r.contains("denied")), "deny wins over a mapping");
+        p.mode = NetworkMode::None;
+        assert!(matches!(p.decide("x.allowed.test", 443), Decision::Deny(r) if r.contains("network is off")));
+    }
+
+    #[test]
+    fn add_host_specs() {
+        assert_eq!(parse_add_host("api.test:127.0.0.1"), Ok(("api.test".into(), "127.0.0.1".parse().unwrap())));
+        assert_eq!(parse_add_host("v6.test:[::1]"), Ok(("v6.test".into(), "::1".parse().unwrap())));
+        assert_eq!(parse_add_host("v6.test:::1"), Ok(("v6.test".into(), "::1".parse().unwrap())));
+        for bad in ["api.test", "api.test:", ":1.2.3.4", "api.test:999.1.1.1", "a b:1.2.3.4"] {
+            assert!(parse_add_host(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn requests_parse_and_hostile_ones_are_refused() {
+        let r = parse_request(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n").unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.forward), ("api.test", 443, None));
+        let r = parse_request(b"GET http://api.test:8080/a/b?c=d HTTP/1.1\r\nHost: api.test\r\n\r\n").unwrap();
+        assert_eq!((r.host.as_str(), r.port), ("api.test", 8080));
+        assert_eq!(r.forward.unwrap(), b"GET /a/b?c=d HTTP/1.1\r\nHost: api.test\r\n\r\n");
+        let r = parse_request(b"GET http://plain.test HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!((r.port, r.forward.unwrap()), (80, b"GET / HTTP/1.0\r\n\r\n".to_vec()));
+        let r = parse_request(b"CONNECT [2606:4700::1111]:443 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(r.host, "2606:4700::1111");
+        for bad in [
+            &b"CONNECT api.test HTTP/1.1\r\n\r\n"[..],
+            b"CONNECT api.test:0 HTTP/1.1\r\n\r\n",
+            b"CONNECT api.test:99999 HTTP/1.1\r\n\r\n",
+            b"GET /relative HTTP/1.1\r\n\r\n",
+            b"GET https://api.test/ HTTP/1.1\r\n\r\n",
+            b"GET http://user:pw@api.test/ HTTP/1.1\r\n\r\n",
+            b"GET http://a b/ HTTP/1.1\r\n\r\n",
+            b"CONNECT evil.test/x:443 HTTP/1.1\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+            b"\xff\xfe\r\n\r\n",
+            b"",
+        ] {
+            assert!(parse_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
