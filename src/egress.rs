@@ -11,12 +11,13 @@
 //! mapped the name with `--add-host`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use crate::forward::{splice, Listening};
 
 pub use cvm_agent::protocol::PROXY_PORT;
 /// The longest request head (request line and headers) the proxy reads.
@@ -271,42 +272,11 @@ impl Audit {
     }
 }
 
-/// The running proxy: stops accepting when dropped (connections under way end with the VM).
-pub struct EgressProxy {
-    stop: Arc<AtomicBool>,
-    socket: PathBuf,
-}
-
-impl EgressProxy {
-    /// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), logging to `audit`.
-    pub fn start(socket: &Path, policy: EgressPolicy, audit: &Path, session: String) -> io::Result<EgressProxy> {
-        let listener = UnixListener::bind(socket)?;
-        let audit = Audit::open(audit, session)?;
-        let policy = Arc::new(policy);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        std::thread::Builder::new().name("egress".into()).spawn(move || {
-            for conn in listener.incoming() {
-                if stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let (policy, audit) = (policy.clone(), audit.clone());
-                std::thread::spawn(move || serve(conn, &policy, &audit));
-            }
-        })?;
-        Ok(EgressProxy { stop, socket: socket.to_path_buf() })
-    }
-}
-
-impl Drop for EgressProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag and ends; no waiting for it (if the socket
-        // is already gone, the thread ends with the process).
-        let _ = UnixStream::connect(&self.socket);
-        let _ = std::fs::remove_file(&self.socket);
-    }
+/// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), logging to `audit`; stops
+/// accepting when the result is dropped.
+pub fn start_proxy(socket: &Path, policy: EgressPolicy, audit: &Path, session: String) -> io::Result<Listening> {
+    let audit = Audit::open(audit, session)?;
+    Listening::unix(socket, move |conn| serve(conn, &policy, &audit))
 }
 
 /// Reads the request head: up to the blank line, at most MAX_HEAD bytes.
@@ -362,37 +332,16 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
     };
     audit.record("allow", &target, &addr.to_string());
     let _ = reader.get_ref().set_read_timeout(None);
-    let mut up_writer = match upstream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
     let result = match &request.forward {
         None => (&writer).write_all(b"HTTP/1.1 200 Connection established\r\n\r\n"),
-        Some(head) => up_writer.write_all(head),
+        Some(head) => (&upstream).write_all(head),
     };
-    if result.is_err() {
+    // Whatever the guest already sent past the head goes first; then both ways.
+    if result.is_err() || (&upstream).write_all(reader.buffer()).is_err() {
         return;
     }
-    // Whatever the guest already sent past the head, then both directions until either ends.
-    let buffered = reader.buffer().to_vec();
-    let guest = reader.into_inner();
-    let guest_reader = match guest.try_clone() {
-        Ok(g) => g,
-        Err(_) => return,
-    };
-    let upstream_reader = upstream;
-    let to_guest = std::thread::spawn(move || {
-        let mut from = upstream_reader;
-        let mut to = writer;
-        let _ = io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Write);
-    });
-    let _ = up_writer.write_all(&buffered);
-    let mut from = guest_reader;
-    let _ = io::copy(&mut from, &mut up_writer);
-    let _ = up_writer.shutdown(Shutdown::Write);
-    let _ = to_guest.join();
-    drop(guest);
+    drop(writer);
+    splice(Box::new(reader.into_inner()), Box::new(upstream));
 }
 
 #[cfg(test)]

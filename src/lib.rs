@@ -3,6 +3,7 @@
 //! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
 //! - [`shares`]: what the guest gets of the host's files, planned as plain data.
 //! - [`egress`]: the host-side HTTP proxy that is the guest's only way out, and its policy.
+//! - [`forward`]: published ports, host ports and the SSH agent, relayed over vsock.
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
 //! - [`runtime`]: runtime scripts and the CLAUDE.md context, run before each command.
@@ -12,6 +13,7 @@
 
 pub mod egress;
 pub mod exec;
+pub mod forward;
 pub mod images;
 pub mod run;
 pub mod rundir;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::egress::{EgressPolicy, NetworkMode, DEFAULT_ALLOW};
+use cvm::forward::ForwardRequest;
 use cvm::session::{Engine, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
@@ -110,6 +111,16 @@ pub struct VmArgs {
     /// private or loopback address. Repeatable.
     #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::egress::parse_add_host)]
     add_hosts: Vec<(String, std::net::IpAddr)>,
+    /// Publish a guest TCP port on the host's 127.0.0.1: HOSTPORT:GUESTPORT. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT", value_parser = cvm::forward::parse_publish)]
+    publish: Vec<cvm::forward::Publish>,
+    /// Let the guest reach 127.0.0.1:PORT on the host at its own 127.0.0.1:PORT (a local
+    /// database, an MCP server). Repeatable.
+    #[arg(long = "host-port", value_name = "PORT", value_parser = cvm::forward::parse_host_port)]
+    host_ports: Vec<u16>,
+    /// Give the guest an SSH_AUTH_SOCK that reaches your SSH agent ($SSH_AUTH_SOCK).
+    #[arg(short = 'A', long = "forward-ssh-agent")]
+    forward_ssh_agent: bool,
     /// A script sourced before the command, in the same shell, after the project's own
     /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
     #[arg(long = "runtime-script", value_name = "FILE")]
@@ -271,6 +282,14 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
             allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).chain(args.allow.iter().cloned()).collect(),
             deny: args.deny.clone(),
             hosts: args.add_hosts.clone(),
+        },
+        forwards: ForwardRequest {
+            publish: args.publish.clone(),
+            host_ports: args.host_ports.clone(),
+            ssh_agent: match args.forward_ssh_agent {
+                true => Some(std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?),
+                false => None,
+            },
         },
     })
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use cvm_agent::protocol::{Exec, Mount};
+use cvm_agent::protocol::{Exec, Step};
 
 /// The project's own runtime script.
 pub const PROJECT_SCRIPT: &str = ".cvm.runtime.sh";
@@ -75,13 +75,13 @@ impl Runtime {
     }
 
     /// The files the guest's set-up writes.
-    pub fn files(&self) -> Vec<Mount> {
-        let mut files: Vec<Mount> = self
+    pub fn files(&self) -> Vec<Step> {
+        let mut files: Vec<Step> = self
             .scripts
             .iter()
-            .map(|(name, contents)| Mount::File { target: format!("{GUEST_DIR}/{name}").into_bytes(), contents: contents.clone() })
+            .map(|(name, contents)| Step::File { target: format!("{GUEST_DIR}/{name}").into_bytes(), contents: contents.clone() })
             .collect();
-        files.push(Mount::File { target: format!("{GUEST_DIR}/context.md").into_bytes(), contents: self.context.clone().into_bytes() });
+        files.push(Step::File { target: format!("{GUEST_DIR}/context.md").into_bytes(), contents: self.context.clone().into_bytes() });
         files
     }
 
@@ -134,7 +134,7 @@ mod tests {
         assert!(runtime.context.contains("No network at all"), "{}", runtime.context);
         let files = runtime.files();
         assert_eq!(files.len(), 3);
-        assert!(matches!(&files[2], Mount::File { target, .. } if target == b"/run/cvm/runtime/context.md"));
+        assert!(matches!(&files[2], Step::File { target, .. } if target == b"/run/cvm/runtime/context.md"));
 
         let mut exec = Exec { argv: vec![b"make".to_vec(), b"test".to_vec()], ..Exec::default() };
         runtime.wrap(&mut exec);

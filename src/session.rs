@@ -23,7 +23,8 @@ use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
-use crate::egress::{self, EgressPolicy, EgressProxy};
+use crate::egress::{self, EgressPolicy};
+use crate::forward::{ForwardRequest, Listening};
 use crate::images::Image;
 use crate::rundir::RunDir;
 use crate::runtime::{Runtime, VmFacts};
@@ -66,6 +67,8 @@ pub struct SessionConfig {
     pub runtime_scripts: Vec<PathBuf>,
     /// What the guest may reach through the host's proxy.
     pub egress: EgressPolicy,
+    /// Ports and agents relayed between host and guest.
+    pub forwards: ForwardRequest,
 }
 
 /// A VM on either engine, as the session sees it.
@@ -149,7 +152,9 @@ pub struct Session {
     machine: Machine,
     _vsock: VsockServer,
     _fs: Vec<FsBackend>,
-    _egress: EgressProxy,
+    _egress: Listening,
+    _forwards: Vec<Listening>,
+    forward_env: Vec<(Vec<u8>, Vec<u8>)>,
     plan: SharePlan,
     /// What runs before each command of a project session.
     runtime: Option<Runtime>,
@@ -183,16 +188,18 @@ impl Session {
                 let mounts = plan.shares.iter().filter(|s| s.backend.tag.starts_with("mount")).map(|s| (s.backend.dir.clone(), s.guest_path.clone(), s.backend.policy.read_only)).collect();
                 let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode };
                 let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
-                plan.setup.mounts.extend(runtime.files());
+                plan.setup.steps.extend(runtime.files());
                 Some(runtime)
             }
             None if !config.runtime_scripts.is_empty() => bail!("--runtime-script needs a project: cvm run PATH"),
             None => None,
         };
+        plan.setup.steps.extend(config.forwards.steps());
         let session = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let audit = egress::audit_log_path();
-        let egress_proxy = EgressProxy::start(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
+        let egress_proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
             .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
+        let forwards = config.forwards.start(&dir, &host_socket)?;
         let mut vhost_user = vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }];
         let fs = start_fs_backends(&plan, &dir, &mut vhost_user)?;
 
@@ -227,13 +234,13 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, _egress: egress_proxy, plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, _egress: egress_proxy, _forwards: forwards, forward_env: config.forwards.environment(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a
     /// project, the runtime prologue.
     pub fn prepare(&self, exec: &mut Exec) {
-        exec.env.splice(0..0, egress::guest_environment());
+        exec.env.splice(0..0, egress::guest_environment().into_iter().chain(self.forward_env.iter().cloned()));
         self.plan.prepare(exec);
         if let Some(runtime) = &self.runtime {
             runtime.wrap(exec);

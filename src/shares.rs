@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use cvm_agent::protocol::{Exec, Mount, Setup, User};
+use cvm_agent::protocol::{Exec, Setup, Step, User};
 use cvm_devices::fs::{Policy, ShareConfig};
 
 /// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
@@ -214,7 +214,7 @@ impl SharePlan {
         let mut plan = SharePlan::default();
         let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, policy: Policy, guest_path: PathBuf, read_only: bool| {
             let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid };
-            plan.setup.mounts.push(Mount::Share { tag, target: bytes(&guest_path), read_only });
+            plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
             plan.shares.push(PlannedShare { backend, guest_path });
         };
 
@@ -230,7 +230,7 @@ impl SharePlan {
             }
             plan.plan_claude(request, host, &user, &project, &mut add)?;
             if let Some(state) = claude_state(&host.home.join(".claude.json"), &project) {
-                plan.setup.mounts.push(Mount::File { target: [user.home.as_slice(), b"/.claude.json"].concat(), contents: state.into_bytes() });
+                plan.setup.steps.push(Step::File { target: [user.home.as_slice(), b"/.claude.json"].concat(), contents: state.into_bytes() });
             }
             plan.workdir = Some(project);
         }
@@ -283,9 +283,9 @@ impl SharePlan {
         // Mounted read-write in the guest so the credentials bind can write: the backend's
         // policy is what makes the rest read-only.
         add(self, "claude".into(), claude.clone(), policy, lower.clone(), false);
-        self.setup.mounts.push(Mount::Overlay { lower: bytes(&lower), target: bytes(&guest_claude) });
+        self.setup.steps.push(Step::Overlay { lower: bytes(&lower), target: bytes(&guest_claude) });
         if writable_file.is_some() && claude.join(CREDENTIALS).is_file() {
-            self.setup.mounts.push(Mount::Bind { source: bytes(&lower.join(CREDENTIALS)), target: bytes(&guest_claude.join(CREDENTIALS)) });
+            self.setup.steps.push(Step::Bind { source: bytes(&lower.join(CREDENTIALS)), target: bytes(&guest_claude.join(CREDENTIALS)) });
         }
         if request.conversations {
             let folder = Path::new("projects").join(encode_project_path(project));
@@ -379,8 +379,8 @@ mod tests {
         assert_eq!((user.uid, user.gid, user.name.as_str()), (1234, 99, "dev"));
         assert!(plan.shares.iter().all(|s| s.backend.guest_uid == 1234 && s.backend.guest_gid == 99));
         // The overlay and the credentials bind come right after the claude share.
-        assert!(matches!(&plan.setup.mounts[2], Mount::Overlay { target, .. } if target.ends_with(b"/.claude")));
-        assert!(matches!(&plan.setup.mounts[3], Mount::Bind { target, .. } if target.ends_with(b"/.claude/.credentials.json")));
+        assert!(matches!(&plan.setup.steps[2], Step::Overlay { target, .. } if target.ends_with(b"/.claude")));
+        assert!(matches!(&plan.setup.steps[3], Step::Bind { target, .. } if target.ends_with(b"/.claude/.credentials.json")));
         let mut exec = Exec { env: vec![(b"TERM".to_vec(), b"xterm".to_vec())], ..Exec::default() };
         plan.prepare(&mut exec);
         assert_eq!((exec.uid, exec.gid, exec.cwd), (Some(1234), Some(99), Some(bytes(&project))));

@@ -6,7 +6,8 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use cvm::egress::{EgressPolicy, EgressProxy, NetworkMode};
+use cvm::egress::{start_proxy, EgressPolicy, NetworkMode};
+use cvm::forward::Listening;
 
 /// An HTTP server on 127.0.0.1 that answers `count` requests with `body`.
 fn server(body: &'static str, count: usize) -> u16 {
@@ -29,15 +30,16 @@ fn server(body: &'static str, count: usize) -> u16 {
 }
 
 struct Setup {
+    // The proxy goes first: it wakes its accept loop through the socket in `dir`.
+    _proxy: Listening,
     dir: tempfile::TempDir,
-    _proxy: EgressProxy,
 }
 
 impl Setup {
     fn new(policy: EgressPolicy) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let proxy = EgressProxy::start(&dir.path().join("vsock_3128"), policy, &dir.path().join("network.log"), "test".into()).unwrap();
-        Setup { dir, _proxy: proxy }
+        let proxy = start_proxy(&dir.path().join("vsock_3128"), policy, &dir.path().join("network.log"), "test".into()).unwrap();
+        Setup { _proxy: proxy, dir }
     }
 
     fn ask(&self, request: &str) -> String {

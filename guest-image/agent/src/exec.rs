@@ -36,6 +36,15 @@ pub fn serve(conn: File) {
                 let _ = send(&writer, &Reply::Synced);
                 crate::shutdown()
             }
+            Some(Request::Forward { port }) => match crate::relay::connect_local(port) {
+                Ok(local) => {
+                    send(&writer, &Reply::Done)?;
+                    let conn = Arc::try_unwrap(writer).map_err(|_| io::Error::other("the connection is shared"))?.into_inner().map_err(|_| io::Error::other("poisoned"))?;
+                    crate::relay::splice(conn, local);
+                    Ok(())
+                }
+                Err(e) => send(&writer, &Reply::Failed(format!("nothing listens on 127.0.0.1:{port} in the guest: {e}"))),
+            },
             Some(Request::Setup(setup)) => match crate::setup::apply(&setup) {
                 Ok(()) => send(&writer, &Reply::Done),
                 Err(message) => send(&writer, &Reply::Failed(message)),

@@ -11,9 +11,9 @@
 //!
 //! As a host process: `cvm-agent --listen unix:PATH [--ready unix:PATH]`.
 
-mod egress;
 mod exec;
 mod reaper;
+mod relay;
 mod setup;
 mod transport;
 
@@ -167,7 +167,7 @@ fn serve(options: Options) -> std::io::Result<()> {
     let listener = Listener::bind(&options.listen)?;
     if is_init() {
         // Commands reach the outside only through the host's proxy.
-        if let Err(e) = egress::bring_up_loopback().and_then(|()| egress::start_relay()) {
+        if let Err(e) = relay::bring_up_loopback().and_then(|()| relay::start_egress()) {
             eprintln!("cvm-agent: no egress relay: {e}");
         }
         if let Err(e) = poke_boot_timer() {

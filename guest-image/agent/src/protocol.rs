@@ -50,7 +50,11 @@ pub enum Request {
     Signal(i32),
     /// Sync the disks, say so ([`Reply::Synced`]), and power off.
     Shutdown,
-    /// Prepare the guest before the first exec: the user, then the mounts in order. Answered
+    /// Connect this stream to 127.0.0.1:port in the guest (a published port): answered with
+    /// [`Reply::Done`], after which the connection carries the bytes both ways, or with
+    /// [`Reply::Failed`].
+    Forward { port: u16 },
+    /// Prepare the guest before the first exec: the user, then the steps in order. Answered
     /// with [`Reply::Done`] or [`Reply::Failed`].
     Setup(Setup),
 }
@@ -64,10 +68,10 @@ pub struct User {
     pub home: Vec<u8>,
 }
 
-/// One step of the guest's file-system set-up. Paths are guest paths; missing mount points
-/// are created (owned by the user when under its home).
+/// One step of the guest's set-up. Paths are guest paths; missing mount points are created
+/// (owned by the user when under its home).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mount {
+pub enum Step {
     /// The virtio-fs share `tag` at `target`.
     Share { tag: String, target: Vec<u8>, read_only: bool },
     /// An overlay at `target` with `lower` below and a fresh in-memory upper layer owned by
@@ -79,12 +83,24 @@ pub enum Mount {
     /// A file written at `target` with `contents` (the guest's own copy: changes stay in the
     /// guest).
     File { target: Vec<u8>, contents: Vec<u8> },
+    /// Connections to `listen` in the guest are relayed to the host's vsock `host_port`
+    /// (a service on the host's loopback, the host's SSH agent).
+    Relay { listen: Listen, host_port: u32 },
+}
+
+/// Where a relay listens in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// 127.0.0.1:port.
+    Tcp(u16),
+    /// A Unix socket, owned by the user.
+    Unix(Vec<u8>),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Setup {
     pub user: Option<User>,
-    pub mounts: Vec<Mount>,
+    pub steps: Vec<Step>,
 }
 
 /// How a command ended.
@@ -156,6 +172,7 @@ mod tag {
     pub const SIGNAL: u8 = 5;
     pub const SHUTDOWN: u8 = 6;
     pub const SETUP: u8 = 7;
+    pub const FORWARD: u8 = 8;
     pub const READY: u8 = 64;
     pub const STARTED: u8 = 65;
     pub const STDOUT: u8 = 66;
@@ -289,19 +306,22 @@ impl Request {
             Request::Resize(t) => Encoder::new(tag::RESIZE).u16(t.rows).u16(t.cols).finish(),
             Request::Signal(s) => Encoder::new(tag::SIGNAL).u32(*s as u32).finish(),
             Request::Shutdown => Encoder::new(tag::SHUTDOWN).finish(),
+            Request::Forward { port } => Encoder::new(tag::FORWARD).u16(*port).finish(),
             Request::Setup(setup) => {
                 let mut enc = Encoder::new(tag::SETUP);
                 enc = match &setup.user {
                     Some(u) => enc.u8(1).bytes(u.name.as_bytes()).u32(u.uid).u32(u.gid).bytes(&u.home),
                     None => enc.u8(0),
                 };
-                enc = enc.u32(setup.mounts.len() as u32);
-                for m in &setup.mounts {
+                enc = enc.u32(setup.steps.len() as u32);
+                for m in &setup.steps {
                     enc = match m {
-                        Mount::Share { tag, target, read_only } => enc.u8(1).bytes(tag.as_bytes()).bytes(target).u8(u8::from(*read_only)),
-                        Mount::Overlay { lower, target } => enc.u8(2).bytes(lower).bytes(target),
-                        Mount::Bind { source, target } => enc.u8(3).bytes(source).bytes(target),
-                        Mount::File { target, contents } => enc.u8(4).bytes(target).bytes(contents),
+                        Step::Share { tag, target, read_only } => enc.u8(1).bytes(tag.as_bytes()).bytes(target).u8(u8::from(*read_only)),
+                        Step::Overlay { lower, target } => enc.u8(2).bytes(lower).bytes(target),
+                        Step::Bind { source, target } => enc.u8(3).bytes(source).bytes(target),
+                        Step::File { target, contents } => enc.u8(4).bytes(target).bytes(contents),
+                        Step::Relay { listen: Listen::Tcp(port), host_port } => enc.u8(5).u8(1).u16(*port).u32(*host_port),
+                        Step::Relay { listen: Listen::Unix(path), host_port } => enc.u8(5).u8(2).bytes(path).u32(*host_port),
                     };
                 }
                 enc.finish()
@@ -334,25 +354,34 @@ impl Request {
             tag::RESIZE => Request::Resize(d.tty()?),
             tag::SIGNAL => Request::Signal(d.u32()? as i32),
             tag::SHUTDOWN => Request::Shutdown,
+            tag::FORWARD => Request::Forward { port: d.u16()? },
             tag::SETUP => {
                 let user = match d.u8()? {
                     0 => None,
                     _ => Some(User { name: d.string()?, uid: d.u32()?, gid: d.u32()?, home: d.bytes()? }),
                 };
-                // Each mount is at least its kind and two lengths.
-                let n = d.count(9)?;
-                let mounts = (0..n)
+                // Each step is at least its kind and eight bytes (a TCP relay).
+                let n = d.count(8)?;
+                let steps = (0..n)
                     .map(|_| {
                         Ok(match d.u8()? {
-                            1 => Mount::Share { tag: d.string()?, target: d.bytes()?, read_only: d.u8()? != 0 },
-                            2 => Mount::Overlay { lower: d.bytes()?, target: d.bytes()? },
-                            3 => Mount::Bind { source: d.bytes()?, target: d.bytes()? },
-                            4 => Mount::File { target: d.bytes()?, contents: d.bytes()? },
+                            1 => Step::Share { tag: d.string()?, target: d.bytes()?, read_only: d.u8()? != 0 },
+                            2 => Step::Overlay { lower: d.bytes()?, target: d.bytes()? },
+                            3 => Step::Bind { source: d.bytes()?, target: d.bytes()? },
+                            4 => Step::File { target: d.bytes()?, contents: d.bytes()? },
+                            5 => {
+                                let listen = match d.u8()? {
+                                    1 => Listen::Tcp(d.u16()?),
+                                    2 => Listen::Unix(d.bytes()?),
+                                    other => return Err(DecodeError::UnknownTag(other)),
+                                };
+                                Step::Relay { listen, host_port: d.u32()? }
+                            }
                             other => return Err(DecodeError::UnknownTag(other)),
                         })
                     })
                     .collect::<Result<_, _>>()?;
-                Request::Setup(Setup { user, mounts })
+                Request::Setup(Setup { user, steps })
             }
             other => return Err(DecodeError::UnknownTag(other)),
         };
@@ -460,6 +489,7 @@ mod tests {
         }
         roundtrip_request(Request::Setup(Setup::default()));
         roundtrip_request(Request::Setup(sample_setup()));
+        roundtrip_request(Request::Forward { port: 8080 });
         for r in [
             Reply::Ready("0.1.0".into()),
             Reply::Started { pid: 42 },
@@ -501,12 +531,14 @@ mod tests {
     fn sample_setup() -> Setup {
         Setup {
             user: Some(User { name: "dev".into(), uid: 1000, gid: 100, home: b"/home/dev".to_vec() }),
-            mounts: vec![
-                Mount::Share { tag: "project".into(), target: b"/home/dev/my project".to_vec(), read_only: false },
-                Mount::Share { tag: "claude".into(), target: b"/run/cvm/fs/claude".to_vec(), read_only: true },
-                Mount::Overlay { lower: b"/run/cvm/fs/claude".to_vec(), target: b"/home/dev/.claude".to_vec() },
-                Mount::Bind { source: b"/run/cvm/fs/claude/.credentials.json".to_vec(), target: b"/home/dev/.claude/.credentials.json".to_vec() },
-                Mount::File { target: b"/home/dev/.claude.json".to_vec(), contents: b"{}".to_vec() },
+            steps: vec![
+                Step::Share { tag: "project".into(), target: b"/home/dev/my project".to_vec(), read_only: false },
+                Step::Share { tag: "claude".into(), target: b"/run/cvm/fs/claude".to_vec(), read_only: true },
+                Step::Overlay { lower: b"/run/cvm/fs/claude".to_vec(), target: b"/home/dev/.claude".to_vec() },
+                Step::Bind { source: b"/run/cvm/fs/claude/.credentials.json".to_vec(), target: b"/home/dev/.claude/.credentials.json".to_vec() },
+                Step::File { target: b"/home/dev/.claude.json".to_vec(), contents: b"{}".to_vec() },
+                Step::Relay { listen: Listen::Tcp(5432), host_port: 45432 },
+                Step::Relay { listen: Listen::Unix(b"/run/cvm/ssh-agent.sock".to_vec()), host_port: 1029 },
             ],
         }
     }

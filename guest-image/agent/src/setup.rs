@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use cvm_agent::protocol::{Mount, Setup, User};
+use cvm_agent::protocol::{Listen, Setup, Step, User};
 
 /// Where overlays keep their in-memory upper and work directories (/run is a tmpfs).
 const OVERLAY_DIR: &str = "/run/cvm/overlay";
@@ -112,15 +112,15 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
         add_user(user).map_err(|e| format!("cannot add user {}: {e}", user.name))?;
     }
     let owner = Owner(setup.user.as_ref());
-    for (index, step) in setup.mounts.iter().enumerate() {
+    for (index, step) in setup.steps.iter().enumerate() {
         match step {
-            Mount::Share { tag, target, read_only } => {
+            Step::Share { tag, target, read_only } => {
                 let path = Path::new(OsStr::from_bytes(target));
                 owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
                 let flags = libc::MS_NOSUID | libc::MS_NODEV | if *read_only { libc::MS_RDONLY } else { 0 };
                 mount(tag, path, Some("virtiofs"), flags, None).map_err(|e| describe(&format!("cannot mount share {tag} on"), target, e))?;
             }
-            Mount::Overlay { lower, target } => {
+            Step::Overlay { lower, target } => {
                 let path = Path::new(OsStr::from_bytes(target));
                 let layers = PathBuf::from(format!("{OVERLAY_DIR}/{index}"));
                 let (upper, work) = (layers.join("upper"), layers.join("work"));
@@ -136,7 +136,7 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 mount("overlay", path, Some("overlay"), libc::MS_NOSUID | libc::MS_NODEV, Some(&options))
                     .map_err(|e| describe("cannot mount an overlay on", target, e))?;
             }
-            Mount::Bind { source, target } => {
+            Step::Bind { source, target } => {
                 let source_path = Path::new(OsStr::from_bytes(source));
                 let Ok(meta) = std::fs::metadata(source_path) else { continue };
                 let path = Path::new(OsStr::from_bytes(target));
@@ -152,7 +152,14 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 let source_str = source_path.to_str().ok_or_else(|| describe("not UTF-8:", source, io::ErrorKind::InvalidInput.into()))?;
                 mount(source_str, path, None, libc::MS_BIND, None).map_err(|e| describe(&format!("cannot bind {source_str} on"), target, e))?;
             }
-            Mount::File { target, contents } => {
+            Step::Relay { listen, host_port } => {
+                let owner = setup.user.as_ref().map(|u| (u.uid, u.gid));
+                crate::relay::start(listen, *host_port, owner).map_err(|e| match listen {
+                    Listen::Tcp(port) => format!("cannot listen on 127.0.0.1:{port}: {e}"),
+                    Listen::Unix(path) => describe("cannot listen on", path, e),
+                })?;
+            }
+            Step::File { target, contents } => {
                 let path = Path::new(OsStr::from_bytes(target));
                 if let Some(parent) = path.parent() {
                     owner.create_dirs(parent).map_err(|e| describe("cannot create", target, e))?;

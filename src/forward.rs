@@ -1,0 +1,268 @@
+//! Streams between host and guest besides execs, each a listener on one side and a relay over
+//! vsock to the other:
+//! - `-p HOSTPORT:GUESTPORT`: 127.0.0.1:HOSTPORT on the host, to 127.0.0.1:GUESTPORT in the
+//!   guest (the agent's `Forward` request);
+//! - `--host-port PORT`: 127.0.0.1:PORT in the guest, to 127.0.0.1:PORT on the host (a local
+//!   database, an MCP server), through host vsock port [`HOST_PORT_BASE`] + PORT;
+//! - `-A`: an `SSH_AUTH_SOCK` in the guest, to the host's SSH agent, through vsock port
+//!   [`SSH_AGENT_PORT`].
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cvm_agent::protocol::{self, Listen, Reply, Request, Step, CONTROL_PORT};
+
+/// The host vsock port of the SSH agent relay.
+pub const SSH_AGENT_PORT: u32 = 1029;
+/// `--host-port P` is host vsock port HOST_PORT_BASE + P.
+pub const HOST_PORT_BASE: u32 = 40_000;
+/// Where the guest finds the SSH agent.
+pub const GUEST_SSH_AUTH_SOCK: &str = "/run/cvm/ssh-agent.sock";
+
+/// A stream either side of a relay.
+pub trait Stream: Read + Write + Send + 'static {
+    fn clone_stream(&self) -> io::Result<Box<dyn Stream>>;
+    /// The other end sees the end of what this side sends.
+    fn close_write(&self);
+}
+
+impl Stream for TcpStream {
+    fn clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Stream for UnixStream {
+    fn clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+/// Copies both ways until each side ends, passing each end on.
+pub fn splice(a: Box<dyn Stream>, b: Box<dyn Stream>) {
+    let (Ok(mut a_read), Ok(mut b_read)) = (a.clone_stream(), b.clone_stream()) else { return };
+    let forward = std::thread::spawn(move || {
+        let mut b = b;
+        let _ = io::copy(&mut a_read, &mut b);
+        b.close_write();
+    });
+    let mut a = a;
+    let _ = io::copy(&mut b_read, &mut a);
+    a.close_write();
+    let _ = forward.join();
+}
+
+/// Where a stoppable accept loop listens, so that dropping it can wake the loop.
+enum Wake {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// An accept loop on its own thread, each connection handled on another; stops accepting
+/// when dropped (connections under way end with the VM).
+pub struct Listening {
+    stop: Arc<AtomicBool>,
+    wake: Wake,
+}
+
+impl Listening {
+    fn spawn<S: Stream>(wake: Wake, mut accept: impl FnMut() -> io::Result<S> + Send + 'static, handle: impl Fn(S) + Send + Sync + 'static) -> io::Result<Listening> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = Arc::new(handle);
+        std::thread::Builder::new().name("listen".into()).spawn(move || loop {
+            let conn = accept();
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Ok(conn) = conn {
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(conn));
+            }
+        })?;
+        Ok(Listening { stop, wake })
+    }
+
+    /// Serves each connection to the Unix socket `path` with `handle`.
+    pub fn unix(path: &Path, handle: impl Fn(UnixStream) + Send + Sync + 'static) -> io::Result<Listening> {
+        let listener = UnixListener::bind(path)?;
+        Self::spawn(Wake::Unix(path.to_path_buf()), move || listener.accept().map(|(s, _)| s), handle)
+    }
+
+    /// Serves each connection to 127.0.0.1:`port` with `handle`.
+    pub fn tcp(port: u16, handle: impl Fn(TcpStream) + Send + Sync + 'static) -> io::Result<Listening> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+        let addr = listener.local_addr()?;
+        Self::spawn(Wake::Tcp(addr), move || listener.accept().map(|(s, _)| s), handle)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        match &self.wake {
+            Wake::Tcp(addr) => drop(TcpStream::connect(addr)),
+            Wake::Unix(path) => {
+                let _ = UnixStream::connect(path);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// `-p HOSTPORT:GUESTPORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// Parses `-p HOSTPORT:GUESTPORT` (the host side is always 127.0.0.1).
+pub fn parse_publish(text: &str) -> Result<Publish, String> {
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port {p:?} in -p {text:?}: expected HOSTPORT:GUESTPORT"));
+    match text.split_once(':') {
+        Some((host, guest)) => Ok(Publish { host_port: port(host)?, guest_port: port(guest)? }),
+        None => Err(format!("bad -p {text:?}: expected HOSTPORT:GUESTPORT")),
+    }
+}
+
+/// Parses `--host-port PORT`.
+pub fn parse_host_port(text: &str) -> Result<u16, String> {
+    text.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad --host-port {text:?}: expected a port number"))
+}
+
+/// What a session forwards, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForwardRequest {
+    pub publish: Vec<Publish>,
+    pub host_ports: Vec<u16>,
+    /// The host agent's socket (`$SSH_AUTH_SOCK`) for `-A`.
+    pub ssh_agent: Option<PathBuf>,
+}
+
+impl ForwardRequest {
+    /// The guest's set-up steps: its relays to the host.
+    pub fn steps(&self) -> Vec<Step> {
+        let mut steps: Vec<Step> = self.host_ports.iter().map(|p| Step::Relay { listen: Listen::Tcp(*p), host_port: HOST_PORT_BASE + u32::from(*p) }).collect();
+        if self.ssh_agent.is_some() {
+            steps.push(Step::Relay { listen: Listen::Unix(GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), host_port: SSH_AGENT_PORT });
+        }
+        steps
+    }
+
+    /// What commands get to find the forwards.
+    pub fn environment(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match self.ssh_agent {
+            Some(_) => vec![(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec())],
+            None => Vec::new(),
+        }
+    }
+
+    /// Starts the host ends: the guest's relays arrive on `<vsock>_<port>` in `dir`;
+    /// published ports listen on 127.0.0.1 and reach the agent through `vsock`.
+    pub fn start(&self, dir: &Path, vsock: &Path) -> Result<Vec<Listening>> {
+        let mut listening = Vec::new();
+        for &port in &self.host_ports {
+            let socket = dir.join(format!("vsock_{}", HOST_PORT_BASE + u32::from(port)));
+            listening.push(Listening::unix(&socket, move |guest| {
+                if let Ok(host) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+                    splice(Box::new(guest), Box::new(host));
+                }
+            })?);
+        }
+        if let Some(agent) = &self.ssh_agent {
+            if !agent.exists() {
+                bail!("-A: the SSH agent socket {} does not exist (is ssh-agent running?)", agent.display());
+            }
+            let agent = agent.clone();
+            listening.push(Listening::unix(&dir.join(format!("vsock_{SSH_AGENT_PORT}")), move |guest| {
+                if let Ok(host) = UnixStream::connect(&agent) {
+                    splice(Box::new(guest), Box::new(host));
+                }
+            })?);
+        }
+        for publish in &self.publish {
+            let vsock = vsock.to_path_buf();
+            let guest_port = publish.guest_port;
+            let listener = Listening::tcp(publish.host_port, move |host| {
+                if let Ok(guest) = open_guest_port(&vsock, guest_port) {
+                    splice(Box::new(host), Box::new(guest));
+                }
+            })
+            .with_context(|| format!("-p {}:{}: cannot listen on 127.0.0.1:{}", publish.host_port, publish.guest_port, publish.host_port))?;
+            listening.push(listener);
+        }
+        Ok(listening)
+    }
+}
+
+/// A stream to 127.0.0.1:`port` in the guest, through the agent.
+fn open_guest_port(vsock: &Path, port: u16) -> io::Result<UnixStream> {
+    let mut conn = crate::exec::connect_port(vsock, CONTROL_PORT)?;
+    protocol::write_frame(&mut conn, &Request::Forward { port }.encode())?;
+    match protocol::read_reply(&mut conn)? {
+        Some(Reply::Done) => Ok(conn),
+        Some(Reply::Failed(message)) => Err(io::Error::new(io::ErrorKind::ConnectionRefused, message)),
+        other => Err(io::Error::other(format!("unexpected answer to a forward: {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(parse_publish("8080:80"), Ok(Publish { host_port: 8080, guest_port: 80 }));
+        for bad in ["8080", "0:80", "8080:0", "a:80", "8080:80:1", "70000:80", ":80", ""] {
+            assert!(parse_publish(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_host_port("5432"), Ok(5432));
+        assert!(parse_host_port("0").is_err() && parse_host_port("x").is_err());
+    }
+
+    #[test]
+    fn guest_steps_and_environment() {
+        let none = ForwardRequest::default();
+        assert!(none.steps().is_empty() && none.environment().is_empty());
+        let all = ForwardRequest { publish: vec![], host_ports: vec![5432], ssh_agent: Some("/tmp/agent".into()) };
+        assert_eq!(
+            all.steps(),
+            [
+                Step::Relay { listen: Listen::Tcp(5432), host_port: HOST_PORT_BASE + 5432 },
+                Step::Relay { listen: Listen::Unix(GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), host_port: SSH_AGENT_PORT },
+            ]
+        );
+        assert_eq!(all.environment(), [(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec())]);
+    }
+
+    #[test]
+    fn splice_carries_both_ways_and_passes_the_ends_on() {
+        let (a, a_peer) = UnixStream::pair().unwrap();
+        let (b, b_peer) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || splice(Box::new(a), Box::new(b)));
+        let (mut a_peer, mut b_peer) = (a_peer, b_peer);
+        a_peer.write_all(b"ping").unwrap();
+        a_peer.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        b_peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ping");
+        b_peer.write_all(b"pong").unwrap();
+        b_peer.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        a_peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pong");
+        relay.join().unwrap();
+    }
+}
