@@ -101,8 +101,9 @@ fn a_published_guest_port_answers_on_the_host_and_a_host_port_answers_in_the_gue
 }
 
 #[test]
-fn the_guest_lists_the_keys_of_the_hosts_ssh_agent() {
+fn the_guest_lists_the_keys_of_the_hosts_ssh_agent_and_curl_goes_through_the_proxy() {
     let Some(env) = Env::debian() else { return };
+    let port = server("hello from the host");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let key = dir.path().join("key");
@@ -119,9 +120,15 @@ fn the_guest_lists_the_keys_of_the_hosts_ssh_agent() {
     run(std::process::Command::new("ssh-add").arg("-q").arg(&key));
     let host_list = run(std::process::Command::new("ssh-add").arg("-l"));
     for engine in engines() {
-        let out = env.command(engine, &["-A", "--", "sh", "-c", "ssh-add -l"]).env("SSH_AUTH_SOCK", &sock).output().unwrap();
+        // The issue's own example: curl, by name, through the proxy, to a host server.
+        let curl = format!("ssh-add -l; curl -s http://api.test:{port}/");
+        let out = env
+            .command(engine, &["-A", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &curl])
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), host_list, "[{engine}] the guest sees the host agent's key");
+        assert_eq!(text(&out.stdout), format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
         assert!(host_list.contains("cvm-test-key"));
         env.assert_clean();
     }
