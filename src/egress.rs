@@ -245,11 +245,7 @@ fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String
 /// Where decisions are written: `$XDG_STATE_HOME/cvm/network.log`, else
 /// `~/.local/state/cvm/network.log`.
 pub fn audit_log_path() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    base.join("cvm/network.log")
+    crate::xdg_dir("XDG_STATE_HOME", ".local/state").join("cvm/network.log")
 }
 
 /// Appends decisions to the audit log, one line each.

@@ -12,11 +12,7 @@ use anyhow::{bail, Context, Result};
 
 /// `$XDG_CACHE_HOME/cvm`, else `~/.cache/cvm`: where scripts/build-* put their results.
 pub fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"));
-    base.join("cvm")
+    crate::xdg_dir("XDG_CACHE_HOME", ".cache").join("cvm")
 }
 
 /// The guest kernel: `--kernel`, else `$CVM_KERNEL`, else the latest scripts/build-kernel.

@@ -21,3 +21,11 @@ pub mod runtime;
 pub mod session;
 pub mod shares;
 pub mod terminal;
+
+/// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.
+pub fn xdg_dir(variable: &str, under_home: &str) -> std::path::PathBuf {
+    std::env::var_os(variable)
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(under_home)))
+        .unwrap_or_else(|| std::path::PathBuf::from("/tmp"))
+}
