@@ -181,20 +181,7 @@ impl Session {
         let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
         let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
         let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
-        let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &dir.join("meta"))? };
-        plan.write_meta(&dir.join("meta"))?;
-        let runtime = match &plan.workdir {
-            Some(project) => {
-                let mounts = plan.shares.iter().filter(|s| s.backend.tag.starts_with("mount")).map(|s| (s.backend.dir.clone(), s.guest_path.clone(), s.backend.policy.read_only)).collect();
-                let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode };
-                let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
-                plan.setup.steps.extend(runtime.files());
-                Some(runtime)
-            }
-            None if !config.runtime_scripts.is_empty() => bail!("--runtime-script needs a project: cvm run PATH"),
-            None => None,
-        };
-        plan.setup.steps.extend(config.forwards.steps());
+        let (plan, runtime) = plan_guest(config, &dir)?;
         let session = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let audit = egress::audit_log_path();
         let egress_proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
@@ -274,6 +261,27 @@ impl Session {
             eprintln!("cvm: guest console:\n{}", log_tail(&self.console_log, 50));
         }
     }
+}
+
+/// What the guest gets and runs: the shares, the user, the runtime prologue, the relays,
+/// with the set-up steps the agent carries out.
+fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<Runtime>)> {
+    let meta = dir.join("meta");
+    let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &meta)? };
+    plan.write_meta(&meta)?;
+    let runtime = match &plan.workdir {
+        Some(project) => {
+            let mounts = config.shares.mounts.iter().map(|m| (m.host.clone(), m.guest.clone(), m.read_only)).collect();
+            let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode };
+            let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
+            plan.setup.steps.extend(runtime.files());
+            Some(runtime)
+        }
+        None if !config.runtime_scripts.is_empty() => bail!("--runtime-script needs a project: cvm run PATH"),
+        None => None,
+    };
+    plan.setup.steps.extend(config.forwards.steps());
+    Ok((plan, runtime))
 }
 
 /// Starts one fs backend process per planned share, each listening on its own socket in the
