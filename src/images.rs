@@ -69,6 +69,41 @@ fn named(name: &str) -> Option<&'static Named> {
     NAMED.iter().find(|n| n.name == name)
 }
 
+/// The smallest scratch disk `--disk` makes.
+pub const MIN_SCRATCH: u64 = 64 << 20;
+
+/// Makes a sparse, empty ext4 file system of `bytes` at `path`: a session's writable layer on
+/// disk instead of in memory. No journal: it is thrown away with the session.
+pub fn make_scratch_disk(path: &Path, bytes: u64) -> Result<()> {
+    if bytes < MIN_SCRATCH {
+        bail!("--disk must be at least {} MiB", MIN_SCRATCH >> 20);
+    }
+    std::fs::File::create(path).and_then(|f| f.set_len(bytes)).with_context(|| format!("cannot create {}", path.display()))?;
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1", "-m", "0"])
+        .arg(path)
+        .output()
+        .context("cannot run mkfs.ext4 (Debian package e2fsprogs)")?;
+    if !out.status.success() {
+        bail!("mkfs.ext4 failed on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Adds a scratch disk (`make_scratch_disk`) as the writable layer over this image.
+    pub fn add_scratch(&self, vm: &mut cvm_vmm::VmConfig, path: &Path) -> Result<()> {
+        if let Image::Initramfs(image) = self {
+            bail!("--disk needs a disk image: {} is an initramfs, whose root is memory", image.display());
+        }
+        // virtio-blk disks are vda, vdb, ... in the order given.
+        let letter = char::from(b'a' + vm.disks.len() as u8);
+        vm.disks.push(cvm_vmm::DiskConfig { path: path.to_path_buf(), read_only: false });
+        vm.cmdline.push_str(&format!(" cvm.upper=/dev/vd{letter}"));
+        Ok(())
+    }
+}
+
 /// One cached build of a named image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedImage {
@@ -168,15 +203,19 @@ mod tests {
         let erofs = write("root.img", &[(1024, &0xE0F5_E1E2u32.to_le_bytes())]);
         let ext4 = write("disk", &[(1080, &0xEF53u16.to_le_bytes())]);
         let junk = write("junk.erofs", &[(0, b"hello")]);
-        assert_eq!(image(cpio.to_str().unwrap()).unwrap(), Image::Initramfs(cpio));
+        assert_eq!(image(cpio.to_str().unwrap()).unwrap(), Image::Initramfs(cpio.clone()));
         assert_eq!(image(erofs.to_str().unwrap()).unwrap(), Image::Disk(erofs.clone()));
         assert_eq!(image(ext4.to_str().unwrap()).unwrap(), Image::Disk(ext4));
         let err = image(junk.to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("not an image"), "{err}");
         let mut vm = cvm_vmm::VmConfig::new("/k");
         Image::Disk(erofs.clone()).configure(&mut vm);
-        assert_eq!(vm.disks, [cvm_vmm::DiskConfig { path: erofs, read_only: true }]);
+        assert_eq!(vm.disks, [cvm_vmm::DiskConfig { path: erofs.clone(), read_only: true }]);
         assert!(vm.cmdline.ends_with(" root=/dev/vda ro init=/init") && vm.initrd.is_none());
+        Image::Disk(erofs).add_scratch(&mut vm, Path::new("/s")).unwrap();
+        assert_eq!(vm.disks[1], cvm_vmm::DiskConfig { path: "/s".into(), read_only: false });
+        assert!(vm.cmdline.ends_with(" cvm.upper=/dev/vdb"));
+        assert!(Image::Initramfs(cpio.clone()).add_scratch(&mut vm, Path::new("/s")).is_err());
         std::fs::write(dir.path().join("short"), b"07").unwrap();
         assert!(image(dir.path().join("short").to_str().unwrap()).is_err());
         assert!(image("/no/such/image").unwrap_err().to_string().contains("/no/such/image"));

@@ -86,6 +86,10 @@ pub struct VmArgs {
     /// Stop everything and exit 124 after this long: 30s, 5m, 1h.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
+    /// Put the session's writable layer on a sparse scratch disk of this size (8G, 500M; a
+    /// bare number is MiB) instead of in memory; gone when the session ends. Disk images only.
+    #[arg(long, value_parser = parse_memory_size)]
+    disk: Option<u64>,
     /// Show the guest's console (kernel and agent messages) when the session ends.
     #[arg(long)]
     debug: bool,
@@ -277,6 +281,7 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
         memory_bytes: args.memory,
         debug: args.debug,
         runtime_scripts: args.runtime_scripts.clone(),
+        scratch_disk: args.disk,
         egress: EgressPolicy {
             mode: args.network,
             allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).chain(args.allow.iter().cloned()).collect(),

@@ -69,6 +69,8 @@ pub struct SessionConfig {
     pub egress: EgressPolicy,
     /// Ports and agents relayed between host and guest.
     pub forwards: ForwardRequest,
+    /// The size of a scratch disk for the writable layer (else it is in memory).
+    pub scratch_disk: Option<u64>,
 }
 
 /// A VM on either engine, as the session sees it.
@@ -203,6 +205,11 @@ impl Session {
             ..VmConfig::new(&config.kernel)
         };
         config.image.configure(&mut vm_config);
+        if let Some(bytes) = config.scratch_disk {
+            let scratch = dir.join("scratch.ext4");
+            crate::images::make_scratch_disk(&scratch, bytes)?;
+            config.image.add_scratch(&mut vm_config, &scratch)?;
+        }
         let mut machine = Machine::start(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
         let setup = started.elapsed();
 

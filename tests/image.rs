@@ -92,3 +92,20 @@ fn a_prompt_alone_starts_claude_code_on_the_current_directory() {
     assert!(!all.contains("root"), "{all}");
     env.assert_clean();
 }
+
+#[test]
+fn a_scratch_disk_holds_more_than_memory_and_goes_with_the_session() {
+    let Some(env) = Env::debian() else { return };
+    let write = "dd if=/dev/zero of=/usr/local/big bs=1M count=200 2>/dev/null && echo wrote || echo full";
+    for engine in engines() {
+        let out = env.run(engine, &["--memory", "256M", "--disk", "1G", "--", "sh", "-c", write], b"");
+        assert_eq!(text(&out.stdout), "wrote\n", "[{engine}] 200 MiB fit on the scratch disk: {}", text(&out.stderr));
+        let out = env.run(engine, &["--memory", "256M", "--", "sh", "-c", write], b"");
+        assert_eq!(text(&out.stdout), "full\n", "[{engine}] but not in 256 MiB of memory: {}", text(&out.stderr));
+        env.assert_clean();
+    }
+    let Some(minimal) = Env::new() else { return };
+    let out = minimal.run("qemu", &["--disk", "1G", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("needs a disk image"), "{}", text(&out.stderr));
+}

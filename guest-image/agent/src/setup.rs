@@ -43,9 +43,14 @@ pub fn mount(source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_u
 /// Where the writable layer over a read-only root lives before the switch (then `/mnt`).
 const ROOT_LAYERS: &str = "/run/cvm-root";
 
-/// When the kernel mounted a read-only root (a disk image), lays an in-memory writable layer
-/// over it and makes the overlay the root: the session writes anywhere, the image never
-/// changes, and everything written is gone with the VM. Nothing to do on an initramfs.
+/// The kernel command line word that names the scratch disk for the writable layer.
+const UPPER_DISK_ARG: &str = "cvm.upper=";
+
+/// When the kernel mounted a read-only root (a disk image), lays a writable layer over it and
+/// makes the overlay the root: the session writes anywhere, the image never changes, and
+/// everything written is gone with the VM. The layer is in memory, or on the scratch disk the
+/// command line names (`cvm.upper=/dev/vdX`, an empty ext4 file system). Nothing to do on an
+/// initramfs.
 pub fn make_root_writable() -> io::Result<()> {
     // SAFETY: statvfs writes into the zeroed struct we pass; the path is a NUL-terminated literal.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -54,7 +59,21 @@ pub fn make_root_writable() -> io::Result<()> {
     }
     let layers = Path::new(ROOT_LAYERS);
     mount("tmpfs", Path::new("/run"), Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=755"))?;
-    let (upper, work, root) = (layers.join("upper"), layers.join("work"), layers.join("root"));
+    // /proc and /dev of the old root, for the command line and the disk's node; they go with it.
+    mount("proc", Path::new("/proc"), Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let upper_disk = cmdline.split_whitespace().find_map(|w| w.strip_prefix(UPPER_DISK_ARG));
+    let base = match upper_disk {
+        Some(device) => {
+            mount("devtmpfs", Path::new("/dev"), Some("devtmpfs"), libc::MS_NOSUID, None)?;
+            let disk = layers.join("disk");
+            std::fs::create_dir_all(&disk)?;
+            mount(device, &disk, Some("ext4"), libc::MS_NOSUID | libc::MS_NODEV, None)?;
+            disk
+        }
+        None => layers.to_path_buf(),
+    };
+    let (upper, work, root) = (base.join("upper"), base.join("work"), layers.join("root"));
     for dir in [&upper, &work, &root] {
         std::fs::create_dir_all(dir)?;
     }
