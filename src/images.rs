@@ -90,17 +90,36 @@ pub fn make_scratch_disk(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// A disk layered over a disk image: the agent finds it by the kernel argument that names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    /// A project's template, read-only, under the session's writable layer.
+    Template,
+    /// The session's writable layer on a scratch disk.
+    Scratch,
+}
+
 impl Image {
-    /// Adds a scratch disk (`make_scratch_disk`) as the writable layer over this image.
-    pub fn add_scratch(&self, vm: &mut cvm_vmm::VmConfig, path: &Path) -> Result<()> {
+    /// Adds `path` as `layer` over this image.
+    pub fn add_layer(&self, vm: &mut cvm_vmm::VmConfig, path: &Path, layer: Layer) -> Result<()> {
         if let Image::Initramfs(image) = self {
-            bail!("--disk needs a disk image: {} is an initramfs, whose root is memory", image.display());
+            bail!("--disk and templates need a disk image: {} is an initramfs, whose root is memory", image.display());
         }
         // virtio-blk disks are vda, vdb, ... in the order given.
         let letter = char::from(b'a' + vm.disks.len() as u8);
-        vm.disks.push(cvm_vmm::DiskConfig { path: path.to_path_buf(), read_only: false });
-        vm.cmdline.push_str(&format!(" cvm.upper=/dev/vd{letter}"));
+        let (read_only, arg) = match layer {
+            Layer::Template => (true, "cvm.template"),
+            Layer::Scratch => (false, "cvm.upper"),
+        };
+        vm.disks.push(cvm_vmm::DiskConfig { path: path.to_path_buf(), read_only });
+        vm.cmdline.push_str(&format!(" {arg}=/dev/vd{letter}"));
         Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Image::Initramfs(p) | Image::Disk(p) => p,
+        }
     }
 }
 
@@ -212,10 +231,12 @@ mod tests {
         Image::Disk(erofs.clone()).configure(&mut vm);
         assert_eq!(vm.disks, [cvm_vmm::DiskConfig { path: erofs.clone(), read_only: true }]);
         assert!(vm.cmdline.ends_with(" root=/dev/vda ro init=/init") && vm.initrd.is_none());
-        Image::Disk(erofs).add_scratch(&mut vm, Path::new("/s")).unwrap();
-        assert_eq!(vm.disks[1], cvm_vmm::DiskConfig { path: "/s".into(), read_only: false });
-        assert!(vm.cmdline.ends_with(" cvm.upper=/dev/vdb"));
-        assert!(Image::Initramfs(cpio.clone()).add_scratch(&mut vm, Path::new("/s")).is_err());
+        Image::Disk(erofs.clone()).add_layer(&mut vm, Path::new("/t"), Layer::Template).unwrap();
+        Image::Disk(erofs).add_layer(&mut vm, Path::new("/s"), Layer::Scratch).unwrap();
+        assert_eq!(vm.disks[1], cvm_vmm::DiskConfig { path: "/t".into(), read_only: true });
+        assert_eq!(vm.disks[2], cvm_vmm::DiskConfig { path: "/s".into(), read_only: false });
+        assert!(vm.cmdline.ends_with(" cvm.template=/dev/vdb cvm.upper=/dev/vdc"));
+        assert!(Image::Initramfs(cpio.clone()).add_layer(&mut vm, Path::new("/s"), Layer::Scratch).is_err());
         std::fs::write(dir.path().join("short"), b"07").unwrap();
         assert!(image(dir.path().join("short").to_str().unwrap()).is_err());
         assert!(image("/no/such/image").unwrap_err().to_string().contains("/no/such/image"));

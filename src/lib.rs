@@ -7,6 +7,7 @@
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
 //! - [`runtime`]: runtime scripts and the CLAUDE.md context, run before each command.
+//! - [`template`]: per-project templates that `cvm setup` makes.
 //! - [`rundir`]: a session's private directory and the janitor that removes it.
 //! - [`images`]: where the kernel and images are.
 //! - [`terminal`]: raw mode and window size.
@@ -20,6 +21,7 @@ pub mod rundir;
 pub mod runtime;
 pub mod session;
 pub mod shares;
+pub mod template;
 pub mod terminal;
 
 /// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::egress::{EgressPolicy, NetworkMode, DEFAULT_ALLOW};
 use cvm::forward::ForwardRequest;
-use cvm::session::{Engine, SessionConfig};
+use cvm::session::{Engine, Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 
@@ -34,6 +34,9 @@ enum Command {
     /// Run a command in a fresh VM: its output, its exit status (128+N if killed by signal
     /// N), then the VM is gone. With a terminal the command gets one too.
     Run(RunArgs),
+    /// Build this project's template once: install tools into a layer that later sessions
+    /// start from (`cvm run` finds it by the project's path).
+    Setup(SetupArgs),
     /// Open an interactive shell in a fresh VM.
     Shell(ShellArgs),
     /// Show what cvm logged: `--network`, every egress decision of every session.
@@ -167,6 +170,48 @@ enum ImageCommand {
 }
 
 #[derive(clap::Args, Clone)]
+pub struct SetupArgs {
+    /// The project (default: the current directory).
+    path: Option<PathBuf>,
+    /// Node.js and npm.
+    #[arg(long)]
+    node: bool,
+    /// Python 3 with pip and venv.
+    #[arg(long)]
+    python: bool,
+    /// Rust (Debian's cargo and rustc).
+    #[arg(long)]
+    rust: bool,
+    /// Docker (docker.io).
+    #[arg(long)]
+    docker: bool,
+    /// Chromium.
+    #[arg(long)]
+    chromium: bool,
+    /// GitHub's CLI (gh).
+    #[arg(long)]
+    gh: bool,
+    /// Git (already in the image).
+    #[arg(long)]
+    git: bool,
+    /// GnuPG.
+    #[arg(long)]
+    gpg: bool,
+    /// Every capability above.
+    #[arg(long)]
+    all: bool,
+    /// Another Debian package to install. Repeatable.
+    #[arg(long = "package", value_name = "NAME")]
+    packages: Vec<String>,
+    /// A script to run after the packages (and after ~/.cvm.setup.sh), before
+    /// ./.cvm.setup.sh. Repeatable.
+    #[arg(long = "setup-script", value_name = "FILE")]
+    setup_scripts: Vec<PathBuf>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(clap::Args, Clone)]
 pub struct ShellArgs {
     /// The project directory, shared as with `cvm run`.
     path: Option<PathBuf>,
@@ -219,6 +264,14 @@ fn main() -> ExitCode {
             let (project, command) = cvm::run::agent_defaults(args.path, args.command);
             run(&args.vm, project, command, args.timings)
         }
+        Command::Setup(args) => match setup(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                cvm::terminal::restore();
+                eprintln!("cvm: {e:#}");
+                ExitCode::from(EXIT_CVM_FAILED)
+            }
+        },
         Command::Shell(args) => run(&args.vm, args.path, vec!["/bin/sh".into(), "-l".into()], false),
         Command::Logs { network: _ } => {
             let path = cvm::egress::audit_log_path();
@@ -281,7 +334,9 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
         memory_bytes: args.memory,
         debug: args.debug,
         runtime_scripts: args.runtime_scripts.clone(),
-        scratch_disk: args.disk,
+        scratch: args.disk.map(Scratch::Fresh),
+        template: None,
+        runtime: true,
         egress: EgressPolicy {
             mode: args.network,
             allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).chain(args.allow.iter().cloned()).collect(),
@@ -300,7 +355,14 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
 }
 
 fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings: bool) -> ExitCode {
-    match session_config(args, project).and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
+    let config = session_config(args, project).map(|mut config| {
+        // A project's template, made by `cvm setup` on this image, is where it starts from.
+        if let (Some(project), cvm::images::Image::Disk(image)) = (&config.shares.project, &config.image) {
+            config.template = project.canonicalize().ok().and_then(|p| cvm::template::find(&p, image));
+        }
+        config
+    });
+    match config.and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             cvm::terminal::restore();
@@ -336,6 +398,44 @@ fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
                 println!("removed {} {}", image.name, image.key);
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `cvm setup`: one session on a scratch disk that becomes the project's template.
+fn setup(args: SetupArgs) -> anyhow::Result<u8> {
+    use cvm::template;
+    let project = args.path.clone().unwrap_or_else(|| PathBuf::from(".")).canonicalize()?;
+    let flags = [("node", args.node), ("python", args.python), ("rust", args.rust), ("docker", args.docker), ("chromium", args.chromium), ("gh", args.gh), ("git", args.git), ("gpg", args.gpg)];
+    let capabilities: Vec<&str> = flags.iter().filter(|(_, on)| *on || args.all).map(|(name, _)| *name).collect();
+    let packages = template::packages(&capabilities, &args.packages);
+    // The user's scripts, read here: ~/.cvm.setup.sh, then --setup-script, then the project's.
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let own = [home.join(template::HOME_SCRIPT)].into_iter().filter(|p| p.is_file());
+    let project_script = [project.join(template::HOME_SCRIPT)].into_iter().filter(|p| p.is_file());
+    let scripts = own
+        .chain(args.setup_scripts.iter().cloned())
+        .chain(project_script)
+        .map(|p| std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read the setup script {}: {e}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut config = session_config(&args.vm, Some(project.clone()))?;
+    let dir = template::dir_for(&project);
+    std::fs::create_dir_all(&dir)?;
+    let layer = dir.join("layer.ext4.new");
+    cvm::images::make_scratch_disk(&layer, template::LAYER_BYTES)?;
+    config.scratch = Some(Scratch::Kept(layer.clone()));
+    config.runtime = false;
+    let argv = template::command(&packages, &scripts).into_iter().map(<OsString as std::os::unix::ffi::OsStringExt>::from_vec).collect();
+    let code = cvm::run::run(&config, argv, args.vm.timeout, false);
+    match code {
+        Ok(0) => {
+            let kept = template::keep(&project, &layer, config.image.path())?;
+            eprintln!("cvm setup: the template for {} is ready ({})", project.display(), kept.display());
+            Ok(0)
+        }
+        other => {
+            let _ = std::fs::remove_file(&layer);
+            other
         }
     }
 }

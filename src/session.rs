@@ -25,7 +25,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use crate::exec::{self, Outcome};
 use crate::egress::{self, EgressPolicy};
 use crate::forward::{ForwardRequest, Listening};
-use crate::images::Image;
+use crate::images::{Image, Layer};
 use crate::rundir::RunDir;
 use crate::runtime::{Runtime, VmFacts};
 use crate::shares::{HostUser, ShareRequest, SharePlan};
@@ -69,8 +69,21 @@ pub struct SessionConfig {
     pub egress: EgressPolicy,
     /// Ports and agents relayed between host and guest.
     pub forwards: ForwardRequest,
-    /// The size of a scratch disk for the writable layer (else it is in memory).
-    pub scratch_disk: Option<u64>,
+    /// The writable layer on a scratch disk (else it is in memory).
+    pub scratch: Option<Scratch>,
+    /// A project template: a read-only layer under the writable one.
+    pub template: Option<PathBuf>,
+    /// Run the runtime scripts before each command (not while `cvm setup` installs).
+    pub runtime: bool,
+}
+
+/// Where a session's scratch disk comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scratch {
+    /// A new one of this size in the session directory, gone with the session.
+    Fresh(u64),
+    /// This one, made by the caller, which keeps it (`cvm setup`).
+    Kept(PathBuf),
 }
 
 /// A VM on either engine, as the session sees it.
@@ -205,10 +218,20 @@ impl Session {
             ..VmConfig::new(&config.kernel)
         };
         config.image.configure(&mut vm_config);
-        if let Some(bytes) = config.scratch_disk {
-            let scratch = dir.join("scratch.ext4");
-            crate::images::make_scratch_disk(&scratch, bytes)?;
-            config.image.add_scratch(&mut vm_config, &scratch)?;
+        if let Some(template) = &config.template {
+            config.image.add_layer(&mut vm_config, template, Layer::Template)?;
+        }
+        let scratch = match &config.scratch {
+            Some(Scratch::Fresh(bytes)) => {
+                let path = dir.join("scratch.ext4");
+                crate::images::make_scratch_disk(&path, *bytes)?;
+                Some(path)
+            }
+            Some(Scratch::Kept(path)) => Some(path.clone()),
+            None => None,
+        };
+        if let Some(path) = scratch {
+            config.image.add_layer(&mut vm_config, &path, Layer::Scratch)?;
         }
         let mut machine = Machine::start(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
         let setup = started.elapsed();
@@ -277,7 +300,7 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
     let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &meta)? };
     plan.write_meta(&meta)?;
     let runtime = match &plan.workdir {
-        Some(project) => {
+        Some(project) if config.runtime => {
             let mounts = config.shares.mounts.iter().map(|m| (m.host.clone(), m.guest.clone(), m.read_only)).collect();
             let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode };
             let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
@@ -285,7 +308,7 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
             Some(runtime)
         }
         None if !config.runtime_scripts.is_empty() => bail!("--runtime-script needs a project: cvm run PATH"),
-        None => None,
+        _ => None,
     };
     plan.setup.steps.extend(config.forwards.steps());
     Ok((plan, runtime))

@@ -201,6 +201,11 @@ fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
     common.canonicalize().ok().filter(|c| c.is_dir())
 }
 
+/// The main repository of a git worktree (the directory holding the `.git` it points into).
+pub fn main_repository(project: &Path) -> Option<PathBuf> {
+    worktree_common_dir(project).and_then(|git| git.parent().map(Path::to_path_buf))
+}
+
 fn bytes(path: &Path) -> Vec<u8> {
     path.as_os_str().as_bytes().to_vec()
 }

@@ -72,9 +72,20 @@ impl Env {
     }
 
     pub fn command(&self, engine: &str, args: &[&str]) -> Command {
+        self.subcommand("run", engine, args)
+    }
+
+    /// `cvm SUBCOMMAND` (`run`, `setup`, `shell`) with this environment's engine, kernel and
+    /// image; caches (templates) go under the private HOME.
+    pub fn subcommand(&self, subcommand: &str, engine: &str, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
-        c.arg("run").arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);
-        c.args(args).env("XDG_RUNTIME_DIR", self.runtime.path()).env("HOME", self.home.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.arg(subcommand).arg("--vmm").arg(engine).arg("--kernel").arg(&self.kernel).arg("--image").arg(&self.image);
+        c.args(args)
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
+            .env("HOME", self.home.path())
+            .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         c
     }
 

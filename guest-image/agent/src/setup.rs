@@ -43,8 +43,10 @@ pub fn mount(source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_u
 /// Where the writable layer over a read-only root lives before the switch (then `/mnt`).
 const ROOT_LAYERS: &str = "/run/cvm-root";
 
-/// The kernel command line word that names the scratch disk for the writable layer.
+/// The kernel command line words that name the scratch disk for the writable layer, and a
+/// template's disk (a read-only layer between the image and the writable one).
 const UPPER_DISK_ARG: &str = "cvm.upper=";
+const TEMPLATE_DISK_ARG: &str = "cvm.template=";
 
 /// When the kernel mounted a read-only root (a disk image), lays a writable layer over it and
 /// makes the overlay the root: the session writes anywhere, the image never changes, and
@@ -62,22 +64,31 @@ pub fn make_root_writable() -> io::Result<()> {
     // /proc and /dev of the old root, for the command line and the disk's node; they go with it.
     mount("proc", Path::new("/proc"), Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let upper_disk = cmdline.split_whitespace().find_map(|w| w.strip_prefix(UPPER_DISK_ARG));
-    let base = match upper_disk {
-        Some(device) => {
-            mount("devtmpfs", Path::new("/dev"), Some("devtmpfs"), libc::MS_NOSUID, None)?;
-            let disk = layers.join("disk");
-            std::fs::create_dir_all(&disk)?;
-            mount(device, &disk, Some("ext4"), libc::MS_NOSUID | libc::MS_NODEV, None)?;
-            disk
-        }
+    let arg = |prefix: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(prefix)).map(str::to_string);
+    let (upper_disk, template_disk) = (arg(UPPER_DISK_ARG), arg(TEMPLATE_DISK_ARG));
+    if upper_disk.is_some() || template_disk.is_some() {
+        mount("devtmpfs", Path::new("/dev"), Some("devtmpfs"), libc::MS_NOSUID, None)?;
+    }
+    let mount_disk = |device: &str, name: &str, flags: libc::c_ulong| -> io::Result<PathBuf> {
+        let dir = layers.join(name);
+        std::fs::create_dir_all(&dir)?;
+        mount(device, &dir, Some("ext4"), libc::MS_NOSUID | libc::MS_NODEV | flags, None)?;
+        Ok(dir)
+    };
+    let base = match &upper_disk {
+        Some(device) => mount_disk(device, "disk", 0)?,
         None => layers.to_path_buf(),
+    };
+    // A template is the writable layer of its set-up session, kept: it goes over the image.
+    let lower = match &template_disk {
+        Some(device) => format!("{}:/", mount_disk(device, "template", libc::MS_RDONLY)?.join("upper").display()),
+        None => "/".to_string(),
     };
     let (upper, work, root) = (base.join("upper"), base.join("work"), layers.join("root"));
     for dir in [&upper, &work, &root] {
         std::fs::create_dir_all(dir)?;
     }
-    let options = format!("lowerdir=/,upperdir={},workdir={}", upper.display(), work.display());
+    let options = format!("lowerdir={lower},upperdir={},workdir={}", upper.display(), work.display());
     mount("overlay", &root, Some("overlay"), 0, Some(&options))?;
     // The old root goes under the new one's /mnt, then away: the overlay keeps what it needs.
     let (new_root, put_old) = (cstr(&root)?, cstr(&root.join("mnt"))?);
