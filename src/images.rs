@@ -103,7 +103,8 @@ impl Image {
     /// Adds `path` as `layer` over this image.
     pub fn add_layer(&self, vm: &mut cvm_vmm::VmConfig, path: &Path, layer: Layer) -> Result<()> {
         if let Image::Initramfs(image) = self {
-            bail!("--disk and templates need a disk image: {} is an initramfs, whose root is memory", image.display());
+            let what = if layer == Layer::Scratch { "--disk" } else { "a template" };
+            bail!("{what} needs a disk image: {} is an initramfs, whose root is memory", image.display());
         }
         // virtio-blk disks are vda, vdb, ... in the order given.
         let letter = char::from(b'a' + vm.disks.len() as u8);
