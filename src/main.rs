@@ -37,6 +37,33 @@ enum Command {
     /// Build this project's template once: install tools into a layer that later sessions
     /// start from (`cvm run` finds it by the project's path).
     Setup(SetupArgs),
+    /// List the projects' templates: project, size on disk, and whether it is unused.
+    List {
+        /// Also show how much disk each template takes (sparse files: what they really use).
+        #[arg(long)]
+        disk_usage: bool,
+        /// Only templates whose project is gone or whose image is not the current one.
+        #[arg(long)]
+        unused: bool,
+    },
+    /// Show what `cvm run` would use for a project: image, kernel, template.
+    Info {
+        /// The project (default: the current directory).
+        path: Option<PathBuf>,
+    },
+    /// Remove a project's template (the current directory's by default).
+    Clean {
+        path: Option<PathBuf>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Remove every template.
+    CleanAll {
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Open an interactive shell in a fresh VM.
     Shell(ShellArgs),
     /// Show what cvm logged: `--network`, every egress decision of every session.
@@ -264,6 +291,10 @@ fn main() -> ExitCode {
             let (project, command) = cvm::run::agent_defaults(args.path, args.command);
             run(&args.vm, project, command, args.timings)
         }
+        Command::List { disk_usage, unused } => report(list_templates(disk_usage, unused)),
+        Command::Info { path } => report(info(path)),
+        Command::Clean { path, yes } => report(clean(path, yes)),
+        Command::CleanAll { yes } => report(clean_all(yes)),
         Command::Setup(args) => match setup(args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -400,6 +431,96 @@ fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Exit status of a command that only prints: 0, or 1 with the error.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cvm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The image `--image debian` uses now, if built.
+fn current_debian() -> Option<PathBuf> {
+    match cvm::images::image("debian") {
+        Ok(cvm::images::Image::Disk(path)) => Some(path),
+        _ => None,
+    }
+}
+
+fn list_templates(disk_usage: bool, unused_only: bool) -> anyhow::Result<()> {
+    let current = current_debian();
+    for t in cvm::template::list() {
+        let unused = t.unused(current.as_deref());
+        if unused_only && !unused {
+            continue;
+        }
+        let size = if disk_usage { format!("{:>8}M  ", t.bytes >> 20) } else { String::new() };
+        println!("{size}{}{}", t.project.display(), if unused { "  (unused)" } else { "" });
+    }
+    Ok(())
+}
+
+fn project_or_cwd(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = path.unwrap_or_else(|| PathBuf::from("."));
+    path.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn info(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let project = project_or_cwd(path)?;
+    println!("project:  {}", project.display());
+    let image = current_debian();
+    println!("image:    {}", image.as_ref().map_or("debian: not built (cvm image build)".into(), |p| p.display().to_string()));
+    println!("kernel:   {}", cvm::images::kernel(None).map_or_else(|e| e.to_string(), |p| p.display().to_string()));
+    let template = image.as_deref().and_then(|i| cvm::template::find(&project, i));
+    println!("template: {}", template.map_or("none (cvm setup makes one)".into(), |p| p.display().to_string()));
+    Ok(())
+}
+
+/// Asks on the terminal; without one, only `--yes` agrees.
+fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        anyhow::bail!("{question} Pass --yes to agree without a terminal.");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        anyhow::bail!("nothing removed");
+    }
+    Ok(())
+}
+
+fn clean(path: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
+    let project = project_or_cwd(path)?;
+    let Some(template) = cvm::template::list().into_iter().find(|t| t.project == project) else {
+        println!("{} has no template", project.display());
+        return Ok(());
+    };
+    confirm(&format!("Remove the template of {}?", project.display()), yes)?;
+    cvm::template::remove(&template)?;
+    println!("removed the template of {}", project.display());
+    Ok(())
+}
+
+fn clean_all(yes: bool) -> anyhow::Result<()> {
+    let all = cvm::template::list();
+    if all.is_empty() {
+        return Ok(());
+    }
+    confirm(&format!("Remove all {} templates?", all.len()), yes)?;
+    for t in &all {
+        cvm::template::remove(t)?;
+        println!("removed the template of {}", t.project.display());
+    }
+    Ok(())
 }
 
 /// `cvm setup`: one session on a scratch disk that becomes the project's template.

@@ -92,8 +92,49 @@ pub fn keep(project: &Path, layer: &Path, image: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let image = image.canonicalize()?;
     std::fs::write(dir.join("base"), image.to_string_lossy().as_bytes())?;
+    std::fs::write(dir.join("project"), project.to_string_lossy().as_bytes())?;
     std::fs::rename(layer, dir.join("layer.ext4")).with_context(|| format!("cannot keep the template in {}", dir.display()))?;
     Ok(dir.join("layer.ext4"))
+}
+
+/// One kept template, as `cvm list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    pub dir: PathBuf,
+    /// The project it was made for.
+    pub project: PathBuf,
+    /// What its disk takes on the host (it is sparse).
+    pub bytes: u64,
+    /// The image it was made on.
+    pub base: PathBuf,
+}
+
+impl Template {
+    /// Its project is gone, or its image is no longer the one `--image` would use.
+    pub fn unused(&self, current_image: Option<&Path>) -> bool {
+        !self.project.is_dir() || current_image.is_some_and(|i| i.canonicalize().ok().as_deref() != Some(self.base.as_path()))
+    }
+}
+
+/// Every kept template.
+pub fn list() -> Vec<Template> {
+    let Ok(entries) = std::fs::read_dir(crate::images::cache_dir().join("templates")) else { return Vec::new() };
+    let mut out: Vec<Template> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok().map(|s| PathBuf::from(s.trim()));
+            let bytes = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(dir.join("layer.ext4")).ok()?) * 512;
+            Some(Template { project: read("project")?, base: read("base")?, bytes, dir })
+        })
+        .collect();
+    out.sort_by(|a, b| a.project.cmp(&b.project));
+    out
+}
+
+/// Removes a template.
+pub fn remove(template: &Template) -> Result<()> {
+    std::fs::remove_dir_all(&template.dir).with_context(|| format!("cannot remove {}", template.dir.display()))
 }
 
 #[cfg(test)]
@@ -129,5 +170,11 @@ mod tests {
         assert_eq!(find(&project, &image), Some(kept));
         assert_eq!(find(&project, &other), None, "made on another image");
         assert_ne!(dir_for(&project), dir_for(&other), "one template per project");
+        let listed = list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].project, project);
+        assert!(!listed[0].unused(Some(&image)) && listed[0].unused(Some(&other)));
+        remove(&listed[0]).unwrap();
+        assert!(list().is_empty());
     }
 }

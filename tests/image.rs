@@ -144,5 +144,24 @@ fn setup_makes_a_template_that_later_sessions_start_from_and_a_failed_setup_keep
     let templates = env.home.path().join(".cache/cvm/templates");
     let files: Vec<String> = std::fs::read_dir(templates).unwrap().flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap()).map(|f| f.unwrap().file_name().into_string().unwrap()).collect();
     assert!(!files.iter().any(|f| f.ends_with(".new")), "no half-made template: {files:?}");
+
+    // cvm list, clean: asks first, and without a terminal only --yes agrees.
+    let cvm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cvm"))
+            .args(args)
+            .env("HOME", env.home.path())
+            .env("XDG_CACHE_HOME", env.home.path().join(".cache"))
+            .env("CVM_DEBIAN_IMAGE", &env.image)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    assert_eq!(text(&cvm(&["list"]).stdout), format!("{project}\n"));
+    assert_eq!(text(&cvm(&["list", "--unused"]).stdout), "", "made on the current image, for a project that exists");
+    let refused = cvm(&["clean", project]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("--yes"), "{}", text(&refused.stderr));
+    assert_eq!(text(&cvm(&["clean", project, "--yes"]).stdout), format!("removed the template of {project}\n"));
+    assert_eq!(text(&cvm(&["list"]).stdout), "");
     env.assert_clean();
 }
