@@ -155,6 +155,19 @@ mod tests {
     }
 
     #[test]
+    fn the_worktrees_of_a_repository_share_its_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("main");
+        std::fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
+        std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+        let wt = dir.path().join("wt");
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
+        assert_eq!(dir_for(&wt), dir_for(&main.canonicalize().unwrap()));
+        assert_ne!(dir_for(&wt), dir_for(dir.path()));
+    }
+
+    #[test]
     fn a_template_is_used_only_over_the_image_it_was_made_on() {
         let cache = tempfile::tempdir().unwrap();
         std::env::set_var("XDG_CACHE_HOME", cache.path());
