@@ -206,6 +206,18 @@ pub fn main_repository(project: &Path) -> Option<PathBuf> {
     worktree_common_dir(project).and_then(|git| git.parent().map(Path::to_path_buf))
 }
 
+/// For tests: the layout `git worktree add` makes, by hand: `<dir>/main` with its `.git`, and
+/// the worktree `<dir>/wt`. Returns (main, worktree).
+#[cfg(test)]
+pub(crate) fn fake_worktree(dir: &Path) -> (PathBuf, PathBuf) {
+    let (main, wt) = (dir.join("main"), dir.join("wt"));
+    std::fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
+    std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+    std::fs::create_dir_all(&wt).unwrap();
+    std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
+    (main, wt)
+}
+
 fn bytes(path: &Path) -> Vec<u8> {
     path.as_os_str().as_bytes().to_vec()
 }
@@ -430,12 +442,8 @@ mod tests {
     #[test]
     fn a_worktree_shares_its_main_git_dir_with_hooks_protected() {
         let dir = tempfile::tempdir().unwrap();
-        let main_git = dir.path().join("main/.git");
-        std::fs::create_dir_all(main_git.join("worktrees/wt")).unwrap();
-        std::fs::write(main_git.join("worktrees/wt/commondir"), "../..\n").unwrap();
-        let wt = dir.path().join("wt");
-        std::fs::create_dir_all(&wt).unwrap();
-        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main_git.join("worktrees/wt").display())).unwrap();
+        let (main, wt) = fake_worktree(dir.path());
+        let main_git = main.join(".git");
         let host = HostUser { name: "dev".into(), uid: 1000, gid: 1000, home: dir.path().join("nohome") };
         let plan = SharePlan::new(&request(&wt), &host, &dir.path().join("meta")).unwrap();
         let git = plan.shares.iter().find(|s| s.backend.tag == "git").expect("the main .git is shared");

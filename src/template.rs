@@ -157,12 +157,7 @@ mod tests {
     #[test]
     fn the_worktrees_of_a_repository_share_its_template() {
         let dir = tempfile::tempdir().unwrap();
-        let main = dir.path().join("main");
-        std::fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
-        std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
-        let wt = dir.path().join("wt");
-        std::fs::create_dir_all(&wt).unwrap();
-        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
+        let (main, wt) = crate::shares::fake_worktree(dir.path());
         assert_eq!(dir_for(&wt), dir_for(&main.canonicalize().unwrap()));
         assert_ne!(dir_for(&wt), dir_for(dir.path()));
     }

@@ -16,7 +16,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, GuestMemory, Interrupt, Subscriber, VirtioDevice};
@@ -75,7 +75,7 @@ impl VirtioDevice for Block {
         let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "virtio-blk needs its queue"))?;
         // A reset and a second activation would find no file: the device serves one driver.
         let file = self.file.take().ok_or_else(|| io::Error::other("virtio-blk: activated twice"))?;
-        Ok(Some(Box::new(BlockWorker { mem, queue, kick, interrupt, file, read_only: self.read_only, sectors: self.sectors })))
+        Ok(Some(Box::new(BlockWorker { mem, queue, kick, interrupt, disk: Disk { file, read_only: self.read_only, sectors: self.sectors } })))
     }
 }
 
@@ -85,9 +85,7 @@ pub struct BlockWorker {
     queue: Queue,
     kick: EventFd,
     interrupt: Arc<Interrupt>,
-    file: File,
-    read_only: bool,
-    sectors: u64,
+    disk: Disk,
 }
 
 /// Why a request failed, as the status byte says it.
@@ -101,23 +99,20 @@ impl BlockWorker {
     /// Serves every available request; returns how many were completed. A chain too broken to
     /// hold a status byte is returned with nothing written.
     pub fn process_queue(&mut self) -> usize {
-        let mut completed = 0;
-        let mem = self.mem.clone();
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            let written = self.serve(&mem, chain);
-            if let Err(e) = self.queue.add_used(&mem, head, written) {
-                tracing::warn!("virtio-blk: cannot return a buffer: {e}");
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-        completed
+        let disk = &self.disk;
+        super::serve_queue("virtio-blk", &mut self.queue, &self.mem, &self.interrupt, |chain| disk.serve(&self.mem, chain))
     }
+}
 
+/// The disk behind the queue: the image file and its bounds.
+struct Disk {
+    file: File,
+    read_only: bool,
+    /// The disk's size in sectors.
+    sectors: u64,
+}
+
+impl Disk {
     /// One request; returns the bytes written to the guest (data and status).
     fn serve(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
         let (Ok(mut reader), Ok(mut writer)) = (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) else {
@@ -232,6 +227,7 @@ impl MutEventSubscriber for BlockWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::QueueT;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -274,7 +270,7 @@ mod tests {
         vq.build_desc_chain(chain).unwrap();
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let mut w = BlockWorker { mem: mem.clone(), queue, kick: EventFd::new(0).unwrap(), interrupt, file, read_only, sectors: DISK_SECTORS };
+        let mut w = BlockWorker { mem: mem.clone(), queue, kick: EventFd::new(0).unwrap(), interrupt, disk: Disk { file, read_only, sectors: DISK_SECTORS } };
         assert_eq!(w.process_queue(), 1, "every chain comes back");
         let used_len: u32 = mem.read_obj(GuestAddress(w.queue.used_ring() + 8)).unwrap();
         (used_len, mem.read_obj(GuestAddress(STATUS)).unwrap())

@@ -96,6 +96,34 @@ impl Interrupt {
     }
 }
 
+/// Serves every chain available on `queue` with `serve`, which returns how many bytes it wrote
+/// into the chain; returns each as used and interrupts the driver if it asked to be told.
+/// Returns how many chains were completed. Malformed chains (loops, out-of-bounds addresses,
+/// bad indirect tables) are `serve`'s to answer; nothing here trusts them.
+pub(crate) fn serve_queue(
+    device: &str,
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+) -> usize {
+    use virtio_queue::QueueT;
+    let mut completed = 0;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let written = serve(chain);
+        if let Err(e) = queue.add_used(mem, head, written) {
+            tracing::warn!("{device}: cannot return a buffer: {e}");
+            break;
+        }
+        completed += 1;
+    }
+    if completed > 0 && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+    completed
+}
+
 /// The device half of a virtio device; [`MmioTransport`] is the bus half.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 for entropy, 19 for vsock, 26 for fs, ...).

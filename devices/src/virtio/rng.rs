@@ -3,7 +3,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes};
 
 use super::{ActiveQueue, GuestMemory, Interrupt, Subscriber, VirtioDevice};
@@ -62,19 +62,16 @@ impl RngWorker {
     /// Serves every available request. Returns how many were completed. Malformed chains
     /// (loops, out-of-bounds addresses, bad indirect tables) end the chain, never the VMM.
     pub fn process_queue(&mut self) -> usize {
-        let mut completed = 0;
         let mut entropy = [0u8; 4096];
-        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
+        let mem = &self.mem;
+        super::serve_queue("virtio-rng", &mut self.queue, mem, &self.interrupt, |chain| {
             let mut written = 0usize;
             for desc in chain.writable() {
                 let mut left = (desc.len() as usize).min(MAX_BYTES_PER_REQUEST - written);
                 let mut addr = desc.addr();
                 while left > 0 {
                     let n = left.min(entropy.len());
-                    if getrandom(&mut entropy[..n]).is_err()
-                        || self.mem.write_slice(&entropy[..n], addr).is_err()
-                    {
+                    if getrandom(&mut entropy[..n]).is_err() || mem.write_slice(&entropy[..n], addr).is_err() {
                         left = 0;
                         continue;
                     }
@@ -86,16 +83,8 @@ impl RngWorker {
                     break;
                 }
             }
-            if let Err(e) = self.queue.add_used(&self.mem, head, written as u32) {
-                tracing::warn!("virtio-rng: cannot return a buffer: {e}");
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-        completed
+            written as u32
+        })
     }
 }
 
@@ -134,6 +123,7 @@ impl MutEventSubscriber for RngWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::QueueT;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
