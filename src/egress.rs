@@ -55,6 +55,9 @@ pub enum NetworkMode {
     Proxy,
     /// Nothing leaves the VM.
     None,
+    /// A network interface with raw TCP and UDP to anywhere the host reaches (passt): no
+    /// allow-list, no audit log. Weaker; for tools the proxy cannot carry.
+    Open,
 }
 
 /// The egress rules, as plain data.

@@ -5,7 +5,11 @@
 //! - `--host-port PORT`: 127.0.0.1:PORT in the guest, to 127.0.0.1:PORT on the host (a local
 //!   database, an MCP server), through host vsock port [`HOST_PORT_BASE`] + PORT;
 //! - `-A`: an `SSH_AUTH_SOCK` in the guest, to the host's SSH agent, through vsock port
-//!   [`SSH_AGENT_PORT`].
+//!   [`SSH_AGENT_PORT`];
+//! - `--gpg`: a `GNUPGHOME` in the guest holding the host's public keyring and an agent socket
+//!   that reaches the host gpg-agent's extra socket (the one gpg made for remote use: it
+//!   signs and decrypts, but cannot export or change keys), through vsock port
+//!   [`GPG_AGENT_PORT`].
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,6 +27,14 @@ pub const SSH_AGENT_PORT: u32 = 1029;
 pub const HOST_PORT_BASE: u32 = 40_000;
 /// Where the guest finds the SSH agent.
 pub const GUEST_SSH_AUTH_SOCK: &str = "/run/cvm/ssh-agent.sock";
+/// The host vsock port of the GPG agent relay.
+pub const GPG_AGENT_PORT: u32 = 1030;
+/// The guest's GNUPGHOME with `--gpg`: gpg looks for its agent there.
+pub const GUEST_GNUPGHOME: &str = "/run/cvm/gnupg";
+/// The public keyring files copied into the guest's GNUPGHOME, when the host has them.
+const GPG_KEYRING_FILES: [&str; 2] = ["pubring.kbx", "trustdb.gpg"];
+/// The keyring travels in the set-up request, whose frames are at most 1 MiB.
+const MAX_GPG_KEYRING: u64 = 512 * 1024;
 
 /// A stream either side of a relay.
 pub trait Stream: Read + Write + Send + 'static {
@@ -149,6 +161,48 @@ pub struct ForwardRequest {
     pub host_ports: Vec<u16>,
     /// The host agent's socket (`$SSH_AUTH_SOCK`) for `-A`.
     pub ssh_agent: Option<PathBuf>,
+    /// The host's GPG agent for `--gpg`.
+    pub gpg_agent: Option<GpgAgent>,
+}
+
+/// The host's GPG agent, as `--gpg` forwards it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GpgAgent {
+    /// The agent's extra socket.
+    pub socket: PathBuf,
+    /// Public keyring files (name, contents) for the guest's GNUPGHOME.
+    pub keyring: Vec<(String, Vec<u8>)>,
+}
+
+impl GpgAgent {
+    /// Finds the host's agent through `gpgconf` (starting it if it is not running) and reads
+    /// the public keyring.
+    pub fn from_host() -> Result<GpgAgent> {
+        let gpgconf = |args: &[&str]| -> Result<String> {
+            let out = std::process::Command::new("gpgconf").args(args).output().context("--gpg: cannot run gpgconf (Debian package gpgconf)")?;
+            if !out.status.success() {
+                bail!("--gpg: gpgconf {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        gpgconf(&["--launch", "gpg-agent"])?;
+        let socket = PathBuf::from(gpgconf(&["--list-dirs", "agent-extra-socket"])?);
+        if !socket.exists() {
+            bail!("--gpg: the GPG agent has no extra socket at {} (is `extra-socket` disabled in gpg-agent.conf?)", socket.display());
+        }
+        let home = PathBuf::from(gpgconf(&["--list-dirs", "homedir"])?);
+        let mut keyring = Vec::new();
+        let mut total = 0;
+        for name in GPG_KEYRING_FILES {
+            let Ok(contents) = std::fs::read(home.join(name)) else { continue };
+            total += contents.len() as u64;
+            keyring.push((name.to_string(), contents));
+        }
+        if total > MAX_GPG_KEYRING {
+            bail!("--gpg: the public keyring in {} is {} KiB, more than the {} KiB cvm copies into the guest", home.display(), total >> 10, MAX_GPG_KEYRING >> 10);
+        }
+        Ok(GpgAgent { socket, keyring })
+    }
 }
 
 impl ForwardRequest {
@@ -158,15 +212,24 @@ impl ForwardRequest {
         if self.ssh_agent.is_some() {
             steps.push(Step::Relay { listen: Listen::Unix(GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), host_port: SSH_AGENT_PORT });
         }
+        if let Some(gpg) = &self.gpg_agent {
+            // The relay first: it makes the directory, the user's alone.
+            steps.push(Step::Relay { listen: Listen::Unix(format!("{GUEST_GNUPGHOME}/S.gpg-agent").into_bytes()), host_port: GPG_AGENT_PORT });
+            steps.extend(gpg.keyring.iter().map(|(name, contents)| Step::File { target: format!("{GUEST_GNUPGHOME}/{name}").into_bytes(), contents: contents.clone() }));
+        }
         steps
     }
 
     /// What commands get to find the forwards.
     pub fn environment(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        match self.ssh_agent {
-            Some(_) => vec![(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec())],
-            None => Vec::new(),
+        let mut env = Vec::new();
+        if self.ssh_agent.is_some() {
+            env.push((b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()));
         }
+        if self.gpg_agent.is_some() {
+            env.push((b"GNUPGHOME".to_vec(), GUEST_GNUPGHOME.as_bytes().to_vec()));
+        }
+        env
     }
 
     /// Starts the host ends: the guest's relays arrive on `<vsock>_<port>` in `dir`;
@@ -185,12 +248,10 @@ impl ForwardRequest {
             if !agent.exists() {
                 bail!("-A: the SSH agent socket {} does not exist (is ssh-agent running?)", agent.display());
             }
-            let agent = agent.clone();
-            listening.push(Listening::unix(&dir.join(format!("vsock_{SSH_AGENT_PORT}")), move |guest| {
-                if let Ok(host) = UnixStream::connect(&agent) {
-                    splice(Box::new(guest), Box::new(host));
-                }
-            })?);
+            listening.push(relay_to_socket(dir, SSH_AGENT_PORT, agent)?);
+        }
+        if let Some(gpg) = &self.gpg_agent {
+            listening.push(relay_to_socket(dir, GPG_AGENT_PORT, &gpg.socket)?);
         }
         for publish in &self.publish {
             let vsock = vsock.to_path_buf();
@@ -205,6 +266,16 @@ impl ForwardRequest {
         }
         Ok(listening)
     }
+}
+
+/// Relays each guest connection to host vsock `port` to the Unix socket `target`.
+fn relay_to_socket(dir: &Path, port: u32, target: &Path) -> Result<Listening> {
+    let target = target.to_path_buf();
+    Ok(Listening::unix(&dir.join(format!("vsock_{port}")), move |guest| {
+        if let Ok(host) = UnixStream::connect(&target) {
+            splice(Box::new(guest), Box::new(host));
+        }
+    })?)
 }
 
 /// A stream to 127.0.0.1:`port` in the guest, through the agent.
@@ -236,15 +307,21 @@ mod tests {
     fn guest_steps_and_environment() {
         let none = ForwardRequest::default();
         assert!(none.steps().is_empty() && none.environment().is_empty());
-        let all = ForwardRequest { publish: vec![], host_ports: vec![5432], ssh_agent: Some("/tmp/agent".into()) };
+        let gpg = GpgAgent { socket: "/tmp/S.gpg-agent.extra".into(), keyring: vec![("pubring.kbx".into(), b"keys".to_vec())] };
+        let all = ForwardRequest { publish: vec![], host_ports: vec![5432], ssh_agent: Some("/tmp/agent".into()), gpg_agent: Some(gpg) };
         assert_eq!(
             all.steps(),
             [
                 Step::Relay { listen: Listen::Tcp(5432), host_port: HOST_PORT_BASE + 5432 },
                 Step::Relay { listen: Listen::Unix(GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), host_port: SSH_AGENT_PORT },
+                Step::Relay { listen: Listen::Unix(b"/run/cvm/gnupg/S.gpg-agent".to_vec()), host_port: GPG_AGENT_PORT },
+                Step::File { target: b"/run/cvm/gnupg/pubring.kbx".to_vec(), contents: b"keys".to_vec() },
             ]
         );
-        assert_eq!(all.environment(), [(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec())]);
+        assert_eq!(
+            all.environment(),
+            [(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), (b"GNUPGHOME".to_vec(), GUEST_GNUPGHOME.as_bytes().to_vec())]
+        );
     }
 
     #[test]

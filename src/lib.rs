@@ -16,6 +16,7 @@ pub mod egress;
 pub mod exec;
 pub mod forward;
 pub mod images;
+pub mod open_network;
 pub mod run;
 pub mod rundir;
 pub mod runtime;

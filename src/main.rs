@@ -155,6 +155,10 @@ pub struct VmArgs {
     /// Give the guest an SSH_AUTH_SOCK that reaches your SSH agent ($SSH_AUTH_SOCK).
     #[arg(short = 'A', long = "forward-ssh-agent")]
     forward_ssh_agent: bool,
+    /// Give the guest your GPG agent (its extra socket: sign and decrypt, no key export) and
+    /// your public keyring, in GNUPGHOME=/run/cvm/gnupg.
+    #[arg(long = "gpg")]
+    forward_gpg_agent: bool,
     /// A script sourced before the command, in the same shell, after the project's own
     /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
     #[arg(long = "runtime-script", value_name = "FILE")]
@@ -381,6 +385,7 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
                 true => Some(std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?),
                 false => None,
             },
+            gpg_agent: if args.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
         },
     })
 }

@@ -108,6 +108,7 @@ fn context(facts: &VmFacts<'_>) -> String {
         match facts.network {
             crate::egress::NetworkMode::Proxy => "No network interface: HTTP and HTTPS go through cvm's proxy on the host (HTTPS_PROXY is set), to allowed hosts only; others get 403.",
             crate::egress::NetworkMode::None => "No network at all: nothing outside this VM can be reached.",
+            crate::egress::NetworkMode::Open => "An open network interface (eth0, through passt on the host): direct TCP and UDP to the internet, no proxy.",
         }
     ));
     for (host, guest, read_only) in &facts.mounts {

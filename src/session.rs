@@ -23,7 +23,8 @@ use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
-use crate::egress::{self, EgressPolicy};
+use crate::egress::{self, EgressPolicy, NetworkMode};
+use crate::open_network::OpenNetwork;
 use crate::forward::{ForwardRequest, Listening};
 use crate::images::{Image, Layer};
 use crate::rundir::RunDir;
@@ -162,12 +163,20 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool>
     }
 }
 
+/// How the guest reaches the outside: the host's egress proxy (which in `--network none`
+/// refuses everything), or an open interface.
+enum Network {
+    /// Kept for its accept loop.
+    Proxy { _server: Listening },
+    Open(OpenNetwork),
+}
+
 pub struct Session {
     // Field order is drop order: the VM goes first, the run directory last.
     machine: Machine,
     _vsock: VsockServer,
     _fs: Vec<FsBackend>,
-    _egress: Listening,
+    network: Network,
     _forwards: Vec<Listening>,
     forward_env: Vec<(Vec<u8>, Vec<u8>)>,
     plan: SharePlan,
@@ -198,9 +207,15 @@ impl Session {
         let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
         let (plan, runtime) = plan_guest(config, &dir)?;
         let session = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let audit = egress::audit_log_path();
-        let egress_proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
-            .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
+        let network = match config.egress.mode {
+            NetworkMode::Open => Network::Open(OpenNetwork::start(&dir)?),
+            NetworkMode::Proxy | NetworkMode::None => {
+                let audit = egress::audit_log_path();
+                let proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
+                    .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
+                Network::Proxy { _server: proxy }
+            }
+        };
         let forwards = config.forwards.start(&dir, &host_socket)?;
         let mut vhost_user = vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }];
         let fs = start_fs_backends(&plan, &dir, &mut vhost_user)?;
@@ -215,6 +230,10 @@ impl Session {
             serial_input: false,
             console_log: Some(console_log.clone()),
             vhost_user,
+            network: match &network {
+                Network::Open(open) => Some(open.device()),
+                Network::Proxy { .. } => None,
+            },
             ..VmConfig::new(&config.kernel)
         };
         config.image.configure(&mut vm_config);
@@ -251,13 +270,17 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, _egress: egress_proxy, _forwards: forwards, forward_env: config.forwards.environment(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a
     /// project, the runtime prologue.
     pub fn prepare(&self, exec: &mut Exec) {
-        exec.env.splice(0..0, egress::guest_environment().into_iter().chain(self.forward_env.iter().cloned()));
+        let proxy = match self.network {
+            Network::Proxy { .. } => egress::guest_environment(),
+            Network::Open(_) => Vec::new(),
+        };
+        exec.env.splice(0..0, proxy.into_iter().chain(self.forward_env.iter().cloned()));
         self.plan.prepare(exec);
         if let Some(runtime) = &self.runtime {
             runtime.wrap(exec);
@@ -311,6 +334,9 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
         _ => None,
     };
     plan.setup.steps.extend(config.forwards.steps());
+    if config.egress.mode == NetworkMode::Open {
+        plan.setup.steps.push(OpenNetwork::step());
+    }
     Ok((plan, runtime))
 }
 

@@ -101,7 +101,7 @@ fn a_published_guest_port_answers_on_the_host_and_a_host_port_answers_in_the_gue
 }
 
 #[test]
-fn the_guest_lists_the_keys_of_the_hosts_ssh_agent_and_curl_goes_through_the_proxy() {
+fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy() {
     let Some(env) = Env::debian() else { return };
     let port = server("hello from the host");
     let dir = tempfile::tempdir().unwrap();
@@ -119,19 +119,89 @@ fn the_guest_lists_the_keys_of_the_hosts_ssh_agent_and_curl_goes_through_the_pro
     run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "cvm-test-key", "-f"]).arg(&key));
     run(std::process::Command::new("ssh-add").arg("-q").arg(&key));
     let host_list = run(std::process::Command::new("ssh-add").arg("-l"));
+    // A host gpg-agent with one key, in a GNUPGHOME of the test's own.
+    let gnupg = dir.path().join("gnupg");
+    std::fs::create_dir(&gnupg).unwrap();
+    std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| run(std::process::Command::new("gpg").args(["--batch", "--with-colons"]).args(args).env("GNUPGHOME", &gnupg));
+    gpg(&["--passphrase", "", "--quick-gen-key", "cvm-test@example.com", "ed25519", "sign", "never"]);
+    let keygrip = gpg(&["--with-keygrip", "-K"]).lines().find_map(|l| l.strip_prefix("grp:::::::::")).unwrap().trim_end_matches(':').to_string();
+    let pubring = std::fs::metadata(gnupg.join("pubring.kbx")).unwrap().len();
     for engine in engines() {
-        // The issue's own example: curl, by name, through the proxy, to a host server.
-        let curl = format!("ssh-add -l; curl -s http://api.test:{port}/");
+        // The issue's own example: curl, by name, through the proxy, to a host server; then
+        // the host's GPG agent, asked whether it holds the key, and the public keyring.
+        let script = format!(
+            "ssh-add -l; curl -s http://api.test:{port}/; echo; echo $GNUPGHOME; \
+             printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
+        );
         let out = env
-            .command(engine, &["-A", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &curl])
+            .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &script])
             .env("SSH_AUTH_SOCK", &sock)
+            .env("GNUPGHOME", &gnupg)
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
+        let stdout = text(&out.stdout);
+        let (first, gpg_part) = stdout.split_once("\n/run/cvm/gnupg\n").unwrap_or_else(|| panic!("[{engine}] no GNUPGHOME: {stdout}"));
+        assert_eq!(first, format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
+        let gpg_lines: Vec<&str> = gpg_part.lines().collect();
+        assert!(gpg_lines[0].starts_with("OK ") && gpg_lines[1] == "OK", "[{engine}] the host's gpg-agent holds the key: {gpg_part}");
+        assert_eq!(gpg_lines[2], pubring.to_string(), "[{engine}] the public keyring reached the guest");
         assert!(host_list.contains("cvm-test-key"));
         env.assert_clean();
     }
     let _ = agent.kill();
     let _ = agent.wait();
+    let _ = std::process::Command::new("gpgconf").args(["--kill", "gpg-agent"]).env("GNUPGHOME", &gnupg).status();
+}
+
+/// This host's address on its default route: not loopback, so reachable from an open guest.
+fn host_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route and source address.
+    probe.connect("192.0.2.1:9").unwrap();
+    probe.local_addr().unwrap().ip()
+}
+
+#[test]
+fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
+    let Some(env) = Env::new() else { return };
+    let address = host_address();
+    let listener = TcpListener::bind((address, 0)).unwrap();
+    let open_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head);
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nraw network");
+        }
+    });
+    let loopback_port = server("loopback only");
+    for engine in engines() {
+        // wget -Y off: no proxy, straight out of the guest's eth0.
+        let script = format!(
+            "cat /sys/class/net/eth0/address; cat /etc/resolv.conf; wget -Y off -q -O - http://{address}:{open_port}/; echo; \
+             wget -Y off -q -T 5 -O - http://10.0.2.2:{loopback_port}/ 2>&1 || echo loopback refused"
+        );
+        let out = env.run(engine, &["--network", "open", "--", "sh", "-c", &script], b"");
+        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.starts_with("52:54:00:12:34:56\nnameserver 10.0.2.3\nraw network\n"), "[{engine}] {stdout}");
+        assert!(stdout.ends_with("loopback refused\n") && !stdout.contains("loopback only"), "[{engine}] the host's loopback: {stdout}");
+        env.assert_clean();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while passt_running() {
+            assert!(std::time::Instant::now() < deadline, "[{engine}] passt outlived the session");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Whether a passt that cvm started (known by its arguments) is still running.
+fn passt_running() -> bool {
+    let has = |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        has(&cmdline, b"--no-map-gw") && has(&cmdline, b"10.0.2.15")
+    })
 }

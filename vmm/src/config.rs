@@ -28,6 +28,17 @@ pub struct VmConfig {
     pub vhost_user: Vec<VhostUserConfig>,
     /// Disk images as virtio-blk devices, in order: the first is the guest's /dev/vda.
     pub disks: Vec<DiskConfig>,
+    /// A virtio-net device, for `--network open`.
+    pub network: Option<NetConfig>,
+}
+
+/// A virtio-net device whose wire is a stream socket (QEMU's stream protocol: each frame after
+/// its 32-bit big-endian length), as a userspace network stack such as passt serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Where the network stack listens; the engine connects to it.
+    pub socket: PathBuf,
+    pub mac: [u8; 6],
 }
 
 /// A disk image file as the guest sees it.
@@ -103,6 +114,7 @@ impl VmConfig {
             console_log: None,
             vhost_user: Vec::new(),
             disks: Vec::new(),
+            network: None,
         }
     }
 

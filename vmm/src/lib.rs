@@ -15,7 +15,7 @@ mod vcpu;
 mod vm;
 pub mod x86_64;
 
-pub use config::{parse_memory_size, DiskConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
+pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
 pub use memory::layout;
 pub use vm::{BootTimings, ExitReason, Stopper, Vm, VmExit};
 

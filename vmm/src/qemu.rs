@@ -90,6 +90,12 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         drive.push(format!(",format=raw,if=none,id=disk{index},readonly={}", if disk.read_only { "on" } else { "off" }));
         args.extend(["-drive".into(), drive, "-device".into(), format!("virtio-blk-device,drive=disk{index}").into()]);
     }
+    if let Some(net) = &config.network {
+        let mut netdev = OsString::from("stream,id=net0,server=off,addr.type=unix,addr.path=");
+        netdev.push(net.socket.to_string_lossy().replace(',', ",,"));
+        let mac = net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        args.extend(["-netdev".into(), netdev, "-device".into(), format!("virtio-net-device,netdev=net0,mac={mac}").into()]);
+    }
     for (index, vhost) in config.vhost_user.iter().enumerate() {
         let mut chardev = OsString::from(format!("socket,id=vhost{index},path="));
         chardev.push(&vhost.socket);
@@ -185,6 +191,7 @@ mod tests {
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/vsock.vhost".into(), kind: VhostUserKind::Vsock });
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
         config.disks.push(crate::DiskConfig { path: "/img/root,1.erofs".into(), read_only: true });
+        config.network = Some(crate::NetConfig { socket: "/run/x/net.sock".into(), mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef] });
         let args: Vec<String> = arguments(&config, Accel::Tcg).into_iter().map(|a| a.into_string().unwrap()).collect();
         let line = args.join(" ");
         for want in [
@@ -197,6 +204,7 @@ mod tests {
             "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
             "-chardev socket,id=vhost1,path=/run/x/fs-project.vhost -device vhost-user-fs-device,chardev=vhost1,tag=project,queue-size=1024",
             "-no-reboot",
+            "-netdev stream,id=net0,server=off,addr.type=unix,addr.path=/run/x/net.sock -device virtio-net-device,netdev=net0,mac=52:54:00:ab:cd:ef",
             "-drive file=/img/root,,1.erofs,format=raw,if=none,id=disk0,readonly=on -device virtio-blk-device,drive=disk0",
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");

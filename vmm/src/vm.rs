@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cvm_devices::legacy::{BootTimer, I8042, SerialConsole};
-use cvm_devices::virtio::{Block, EventLoopHandle, Interrupt, MmioTransport, Rng, Subscriber, VhostUserDevice, VirtioDevice, MMIO_WINDOW_SIZE};
+use cvm_devices::virtio::{Block, EventLoopHandle, Interrupt, MmioTransport, Net, Rng, Subscriber, VhostUserDevice, VirtioDevice, MMIO_WINDOW_SIZE};
 use cvm_devices::EventFdTrigger;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -201,6 +201,10 @@ impl Vm {
                 .open(&disk.path)
                 .map_err(|source| Error::File { path: disk.path.clone(), source })?;
             devices.add_virtio(Box::new(Block::new(file, disk.read_only).map_err(|source| Error::File { path: disk.path.clone(), source })?))?;
+        }
+        if let Some(net) = &config.network {
+            let socket = UnixStream::connect(&net.socket).map_err(|source| Error::File { path: net.socket.clone(), source })?;
+            devices.add_virtio(Box::new(Net::new(socket, net.mac)))?;
         }
         for vhost in &config.vhost_user {
             let socket = UnixStream::connect(&vhost.socket).map_err(|source| Error::File { path: vhost.socket.clone(), source })?;

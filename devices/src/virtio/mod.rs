@@ -6,6 +6,7 @@
 
 mod block;
 mod mmio;
+mod net;
 mod rng;
 mod vhost_user;
 
@@ -19,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use block::Block;
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+pub use net::Net;
 pub use rng::Rng;
 pub use vhost_user::{DeviceConfig, VhostUserDevice, VhostUserDeviceKind};
 

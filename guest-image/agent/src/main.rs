@@ -12,6 +12,7 @@
 //! As a host process: `cvm-agent --listen unix:PATH [--ready unix:PATH]`.
 
 mod exec;
+mod net;
 mod reaper;
 mod relay;
 mod setup;
@@ -167,7 +168,7 @@ fn serve(options: Options) -> std::io::Result<()> {
     let listener = Listener::bind(&options.listen)?;
     if is_init() {
         // Commands reach the outside only through the host's proxy.
-        if let Err(e) = relay::bring_up_loopback().and_then(|()| relay::start_egress()) {
+        if let Err(e) = net::bring_up_loopback().and_then(|()| relay::start_egress()) {
             eprintln!("cvm-agent: no egress relay: {e}");
         }
         if let Err(e) = poke_boot_timer() {

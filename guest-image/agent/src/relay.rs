@@ -16,33 +16,6 @@ use cvm_agent::protocol::{Listen, PROXY_PORT};
 
 use crate::transport::{self, Address};
 
-/// Brings the loopback interface up (the kernel starts with it down).
-pub fn bring_up_loopback() -> io::Result<()> {
-    // SAFETY: a plain datagram socket, used for two ioctls on an ifreq we own, then closed.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        let result = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        libc::close(fd);
-        result
-    }
-}
-
 /// The egress relay, always there: 127.0.0.1:PROXY_PORT to the host's proxy.
 pub fn start_egress() -> io::Result<()> {
     start(&Listen::Tcp(PROXY_PORT as u16), PROXY_PORT, None)
@@ -58,8 +31,14 @@ pub fn start(listen: &Listen, host_port: u32, owner: Option<(u32, u32)>) -> io::
         }
         Listen::Unix(path) => {
             let path = Path::new(OsStr::from_bytes(path));
-            if let Some(dir) = path.parent() {
+            // A directory made for the socket is the owner's alone (gpg insists on that for
+            // its home).
+            if let Some(dir) = path.parent().filter(|d| !d.exists()) {
                 std::fs::create_dir_all(dir)?;
+                std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+                }
             }
             let _ = std::fs::remove_file(path);
             let listener = UnixListener::bind(path)?;

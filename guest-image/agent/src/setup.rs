@@ -189,6 +189,9 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                     Listen::Unix(path) => describe("cannot listen on", path, e),
                 })?;
             }
+            Step::Network { address, prefix_len, gateway, nameserver } => {
+                crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver).map_err(|e| format!("cannot configure the network: {e}"))?;
+            }
             Step::File { target, contents } => {
                 let path = Path::new(OsStr::from_bytes(target));
                 if let Some(parent) = path.parent() {
