@@ -12,10 +12,13 @@
 //! - [`images`]: where the kernel and images are.
 //! - [`terminal`]: raw mode and window size.
 
+pub mod config;
 pub mod egress;
+pub mod environment;
 pub mod exec;
 pub mod forward;
 pub mod images;
+pub mod named;
 pub mod open_network;
 pub mod run;
 pub mod rundir;

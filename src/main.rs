@@ -3,13 +3,16 @@
 mod bench;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
-use cvm::egress::{EgressPolicy, NetworkMode, DEFAULT_ALLOW};
+use cvm::config::{Flags, Settings, Source};
+use cvm::egress::{EgressPolicy, NetworkMode};
+use cvm::environment::Environment;
 use cvm::forward::ForwardRequest;
 use cvm::session::{Engine, Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
@@ -66,15 +69,48 @@ enum Command {
     },
     /// Open an interactive shell in a fresh VM.
     Shell(ShellArgs),
-    /// Show what cvm logged: `--network`, every egress decision of every session.
+    /// Show a named VM's guest console, or with `--network` every egress decision of every
+    /// session.
     Logs {
+        /// The named VM.
+        #[arg(required_unless_present = "network", conflicts_with = "network")]
+        name: Option<String>,
         /// The egress audit log ($XDG_STATE_HOME/cvm/network.log).
-        #[arg(long, required = true)]
+        #[arg(long)]
         network: bool,
+        /// Keep printing what the VM's console writes until the VM stops.
+        #[arg(short, long, requires = "name")]
+        follow: bool,
+    },
+    /// Boot a named VM in the background; `cvm exec NAME` runs commands in it.
+    Start(StartArgs),
+    /// Run a command in a named VM (a shell by default), as `cvm run` would.
+    Exec {
+        name: String,
+        /// The command and its arguments (default: /bin/sh -l).
+        #[arg(last = true)]
+        command: Vec<OsString>,
+    },
+    /// List the named VMs.
+    Ps {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a named VM gracefully (the guest syncs its disks) and remove it.
+    Stop {
+        name: String,
+    },
+    /// Remove a named VM at once, running or not, with everything it owned.
+    Rm {
+        name: String,
     },
     /// Build, list and remove the cached root images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// The layered configuration (.cvm.toml files, CVM_* variables).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Measure cvm against references.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -87,37 +123,45 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Internal: a named VM's background process.
+    #[command(name = "__vm-daemon", hide = true)]
+    VmDaemon(StartArgs),
     /// Internal: removes a session directory once cvm is gone.
     #[command(name = "__janitor", hide = true)]
     Janitor { dir: PathBuf },
 }
 
-/// The VM a session runs in.
+/// The VM a session runs in. Values left out come from the configuration layers (see
+/// `cvm config show`): defaults, CI caps, ~/.cvm.toml, the main repository's and the project's
+/// .cvm.toml, then CVM_* variables.
 #[derive(clap::Args, Clone)]
 pub struct VmArgs {
     /// Which monitor runs the VM: cvm's own (needs hardware KVM) or QEMU (TCG where there is
-    /// no hardware KVM). Also CVM_VMM.
-    #[arg(long = "vmm", env = "CVM_VMM", value_enum, default_value = "cvm")]
-    engine: Engine,
+    /// no hardware KVM). [config: vm.vmm, CVM_VMM; default: cvm]
+    #[arg(long = "vmm", value_enum)]
+    engine: Option<Engine>,
     /// Root image: `debian` (Debian with Claude Code, from scripts/build-image), `minimal`
     /// (cvm-agent and busybox in an initramfs, from scripts/build-initramfs) or a path to an
-    /// image of either kind.
-    #[arg(long, default_value = "debian")]
-    image: String,
+    /// image of either kind. [config: vm.image, CVM_IMAGE; default: debian]
+    #[arg(long)]
+    image: Option<String>,
     /// Guest kernel (default: the one scripts/build-kernel built; also CVM_KERNEL).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
-    cpus: u8,
-    /// Guest memory: 512M, 2G, ... (a bare number is MiB).
-    #[arg(long, default_value = "512M", value_parser = parse_memory_size)]
-    memory: u64,
-    /// Stop everything and exit 124 after this long: 30s, 5m, 1h.
+    /// Number of vCPUs. [config: vm.cpus, CVM_CPUS; default: 2]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    cpus: Option<u8>,
+    /// Guest memory: 512M, 2G, ... (a bare number is MiB). [config: vm.memory, CVM_MEMORY;
+    /// default: 512M]
+    #[arg(long, value_parser = parse_memory_size)]
+    memory: Option<u64>,
+    /// Stop everything and exit 124 after this long: 30s, 5m, 1h. [config: vm.timeout,
+    /// CVM_TIMEOUT; default: none, 1h in CI]
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Put the session's writable layer on a sparse scratch disk of this size (8G, 500M; a
     /// bare number is MiB) instead of in memory; gone when the session ends. Disk images only.
+    /// [config: vm.disk, CVM_DISK]
     #[arg(long, value_parser = parse_memory_size)]
     disk: Option<u64>,
     /// Show the guest's console (kernel and agent messages) when the session ends.
@@ -125,24 +169,26 @@ pub struct VmArgs {
     debug: bool,
     /// Also share a host directory: /host[:/guest][:ro|rw] (the guest path defaults to the host
     /// path; `~` is your home). Read-only is enforced by cvm's file server. Repeatable.
+    /// [config: [[mounts]]]
     #[arg(long = "mount", value_name = "SPEC", value_parser = parse_mount)]
     mounts: Vec<MountSpec>,
     /// Leave the project's conversation folder (~/.claude/projects/<project>) out of the guest.
     #[arg(long)]
     no_conversations: bool,
     /// How the guest reaches the outside: `proxy` (allow-listed HTTP and HTTPS through a
-    /// proxy on the host) or `none`. Also CVM_NETWORK.
-    #[arg(long, env = "CVM_NETWORK", value_enum, default_value = "proxy")]
-    network: NetworkMode,
+    /// proxy on the host), `none`, or `open` (raw TCP and UDP through passt: no allow-list).
+    /// [config: network.mode, CVM_NETWORK; default: proxy]
+    #[arg(long, value_enum)]
+    network: Option<NetworkMode>,
     /// Also allow this host name through the proxy (`*.example.com` for its subdomains).
-    /// Repeatable.
+    /// Repeatable. [config: network.allow]
     #[arg(long = "allow", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
     allow: Vec<String>,
-    /// Refuse this host name even if allowed. Repeatable.
+    /// Refuse this host name even if allowed. Repeatable. [config: network.deny]
     #[arg(long = "deny", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
     deny: Vec<String>,
     /// Resolve NAME to IP for the proxy (docker's --add-host); such a name may point at a
-    /// private or loopback address. Repeatable.
+    /// private or loopback address. Repeatable. [config: network.hosts]
     #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::egress::parse_add_host)]
     add_hosts: Vec<(String, std::net::IpAddr)>,
     /// Publish a guest TCP port on the host's 127.0.0.1: HOSTPORT:GUESTPORT. Repeatable.
@@ -159,10 +205,41 @@ pub struct VmArgs {
     /// your public keyring, in GNUPGHOME=/run/cvm/gnupg.
     #[arg(long = "gpg")]
     forward_gpg_agent: bool,
+    /// Set a variable for every command: NAME=VALUE. Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE", value_parser = cvm::environment::parse_pair)]
+    env: Vec<(String, String)>,
+    /// Read variables from a file of NAME=VALUE lines. Repeatable.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<PathBuf>,
+    /// Pass this variable of yours on to every command (skipped if unset). Repeatable.
+    #[arg(long = "inherit-env", value_name = "NAME", value_parser = cvm::environment::parse_name)]
+    inherit_env: Vec<String>,
     /// A script sourced before the command, in the same shell, after the project's own
     /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
+    /// [config: runtime.scripts]
     #[arg(long = "runtime-script", value_name = "FILE")]
     runtime_scripts: Vec<PathBuf>,
+}
+
+impl VmArgs {
+    /// What these flags set, as the top configuration layer.
+    fn flags(&self) -> Flags {
+        Flags {
+            cpus: self.cpus,
+            memory: self.memory,
+            disk: self.disk,
+            vmm: self.engine,
+            image: self.image.clone(),
+            timeout: self.timeout,
+            network: self.network,
+            runtime_scripts: self.runtime_scripts.clone(),
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+            hosts: self.add_hosts.clone(),
+            mounts: self.mounts.clone(),
+            ..Flags::default()
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -176,10 +253,37 @@ pub struct RunArgs {
     /// on standard error.
     #[arg(long)]
     timings: bool,
+    /// If the project has no template yet and its configuration asks for tools, packages or
+    /// setup scripts, run `cvm setup` first.
+    #[arg(long)]
+    auto_setup: bool,
     /// The command and its arguments. Without one: Claude Code
     /// (`claude --dangerously-skip-permissions`) in the project, `.` unless PATH is given.
     #[arg(last = true)]
     command: Vec<OsString>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct StartArgs {
+    /// The VM's name: letters, digits, '.', '_', '-'.
+    #[arg(long, value_parser = |s: &str| cvm::named::validate_name(s).map(|()| s.to_string()))]
+    name: String,
+    /// The project, shared as with `cvm run`.
+    path: Option<PathBuf>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration for a project and where each value came from.
+    Show {
+        /// The project (default: the current directory).
+        path: Option<PathBuf>,
+    },
+    /// Check configuration files: unknown keys and bad values, with file, line and column.
+    /// Without FILE: every file the current directory's sessions read.
+    Validate { file: Option<PathBuf> },
 }
 
 #[derive(Subcommand)]
@@ -281,20 +385,16 @@ pub struct BootArgs {
 fn main() -> ExitCode {
     let started = Instant::now();
     let mut cli = Cli::parse();
-    if let Command::Prompt(prompt) = cli.command {
-        // Exactly `cvm run . -- claude --dangerously-skip-permissions PROMPT`.
-        let mut argv: Vec<OsString> = vec!["cvm".into(), "run".into(), ".".into(), "--".into()];
-        argv.extend(cvm::run::AGENT_COMMAND.iter().map(OsString::from));
-        argv.extend(prompt);
-        cli = Cli { command: Cli::parse_from(argv).command, ..cli };
+    let mut prompt = Vec::new();
+    if let Command::Prompt(words) = cli.command {
+        // `cvm run .` with the prompt after the agent command.
+        prompt = words;
+        cli = Cli { command: Cli::parse_from(["cvm", "run", "."]).command, ..cli };
     }
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
-        Command::Run(args) => {
-            let (project, command) = cvm::run::agent_defaults(args.path, args.command);
-            run(&args.vm, project, command, args.timings)
-        }
+        Command::Run(args) => run(&args, prompt),
         Command::List { disk_usage, unused } => report(list_templates(disk_usage, unused)),
         Command::Info { path } => report(info(path)),
         Command::Clean { path, yes } => report(clean(path, yes)),
@@ -307,21 +407,38 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CVM_FAILED)
             }
         },
-        Command::Shell(args) => run(&args.vm, args.path, vec!["/bin/sh".into(), "-l".into()], false),
-        Command::Logs { network: _ } => {
-            let path = cvm::egress::audit_log_path();
-            match std::fs::read(&path) {
-                Ok(log) => {
-                    let _ = std::io::Write::write_all(&mut std::io::stdout(), &log);
-                    ExitCode::SUCCESS
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cvm: {}: {e}", path.display());
-                    ExitCode::FAILURE
+        Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, timings: false, auto_setup: false, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
+        Command::Logs { name, network: _, follow } => match name {
+            Some(name) => report(vm_logs(&name, follow)),
+            None => {
+                let path = cvm::egress::audit_log_path();
+                match std::fs::read(&path) {
+                    Ok(log) => {
+                        let _ = std::io::Write::write_all(&mut std::io::stdout(), &log);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("cvm: {}: {e}", path.display());
+                        ExitCode::FAILURE
+                    }
                 }
             }
-        }
+        },
+        Command::Start(args) => report(start(&args)),
+        Command::VmDaemon(args) => report(vm_daemon(&args)),
+        Command::Exec { name, command } => match vm_exec(&name, command) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                cvm::terminal::restore();
+                eprintln!("cvm: {e:#}");
+                ExitCode::from(EXIT_CVM_FAILED)
+            }
+        },
+        Command::Ps { json } => report(ps(json)),
+        Command::Stop { name } => report(stop(&name, false)),
+        Command::Rm { name } => report(stop(&name, true)),
+        Command::Config(command) => config_command(command),
         Command::Image(command) => match image_command(command) {
             Ok(code) => code,
             Err(e) => {
@@ -354,30 +471,57 @@ fn main() -> ExitCode {
     }
 }
 
-fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<SessionConfig> {
+/// The configuration layers for a session on `project`, with `flags` on top.
+fn settings(flags: Flags, project: Option<&Path>) -> anyhow::Result<Settings> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let mut settings = cvm::config::load(&home_dir(), project, ci, |name| std::env::var(name).ok())?;
+    settings.apply_flags(flags);
+    Ok(settings)
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default()
+}
+
+/// The session `settings` and the per-run flags describe. Secrets only where asked: a
+/// template's set-up never sees them.
+fn session_config(settings: &Settings, args: &VmArgs, project: Option<PathBuf>, with_secrets: bool) -> anyhow::Result<SessionConfig> {
+    if settings.network.value == NetworkMode::Open && !(settings.allow.sources == [Source::Default] && settings.deny.value.is_empty() && settings.hosts.value.is_empty()) {
+        anyhow::bail!("--allow, --deny and --add-host (network.allow, deny, hosts) are rules of the proxy: --network open has no allow-list");
+    }
+    let mut env = Environment::default();
+    if let (true, Some(path)) = (with_secrets, &settings.secrets_file.value) {
+        env.extend(cvm::environment::read_secrets(path)?);
+    }
+    for file in &args.env_files {
+        env.extend(cvm::environment::read_file(file)?);
+    }
+    for name in &args.inherit_env {
+        if let Ok(value) = std::env::var(name) {
+            env.set(name.clone(), value);
+        }
+    }
+    for (name, value) in &args.env {
+        env.set(name.clone(), value.clone());
+    }
     Ok(SessionConfig {
         shares: ShareRequest {
             project,
-            mounts: args.mounts.clone(),
+            mounts: settings.mounts.value.clone(),
             conversations: !args.no_conversations,
             claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
         },
-        engine: args.engine,
+        engine: settings.vmm.value,
         kernel: cvm::images::kernel(args.kernel.clone())?,
-        image: cvm::images::image(&args.image)?,
-        cpus: args.cpus,
-        memory_bytes: args.memory,
+        image: cvm::images::image(&settings.image.value)?,
+        cpus: settings.cpus.value,
+        memory_bytes: settings.memory.value,
         debug: args.debug,
-        runtime_scripts: args.runtime_scripts.clone(),
-        scratch: args.disk.map(Scratch::Fresh),
+        runtime_scripts: settings.runtime_scripts.value.clone(),
+        scratch: settings.disk.value.map(Scratch::Fresh),
         template: None,
         runtime: true,
-        egress: EgressPolicy {
-            mode: args.network,
-            allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).chain(args.allow.iter().cloned()).collect(),
-            deny: args.deny.clone(),
-            hosts: args.add_hosts.clone(),
-        },
+        egress: EgressPolicy { mode: settings.network.value, allow: settings.allow.value.clone(), deny: settings.deny.value.clone(), hosts: settings.hosts.value.clone() },
         forwards: ForwardRequest {
             publish: args.publish.clone(),
             host_ports: args.host_ports.clone(),
@@ -387,18 +531,14 @@ fn session_config(args: &VmArgs, project: Option<PathBuf>) -> anyhow::Result<Ses
             },
             gpg_agent: if args.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
         },
+        env,
+        instructions: settings.instructions()?,
     })
 }
 
-fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings: bool) -> ExitCode {
-    let config = session_config(args, project).map(|mut config| {
-        // A project's template, made by `cvm setup` on this image, is where it starts from.
-        if let (Some(project), cvm::images::Image::Disk(image)) = (&config.shares.project, &config.image) {
-            config.template = project.canonicalize().ok().and_then(|p| cvm::template::find(&p, image));
-        }
-        config
-    });
-    match config.and_then(|config| cvm::run::run(&config, command, args.timeout, timings)) {
+/// `cvm run`, and `cvm "PROMPT"` (the prompt after the agent command).
+fn run(args: &RunArgs, prompt: Vec<OsString>) -> ExitCode {
+    match run_session(args, prompt) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             cvm::terminal::restore();
@@ -408,8 +548,73 @@ fn run(args: &VmArgs, project: Option<PathBuf>, command: Vec<OsString>, timings:
     }
 }
 
+fn run_session(args: &RunArgs, prompt: Vec<OsString>) -> anyhow::Result<u8> {
+    let project = cvm::run::default_project(args.path.clone(), !args.command.is_empty());
+    let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
+    let settings = settings(args.vm.flags(), canonical.as_deref())?;
+    let command = match args.command.is_empty() {
+        true => settings.agent_command().into_iter().map(OsString::from).chain(prompt).collect(),
+        false => args.command.clone(),
+    };
+    let mut config = session_config(&settings, &args.vm, project, true)?;
+    // A project's template, made by `cvm setup` on this image, is where it starts from.
+    if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
+        config.template = cvm::template::find(project, image);
+        if config.template.is_none() && args.auto_setup && wants_setup(&settings, project) {
+            eprintln!("cvm: --auto-setup: {} has no template yet; running cvm setup first", project.display());
+            let code = run_setup(&settings, &args.vm, project)?;
+            if code != 0 {
+                return Ok(code);
+            }
+            config.template = cvm::template::find(project, image);
+        }
+    }
+    cvm::run::run(&config, command, settings.timeout.value, args.timings)
+}
+
+/// Whether the configuration asks for anything `cvm setup` would install or run.
+fn wants_setup(settings: &Settings, project: &Path) -> bool {
+    !settings.tools_on().is_empty()
+        || !settings.packages.value.is_empty()
+        || !settings.setup_scripts.value.is_empty()
+        || project.join(cvm::template::HOME_SCRIPT).is_file()
+}
+
 fn parse_mount(text: &str) -> Result<MountSpec, String> {
     parse_mount_spec(text, &std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default())
+}
+
+fn config_command(command: ConfigCommand) -> ExitCode {
+    match command {
+        ConfigCommand::Show { path } => report(project_or_cwd(path).and_then(|project| {
+            print!("{}", settings(Flags::default(), Some(&project))?.show());
+            Ok(())
+        })),
+        ConfigCommand::Validate { file } => {
+            let files = match file {
+                Some(file) => vec![file],
+                None => cvm::config::layer_files(&home_dir(), std::env::current_dir().ok().as_deref()),
+            };
+            if files.is_empty() {
+                println!("no configuration files here (~/.cvm.toml, .cvm.toml)");
+            }
+            let mut failed = false;
+            for file in files {
+                match cvm::config::validate(&file, &home_dir()) {
+                    Ok(()) => println!("{}: ok", file.display()),
+                    Err(e) => {
+                        eprintln!("{e:#}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
 }
 
 fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
@@ -528,34 +733,184 @@ fn clean_all(yes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cvm setup`: one session on a scratch disk that becomes the project's template.
+/// `cvm start`: re-executes this command line as `cvm __vm-daemon` in a new session of its
+/// own, then waits for its control socket (or its failure).
+fn start(args: &StartArgs) -> anyhow::Result<()> {
+    let dir = cvm::named::claim(&args.name)?;
+    let log = dir.join(cvm::named::DAEMON_LOG);
+    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let at = argv.iter().position(|a| a == "start").ok_or_else(|| anyhow::anyhow!("cannot find `start` in the command line"))?;
+    argv[at] = "__vm-daemon".into();
+    let output = std::fs::File::create(&log)?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args(&argv).stdin(std::process::Stdio::null()).stdout(output.try_clone()?).stderr(output);
+    // SAFETY: setsid is async-signal-safe: the daemon leaves this terminal's session, so
+    // closing the terminal does not stop it.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+    let mut daemon = command.spawn()?;
+    let ready = dir.join(cvm::named::CONTROL_SOCKET);
+    loop {
+        if ready.exists() && dir.join(cvm::named::INFO_FILE).exists() {
+            println!("{}", args.name);
+            return Ok(());
+        }
+        if let Some(status) = daemon.try_wait()? {
+            let said = cvm::named::tail(&log, 20);
+            cvm::named::clear(&args.name);
+            anyhow::bail!("the VM {} did not start ({status}):\n{said}", args.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `cvm __vm-daemon`: the session of a named VM, kept until stopped.
+fn vm_daemon(args: &StartArgs) -> anyhow::Result<()> {
+    let dir = cvm::named::state_dir(&args.name);
+    let project = args.path.clone();
+    let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
+    let settings = settings(args.vm.flags(), canonical.as_deref())?;
+    let mut config = session_config(&settings, &args.vm, project, true)?;
+    // Its console is what `cvm logs NAME` shows: kernel and agent messages included.
+    config.debug = true;
+    if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
+        config.template = cvm::template::find(project, image);
+    }
+    let session = cvm::session::Session::start(&config, None)?;
+    let info = cvm::named::VmInfo {
+        name: args.name.clone(),
+        pid: std::process::id(),
+        project: canonical,
+        engine: format!("{:?}", config.engine).to_lowercase(),
+        started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        console_log: session.console_log().to_path_buf(),
+    };
+    let result = cvm::named::serve(session, info, &dir);
+    cvm::named::clear(&args.name);
+    result
+}
+
+/// `cvm exec NAME [-- CMD]`.
+fn vm_exec(name: &str, command: Vec<OsString>) -> anyhow::Result<u8> {
+    let info = cvm::named::find(name)?;
+    let argv = if command.is_empty() { vec!["/bin/sh".into(), "-l".into()] } else { command };
+    let exec = cvm::run::exec_request(argv);
+    let conn = std::os::unix::net::UnixStream::connect(cvm::named::state_dir(name).join(cvm::named::CONTROL_SOCKET))
+        .with_context(|| format!("cannot reach the VM {name}"))?;
+    // The daemon's exit (pidfd readable) is the VM's end, as the relay sees it.
+    let daemon = rustix::process::pidfd_open(rustix::process::Pid::from_raw(info.pid as i32).context("bad pid")?, rustix::process::PidfdFlags::empty())?;
+    let raw = if exec.tty.is_some() { Some(cvm::terminal::RawMode::enter()?) } else { None };
+    let outcome = cvm::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
+    drop(raw);
+    Ok(cvm::run::exit_status(outcome?, None))
+}
+
+fn ps(json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let vms = cvm::named::list();
+    // A closed pipe (`cvm ps | head`) ends the listing quietly.
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&vms)?);
+        return Ok(());
+    }
+    let _ = writeln!(out, "{:<20} {:<8} {:<8} {:>8}  PROJECT", "NAME", "STATUS", "ENGINE", "PID");
+    for vm in vms {
+        let project = vm.info.project.as_ref().map_or("-".into(), |p| p.display().to_string());
+        let _ = writeln!(out, "{:<20} {:<8} {:<8} {:>8}  {project}", vm.info.name, vm.status, vm.info.engine, vm.info.pid);
+    }
+    Ok(())
+}
+
+/// `cvm stop NAME` (SIGTERM: the daemon shuts the guest down) and `cvm rm NAME` (SIGKILL:
+/// QEMU and the backends die with it, its janitor removes the session directory).
+fn stop(name: &str, force: bool) -> anyhow::Result<()> {
+    cvm::named::validate_name(name).map_err(anyhow::Error::msg)?;
+    let info = match cvm::named::find(name) {
+        Ok(info) => info,
+        Err(e) if force && cvm::named::state_dir(name).exists() => {
+            tracing::info!("{e:#}");
+            cvm::named::clear(name);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let pid = rustix::process::Pid::from_raw(info.pid as i32).context("bad pid")?;
+    let daemon = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    rustix::process::pidfd_send_signal(&daemon, if force { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM })?;
+    let gone = rustix::event::poll(&mut [rustix::event::PollFd::new(&daemon, rustix::event::PollFlags::IN)], Some(&rustix::event::Timespec { tv_sec: 30, tv_nsec: 0 }))?;
+    if gone == 0 {
+        anyhow::bail!("the VM {name} did not stop within 30 s (cvm rm {name} forces it)");
+    }
+    cvm::named::clear(name);
+    Ok(())
+}
+
+/// `cvm logs NAME [--follow]`.
+fn vm_logs(name: &str, follow: bool) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, Write};
+    cvm::named::validate_name(name).map_err(anyhow::Error::msg)?;
+    let info = cvm::named::list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;
+    let mut file = std::fs::File::open(&info.info.console_log).with_context(|| format!("the console log of {name} is gone"))?;
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        out.flush()?;
+        if !follow || cvm::named::find(name).is_err() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        file.seek(std::io::SeekFrom::Current(0))?;
+    }
+}
+
+/// `cvm setup`: the flags' tools, packages and scripts on top of the configuration's.
 fn setup(args: SetupArgs) -> anyhow::Result<u8> {
-    use cvm::template;
     let project = args.path.clone().unwrap_or_else(|| PathBuf::from(".")).canonicalize()?;
-    let flags = [("node", args.node), ("python", args.python), ("rust", args.rust), ("docker", args.docker), ("chromium", args.chromium), ("gh", args.gh), ("git", args.git), ("gpg", args.gpg)];
-    let capabilities: Vec<&str> = flags.iter().filter(|(_, on)| *on || args.all).map(|(name, _)| *name).collect();
-    let packages = template::packages(&capabilities, &args.packages);
-    // The user's scripts, read here: ~/.cvm.setup.sh, then --setup-script, then the project's.
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let own = [home.join(template::HOME_SCRIPT)].into_iter().filter(|p| p.is_file());
+    let on = [("node", args.node), ("python", args.python), ("rust", args.rust), ("docker", args.docker), ("chromium", args.chromium), ("gh", args.gh), ("git", args.git), ("gpg", args.gpg)];
+    let mut flags = args.vm.flags();
+    flags.tools = on.iter().filter(|(_, on)| *on || args.all).map(|(name, _)| (name.to_string(), true)).collect();
+    flags.packages = args.packages.clone();
+    flags.setup_scripts = args.setup_scripts.clone();
+    let settings = settings(flags, Some(&project))?;
+    run_setup(&settings, &args.vm, &project)
+}
+
+/// One session on a scratch disk that becomes the project's template.
+fn run_setup(settings: &Settings, vm: &VmArgs, project: &Path) -> anyhow::Result<u8> {
+    use cvm::template;
+    let packages = template::packages(&settings.tools_on(), &settings.packages.value);
+    // The user's scripts, read here: ~/.cvm.setup.sh, then [setup] scripts and --setup-script,
+    // then the project's.
+    let own = [home_dir().join(template::HOME_SCRIPT)].into_iter().filter(|p| p.is_file());
     let project_script = [project.join(template::HOME_SCRIPT)].into_iter().filter(|p| p.is_file());
     let scripts = own
-        .chain(args.setup_scripts.iter().cloned())
+        .chain(settings.setup_scripts.value.iter().cloned())
         .chain(project_script)
         .map(|p| std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read the setup script {}: {e}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut config = session_config(&args.vm, Some(project.clone()))?;
-    let dir = template::dir_for(&project);
+    let mut config = session_config(settings, vm, Some(project.to_path_buf()), false)?;
+    config.shares.mounts.extend(settings.setup_mounts.value.iter().cloned());
+    let dir = template::dir_for(project);
     std::fs::create_dir_all(&dir)?;
     let layer = dir.join("layer.ext4.new");
     cvm::images::make_scratch_disk(&layer, template::LAYER_BYTES)?;
     config.scratch = Some(Scratch::Kept(layer.clone()));
     config.runtime = false;
     let argv = template::command(&packages, &scripts).into_iter().map(<OsString as std::os::unix::ffi::OsStringExt>::from_vec).collect();
-    let code = cvm::run::run(&config, argv, args.vm.timeout, false);
+    let code = cvm::run::run(&config, argv, settings.timeout.value, false);
     match code {
         Ok(0) => {
-            let kept = template::keep(&project, &layer, config.image.path())?;
+            let kept = template::keep(project, &layer, config.image.path())?;
             eprintln!("cvm setup: the template for {} is ready ({})", project.display(), kept.display());
             Ok(0)
         }

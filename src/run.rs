@@ -41,13 +41,13 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 /// asking (the VM is the sandbox).
 pub const AGENT_COMMAND: &[&str] = &["claude", "--dangerously-skip-permissions"];
 
-/// `cvm run [PATH] [-- CMD]`: with no command, the agent in the project (`.` by default);
-/// with one, exactly what was asked (no project unless PATH is given).
-pub fn agent_defaults(project: Option<PathBuf>, command: Vec<OsString>) -> (Option<PathBuf>, Vec<OsString>) {
-    if !command.is_empty() {
-        return (project, command);
+/// `cvm run [PATH] [-- CMD]`: with no command, the agent runs in the project (`.` by
+/// default); with one, no project is shared unless PATH is given.
+pub fn default_project(path: Option<PathBuf>, has_command: bool) -> Option<PathBuf> {
+    match has_command {
+        true => path,
+        false => Some(path.unwrap_or_else(|| PathBuf::from("."))),
     }
-    (Some(project.unwrap_or_else(|| PathBuf::from("."))), AGENT_COMMAND.iter().map(OsString::from).collect())
 }
 
 /// Prefix of the line `--timings` prints on stderr (`cvm bench run` reads it).
@@ -66,21 +66,9 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
         }
         Err(e) => return Err(e),
     };
-    let interactive = terminal::is_interactive();
-    let mut env = Vec::new();
-    if interactive {
-        if let Some(term) = std::env::var_os("TERM") {
-            env.push((b"TERM".to_vec(), term.into_vec()));
-        }
-    }
-    let mut exec = Exec {
-        argv: argv.into_iter().map(OsString::into_vec).collect(),
-        env,
-        tty: if interactive { Some(terminal::size().unwrap_or(cvm_agent::protocol::TtySize { rows: 24, cols: 80 })) } else { None },
-        ..Default::default()
-    };
+    let mut exec = exec_request(argv);
     session.prepare(&mut exec);
-    let raw = if interactive { Some(terminal::RawMode::enter()?) } else { None };
+    let raw = if exec.tty.is_some() { Some(terminal::RawMode::enter()?) } else { None };
     let exec_started = Instant::now();
     let outcome = session.exec(exec, deadline);
     let exec_time = exec_started.elapsed();
@@ -99,7 +87,13 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
             ms(started.elapsed())
         );
     }
-    Ok(match outcome? {
+    Ok(exit_status(outcome?, timeout))
+}
+
+/// What cvm exits with after an exec: the command's status as a shell reports it, 124 past
+/// the timeout, 125 when the VM went away first.
+pub fn exit_status(outcome: Outcome, timeout: Option<Duration>) -> u8 {
+    match outcome {
         Outcome::Exited(status) => status.shell_code().clamp(0, 255) as u8,
         Outcome::TimedOut => {
             eprintln!("cvm: timed out after {:?}", timeout.unwrap_or_default());
@@ -109,7 +103,24 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
             eprintln!("cvm: the VM stopped before the command finished");
             EXIT_CVM_FAILED
         }
-    })
+    }
+}
+
+/// The exec request for `argv` with this process's terminal (if both ends are one) and TERM.
+pub fn exec_request(argv: Vec<OsString>) -> Exec {
+    let interactive = terminal::is_interactive();
+    let mut env = Vec::new();
+    if interactive {
+        if let Some(term) = std::env::var_os("TERM") {
+            env.push((b"TERM".to_vec(), term.into_vec()));
+        }
+    }
+    Exec {
+        argv: argv.into_iter().map(OsString::into_vec).collect(),
+        env,
+        tty: if interactive { Some(terminal::size().unwrap_or(cvm_agent::protocol::TtySize { rows: 24, cols: 80 })) } else { None },
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -118,12 +129,10 @@ mod tests {
 
     #[test]
     fn without_a_command_the_agent_runs_in_the_project() {
-        let agent: Vec<OsString> = AGENT_COMMAND.iter().map(OsString::from).collect();
-        assert_eq!(agent_defaults(None, vec![]), (Some(PathBuf::from(".")), agent.clone()));
-        assert_eq!(agent_defaults(Some("/p".into()), vec![]), (Some(PathBuf::from("/p")), agent));
-        let cmd = vec![OsString::from("make"), OsString::from("test")];
-        assert_eq!(agent_defaults(None, cmd.clone()), (None, cmd.clone()), "a command shares nothing unasked");
-        assert_eq!(agent_defaults(Some("/p".into()), cmd.clone()), (Some(PathBuf::from("/p")), cmd));
+        assert_eq!(default_project(None, false), Some(PathBuf::from(".")));
+        assert_eq!(default_project(Some("/p".into()), false), Some(PathBuf::from("/p")));
+        assert_eq!(default_project(None, true), None, "a command shares nothing unasked");
+        assert_eq!(default_project(Some("/p".into()), true), Some(PathBuf::from("/p")));
     }
 
     #[test]

@@ -24,6 +24,17 @@ pub fn runtime_base() -> PathBuf {
     }
 }
 
+/// Creates `dir` (and its parents) mode 0700 if missing, and checks that only this user can
+/// use it.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() != rustix::process::getuid().as_raw() || meta.permissions().mode() & 0o077 != 0 {
+        bail!("{} must be a directory only you can use (owner {}, mode {:o})", dir.display(), meta.uid(), meta.permissions().mode() & 0o777);
+    }
+    Ok(())
+}
+
 pub struct RunDir {
     path: PathBuf,
     janitor: Child,
@@ -34,11 +45,7 @@ pub struct RunDir {
 impl RunDir {
     pub fn create() -> Result<RunDir> {
         let base = runtime_base();
-        DirBuilder::new().recursive(true).mode(0o700).create(&base).with_context(|| format!("cannot create {}", base.display()))?;
-        let meta = std::fs::metadata(&base)?;
-        if meta.uid() != rustix::process::getuid().as_raw() || meta.permissions().mode() & 0o077 != 0 {
-            bail!("{} must be a directory only you can use (owner {}, mode {:o})", base.display(), meta.uid(), meta.permissions().mode() & 0o777);
-        }
+        create_private_dir(&base)?;
         let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let path = base.join(format!("{}-{unique:x}", std::process::id()));
         DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("cannot create {}", path.display()))?;

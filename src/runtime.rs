@@ -58,6 +58,8 @@ pub struct VmFacts<'a> {
     /// (host path, guest path, read-only) of each share the user asked for.
     pub mounts: Vec<(PathBuf, PathBuf, bool)>,
     pub network: crate::egress::NetworkMode,
+    /// The project's own words (`[context]`), after cvm's.
+    pub instructions: Option<&'a str>,
 }
 
 impl Runtime {
@@ -114,6 +116,11 @@ fn context(facts: &VmFacts<'_>) -> String {
     for (host, guest, read_only) in &facts.mounts {
         text.push_str(&format!("- `{}` is the host's `{}`, {}.\n", guest.display(), host.display(), if *read_only { "read-only" } else { "read-write" }));
     }
+    if let Some(instructions) = facts.instructions {
+        text.push('\n');
+        text.push_str(instructions.trim_end());
+        text.push('\n');
+    }
     text
 }
 
@@ -127,12 +134,13 @@ mod tests {
         std::fs::write(dir.path().join(PROJECT_SCRIPT), "export A=1\n").unwrap();
         let extra = dir.path().join("more.sh");
         std::fs::write(&extra, "export B=2\n").unwrap();
-        let facts = VmFacts { cpus: 2, memory_bytes: 512 << 20, project: dir.path(), mounts: vec![("/data".into(), "/mnt/data".into(), true)], network: crate::egress::NetworkMode::None };
+        let facts = VmFacts { cpus: 2, memory_bytes: 512 << 20, project: dir.path(), mounts: vec![("/data".into(), "/mnt/data".into(), true)], network: crate::egress::NetworkMode::None, instructions: Some("Run `make check` before committing.") };
         let runtime = Runtime::new(dir.path(), &[extra], &facts).unwrap();
         assert_eq!(runtime.scripts, [("00.sh".to_string(), b"export A=1\n".to_vec()), ("01.sh".to_string(), b"export B=2\n".to_vec())]);
         assert!(runtime.context.contains("2 vCPUs and 512 MiB"), "{}", runtime.context);
         assert!(runtime.context.contains("`/mnt/data` is the host's `/data`, read-only"), "{}", runtime.context);
         assert!(runtime.context.contains("No network at all"), "{}", runtime.context);
+        assert!(runtime.context.ends_with("\nRun `make check` before committing.\n"), "{}", runtime.context);
         let files = runtime.files();
         assert_eq!(files.len(), 3);
         assert!(matches!(&files[2], Step::File { target, .. } if target == b"/run/cvm/runtime/context.md"));

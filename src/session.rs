@@ -24,6 +24,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
 use crate::egress::{self, EgressPolicy, NetworkMode};
+use crate::environment::Environment;
 use crate::open_network::OpenNetwork;
 use crate::forward::{ForwardRequest, Listening};
 use crate::images::{Image, Layer};
@@ -70,6 +71,10 @@ pub struct SessionConfig {
     pub egress: EgressPolicy,
     /// Ports and agents relayed between host and guest.
     pub forwards: ForwardRequest,
+    /// Variables every command gets (`--env`, the secrets file), after cvm's own.
+    pub env: Environment,
+    /// Text added to what Claude is told about the VM (`[context]`).
+    pub instructions: Option<String>,
     /// The writable layer on a scratch disk (else it is in memory).
     pub scratch: Option<Scratch>,
     /// A project template: a read-only layer under the writable one.
@@ -179,6 +184,7 @@ pub struct Session {
     network: Network,
     _forwards: Vec<Listening>,
     forward_env: Vec<(Vec<u8>, Vec<u8>)>,
+    env: Environment,
     plan: SharePlan,
     /// What runs before each command of a project session.
     runtime: Option<Runtime>,
@@ -270,7 +276,7 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a
@@ -280,11 +286,21 @@ impl Session {
             Network::Proxy { .. } => egress::guest_environment(),
             Network::Open(_) => Vec::new(),
         };
-        exec.env.splice(0..0, proxy.into_iter().chain(self.forward_env.iter().cloned()));
+        exec.env.splice(0..0, proxy.into_iter().chain(self.forward_env.iter().cloned()).chain(self.env.to_exec()));
         self.plan.prepare(exec);
         if let Some(runtime) = &self.runtime {
             runtime.wrap(exec);
         }
+    }
+
+    /// Readable once the VM has stopped.
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.machine.exit_fd()
+    }
+
+    /// The guest's serial console, as logged.
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
     }
 
     /// The host socket of the VM's vsock device (Firecracker's protocol).
@@ -325,7 +341,7 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
     let runtime = match &plan.workdir {
         Some(project) if config.runtime => {
             let mounts = config.shares.mounts.iter().map(|m| (m.host.clone(), m.guest.clone(), m.read_only)).collect();
-            let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode };
+            let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode, instructions: config.instructions.as_deref() };
             let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
             plan.setup.steps.extend(runtime.files());
             Some(runtime)

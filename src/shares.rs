@@ -52,7 +52,7 @@ pub struct MountSpec {
 }
 
 /// Expands a leading `~` to `home`.
-fn expand_home(text: &str, home: &Path) -> PathBuf {
+pub(crate) fn expand_home(text: &str, home: &Path) -> PathBuf {
     match text.strip_prefix('~') {
         Some("") => home.to_path_buf(),
         Some(rest) if rest.starts_with('/') => home.join(&rest[1..]),

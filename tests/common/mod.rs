@@ -89,6 +89,20 @@ impl Env {
         c
     }
 
+    /// `cvm ARGS` with only this environment's directories: for commands that take no engine,
+    /// kernel or image (`ps`, `exec`, `stop`, `config`).
+    pub fn cvm(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cvm"));
+        c.args(args)
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
+            .env("HOME", self.home.path())
+            .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
     /// Runs `cvm run` with `stdin` as its input.
     pub fn run(&self, engine: &str, args: &[&str], stdin: &[u8]) -> Output {
         let mut child = self.command(engine, args).stdin(Stdio::piped()).spawn().unwrap();

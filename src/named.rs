@@ -1,0 +1,219 @@
+//! Named, long-lived VMs: `cvm start --name N` boots a session in a background process (a
+//! re-executed `cvm __vm-daemon`) that keeps it until `cvm stop N` (graceful) or `cvm rm N`
+//! (forced). Each has a state directory, `<runtime dir>/vms/N/`, private to the user:
+//!
+//! - `info.json`: the name, the daemon's pid, the project, the engine, when it started, and
+//!   where its console log is;
+//! - `control.sock`: where `cvm exec N` connects. The daemon reads the exec request, gives it
+//!   the session's user, directory and environment, sends it to the guest agent and then only
+//!   relays bytes, so `cvm exec` speaks the agent's own protocol end to end and any number of
+//!   execs run at once;
+//! - `daemon.log`: what the daemon says.
+//!
+//! Two VMs never share anything: each session keeps its own private directory for its
+//! sockets, and names are unique among running VMs.
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cvm_agent::protocol::{self, Request, CONTROL_PORT};
+use serde::{Deserialize, Serialize};
+
+use crate::forward::splice;
+use crate::session::Session;
+
+pub const INFO_FILE: &str = "info.json";
+pub const CONTROL_SOCKET: &str = "control.sock";
+pub const DAEMON_LOG: &str = "daemon.log";
+/// How long a client has to send its exec request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `info.json` records.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    pub name: String,
+    pub pid: u32,
+    pub project: Option<PathBuf>,
+    pub engine: String,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    pub console_log: PathBuf,
+}
+
+/// A VM as `cvm ps` sees it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub info: VmInfo,
+    /// `running`, or `exited` when the daemon is gone (it was killed; `cvm rm` clears it).
+    pub status: &'static str,
+}
+
+/// Names: a letter or digit, then letters, digits, `.`, `_`, `-`; at most 63.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first || name.len() > 63 || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("bad VM name {name:?}: use letters, digits, '.', '_' and '-' (starting with a letter or digit, at most 63)"));
+    }
+    Ok(())
+}
+
+/// Where named VMs keep their state.
+pub fn vms_dir() -> PathBuf {
+    crate::rundir::runtime_base().join("vms")
+}
+
+pub fn state_dir(name: &str) -> PathBuf {
+    vms_dir().join(name)
+}
+
+/// Whether `pid` is a cvm VM daemon (not some process that reused the pid).
+fn daemon_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.split(|&b| b == 0).any(|arg| arg == b"__vm-daemon"))
+}
+
+fn read_info(dir: &Path) -> Option<VmInfo> {
+    serde_json::from_slice(&std::fs::read(dir.join(INFO_FILE)).ok()?).ok()
+}
+
+/// Every named VM, by name.
+pub fn list() -> Vec<Listed> {
+    let Ok(entries) = std::fs::read_dir(vms_dir()) else { return Vec::new() };
+    let mut vms: Vec<Listed> = entries
+        .flatten()
+        .filter_map(|e| read_info(&e.path()))
+        .map(|info| Listed { status: if daemon_alive(info.pid) { "running" } else { "exited" }, info })
+        .collect();
+    vms.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+    vms
+}
+
+/// The running VM called `name`.
+pub fn find(name: &str) -> Result<VmInfo> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    match read_info(&state_dir(name)) {
+        Some(info) if daemon_alive(info.pid) => Ok(info),
+        Some(_) => bail!("the VM {name} is not running any more (cvm rm {name} clears it)"),
+        None => bail!("no VM called {name} (cvm ps lists them)"),
+    }
+}
+
+/// Claims the state directory for a new VM: refused if one of that name runs; a stale one
+/// (its daemon killed) is cleared.
+pub fn claim(name: &str) -> Result<PathBuf> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let dir = state_dir(name);
+    if let Some(info) = read_info(&dir) {
+        if daemon_alive(info.pid) {
+            bail!("a VM called {name} is already running (pid {})", info.pid);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::rundir::create_private_dir(&vms_dir())?;
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Removes a VM's state, and the VMs directory once it is empty.
+pub fn clear(name: &str) {
+    let _ = std::fs::remove_dir_all(state_dir(name));
+    let _ = std::fs::remove_dir(vms_dir());
+}
+
+/// The daemon's life: records `info`, serves execs on the control socket until SIGTERM or
+/// SIGINT (then a graceful shutdown) or the VM stopping by itself, then clears the state.
+pub fn serve(session: Session, info: VmInfo, dir: &Path) -> Result<()> {
+    let socket = dir.join(CONTROL_SOCKET);
+    let listener = UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::write(dir.join(INFO_FILE), serde_json::to_vec_pretty(&info)?)?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    // A stop request, or the VM ending, wakes the accept loop with a connection of its own.
+    let waker = {
+        let (stopping, socket) = (stopping.clone(), socket.clone());
+        move || {
+            stopping.store(true, Ordering::SeqCst);
+            let _ = UnixStream::connect(&socket);
+        }
+    };
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP])?;
+    let wake = waker.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            wake();
+        }
+    });
+    let exit_fd = session.exit_fd().try_clone_to_owned()?;
+    std::thread::spawn(move || {
+        let _ = rustix::event::poll(&mut [rustix::event::PollFd::new(&exit_fd, rustix::event::PollFlags::IN)], None);
+        waker();
+    });
+    for conn in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(conn) = conn else { continue };
+        if let Err(e) = start_exec(&session, conn) {
+            tracing::warn!("an exec failed to start: {e:#}");
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&socket);
+    session.shutdown();
+    Ok(())
+}
+
+/// Reads one exec request from `client`, prepares it as the session's own, hands it to the
+/// agent and relays the rest on a thread of its own.
+fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
+    client.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut exec = match protocol::read_request(&mut client)? {
+        Some(Request::Exec(exec)) => exec,
+        Some(other) => bail!("expected an exec request, got {other:?}"),
+        None => return Ok(()), // a wake-up, or a client that went away
+    };
+    client.set_read_timeout(None)?;
+    session.prepare(&mut exec);
+    let mut agent = crate::exec::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
+    protocol::write_frame(&mut agent, &Request::Exec(exec).encode())?;
+    std::thread::spawn(move || splice(Box::new(client), Box::new(agent)));
+    Ok(())
+}
+
+/// The last `lines` lines of a log file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let _ = file.read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "web-1", "api.v2", "x_y", &"n".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good:?}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "..", "a b", "ä", &"n".repeat(64), "a\0"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn info_round_trips_through_json() {
+        let info = VmInfo { name: "web".into(), pid: 42, project: Some("/p".into()), engine: "qemu".into(), started: 1, console_log: "/run/x/console.log".into() };
+        let json = serde_json::to_string(&Listed { info: info.clone(), status: "running" }).unwrap();
+        assert!(json.contains("\"status\":\"running\"") && json.contains("\"name\":\"web\""), "{json}");
+        assert_eq!(serde_json::from_str::<VmInfo>(&serde_json::to_string(&info).unwrap()).unwrap(), info);
+    }
+}
