@@ -13,6 +13,7 @@
 //! - [`terminal`]: raw mode and window size.
 
 pub mod config;
+pub mod doctor;
 pub mod egress;
 pub mod environment;
 pub mod exec;
@@ -27,6 +28,7 @@ pub mod session;
 pub mod shares;
 pub mod template;
 pub mod terminal;
+pub mod worktree;
 
 /// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.
 pub fn xdg_dir(variable: &str, under_home: &str) -> std::path::PathBuf {

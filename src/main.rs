@@ -53,6 +53,9 @@ enum Command {
     Info {
         /// The project (default: the current directory).
         path: Option<PathBuf>,
+        /// As JSON, for scripts (missing things are null).
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a project's template (the current directory's by default).
     Clean {
@@ -108,6 +111,22 @@ enum Command {
     /// Build, list and remove the cached root images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Git worktrees beside the main checkout, one per branch (`cvm run --worktree BRANCH`).
+    #[command(subcommand)]
+    Worktree(WorktreeCommand),
+    /// Check this host: /dev/kvm, the kernel and images, the host tools; says how to fix each
+    /// problem. Exits 1 if `cvm run` cannot work.
+    Doctor,
+    /// Print a shell completion script: `cvm completions bash > /etc/bash_completion.d/cvm`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `cvm man | man -l -`; `cvm man run` for a subcommand's.
+    Man {
+        /// A subcommand.
+        command: Option<String>,
+    },
     /// The layered configuration (.cvm.toml files, CVM_* variables).
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -191,20 +210,6 @@ pub struct VmArgs {
     /// private or loopback address. Repeatable. [config: network.hosts]
     #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::egress::parse_add_host)]
     add_hosts: Vec<(String, std::net::IpAddr)>,
-    /// Publish a guest TCP port on the host's 127.0.0.1: HOSTPORT:GUESTPORT. Repeatable.
-    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT", value_parser = cvm::forward::parse_publish)]
-    publish: Vec<cvm::forward::Publish>,
-    /// Let the guest reach 127.0.0.1:PORT on the host at its own 127.0.0.1:PORT (a local
-    /// database, an MCP server). Repeatable.
-    #[arg(long = "host-port", value_name = "PORT", value_parser = cvm::forward::parse_host_port)]
-    host_ports: Vec<u16>,
-    /// Give the guest an SSH_AUTH_SOCK that reaches your SSH agent ($SSH_AUTH_SOCK).
-    #[arg(short = 'A', long = "forward-ssh-agent")]
-    forward_ssh_agent: bool,
-    /// Give the guest your GPG agent (its extra socket: sign and decrypt, no key export) and
-    /// your public keyring, in GNUPGHOME=/run/cvm/gnupg.
-    #[arg(long = "gpg")]
-    forward_gpg_agent: bool,
     /// Set a variable for every command: NAME=VALUE. Repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME=VALUE", value_parser = cvm::environment::parse_pair)]
     env: Vec<(String, String)>,
@@ -219,6 +224,40 @@ pub struct VmArgs {
     /// [config: runtime.scripts]
     #[arg(long = "runtime-script", value_name = "FILE")]
     runtime_scripts: Vec<PathBuf>,
+}
+
+/// What crosses between host and guest besides the shares: not for `cvm setup`, whose
+/// `--gpg` is a tool to install.
+#[derive(clap::Args, Clone, Default)]
+pub struct ForwardArgs {
+    /// Publish a guest TCP port on the host's 127.0.0.1: HOSTPORT:GUESTPORT. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT", value_parser = cvm::forward::parse_publish)]
+    publish: Vec<cvm::forward::Publish>,
+    /// Let the guest reach 127.0.0.1:PORT on the host at its own 127.0.0.1:PORT (a local
+    /// database, an MCP server). Repeatable.
+    #[arg(long = "host-port", value_name = "PORT", value_parser = cvm::forward::parse_host_port)]
+    host_ports: Vec<u16>,
+    /// Give the guest an SSH_AUTH_SOCK that reaches your SSH agent ($SSH_AUTH_SOCK).
+    #[arg(short = 'A', long = "forward-ssh-agent")]
+    forward_ssh_agent: bool,
+    /// Give the guest your GPG agent (its extra socket: sign and decrypt, no key export) and
+    /// your public keyring, in GNUPGHOME=/run/cvm/gnupg.
+    #[arg(long = "gpg")]
+    forward_gpg_agent: bool,
+}
+
+impl ForwardArgs {
+    fn request(&self) -> anyhow::Result<ForwardRequest> {
+        Ok(ForwardRequest {
+            publish: self.publish.clone(),
+            host_ports: self.host_ports.clone(),
+            ssh_agent: match self.forward_ssh_agent {
+                true => Some(std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?),
+                false => None,
+            },
+            gpg_agent: if self.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
+        })
+    }
 }
 
 impl VmArgs {
@@ -249,6 +288,8 @@ pub struct RunArgs {
     path: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    forwards: ForwardArgs,
     /// Print how long each phase took (VMM set-up, boot to agent ready, the command, teardown)
     /// on standard error.
     #[arg(long)]
@@ -257,6 +298,10 @@ pub struct RunArgs {
     /// setup scripts, run `cvm setup` first.
     #[arg(long)]
     auto_setup: bool,
+    /// Run in the git worktree of BRANCH (made beside the main checkout if missing, as
+    /// `cvm worktree create`) instead of PATH.
+    #[arg(long, value_name = "BRANCH", conflicts_with = "path")]
+    worktree: Option<String>,
     /// The command and its arguments. Without one: Claude Code
     /// (`claude --dangerously-skip-permissions`) in the project, `.` unless PATH is given.
     #[arg(last = true)]
@@ -272,6 +317,24 @@ pub struct StartArgs {
     path: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    forwards: ForwardArgs,
+}
+
+#[derive(Subcommand)]
+enum WorktreeCommand {
+    /// Make the worktree of BRANCH (a new branch from BASE, default HEAD, if it does not
+    /// exist) at <repo>-<branch> beside the main checkout; prints its path.
+    Create { branch: String, base: Option<String> },
+    /// List the repository's worktrees: path and branch.
+    List,
+    /// Remove the worktree of BRANCH (the branch stays).
+    Remove {
+        branch: String,
+        /// Even with uncommitted changes.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +415,8 @@ pub struct ShellArgs {
     path: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    forwards: ForwardArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -396,7 +461,7 @@ fn main() -> ExitCode {
         Command::Boot(args) => boot(&args, started),
         Command::Run(args) => run(&args, prompt),
         Command::List { disk_usage, unused } => report(list_templates(disk_usage, unused)),
-        Command::Info { path } => report(info(path)),
+        Command::Info { path, json } => report(info(path, json)),
         Command::Clean { path, yes } => report(clean(path, yes)),
         Command::CleanAll { yes } => report(clean_all(yes)),
         Command::Setup(args) => match setup(args) {
@@ -407,7 +472,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CVM_FAILED)
             }
         },
-        Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, timings: false, auto_setup: false, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
+        Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, forwards: args.forwards, timings: false, auto_setup: false, worktree: None, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
         Command::Logs { name, network: _, follow } => match name {
             Some(name) => report(vm_logs(&name, follow)),
             None => {
@@ -439,6 +504,34 @@ fn main() -> ExitCode {
         Command::Stop { name } => report(stop(&name, false)),
         Command::Rm { name } => report(stop(&name, true)),
         Command::Config(command) => config_command(command),
+        Command::Doctor => {
+            let checks = cvm::doctor::checks();
+            print!("{}", cvm::doctor::report(&checks));
+            match checks.iter().any(|c| c.status == cvm::doctor::Status::Fail) {
+                true => ExitCode::FAILURE,
+                false => ExitCode::SUCCESS,
+            }
+        }
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "cvm", &mut script);
+            print_quietly(&script)
+        }
+        Command::Man { command } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            cli.build();
+            let page = match &command {
+                None => Some(cli),
+                Some(name) => cli.find_subcommand(name).map(|sub| sub.clone().display_name(format!("cvm-{name}"))),
+            };
+            let mut roff = Vec::new();
+            match page.map(|page| clap_mangen::Man::new(page).render(&mut roff)) {
+                Some(Ok(())) => print_quietly(&roff),
+                Some(Err(e)) => report(Err(e.into())),
+                None => report(Err(anyhow::anyhow!("no subcommand {:?} (cvm --help lists them)", command.unwrap_or_default()))),
+            }
+        }
+        Command::Worktree(command) => report(worktree_command(command)),
         Command::Image(command) => match image_command(command) {
             Ok(code) => code,
             Err(e) => {
@@ -485,7 +578,7 @@ fn home_dir() -> PathBuf {
 
 /// The session `settings` and the per-run flags describe. Secrets only where asked: a
 /// template's set-up never sees them.
-fn session_config(settings: &Settings, args: &VmArgs, project: Option<PathBuf>, with_secrets: bool) -> anyhow::Result<SessionConfig> {
+fn session_config(settings: &Settings, args: &VmArgs, forwards: ForwardRequest, project: Option<PathBuf>, with_secrets: bool) -> anyhow::Result<SessionConfig> {
     if settings.network.value == NetworkMode::Open && !(settings.allow.sources == [Source::Default] && settings.deny.value.is_empty() && settings.hosts.value.is_empty()) {
         anyhow::bail!("--allow, --deny and --add-host (network.allow, deny, hosts) are rules of the proxy: --network open has no allow-list");
     }
@@ -522,15 +615,7 @@ fn session_config(settings: &Settings, args: &VmArgs, project: Option<PathBuf>, 
         template: None,
         runtime: true,
         egress: EgressPolicy { mode: settings.network.value, allow: settings.allow.value.clone(), deny: settings.deny.value.clone(), hosts: settings.hosts.value.clone() },
-        forwards: ForwardRequest {
-            publish: args.publish.clone(),
-            host_ports: args.host_ports.clone(),
-            ssh_agent: match args.forward_ssh_agent {
-                true => Some(std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?),
-                false => None,
-            },
-            gpg_agent: if args.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
-        },
+        forwards,
         env,
         instructions: settings.instructions()?,
     })
@@ -549,14 +634,18 @@ fn run(args: &RunArgs, prompt: Vec<OsString>) -> ExitCode {
 }
 
 fn run_session(args: &RunArgs, prompt: Vec<OsString>) -> anyhow::Result<u8> {
-    let project = cvm::run::default_project(args.path.clone(), !args.command.is_empty());
+    let path = match &args.worktree {
+        Some(branch) => Some(cvm::worktree::create(&std::env::current_dir()?, branch, None)?),
+        None => args.path.clone(),
+    };
+    let project = cvm::run::default_project(path, !args.command.is_empty());
     let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
     let settings = settings(args.vm.flags(), canonical.as_deref())?;
     let command = match args.command.is_empty() {
         true => settings.agent_command().into_iter().map(OsString::from).chain(prompt).collect(),
         false => args.command.clone(),
     };
-    let mut config = session_config(&settings, &args.vm, project, true)?;
+    let mut config = session_config(&settings, &args.vm, args.forwards.request()?, project, true)?;
     // A project's template, made by `cvm setup` on this image, is where it starts from.
     if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
         config.template = cvm::template::find(project, image);
@@ -582,6 +671,20 @@ fn wants_setup(settings: &Settings, project: &Path) -> bool {
 
 fn parse_mount(text: &str) -> Result<MountSpec, String> {
     parse_mount_spec(text, &std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default())
+}
+
+fn worktree_command(command: WorktreeCommand) -> anyhow::Result<()> {
+    let here = std::env::current_dir()?;
+    match command {
+        WorktreeCommand::Create { branch, base } => println!("{}", cvm::worktree::create(&here, &branch, base.as_deref())?.display()),
+        WorktreeCommand::List => {
+            for w in cvm::worktree::list(&here)? {
+                println!("{}  {}", w.path.display(), w.branch.as_deref().unwrap_or("(detached)"));
+            }
+        }
+        WorktreeCommand::Remove { branch, force } => println!("removed {}", cvm::worktree::remove(&here, &branch, force)?.display()),
+    }
+    Ok(())
 }
 
 fn config_command(command: ConfigCommand) -> ExitCode {
@@ -643,6 +746,12 @@ fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
+fn print_quietly(bytes: &[u8]) -> ExitCode {
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), bytes);
+    ExitCode::SUCCESS
+}
+
 /// Exit status of a command that only prints: 0, or 1 with the error.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
@@ -680,13 +789,25 @@ fn project_or_cwd(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     path.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn info(path: Option<PathBuf>) -> anyhow::Result<()> {
+fn info(path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let project = project_or_cwd(path)?;
-    println!("project:  {}", project.display());
     let image = current_debian();
-    println!("image:    {}", image.as_ref().map_or("debian: not built (cvm image build)".into(), |p| p.display().to_string()));
-    println!("kernel:   {}", cvm::images::kernel(None).map_or_else(|e| e.to_string(), |p| p.display().to_string()));
+    let kernel = cvm::images::kernel(None);
     let template = image.as_deref().and_then(|i| cvm::template::find(&project, i));
+    if json {
+        let value = serde_json::json!({
+            "project": project,
+            "image": image,
+            "kernel": kernel.as_ref().ok(),
+            "template": template,
+            "worktree_of": cvm::shares::main_repository(&project),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("project:  {}", project.display());
+    println!("image:    {}", image.as_ref().map_or("debian: not built (cvm image build)".into(), |p| p.display().to_string()));
+    println!("kernel:   {}", kernel.map_or_else(|e| e.to_string(), |p| p.display().to_string()));
     println!("template: {}", template.map_or("none (cvm setup makes one)".into(), |p| p.display().to_string()));
     Ok(())
 }
@@ -774,7 +895,7 @@ fn vm_daemon(args: &StartArgs) -> anyhow::Result<()> {
     let project = args.path.clone();
     let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
     let settings = settings(args.vm.flags(), canonical.as_deref())?;
-    let mut config = session_config(&settings, &args.vm, project, true)?;
+    let mut config = session_config(&settings, &args.vm, args.forwards.request()?, project, true)?;
     // Its console is what `cvm logs NAME` shows: kernel and agent messages included.
     config.debug = true;
     if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
@@ -898,7 +1019,7 @@ fn run_setup(settings: &Settings, vm: &VmArgs, project: &Path) -> anyhow::Result
         .chain(project_script)
         .map(|p| std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read the setup script {}: {e}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut config = session_config(settings, vm, Some(project.to_path_buf()), false)?;
+    let mut config = session_config(settings, vm, ForwardRequest::default(), Some(project.to_path_buf()), false)?;
     config.shares.mounts.extend(settings.setup_mounts.value.iter().cloned());
     let dir = template::dir_for(project);
     std::fs::create_dir_all(&dir)?;
@@ -998,5 +1119,16 @@ fn boot(args: &BootArgs, started: Instant) -> ExitCode {
             eprintln!("cvm: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks this lazily, on the first use of each subcommand: check them all here.
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -1,0 +1,141 @@
+//! `cvm doctor`: what this host has of what cvm needs, and how to fix each problem.
+
+use std::path::{Path, PathBuf};
+
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// cvm works without it, with less (a missing optional tool, no hardware KVM).
+    Warn,
+    /// `cvm run` cannot work until it is fixed.
+    Fail,
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub what: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to do about it, for Warn and Fail.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(what: &'static str, detail: impl Into<String>) -> Check {
+        Check { what, status: Status::Ok, detail: detail.into(), fix: None }
+    }
+
+    fn bad(what: &'static str, status: Status, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check { what, status, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+/// Host tools: (program, Debian package, what needs it, required).
+const TOOLS: &[(&str, &str, &str, bool)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86", "--vmm qemu and `cvm bench`", false),
+    ("passt", "passt", "--network open", false),
+    ("mkfs.ext4", "e2fsprogs", "--disk and `cvm setup`", true),
+    ("git", "git", "`cvm worktree` and --worktree", false),
+    ("gpgconf", "gnupg", "--gpg", false),
+    ("mmdebstrap", "mmdebstrap", "`cvm image build debian`", false),
+    ("mkfs.erofs", "erofs-utils", "`cvm image build debian`", false),
+    ("npm", "npm", "`cvm image build debian` (Claude Code)", false),
+];
+
+/// Runs every check.
+pub fn checks() -> Vec<Check> {
+    let device = std::env::var_os("CVM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from);
+    let mut checks = vec![kvm(&device)];
+    checks.push(match crate::images::kernel(None) {
+        Ok(path) => Check::ok("guest kernel", path.display().to_string()),
+        Err(e) => Check::bad("guest kernel", Status::Fail, e.to_string(), "scripts/build-kernel (about 5 minutes on 2 cores)"),
+    });
+    checks.push(match crate::images::image("debian") {
+        Ok(image) => Check::ok("debian image", image.path().display().to_string()),
+        Err(e) => Check::bad("debian image", Status::Fail, e.to_string(), "cvm image build debian"),
+    });
+    checks.push(match crate::images::image("minimal") {
+        Ok(image) => Check::ok("minimal image", image.path().display().to_string()),
+        Err(e) => Check::bad("minimal image", Status::Warn, e.to_string(), "cvm image build minimal"),
+    });
+    let runtime = crate::rundir::runtime_base();
+    checks.push(match crate::rundir::create_private_dir(&runtime) {
+        Ok(()) => Check::ok("session directory", runtime.display().to_string()),
+        Err(e) => Check::bad("session directory", Status::Fail, format!("{e:#}"), "set XDG_RUNTIME_DIR to a directory only you can use"),
+    });
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for &(program, package, needed_by, required) in TOOLS {
+        let found = std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file());
+        checks.push(match found {
+            Some(p) => Check::ok(program, p.display().to_string()),
+            None => Check::bad(
+                program,
+                if required { Status::Fail } else { Status::Warn },
+                format!("not installed; needed by {needed_by}"),
+                format!("apt-get install {package} (or scripts/bootstrap)"),
+            ),
+        });
+    }
+    checks
+}
+
+/// The KVM device (`CVM_KVM_DEVICE`, else /dev/kvm): present, usable by this user, and
+/// hardware (PVM cannot run Linux).
+fn kvm(device: &Path) -> Check {
+    if !device.exists() {
+        return Check::bad("/dev/kvm", Status::Warn, format!("{} does not exist: only --vmm qemu (TCG, slow) works", device.display()), "enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd");
+    }
+    match cvm_vmm::host::open_kvm() {
+        Err(e) => Check::bad("/dev/kvm", Status::Warn, format!("{e}: only --vmm qemu works"), access_fix(device)),
+        Ok(_) if cvm_vmm::host::is_pvm() => Check::bad("/dev/kvm", Status::Warn, "PVM, a software hypervisor: cvm's VMM cannot run Linux here", "use --vmm qemu here (export CVM_VMM=qemu), or a host with hardware KVM (vmx/svm)"),
+        Ok(_) => Check::ok("/dev/kvm", "hardware KVM, usable"),
+    }
+}
+
+fn access_fix(device: &Path) -> String {
+    format!("give yourself access to {}: sudo usermod -aG kvm $USER, then log in again", device.display())
+}
+
+/// The report, one line per check, with each fix under its problem.
+pub fn report(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for check in checks {
+        let mark = match check.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        };
+        out.push_str(&format!("{mark}  {:<20} {}\n", check.what, check.detail));
+        if let Some(fix) = &check.fix {
+            out.push_str(&format!("      {:<20} fix: {fix}\n", ""));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_says_how_to_fix_each_problem() {
+        let checks = [
+            Check::ok("/dev/kvm", "hardware KVM, usable"),
+            Check::bad("guest kernel", Status::Fail, "no guest kernel", "scripts/build-kernel"),
+            Check::bad("passt", Status::Warn, "not installed", "apt-get install passt"),
+        ];
+        let text = report(&checks);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ok    /dev/kvm"));
+        assert!(lines[1].starts_with("FAIL  guest kernel") && lines[2].trim_start().starts_with("fix: scripts/build-kernel"), "{text}");
+        assert!(lines[3].starts_with("warn  passt") && lines[4].contains("fix: apt-get install passt"), "{text}");
+    }
+
+    #[test]
+    fn a_missing_kvm_device_is_reported_with_a_fix() {
+        let check = kvm(Path::new("/nonexistent/kvm"));
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.detail.contains("/nonexistent/kvm does not exist") && check.fix.is_some(), "{check:?}");
+    }
+}
