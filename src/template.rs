@@ -55,9 +55,10 @@ pub fn find(project: &Path, image: &Path) -> Option<PathBuf> {
 }
 
 /// The command `cvm setup` runs as the user (`sudo` for apt): one batched install, then each
-/// setup script's text, evaluated in the same shell, failing fast.
+/// setup script's text, evaluated in the same shell, failing fast. All of it is progress, so
+/// its output goes to standard error: with `--auto-setup`, standard output is the command's.
 pub fn command(packages: &[String], scripts: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let mut s = String::from("set -e\n");
+    let mut s = String::from("set -e\nexec >&2\n");
     if !packages.is_empty() {
         s.push_str("echo 'cvm setup: installing Debian packages' >&2\n");
         s.push_str("sudo -E apt-get update -q\n");
@@ -147,7 +148,7 @@ mod tests {
         assert!(packages(&[], &[]).is_empty());
         let argv = command(&["tree".into()], &[b"echo one".to_vec()]);
         let s = String::from_utf8(argv[2].clone()).unwrap();
-        assert!(s.starts_with("set -e\n"));
+        assert!(s.starts_with("set -e\nexec >&2\n"), "fail fast, progress on stderr");
         assert_eq!(s.matches("apt-get install").count(), 1, "one batched install");
         assert!(s.contains("--no-install-recommends tree\n"));
         assert_eq!(argv[3..], [b"cvm-setup".to_vec(), b"echo one".to_vec()]);

@@ -165,3 +165,22 @@ fn setup_makes_a_template_that_later_sessions_start_from_and_a_failed_setup_keep
     assert_eq!(text(&cvm(&["list"]).stdout), "");
     env.assert_clean();
 }
+
+#[test]
+fn auto_setup_builds_the_template_the_configuration_asks_for_once() {
+    let Some(env) = Env::debian() else { return };
+    let dir = env.home.path().join("configured");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".cvm.toml"), "[packages]\nsystem = [\"jq\"]\n").unwrap();
+    let project = dir.to_str().unwrap();
+    let out = env.run("qemu", &[project, "--auto-setup", "--", "jq", "-n", "6*7"], b"");
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "42\n".into()), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("running cvm setup first"), "{}", text(&out.stderr));
+    // The template is there now: no setup again, with or without the flag.
+    for args in [&[project, "--auto-setup", "--", "jq", "-n", "1"][..], &[project, "--", "jq", "-n", "1"][..]] {
+        let out = env.run("qemu", args, b"");
+        assert_eq!(text(&out.stdout), "1\n", "{}", text(&out.stderr));
+        assert!(!text(&out.stderr).contains("cvm setup"), "{}", text(&out.stderr));
+    }
+    env.assert_clean();
+}

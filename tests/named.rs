@@ -47,8 +47,12 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
         let logs = env.cvm(&["logs", "alpha"]).output().unwrap();
         assert!(text(&logs.stdout).contains("Linux version"), "[{engine}] the guest console: {}", text(&logs.stdout));
 
+        // Following the console ends when the VM does.
+        let follow = env.cvm(&["logs", "alpha", "--follow"]).spawn().unwrap();
         let stop = env.cvm(&["stop", "alpha"]).output().unwrap();
         assert_eq!(stop.status.code(), Some(0), "[{engine}] {}", text(&stop.stderr));
+        let followed = wait_output(follow);
+        assert!(followed.status.success() && text(&followed.stdout).contains("Linux version"), "[{engine}] logs --follow");
         let open_out = wait_output(open);
         assert_ne!(open_out.status.code(), Some(0), "[{engine}] the open exec ends with its VM");
         let gone = env.cvm(&["exec", "alpha", "--", "true"]).output().unwrap();
