@@ -22,7 +22,8 @@ use cvm_vmm::{parse_memory_size, Vm, VmConfig, DEFAULT_CMDLINE};
 #[command(name = "cvm", version, about = "A microVM sandbox for coding agents", after_help = "cvm \"PROMPT\" is `cvm run` with Claude Code given that prompt, in the current directory.")]
 #[command(allow_external_subcommands = true)]
 struct Cli {
-    /// Log what the VMM does (repeat for more); CVM_LOG=debug does the same.
+    /// Log what cvm and the VMM do (repeat for more; CVM_LOG=debug does the same), and show
+    /// the guest's console when a session ends, as --debug does.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -609,7 +610,8 @@ fn session_config(settings: &Settings, args: &VmArgs, forwards: ForwardRequest, 
         image: cvm::images::image(&settings.image.value)?,
         cpus: settings.cpus.value,
         memory_bytes: settings.memory.value,
-        debug: args.debug,
+        // -v shows the guest's side too: its console, kernel and agent messages included.
+        debug: args.debug || tracing::enabled!(tracing::Level::INFO),
         runtime_scripts: settings.runtime_scripts.value.clone(),
         scratch: settings.disk.value.map(Scratch::Fresh),
         template: None,

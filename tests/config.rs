@@ -104,12 +104,14 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
     let script = "echo \"$API_TOKEN|$FROM_FILE|$OVERRIDDEN|$PASSED|$FLAG\"; grep -rl hunter2 /run/cvm 2>/dev/null | wc -l";
     for engine in engines() {
         let out = wait_output(
-            env.command(engine, &[arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
+            env.command(engine, &["-v", "--debug", arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
                 .env("PASSED", "from my shell")
                 .spawn()
                 .unwrap(),
         );
         assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes\n0\n", "[{engine}] {}", text(&out.stderr));
+        let logged = text(&out.stderr);
+        assert!(logged.contains("guest console") && !logged.contains("hunter2"), "[{engine}] the logs and the console never show a secret: {logged}");
         env.assert_clean();
     }
     let show = env.cvm(&["config", "show", arg(&dir)]).output().unwrap();

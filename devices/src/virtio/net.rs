@@ -499,7 +499,8 @@ mod tests {
         let mut guest = NetGuest::new();
         guest.post_rx(2, BUFFER);
         guest.wire.write_all(&u32::MAX.to_be_bytes()).unwrap();
-        guest.wire.write_all(&[0u8; 1024]).unwrap();
+        // The device may have cut the link already, after reading the length alone.
+        let _ = guest.wire.write_all(&[0u8; 1024]);
         std::thread::sleep(Duration::from_millis(100));
         assert!(guest.rx.take_used(&guest.mem).is_empty(), "nothing was delivered");
         // The device ends the link: the peer reads the end of the stream.
