@@ -11,7 +11,7 @@ mod fs;
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -322,6 +322,14 @@ fn run_bench(args: RunBench) -> Result<()> {
             (name, c)
         })
         .collect();
+    // Named VMs, one per engine, started once: an exec into a running VM is what `cvm exec`
+    // costs against a whole `cvm run`.
+    let named: Vec<NamedVm> = engines
+        .iter()
+        .map(|engine| NamedVm::start(&cvm, &format!("{engine:?}").to_lowercase(), &kernel, &args.image))
+        .collect::<Result<_>>()?;
+    let mut execs: Vec<(String, Command)> = named.iter().map(|vm| (vm.engine.clone(), vm.exec_true())).collect();
+    let mut exec_walls: Vec<Vec<f64>> = vec![Vec::new(); execs.len()];
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut reference_walls = Vec::new();
@@ -336,6 +344,12 @@ fn run_bench(args: RunBench) -> Result<()> {
     for (name, c) in commands.iter_mut() {
         check(name, &measure(c)?, cvm::run::TIMINGS_PREFIX)?;
     }
+    for (name, c) in execs.iter_mut() {
+        let s = measure(c)?;
+        if !s.stderr.is_empty() {
+            bail!("cvm exec on {name} failed: {:?}", s.stderr);
+        }
+    }
     time_to_line(&mut reference, "cvm-agent: init reached")?;
     let mut progress = std::io::stderr();
     for i in 0..args.runs {
@@ -347,6 +361,9 @@ fn run_bench(args: RunBench) -> Result<()> {
             }
             walls[index].push(ms(s.wall));
             cpus[index].push(ms(s.cpu));
+        }
+        for (index, (_, c)) in execs.iter_mut().enumerate() {
+            exec_walls[index].push(ms(measure(c)?.wall));
         }
         reference_walls.push(ms(time_to_line(&mut reference, "cvm-agent: init reached")?));
         let _ = write!(progress, "\rbench run: {}/{} rounds", i + 1, args.runs);
@@ -366,10 +383,45 @@ fn run_bench(args: RunBench) -> Result<()> {
             row(&format!("  phase: {phase}"), values);
         }
     }
+    for (index, (name, _)) in execs.iter().enumerate() {
+        row(&format!("cvm exec into a running VM ({name}), wall"), &exec_walls[index]);
+    }
     row("reference: bare QEMU to the init's line, wall", &reference_walls);
     let reference_median = stats(reference_walls).median;
     for (index, (name, _)) in commands.iter().enumerate() {
-        println!("ratio cvm run --vmm {name} / reference, median wall: {:.2}x", stats(walls[index].clone()).median / reference_median);
+        let run_median = stats(walls[index].clone()).median;
+        println!("ratio cvm run --vmm {name} / reference, median wall: {:.2}x", run_median / reference_median);
+        println!("ratio cvm exec ({name}) / cvm run --vmm {name}, median wall: {:.3}x", stats(exec_walls[index].clone()).median / run_median);
     }
     Ok(())
+}
+
+/// A named VM the benchmark starts, and removes however it ends.
+struct NamedVm {
+    cvm: PathBuf,
+    name: String,
+    engine: String,
+}
+
+impl NamedVm {
+    fn start(cvm: &Path, engine: &str, kernel: &Path, image: &str) -> Result<NamedVm> {
+        let name = format!("bench-{engine}-{}", std::process::id());
+        let out = Command::new(cvm).args(["start", "--name", &name, "--vmm", engine, "--kernel"]).arg(kernel).args(["--image", image]).output()?;
+        if !out.status.success() {
+            bail!("cvm start --vmm {engine}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(NamedVm { cvm: cvm.to_path_buf(), name, engine: engine.to_string() })
+    }
+
+    fn exec_true(&self) -> Command {
+        let mut c = Command::new(&self.cvm);
+        c.args(["exec", &self.name, "--", "true"]);
+        c
+    }
+}
+
+impl Drop for NamedVm {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.cvm).args(["rm", &self.name]).output();
+    }
 }

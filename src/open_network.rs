@@ -29,6 +29,10 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const NAMESERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 /// A locally administered unicast address.
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// Jumbo frames: under QEMU's software CPU a download ran about 4 to 10 times faster than at
+/// 1500 (fewer frames, each costing the same), and larger MTUs measured slower again. Frames
+/// over one RX buffer arrive in mergeable buffers, which both engines' devices offer.
+pub const MTU: u16 = 9000;
 /// passt's wire in its process: the first descriptor after stdio.
 const WIRE_FD: i32 = 3;
 
@@ -68,7 +72,7 @@ impl OpenNetwork {
 
     /// The agent's step that addresses the guest's interface.
     pub fn step() -> Step {
-        Step::Network { address: GUEST_ADDRESS, prefix_len: PREFIX_LEN, gateway: GATEWAY, nameserver: NAMESERVER }
+        Step::Network { address: GUEST_ADDRESS, prefix_len: PREFIX_LEN, gateway: GATEWAY, nameserver: NAMESERVER, mtu: MTU }
     }
 }
 

@@ -169,24 +169,35 @@ fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
     let address = host_address();
     let listener = TcpListener::bind((address, 0)).unwrap();
     let open_port = listener.local_addr().unwrap().port();
+    // `/` answers a line; `/big` 4 MiB, many jumbo frames.
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
             let mut head = [0u8; 1024];
-            let _ = conn.read(&mut head);
-            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nraw network");
+            let n = conn.read(&mut head).unwrap_or(0);
+            let body: Vec<u8> = if head[..n].starts_with(b"GET /big ") { (0..4u32 << 20).map(|i| (i % 253) as u8).collect() } else { b"raw network".to_vec() };
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = conn.write_all(&body);
         }
     });
     let loopback_port = server("loopback only");
     for engine in engines() {
         // wget -Y off: no proxy, straight out of the guest's eth0.
         let script = format!(
-            "cat /sys/class/net/eth0/address; cat /etc/resolv.conf; wget -Y off -q -O - http://{address}:{open_port}/; echo; \
+            "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; cat /etc/resolv.conf; wget -Y off -q -O - http://{address}:{open_port}/; echo; \
+             wget -Y off -q -O - http://{address}:{open_port}/big | sha256sum | cut -d' ' -f1; \
              wget -Y off -q -T 5 -O - http://10.0.2.2:{loopback_port}/ 2>&1 || echo loopback refused"
         );
         let out = env.run(engine, &["--network", "open", "--", "sh", "-c", &script], b"");
         assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
         let stdout = text(&out.stdout);
-        assert!(stdout.starts_with("52:54:00:12:34:56\nnameserver 10.0.2.3\nraw network\n"), "[{engine}] {stdout}");
+        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+        // The host's sha256sum of the same bytes.
+        let digest = {
+            let mut child = std::process::Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+            child.stdin.take().unwrap().write_all(&big).unwrap();
+            text(&child.wait_with_output().unwrap().stdout).split(' ').next().unwrap().to_string()
+        };
+        assert!(stdout.starts_with(&format!("52:54:00:12:34:56\n9000\nnameserver 10.0.2.3\nraw network\n{digest}\n")), "[{engine}] {stdout}");
         assert!(stdout.ends_with("loopback refused\n") && !stdout.contains("loopback only"), "[{engine}] the host's loopback: {stdout}");
         env.assert_clean();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -195,6 +206,15 @@ fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn proxy_rules_with_an_open_network_are_refused() {
+    let Some(env) = Env::new() else { return };
+    let out = env.run("qemu", &["--network", "open", "--allow", "api.test", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("--network open has no allow-list"), "{}", text(&out.stderr));
+    env.assert_clean();
 }
 
 /// Whether a passt that cvm started (known by its arguments) is still running.

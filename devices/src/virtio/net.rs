@@ -17,8 +17,8 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueue, GuestMemory, Interrupt, Subscriber, VirtioDevice};
@@ -60,7 +60,8 @@ impl VirtioDevice for Net {
 
     fn features(&self) -> u64 {
         // No offloads: every frame is whole and checksummed, as the stream protocol carries it.
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC)
+        // Mergeable RX buffers let a frame larger than one buffer (a jumbo MTU) arrive.
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MRG_RXBUF)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -71,7 +72,7 @@ impl VirtioDevice for Net {
         data[..end - start].copy_from_slice(&self.mac[start..end]);
     }
 
-    fn activate(&mut self, _features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
+    fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
         let mut rx = None;
         let mut tx = None;
         for queue in queues {
@@ -100,6 +101,7 @@ impl VirtioDevice for Net {
             watching: EventSet::IN,
             peer_gone: false,
             hung_up: false,
+            mergeable: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
         })))
     }
 }
@@ -123,6 +125,8 @@ pub struct NetWorker {
     peer_gone: bool,
     /// The socket reported a hang-up: only what is left to read matters.
     hung_up: bool,
+    /// The driver took VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX buffers.
+    mergeable: bool,
 }
 
 impl NetWorker {
@@ -198,35 +202,46 @@ impl NetWorker {
     fn deliver(&mut self) {
         let mut consumed = 0;
         let mut completed = 0;
+        let mut bad_length = None;
+        let (rx, mem) = (&mut self.rx, &self.mem);
         while let Some(length) = self.incoming.get(consumed..consumed + 4) {
             let frame_len = u32::from_be_bytes(length.try_into().expect("4 bytes")) as usize;
             if frame_len == 0 || frame_len > MAX_FRAME {
-                self.cut_off(&format!("the network peer sent a frame of {frame_len} bytes"));
+                bad_length = Some(frame_len);
                 break;
             }
             let Some(frame) = self.incoming.get(consumed + 4..consumed + 4 + frame_len) else { break };
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else { break };
-            let head = chain.head_index();
-            let mut written = 0;
-            if let Ok(mut writer) = Writer::new(&self.mem, chain) {
-                if writer.available_bytes() >= NET_HDR_LEN + frame_len {
-                    let mut header = [0u8; NET_HDR_LEN];
-                    header[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
-                    if writer.write_all(&header).is_ok() && writer.write_all(frame).is_ok() {
-                        written = (NET_HDR_LEN + frame_len) as u32;
+            let Some(chains) = take_rx_buffers(rx, mem, self.mergeable, NET_HDR_LEN + frame_len) else { break };
+            let fits = chains.iter().map(|(_, room)| room).sum::<usize>() >= NET_HDR_LEN + frame_len;
+            let mut header = [0u8; NET_HDR_LEN];
+            header[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes()); // num_buffers
+            // The header and the frame, spread over the buffers in order; a frame that does not
+            // fit is dropped and its buffers go back empty.
+            let mut bytes = header.iter().chain(frame).copied();
+            for (chain, room) in chains {
+                let head = chain.head_index();
+                let mut written = 0;
+                if fits {
+                    let part: Vec<u8> = bytes.by_ref().take(room).collect();
+                    if let Ok(mut writer) = Writer::new(mem, chain) {
+                        if writer.write_all(&part).is_ok() {
+                            written = part.len() as u32;
+                        }
                     }
                 }
+                if rx.add_used(mem, head, written).is_err() {
+                    break;
+                }
+                completed += 1;
             }
-            // A frame that does not fit is dropped; the buffer goes back empty.
-            if self.rx.add_used(&self.mem, head, written).is_err() {
-                break;
-            }
-            completed += 1;
             consumed += 4 + frame_len;
         }
         self.incoming.drain(..consumed.min(self.incoming.len()));
         if completed > 0 && self.rx.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.signal_used_queue();
+        }
+        if let Some(frame_len) = bad_length {
+            self.cut_off(&format!("the network peer sent a frame of {frame_len} bytes"));
         }
     }
 
@@ -266,6 +281,29 @@ impl NetWorker {
             Err(e) => tracing::error!("virtio-net: cannot watch the socket: {e:?}"),
         }
     }
+}
+
+/// RX buffers for `needed` bytes, with the room each has: one buffer, or with mergeable
+/// buffers as many as it takes. `None` (nothing taken) when the guest has not posted enough
+/// yet. A guest whose whole ring cannot hold the frame gets it dropped rather than stalling
+/// the link.
+fn take_rx_buffers<'a>(rx: &mut Queue, mem: &'a GuestMemory, mergeable: bool, needed: usize) -> Option<Vec<(DescriptorChain<&'a GuestMemory>, usize)>> {
+    let start = rx.next_avail();
+    let mut chains = Vec::new();
+    let mut room = 0;
+    while room < needed && (chains.is_empty() || mergeable) {
+        let Some(chain) = rx.pop_descriptor_chain(mem) else {
+            if chains.len() < usize::from(rx.size()) {
+                rx.set_next_avail(start);
+                return None;
+            }
+            break;
+        };
+        let capacity = Writer::new(mem, chain.clone()).map_or(0, |w| w.available_bytes());
+        room += capacity;
+        chains.push((chain, capacity));
+    }
+    Some(chains)
 }
 
 impl MutEventSubscriber for NetWorker {
@@ -334,6 +372,11 @@ mod tests {
 
     impl NetGuest {
         fn new() -> NetGuest {
+            Self::with_features(0)
+        }
+
+        /// A guest whose driver takes the device-specific `features` besides VERSION_1.
+        fn with_features(features: u32) -> NetGuest {
             let mem: GuestMemory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
             let (device_end, wire) = UnixStream::pair().unwrap();
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -348,7 +391,7 @@ mod tests {
             });
             let transport = MmioTransport::new(Box::new(Net::new(device_end, MAC)), mem.clone(), Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), endpoint_rx.recv().unwrap()).unwrap();
             let driver = MmioDriver(Arc::new(Mutex::new(transport)));
-            driver.negotiate();
+            driver.negotiate_with(features);
             let (rx, tx) = (GuestQueue::new(0x1000, QUEUE_SIZE), GuestQueue::new(0x8000, QUEUE_SIZE));
             driver.setup_queue(RX_QUEUE as u32, &rx);
             driver.setup_queue(TX_QUEUE as u32, &tx);
@@ -492,6 +535,36 @@ mod tests {
         got.extend(guest.received(12, BUFFER));
         let firsts: Vec<u8> = got.iter().map(|f| f[0]).collect();
         assert_eq!(firsts, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_spans_several_and_waits_until_there_are_enough() {
+        let mut guest = NetGuest::with_features(1 << VIRTIO_NET_F_MRG_RXBUF);
+        let frame: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        guest.post_rx(2, 1000);
+        guest.write_wire(&frame);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(guest.rx.take_used(&guest.mem).is_empty(), "two buffers cannot hold it: nothing is used yet");
+        guest.post_rx(2, 1000);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut used = Vec::new();
+        while used.len() < 3 {
+            assert!(Instant::now() < deadline, "used so far: {used:?}");
+            used.extend(guest.rx.take_used(&guest.mem));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(used, [(0, 1000), (1, 1000), (2, 512)], "12 header bytes and 2500 frame bytes over three buffers");
+        let mut bytes = Vec::new();
+        for (head, len) in used {
+            let mut part = vec![0u8; len as usize];
+            guest.mem.read_slice(&mut part, GuestAddress(RX_BUFFERS + u64::from(head) * 1000)).unwrap();
+            bytes.extend(part);
+        }
+        assert_eq!(u16::from_le_bytes([bytes[10], bytes[11]]), 3, "num_buffers");
+        assert_eq!(bytes[NET_HDR_LEN..], frame[..]);
+        // The fourth buffer is still the guest's, for the next frame.
+        guest.write_wire(b"next");
+        assert_eq!(guest.received(1, 1000), [b"next".to_vec()]);
     }
 
     #[test]

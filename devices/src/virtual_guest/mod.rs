@@ -32,9 +32,16 @@ impl MmioDriver {
 
     /// Reset, ACKNOWLEDGE, DRIVER, the high feature word with VIRTIO_F_VERSION_1, FEATURES_OK.
     pub fn negotiate(&self) {
+        self.negotiate_with(0);
+    }
+
+    /// As `negotiate`, also taking the device-specific feature bits `low` (bits 0 to 31).
+    pub fn negotiate_with(&self, low: u32) {
         self.write(VIRTIO_MMIO_STATUS, 0);
         self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        self.write(VIRTIO_MMIO_DRIVER_FEATURES, low);
         self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         self.write(VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
         self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK);

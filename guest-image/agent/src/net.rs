@@ -13,9 +13,9 @@ pub fn bring_up_loopback() -> io::Result<()> {
     Control::open()?.up("lo")
 }
 
-/// Gives the Ethernet interface its address, brings it up, routes everything through
+/// Gives the Ethernet interface its address and MTU, brings it up, routes everything through
 /// `gateway`, and makes `nameserver` the resolver.
-pub fn configure_ethernet(address: Ipv4Addr, prefix_len: u8, gateway: Ipv4Addr, nameserver: Ipv4Addr) -> io::Result<()> {
+pub fn configure_ethernet(address: Ipv4Addr, prefix_len: u8, gateway: Ipv4Addr, nameserver: Ipv4Addr, mtu: u16) -> io::Result<()> {
     if prefix_len > 32 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad prefix length {prefix_len}")));
     }
@@ -23,6 +23,7 @@ pub fn configure_ethernet(address: Ipv4Addr, prefix_len: u8, gateway: Ipv4Addr, 
     let control = Control::open()?;
     control.set_address(ETHERNET, libc::SIOCSIFADDR, address)?;
     control.set_address(ETHERNET, libc::SIOCSIFNETMASK, netmask)?;
+    control.set_mtu(ETHERNET, mtu)?;
     control.up(ETHERNET)?;
     control.add_default_route(gateway)?;
     // A symlink (to systemd-resolved's file, say) is replaced, not followed.
@@ -77,6 +78,12 @@ impl Control {
         let mut req = Self::request(interface);
         req.ifr_ifru.ifru_addr = sockaddr(address);
         self.ioctl(request, &mut req, &format!("cannot set {interface}'s address {address}"))
+    }
+
+    fn set_mtu(&self, interface: &str, mtu: u16) -> io::Result<()> {
+        let mut req = Self::request(interface);
+        req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        self.ioctl(libc::SIOCSIFMTU, &mut req, &format!("cannot set {interface}'s MTU to {mtu}"))
     }
 
     fn add_default_route(&self, gateway: Ipv4Addr) -> io::Result<()> {

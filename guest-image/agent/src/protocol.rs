@@ -86,9 +86,9 @@ pub enum Step {
     /// Connections to `listen` in the guest are relayed to the host's vsock `host_port`
     /// (a service on the host's loopback, the host's SSH agent).
     Relay { listen: Listen, host_port: u32 },
-    /// `--network open`: the guest's Ethernet interface gets `address`/`prefix_len`, a default
-    /// route through `gateway`, and `nameserver` in /etc/resolv.conf.
-    Network { address: std::net::Ipv4Addr, prefix_len: u8, gateway: std::net::Ipv4Addr, nameserver: std::net::Ipv4Addr },
+    /// `--network open`: the guest's Ethernet interface gets `address`/`prefix_len` and `mtu`,
+    /// a default route through `gateway`, and `nameserver` in /etc/resolv.conf.
+    Network { address: std::net::Ipv4Addr, prefix_len: u8, gateway: std::net::Ipv4Addr, nameserver: std::net::Ipv4Addr, mtu: u16 },
 }
 
 /// Where a relay listens in the guest.
@@ -325,7 +325,7 @@ impl Request {
                         Step::File { target, contents } => enc.u8(4).bytes(target).bytes(contents),
                         Step::Relay { listen: Listen::Tcp(port), host_port } => enc.u8(5).u8(1).u16(*port).u32(*host_port),
                         Step::Relay { listen: Listen::Unix(path), host_port } => enc.u8(5).u8(2).bytes(path).u32(*host_port),
-                        Step::Network { address, prefix_len, gateway, nameserver } => enc.u8(6).u32(u32::from(*address)).u8(*prefix_len).u32(u32::from(*gateway)).u32(u32::from(*nameserver)),
+                        Step::Network { address, prefix_len, gateway, nameserver, mtu } => enc.u8(6).u32(u32::from(*address)).u8(*prefix_len).u32(u32::from(*gateway)).u32(u32::from(*nameserver)).u16(*mtu),
                     };
                 }
                 enc.finish()
@@ -381,7 +381,7 @@ impl Request {
                                 };
                                 Step::Relay { listen, host_port: d.u32()? }
                             }
-                            6 => Step::Network { address: d.u32()?.into(), prefix_len: d.u8()?, gateway: d.u32()?.into(), nameserver: d.u32()?.into() },
+                            6 => Step::Network { address: d.u32()?.into(), prefix_len: d.u8()?, gateway: d.u32()?.into(), nameserver: d.u32()?.into(), mtu: d.u16()? },
                             other => return Err(DecodeError::UnknownTag(other)),
                         })
                     })
@@ -544,7 +544,7 @@ mod tests {
                 Step::File { target: b"/home/dev/.claude.json".to_vec(), contents: b"{}".to_vec() },
                 Step::Relay { listen: Listen::Tcp(5432), host_port: 45432 },
                 Step::Relay { listen: Listen::Unix(b"/run/cvm/ssh-agent.sock".to_vec()), host_port: 1029 },
-                Step::Network { address: [10, 0, 2, 15].into(), prefix_len: 24, gateway: [10, 0, 2, 2].into(), nameserver: [10, 0, 2, 3].into() },
+                Step::Network { address: [10, 0, 2, 15].into(), prefix_len: 24, gateway: [10, 0, 2, 2].into(), nameserver: [10, 0, 2, 3].into(), mtu: 9000 },
             ],
         }
     }

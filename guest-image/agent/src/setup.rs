@@ -189,8 +189,8 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                     Listen::Unix(path) => describe("cannot listen on", path, e),
                 })?;
             }
-            Step::Network { address, prefix_len, gateway, nameserver } => {
-                crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver).map_err(|e| format!("cannot configure the network: {e}"))?;
+            Step::Network { address, prefix_len, gateway, nameserver, mtu } => {
+                crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver, *mtu).map_err(|e| format!("cannot configure the network: {e}"))?;
             }
             Step::File { target, contents } => {
                 let path = Path::new(OsStr::from_bytes(target));
