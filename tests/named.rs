@@ -44,6 +44,11 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
         let out = env.cvm(&["exec", "beta", "--", "sh", "-c", "cat /tmp/state 2>/dev/null || echo separate"]).output().unwrap();
         assert_eq!(text(&out.stdout), "separate\n", "[{engine}] two VMs share nothing");
 
+        // Standard input reaches the command, as with `cvm run`.
+        let mut cat = env.cvm(&["exec", "beta", "--", "cat"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut cat.stdin.take().unwrap(), b"piped in\n").unwrap();
+        assert_eq!(text(&wait_output(cat).stdout), "piped in\n", "[{engine}]");
+
         let logs = env.cvm(&["logs", "alpha"]).output().unwrap();
         assert!(text(&logs.stdout).contains("Linux version"), "[{engine}] the guest console: {}", text(&logs.stdout));
 
@@ -63,6 +68,16 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
         assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]", "[{engine}]");
         env.assert_clean();
     }
+}
+
+#[test]
+fn a_vm_that_cannot_start_says_why_and_leaves_nothing() {
+    let Some(env) = Env::new() else { return };
+    let out = env.cvm(&["start", "--name", "broken", "--vmm", "qemu", "--kernel"]).arg(&env.kernel).args(["--image", "/nonexistent/image"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("did not start") && text(&out.stderr).contains("/nonexistent/image"), "{}", text(&out.stderr));
+    assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]");
+    env.assert_clean();
 }
 
 #[test]
