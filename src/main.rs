@@ -867,14 +867,8 @@ fn start(args: &StartArgs) -> anyhow::Result<()> {
     let output = std::fs::File::create(&log)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command.args(&argv).stdin(std::process::Stdio::null()).stdout(output.try_clone()?).stderr(output);
-    // SAFETY: setsid is async-signal-safe: the daemon leaves this terminal's session, so
-    // closing the terminal does not stop it.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            rustix::process::setsid()?;
-            Ok(())
-        });
-    }
+    // A process group of its own: the terminal's Ctrl-C is not for it, and it ignores SIGHUP.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut daemon = command.spawn()?;
     let ready = dir.join(cvm::named::CONTROL_SOCKET);
     loop {

@@ -141,7 +141,10 @@ pub fn serve(session: Session, info: VmInfo, dir: &Path) -> Result<()> {
             let _ = UnixStream::connect(&socket);
         }
     };
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP])?;
+    // A closed terminal (SIGHUP) is not a reason to stop: the VM outlives the shell that
+    // started it.
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::new(AtomicBool::new(false)))?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     let wake = waker.clone();
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {

@@ -12,7 +12,6 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -104,18 +103,7 @@ fn spawn_passt(program: &Path, wire: i32) -> std::io::Result<Child> {
     // No PDEATHSIG: it would fire when this short-lived thread ends. passt leaves when the
     // engine's end of the wire closes, which cvm's death closes too (its VMM holds the end,
     // or QEMU, which dies with cvm).
-    // SAFETY: runs in the child between fork and exec; dup2 and fcntl are async-signal-safe.
-    // dup2 clears CLOEXEC on the copy, except when the wire already is the target, hence the
-    // fcntl.
-    unsafe {
-        command.pre_exec(move || {
-            let moved = if wire == WIRE_FD { libc::fcntl(wire, libc::F_SETFD, 0) } else { libc::dup2(wire, WIRE_FD) };
-            if moved < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    cvm_devices::process::pass_fd(&mut command, wire, WIRE_FD, false);
     command.spawn()
 }
 

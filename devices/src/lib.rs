@@ -6,9 +6,11 @@
 //! - [`vsock`]: the embedded vhost-user vsock backend and its host Unix-socket muxer.
 //! - [`virtual_guest`]: a test and benchmark driver that does what Linux's virtio drivers do.
 //! - [`fs`]: the embedded vhost-user virtio-fs backend (virtiofsd's server) and its share rules.
+//! - [`process`]: helper processes given one descriptor at a fixed number.
 
 pub mod fs;
 pub mod legacy;
+pub mod process;
 pub mod virtio;
 pub mod vsock;
 pub mod virtual_guest;

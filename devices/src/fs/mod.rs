@@ -16,7 +16,6 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -138,20 +137,7 @@ impl FsBackend {
     pub fn spawn(mut command: Command, listener: UnixListener, share: &ShareConfig) -> io::Result<FsBackend> {
         share.validate()?;
         command.args(share.to_args());
-        let fd = listener.as_raw_fd();
-        // SAFETY: runs in the child between fork and exec; dup2, fcntl and prctl are
-        // async-signal-safe and touch only the child's own descriptors and attributes. The
-        // listener must reach fd 3 without CLOEXEC: dup2 clears the flag, except when the
-        // listener is fd 3 already, where it is cleared by hand.
-        unsafe {
-            command.pre_exec(move || {
-                let moved = if fd == LISTENER_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, LISTENER_FD) };
-                if moved < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD, true);
         let child = command.spawn()?;
         drop(listener);
         Ok(FsBackend { child })
