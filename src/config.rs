@@ -797,6 +797,23 @@ mod tests {
     }
 
     #[test]
+    fn a_worktree_reads_its_main_repositorys_file_before_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let (main, wt) = crate::shares::fake_worktree(dir.path());
+        for d in [&home, &main, &wt] {
+            std::fs::write(d.join(FILE_NAME), "").unwrap();
+        }
+        let main = main.canonicalize().unwrap();
+        assert_eq!(layer_files(&home, Some(&wt)), [home.join(FILE_NAME), main.join(FILE_NAME), wt.join(FILE_NAME)]);
+        assert_eq!(layer_files(&home, Some(&main)), [home.join(FILE_NAME), main.join(FILE_NAME)], "the main checkout reads its own once");
+        assert_eq!(layer_files(&home, None), [home.join(FILE_NAME)]);
+        std::fs::remove_file(home.join(FILE_NAME)).unwrap();
+        assert_eq!(layer_files(&home, None), Vec::<PathBuf>::new(), "missing files are no layers");
+    }
+
+    #[test]
     fn show_names_every_source_and_no_secret() {
         let s = layered(&[("/home/dev/.cvm.toml", "[vm]\ncpus = 4\n[secrets]\nenv_file = \"/s.env\"\n")]).unwrap();
         let shown = s.show();

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::config::{Flags, Settings, Source};
@@ -475,7 +474,7 @@ fn main() -> ExitCode {
         },
         Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, forwards: args.forwards, timings: false, auto_setup: false, worktree: None, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
         Command::Logs { name, network: _, follow } => match name {
-            Some(name) => report(vm_logs(&name, follow)),
+            Some(name) => report(cvm::named::copy_console(&name, follow, &mut std::io::stdout())),
             None => {
                 let path = cvm::egress::audit_log_path();
                 match std::fs::read(&path) {
@@ -502,8 +501,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Ps { json } => report(ps(json)),
-        Command::Stop { name } => report(stop(&name, false)),
-        Command::Rm { name } => report(stop(&name, true)),
+        Command::Stop { name } => report(cvm::named::stop(&name, false)),
+        Command::Rm { name } => report(cvm::named::stop(&name, true)),
         Command::Config(command) => config_command(command),
         Command::Doctor => {
             let checks = cvm::doctor::checks();
@@ -856,33 +855,14 @@ fn clean_all(yes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cvm start`: re-executes this command line as `cvm __vm-daemon` in a new session of its
-/// own, then waits for its control socket (or its failure).
+/// `cvm start`: this command line again, as `cvm __vm-daemon`, in the background.
 fn start(args: &StartArgs) -> anyhow::Result<()> {
-    let dir = cvm::named::claim(&args.name)?;
-    let log = dir.join(cvm::named::DAEMON_LOG);
     let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let at = argv.iter().position(|a| a == "start").ok_or_else(|| anyhow::anyhow!("cannot find `start` in the command line"))?;
     argv[at] = "__vm-daemon".into();
-    let output = std::fs::File::create(&log)?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
-    command.args(&argv).stdin(std::process::Stdio::null()).stdout(output.try_clone()?).stderr(output);
-    // A process group of its own: the terminal's Ctrl-C is not for it, and it ignores SIGHUP.
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    let mut daemon = command.spawn()?;
-    let ready = dir.join(cvm::named::CONTROL_SOCKET);
-    loop {
-        if ready.exists() && dir.join(cvm::named::INFO_FILE).exists() {
-            println!("{}", args.name);
-            return Ok(());
-        }
-        if let Some(status) = daemon.try_wait()? {
-            let said = cvm::named::tail(&log, 20);
-            cvm::named::clear(&args.name);
-            anyhow::bail!("the VM {} did not start ({status}):\n{said}", args.name);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cvm::named::spawn(&args.name, &argv)?;
+    println!("{}", args.name);
+    Ok(())
 }
 
 /// `cvm __vm-daemon`: the session of a named VM, kept until stopped.
@@ -911,19 +891,10 @@ fn vm_daemon(args: &StartArgs) -> anyhow::Result<()> {
     result
 }
 
-/// `cvm exec NAME [-- CMD]`.
+/// `cvm exec NAME [-- CMD]`: a shell by default.
 fn vm_exec(name: &str, command: Vec<OsString>) -> anyhow::Result<u8> {
-    let info = cvm::named::find(name)?;
     let argv = if command.is_empty() { vec!["/bin/sh".into(), "-l".into()] } else { command };
-    let exec = cvm::run::exec_request(argv);
-    let conn = std::os::unix::net::UnixStream::connect(cvm::named::state_dir(name).join(cvm::named::CONTROL_SOCKET))
-        .with_context(|| format!("cannot reach the VM {name}"))?;
-    // The daemon's exit (pidfd readable) is the VM's end, as the relay sees it.
-    let daemon = rustix::process::pidfd_open(rustix::process::Pid::from_raw(info.pid as i32).context("bad pid")?, rustix::process::PidfdFlags::empty())?;
-    let raw = if exec.tty.is_some() { Some(cvm::terminal::RawMode::enter()?) } else { None };
-    let outcome = cvm::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
-    drop(raw);
-    Ok(cvm::run::exit_status(outcome?, None))
+    cvm::named::exec(name, cvm::run::exec_request(argv))
 }
 
 fn ps(json: bool) -> anyhow::Result<()> {
@@ -941,53 +912,6 @@ fn ps(json: bool) -> anyhow::Result<()> {
         let _ = writeln!(out, "{:<20} {:<8} {:<8} {:>8}  {project}", vm.info.name, vm.status, vm.info.engine, vm.info.pid);
     }
     Ok(())
-}
-
-/// `cvm stop NAME` (SIGTERM: the daemon shuts the guest down) and `cvm rm NAME` (SIGKILL:
-/// QEMU and the backends die with it, its janitor removes the session directory).
-fn stop(name: &str, force: bool) -> anyhow::Result<()> {
-    cvm::named::validate_name(name).map_err(anyhow::Error::msg)?;
-    let info = match cvm::named::find(name) {
-        Ok(info) => info,
-        Err(e) if force && cvm::named::state_dir(name).exists() => {
-            tracing::info!("{e:#}");
-            cvm::named::clear(name);
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    let pid = rustix::process::Pid::from_raw(info.pid as i32).context("bad pid")?;
-    let daemon = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
-    rustix::process::pidfd_send_signal(&daemon, if force { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM })?;
-    let gone = rustix::event::poll(&mut [rustix::event::PollFd::new(&daemon, rustix::event::PollFlags::IN)], Some(&rustix::event::Timespec { tv_sec: 30, tv_nsec: 0 }))?;
-    if gone == 0 {
-        anyhow::bail!("the VM {name} did not stop within 30 s (cvm rm {name} forces it)");
-    }
-    cvm::named::clear(name);
-    Ok(())
-}
-
-/// `cvm logs NAME [--follow]`.
-fn vm_logs(name: &str, follow: bool) -> anyhow::Result<()> {
-    use std::io::{Read, Seek, Write};
-    cvm::named::validate_name(name).map_err(anyhow::Error::msg)?;
-    let info = cvm::named::list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;
-    let mut file = std::fs::File::open(&info.info.console_log).with_context(|| format!("the console log of {name} is gone"))?;
-    let mut out = std::io::stdout();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n > 0 {
-            out.write_all(&buf[..n])?;
-            continue;
-        }
-        out.flush()?;
-        if !follow || cvm::named::find(name).is_err() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        file.seek(std::io::SeekFrom::Current(0))?;
-    }
 }
 
 /// `cvm setup`: the flags' tools, packages and scripts on top of the configuration's.

@@ -188,6 +188,99 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
     Ok(())
 }
 
+/// Starts the daemon (`cvm` with `daemon_args`, which make it call [`serve`] for `name`) in a
+/// process group of its own, its output in the VM's `daemon.log`, and waits until it serves or
+/// fails; a failure says why, from that log, and leaves nothing.
+pub fn spawn(name: &str, daemon_args: &[std::ffi::OsString]) -> Result<()> {
+    let dir = claim(name)?;
+    let log = dir.join(DAEMON_LOG);
+    let output = std::fs::File::create(&log)?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args(daemon_args).stdin(std::process::Stdio::null()).stdout(output.try_clone()?).stderr(output);
+    // The terminal's Ctrl-C is not for it (and it ignores SIGHUP): the VM outlives the shell.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut daemon = command.spawn()?;
+    loop {
+        if dir.join(CONTROL_SOCKET).exists() && dir.join(INFO_FILE).exists() {
+            return Ok(());
+        }
+        if let Some(status) = daemon.try_wait()? {
+            let said = tail(&log, 20);
+            clear(name);
+            bail!("the VM {name} did not start ({status}):\n{said}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `exec` in the VM `name` with this process's stdio (raw terminal mode when it has a
+/// terminal); returns the exit status cvm should exit with.
+pub fn exec(name: &str, exec: cvm_agent::protocol::Exec) -> Result<u8> {
+    let info = find(name)?;
+    let conn = UnixStream::connect(state_dir(name).join(CONTROL_SOCKET)).with_context(|| format!("cannot reach the VM {name}"))?;
+    // The daemon's end (its pidfd readable) is the VM's end, as the relay sees it.
+    let daemon = pidfd(info.pid)?;
+    let raw = if exec.tty.is_some() { Some(crate::terminal::RawMode::enter()?) } else { None };
+    let outcome = crate::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
+    drop(raw);
+    Ok(crate::run::exit_status(outcome?, None))
+}
+
+/// `cvm stop` (SIGTERM: the daemon shuts the guest down, which syncs) or, with `force`,
+/// `cvm rm` (SIGKILL: QEMU and the backends die with the daemon, and its janitor removes the
+/// session directory; a VM whose daemon is already gone is only cleared).
+pub fn stop(name: &str, force: bool) -> Result<()> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let info = match find(name) {
+        Ok(info) => info,
+        Err(e) if force && state_dir(name).exists() => {
+            tracing::info!("{e:#}");
+            clear(name);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let daemon = pidfd(info.pid)?;
+    rustix::process::pidfd_send_signal(&daemon, if force { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM })?;
+    let wait = rustix::event::Timespec { tv_sec: 30, tv_nsec: 0 };
+    if rustix::event::poll(&mut [rustix::event::PollFd::new(&daemon, rustix::event::PollFlags::IN)], Some(&wait))? == 0 {
+        bail!("the VM {name} did not stop within 30 s (cvm rm {name} forces it)");
+    }
+    clear(name);
+    Ok(())
+}
+
+/// Copies the VM's console log to `out`; with `follow`, goes on until the VM stops.
+pub fn copy_console(name: &str, follow: bool, out: &mut impl std::io::Write) -> Result<()> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let vm = list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;
+    let mut file = std::fs::File::open(&vm.info.console_log).with_context(|| format!("the console log of {name} is gone"))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        out.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        if find(name).is_err() {
+            // Once more after the VM is gone: what it wrote last is not lost.
+            let n = file.read(&mut buf)?;
+            out.write_all(&buf[..n])?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pidfd(pid: u32) -> Result<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
+    Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
+}
+
 /// The last `lines` lines of a log file.
 pub fn tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();
