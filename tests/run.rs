@@ -227,3 +227,15 @@ fn with_a_terminal_the_command_gets_one_of_the_same_size() {
     assert_eq!(status.code(), Some(7), "{seen:?}");
     env.assert_clean();
 }
+
+#[test]
+fn shell_reads_its_commands_from_stdin_without_a_terminal() {
+    let Some(env) = Env::new() else { return };
+    for engine in engines() {
+        let mut child = env.subcommand("shell", engine, &[]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"echo in a shell; exit 4\n").unwrap();
+        let out = wait_output(child);
+        assert_eq!((out.status.code(), text(&out.stdout)), (Some(4), "in a shell\n".into()), "[{engine}] {}", text(&out.stderr));
+        env.assert_clean();
+    }
+}
