@@ -6,19 +6,15 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{engines, text, wait_output, Env};
+use common::{arg, engines, text, wait_output, Env};
 
 /// A project directory under the test's HOME.
 fn project(env: &Env) -> PathBuf {
     let dir = env.home.path().join("work/app");
     std::fs::create_dir_all(&dir).unwrap();
     dir.canonicalize().unwrap()
-}
-
-fn arg(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 #[test]

@@ -6,9 +6,8 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
-use common::{engines, text, Env};
+use common::{arg, engines, text, Env};
 
 /// The uid the guest user has: the host user's, or an unprivileged one for root.
 fn guest_uid() -> u32 {
@@ -23,10 +22,6 @@ fn project(env: &Env) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("a.txt"), "from the host\n").unwrap();
     dir.canonicalize().unwrap()
-}
-
-fn arg(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 #[test]

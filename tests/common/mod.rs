@@ -34,6 +34,11 @@ pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// A path as a command-line argument.
+pub fn arg(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

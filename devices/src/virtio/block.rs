@@ -64,11 +64,7 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only the capacity (le64 at 0): everything else this device does not offer.
-        let config = self.sectors.to_le_bytes();
-        data.fill(0);
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        super::read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, _features: u64, mem: GuestMemory, mut queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {

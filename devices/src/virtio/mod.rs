@@ -126,6 +126,15 @@ pub(crate) fn serve_queue(
     completed
 }
 
+/// Answers a driver's read of `data.len()` bytes at `offset` in a config space whose contents
+/// are `config`: bytes past its end read as zero, and no offset can overflow.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}
+
 /// The device half of a virtio device; [`MmioTransport`] is the bus half.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (4 for entropy, 19 for vsock, 26 for fs, ...).
@@ -153,4 +162,20 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActiveQueue>,
         interrupt: std::sync::Arc<Interrupt>,
     ) -> std::io::Result<Option<Subscriber>>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_reads_past_the_end_or_at_absurd_offsets_read_zeroes() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        super::read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        for offset in [4, 1 << 40, u64::MAX] {
+            let mut data = [0xffu8; 8];
+            super::read_config_bytes(&config, offset, &mut data);
+            assert_eq!(data, [0; 8], "offset {offset}");
+        }
+    }
 }

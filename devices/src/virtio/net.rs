@@ -66,10 +66,7 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Only the MAC address (bytes 0..6): status and the rest are not offered.
-        data.fill(0);
-        let start = (offset as usize).min(self.mac.len());
-        let end = start.saturating_add(data.len()).min(self.mac.len());
-        data[..end - start].copy_from_slice(&self.mac[start..end]);
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {

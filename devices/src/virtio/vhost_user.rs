@@ -126,10 +126,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(data.len()).min(self.config.len());
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        super::read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
