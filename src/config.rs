@@ -72,6 +72,13 @@ impl<T> Sourced<T> {
         self.value = value;
         self.sources = vec![source];
     }
+
+    /// Sets the value when one was given; leaves the layers below alone otherwise.
+    fn set_given(&mut self, value: Option<T>, source: Source) {
+        if let Some(value) = value {
+            self.set(value, source);
+        }
+    }
 }
 
 impl<T: PartialEq> Sourced<Vec<T>> {
@@ -419,27 +426,13 @@ impl Settings {
     /// Layer 7: what the command line set.
     pub fn apply_flags(&mut self, flags: Flags) {
         let f = || Source::Flag;
-        if let Some(v) = flags.cpus {
-            self.cpus.set(v, f());
-        }
-        if let Some(v) = flags.memory {
-            self.memory.set(v, f());
-        }
-        if let Some(v) = flags.disk {
-            self.disk.set(Some(v), f());
-        }
-        if let Some(v) = flags.vmm {
-            self.vmm.set(v, f());
-        }
-        if let Some(v) = flags.image {
-            self.image.set(v, f());
-        }
-        if let Some(v) = flags.timeout {
-            self.timeout.set(Some(v), f());
-        }
-        if let Some(v) = flags.network {
-            self.network.set(v, f());
-        }
+        self.cpus.set_given(flags.cpus, f());
+        self.memory.set_given(flags.memory, f());
+        self.disk.set_given(flags.disk.map(Some), f());
+        self.vmm.set_given(flags.vmm, f());
+        self.image.set_given(flags.image, f());
+        self.timeout.set_given(flags.timeout.map(Some), f());
+        self.network.set_given(flags.network, f());
         for (tool, on) in flags.tools {
             if let Some(t) = self.tools.get_mut(&tool) {
                 t.set(on, f());
