@@ -9,6 +9,11 @@
 //! the guest and that one upstream. Names resolve on the host; loopback, private, link-local,
 //! unspecified and multicast addresses (cloud metadata among them) are refused unless the user
 //! mapped the name with `--add-host`.
+//!
+//! Where cvm itself must go through a proxy (its environment's `https_proxy`, as behind a
+//! company's proxy, or cvm running inside another cvm VM), allowed connections are tunnelled
+//! through that upstream with `CONNECT`, and the upstream resolves the names; names mapped with
+//! `--add-host` are still reached directly.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -71,6 +76,33 @@ pub struct EgressPolicy {
     /// Names the user mapped to an address (docker's `--add-host`): used as given, private
     /// addresses included.
     pub hosts: Vec<(String, IpAddr)>,
+    /// The proxy cvm itself must use (`host:port`), from [`upstream_from_env`].
+    pub upstream: Option<String>,
+}
+
+/// The variables, first set first taken, that name the proxy cvm's own connections go through.
+const UPSTREAM_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"];
+
+/// The upstream proxy this process's environment names, as `host:port`: `http://host:port`
+/// (a trailing `/` allowed) or `host:port`. A value cvm cannot use is an error, not ignored:
+/// connections would otherwise fail later, less clearly.
+pub fn upstream_from_env() -> Result<Option<String>, String> {
+    let Some((name, value)) = UPSTREAM_VARIABLES.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| (n, v))) else {
+        return Ok(None);
+    };
+    parse_upstream(&value).map(Some).map_err(|e| format!("{name}={value:?}: {e}"))
+}
+
+fn parse_upstream(value: &str) -> Result<String, String> {
+    let authority = value.strip_prefix("http://").unwrap_or(value).trim_end_matches('/');
+    if authority.contains("://") {
+        return Err("only an http:// proxy can be used".into());
+    }
+    if authority.contains('@') || authority.contains('/') {
+        return Err("expected http://host:port".into());
+    }
+    let (host, port) = split_host_port(authority, None)?;
+    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
 }
 
 /// What commands in the guest get so that ordinary tools (curl, git, npm, pip, cargo) use the
@@ -147,6 +179,8 @@ fn is_link_local_v6(ip: Ipv6Addr) -> bool {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
     Allow(SocketAddr),
+    /// Allowed, through the upstream proxy (`host:port`), which resolves the name.
+    AllowVia(String),
     Deny(String),
 }
 
@@ -171,6 +205,9 @@ impl EgressPolicy {
             if is_internal(ip) {
                 return Decision::Deny(format!("{ip} is an internal address"));
             }
+        }
+        if let Some(upstream) = &self.upstream {
+            return Decision::AllowVia(upstream.clone());
         }
         let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
             Ok(a) => a.collect(),
@@ -278,6 +315,30 @@ pub fn start_proxy(socket: &Path, policy: EgressPolicy, audit: &Path, session: S
     Listening::unix(socket, move |conn| serve(conn, &policy, &audit))
 }
 
+/// A connection to `target` through the HTTP proxy at `proxy`, by `CONNECT`.
+fn tunnel(proxy: &str, target: &str) -> io::Result<TcpStream> {
+    let addr = proxy.to_socket_addrs()?.next().ok_or_else(|| io::Error::other(format!("the proxy {proxy} has no address")))?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    write!(&stream, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
+    // Byte by byte up to the blank line: nothing of the tunnelled stream may be read here.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD || (&stream).read(&mut byte)? == 0 {
+            return Err(io::Error::other(format!("the proxy {proxy} closed or sent too long an answer")));
+        }
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
+    let code = status.split(' ').nth(1).unwrap_or("");
+    if !(status.starts_with("HTTP/1.") && code.len() == 3 && code.starts_with('2')) {
+        return Err(io::Error::other(format!("the proxy {proxy} answered {status:?}")));
+    }
+    stream.set_read_timeout(None)?;
+    Ok(stream)
+}
+
 /// Reads the request head: up to the blank line, at most MAX_HEAD bytes.
 fn read_head(reader: &mut BufReader<UnixStream>) -> io::Result<Vec<u8>> {
     let mut head = Vec::new();
@@ -312,24 +373,28 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
             return;
         }
     };
-    let target = format!("{}:{}", request.host, request.port);
-    let addr = match policy.decide(&request.host, request.port) {
-        Decision::Allow(addr) => addr,
+    let target = match request.host.parse::<Ipv6Addr>() {
+        Ok(_) => format!("[{}]:{}", request.host, request.port),
+        Err(_) => format!("{}:{}", request.host, request.port),
+    };
+    let (connected, via) = match policy.decide(&request.host, request.port) {
+        Decision::Allow(addr) => (TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT), addr.to_string()),
+        Decision::AllowVia(proxy) => (tunnel(&proxy, &target), format!("via {proxy}")),
         Decision::Deny(reason) => {
             audit.record("deny", &target, &reason);
             refuse(&writer, "403 Forbidden", &format!("egress to {target} refused: {reason}"));
             return;
         }
     };
-    let upstream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+    let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
-            audit.record("fail", &target, &format!("{addr}: {e}"));
+            audit.record("fail", &target, &format!("{via}: {e}"));
             refuse(&writer, "502 Bad Gateway", &format!("cannot reach {target}: {e}"));
             return;
         }
     };
-    audit.record("allow", &target, &addr.to_string());
+    audit.record("allow", &target, &via);
     let _ = reader.get_ref().set_read_timeout(None);
     let result = match &request.forward {
         None => (&writer).write_all(b"HTTP/1.1 200 Connection established\r\n\r\n"),
@@ -349,6 +414,28 @@ mod tests {
 
     fn policy(allow: &[&str]) -> EgressPolicy {
         EgressPolicy { allow: allow.iter().map(|s| s.to_string()).collect(), ..EgressPolicy::default() }
+    }
+
+    #[test]
+    fn upstream_proxies_are_parsed_or_refused() {
+        assert_eq!(parse_upstream("http://127.0.0.1:3128"), Ok("127.0.0.1:3128".into()));
+        assert_eq!(parse_upstream("http://proxy.corp:8080/"), Ok("proxy.corp:8080".into()));
+        assert_eq!(parse_upstream("proxy.corp:8080"), Ok("proxy.corp:8080".into()));
+        assert_eq!(parse_upstream("http://[::1]:3128"), Ok("[::1]:3128".into()));
+        for bad in ["https://proxy:443", "socks5://p:1080", "http://user:pw@p:3128", "http://p", "http://p:0", "http://p:99999", "http://p:80/path", "", "http://:3128"] {
+            assert!(parse_upstream(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn with_an_upstream_allowed_names_go_through_it_and_mapped_ones_do_not() {
+        let mut p = policy(&["api.test", "mapped.test", "10.0.0.1"]);
+        p.hosts.push(("mapped.test".into(), "127.0.0.1".parse().unwrap()));
+        p.upstream = Some("127.0.0.1:3128".into());
+        assert_eq!(p.decide("api.test", 443), Decision::AllowVia("127.0.0.1:3128".into()), "the upstream resolves it");
+        assert_eq!(p.decide("mapped.test", 80), Decision::Allow("127.0.0.1:80".parse().unwrap()));
+        assert!(matches!(p.decide("other.test", 443), Decision::Deny(_)), "the allow list still decides");
+        assert!(matches!(p.decide("10.0.0.1", 443), Decision::Deny(_)), "an internal address is still refused");
     }
 
     #[test]

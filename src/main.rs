@@ -437,7 +437,7 @@ pub struct BootArgs {
     #[arg(long, default_value = "512M", value_parser = parse_memory_size)]
     memory: u64,
     /// Print how long the boot took to reach the guest's first instruction, the boot timer
-    /// and the end, on standard error.
+    /// and the end, and KVM's count of VM exits by kind, on standard error.
     #[arg(long)]
     timings: bool,
     /// Give the guest a vsock device (CID 3) whose host side is this Unix socket, with
@@ -615,7 +615,13 @@ fn session_config(settings: &Settings, args: &VmArgs, forwards: ForwardRequest, 
         scratch: settings.disk.value.map(Scratch::Fresh),
         template: None,
         runtime: true,
-        egress: EgressPolicy { mode: settings.network.value, allow: settings.allow.value.clone(), deny: settings.deny.value.clone(), hosts: settings.hosts.value.clone() },
+        egress: EgressPolicy {
+            mode: settings.network.value,
+            allow: settings.allow.value.clone(),
+            deny: settings.deny.value.clone(),
+            hosts: settings.hosts.value.clone(),
+            upstream: cvm::egress::upstream_from_env().map_err(anyhow::Error::msg)?,
+        },
         forwards,
         env,
         instructions: settings.instructions()?,
@@ -1003,6 +1009,7 @@ fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         cmdline: args.append.clone(),
         vcpus: args.cpus,
         memory_bytes: args.memory,
+        count_exits: args.timings,
         ..VmConfig::new(&args.kernel)
     };
     // Lives until the VM is gone; the backend stops when its frontend disconnects.
@@ -1026,6 +1033,9 @@ fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         Ok(exit) => {
             if args.timings {
                 eprintln!("{}", bench::format_timings(&exit.timings));
+                if let Some(exits) = &exit.exits {
+                    eprintln!("{}", bench::format_exits(exits));
+                }
             }
             if exit.reason.is_clean() {
                 tracing::info!("{}", exit.reason);

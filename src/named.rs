@@ -167,7 +167,9 @@ pub fn serve(session: Session, info: VmInfo, dir: &Path) -> Result<()> {
     }
     drop(listener);
     let _ = std::fs::remove_file(&socket);
-    session.shutdown();
+    if let Some(why) = session.shutdown() {
+        tracing::warn!("the VM ended: {why}");
+    }
     Ok(())
 }
 
@@ -223,7 +225,7 @@ pub fn exec(name: &str, exec: cvm_agent::protocol::Exec) -> Result<u8> {
     let raw = if exec.tty.is_some() { Some(crate::terminal::RawMode::enter()?) } else { None };
     let outcome = crate::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
     drop(raw);
-    Ok(crate::run::exit_status(outcome?, None))
+    Ok(crate::run::exit_status(outcome?, None, None))
 }
 
 /// `cvm stop` (SIGTERM: the daemon shuts the guest down, which syncs) or, with `force`,

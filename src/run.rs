@@ -74,8 +74,9 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
     let exec_time = exec_started.elapsed();
     drop(raw);
     let (setup, boot) = (session.setup, session.boot);
+    let panic = matches!(outcome, Ok(Outcome::MachineStopped)).then(|| session.guest_panic()).flatten();
     let teardown_started = Instant::now();
-    session.shutdown();
+    let vm_end = session.shutdown();
     if timings {
         let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
         eprintln!(
@@ -87,12 +88,16 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
             ms(started.elapsed())
         );
     }
-    Ok(exit_status(outcome?, timeout))
+    if let Some(panic) = panic {
+        eprintln!("cvm: {}", crate::session::panic_report(&panic));
+        return Ok(EXIT_CVM_FAILED);
+    }
+    Ok(exit_status(outcome?, timeout, vm_end))
 }
 
 /// What cvm exits with after an exec: the command's status as a shell reports it, 124 past
-/// the timeout, 125 when the VM went away first.
-pub fn exit_status(outcome: Outcome, timeout: Option<Duration>) -> u8 {
+/// the timeout, 125 when the VM went away first (with why, when `vm_end` says).
+pub fn exit_status(outcome: Outcome, timeout: Option<Duration>, vm_end: Option<String>) -> u8 {
     match outcome {
         Outcome::Exited(status) => status.shell_code().clamp(0, 255) as u8,
         Outcome::TimedOut => {
@@ -100,7 +105,10 @@ pub fn exit_status(outcome: Outcome, timeout: Option<Duration>) -> u8 {
             EXIT_TIMEOUT
         }
         Outcome::MachineStopped => {
-            eprintln!("cvm: the VM stopped before the command finished");
+            match vm_end {
+                Some(why) => eprintln!("cvm: the VM stopped before the command finished: {why}"),
+                None => eprintln!("cvm: the VM stopped before the command finished"),
+            }
             EXIT_CVM_FAILED
         }
     }

@@ -19,6 +19,7 @@ use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, CONTROL_PORT, READY
 use cvm_devices::fs::FsBackend;
 use cvm_devices::vsock::VsockServer;
 use cvm_vmm::qemu::{QemuOptions, QemuVm};
+use cvm_vmm::guest_panic::GuestPanic;
 use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
@@ -131,23 +132,25 @@ impl Machine {
         }
     }
 
-    /// Waits up to `grace` for the VM to stop by itself, then stops it.
-    fn finish(&mut self, grace: Duration) {
+    /// Waits up to `grace` for the VM to stop by itself, then stops it. Says why it ended when
+    /// that was not cvm's doing nor the guest's choice (a triple fault, QEMU failing).
+    fn finish(&mut self, grace: Duration) -> Option<String> {
         let _ = wait_readable(self.exit_fd(), grace);
         match self {
             Machine::Cvm { thread, stopper, .. } => {
                 stopper.stop();
-                if let Some(thread) = thread.take() {
-                    match thread.join() {
-                        Ok(Ok(exit)) if !exit.reason.is_clean() => tracing::warn!("the VM ended: {}", exit.reason),
-                        Ok(Err(e)) => tracing::warn!("the VM failed: {e}"),
-                        _ => {}
-                    }
+                match thread.take()?.join() {
+                    Ok(Ok(exit)) if !exit.reason.is_clean() => Some(exit.reason.to_string()),
+                    Ok(Err(e)) => Some(format!("the VM failed: {e}")),
+                    Ok(Ok(_)) => None,
+                    Err(_) => Some("the VM's thread panicked".into()),
                 }
             }
             Machine::Qemu(q) => {
+                let exited = q.try_wait().ok().flatten();
                 q.kill();
                 let _ = q.wait();
+                exited.filter(|status| !status.success()).map(|status| format!("QEMU exited: {status}"))
             }
         }
     }
@@ -266,7 +269,10 @@ impl Session {
         let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &plan.setup)) {
             Ok(()) => started.elapsed() - setup,
             Err(e) => {
-                machine.finish(Duration::ZERO);
+                let e = match machine.finish(Duration::ZERO) {
+                    Some(why) => anyhow!("{e:#} ({why})"),
+                    None => e,
+                };
                 return Err(explain(e, &dir));
             }
         };
@@ -303,6 +309,11 @@ impl Session {
         &self.console_log
     }
 
+    /// The kernel panic the guest's console showed, if it panicked.
+    pub fn guest_panic(&self) -> Option<GuestPanic> {
+        console_panic(&self.console_log)
+    }
+
     /// The host socket of the VM's vsock device (Firecracker's protocol).
     pub fn vsock_socket(&self) -> &Path {
         &self.host_socket
@@ -315,8 +326,9 @@ impl Session {
     }
 
     /// Asks the agent to sync, then stops the VM: once the guest's data is on disk there is
-    /// nothing to wait for in its power-off.
-    pub fn shutdown(mut self) {
+    /// nothing to wait for in its power-off. Says why the VM ended if it ended by itself,
+    /// other than by the guest's choice.
+    pub fn shutdown(mut self) -> Option<String> {
         let synced = exec::connect_port(&self.host_socket, CONTROL_PORT).and_then(|mut conn| {
             conn.set_read_timeout(Some(SYNC_TIMEOUT))?;
             protocol::write_frame(&mut conn, &Request::Shutdown.encode())?;
@@ -325,10 +337,11 @@ impl Session {
         if !matches!(synced, Ok(Some(Reply::Synced))) {
             tracing::warn!("the guest did not confirm its sync: {synced:?}");
         }
-        self.machine.finish(Duration::ZERO);
+        let ended = self.machine.finish(Duration::ZERO);
         if self.debug {
             eprintln!("cvm: guest console:\n{}", log_tail(&self.console_log, 50));
         }
+        ended
     }
 }
 
@@ -425,8 +438,12 @@ fn wait_for_agent(ready: &UnixListener, machine_exit: BorrowedFd<'_>, deadline: 
     }
 }
 
-/// Adds what the guest's console and the fs backends said to an error from a session's start.
+/// Adds what the guest's console and the fs backends said to an error from a session's start:
+/// a kernel panic with its lines, else the console's last lines.
 fn explain(mut e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    if let Some(panic) = console_panic(&dir.join(CONSOLE_LOG)) {
+        return e.context(panic_report(&panic));
+    }
     for (what, file, lines) in [("fs backends", FS_LOG, 10), ("guest console (last lines)", CONSOLE_LOG, 20)] {
         let tail = log_tail(&dir.join(file), lines);
         if !tail.is_empty() {
@@ -434,6 +451,25 @@ fn explain(mut e: anyhow::Error, dir: &Path) -> anyhow::Error {
         }
     }
     e
+}
+
+/// How much of the end of a console log is read for a panic: the panic ends the log.
+const PANIC_SEARCH_BYTES: u64 = 256 << 10;
+
+/// The kernel panic at the end of a console log, if any (either engine: both log the console).
+fn console_panic(log: &Path) -> Option<GuestPanic> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(PANIC_SEARCH_BYTES))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    cvm_vmm::guest_panic::find(&tail)
+}
+
+/// A panic as cvm reports it: what the kernel said, then the console lines that led to it.
+pub fn panic_report(panic: &GuestPanic) -> String {
+    format!("{panic}\nguest console (up to the panic):\n{}", panic.lines.join("\n"))
 }
 
 /// The last `lines` lines of a log.

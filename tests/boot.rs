@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{is_pvm, kvm_usable, linux_artifacts, text};
+use common::{is_pvm, kvm_usable, linux_artifacts, text, Env};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -191,46 +191,6 @@ fn stock_kernel_on_pvm_fails_fast_with_the_reason() {
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 }
 
-/// Makes cvm-agent print its readiness line and reset at once.
-const BOOT_TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test";
-
-/// Boots the project's kernel (`image`: the vmlinux or the bzImage built beside it) with the
-/// test initramfs on cvm's VMM: only where KVM is hardware.
-fn boot_linux(cpus: &str, image: &str) {
-    if !kvm_usable() {
-        return;
-    }
-    if is_pvm() {
-        eprintln!("skipped: Linux on cvm's VMM needs hardware KVM; this host's /dev/kvm is PVM");
-        return;
-    }
-    let Some((vmlinux, initrd)) = linux_artifacts() else { return };
-    let kernel = vmlinux.with_file_name(image);
-    let out = cvm(&[
-        "boot", "--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(),
-        "--cpus", cpus, "--memory", "256M", "--timings", "--append", BOOT_TEST_CMDLINE,
-    ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", text(&out.stderr));
-    assert!(stdout.contains(&format!("cvm-agent: init reached, {cpus} cpus")), "{stdout}");
-    assert!(!text(&out.stderr).contains("boot-timer -"), "the init's boot-timer poke was not seen");
-}
-
-#[test]
-fn linux_boots_to_init_on_one_vcpu() {
-    boot_linux("1", "vmlinux");
-}
-
-#[test]
-fn linux_boots_to_init_on_two_vcpus() {
-    boot_linux("2", "vmlinux");
-}
-
-#[test]
-fn linux_bzimage_boots_to_init() {
-    boot_linux("1", "bzImage");
-}
-
 /// The guest kernel and initramfs recipes, checked on QEMU's TCG where cvm's VMM cannot run
 /// Linux: the configuration boots, finds both CPUs through the MP table, and reaches init.
 #[test]
@@ -241,7 +201,7 @@ fn guest_kernel_reaches_init_under_qemu_tcg() {
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
         .arg("-kernel").arg(&kernel)
         .arg("-initrd").arg(&initrd)
-        .args(["-append", BOOT_TEST_CMDLINE])
+        .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test"])
         .stdin(Stdio::null())
         .output()
         .expect("qemu-system-x86_64 (scripts/bootstrap installs it)");
@@ -276,4 +236,21 @@ fn vsock_micro_guest_reaches_a_host_socket_through_the_vhost_user_backend() {
     let lonely = tempfile::tempdir().unwrap();
     let out = boot_guest("vsock", &["--vsock", lonely.path().join("v.sock").to_str().unwrap()]);
     assert!(text(&out.stdout).contains("the host refused the connection"), "{}", text(&out.stdout));
+}
+
+/// The full stack on this host's kind of KVM: where it is PVM, `--vmm cvm` says why it cannot
+/// run and what to use instead.
+#[test]
+fn the_cvm_engine_on_pvm_says_why_and_what_to_use() {
+    let Some(env) = Env::new() else { return };
+    if !(kvm_usable() && is_pvm()) {
+        eprintln!("skipped: this host's KVM is not PVM");
+        return;
+    }
+    let out = env.run("cvm", &["--", "true"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("PVM") && stderr.contains("--vmm qemu"), "{stderr}");
+    env.assert_clean();
 }

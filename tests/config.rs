@@ -8,7 +8,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use common::{arg, engines, text, wait_output, Env};
+use common::{arg, engine, text, wait_output, Env};
 
 /// A project directory under the test's HOME.
 fn project(env: &Env) -> PathBuf {
@@ -34,28 +34,27 @@ fn the_layers_reach_the_vm_in_order() {
     )
     .unwrap();
     let mem_kib = "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2";
-    for engine in engines() {
-        // No command: the project's default command, on 2 vCPUs.
-        let out = wait_output(env.command(engine, &[arg(&dir)]).spawn().unwrap());
-        assert_eq!(text(&out.stdout), "default command\n2\n", "[{engine}] {}", text(&out.stderr));
+    let engine = engine();
+    // No command: the project's default command, on 2 vCPUs.
+    let out = wait_output(env.command(engine, &[arg(&dir)]).spawn().unwrap());
+    assert_eq!(text(&out.stdout), "default command\n2\n", "[{engine}] {}", text(&out.stderr));
 
-        let script = format!("{mem_kib}; cat /mnt/data/fact; echo x > /mnt/data/new 2>/dev/null || echo read-only; grep -A1 'Run make' ~/.claude/CLAUDE.md | head -1");
-        let out = wait_output(env.command(engine, &[arg(&dir), "--", "sh", "-c", &script]).spawn().unwrap());
-        let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        let kib: u64 = lines[0].parse().unwrap();
-        assert!((300_000..=393_216).contains(&kib), "[{engine}] 384M from ~/.cvm.toml: MemTotal {kib} KiB");
-        assert_eq!(lines[1..], ["from the data dir", "read-only", "Run make check before committing."], "[{engine}]");
-        assert!(!text(&out.stdout).contains("Global words"), "[{engine}] the project's instructions replace the global ones");
+    let script = format!("{mem_kib}; cat /mnt/data/fact; echo x > /mnt/data/new 2>/dev/null || echo read-only; grep -A1 'Run make' ~/.claude/CLAUDE.md | head -1");
+    let out = wait_output(env.command(engine, &[arg(&dir), "--", "sh", "-c", &script]).spawn().unwrap());
+    let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let kib: u64 = lines[0].parse().unwrap();
+    assert!((300_000..=393_216).contains(&kib), "[{engine}] 384M from ~/.cvm.toml: MemTotal {kib} KiB");
+    assert_eq!(lines[1..], ["from the data dir", "read-only", "Run make check before committing."], "[{engine}]");
+    assert!(!text(&out.stdout).contains("Global words"), "[{engine}] the project's instructions replace the global ones");
 
-        // The environment beats the files, and a flag beats the environment.
-        let out = wait_output(env.command(engine, &[arg(&dir), "--", "sh", "-c", mem_kib]).env("CVM_MEMORY", "320M").spawn().unwrap());
-        let kib: u64 = text(&out.stdout).trim().parse().unwrap();
-        assert!(kib <= 327_680, "[{engine}] CVM_MEMORY=320M: {kib} KiB");
-        let out = wait_output(env.command(engine, &[arg(&dir), "--cpus", "1", "--", "grep", "-c", "^processor", "/proc/cpuinfo"]).env("CVM_CPUS", "2").spawn().unwrap());
-        assert_eq!(text(&out.stdout), "1\n", "[{engine}] --cpus over CVM_CPUS");
-        env.assert_clean();
-    }
+    // The environment beats the files, and a flag beats the environment.
+    let out = wait_output(env.command(engine, &[arg(&dir), "--", "sh", "-c", mem_kib]).env("CVM_MEMORY", "320M").spawn().unwrap());
+    let kib: u64 = text(&out.stdout).trim().parse().unwrap();
+    assert!(kib <= 327_680, "[{engine}] CVM_MEMORY=320M: {kib} KiB");
+    let out = wait_output(env.command(engine, &[arg(&dir), "--cpus", "1", "--", "grep", "-c", "^processor", "/proc/cpuinfo"]).env("CVM_CPUS", "2").spawn().unwrap());
+    assert_eq!(text(&out.stdout), "1\n", "[{engine}] --cpus over CVM_CPUS");
+    env.assert_clean();
 
     let show = env.cvm(&["config", "show", arg(&dir)]).env("CVM_MEMORY", "1G").output().unwrap();
     let shown = text(&show.stdout);
@@ -79,7 +78,7 @@ fn config_validate_points_at_the_mistake() {
     let out = env.cvm(&["config", "validate", arg(&file)]).output().unwrap();
     assert!(text(&out.stderr).starts_with(&format!("{}:3:1: unknown field `memroy`", file.display())), "{}", text(&out.stderr));
     // A session refuses a bad file the same way, before any VM starts.
-    let run = wait_output(env.command("qemu", &[arg(&dir), "--", "true"]).spawn().unwrap());
+    let run = wait_output(env.command(engine(), &[arg(&dir), "--", "true"]).spawn().unwrap());
     assert_eq!(run.status.code(), Some(125));
     assert!(text(&run.stderr).contains(":3:1: unknown field `memroy`"), "{}", text(&run.stderr));
     std::fs::write(&file, "[vm]\ncpus = 2\n[network]\nallow = { replace = [\"api.anthropic.com\"] }\n").unwrap();
@@ -98,26 +97,25 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
     let env_file = env.home.path().join("vars.env");
     std::fs::write(&env_file, "FROM_FILE=file value\nOVERRIDDEN=from the file\n").unwrap();
     let script = "echo \"$API_TOKEN|$FROM_FILE|$OVERRIDDEN|$PASSED|$FLAG\"; grep -rl hunter2 /run/cvm 2>/dev/null | wc -l";
-    for engine in engines() {
-        let out = wait_output(
-            env.command(engine, &["-v", "--debug", arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
-                .env("PASSED", "from my shell")
-                .spawn()
-                .unwrap(),
-        );
-        assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes\n0\n", "[{engine}] {}", text(&out.stderr));
-        let logged = text(&out.stderr);
-        assert!(logged.contains("guest console") && !logged.contains("hunter2"), "[{engine}] the logs and the console never show a secret: {logged}");
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = wait_output(
+        env.command(engine, &["-v", "--debug", arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
+            .env("PASSED", "from my shell")
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes\n0\n", "[{engine}] {}", text(&out.stderr));
+    let logged = text(&out.stderr);
+    assert!(logged.contains("guest console") && !logged.contains("hunter2"), "[{engine}] the logs and the console never show a secret: {logged}");
+    env.assert_clean();
     let show = env.cvm(&["config", "show", arg(&dir)]).output().unwrap();
     assert!(!text(&show.stdout).contains("hunter2") && text(&show.stdout).contains(arg(&secrets)), "{}", text(&show.stdout));
     // A secrets file others can read is refused.
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = env.run("qemu", &["--", "true"], b"");
+    let out = env.run(engine, &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("chmod 600"), "{}", text(&out.stderr));
-    let bad = env.run("qemu", &["--env", "NOT A NAME=1", "--", "true"], b"");
+    let bad = env.run(engine, &["--env", "NOT A NAME=1", "--", "true"], b"");
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
 }
 
@@ -134,12 +132,11 @@ fn run_worktree_makes_and_uses_a_branch_worktree() {
     git(&["add", "README"]);
     git(&["commit", "-q", "-m", "first"]);
     let worktree = main.with_file_name("app-agent-1");
-    for engine in engines() {
-        let out = wait_output(env.command(engine, &["--worktree", "agent/1", "--", "sh", "-c", "pwd; cat README; git branch --show-current 2>/dev/null || true"]).current_dir(&main).spawn().unwrap());
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        assert!(text(&out.stdout).starts_with(&format!("{}\nhello\n", worktree.display())), "[{engine}] {}", text(&out.stdout));
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = wait_output(env.command(engine, &["--worktree", "agent/1", "--", "sh", "-c", "pwd; cat README; git branch --show-current 2>/dev/null || true"]).current_dir(&main).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&format!("{}\nhello\n", worktree.display())), "[{engine}] {}", text(&out.stdout));
+    env.assert_clean();
     let list = env.cvm(&["worktree", "list"]).current_dir(&main).output().unwrap();
     assert!(text(&list.stdout).contains(&format!("{}  agent/1", worktree.display())), "{}", text(&list.stdout));
     let remove = env.cvm(&["worktree", "remove", "agent/1"]).current_dir(&main).output().unwrap();

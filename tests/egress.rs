@@ -117,3 +117,65 @@ fn network_none_refuses_everything() {
     let reply = s.ask(&format!("GET http://api.test:{port}/ HTTP/1.1\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("--network none"), "{reply}");
 }
+
+/// An HTTP proxy on 127.0.0.1 that takes `CONNECT` requests, records their targets, and
+/// tunnels each to `port` on loopback (as if it resolved every name there), or refuses them
+/// with 403 when `port` is None.
+fn upstream_proxy(port: Option<u16>) -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string());
+            let Some(port) = port else {
+                let _ = conn.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+                continue;
+            };
+            let origin = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").unwrap();
+            let (mut from_guest, mut to_origin) = (conn.try_clone().unwrap(), origin.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut from_guest, &mut to_origin));
+            let (mut origin, mut conn) = (origin, conn);
+            std::thread::spawn(move || std::io::copy(&mut origin, &mut conn));
+        }
+    });
+    (proxy_port, rx)
+}
+
+#[test]
+fn behind_an_upstream_proxy_allowed_names_are_tunnelled_through_it() {
+    // A name that resolves nowhere: only the upstream can reach it.
+    let port = server("hello through the upstream", 2);
+    let (proxy_port, targets) = upstream_proxy(Some(port));
+    let mut p = policy(&["registry.test"], &[]);
+    p.upstream = Some(format!("127.0.0.1:{proxy_port}"));
+    let s = Setup::new(p);
+    let reply = s.ask(&format!("GET http://registry.test:{port}/pkg HTTP/1.1\r\nHost: registry.test\r\n\r\n"));
+    assert!(reply.ends_with("hello through the upstream (GET /pkg HTTP/1.1)"), "{reply}");
+    assert_eq!(targets.recv_timeout(Duration::from_secs(5)).unwrap(), format!("CONNECT registry.test:{port} HTTP/1.1"));
+    let reply = s.ask("CONNECT registry.test:443 HTTP/1.1\r\n\r\nGET /tls HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 200 Connection established\r\n\r\n") && reply.ends_with("(GET /tls HTTP/1.1)"), "{reply}");
+    assert_eq!(targets.recv_timeout(Duration::from_secs(5)).unwrap(), "CONNECT registry.test:443 HTTP/1.1");
+    // The allow list is still cvm's: nothing else reaches the upstream.
+    assert!(s.ask("CONNECT elsewhere.test:443 HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 403"));
+    assert!(targets.recv_timeout(Duration::from_millis(300)).is_err(), "a refused name never reaches the upstream");
+    assert!(s.audit().contains(&format!("allow registry.test:443 via 127.0.0.1:{proxy_port}")), "{}", s.audit());
+}
+
+#[test]
+fn an_upstream_that_refuses_is_a_502_with_its_answer() {
+    let (proxy_port, _targets) = upstream_proxy(None);
+    let mut p = policy(&["registry.test"], &[]);
+    p.upstream = Some(format!("127.0.0.1:{proxy_port}"));
+    let s = Setup::new(p);
+    let reply = s.ask("CONNECT registry.test:443 HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 502") && reply.contains("HTTP/1.1 403 Forbidden"), "{reply}");
+    assert!(s.audit().contains("fail registry.test:443 via"), "{}", s.audit());
+}

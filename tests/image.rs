@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{engines, text, Env};
+use common::{engine, text, Env};
 
 #[test]
 fn claude_code_runs_as_the_user_on_the_project_and_root_changes_vanish() {
@@ -16,27 +16,26 @@ fn claude_code_runs_as_the_user_on_the_project_and_root_changes_vanish() {
     let script = "claude --version; id -u; ls \"$PWD\"; cat /etc/debian_version; \
                   claude --dangerously-skip-permissions -p hello </dev/null 2>&1 | head -n 1; \
                   sudo sh -c 'echo left > /usr/local/leftover' && echo wrote";
-    for engine in engines() {
-        let out = env.run(engine, &[project, "--", "sh", "-c", script], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        let lines: Vec<&str> = stdout.lines().collect();
-        assert!(lines[0].ends_with("(Claude Code)"), "[{engine}] claude runs: {stdout}");
-        let uid = match rustix::process::getuid().as_raw() {
-            0 => 1000,
-            uid => uid,
-        };
-        assert_eq!(lines[1], uid.to_string(), "[{engine}] as the user, never root");
-        assert_eq!(lines[2], "a.txt", "[{engine}]");
-        assert!(lines[3].starts_with("12."), "[{engine}] Debian bookworm: {stdout}");
-        // Claude Code refuses to skip permissions as root; as the guest user it goes on (and,
-        // with no credentials here, asks for a login).
-        assert!(!lines[4].contains("root"), "[{engine}] {stdout}");
-        assert_eq!(lines[5], "wrote", "[{engine}] the user is root in its VM (sudo), and the root is writable");
-        let out = env.run(engine, &["--", "sh", "-c", "test -e /usr/local/leftover && echo kept || echo gone"], b"");
-        assert_eq!(text(&out.stdout), "gone\n", "[{engine}] a file written to /usr in one session is gone in the next: {}", text(&out.stderr));
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &[project, "--", "sh", "-c", script], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].ends_with("(Claude Code)"), "[{engine}] claude runs: {stdout}");
+    let uid = match rustix::process::getuid().as_raw() {
+        0 => 1000,
+        uid => uid,
+    };
+    assert_eq!(lines[1], uid.to_string(), "[{engine}] as the user, never root");
+    assert_eq!(lines[2], "a.txt", "[{engine}]");
+    assert!(lines[3].starts_with("12."), "[{engine}] Debian bookworm: {stdout}");
+    // Claude Code refuses to skip permissions as root; as the guest user it goes on (and,
+    // with no credentials here, asks for a login).
+    assert!(!lines[4].contains("root"), "[{engine}] {stdout}");
+    assert_eq!(lines[5], "wrote", "[{engine}] the user is root in its VM (sudo), and the root is writable");
+    let out = env.run(engine, &["--", "sh", "-c", "test -e /usr/local/leftover && echo kept || echo gone"], b"");
+    assert_eq!(text(&out.stdout), "gone\n", "[{engine}] a file written to /usr in one session is gone in the next: {}", text(&out.stderr));
+    env.assert_clean();
 }
 
 #[test]
@@ -63,7 +62,7 @@ fn image_ls_and_rm_manage_the_cache() {
     assert_eq!(cvm(&["image", "rm", "--all"]), "removed debian bbbb\n");
     assert!(!debian.join("bbbb").exists());
     // A missing named image says how to build it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["run", "--vmm", "qemu", "--kernel", env!("CARGO_BIN_EXE_cvm"), "--", "true"]).env("XDG_CACHE_HOME", cache.path()).env_remove("CVM_DEBIAN_IMAGE").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["run", "--vmm", engine(), "--kernel", env!("CARGO_BIN_EXE_cvm"), "--", "true"]).env("XDG_CACHE_HOME", cache.path()).env_remove("CVM_DEBIAN_IMAGE").output().unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("cvm image build debian"), "{}", text(&out.stderr));
 }
@@ -79,7 +78,7 @@ fn a_prompt_alone_starts_claude_code_on_the_current_directory() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm"))
         .arg("list the files")
         .current_dir(&dir)
-        .env("CVM_VMM", "qemu")
+        .env("CVM_VMM", engine())
         .env("CVM_KERNEL", &env.kernel)
         .env("CVM_DEBIAN_IMAGE", &env.image)
         .env("HOME", env.home.path())
@@ -97,15 +96,14 @@ fn a_prompt_alone_starts_claude_code_on_the_current_directory() {
 fn a_scratch_disk_holds_more_than_memory_and_goes_with_the_session() {
     let Some(env) = Env::debian() else { return };
     let write = "dd if=/dev/zero of=/usr/local/big bs=1M count=200 2>/dev/null && echo wrote || echo full";
-    for engine in engines() {
-        let out = env.run(engine, &["--memory", "256M", "--disk", "1G", "--", "sh", "-c", write], b"");
-        assert_eq!(text(&out.stdout), "wrote\n", "[{engine}] 200 MiB fit on the scratch disk: {}", text(&out.stderr));
-        let out = env.run(engine, &["--memory", "256M", "--", "sh", "-c", write], b"");
-        assert_eq!(text(&out.stdout), "full\n", "[{engine}] but not in 256 MiB of memory: {}", text(&out.stderr));
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &["--memory", "256M", "--disk", "1G", "--", "sh", "-c", write], b"");
+    assert_eq!(text(&out.stdout), "wrote\n", "[{engine}] 200 MiB fit on the scratch disk: {}", text(&out.stderr));
+    let out = env.run(engine, &["--memory", "256M", "--", "sh", "-c", write], b"");
+    assert_eq!(text(&out.stdout), "full\n", "[{engine}] but not in 256 MiB of memory: {}", text(&out.stderr));
+    env.assert_clean();
     let Some(minimal) = Env::new() else { return };
-    let out = minimal.run("qemu", &["--disk", "1G", "--", "true"], b"");
+    let out = minimal.run(engine, &["--disk", "1G", "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("needs a disk image"), "{}", text(&out.stderr));
 }
@@ -117,7 +115,7 @@ fn setup_makes_a_template_that_later_sessions_start_from_and_a_failed_setup_keep
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(".cvm.setup.sh"), "echo set-up > /tmp/m; sudo cp /tmp/m /usr/local/project-setup\n").unwrap();
     let project = dir.to_str().unwrap();
-    let engine = "qemu";
+    let engine = engine();
     // Python through the egress proxy (Debian's mirror is on the default allow list), and the
     // project's setup script.
     let out = env.subcommand("setup", engine, &[project, "--python"]).output().unwrap();
@@ -173,12 +171,12 @@ fn auto_setup_builds_the_template_the_configuration_asks_for_once() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(".cvm.toml"), "[packages]\nsystem = [\"jq\"]\n").unwrap();
     let project = dir.to_str().unwrap();
-    let out = env.run("qemu", &[project, "--auto-setup", "--", "jq", "-n", "6*7"], b"");
+    let out = env.run(engine(), &[project, "--auto-setup", "--", "jq", "-n", "6*7"], b"");
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "42\n".into()), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("running cvm setup first"), "{}", text(&out.stderr));
     // The template is there now: no setup again, with or without the flag.
     for args in [&[project, "--auto-setup", "--", "jq", "-n", "1"][..], &[project, "--", "jq", "-n", "1"][..]] {
-        let out = env.run("qemu", args, b"");
+        let out = env.run(engine(), args, b"");
         assert_eq!(text(&out.stdout), "1\n", "{}", text(&out.stderr));
         assert!(!text(&out.stderr).contains("cvm setup"), "{}", text(&out.stderr));
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 
-use common::{engines, text, wait_output, Env};
+use common::{engine, text, wait_output, Env};
 
 #[test]
 fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
@@ -15,77 +15,66 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     std::fs::write(project.path().join("marker"), "in the project\n").unwrap();
     let project_path = project.path().canonicalize().unwrap();
     let project_str = project_path.to_str().unwrap();
-    for engine in engines() {
-        let out = wait_output(env.subcommand("start", engine, &["--name", "alpha", project_str]).spawn().unwrap());
-        assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "alpha\n".into()), "[{engine}] {}", text(&out.stderr));
-        let out = wait_output(env.subcommand("start", engine, &["--name", "beta"]).spawn().unwrap());
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        let again = wait_output(env.subcommand("start", engine, &["--name", "alpha"]).spawn().unwrap());
-        assert!(again.status.code() == Some(1) && text(&again.stderr).contains("already running"), "[{engine}] {}", text(&again.stderr));
-        let bad = wait_output(env.subcommand("start", engine, &["--name", "../x"]).spawn().unwrap());
-        assert_eq!(bad.status.code(), Some(2), "[{engine}] a bad name is a usage error");
+    let engine = engine();
+    let out = wait_output(env.subcommand("start", engine, &["--name", "alpha", project_str]).spawn().unwrap());
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "alpha\n".into()), "[{engine}] {}", text(&out.stderr));
+    let out = wait_output(env.subcommand("start", engine, &["--name", "beta"]).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let again = wait_output(env.subcommand("start", engine, &["--name", "alpha"]).spawn().unwrap());
+    assert!(again.status.code() == Some(1) && text(&again.stderr).contains("already running"), "[{engine}] {}", text(&again.stderr));
+    let bad = wait_output(env.subcommand("start", engine, &["--name", "../x"]).spawn().unwrap());
+    assert_eq!(bad.status.code(), Some(2), "[{engine}] a bad name is a usage error");
 
-        let ps: serde_json::Value = serde_json::from_slice(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).unwrap();
-        let listed: Vec<(&str, &str)> = ps.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap())).collect();
-        assert_eq!(listed, [("alpha", "running"), ("beta", "running")], "[{engine}] {ps}");
-        assert_eq!(ps[0]["project"], project_str, "[{engine}]");
+    let ps: serde_json::Value = serde_json::from_slice(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).unwrap();
+    let listed: Vec<(&str, &str)> = ps.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap())).collect();
+    assert_eq!(listed, [("alpha", "running"), ("beta", "running")], "[{engine}] {ps}");
+    assert_eq!(ps[0]["project"], project_str, "[{engine}]");
 
-        // An exec that stays open while others come and go.
-        let mut open = env.cvm(&["exec", "alpha", "--", "sh", "-c", "echo started; sleep 600"]).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(open.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line, "started\n", "[{engine}]");
+    // An exec that stays open while others come and go.
+    let mut open = env.cvm(&["exec", "alpha", "--", "sh", "-c", "echo started; sleep 600"]).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(open.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n", "[{engine}]");
 
-        let out = env.cvm(&["exec", "alpha", "--", "sh", "-c", "pwd; cat marker; echo kept > /tmp/state; exit 7"]).output().unwrap();
-        assert_eq!(out.status.code(), Some(7), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), format!("{project_str}\nin the project\n"), "[{engine}] the exec runs in the project");
-        let out = env.cvm(&["exec", "alpha", "--", "cat", "/tmp/state"]).output().unwrap();
-        assert_eq!(text(&out.stdout), "kept\n", "[{engine}] the VM lives on between execs");
-        let out = env.cvm(&["exec", "beta", "--", "sh", "-c", "cat /tmp/state 2>/dev/null || echo separate"]).output().unwrap();
-        assert_eq!(text(&out.stdout), "separate\n", "[{engine}] two VMs share nothing");
+    let out = env.cvm(&["exec", "alpha", "--", "sh", "-c", "pwd; cat marker; echo kept > /tmp/state; exit 7"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "[{engine}] {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{project_str}\nin the project\n"), "[{engine}] the exec runs in the project");
+    let out = env.cvm(&["exec", "alpha", "--", "cat", "/tmp/state"]).output().unwrap();
+    assert_eq!(text(&out.stdout), "kept\n", "[{engine}] the VM lives on between execs");
+    let out = env.cvm(&["exec", "beta", "--", "sh", "-c", "cat /tmp/state 2>/dev/null || echo separate"]).output().unwrap();
+    assert_eq!(text(&out.stdout), "separate\n", "[{engine}] two VMs share nothing");
 
-        // Standard input reaches the command, as with `cvm run`.
-        let mut cat = env.cvm(&["exec", "beta", "--", "cat"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
-        std::io::Write::write_all(&mut cat.stdin.take().unwrap(), b"piped in\n").unwrap();
-        assert_eq!(text(&wait_output(cat).stdout), "piped in\n", "[{engine}]");
+    // Standard input reaches the command, as with `cvm run`.
+    let mut cat = env.cvm(&["exec", "beta", "--", "cat"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut cat.stdin.take().unwrap(), b"piped in\n").unwrap();
+    assert_eq!(text(&wait_output(cat).stdout), "piped in\n", "[{engine}]");
 
-        let logs = env.cvm(&["logs", "alpha"]).output().unwrap();
-        assert!(text(&logs.stdout).contains("Linux version"), "[{engine}] the guest console: {}", text(&logs.stdout));
+    let logs = env.cvm(&["logs", "alpha"]).output().unwrap();
+    assert!(text(&logs.stdout).contains("Linux version"), "[{engine}] the guest console: {}", text(&logs.stdout));
 
-        // Following the console ends when the VM does.
-        let follow = env.cvm(&["logs", "alpha", "--follow"]).spawn().unwrap();
-        let stop = env.cvm(&["stop", "alpha"]).output().unwrap();
-        assert_eq!(stop.status.code(), Some(0), "[{engine}] {}", text(&stop.stderr));
-        let followed = wait_output(follow);
-        assert!(followed.status.success() && text(&followed.stdout).contains("Linux version"), "[{engine}] logs --follow");
-        let open_out = wait_output(open);
-        assert_ne!(open_out.status.code(), Some(0), "[{engine}] the open exec ends with its VM");
-        let gone = env.cvm(&["exec", "alpha", "--", "true"]).output().unwrap();
-        assert!(gone.status.code() == Some(125) && text(&gone.stderr).contains("no VM called alpha"), "[{engine}] {}", text(&gone.stderr));
+    // Following the console ends when the VM does.
+    let follow = env.cvm(&["logs", "alpha", "--follow"]).spawn().unwrap();
+    let stop = env.cvm(&["stop", "alpha"]).output().unwrap();
+    assert_eq!(stop.status.code(), Some(0), "[{engine}] {}", text(&stop.stderr));
+    let followed = wait_output(follow);
+    assert!(followed.status.success() && text(&followed.stdout).contains("Linux version"), "[{engine}] logs --follow");
+    let open_out = wait_output(open);
+    assert_ne!(open_out.status.code(), Some(0), "[{engine}] the open exec ends with its VM");
+    let gone = env.cvm(&["exec", "alpha", "--", "true"]).output().unwrap();
+    assert!(gone.status.code() == Some(125) && text(&gone.stderr).contains("no VM called alpha"), "[{engine}] {}", text(&gone.stderr));
 
-        let rm = env.cvm(&["rm", "beta"]).output().unwrap();
-        assert_eq!(rm.status.code(), Some(0), "[{engine}] {}", text(&rm.stderr));
-        assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]", "[{engine}]");
-        env.assert_clean();
-    }
+    let rm = env.cvm(&["rm", "beta"]).output().unwrap();
+    assert_eq!(rm.status.code(), Some(0), "[{engine}] {}", text(&rm.stderr));
+    assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]", "[{engine}]");
+    env.assert_clean();
 }
 
 #[test]
 fn a_vm_that_cannot_start_says_why_and_leaves_nothing() {
     let Some(env) = Env::new() else { return };
-    let out = env.cvm(&["start", "--name", "broken", "--vmm", "qemu", "--kernel"]).arg(&env.kernel).args(["--image", "/nonexistent/image"]).output().unwrap();
+    let out = env.cvm(&["start", "--name", "broken", "--vmm", engine(), "--kernel"]).arg(&env.kernel).args(["--image", "/nonexistent/image"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("did not start") && text(&out.stderr).contains("/nonexistent/image"), "{}", text(&out.stderr));
     assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]");
-    env.assert_clean();
-}
-
-#[test]
-fn bench_run_measures_an_exec_into_a_running_vm_against_a_fresh_run() {
-    let Some(env) = Env::new() else { return };
-    let out = env.cvm(&["bench", "run", "--runs", "1", "--vmm", "qemu"]).env("CVM_KERNEL", &env.kernel).env("CVM_MINIMAL_IMAGE", &env.image).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let report = text(&out.stdout);
-    assert!(report.contains("cvm exec into a running VM (qemu), wall") && report.contains("ratio cvm exec (qemu) / cvm run --vmm qemu"), "{report}");
     env.assert_clean();
 }

@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 
-use common::{engines, text, Env};
+use common::{engine, text, Env};
 
 /// An HTTP server on 127.0.0.1 answering every request with `body`.
 fn server(body: &'static str) -> u16 {
@@ -33,25 +33,24 @@ fn an_allowed_name_reaches_the_host_server_and_everything_else_is_refused_and_lo
     let url = format!("http://api.test:{port}/");
     let fetch = format!("wget -q -O - {url} 2>&1; s=$?; echo; echo status $s");
     let audit = env.home.path().join(".local/state/cvm/network.log");
-    for engine in engines() {
-        let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
-        assert_eq!(text(&out.stdout), "hello from the host\nstatus 0\n", "[{engine}] {}", text(&out.stderr));
+    let engine = engine();
+    let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
+    assert_eq!(text(&out.stdout), "hello from the host\nstatus 0\n", "[{engine}] {}", text(&out.stderr));
 
-        let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--", "sh", "-c", &fetch], b"");
-        let stdout = text(&out.stdout);
-        assert!(stdout.contains("403") && stdout.ends_with("status 1\n"), "[{engine}] not on the allow list: {stdout}");
-        let log = std::fs::read_to_string(&audit).unwrap();
-        assert!(log.lines().any(|l| l.contains(&format!(" allow api.test:{port} "))), "[{engine}] {log}");
-        assert!(log.lines().any(|l| l.contains(&format!(" deny api.test:{port} ")) && l.contains("not on the allow list")), "[{engine}] {log}");
+    let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--", "sh", "-c", &fetch], b"");
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("403") && stdout.ends_with("status 1\n"), "[{engine}] not on the allow list: {stdout}");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.lines().any(|l| l.contains(&format!(" allow api.test:{port} "))), "[{engine}] {log}");
+    assert!(log.lines().any(|l| l.contains(&format!(" deny api.test:{port} ")) && l.contains("not on the allow list")), "[{engine}] {log}");
 
-        // An address literal inside a private range, and the host's own loopback by address.
-        let out = env.run(engine, &["--", "sh", "-c", &format!("wget -q -O - http://10.1.2.3/ 2>&1; wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo done")], b"");
-        assert_eq!(text(&out.stdout).matches("403").count(), 2, "[{engine}] {}", text(&out.stdout));
+    // An address literal inside a private range, and the host's own loopback by address.
+    let out = env.run(engine, &["--", "sh", "-c", &format!("wget -q -O - http://10.1.2.3/ 2>&1; wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo done")], b"");
+    assert_eq!(text(&out.stdout).matches("403").count(), 2, "[{engine}] {}", text(&out.stdout));
 
-        let out = env.run(engine, &["--network", "none", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
-        assert!(text(&out.stdout).contains("403"), "[{engine}] --network none: {}", text(&out.stdout));
-        env.assert_clean();
-    }
+    let out = env.run(engine, &["--network", "none", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
+    assert!(text(&out.stdout).contains("403"), "[{engine}] --network none: {}", text(&out.stdout));
+    env.assert_clean();
     let logs = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["logs", "--network"]).env("HOME", env.home.path()).env_remove("XDG_STATE_HOME").output().unwrap();
     assert_eq!(text(&logs.stdout), std::fs::read_to_string(&audit).unwrap(), "cvm logs --network shows the audit log");
 }
@@ -66,37 +65,36 @@ fn a_published_guest_port_answers_on_the_host_and_a_host_port_answers_in_the_gue
     let Some(env) = Env::new() else { return };
     let host_port = server("from a host service");
     let published = free_port();
-    for engine in engines() {
-        // The guest serves a page on its port 8000 and reads the host's service through
-        // --host-port (wget -Y off: straight to the guest's 127.0.0.1, not the proxy).
-        let script = format!(
-            "mkdir -p /tmp/www && echo published > /tmp/www/index.html && httpd -p 127.0.0.1:8000 -h /tmp/www && \
-             wget -Y off -q -O - http://127.0.0.1:{host_port}/ && echo && echo ready && sleep 600"
-        );
-        let mut child = env
-            .command(engine, &["-p", &format!("{published}:8000"), "--host-port", &host_port.to_string(), "--", "sh", "-c", &script])
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut lines = Vec::new();
-        for _ in 0..2 {
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-            lines.push(line);
-        }
-        assert_eq!(lines, ["from a host service\n", "ready\n"], "[{engine}]");
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", published)).unwrap();
-        conn.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-        conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-        let mut reply = String::new();
-        conn.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.") && reply.ends_with("published\n"), "[{engine}] {reply}");
-        child.kill().unwrap();
-        child.wait().unwrap();
-        env.assert_clean();
+    let engine = engine();
+    // The guest serves a page on its port 8000 and reads the host's service through
+    // --host-port (wget -Y off: straight to the guest's 127.0.0.1, not the proxy).
+    let script = format!(
+        "mkdir -p /tmp/www && echo published > /tmp/www/index.html && httpd -p 127.0.0.1:8000 -h /tmp/www && \
+         wget -Y off -q -O - http://127.0.0.1:{host_port}/ && echo && echo ready && sleep 600"
+    );
+    let mut child = env
+        .command(engine, &["-p", &format!("{published}:8000"), "--host-port", &host_port.to_string(), "--", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        lines.push(line);
     }
-    let out = env.run("qemu", &["-p", "8080", "--", "true"], b"");
+    assert_eq!(lines, ["from a host service\n", "ready\n"], "[{engine}]");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", published)).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.") && reply.ends_with("published\n"), "[{engine}] {reply}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.assert_clean();
+    let out = env.run(engine, &["-p", "8080", "--", "true"], b"");
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
 
@@ -127,29 +125,28 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     gpg(&["--passphrase", "", "--quick-gen-key", "cvm-test@example.com", "ed25519", "sign", "never"]);
     let keygrip = gpg(&["--with-keygrip", "-K"]).lines().find_map(|l| l.strip_prefix("grp:::::::::")).unwrap().trim_end_matches(':').to_string();
     let pubring = std::fs::metadata(gnupg.join("pubring.kbx")).unwrap().len();
-    for engine in engines() {
-        // The issue's own example: curl, by name, through the proxy, to a host server; then
-        // the host's GPG agent, asked whether it holds the key, and the public keyring.
-        let script = format!(
-            "ssh-add -l; curl -s http://api.test:{port}/; echo; echo $GNUPGHOME; \
-             printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
-        );
-        let out = env
-            .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &script])
-            .env("SSH_AUTH_SOCK", &sock)
-            .env("GNUPGHOME", &gnupg)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        let stdout = text(&out.stdout);
-        let (first, gpg_part) = stdout.split_once("\n/run/cvm/gnupg\n").unwrap_or_else(|| panic!("[{engine}] no GNUPGHOME: {stdout}"));
-        assert_eq!(first, format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
-        let gpg_lines: Vec<&str> = gpg_part.lines().collect();
-        assert!(gpg_lines[0].starts_with("OK ") && gpg_lines[1] == "OK", "[{engine}] the host's gpg-agent holds the key: {gpg_part}");
-        assert_eq!(gpg_lines[2], pubring.to_string(), "[{engine}] the public keyring reached the guest");
-        assert!(host_list.contains("cvm-test-key"));
-        env.assert_clean();
-    }
+    let engine = engine();
+    // The issue's own example: curl, by name, through the proxy, to a host server; then
+    // the host's GPG agent, asked whether it holds the key, and the public keyring.
+    let script = format!(
+        "ssh-add -l; curl -s http://api.test:{port}/; echo; echo $GNUPGHOME; \
+         printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
+    );
+    let out = env
+        .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &script])
+        .env("SSH_AUTH_SOCK", &sock)
+        .env("GNUPGHOME", &gnupg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let (first, gpg_part) = stdout.split_once("\n/run/cvm/gnupg\n").unwrap_or_else(|| panic!("[{engine}] no GNUPGHOME: {stdout}"));
+    assert_eq!(first, format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
+    let gpg_lines: Vec<&str> = gpg_part.lines().collect();
+    assert!(gpg_lines[0].starts_with("OK ") && gpg_lines[1] == "OK", "[{engine}] the host's gpg-agent holds the key: {gpg_part}");
+    assert_eq!(gpg_lines[2], pubring.to_string(), "[{engine}] the public keyring reached the guest");
+    assert!(host_list.contains("cvm-test-key"));
+    env.assert_clean();
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::process::Command::new("gpgconf").args(["--kill", "gpg-agent"]).env("GNUPGHOME", &gnupg).status();
@@ -180,38 +177,37 @@ fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
         }
     });
     let loopback_port = server("loopback only");
-    for engine in engines() {
-        // wget -Y off: no proxy, straight out of the guest's eth0.
-        let script = format!(
-            "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; cat /etc/resolv.conf; wget -Y off -q -O - http://{address}:{open_port}/; echo; \
-             wget -Y off -q -O - http://{address}:{open_port}/big | sha256sum | cut -d' ' -f1; \
-             wget -Y off -q -T 5 -O - http://10.0.2.2:{loopback_port}/ 2>&1 || echo loopback refused"
-        );
-        let out = env.run(engine, &["--network", "open", "--", "sh", "-c", &script], b"");
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        let stdout = text(&out.stdout);
-        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
-        // The host's sha256sum of the same bytes.
-        let digest = {
-            let mut child = std::process::Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
-            child.stdin.take().unwrap().write_all(&big).unwrap();
-            text(&child.wait_with_output().unwrap().stdout).split(' ').next().unwrap().to_string()
-        };
-        assert!(stdout.starts_with(&format!("52:54:00:12:34:56\n9000\nnameserver 10.0.2.3\nraw network\n{digest}\n")), "[{engine}] {stdout}");
-        assert!(stdout.ends_with("loopback refused\n") && !stdout.contains("loopback only"), "[{engine}] the host's loopback: {stdout}");
-        env.assert_clean();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while passt_running() {
-            assert!(std::time::Instant::now() < deadline, "[{engine}] passt outlived the session");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+    let engine = engine();
+    // wget -Y off: no proxy, straight out of the guest's eth0.
+    let script = format!(
+        "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; cat /etc/resolv.conf; wget -Y off -q -O - http://{address}:{open_port}/; echo; \
+         wget -Y off -q -O - http://{address}:{open_port}/big | sha256sum | cut -d' ' -f1; \
+         wget -Y off -q -T 5 -O - http://10.0.2.2:{loopback_port}/ 2>&1 || echo loopback refused"
+    );
+    let out = env.run(engine, &["--network", "open", "--", "sh", "-c", &script], b"");
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    // The host's sha256sum of the same bytes.
+    let digest = {
+        let mut child = std::process::Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(&big).unwrap();
+        text(&child.wait_with_output().unwrap().stdout).split(' ').next().unwrap().to_string()
+    };
+    assert!(stdout.starts_with(&format!("52:54:00:12:34:56\n9000\nnameserver 10.0.2.3\nraw network\n{digest}\n")), "[{engine}] {stdout}");
+    assert!(stdout.ends_with("loopback refused\n") && !stdout.contains("loopback only"), "[{engine}] the host's loopback: {stdout}");
+    env.assert_clean();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while passt_running() {
+        assert!(std::time::Instant::now() < deadline, "[{engine}] passt outlived the session");
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
 #[test]
 fn proxy_rules_with_an_open_network_are_refused() {
     let Some(env) = Env::new() else { return };
-    let out = env.run("qemu", &["--network", "open", "--allow", "api.test", "--", "true"], b"");
+    let out = env.run(engine(), &["--network", "open", "--allow", "api.test", "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("--network open has no allow-list"), "{}", text(&out.stderr));
     env.assert_clean();

@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::{arg, engines, text, Env};
+use common::{arg, engine, text, Env};
 
 /// The uid the guest user has: the host user's, or an unprivileged one for root.
 fn guest_uid() -> u32 {
@@ -28,18 +28,17 @@ fn project(env: &Env) -> std::path::PathBuf {
 fn the_project_is_at_its_host_path_and_files_are_the_host_users() {
     let Some(env) = Env::new() else { return };
     let dir = project(&env);
-    for engine in engines() {
-        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", "pwd; id -u; echo $HOME; cat a.txt; echo made > made.txt"], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines, [arg(&dir), &guest_uid().to_string(), arg(env.home.path()), "from the host"], "[{engine}]");
-        let made = std::fs::metadata(dir.join("made.txt")).unwrap();
-        assert_eq!(made.uid(), rustix::process::getuid().as_raw(), "[{engine}] the file is the host user's");
-        assert_eq!(std::fs::read_to_string(dir.join("made.txt")).unwrap(), "made\n");
-        std::fs::remove_file(dir.join("made.txt")).unwrap();
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", "pwd; id -u; echo $HOME; cat a.txt; echo made > made.txt"], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, [arg(&dir), &guest_uid().to_string(), arg(env.home.path()), "from the host"], "[{engine}]");
+    let made = std::fs::metadata(dir.join("made.txt")).unwrap();
+    assert_eq!(made.uid(), rustix::process::getuid().as_raw(), "[{engine}] the file is the host user's");
+    assert_eq!(std::fs::read_to_string(dir.join("made.txt")).unwrap(), "made\n");
+    std::fs::remove_file(dir.join("made.txt")).unwrap();
+    env.assert_clean();
 }
 
 #[test]
@@ -63,32 +62,31 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
                   echo turn > \"projects/$(ls projects)/session.jsonl\"; \
                   grep -c other-secret ~/.claude.json; grep -c hasCompletedOnboarding ~/.claude.json; \
                   echo '{}' > ~/.claude.json";
-    for engine in engines() {
-        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        let lines: Vec<&str> = stdout.lines().collect();
-        // CLAUDE.md is the guest's own, with the context block the runtime prologue wrote.
-        assert_eq!(lines[..5], [".credentials.json", "CLAUDE.md", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
-        assert_eq!(lines[5], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
-        assert_eq!(lines[6], "{\"theme\":\"dark\"}", "[{engine}]");
-        assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
-        assert_eq!(lines[7..9], ["0", "1"], "[{engine}] ~/.claude.json without other projects: {stdout}");
-        assert_eq!(std::fs::read_to_string(env.home.path().join(".claude.json")).unwrap(), state, "[{engine}] the guest's copy is its own");
-        // On the host: the refreshed token and the conversation arrived; nothing else did.
-        assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
-        assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");
-        assert_eq!(std::fs::read_to_string(claude.join("settings.json")).unwrap(), "{\"theme\":\"dark\"}", "[{engine}]");
-        assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists() && !claude.join("CLAUDE.md").exists(), "[{engine}] guest writes stayed in the guest");
-        std::fs::remove_file(folder.join("session.jsonl")).unwrap();
+    let engine = engine();
+    let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    // CLAUDE.md is the guest's own, with the context block the runtime prologue wrote.
+    assert_eq!(lines[..5], [".credentials.json", "CLAUDE.md", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
+    assert_eq!(lines[5], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
+    assert_eq!(lines[6], "{\"theme\":\"dark\"}", "[{engine}]");
+    assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
+    assert_eq!(lines[7..9], ["0", "1"], "[{engine}] ~/.claude.json without other projects: {stdout}");
+    assert_eq!(std::fs::read_to_string(env.home.path().join(".claude.json")).unwrap(), state, "[{engine}] the guest's copy is its own");
+    // On the host: the refreshed token and the conversation arrived; nothing else did.
+    assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
+    assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");
+    assert_eq!(std::fs::read_to_string(claude.join("settings.json")).unwrap(), "{\"theme\":\"dark\"}", "[{engine}]");
+    assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists() && !claude.join("CLAUDE.md").exists(), "[{engine}] guest writes stayed in the guest");
+    std::fs::remove_file(folder.join("session.jsonl")).unwrap();
 
-        // Without the conversation folder, the guest's conversation stays in the guest.
-        let out = env.run(engine, &[arg(&dir), "--no-conversations", "--", "sh", "-c", "ls ~/.claude/projects 2>/dev/null | wc -l; mkdir -p ~/.claude/projects/x; echo t > ~/.claude/projects/x/s"], b"");
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(text(&out.stdout).trim(), "0", "[{engine}]");
-        assert!(!claude.join("projects/x").exists(), "[{engine}]");
-        env.assert_clean();
-    }
+    // Without the conversation folder, the guest's conversation stays in the guest.
+    let out = env.run(engine, &[arg(&dir), "--no-conversations", "--", "sh", "-c", "ls ~/.claude/projects 2>/dev/null | wc -l; mkdir -p ~/.claude/projects/x; echo t > ~/.claude/projects/x/s"], b"");
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "0", "[{engine}]");
+    assert!(!claude.join("projects/x").exists(), "[{engine}]");
+    env.assert_clean();
 }
 
 #[test]
@@ -99,34 +97,33 @@ fn mounts_are_shared_read_only_when_asked_and_bad_ones_are_refused() {
     std::fs::write(data.join("in.txt"), "data\n").unwrap();
     let ro = format!("{}:/mnt/data:ro", data.display());
     let rw = format!("{}:/mnt/rw", data.display());
-    for engine in engines() {
-        let out = env.run(engine, &["--mount", &ro, "--mount", &rw, "--", "sh", "-c", "cat /mnt/data/in.txt; echo x > /mnt/data/new; echo status $?; echo w > /mnt/rw/new"], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        assert_eq!(stdout, "data\nstatus 1\n", "[{engine}]");
-        assert!(text(&out.stderr).contains("Read-only file system"), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(std::fs::read_to_string(data.join("new")).unwrap(), "w\n", "[{engine}] the read-write mount of the same directory");
-        std::fs::remove_file(data.join("new")).unwrap();
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &["--mount", &ro, "--mount", &rw, "--", "sh", "-c", "cat /mnt/data/in.txt; echo x > /mnt/data/new; echo status $?; echo w > /mnt/rw/new"], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    assert_eq!(stdout, "data\nstatus 1\n", "[{engine}]");
+    assert!(text(&out.stderr).contains("Read-only file system"), "[{engine}] {}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(data.join("new")).unwrap(), "w\n", "[{engine}] the read-write mount of the same directory");
+    std::fs::remove_file(data.join("new")).unwrap();
+    env.assert_clean();
     // Malformed specs are usage errors; a missing directory or a guest path used twice is
     // refused before any VM starts.
     for bad in ["relative/path", "/data:relative", "/a/../b", "/data:/mnt:rx:ro"] {
-        let out = env.run("qemu", &["--mount", bad, "--", "true"], b"");
+        let out = env.run(engine, &["--mount", bad, "--", "true"], b"");
         assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out.stderr));
         assert!(text(&out.stderr).contains("bad mount"), "{bad}: {}", text(&out.stderr));
     }
-    let missing = env.run("qemu", &["--mount", "/no/such/dir", "--", "true"], b"");
+    let missing = env.run(engine, &["--mount", "/no/such/dir", "--", "true"], b"");
     assert_eq!(missing.status.code(), Some(125));
     assert!(text(&missing.stderr).contains("/no/such/dir"), "{}", text(&missing.stderr));
     // A mount the guest cannot make fails the session with the guest's reason.
     let unmountable = format!("{}:/proc/cvm-test", data.display());
-    let out = env.run("qemu", &["--mount", &unmountable, "--", "true"], b"");
+    let out = env.run(engine, &["--mount", &unmountable, "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("could not set up its shares") && text(&out.stderr).contains("/proc/cvm-test"), "{}", text(&out.stderr));
     // Two host directories at one guest path (the same mount given twice is only one).
     let (first, second) = (format!("{}:/mnt/x", data.display()), format!("{}:/mnt/x", env.home.path().display()));
-    let out = env.run("qemu", &["--mount", &first, "--mount", &second, "--", "true"], b"");
+    let out = env.run(engine, &["--mount", &first, "--mount", &second, "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("mounted twice"), "{}", text(&out.stderr));
     env.assert_clean();
@@ -141,21 +138,20 @@ fn a_large_file_and_ten_thousand_small_ones_round_trip() {
     let script = "sha256sum big | cut -d' ' -f1; cp big copy; \
                   mkdir many && cd many && i=0; while [ $i -lt 10000 ]; do echo $i > f$i; i=$((i+1)); done; \
                   ls | wc -l; cat f9999; cd .. && rm -r many && echo removed";
-    for engine in engines() {
-        let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        let host_sum = {
-            let o = std::process::Command::new("sha256sum").arg(dir.join("big")).output().unwrap();
-            text(&o.stdout).split_whitespace().next().unwrap().to_string()
-        };
-        let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines, [host_sum.as_str(), "10000", "9999", "removed"], "[{engine}]");
-        assert!(std::fs::read(dir.join("copy")).unwrap() == data, "[{engine}] the guest's copy differs");
-        assert!(!dir.join("many").exists(), "[{engine}]");
-        std::fs::remove_file(dir.join("copy")).unwrap();
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &[arg(&dir), "--", "sh", "-c", script], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    let host_sum = {
+        let o = std::process::Command::new("sha256sum").arg(dir.join("big")).output().unwrap();
+        text(&o.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, [host_sum.as_str(), "10000", "9999", "removed"], "[{engine}]");
+    assert!(std::fs::read(dir.join("copy")).unwrap() == data, "[{engine}] the guest's copy differs");
+    assert!(!dir.join("many").exists(), "[{engine}]");
+    std::fs::remove_file(dir.join("copy")).unwrap();
+    env.assert_clean();
 }
 
 #[test]
@@ -177,17 +173,16 @@ fn a_worktree_gets_its_main_git_dir_with_hooks_and_config_read_only() {
          mkdir info/x; echo info $?; echo blob > objects/ab; echo objects $?",
         g = git.display()
     );
-    for engine in engines() {
-        let out = env.run(engine, &[arg(&wt), "--", "sh", "-c", &script], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        assert_eq!(stdout, "[core]\nhooks 1\nconfig 1\ninfo 1\nobjects 0\n", "[{engine}] {}", text(&out.stderr));
-        assert!(!git.join("hooks/post-checkout").exists(), "[{engine}]");
-        assert_eq!(std::fs::read_to_string(git.join("config")).unwrap(), "[core]\n", "[{engine}]");
-        assert_eq!(std::fs::read_to_string(git.join("objects/ab")).unwrap(), "blob\n", "[{engine}]");
-        std::fs::remove_file(git.join("objects/ab")).unwrap();
-        env.assert_clean();
-    }
+    let engine = engine();
+    let out = env.run(engine, &[arg(&wt), "--", "sh", "-c", &script], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    assert_eq!(stdout, "[core]\nhooks 1\nconfig 1\ninfo 1\nobjects 0\n", "[{engine}] {}", text(&out.stderr));
+    assert!(!git.join("hooks/post-checkout").exists(), "[{engine}]");
+    assert_eq!(std::fs::read_to_string(git.join("config")).unwrap(), "[core]\n", "[{engine}]");
+    assert_eq!(std::fs::read_to_string(git.join("objects/ab")).unwrap(), "blob\n", "[{engine}]");
+    std::fs::remove_file(git.join("objects/ab")).unwrap();
+    env.assert_clean();
 }
 
 #[test]
@@ -202,21 +197,20 @@ fn runtime_scripts_prepare_the_shell_and_claude_md_says_where_claude_is() {
     std::fs::write(&extra, "export SECOND=\"$GREETING again\"\n").unwrap();
     let failing = env.home.path().join("failing.sh");
     std::fs::write(&failing, "echo about to fail\nfalse\necho not reached\n").unwrap();
-    for engine in engines() {
-        let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&extra), "--", "sh", "-c", "echo $SECOND; cat ~/.claude/CLAUDE.md"], b"");
-        let stdout = text(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
-        assert!(stdout.starts_with("hello again\nMy own rules.\n<!-- cvm:begin -->\n"), "[{engine}] {stdout}");
-        assert!(stdout.contains(arg(&dir)) && stdout.contains("Build with make.\n<!-- cvm:end -->"), "[{engine}] {stdout}");
-        assert_eq!(std::fs::read_to_string(claude.join("CLAUDE.md")).unwrap(), "My own rules.\n", "[{engine}] the host's CLAUDE.md is untouched");
+    let engine = engine();
+    let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&extra), "--", "sh", "-c", "echo $SECOND; cat ~/.claude/CLAUDE.md"], b"");
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
+    assert!(stdout.starts_with("hello again\nMy own rules.\n<!-- cvm:begin -->\n"), "[{engine}] {stdout}");
+    assert!(stdout.contains(arg(&dir)) && stdout.contains("Build with make.\n<!-- cvm:end -->"), "[{engine}] {stdout}");
+    assert_eq!(std::fs::read_to_string(claude.join("CLAUDE.md")).unwrap(), "My own rules.\n", "[{engine}] the host's CLAUDE.md is untouched");
 
-        // A failing runtime script stops the run with its status; the command never runs.
-        let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&failing), "--", "sh", "-c", "echo COMMAND RAN"], b"");
-        assert_eq!(out.status.code(), Some(1), "[{engine}] {}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "about to fail\n", "[{engine}]");
-        env.assert_clean();
-    }
-    let out = env.run("qemu", &["--runtime-script", arg(&extra), "--", "true"], b"");
+    // A failing runtime script stops the run with its status; the command never runs.
+    let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&failing), "--", "sh", "-c", "echo COMMAND RAN"], b"");
+    assert_eq!(out.status.code(), Some(1), "[{engine}] {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "about to fail\n", "[{engine}]");
+    env.assert_clean();
+    let out = env.run(engine, &["--runtime-script", arg(&extra), "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("needs a project"), "{}", text(&out.stderr));
 }

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,7 @@ impl Env {
     pub fn start_idle_session(&self, args: &[&str]) -> Child {
         let mut all = args.to_vec();
         all.extend(["--", "sh", "-c", "echo ready; sleep 600"]);
-        let mut child = self.command("qemu", &all).stdin(Stdio::null()).spawn().unwrap();
+        let mut child = self.command(engine(), &all).stdin(Stdio::null()).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
@@ -166,14 +166,34 @@ pub fn wait_output(child: Child) -> Output {
     })
 }
 
-/// The engine that can run the full stack here, or None (with the reason printed).
-pub fn engines() -> Vec<&'static str> {
-    let mut engines = vec!["qemu"];
-    if kvm_usable() && !is_pvm() {
-        engines.push("cvm");
-    } else {
-        eprintln!("skipped on the cvm engine: it needs hardware KVM to run Linux; this host's /dev/kvm is PVM or absent");
+/// The engine the full-stack tests run on: `CVM_TEST_ENGINE`, `qemu` unless told. scripts/test
+/// runs the full-stack test binaries once per engine: `qemu` on the host, and `cvm` directly on
+/// hardware KVM or inside an L1 VM (scripts/nested) where the host's /dev/kvm is PVM or absent.
+/// An engine that cannot run here is a failure, never a skip.
+pub fn engine() -> &'static str {
+    let engine = match std::env::var("CVM_TEST_ENGINE").as_deref() {
+        Ok("cvm") => "cvm",
+        Ok("qemu") | Err(_) => "qemu",
+        Ok(other) => panic!("CVM_TEST_ENGINE={other:?}: expected cvm or qemu"),
+    };
+    if engine == "cvm" {
+        assert!(
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() && !is_pvm(),
+            "CVM_TEST_ENGINE=cvm needs hardware KVM (/dev/kvm, not PVM): run these tests inside L1 (scripts/nested)"
+        );
     }
-    engines
+    engine
 }
 
+/// An initramfs whose /init cannot run: the kernel finds no init and panics.
+pub fn broken_initramfs(dir: &Path) -> PathBuf {
+    std::fs::write(dir.join("init"), "not a program\n").unwrap();
+    let image = dir.join("broken.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && echo init | cpio -o -H newc --quiet > {}", dir.display(), image.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    image
+}

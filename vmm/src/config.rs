@@ -30,6 +30,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio-net device, for `--network open`.
     pub network: Option<NetConfig>,
+    /// Read KVM's exit counters of every vCPU when the VM ends ([`crate::VmExit::exits`]).
+    pub count_exits: bool,
 }
 
 /// A virtio-net device whose wire is a stream socket (QEMU's stream protocol: each frame after
@@ -115,6 +117,7 @@ impl VmConfig {
             vhost_user: Vec::new(),
             disks: Vec::new(),
             network: None,
+            count_exits: false,
         }
     }
 

@@ -59,5 +59,50 @@ pub fn is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// The host's time-stamp counter rate in kHz, when it is constant (`constant_tsc` and
+/// `nonstop_tsc`): measured once against CLOCK_MONOTONIC_RAW over a few milliseconds.
+pub fn tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+        let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+        let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+        if !(has("constant_tsc") && has("nonstop_tsc")) {
+            return None;
+        }
+        let (tsc0, ns0) = tsc_and_clock();
+        std::thread::sleep(std::time::Duration::from_millis(4));
+        let (tsc1, ns1) = tsc_and_clock();
+        let khz = u128::from(tsc1.checked_sub(tsc0)?) * 1_000_000 / u128::from(ns1.checked_sub(ns0).filter(|&ns| ns > 0)?);
+        u64::try_from(khz).ok().filter(|&khz| khz > 0)
+    })
+}
+
+/// A TSC reading and CLOCK_MONOTONIC_RAW (ns) taken as close together as three tries allow,
+/// so that a preemption between the two does not skew the rate.
+#[cfg(target_arch = "x86_64")]
+fn tsc_and_clock() -> (u64, u64) {
+    (0..3)
+        .map(|_| {
+            // SAFETY: rdtsc reads a counter; it has no memory effects and exists on every x86_64.
+            let before = unsafe { core::arch::x86_64::_rdtsc() };
+            let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut now) };
+            // SAFETY: as above.
+            let after = unsafe { core::arch::x86_64::_rdtsc() };
+            let ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+            (after - before, before / 2 + after / 2, ns)
+        })
+        .min_by_key(|&(gap, _, _)| gap)
+        .map(|(_, tsc, ns)| (tsc, ns))
+        .unwrap_or_default()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn tsc_and_clock() -> (u64, u64) {
+    (0, 0)
+}
+
 /// The one-line explanation for a guest that PVM could not emulate.
 pub const PVM_CANNOT_RUN_LINUX: &str = "this host's /dev/kvm is PVM (kvm_pvm), a software hypervisor without hardware virtualization: it runs small guests but cannot run a stock Linux kernel. Use a host with hardware KVM (vmx/svm)";

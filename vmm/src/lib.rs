@@ -3,11 +3,14 @@
 //! for good or fails, and says why ([`VmExit`]).
 //!
 //! Layout: `config` (plain data and its parsers), `memory` (memfd-backed guest RAM),
+//! `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit counters),
 //! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
 //! the event loop), `host` (what the host's KVM can do), `qemu` (the same `VmConfig` run by
 //! QEMU: the fallback and full-stack test engine).
 
 mod config;
+pub mod exit_stats;
+pub mod guest_panic;
 pub mod host;
 mod memory;
 pub mod qemu;
@@ -45,4 +48,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::KvmCall { what, source }
+}
+
+/// Locks `mutex`, taking over a lock whose holder panicked: the VM's state stays usable and
+/// the panic is reported where it happened.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

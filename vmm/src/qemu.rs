@@ -19,8 +19,11 @@ use crate::{Error, Result, VhostUserKind, VmConfig};
 pub enum Accel {
     /// Hardware KVM.
     Kvm,
-    /// QEMU's software CPU: slow, but runs anywhere.
-    Tcg,
+    /// QEMU's software CPU: slow, but runs anywhere. Its TSC is the host's, so a guest told
+    /// the host's rate (`tsc_early_khz`) need not calibrate it against the emulated PIT: a
+    /// calibration that costs boot time under TCG and, on a loaded host, fails now and then,
+    /// leaving the guest without a TSC clock (and a KVM inside it unable to run guests).
+    Tcg { tsc_khz: Option<u64> },
 }
 
 impl Accel {
@@ -29,7 +32,7 @@ impl Accel {
     pub fn for_this_host() -> Accel {
         match crate::host::open_kvm() {
             Ok(_) if !crate::host::is_pvm() => Accel::Kvm,
-            _ => Accel::Tcg,
+            _ => Accel::Tcg { tsc_khz: crate::host::tsc_khz() },
         }
     }
 }
@@ -56,7 +59,7 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // Every feature TCG can emulate (AVX2 included): Claude Code's binary needs more than
         // the default qemu64 model has.
-        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        Accel::Tcg { .. } => push(&["-accel", "tcg", "-cpu", "max"]),
     }
     push(&["-m", &format!("{mib}M"), "-smp", &config.vcpus.to_string()]);
     push(&["-object", &format!("memory-backend-memfd,id=ram,size={mib}M,share=on")]);
@@ -79,7 +82,10 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         args.push(initrd.clone().into());
     }
     args.push("-append".into());
-    args.push(config.cmdline.clone().into());
+    args.push(match accel {
+        Accel::Tcg { tsc_khz: Some(khz) } => format!("{} tsc_early_khz={khz}", config.cmdline).into(),
+        _ => config.cmdline.clone().into(),
+    });
     if config.rng {
         args.extend(["-device".into(), "virtio-rng-device".into()]);
     }
@@ -164,6 +170,11 @@ impl QemuVm {
     pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
         self.child.wait()
     }
+
+    /// QEMU's exit status if it has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
 }
 
 impl Drop for QemuVm {
@@ -192,7 +203,7 @@ mod tests {
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
         config.disks.push(crate::DiskConfig { path: "/img/root,1.erofs".into(), read_only: true });
         config.network = Some(crate::NetConfig { socket: "/run/x/net.sock".into(), mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef] });
-        let args: Vec<String> = arguments(&config, Accel::Tcg).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let args: Vec<String> = arguments(&config, Accel::Tcg { tsc_khz: None }).into_iter().map(|a| a.into_string().unwrap()).collect();
         let line = args.join(" ");
         for want in [
             "-M microvm,acpi=off,memory-backend=ram",
@@ -212,5 +223,28 @@ mod tests {
         assert!(!line.contains("virtio-rng"));
         let append = args.iter().position(|a| a == "-append").unwrap();
         assert_eq!(args[append + 1], config.cmdline, "the command line is one argument");
+    }
+
+    #[test]
+    fn under_tcg_the_guest_is_told_the_hosts_tsc_rate() {
+        let config = VmConfig::new("/k/vmlinux");
+        let append = |accel| {
+            let args: Vec<String> = arguments(&config, accel).into_iter().map(|a| a.into_string().unwrap()).collect();
+            args[args.iter().position(|a| a == "-append").unwrap() + 1].clone()
+        };
+        assert_eq!(append(Accel::Tcg { tsc_khz: Some(2_596_134) }), format!("{} tsc_early_khz=2596134", config.cmdline));
+        assert_eq!(append(Accel::Tcg { tsc_khz: None }), config.cmdline);
+        assert_eq!(append(Accel::Kvm), config.cmdline, "KVM gives the guest kvmclock");
+    }
+
+    #[test]
+    fn the_hosts_tsc_rate_is_measured_where_it_is_constant() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let constant = cpuinfo.contains(" constant_tsc") && cpuinfo.contains(" nonstop_tsc");
+        match crate::host::tsc_khz() {
+            // Between 100 MHz and 10 GHz: a rate, not noise.
+            Some(khz) => assert!(constant && (100_000..10_000_000).contains(&khz), "{khz} kHz"),
+            None => assert!(!constant, "a constant TSC must be measured"),
+        }
     }
 }

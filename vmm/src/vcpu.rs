@@ -12,9 +12,12 @@ use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::exit_stats::{self, ExitCounts};
+use crate::lock;
 use crate::vm::ExitReason;
 
 const RFLAGS_IF: u64 = 1 << 9;
+const CR0_PE: u64 = 1;
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing: the
@@ -44,22 +47,25 @@ pub struct Shared {
     /// Per vCPU: it cannot run again (halted with interrupts off, or never started).
     stuck: Vec<AtomicBool>,
     pub first_entry: OnceLock<Instant>,
+    /// Every vCPU's exit counters, added up as each stops; None when not counted.
+    pub exits: Option<Mutex<ExitCounts>>,
 }
 
 impl Shared {
-    pub fn new(vcpus: usize, exit_evt: EventFd) -> Self {
+    pub fn new(vcpus: usize, exit_evt: EventFd, count_exits: bool) -> Self {
         Self {
             exit: Mutex::new(None),
             exit_evt,
             stop: AtomicBool::new(false),
             stuck: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             first_entry: OnceLock::new(),
+            exits: count_exits.then(|| Mutex::new(ExitCounts::new())),
         }
     }
 
     /// Records why the VM ends (the first reason wins) and wakes the event loop.
     pub fn request_exit(&self, reason: ExitReason) {
-        let mut exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut exit = lock(&self.exit);
         if exit.is_none() {
             *exit = Some(reason);
             let _ = self.exit_evt.write(1);
@@ -67,7 +73,7 @@ impl Shared {
     }
 
     pub fn exit_reason(&self) -> Option<ExitReason> {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.exit).clone()
     }
 
     pub fn exit_evt(&self) -> &EventFd {
@@ -102,9 +108,13 @@ impl Vcpu {
                 Err(e) => Some(ExitReason::Unexpected(format!("KVM_RUN failed: {e}"))),
             };
             if let Some(reason) = ended {
-                self.shared.request_exit(refine_internal_error(&mut self.fd, reason));
+                self.shared.request_exit(refine(&mut self.fd, reason));
                 break;
             }
+        }
+        if let Some(total) = &self.shared.exits {
+            let counts = exit_stats::read(&self.fd);
+            exit_stats::add(&mut lock(total), counts);
         }
     }
 
@@ -146,7 +156,7 @@ fn handle_exit(exit: VcpuExit, io: &IoManager) -> Option<ExitReason> {
             }
         }
         VcpuExit::Hlt => return Some(ExitReason::Halted),
-        VcpuExit::Shutdown => return Some(ExitReason::TripleFault),
+        VcpuExit::Shutdown => return Some(ExitReason::TripleFault { rip: None, cr2: None }),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Some(ExitReason::PowerOff),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Some(ExitReason::Reset),
         VcpuExit::SystemEvent(kind, _) => {
@@ -164,10 +174,17 @@ fn handle_exit(exit: VcpuExit, io: &IoManager) -> Option<ExitReason> {
     None
 }
 
-/// An InternalError exit carries its kind in the run structure: say whether it was an
-/// emulation failure (what PVM reports for a stock kernel).
-fn refine_internal_error(fd: &mut VcpuFd, reason: ExitReason) -> ExitReason {
+/// Adds what the vCPU still knows to the exit that ended it: whether an InternalError was an
+/// emulation failure (what PVM reports for a stock kernel; the kind is in the run structure),
+/// and where a triple fault happened.
+fn refine(fd: &mut VcpuFd, reason: ExitReason) -> ExitReason {
     match reason {
+        // On AMD, KVM resets the vCPU on a shutdown (real mode at the reset vector): then
+        // where it was is lost.
+        ExitReason::TripleFault { .. } => match (fd.get_regs(), fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) if sregs.cr0 & CR0_PE != 0 => ExitReason::TripleFault { rip: Some(regs.rip), cr2: Some(sregs.cr2) },
+            _ => ExitReason::TripleFault { rip: None, cr2: None },
+        },
         ExitReason::InternalError { pvm, .. } => {
             // SAFETY: reading a plain integer of the run structure's union, which KVM filled
             // for this InternalError exit.

@@ -23,11 +23,12 @@ use vm_memory::{GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::guest_panic::{GuestPanic, PanicWatch, Seen};
 use crate::layout::*;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{self, Shared, Vcpu};
 use crate::x86_64::{self, cpu, mptable, BootInfo};
-use crate::{host, kvm_call, Error, Result, VmConfig};
+use crate::{host, kvm_call, lock, Error, Result, VmConfig};
 
 /// How often the event loop checks whether every vCPU has halted for good. A halted vCPU
 /// sleeps inside KVM, so only a kick shows its state.
@@ -35,6 +36,9 @@ const HALT_CHECK_PERIOD: Duration = Duration::from_millis(100);
 /// How long a Linux kernel on a PVM host may stay silent before cvm calls it stuck. A stock
 /// kernel there takes 15-40 s to reach its emulation failure; a PVM-enabled one prints at once.
 pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
+/// How long a guest that printed its panic line gets to finish the report and reset (as
+/// `panic=-1` does at once) before cvm ends it: `panic=0` spins and `panic=N` waits N s.
+const PANIC_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,8 +50,9 @@ pub enum ExitReason {
     PowerOff,
     /// Every vCPU halted with interrupts disabled: nothing can wake the guest again.
     Halted,
-    /// A fault while delivering a double fault: the CPU shuts down.
-    TripleFault,
+    /// A fault while delivering a double fault: the CPU shuts down. Where it was (the
+    /// instruction pointer and the last page-fault address), when KVM still tells.
+    TripleFault { rip: Option<u64>, cr2: Option<u64> },
     /// KVM gave up on the guest; `emulation` when it could not emulate an instruction.
     InternalError { emulation: bool, pvm: bool },
     /// On a PVM host, a Linux kernel showed no sign of life (no console output, no boot timer)
@@ -55,6 +60,8 @@ pub enum ExitReason {
     NoProgressOnPvm,
     /// KVM could not enter the guest (bad vCPU state).
     FailedEntry { reason: u64, cpu: u32 },
+    /// The guest's kernel panicked (its console said so), however it went on from there.
+    GuestPanic(GuestPanic),
     /// cvm stopped it (the session ended).
     Stopped,
     Unexpected(String),
@@ -73,7 +80,13 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Reset => write!(f, "the guest reset the machine"),
             ExitReason::PowerOff => write!(f, "the guest powered off"),
             ExitReason::Halted => write!(f, "the guest halted with interrupts disabled"),
-            ExitReason::TripleFault => write!(f, "the guest crashed: triple fault"),
+            ExitReason::TripleFault { rip, cr2 } => {
+                write!(f, "the guest crashed: triple fault")?;
+                if let (Some(rip), Some(cr2)) = (rip, cr2) {
+                    write!(f, " at rip {rip:#x} (cr2 {cr2:#x})")?;
+                }
+                Ok(())
+            }
             ExitReason::InternalError { emulation: true, pvm: true } => {
                 write!(f, "KVM emulation failure: {}", host::PVM_CANNOT_RUN_LINUX)
             }
@@ -90,6 +103,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::FailedEntry { reason, cpu } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
             }
+            ExitReason::GuestPanic(panic) => write!(f, "{panic}"),
             ExitReason::Stopped => write!(f, "stopped by cvm"),
             ExitReason::Unexpected(what) => write!(f, "unexpected VM exit: {what}"),
         }
@@ -111,6 +125,8 @@ pub struct BootTimings {
 pub struct VmExit {
     pub reason: ExitReason,
     pub timings: BootTimings,
+    /// KVM's exit counters over every vCPU, when [`VmConfig::count_exits`] asked for them.
+    pub exits: Option<crate::exit_stats::ExitCounts>,
 }
 
 /// Ends a running VM from outside (its run returns [`ExitReason::Stopped`]).
@@ -133,6 +149,7 @@ pub struct Vm {
     shared: Arc<Shared>,
     serial: Arc<Mutex<SerialConsole>>,
     boot_timer: Arc<OnceLock<Instant>>,
+    panic: Arc<Mutex<ConsolePanic>>,
     /// The running vCPU threads, for the event loop's kicks.
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     started: Instant,
@@ -175,16 +192,15 @@ impl Vm {
 
         let event_loop: EventManager<Subscriber> = EventManager::new().map_err(event_err)?;
         let exit_evt = EventFd::new(EFD_NONBLOCK)?;
-        let shared = Arc::new(Shared::new(usize::from(config.vcpus), exit_evt));
+        let shared = Arc::new(Shared::new(usize::from(config.vcpus), exit_evt, config.count_exits));
         let mut devices = DeviceManager::new(&vm_fd, mem.clone(), event_loop.remote_endpoint(), &config.cmdline)?;
 
         let serial_irq = EventFd::new(EFD_NONBLOCK)?;
         vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_call("wire the serial interrupt"))?;
         let console_bytes = Arc::new(AtomicU64::new(0));
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            EventFdTrigger::new(serial_irq),
-            Box::new(ConsoleOut { written: console_bytes.clone(), sink: console_sink(config)? }),
-        )));
+        let panic = Arc::new(Mutex::new(ConsolePanic::default()));
+        let console = ConsoleOut { written: console_bytes.clone(), panic: panic.clone(), shared: shared.clone(), sink: console_sink(config)? };
+        let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console))));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
         let reset_evt = EventFd::new(EFD_NONBLOCK)?;
         devices.add_pio(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_evt.try_clone()?)))))?;
@@ -219,11 +235,12 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("report its CPUID"))?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let io = Arc::new(io);
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm_fd.create_vcpu(u64::from(index)).map_err(kvm_call("create a vCPU"))?;
-            cpu::setup_cpuid(&fd, &supported, index, config.vcpus)?;
+            cpu::setup_cpuid(&fd, &cpu::guest_cpuid(&supported, index, config.vcpus, tsc_deadline))?;
             cpu::setup_lapic(&fd)?;
             if index == 0 {
                 cpu::setup_boot_cpu(&fd, &mem, kernel.entry)?;
@@ -240,6 +257,7 @@ impl Vm {
             shared,
             serial,
             boot_timer: boot_stamp,
+            panic,
             vcpu_threads: Arc::new(Mutex::new(Vec::new())),
             started,
         };
@@ -264,6 +282,7 @@ impl Vm {
             vcpu_threads: self.vcpu_threads.clone(),
             boot_timer: self.boot_timer.clone(),
             pvm_watch,
+            panic: self.panic.clone(),
         };
         self.event_loop.add_subscriber(Box::new(control));
         Ok(())
@@ -286,7 +305,7 @@ impl Vm {
             })
             .collect::<std::io::Result<_>>()?;
         let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
-        *self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner()) = pthreads.clone();
+        *lock(&self.vcpu_threads) = pthreads.clone();
 
         let reason = loop {
             if let Some(reason) = self.shared.exit_reason() {
@@ -295,6 +314,11 @@ impl Vm {
             if let Err(e) = self.event_loop.run() {
                 break ExitReason::Unexpected(format!("event loop: {e:?}"));
             }
+        };
+        // A panic explains whatever followed it: `panic=-1`'s reset above all.
+        let reason = match lock(&self.panic).watch.panic() {
+            Some(panic) => ExitReason::GuestPanic(panic.clone()),
+            None => reason,
         };
         let exit = self.started.elapsed();
 
@@ -307,11 +331,13 @@ impl Vm {
             }
             let _ = thread.join();
         }
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        lock(&self.serial).flush();
 
         let since_start = |t: &Instant| t.saturating_duration_since(self.started);
+        let exits = self.shared.exits.as_ref().map(|e| lock(e).clone());
         Ok(VmExit {
             reason,
+            exits,
             timings: BootTimings {
                 first_instruction: self.shared.first_entry.get().map(since_start),
                 boot_timer: self.boot_timer.get().map(since_start),
@@ -323,7 +349,7 @@ impl Vm {
 
 /// Kicks every vCPU out of KVM_RUN.
 fn kick_all(threads: &Mutex<Vec<libc::pthread_t>>) {
-    for &thread in threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for &thread in lock(threads).iter() {
         // SAFETY: the vCPU threads are joined only after the event loop has stopped, so every
         // pthread_t in the list is valid while the loop runs.
         unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
@@ -342,6 +368,7 @@ struct Control {
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     boot_timer: Arc<OnceLock<Instant>>,
     pvm_watch: Option<PvmWatch>,
+    panic: Arc<Mutex<ConsolePanic>>,
 }
 
 /// Watches a Linux kernel booting on a PVM host for its first sign of life.
@@ -359,11 +386,32 @@ impl Control {
             self.shared.request_exit(ExitReason::NoProgressOnPvm);
         }
     }
+
+    /// Ends a guest that panicked and did not reset within [`PANIC_GRACE`].
+    fn check_panic(&self) {
+        let state = lock(&self.panic);
+        if let (Some(panic), Some(since)) = (state.watch.panic(), state.since) {
+            if since.elapsed() >= PANIC_GRACE {
+                self.shared.request_exit(ExitReason::GuestPanic(panic.clone()));
+            }
+        }
+    }
 }
 
-/// The serial console's sink: standard output, counting what the guest wrote.
+/// The console's panic watch, and when it saw the panic.
+#[derive(Default)]
+struct ConsolePanic {
+    watch: PanicWatch,
+    since: Option<Instant>,
+}
+
+
+/// The serial console's sink (standard output or the console log), counting what the guest
+/// wrote and watching it for a kernel panic.
 struct ConsoleOut {
     written: Arc<AtomicU64>,
+    panic: Arc<Mutex<ConsolePanic>>,
+    shared: Arc<Shared>,
     sink: Box<dyn std::io::Write + Send>,
 }
 
@@ -377,7 +425,19 @@ fn console_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>> {
 impl std::io::Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.sink.write(buf)
+        let written = self.sink.write(buf)?;
+        let mut state = lock(&self.panic);
+        match state.watch.feed(&buf[..written]) {
+            Seen::Nothing => {}
+            Seen::Panic => state.since = Some(Instant::now()),
+            // `panic=0`: the kernel spins from here on.
+            Seen::End => {
+                if let Some(panic) = state.watch.panic() {
+                    self.shared.request_exit(ExitReason::GuestPanic(panic.clone()));
+                }
+            }
+        }
+        Ok(written)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -414,6 +474,7 @@ impl MutEventSubscriber for Control {
             let _ = self.halt_check.wait();
             kick_all(&self.vcpu_threads);
             self.check_pvm_progress();
+            self.check_panic();
         } else if let Some(stdin) = &self.stdin {
             let mut buf = [0u8; 64];
             match stdin.lock().read(&mut buf) {
@@ -423,9 +484,9 @@ impl MutEventSubscriber for Control {
                     self.stdin = None;
                 }
                 Ok(n) => {
-                    let taken = self.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[..n]);
+                    let taken = lock(&self.serial).enqueue_input(&buf[..n]);
                     if taken < n {
-                        tracing::debug!("serial: guest FIFO full, {} input bytes dropped", n - taken);
+                        tracing::warn!("serial: the guest is not reading its console; {} input bytes dropped", n - taken);
                     }
                 }
             }

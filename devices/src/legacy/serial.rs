@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::io::Write;
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
@@ -7,21 +8,40 @@ use vm_superio::Serial;
 
 use crate::EventFdTrigger;
 
+/// Host input waiting for room in the UART's 64-byte FIFO (a paste, a script piped in).
+pub const MAX_PENDING_INPUT: usize = 64 << 10;
+
 /// The 8250 UART at COM1 (ports 0x3f8-0x3ff): the guest's console, written to `out`.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    /// Input the FIFO had no room for, moved into it as the guest reads.
+    pending: VecDeque<u8>,
 }
 
 impl SerialConsole {
     /// `interrupt` is the irqfd of the UART's line (IRQ 4 on COM1).
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Serial::new(interrupt, out) }
+        Self { uart: Serial::new(interrupt, out), pending: VecDeque::new() }
     }
 
-    /// Queues host input for the guest to read. Returns how many bytes fit in the FIFO; the
-    /// rest is the caller's to retry once the guest drained it.
+    /// Queues host input for the guest to read: into the FIFO as far as it has room, the rest
+    /// kept (up to [`MAX_PENDING_INPUT`]) until the guest drains it. Returns how many bytes were
+    /// taken; the rest is dropped.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(input).unwrap_or(0)
+        let taken = input.len().min(MAX_PENDING_INPUT - self.pending.len());
+        self.pending.extend(&input[..taken]);
+        self.refill();
+        taken
+    }
+
+    /// Moves kept input into the FIFO as far as it has room.
+    fn refill(&mut self) {
+        let room = self.uart.fifo_capacity().min(self.pending.len());
+        if room > 0 {
+            let bytes: Vec<u8> = self.pending.drain(..room).collect();
+            // Cannot fail: no more than the FIFO's free room.
+            let _ = self.uart.enqueue_raw_bytes(&bytes);
+        }
     }
 
     pub fn flush(&mut self) {
@@ -33,6 +53,9 @@ impl MutDevicePio for SerialConsole {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             *byte = self.uart.read(offset);
+            if !self.pending.is_empty() {
+                self.refill();
+            }
         }
     }
 
@@ -43,5 +66,54 @@ impl MutDevicePio for SerialConsole {
                 tracing::debug!("serial: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    const DATA: PioAddressOffset = 0;
+    const LINE_STATUS: PioAddressOffset = 5;
+    const DATA_READY: u8 = 1;
+
+    fn console() -> SerialConsole {
+        SerialConsole::new(EventFdTrigger::new(EventFd::new(0).unwrap()), Box::new(std::io::sink()))
+    }
+
+    /// Reads the UART as Linux's 8250 driver does: while the line status says data is ready.
+    fn drain(uart: &mut SerialConsole) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut byte = [0u8];
+        loop {
+            uart.pio_read(PioAddress(0x3f8), LINE_STATUS, &mut byte);
+            if byte[0] & DATA_READY == 0 {
+                return out;
+            }
+            uart.pio_read(PioAddress(0x3f8), DATA, &mut byte);
+            out.push(byte[0]);
+        }
+    }
+
+    #[test]
+    fn input_longer_than_the_fifo_reaches_the_guest_whole() {
+        let mut uart = console();
+        let line: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        assert_eq!(uart.enqueue_input(&line[..300]), 300);
+        assert_eq!(uart.enqueue_input(&line[300..]), 700);
+        assert_eq!(drain(&mut uart), line, "every byte, in order");
+        assert_eq!(drain(&mut uart), b"");
+    }
+
+    #[test]
+    fn input_the_guest_never_reads_is_bounded() {
+        let mut uart = console();
+        let chunk = [b'x'; 4096];
+        let taken: usize = (0..100).map(|_| uart.enqueue_input(&chunk)).sum();
+        // The FIFO's 64 bytes and the kept input, and not a byte more.
+        assert_eq!(taken, 64 + MAX_PENDING_INPUT);
+        assert_eq!(drain(&mut uart).len(), taken);
+        assert_eq!(uart.enqueue_input(b"again"), 5, "room again once read");
     }
 }

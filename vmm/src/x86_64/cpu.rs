@@ -132,24 +132,42 @@ fn write_identity_page_tables(mem: &GuestMemory) -> std::result::Result<(), vm_m
     Ok(())
 }
 
-/// Gives vCPU `index` the host's supported CPUID with its own APIC ID and the hypervisor bit.
-pub fn setup_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8, count: u8) -> Result<()> {
+/// CPUID.1:ECX bit 24: the local APIC's timer takes a TSC deadline.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:ECX bit 31: running under a hypervisor.
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:EDX bit 28 (HTT): the package's processor count in EBX is valid.
+const CPUID_1_EDX_HTT: u32 = 1 << 28;
+
+/// What vCPU `index` of `count` says it is: the host's supported CPUID with its own APIC ID,
+/// the hypervisor bit and, where KVM emulates it (`tsc_deadline`, a capability KVM does not
+/// put in its supported CPUID), the TSC-deadline timer. Without that timer Linux calibrates
+/// the APIC timer against the PIT at boot and runs it in one-shot mode: slower to boot, more
+/// exits, and under nested virtualization an L2 guest that crashed now and then (seen in L1).
+pub fn guest_cpuid(supported: &CpuId, index: u8, count: u8, tsc_deadline: bool) -> CpuId {
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => {
                 // EBX: initial APIC ID (31:24), logical processors per package (23:16).
                 entry.ebx = (u32::from(index) << 24) | (u32::from(count) << 16) | (entry.ebx & 0xffff);
-                entry.ecx |= 1 << 31; // running under a hypervisor
+                entry.ecx |= CPUID_1_ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
-                    entry.edx |= 1 << 28; // HTT: the package count in EBX is valid
+                    entry.edx |= CPUID_1_EDX_HTT;
                 }
             }
             0xb | 0x1f => entry.edx = u32::from(index), // x2APIC ID
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_call("set the vCPU's CPUID"))
+    cpuid
+}
+
+pub fn setup_cpuid(vcpu: &VcpuFd, cpuid: &CpuId) -> Result<()> {
+    vcpu.set_cpuid2(cpuid).map_err(kvm_call("set the vCPU's CPUID"))
 }
 
 /// Wires the local APIC as on a PC: LINT0 takes the 8259's ExtINT, LINT1 the NMI.
@@ -187,6 +205,23 @@ mod tests {
         assert_eq!((tss.type_, tss.s, tss.g), (0xb, 0, 1));
         let odd = segment(0, gdt_entry(0x0093, 0x1234_5678, 0xabcde));
         assert_eq!((odd.base, odd.limit, odd.g), (0x1234_5678, 0xabcde, 0));
+    }
+
+    #[test]
+    fn each_vcpu_gets_its_apic_id_and_the_tsc_deadline_timer_where_kvm_has_it() {
+        use kvm_bindings::kvm_cpuid_entry2;
+        let leaf = |function, ecx, edx| kvm_cpuid_entry2 { function, ecx, edx, ..Default::default() };
+        let supported = CpuId::from_entries(&[leaf(1, 0x1, 0x1), leaf(0xb, 0, 0)]).unwrap();
+        let cpuid = guest_cpuid(&supported, 3, 4, true);
+        let entries = cpuid.as_slice();
+        assert_eq!(entries[0].ebx >> 24, 3, "initial APIC ID");
+        assert_eq!((entries[0].ebx >> 16) & 0xff, 4, "processors in the package");
+        assert_eq!(entries[0].ecx, 0x1 | CPUID_1_ECX_TSC_DEADLINE | CPUID_1_ECX_HYPERVISOR);
+        assert_eq!(entries[0].edx, 0x1 | CPUID_1_EDX_HTT);
+        assert_eq!(entries[1].edx, 3, "x2APIC ID");
+        let without = guest_cpuid(&supported, 0, 1, false);
+        assert_eq!(without.as_slice()[0].ecx, 0x1 | CPUID_1_ECX_HYPERVISOR, "no deadline timer KVM does not emulate");
+        assert_eq!(without.as_slice()[0].edx, 0x1, "no HTT for one vCPU");
     }
 
     #[test]

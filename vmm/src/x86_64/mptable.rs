@@ -46,10 +46,12 @@ pub fn build(base: u64, vcpus: u8) -> Vec<u8> {
     entries.extend([ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend(IOAPIC_ADDR.to_le_bytes());
     count += 2;
-    // ISA IRQ n is IOAPIC pin n; pin 0 carries the 8259's ExtINT as on a PC.
+    // ISA IRQ n is IOAPIC pin n, every pin a plain vectored interrupt. Pin 0 must not be
+    // typed ExtINT as on a PC: KVM's IOAPIC does not pass the 8259 through it, and Linux,
+    // told otherwise ("ExtINT not setup in hardware but reported by MP table"), dereferences
+    // NULL in its timer set-up and panics (seen on a stock 6.12 kernel in L1).
     for irq in 0..IRQ_COUNT as u8 {
-        let kind = if irq == 0 { INT_TYPE_EXTINT } else { INT_TYPE_INT };
-        entries.extend([ENTRY_IO_INTERRUPT, kind, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
+        entries.extend([ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, ISA_BUS_ID, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 takes the 8259's ExtINT, LINT1 the NMI, on every local APIC (0xff).
@@ -98,9 +100,20 @@ pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// Reads the table the way Linux's mpparse does, returning the processors' APIC IDs and
-    /// whether each is the bootstrap processor.
-    fn parse(bytes: &[u8], base: u64) -> Vec<(u8, bool)> {
+    /// What the table says, as Linux's mpparse reads it.
+    #[derive(Default)]
+    struct Parsed {
+        /// Each processor's APIC ID and whether it is the bootstrap processor.
+        cpus: Vec<(u8, bool)>,
+        /// Each IO interrupt entry: (type, source bus IRQ, IOAPIC ID, IOAPIC pin).
+        io_interrupts: Vec<(u8, u8, u8, u8)>,
+        /// Each local interrupt entry: (type, local APIC ID, LINT pin).
+        local_interrupts: Vec<(u8, u8, u8)>,
+        ioapic_id: Option<u8>,
+    }
+
+    /// Reads the table the way Linux's mpparse does.
+    fn parse(bytes: &[u8], base: u64) -> Parsed {
         assert_eq!(&bytes[..4], b"_MP_");
         assert_eq!(bytes[..16].iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0, "floating pointer checksum");
         let table_at = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as u64 - base;
@@ -111,26 +124,39 @@ mod tests {
         assert_eq!(table.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0, "table checksum");
         let count = u16::from_le_bytes([table[34], table[35]]);
         let mut at = HEADER_LEN;
-        let mut cpus = Vec::new();
+        let mut parsed = Parsed::default();
         for _ in 0..count {
-            let size = match table[at] {
+            let e = &table[at..];
+            let size = match e[0] {
                 ENTRY_PROCESSOR => {
-                    cpus.push((table[at + 1], table[at + 3] & CPU_BOOTSTRAP != 0));
+                    parsed.cpus.push((e[1], e[3] & CPU_BOOTSTRAP != 0));
                     20
                 }
-                ENTRY_BUS | ENTRY_IOAPIC | ENTRY_IO_INTERRUPT | ENTRY_LOCAL_INTERRUPT => 8,
+                ENTRY_IOAPIC => {
+                    parsed.ioapic_id = Some(e[1]);
+                    8
+                }
+                ENTRY_IO_INTERRUPT => {
+                    parsed.io_interrupts.push((e[1], e[5], e[6], e[7]));
+                    8
+                }
+                ENTRY_LOCAL_INTERRUPT => {
+                    parsed.local_interrupts.push((e[1], e[6], e[7]));
+                    8
+                }
+                ENTRY_BUS => 8,
                 other => panic!("unknown entry type {other}"),
             };
             at += size;
         }
         assert_eq!(at, len, "entries fill the table exactly");
-        cpus
+        parsed
     }
 
     #[test]
     fn lists_every_cpu_with_one_bootstrap() {
         for n in [1u8, 2, 7, MAX as u8] {
-            let cpus = parse(&build(MPTABLE_ADDR, n), MPTABLE_ADDR);
+            let cpus = parse(&build(MPTABLE_ADDR, n), MPTABLE_ADDR).cpus;
             assert_eq!(cpus.len(), n as usize);
             assert_eq!(cpus.iter().filter(|c| c.1).count(), 1);
             assert!(cpus[0].1);
@@ -139,6 +165,22 @@ mod tests {
     }
 
     const MAX: usize = crate::x86_64::MAX_VCPUS;
+
+    #[test]
+    fn every_ioapic_pin_is_a_plain_interrupt_and_the_8259_reaches_lint0() {
+        for n in [1u8, 2, 4] {
+            let table = parse(&build(MPTABLE_ADDR, n), MPTABLE_ADDR);
+            let ioapic = table.ioapic_id.expect("an IOAPIC entry");
+            assert_eq!(ioapic, n, "the IOAPIC's ID follows the processors'");
+            assert_eq!(table.io_interrupts.len(), IRQ_COUNT as usize);
+            for (pin, &(kind, irq, dest, dest_pin)) in table.io_interrupts.iter().enumerate() {
+                // An ExtINT on pin 0 makes a stock kernel panic at IO-APIC set-up.
+                assert_eq!(kind, INT_TYPE_INT, "pin {pin} is typed {kind}");
+                assert_eq!((irq, dest, dest_pin), (pin as u8, ioapic, pin as u8));
+            }
+            assert_eq!(table.local_interrupts, vec![(INT_TYPE_EXTINT, 0xff, 0), (INT_TYPE_NMI, 0xff, 1)]);
+        }
+    }
 
     #[test]
     fn fits_below_the_legacy_hole() {

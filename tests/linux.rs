@@ -1,0 +1,96 @@
+//! Linux on cvm's own VMM, through `cvm boot`: the project's kernel (vmlinux with its PVH
+//! entry, and the bzImage) with the test initramfs, on 1, 2 and 4 vCPUs, and a kernel panic
+//! as a failure whatever `panic=` says.
+//!
+//! These need hardware KVM: scripts/test runs them with CVM_TEST_ENGINE=cvm, directly where
+//! /dev/kvm is hardware and inside an L1 VM (scripts/nested) where it is PVM or absent. With
+//! CVM_TEST_ENGINE unset (a plain `cargo test` on such a host) they say so and pass.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{arg, broken_initramfs, engine, linux_artifacts, text, wait_output};
+
+/// Makes cvm-agent print its readiness line and reset at once.
+const BOOT_TEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test";
+
+/// The kernel and initramfs, when this run is the cvm engine's.
+fn artifacts() -> Option<(PathBuf, PathBuf)> {
+    if std::env::var_os("CVM_TEST_ENGINE").is_none() {
+        eprintln!("skipped: Linux on cvm's VMM runs with CVM_TEST_ENGINE=cvm (scripts/test: on hardware KVM, or in L1)");
+        return None;
+    }
+    assert_eq!(engine(), "cvm", "these tests are cvm's VMM's alone");
+    linux_artifacts()
+}
+
+fn cvm_boot(kernel: &Path, initrd: &Path, cpus: &str, append: &str) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["boot", "--kernel", arg(kernel), "--initrd", arg(initrd), "--cpus", cpus, "--memory", "256M", "--timings", "--append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child)
+}
+
+/// Boots `image` (the vmlinux or the bzImage built beside it) to init and back.
+fn boots_to_init(cpus: &str, image: &str) {
+    let Some((vmlinux, initrd)) = artifacts() else { return };
+    let out = cvm_boot(&vmlinux.with_file_name(image), &initrd, cpus, BOOT_TEST_CMDLINE);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains(&format!("cvm-agent: init reached, {cpus} cpus")), "{stdout}");
+    assert!(!stdout.contains("Kernel panic") && !stdout.contains("BUG:"), "{stdout}");
+    assert!(!stderr.contains("boot-timer -"), "the init's boot-timer poke was not seen: {stderr}");
+    // KVM's exit counters, for `cvm bench boot`: a Linux boot exits thousands of times, some
+    // of them to cvm for port and MMIO accesses.
+    let exits = stderr.lines().find_map(|l| l.strip_prefix("cvm exits (all vCPUs):")).unwrap_or_else(|| panic!("no exit counts: {stderr}"));
+    let count = |name: &str| -> u64 {
+        let mut words = exits.split_whitespace();
+        words.find(|w| *w == name).and_then(|_| words.next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no {name} in {exits}"))
+    };
+    assert!(count("exits") > 1000 && count("io_exits") + count("mmio_exits") > 0, "{exits}");
+}
+
+#[test]
+fn vmlinux_boots_to_init_on_one_vcpu() {
+    boots_to_init("1", "vmlinux");
+}
+
+#[test]
+fn vmlinux_boots_to_init_on_two_vcpus() {
+    boots_to_init("2", "vmlinux");
+}
+
+#[test]
+fn vmlinux_boots_to_init_on_four_vcpus() {
+    boots_to_init("4", "vmlinux");
+}
+
+#[test]
+fn bzimage_boots_to_init() {
+    boots_to_init("2", "bzImage");
+}
+
+#[test]
+fn a_kernel_panic_fails_the_boot_whatever_panic_says() {
+    let Some((kernel, _)) = artifacts() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let broken = broken_initramfs(dir.path());
+    // panic=-1 resets at once (once taken for a clean exit), panic=0 spins for ever, panic=30
+    // waits: each ends as a failure that names the panic, well before its own timeout.
+    for panic in ["-1", "0", "30"] {
+        let started = std::time::Instant::now();
+        let out = cvm_boot(&kernel, &broken, "1", &format!("console=ttyS0 reboot=k panic={panic}"));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "panic={panic}: {stderr}");
+        assert!(stderr.contains("cvm: the guest kernel panicked: Kernel panic - not syncing: "), "panic={panic}: {stderr}");
+        assert!(text(&out.stdout).contains("Kernel panic - not syncing"), "panic={panic}: the console shows it");
+        assert!(started.elapsed() < std::time::Duration::from_secs(25), "panic={panic} took {:?}", started.elapsed());
+    }
+}
