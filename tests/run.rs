@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{broken_initramfs, engine, text, wait_output, Env};
+use common::{broken_initramfs, engine, nested_scale, text, wait_output, Env};
 
 #[test]
 fn a_command_prints_and_its_exit_status_comes_back() {
@@ -109,7 +109,7 @@ fn sigkill_of_cvm_leaves_nothing_running() {
 
     child.kill().unwrap();
     child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + nested_scale(Duration::from_secs(10));
     while helpers.iter().any(|&p| running(p)) {
         assert!(Instant::now() < deadline, "still running after cvm was killed: {:?}", helpers.iter().filter(|&&p| running(p)).collect::<Vec<_>>());
         std::thread::sleep(Duration::from_millis(20));

@@ -46,8 +46,12 @@ pub fn text(bytes: &[u8]) -> String {
 /// A hang is a failure, not a stuck suite: 120 s, four times that inside L1 (scripts/nested
 /// sets CVM_NESTED), where every VM exit of the guest under test is emulated by QEMU's TCG.
 pub fn deadline() -> Duration {
-    let nested = if std::env::var_os("CVM_NESTED").is_some() { 4 } else { 1 };
-    Duration::from_secs(120 * nested)
+    nested_scale(Duration::from_secs(120))
+}
+
+/// `wait`, four times longer inside L1 (CVM_NESTED): how long clean-up may take there.
+pub fn nested_scale(wait: Duration) -> Duration {
+    if std::env::var_os("CVM_NESTED").is_some() { wait * 4 } else { wait }
 }
 
 /// A `cvm run` environment: the project's kernel and image, a private XDG_RUNTIME_DIR (so
@@ -151,7 +155,7 @@ impl Env {
     }
 
     pub fn assert_clean(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + nested_scale(Duration::from_secs(10));
         while !self.leftovers().is_empty() {
             assert!(Instant::now() < deadline, "left behind: {:?}", self.leftovers());
             std::thread::sleep(Duration::from_millis(20));
