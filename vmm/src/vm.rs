@@ -113,6 +113,8 @@ impl std::fmt::Display for ExitReason {
 /// When the boot reached its milestones, counted from the VMM's start.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BootTimings {
+    /// The VMM's set-up before the first instruction, by step: when each step was done.
+    pub setup: Vec<(&'static str, Duration)>,
     /// To the boot processor's first KVM_RUN: the guest's first instruction.
     pub first_instruction: Option<Duration>,
     /// To the guest's write to the boot timer.
@@ -153,6 +155,7 @@ pub struct Vm {
     /// The running vCPU threads, for the event loop's kicks.
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     started: Instant,
+    setup: Vec<(&'static str, Duration)>,
 }
 
 impl Vm {
@@ -160,6 +163,8 @@ impl Vm {
     /// reported boot timings.
     pub fn create(config: &VmConfig, started: Instant) -> Result<Vm> {
         config.validate()?;
+        let mut setup = Vec::new();
+        let mut done = |step: &'static str| setup.push((step, started.elapsed()));
         memory::check_host_can_give(config.memory_bytes)?;
         let kvm = host::open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_call("create a VM"))?;
@@ -167,6 +172,7 @@ impl Vm {
         vm_fd.create_irq_chip().map_err(kvm_call("create the interrupt controller"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(kvm_call("create the PIT"))?;
+        done("vm");
 
         let (mem, ram) = memory::create_guest_memory(config.memory_bytes)?;
         for (slot, region) in mem.iter().enumerate() {
@@ -182,6 +188,7 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(region_desc) }
                 .map_err(kvm_call("map guest memory"))?;
         }
+        done("memory");
 
         let kernel = x86_64::load_kernel(&mem, &config.kernel)?;
         let initrd = config
@@ -189,6 +196,7 @@ impl Vm {
             .as_deref()
             .map(|path| x86_64::load_initrd(&mem, path, &kernel))
             .transpose()?;
+        done("kernel");
 
         let event_loop: EventManager<Subscriber> = EventManager::new().map_err(event_err)?;
         let exit_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -227,6 +235,7 @@ impl Vm {
             devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind(), vhost.kind.device_config())?))?;
         }
         let (io, cmdline) = devices.finish();
+        done("devices");
 
         x86_64::write_boot_info(&mem, &BootInfo { kernel: &kernel, cmdline: &cmdline, initrd, memory: config.memory_bytes })?;
         mptable::write(&mem, config.vcpus)?;
@@ -247,6 +256,7 @@ impl Vm {
             }
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
+        done("vcpus");
 
         let mut vm = Vm {
             _kvm: kvm,
@@ -260,6 +270,7 @@ impl Vm {
             panic,
             vcpu_threads: Arc::new(Mutex::new(Vec::new())),
             started,
+            setup,
         };
         let pvm_watch = (kernel.is_linux && host::is_pvm()).then(|| PvmWatch {
             deadline: Instant::now() + PVM_LINUX_GRACE,
@@ -339,6 +350,7 @@ impl Vm {
             reason,
             exits,
             timings: BootTimings {
+                setup: std::mem::take(&mut self.setup),
                 first_instruction: self.shared.first_entry.get().map(since_start),
                 boot_timer: self.boot_timer.get().map(since_start),
                 exit,
