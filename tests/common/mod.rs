@@ -124,9 +124,21 @@ impl Env {
         let feeder = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let out = wait_output(child);
+        let out = wait_output_explained(child, || self.console_tails());
         feeder.join().unwrap();
         out
+    }
+
+    /// The last lines of every running session's guest console.
+    fn console_tails(&self) -> String {
+        let mut tails = String::new();
+        for dir in self.leftovers() {
+            if let Ok(console) = std::fs::read_to_string(dir.join("console.log")) {
+                let lines: Vec<&str> = console.lines().collect();
+                tails += &format!("\n--- {}, last lines:\n{}", dir.display(), lines[lines.len().saturating_sub(30)..].join("\n"));
+            }
+        }
+        tails
     }
 
     /// Starts a session (with `args` before the command) whose command says "ready" and then
@@ -164,13 +176,21 @@ impl Env {
 }
 
 pub fn wait_output(child: Child) -> Output {
+    wait_output_explained(child, String::new)
+}
+
+/// [`wait_output`], and when cvm hangs, what `explain` says (read before cvm is killed) and
+/// cvm's stderr go into the failure.
+fn wait_output_explained(child: Child, explain: impl FnOnce() -> String) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
     rx.recv_timeout(deadline()).unwrap_or_else(|_| {
+        let explained = explain();
         // SAFETY (test): SIGKILL to our own hung child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("cvm did not finish within {:?}", deadline());
+        let said = rx.recv_timeout(Duration::from_secs(10)).map(|out| text(&out.stderr)).unwrap_or_default();
+        panic!("cvm did not finish within {:?}; its stderr: {said}{explained}", deadline());
     })
 }
 

@@ -107,6 +107,10 @@ fn init_system() -> String {
         let _ = poke_boot_timer();
         println!("cvm-agent: init reached, {cpus} cpus, {kib} kB");
         let _ = std::io::stdout().flush();
+        // The line must leave the serial port before the kernel prints its reboot message,
+        // which would otherwise cut it in two on the console.
+        // SAFETY: tcdrain only waits on the given descriptor.
+        unsafe { libc::tcdrain(1) };
         shutdown();
     }
     cmdline
