@@ -36,6 +36,8 @@ pub const DEFAULT_ALLOW: &[&str] = &[
     "*.anthropic.com",
     "claude.ai",
     "*.claude.ai",
+    "claude.com",
+    "*.claude.com",
     "registry.npmjs.org",
     "pypi.org",
     "files.pythonhosted.org",
@@ -302,10 +304,21 @@ impl Audit {
     }
 
     fn record(&self, verdict: &str, target: &str, reason: &str) {
-        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        let line = format!("{secs} session={} {verdict} {target} {reason}\n", self.1);
+        let line = audit_line(SystemTime::now(), &self.1, verdict, target, reason);
         let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes());
     }
+}
+
+/// One line of the audit log, its time in RFC 3339 (UTC). The target and the reason carry what
+/// the guest sent: their control characters are escaped, so that a request can neither start
+/// a forged line (CR, LF) nor drive the terminal of whoever reads the log (ESC).
+fn audit_line(at: SystemTime, session: &str, verdict: &str, target: &str, reason: &str) -> String {
+    let time = humantime::format_rfc3339_seconds(at);
+    format!("{time} session={session} {verdict} {} {}\n", escape_controls(target), escape_controls(reason))
+}
+
+fn escape_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), logging to `audit`; stops
@@ -414,6 +427,26 @@ mod tests {
 
     fn policy(allow: &[&str]) -> EgressPolicy {
         EgressPolicy { allow: allow.iter().map(|s| s.to_string()).collect(), ..EgressPolicy::default() }
+    }
+
+    #[test]
+    fn audit_lines_have_rfc3339_times_and_cannot_be_forged_from_the_guest() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600);
+        let forged = "evil.test:443 x\r\n2025-12-02T00:00:00Z session=other allow api.anthropic.com:443 \u{1b}[2J";
+        let line = audit_line(at, "s1", "deny", forged, "not on the allow list\u{85}");
+        assert!(line.starts_with("2025-12-02T00:00:00Z session=s1 deny evil.test:443 x\\r\\n2025"), "{line}");
+        assert_eq!(line.matches('\n').count(), 1, "one line, ended by its own newline: {line:?}");
+        assert!(line.ends_with("\n") && !line.contains('\u{1b}') && !line.contains('\r') && !line.contains('\u{85}'), "{line:?}");
+        assert!(line.contains("\\u{1b}[2J") && line.contains("\\u{85}"), "{line}");
+    }
+
+    #[test]
+    fn claude_code_s_own_hosts_are_allowed_by_default() {
+        let p = EgressPolicy { allow: DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect(), ..EgressPolicy::default() };
+        for host in ["platform.claude.com", "claude.com", "api.anthropic.com", "claude.ai"] {
+            let decision = p.decide(host, 443);
+            assert!(!matches!(decision, Decision::Deny(ref why) if why.contains("allow list")), "{host}: {decision:?}");
+        }
     }
 
     #[test]

@@ -142,9 +142,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Internal: a named VM's background process.
+    /// Internal: a named VM's background process; its `cvm start` command line comes on its
+    /// standard input, not in its argv, which every user of the host can read.
     #[command(name = "__vm-daemon", hide = true)]
-    VmDaemon(StartArgs),
+    VmDaemon,
     /// Internal: removes a session directory once cvm is gone.
     #[command(name = "__janitor", hide = true)]
     Janitor { dir: PathBuf },
@@ -456,6 +457,16 @@ fn main() -> ExitCode {
         prompt = words;
         cli = Cli { command: Cli::parse_from(["cvm", "run", "."]).command, ..cli };
     }
+    let mut daemon = false;
+    if let Command::VmDaemon = cli.command {
+        match daemon_command_line() {
+            Ok(start) => (cli, daemon) = (start, true),
+            Err(e) => {
+                eprintln!("cvm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
@@ -490,8 +501,9 @@ fn main() -> ExitCode {
                 }
             }
         },
+        Command::Start(args) if daemon => report(vm_daemon(&args)),
         Command::Start(args) => report(start(&args)),
-        Command::VmDaemon(args) => report(vm_daemon(&args)),
+        Command::VmDaemon => report(Err(anyhow::anyhow!("__vm-daemon takes a `cvm start` command line on its standard input"))),
         Command::Exec { name, command } => match vm_exec(&name, command) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -863,12 +875,24 @@ fn clean_all(yes: bool) -> anyhow::Result<()> {
 
 /// `cvm start`: this command line again, as `cvm __vm-daemon`, in the background.
 fn start(args: &StartArgs) -> anyhow::Result<()> {
-    let mut argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let at = argv.iter().position(|a| a == "start").ok_or_else(|| anyhow::anyhow!("cannot find `start` in the command line"))?;
-    argv[at] = "__vm-daemon".into();
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     cvm::named::spawn(&args.name, &argv)?;
     println!("{}", args.name);
     Ok(())
+}
+
+/// The daemon's `cvm start` command line, NUL-separated on its standard input.
+fn daemon_command_line() -> anyhow::Result<Cli> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
+    const MAX: u64 = 1 << 20;
+    let mut bytes = Vec::new();
+    std::io::stdin().take(MAX + 1).read_to_end(&mut bytes)?;
+    anyhow::ensure!(bytes.len() as u64 <= MAX, "the command line on standard input is over {MAX} bytes");
+    let words = bytes.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| OsString::from_vec(w.to_vec()));
+    let cli = Cli::try_parse_from(std::iter::once(OsString::from("cvm")).chain(words))?;
+    anyhow::ensure!(matches!(cli.command, Command::Start(_)), "__vm-daemon was given a command line that is not `cvm start`");
+    Ok(cli)
 }
 
 /// `cvm __vm-daemon`: the session of a named VM, kept until stopped.

@@ -190,18 +190,27 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
     Ok(())
 }
 
-/// Starts the daemon (`cvm` with `daemon_args`, which make it call [`serve`] for `name`) in a
-/// process group of its own, its output in the VM's `daemon.log`, and waits until it serves or
+/// Starts the daemon (`cvm __vm-daemon`, given the `cvm start` arguments `start_args`, which
+/// make it call [`serve`] for `name`) in a process group of its own, its output in the VM's `daemon.log`, and waits until it serves or
 /// fails; a failure says why, from that log, and leaves nothing.
-pub fn spawn(name: &str, daemon_args: &[std::ffi::OsString]) -> Result<()> {
+pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
     let dir = claim(name)?;
     let log = dir.join(DAEMON_LOG);
     let output = std::fs::File::create(&log)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
-    command.args(daemon_args).stdin(std::process::Stdio::null()).stdout(output.try_clone()?).stderr(output);
+    command.arg("__vm-daemon").stdin(std::process::Stdio::piped()).stdout(output.try_clone()?).stderr(output);
     // The terminal's Ctrl-C is not for it (and it ignores SIGHUP): the VM outlives the shell.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let mut daemon = command.spawn()?;
+    // Its settings (`-e NAME=VALUE` among them) go through a pipe: an argv is world-readable.
+    let mut words = Vec::new();
+    for arg in start_args {
+        words.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(arg.as_os_str()));
+        words.push(0);
+    }
+    if let Some(mut stdin) = daemon.stdin.take() {
+        std::io::Write::write_all(&mut stdin, &words)?;
+    }
     loop {
         if dir.join(CONTROL_SOCKET).exists() && dir.join(INFO_FILE).exists() {
             return Ok(());

@@ -18,7 +18,7 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     let engine = engine();
     let out = wait_output(env.subcommand("start", engine, &["--name", "alpha", project_str]).spawn().unwrap());
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "alpha\n".into()), "[{engine}] {}", text(&out.stderr));
-    let out = wait_output(env.subcommand("start", engine, &["--name", "beta"]).spawn().unwrap());
+    let out = wait_output(env.subcommand("start", engine, &["--name", "beta", "-e", "CVM_TEST_SECRET=hunter2-for-beta"]).spawn().unwrap());
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
     let again = wait_output(env.subcommand("start", engine, &["--name", "alpha"]).spawn().unwrap());
     assert!(again.status.code() == Some(1) && text(&again.stderr).contains("already running"), "[{engine}] {}", text(&again.stderr));
@@ -29,6 +29,12 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     let listed: Vec<(&str, &str)> = ps.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap())).collect();
     assert_eq!(listed, [("alpha", "running"), ("beta", "running")], "[{engine}] {ps}");
     assert_eq!(ps[0]["project"], project_str, "[{engine}]");
+    // A value given with -e reaches the VM's commands, but not the daemon's argv, which every
+    // user of the host can read.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", ps[1]["pid"].as_u64().unwrap())).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("hunter2"), "[{engine}] {:?}", String::from_utf8_lossy(&cmdline));
+    let out = env.cvm(&["exec", "beta", "--", "sh", "-c", "echo $CVM_TEST_SECRET"]).output().unwrap();
+    assert_eq!(text(&out.stdout), "hunter2-for-beta\n", "[{engine}] {}", text(&out.stderr));
 
     // An exec that stays open while others come and go.
     let mut open = env.cvm(&["exec", "alpha", "--", "sh", "-c", "echo started; sleep 600"]).spawn().unwrap();

@@ -145,6 +145,18 @@ fn bad_input_gets_a_clear_error() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/image"), "{}", text(&out.stderr));
 
+    // Refused before either engine starts, at once and with the reason (the QEMU engine used
+    // to sit out the agent's 60 s, or end in QEMU's own words).
+    let not_a_kernel = Env { kernel: "/etc/passwd".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
+    let started = Instant::now();
+    let out = not_a_kernel.run(engine(), &["--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("/etc/passwd") && text(&out.stderr).contains("neither an ELF vmlinux nor a bzImage"), "{}", text(&out.stderr));
+    let out = env.run(engine(), &["--memory", "1T", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("more than this host's"), "{}", text(&out.stderr));
+    assert!(started.elapsed() < nested_scale(Duration::from_secs(10)), "refused up front, not after a boot: {:?}", started.elapsed());
+
     for args in [&["--timeout", "0", "--", "true"][..], &["--timeout", "soon", "--", "true"], &["--memory", "lots", "--", "true"]] {
         let out = env.run(engine(), args, b"");
         assert_eq!(out.status.code(), Some(2), "{args:?}: usage error expected; {}", text(&out.stderr));

@@ -124,21 +124,9 @@ impl Env {
         let feeder = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let out = wait_output_explained(child, || self.console_tails());
+        let out = wait_output(child);
         feeder.join().unwrap();
         out
-    }
-
-    /// The last lines of every running session's guest console.
-    fn console_tails(&self) -> String {
-        let mut tails = String::new();
-        for dir in self.leftovers() {
-            if let Ok(console) = std::fs::read_to_string(dir.join("console.log")) {
-                let lines: Vec<&str> = console.lines().collect();
-                tails += &format!("\n--- {}, last lines:\n{}", dir.display(), lines[lines.len().saturating_sub(30)..].join("\n"));
-            }
-        }
-        tails
     }
 
     /// Starts a session (with `args` before the command) whose command says "ready" and then
@@ -176,22 +164,32 @@ impl Env {
 }
 
 pub fn wait_output(child: Child) -> Output {
-    wait_output_explained(child, String::new)
-}
-
-/// [`wait_output`], and when cvm hangs, what `explain` says (read before cvm is killed) and
-/// cvm's stderr go into the failure.
-fn wait_output_explained(child: Child, explain: impl FnOnce() -> String) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
     rx.recv_timeout(deadline()).unwrap_or_else(|_| {
-        let explained = explain();
+        let consoles = console_tails(pid);
         // SAFETY (test): SIGKILL to our own hung child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let said = rx.recv_timeout(Duration::from_secs(10)).map(|out| text(&out.stderr)).unwrap_or_default();
-        panic!("cvm did not finish within {:?}; its stderr: {said}{explained}", deadline());
+        panic!("cvm did not finish within {:?}; its stderr: {said}{consoles}", deadline());
     })
+}
+
+/// The last lines of the guest consoles of cvm process `pid`'s sessions (under the
+/// XDG_RUNTIME_DIR it was given): what a hung guest was doing.
+fn console_tails(pid: u32) -> String {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let Some(runtime) = environ.split(|b| *b == 0).find_map(|v| v.strip_prefix(b"XDG_RUNTIME_DIR=")) else { return String::new() };
+    let sessions = Path::new(std::str::from_utf8(runtime).unwrap_or_default()).join("cvm");
+    let mut tails = String::new();
+    for dir in std::fs::read_dir(sessions).into_iter().flatten().flatten() {
+        if let Ok(console) = std::fs::read_to_string(dir.path().join("console.log")) {
+            let lines: Vec<&str> = console.lines().collect();
+            tails += &format!("\n--- {}, its last lines:\n{}", dir.path().display(), lines[lines.len().saturating_sub(40)..].join("\n"));
+        }
+    }
+    tails
 }
 
 /// The engine the full-stack tests run on: `CVM_TEST_ENGINE`, `qemu` unless told. scripts/test

@@ -121,7 +121,8 @@ impl VmConfig {
         }
     }
 
-    /// Checks what can be checked without touching KVM, so bad input fails fast and clearly.
+    /// Checks what can be checked without touching KVM, so bad input fails fast and clearly,
+    /// the same on either engine.
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || usize::from(self.vcpus) > crate::x86_64::MAX_VCPUS {
             return Err(Error::Config(format!(
@@ -146,6 +147,8 @@ impl VmConfig {
                 return Err(Error::Config(format!("{} is not a regular file", path.display())));
             }
         }
+        crate::x86_64::kernel_format(&self.kernel)?;
+        crate::memory::check_host_can_give(self.memory_bytes)?;
         Ok(())
     }
 }
@@ -214,8 +217,21 @@ mod tests {
         let dir = std::env::temp_dir();
         let mut config = VmConfig::new(dir.join("no-such-kernel"));
         assert!(matches!(config.validate(), Err(Error::File { .. })));
+        // This test program is an ELF file, but a program, not a kernel.
         config.kernel = std::env::current_exe().unwrap();
+        assert!(matches!(config.validate(), Err(Error::NotAKernel { .. })));
+        // The headers of a 64-bit x86 executable are what a vmlinux is checked for up front.
+        let kernel = tempfile::NamedTempFile::new().unwrap();
+        let mut header = [0u8; 64];
+        header[..5].copy_from_slice(b"\x7fELF\x02");
+        header[16..18].copy_from_slice(&2u16.to_le_bytes());
+        header[18..20].copy_from_slice(&62u16.to_le_bytes());
+        std::fs::write(kernel.path(), header).unwrap();
+        config.kernel = kernel.path().to_path_buf();
         assert!(config.validate().is_ok());
+        config.memory_bytes = 1 << 50;
+        assert!(matches!(config.validate(), Err(Error::Config(ref why)) if why.contains("more than this host's")));
+        config.memory_bytes = 64 << 20;
         config.vcpus = 0;
         assert!(config.validate().is_err());
         config.vcpus = 1;

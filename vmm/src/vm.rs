@@ -165,7 +165,6 @@ impl Vm {
         config.validate()?;
         let mut setup = Vec::new();
         let mut done = |step: &'static str| setup.push((step, started.elapsed()));
-        memory::check_host_can_give(config.memory_bytes)?;
         let kvm = host::open_kvm()?;
         let vm_fd = kvm.create_vm().map_err(kvm_call("create a VM"))?;
         vm_fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_call("set the TSS address"))?;

@@ -57,40 +57,70 @@ pub struct LoadedKernel {
 
 /// Loads a vmlinux (ELF) or a bzImage into guest memory. An ELF with a PVH note boots through
 /// it; one without boots through its 64-bit entry; a bzImage boots through its 64-bit entry.
+/// The two kernel formats cvm boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A 64-bit x86 ELF vmlinux (entered by PVH when it has the note, else in 64-bit mode).
+    Elf,
+    /// A bzImage with a 64-bit entry point.
+    BzImage,
+}
+
+/// Which format the kernel at `path` has, from its headers alone: both engines check it before
+/// they start, so that a file that is not a kernel fails at once and says why.
+pub fn kernel_format(path: &Path) -> Result<KernelFormat> {
+    const ELFCLASS64: u8 = 2;
+    const ET_EXEC: u16 = 2;
+    const EM_X86_64: u16 = 62;
+    // The bzImage setup header's fields, by their offsets in the file.
+    const BOOT_FLAG: usize = 0x1fe;
+    const HEADER: usize = 0x202;
+    const XLOADFLAGS: usize = 0x236;
+    const XLF_KERNEL_64: u16 = 1;
+
+    let not_a_kernel = |reason: &str| Error::NotAKernel { path: path.to_path_buf(), reason: reason.into() };
+    let file = File::open(path).map_err(|source| Error::File { path: path.into(), source })?;
+    let mut head = Vec::with_capacity(XLOADFLAGS + 2);
+    file.take((XLOADFLAGS + 2) as u64).read_to_end(&mut head).map_err(|source| Error::File { path: path.into(), source })?;
+    let u16_at = |offset: usize| head.get(offset..offset + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+
+    if head.starts_with(b"\x7fELF") {
+        if head.len() < 20 || head[4] != ELFCLASS64 || u16_at(18) != Some(EM_X86_64) {
+            return Err(not_a_kernel("an ELF file, but not a 64-bit x86 one"));
+        }
+        if u16_at(16) != Some(ET_EXEC) {
+            return Err(not_a_kernel("an ELF file, but not a statically placed executable (a program or library, not a vmlinux)"));
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    if u16_at(BOOT_FLAG) == Some(KERNEL_BOOT_FLAG_MAGIC) && head.get(HEADER..HEADER + 4) == Some(&KERNEL_HDR_MAGIC.to_le_bytes()[..]) {
+        if u16_at(XLOADFLAGS).unwrap_or(0) & XLF_KERNEL_64 == 0 {
+            return Err(not_a_kernel("this bzImage has no 64-bit entry point"));
+        }
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(not_a_kernel("neither an ELF vmlinux nor a bzImage"))
+}
+
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
     let not_a_kernel = |reason: String| Error::NotAKernel { path: path.to_path_buf(), reason };
+    let format = kernel_format(path)?;
     let mut file = File::open(path).map_err(|source| Error::File { path: path.into(), source })?;
-    let mut ident = [0u8; 20];
-    let n = file.read(&mut ident).map_err(|source| Error::File { path: path.into(), source })?;
-    file.seek(SeekFrom::Start(0))?;
-
-    if n >= 4 && ident[..4] == *b"\x7fELF" {
-        const ELFCLASS64: u8 = 2;
-        const ET_EXEC: u16 = 2;
-        const EM_X86_64: u16 = 62;
-        let e_type = u16::from_le_bytes([ident[16], ident[17]]);
-        let e_machine = u16::from_le_bytes([ident[18], ident[19]]);
-        if n < ident.len() || ident[4] != ELFCLASS64 || e_machine != EM_X86_64 {
-            return Err(not_a_kernel("an ELF file, but not a 64-bit x86 one".into()));
+    match format {
+        KernelFormat::Elf => {
+            let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| not_a_kernel(format!("not a loadable x86_64 ELF kernel ({e})")))?;
+            let entry = match loaded.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
+                _ => EntryPoint::Linux64(loaded.kernel_load),
+            };
+            let is_linux = has_linux_note(&mut file).unwrap_or(false);
+            Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux })
         }
-        if e_type != ET_EXEC {
-            return Err(not_a_kernel("an ELF file, but not a statically placed executable (a program or library, not a vmlinux)".into()));
-        }
-        let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| not_a_kernel(format!("not a loadable x86_64 ELF kernel ({e})")))?;
-        let entry = match loaded.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr),
-            _ => EntryPoint::Linux64(loaded.kernel_load),
-        };
-        let is_linux = has_linux_note(&mut file).unwrap_or(false);
-        return Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux });
-    }
-    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(loaded) => {
+        KernelFormat::BzImage => {
+            let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| not_a_kernel(format!("cannot load it as a bzImage ({e})")))?;
             let header = loaded.setup_header.ok_or_else(|| not_a_kernel("bzImage without a setup header".into()))?;
-            if header.xloadflags & 1 == 0 {
-                return Err(not_a_kernel("this bzImage has no 64-bit entry point".into()));
-            }
             Ok(LoadedKernel {
                 entry: EntryPoint::Linux64(loaded.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)),
                 end: loaded.kernel_end,
@@ -98,10 +128,6 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
                 is_linux: true,
             })
         }
-        Err(linux_loader::loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage)) => {
-            Err(not_a_kernel("neither an ELF vmlinux nor a bzImage".into()))
-        }
-        Err(e) => Err(not_a_kernel(format!("cannot load it as a bzImage ({e})"))),
     }
 }
 
@@ -266,3 +292,64 @@ pub fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &LoadedKernel) -> Res
     Ok((addr, size))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn format_of(bytes: &[u8]) -> Result<KernelFormat> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        kernel_format(file.path())
+    }
+
+    fn bzimage_header(xloadflags: u16) -> Vec<u8> {
+        let mut head = vec![0u8; 0x240];
+        head[0x1fe..0x200].copy_from_slice(&KERNEL_BOOT_FLAG_MAGIC.to_le_bytes());
+        head[0x202..0x206].copy_from_slice(&KERNEL_HDR_MAGIC.to_le_bytes());
+        head[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        head
+    }
+
+    #[test]
+    fn kernel_formats_are_told_from_their_headers() {
+        let mut elf = vec![0u8; 64];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        assert_eq!(format_of(&elf).unwrap(), KernelFormat::Elf);
+        assert_eq!(format_of(&bzimage_header(1)).unwrap(), KernelFormat::BzImage);
+
+        let reason = |bytes: &[u8]| match format_of(bytes) {
+            Err(Error::NotAKernel { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(reason(&bzimage_header(0)).contains("no 64-bit entry point"));
+        assert!(reason(&elf[..12]).contains("not a 64-bit x86 one"), "a truncated header");
+        let mut program = elf.clone();
+        program[16] = 3; // ET_DYN
+        assert!(reason(&program).contains("not a vmlinux"));
+        let mut arm = elf.clone();
+        arm[18] = 183; // EM_AARCH64
+        assert!(reason(&arm).contains("not a 64-bit x86 one"));
+        assert!(reason(&bzimage_header(1)[..0x237]).contains("no 64-bit entry point"), "cut short in its flags");
+        for other in [&b""[..], b"root:x:0:0:root:/root:/bin/bash\n", &bzimage_header(1)[..0x205]] {
+            assert!(reason(other).contains("neither an ELF vmlinux nor a bzImage"), "{other:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever a file holds, the check answers (never panics) and only a well-formed header passes.
+        #[test]
+        fn any_bytes_get_an_answer(bytes in proptest::collection::vec(any::<u8>(), 0..0x300)) {
+            if let Ok(format) = format_of(&bytes) {
+                match format {
+                    KernelFormat::Elf => prop_assert!(bytes.starts_with(b"\x7fELF\x02")),
+                    KernelFormat::BzImage => prop_assert_eq!(&bytes[0x202..0x206], b"HdrS"),
+                }
+            }
+        }
+    }
+}

@@ -6,7 +6,7 @@ mod boot;
 pub mod cpu;
 pub mod mptable;
 
-pub use boot::{e820_map, load_initrd, load_kernel, write_boot_info, BootInfo, E820Entry, EntryPoint, LoadedKernel};
+pub use boot::{e820_map, kernel_format, load_initrd, load_kernel, write_boot_info, BootInfo, E820Entry, EntryPoint, KernelFormat, LoadedKernel};
 
 /// The MP table has room for this many processors (and APIC IDs stay below the IOAPIC's).
 pub const MAX_VCPUS: usize = 32;
