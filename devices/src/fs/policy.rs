@@ -128,6 +128,16 @@ impl<F: FileSystem> PolicyFs<F> {
             Err(erofs())
         }
     }
+
+    /// Mode, owner, times and extended attributes: in a read-only view nothing's may change,
+    /// the writable file's included (only its contents and size may).
+    fn check_attributes(&self, inode: u64) -> io::Result<()> {
+        if self.policy.read_only || self.is_protected(inode) {
+            Err(erofs())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Whether `open` flags ask for anything beyond reading.
@@ -196,7 +206,13 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn setattr(&self, ctx: Context, inode: Self::Inode, attr: fuse::SetattrIn, handle: Option<Self::Handle>, valid: SetattrValid) -> io::Result<(fuse::Attr, Duration)> {
         let inode: u64 = inode.into();
-        self.check_modify(inode)?;
+        // A truncation, with the times it updates, changes contents; anything else attributes.
+        let truncation = SetattrValid::SIZE | SetattrValid::MTIME | SetattrValid::MTIME_NOW | SetattrValid::CTIME | SetattrValid::KILL_SUIDGID;
+        if valid.contains(SetattrValid::SIZE) && truncation.contains(valid) {
+            self.check_modify(inode)?;
+        } else {
+            self.check_attributes(inode)?;
+        }
         self.inner.setattr(ctx, inode.into(), attr, handle, valid)
     }
 
@@ -297,7 +313,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn setxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, value: &[u8], flags: u32, extra_flags: SetxattrFlags) -> io::Result<()> {
         let inode: u64 = inode.into();
-        self.check_modify(inode)?;
+        self.check_attributes(inode)?;
         self.inner.setxattr(ctx, inode.into(), name, value, flags, extra_flags)
     }
 
@@ -311,7 +327,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn removexattr(&self, ctx: Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
         let inode: u64 = inode.into();
-        self.check_modify(inode)?;
+        self.check_attributes(inode)?;
         self.inner.removexattr(ctx, inode.into(), name)
     }
 

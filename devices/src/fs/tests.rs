@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use super::{serve_in_process, Policy, ShareConfig};
-use crate::virtual_guest::fuse::{FuseGuest, ROOT};
+use crate::virtual_guest::fuse::{FuseGuest, SetattrIn, ROOT};
 
 const SECRET: &str = "host secret\n";
 
@@ -219,6 +219,21 @@ fn a_selected_view_hides_names_and_lets_only_its_one_file_be_rewritten() {
     g.write(creds.nodeid, fh, 0, b"new token").unwrap();
     g.release(creds.nodeid, fh, false).unwrap();
     assert_eq!(std::fs::read_to_string(fx.share.join(".credentials.json")).unwrap(), "new token");
+    // Its size may change, with the times a truncation sets; its other attributes may not.
+    const SIZE: u32 = 1 << 3;
+    const MTIME_CTIME: u32 = (1 << 5) | (1 << 10);
+    g.setattr(creds.nodeid, SetattrIn { size: 3, ..SetattrIn::only(SIZE | MTIME_CTIME) }).unwrap();
+    let mode_before = std::fs::metadata(fx.share.join(".credentials.json")).unwrap().permissions();
+    for (what, attr) in [
+        ("chmod", SetattrIn { mode: 0o4777, ..SetattrIn::only(1) }),
+        ("chown", SetattrIn { uid: 0, ..SetattrIn::only(1 << 1) }),
+        ("set its times", SetattrIn::only((1 << 4) | (1 << 5) | (1 << 7) | (1 << 8))),
+        ("chmod with a truncation", SetattrIn { mode: 0o777, size: 0, ..SetattrIn::only(1 | SIZE) }),
+    ] {
+        assert_eq!(g.setattr(creds.nodeid, attr).map_err(errno), Err(libc::EROFS), "{what}");
+    }
+    assert_eq!(std::fs::metadata(fx.share.join(".credentials.json")).unwrap().permissions(), mode_before);
+    assert_eq!(std::fs::read_to_string(fx.share.join(".credentials.json")).unwrap(), "new");
     assert_eq!(g.unlink(ROOT, b".credentials.json").map_err(errno), Err(libc::EROFS));
     assert_eq!(g.rename(ROOT, b".credentials.json", ROOT, b"settings.json").map_err(errno), Err(libc::EROFS));
     assert_eq!(g.link(creds.nodeid, ROOT, b"copy").map_err(errno), Err(libc::EROFS));

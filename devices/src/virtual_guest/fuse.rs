@@ -423,10 +423,32 @@ impl FuseGuest {
 
     /// Truncates `nodeid` to `size` (SETATTR with FATTR_SIZE).
     pub fn truncate(&mut self, nodeid: u64, size: u64) -> io::Result<()> {
-        let mut args = vec![0u8; 88];
-        args[..4].copy_from_slice(&(1u32 << 3).to_le_bytes()); // FATTR_SIZE
-        args[16..24].copy_from_slice(&size.to_le_bytes());
+        self.setattr(nodeid, SetattrIn { size, ..SetattrIn::only(1 << 3) }) // FATTR_SIZE
+    }
+
+    /// SETATTR with the fields `attr.valid` names.
+    pub fn setattr(&mut self, nodeid: u64, attr: SetattrIn) -> io::Result<()> {
+        let mut args = vec![0u8; 88]; // struct fuse_setattr_in
+        args[..4].copy_from_slice(&attr.valid.to_le_bytes());
+        args[16..24].copy_from_slice(&attr.size.to_le_bytes());
+        args[68..72].copy_from_slice(&attr.mode.to_le_bytes());
+        args[76..80].copy_from_slice(&attr.uid.to_le_bytes());
         self.request(op::SETATTR, nodeid, &args, 104).map(drop)
+    }
+}
+
+/// The fields of a SETATTR request the tests set; `valid` holds FATTR_* bits.
+#[derive(Clone, Copy, Default)]
+pub struct SetattrIn {
+    pub valid: u32,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+}
+
+impl SetattrIn {
+    pub fn only(valid: u32) -> SetattrIn {
+        SetattrIn { valid, ..SetattrIn::default() }
     }
 }
 
