@@ -191,8 +191,9 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
 }
 
 /// Starts the daemon (`cvm __vm-daemon`, given the `cvm start` arguments `start_args`, which
-/// make it call [`serve`] for `name`) in a process group of its own, its output in the VM's `daemon.log`, and waits until it serves or
-/// fails; a failure says why, from that log, and leaves nothing.
+/// make it call [`serve`] for `name`) in a process group of its own, its output in the VM's
+/// `daemon.log`, and waits until it serves or fails; a failure says why, from that log, and
+/// leaves nothing.
 pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
     let dir = claim(name)?;
     let log = dir.join(DAEMON_LOG);
