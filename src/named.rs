@@ -133,12 +133,13 @@ pub fn serve(session: Session, info: VmInfo, dir: &Path) -> Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::fs::write(dir.join(INFO_FILE), serde_json::to_vec_pretty(&info)?)?;
     let stopping = Arc::new(AtomicBool::new(false));
-    // A stop request, or the VM ending, wakes the accept loop with a connection of its own.
+    // A stop request, or the VM ending, wakes the accept loop by shutting the listener down:
+    // that needs no path, so it works even when the state directory is gone.
     let waker = {
-        let (stopping, socket) = (stopping.clone(), socket.clone());
+        let (stopping, listening) = (stopping.clone(), Arc::new(listener.try_clone()?));
         move || {
             stopping.store(true, Ordering::SeqCst);
-            let _ = UnixStream::connect(&socket);
+            let _ = rustix::net::shutdown(&*listening, rustix::net::Shutdown::Both);
         }
     };
     // A closed terminal (SIGHUP) is not a reason to stop: the VM outlives the shell that

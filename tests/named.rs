@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 
-use common::{engine, text, wait_output, Env};
+use common::{engine, nested_scale, text, wait_output, Env};
 
 #[test]
 fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
@@ -72,6 +72,20 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     let rm = env.cvm(&["rm", "beta"]).output().unwrap();
     assert_eq!(rm.status.code(), Some(0), "[{engine}] {}", text(&rm.stderr));
     assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]", "[{engine}]");
+
+    // A daemon whose state directory was taken from under it still stops on SIGTERM.
+    let out = wait_output(env.subcommand("start", engine, &["--name", "gamma"]).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let ps: serde_json::Value = serde_json::from_slice(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).unwrap();
+    let pid = ps[0]["pid"].as_u64().unwrap() as i32;
+    std::fs::remove_dir_all(env.runtime.path().join("cvm/vms/gamma")).unwrap();
+    // SAFETY (test): SIGTERM to the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + nested_scale(std::time::Duration::from_secs(30));
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(std::time::Instant::now() < deadline, "[{engine}] the daemon of gamma is still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     env.assert_clean();
 }
 
