@@ -168,12 +168,26 @@ pub fn wait_output(child: Child) -> Output {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
     rx.recv_timeout(deadline()).unwrap_or_else(|_| {
-        let consoles = console_tails(pid);
+        let consoles = console_tails(pid) + &threads(pid);
         // SAFETY (test): SIGKILL to our own hung child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let said = rx.recv_timeout(Duration::from_secs(10)).map(|out| text(&out.stderr)).unwrap_or_default();
         panic!("cvm did not finish within {:?}; its stderr: {said}{consoles}", deadline());
     })
+}
+
+/// Where each thread of process `pid` waits: its name, state, kernel wait channel and, where
+/// this user may read it, its kernel stack.
+fn threads(pid: u32) -> String {
+    let mut out = format!("\n--- the threads of cvm ({pid}):");
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+        let stack: Vec<String> = read("stack").lines().take(8).map(|l| l.trim_start_matches(|c: char| c != ' ').trim().to_string()).collect();
+        out += &format!("\n{} {} {} wchan={} {}", task.file_name().to_string_lossy(), read("comm").trim(), state, read("wchan"), stack.join(" < "));
+    }
+    out
 }
 
 /// The last lines of the guest consoles of cvm process `pid`'s sessions (under the
