@@ -249,6 +249,52 @@ pub struct SecretsTable {
     pub env_file: Option<String>,
 }
 
+impl FileConfig {
+    /// The settings of this file, at `origin`, that widen the sandbox beyond what the project
+    /// itself holds: (key, value as shown) for each. Paths are resolved as
+    /// [`Settings::apply_file`] does; a file inside the file's own directory widens nothing,
+    /// since cvm reads it only by ways that stay inside.
+    pub fn widening(&self, origin: &Path, home: &Path) -> Vec<(&'static str, String)> {
+        let dir = origin.parent().unwrap_or(Path::new("/"));
+        let outside = |p: &String| {
+            let resolved = normalize(&dir.join(expand_home(p, home)));
+            (!resolved.starts_with(dir)).then(|| resolved.display().to_string())
+        };
+        let outside_list = |list: &Option<List<String>>| -> Vec<String> {
+            match list {
+                Some(List::Extend(items) | List::Replace { replace: items }) => items.iter().filter_map(outside).collect(),
+                None => Vec::new(),
+            }
+        };
+        let mounts = |mounts: &[MountTable]| -> Vec<String> {
+            mounts.iter().map(|m| format!("{}:{}:{}", m.host.get_ref(), m.guest.as_deref().unwrap_or(""), if m.read_only { "ro" } else { "rw" })).collect()
+        };
+        let spanned = |list: &Option<List<Spanned<String>>>| -> Vec<String> {
+            match list {
+                Some(List::Extend(items) | List::Replace { replace: items }) => items.iter().map(|i| i.get_ref().clone()).collect(),
+                None => Vec::new(),
+            }
+        };
+        let mut found = Vec::new();
+        let mut add = |key: &'static str, values: Vec<String>| {
+            if !values.is_empty() {
+                found.push((key, format!("{values:?}")));
+            }
+        };
+        add("mounts", mounts(&self.mounts));
+        add("setup.mounts", mounts(&self.setup.mounts));
+        add("network.mode", self.network.mode.iter().map(|m| m.get_ref().clone()).filter(|m| m == "open").collect());
+        add("network.allow", spanned(&self.network.allow));
+        add("network.hosts", spanned(&self.network.hosts));
+        add("runtime.scripts", outside_list(&self.runtime.scripts));
+        add("setup.scripts", outside_list(&self.setup.scripts));
+        add("context.instructions_file", self.context.instructions_file.iter().filter_map(outside).collect());
+        add("secrets.env_file", self.secrets.env_file.iter().filter_map(outside).collect());
+        add("vm.image", self.vm.image.iter().filter(|i| !crate::images::is_named(i)).cloned().collect());
+        found
+    }
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -476,11 +522,12 @@ impl Settings {
         argv
     }
 
-    /// The text added to what Claude is told: `instructions`, then `instructions_file`'s.
-    pub fn instructions(&self) -> Result<Option<String>> {
+    /// The text added to what Claude is told: `instructions`, then `instructions_file`'s (read,
+    /// inside `project`, only by ways that stay inside).
+    pub fn instructions(&self, project: Option<&Path>) -> Result<Option<String>> {
         let mut text: Vec<String> = self.instructions.value.iter().cloned().collect();
         if let Some(path) = &self.instructions_file.value {
-            text.push(std::fs::read_to_string(path).with_context(|| format!("[context] instructions_file {}", path.display()))?);
+            text.push(crate::host_files::read_text(path, project, crate::host_files::MAX_PROJECT_FILE).context("[context] instructions_file")?);
         }
         Ok((!text.is_empty()).then(|| text.join("\n")))
     }
@@ -589,15 +636,46 @@ pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
     files
 }
 
+/// Reads and parses one layer file. A project's file (any but `~/.cvm.toml`) is one the guest
+/// can write: it is read only by ways that stay in its directory, and one whose settings
+/// widen the sandbox must be trusted as it is ([`crate::trust`]).
+pub fn read_layer(path: &Path, home: &Path, trust: &crate::trust::Store) -> Result<(String, FileConfig)> {
+    let own_dir = path.parent().filter(|_| path != home.join(FILE_NAME));
+    let text = crate::host_files::read_text(path, own_dir, crate::host_files::MAX_PROJECT_FILE)?;
+    let file = parse_file(path, &text)?;
+    if own_dir.is_some() {
+        let widening = file.widening(path, home);
+        if !widening.is_empty() {
+            trust.check(path, &text, &widening, |trusted| parse_file(path, trusted).map(|f| f.widening(path, home)).unwrap_or_default())?;
+        }
+    }
+    Ok((text, file))
+}
+
+/// The layer files of `project` that the guest can write: all but `~/.cvm.toml`.
+pub fn project_layer_files(home: &Path, project: &Path) -> Vec<PathBuf> {
+    layer_files(home, Some(project)).into_iter().filter(|f| *f != home.join(FILE_NAME)).collect()
+}
+
+/// Records a project's layer `file` as trusted, once it is valid; returns what it widens.
+pub fn trust(file: &Path, home: &Path, store: &crate::trust::Store) -> Result<Vec<(&'static str, String)>> {
+    let text = crate::host_files::read_text(file, file.parent(), crate::host_files::MAX_PROJECT_FILE)?;
+    let parsed = parse_file(file, &text)?;
+    let widening = parsed.widening(file, home);
+    Settings::defaults().apply_file(parsed, file, &text, home)?;
+    store.trust(file, &text)?;
+    Ok(widening)
+}
+
 /// Every layer but the flags: defaults, CI caps when `ci`, the files, the environment.
 pub fn load(home: &Path, project: Option<&Path>, ci: bool, env: impl Fn(&str) -> Option<String>) -> Result<Settings> {
     let mut settings = Settings::defaults();
     if ci {
         settings.apply_ci(std::thread::available_parallelism().map_or(1, |n| n.get()));
     }
+    let trust = crate::trust::Store::new();
     for path in layer_files(home, project) {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let file = parse_file(&path, &text)?;
+        let (text, file) = read_layer(&path, home, &trust)?;
         settings.apply_file(file, &path, &text, home)?;
     }
     settings.apply_env(env)?;

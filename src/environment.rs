@@ -66,8 +66,9 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Reads an env file: `NAME=VALUE` lines, `export ` allowed in front, blank lines and `#`
 /// comments skipped, one pair of matching quotes around a value removed. An error names the
 /// line, never a value.
-pub fn read_file(path: &Path) -> Result<Environment> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// Inside `root` (a project the guest can write), only by ways that stay inside.
+pub fn read_file(path: &Path, root: Option<&Path>) -> Result<Environment> {
+    let text = crate::host_files::read_text(path, root, crate::host_files::MAX_PROJECT_FILE)?;
     parse_file(&text).map_err(|(line, why)| anyhow::anyhow!("{}:{line}: {why}", path.display()))
 }
 
@@ -92,8 +93,8 @@ fn parse_file(text: &str) -> Result<Environment, (usize, String)> {
 }
 
 /// The secrets file, if there is one: a missing file is no secrets; a file others may read is
-/// refused.
-pub fn read_secrets(path: &Path) -> Result<Environment> {
+/// refused. Inside `root`, only by ways that stay inside.
+pub fn read_secrets(path: &Path, root: Option<&Path>) -> Result<Environment> {
     use std::os::unix::fs::PermissionsExt;
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
@@ -103,7 +104,7 @@ pub fn read_secrets(path: &Path) -> Result<Environment> {
     if meta.permissions().mode() & 0o077 != 0 {
         bail!("the secrets file {} is readable by others: chmod 600 it", path.display());
     }
-    read_file(path)
+    read_file(path, root)
 }
 
 #[cfg(test)]
@@ -141,11 +142,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secrets.env");
-        assert_eq!(read_secrets(&path).unwrap(), Environment::default(), "no file, no secrets");
+        assert_eq!(read_secrets(&path, None).unwrap(), Environment::default(), "no file, no secrets");
         std::fs::write(&path, "TOKEN=hunter2\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(read_secrets(&path).unwrap_err().to_string().contains("chmod 600"));
+        assert!(read_secrets(&path, None).unwrap_err().to_string().contains("chmod 600"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_secrets(&path).unwrap().names().collect::<Vec<_>>(), ["TOKEN"]);
+        assert_eq!(read_secrets(&path, None).unwrap().names().collect::<Vec<_>>(), ["TOKEN"]);
     }
 }

@@ -69,6 +69,11 @@ fn named(name: &str) -> Option<&'static Named> {
     NAMED.iter().find(|n| n.name == name)
 }
 
+/// Whether `name` is one of cvm's own images (not a path).
+pub fn is_named(name: &str) -> bool {
+    named(name).is_some()
+}
+
 /// The smallest scratch disk `--disk` makes.
 pub const MIN_SCRATCH: u64 = 64 << 20;
 

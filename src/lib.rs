@@ -11,6 +11,8 @@
 //! - [`rundir`]: a session's private directory and the janitor that removes it.
 //! - [`images`]: where the kernel and images are.
 //! - [`terminal`]: raw mode and window size.
+//! - [`trust`]: which widening settings of a project's own configuration the user trusted.
+//! - [`host_files`]: reading files the guest may have written, without being led out.
 
 pub mod config;
 pub mod doctor;
@@ -18,6 +20,7 @@ pub mod egress;
 pub mod environment;
 pub mod exec;
 pub mod forward;
+pub mod host_files;
 pub mod images;
 pub mod named;
 pub mod open_network;
@@ -28,6 +31,7 @@ pub mod session;
 pub mod shares;
 pub mod template;
 pub mod terminal;
+pub mod trust;
 pub mod worktree;
 
 /// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cvm_agent::protocol::{Exec, Step};
 
 /// The project's own runtime script.
@@ -70,7 +70,7 @@ impl Runtime {
         let own = project.join(PROJECT_SCRIPT);
         let paths = own.is_file().then_some(own).into_iter().chain(extra.iter().cloned());
         for (index, path) in paths.enumerate() {
-            let contents = std::fs::read(&path).with_context(|| format!("cannot read the runtime script {}", path.display()))?;
+            let contents = crate::host_files::read(&path, Some(project), crate::host_files::MAX_PROJECT_FILE)?;
             scripts.push((format!("{index:02}.sh"), contents));
         }
         Ok(Runtime { scripts, context: context(facts) })

@@ -8,8 +8,8 @@
 //!   guest may rewrite, bind-mounted over the overlay so an OAuth token refresh reaches the
 //!   host (Claude Code rewrites the file in place when it is a mount point).
 //! - The project's conversation folder `~/.claude/projects/<encoded path>`, read-write.
-//! - The main repository's `.git` when the project is a git worktree, with `hooks/`, `config`
-//!   and `info/` read-only on the host side.
+//! - The main repository's `.git` when the project is a git worktree. In it, as in every git
+//!   directory of every share, git's control files are read-only on the host side.
 //! - `--mount` directories, read-write or read-only.
 //! - The meta dir, read-only at [`META_GUEST_DIR`]: who and where the host user is.
 
@@ -190,15 +190,22 @@ fn claude_state(path: &Path, project: &Path) -> Option<String> {
 }
 
 /// The main repository's `.git` when `project` is a git worktree (its `.git` is a file that
-/// points into `<main>/.git/worktrees/<name>`).
+/// points into `<main>/.git/worktrees/<name>`). The guest may have written the pointer, so it
+/// is verified, as git would: the admin dir it names must point back at this worktree and be
+/// one of its common dir's `worktrees/`, and the common dir must be a repository.
 fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
-    let pointer = std::fs::read_to_string(project.join(".git")).ok()?;
-    let gitdir = PathBuf::from(pointer.strip_prefix("gitdir:")?.trim());
-    let gitdir = if gitdir.is_absolute() { gitdir } else { project.join(gitdir) };
-    let common = std::fs::read_to_string(gitdir.join("commondir")).ok()?;
-    let common = PathBuf::from(common.trim());
-    let common = if common.is_absolute() { common } else { gitdir.join(common) };
-    common.canonicalize().ok().filter(|c| c.is_dir())
+    const MAX_POINTER: u64 = 4096;
+    let read = |path: &Path, root: Option<&Path>| crate::host_files::read_text(path, root, MAX_POINTER).ok();
+    let resolve = |base: &Path, text: &str| {
+        let path = PathBuf::from(text.trim());
+        if path.is_absolute() { path } else { base.join(path) }.canonicalize().ok()
+    };
+    let pointer = read(&project.join(".git"), Some(project))?;
+    let gitdir = resolve(project, pointer.strip_prefix("gitdir:")?)?;
+    let back = resolve(&gitdir, &read(&gitdir.join("gitdir"), None)?)?;
+    let common = resolve(&gitdir, &read(&gitdir.join("commondir"), None)?)?;
+    let verified = back == project.join(".git") && gitdir.parent() == Some(&common.join("worktrees")) && common.join("HEAD").is_file() && common.join("objects").is_dir();
+    verified.then_some(common)
 }
 
 /// The main repository of a git worktree (the directory holding the `.git` it points into).
@@ -212,7 +219,10 @@ pub fn main_repository(project: &Path) -> Option<PathBuf> {
 pub(crate) fn fake_worktree(dir: &Path) -> (PathBuf, PathBuf) {
     let (main, wt) = (dir.join("main"), dir.join("wt"));
     std::fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
+    std::fs::create_dir_all(main.join(".git/objects")).unwrap();
+    std::fs::write(main.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
     std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+    std::fs::write(main.join(".git/worktrees/wt/gitdir"), format!("{}\n", wt.join(".git").display())).unwrap();
     std::fs::create_dir_all(&wt).unwrap();
     std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
     (main, wt)
@@ -242,7 +252,7 @@ impl SharePlan {
             }
             add(&mut plan, "project".into(), project.clone(), Policy::default(), project.clone(), false);
             if let Some(git) = worktree_common_dir(&project).filter(|g| !g.starts_with(&project)) {
-                let policy = Policy { protected: vec!["hooks".into(), "config".into(), "info".into()], ..Policy::default() };
+                let policy = Policy { git_dir: true, ..Policy::default() };
                 add(&mut plan, "git".into(), git.clone(), policy, git, false);
             }
             plan.plan_claude(request, host, &user, &project, &mut add)?;
@@ -449,8 +459,41 @@ mod tests {
         let git = plan.shares.iter().find(|s| s.backend.tag == "git").expect("the main .git is shared");
         assert_eq!(git.backend.dir, main_git.canonicalize().unwrap());
         assert_eq!(git.guest_path, git.backend.dir, "at its host path, where the worktree's pointer leads");
-        assert_eq!(git.backend.policy.protected, ["hooks", "config", "info"]);
+        assert!(git.backend.policy.git_dir, "its control files are guarded");
         assert!(!git.backend.policy.read_only);
+    }
+
+    #[test]
+    fn a_forged_git_pointer_shares_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let (main, wt) = fake_worktree(dir.path());
+        assert_eq!(main_repository(&wt), Some(main.canonicalize().unwrap()));
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("objects")).unwrap();
+        std::fs::write(elsewhere.join("HEAD"), "x").unwrap();
+        // An admin dir the guest made in the project, pointing at a directory it wants shared.
+        let fake = wt.join("fake");
+        std::fs::create_dir_all(&fake).unwrap();
+        std::fs::write(fake.join("gitdir"), format!("{}\n", wt.join(".git").display())).unwrap();
+        std::fs::write(fake.join("commondir"), format!("{}\n", elsewhere.display())).unwrap();
+        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", fake.display())).unwrap();
+        assert_eq!(main_repository(&wt), None, "an admin dir outside the common dir's worktrees/");
+        // The real admin dir, but its commondir rewritten.
+        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
+        std::fs::write(main.join(".git/worktrees/wt/commondir"), format!("{}\n", elsewhere.display())).unwrap();
+        assert_eq!(main_repository(&wt), None, "a common dir that does not hold the admin dir");
+        std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+        // Another worktree's admin dir: it points back at that worktree, not this one.
+        std::fs::write(main.join(".git/worktrees/wt/gitdir"), "/somewhere/else/.git\n").unwrap();
+        assert_eq!(main_repository(&wt), None, "the back-pointer names another worktree");
+        // A FIFO or a link out of the project instead of a pointer file: no hang, no share.
+        std::fs::remove_file(wt.join(".git")).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, &wt.join(".git"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        assert_eq!(main_repository(&wt), None);
+        std::fs::remove_file(wt.join(".git")).unwrap();
+        std::fs::write(dir.path().join("pointer"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("pointer"), wt.join(".git")).unwrap();
+        assert_eq!(main_repository(&wt), None);
     }
 
     #[test]

@@ -35,6 +35,13 @@ fn the_layers_reach_the_vm_in_order() {
     .unwrap();
     let mem_kib = "grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2";
     let engine = engine();
+    // The guest can rewrite the project's file: its mount waits for the user's trust.
+    let out = wait_output(env.command(engine, &[arg(&dir), "--", "true"]).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(125), "[{engine}] {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("sets mounts, which widen the sandbox, and is not trusted") && text(&out.stderr).contains(&format!("cvm trust {}", dir.display())), "{}", text(&out.stderr));
+    let trusted = env.cvm(&["trust", arg(&dir)]).output().unwrap();
+    assert_eq!(trusted.status.code(), Some(0), "{}", text(&trusted.stderr));
+    assert!(text(&trusted.stdout).contains("mounts = [\"../../data:/mnt/data:ro\"]"), "{}", text(&trusted.stdout));
     // No command: the project's default command, on 2 vCPUs.
     let out = wait_output(env.command(engine, &[arg(&dir)]).spawn().unwrap());
     assert_eq!(text(&out.stdout), "default command\n2\n", "[{engine}] {}", text(&out.stderr));
@@ -63,6 +70,18 @@ fn the_layers_reach_the_vm_in_order() {
     assert!(line("vm.memory").contains("1024M") && line("vm.memory").ends_with("# $CVM_MEMORY"), "{}", line("vm.memory"));
     assert!(line("vm.vmm").ends_with("# default"), "{}", line("vm.vmm"));
     assert!(line("mounts").contains("/mnt/data:ro"), "{}", line("mounts"));
+
+    // A change that widens more is refused until trusted again; one that widens nothing more is not.
+    let file = dir.join(".cvm.toml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, original.replace("cpus = 2", "cpus = 1")).unwrap();
+    assert_eq!(env.cvm(&["config", "show", arg(&dir)]).output().unwrap().status.code(), Some(0));
+    std::fs::write(&file, original.clone() + "[network]\nallow = [\"evil.example\"]\nmode = \"open\"\n").unwrap();
+    let show = env.cvm(&["config", "show", arg(&dir)]).output().unwrap();
+    assert_eq!(show.status.code(), Some(1));
+    assert!(text(&show.stderr).contains("changed since you trusted it: network.mode, network.allow now widen"), "{}", text(&show.stderr));
+    let revoked = env.cvm(&["trust", "--revoke", arg(&dir)]).output().unwrap();
+    assert!(text(&revoked.stdout).starts_with("no longer trusted"), "{}", text(&revoked.stdout));
 }
 
 #[test]

@@ -169,8 +169,10 @@ fn a_worktree_gets_its_main_git_dir_with_hooks_and_config_read_only() {
         std::fs::create_dir_all(main_git.join(dir)).unwrap();
     }
     std::fs::write(main_git.join("config"), "[core]\n").unwrap();
+    std::fs::write(main_git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
     std::fs::write(main_git.join("worktrees/wt/commondir"), "../..\n").unwrap();
     let wt = env.home.path().join("wt");
+    std::fs::write(main_git.join("worktrees/wt/gitdir"), format!("{}\n", wt.join(".git").display())).unwrap();
     std::fs::create_dir_all(&wt).unwrap();
     std::fs::write(wt.join(".git"), format!("gitdir: {}\n", main_git.join("worktrees/wt").display())).unwrap();
     let git = main_git.canonicalize().unwrap();

@@ -97,6 +97,7 @@ impl Env {
             .env("XDG_RUNTIME_DIR", self.runtime.path())
             .env("HOME", self.home.path())
             .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .env("XDG_STATE_HOME", self.home.path().join(".local/state"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
@@ -110,6 +111,7 @@ impl Env {
             .env("XDG_RUNTIME_DIR", self.runtime.path())
             .env("HOME", self.home.path())
             .env("XDG_CACHE_HOME", self.home.path().join(".cache"))
+            .env("XDG_STATE_HOME", self.home.path().join(".local/state"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

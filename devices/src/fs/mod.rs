@@ -8,6 +8,7 @@
 //! otherwise, and nothing as a last resort, said once in the log), serves one frontend and
 //! returns when it disconnects. The process dies with cvm (PR_SET_PDEATHSIG at each fork).
 
+mod git_guard;
 pub mod policy;
 #[cfg(test)]
 mod tests;
@@ -83,8 +84,8 @@ impl ShareConfig {
         for name in self.policy.visible.iter().flatten() {
             args.extend(["--visible".into(), name.into()]);
         }
-        for name in &self.policy.protected {
-            args.extend(["--protected".into(), name.into()]);
+        if self.policy.git_dir {
+            args.push("--git-dir".into());
         }
         if let Some(name) = &self.policy.writable_file {
             args.extend(["--writable-file".into(), name.into()]);
@@ -98,8 +99,13 @@ impl ShareConfig {
         let mut policy = Policy::default();
         while let Some(flag) = args.next() {
             let flag = flag.to_str().ok_or("arguments must be UTF-8 flags")?.to_string();
-            if flag == "--read-only" {
-                policy.read_only = true;
+            let switch = match flag.as_str() {
+                "--read-only" => Some(&mut policy.read_only),
+                "--git-dir" => Some(&mut policy.git_dir),
+                _ => None,
+            };
+            if let Some(switch) = switch {
+                *switch = true;
                 continue;
             }
             let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -111,7 +117,6 @@ impl ShareConfig {
                 "--uid" => uid = Some(id()?),
                 "--gid" => gid = Some(id()?),
                 "--visible" => policy.visible.get_or_insert_with(Vec::new).push(text()?),
-                "--protected" => policy.protected.push(text()?),
                 "--writable-file" => policy.writable_file = Some(text()?),
                 other => return Err(format!("unknown argument {other}")),
             }

@@ -2,15 +2,16 @@
 //!
 //! [`PolicyFs`] wraps virtiofsd's passthrough file system. Rules apply to the names directly
 //! under the share's root (the only place cvm needs them): a name can be hidden (not found,
-//! not listed), protected (it and everything below it read-only, and the name itself cannot
-//! be removed, replaced or created), or, in a read-only share, the one writable file. Inodes
-//! are tracked by FUSE node id, which virtiofsd never reuses, so an inode reached through a
-//! protected name stays protected however the guest addresses it later.
+//! not listed), or, in a read-only share, the one writable file. Everywhere, git's control
+//! files are protected ([`git_guard`](super::git_guard)): they and everything below them are
+//! read-only, and their names cannot be removed, replaced or created. Inodes are tracked by
+//! FUSE node id, which virtiofsd never reuses, so an inode reached through a protected name
+//! stays protected however the guest addresses it later.
 //!
 //! Every method of the trait that is not listed here keeps the trait's default (ENOSYS), so
 //! an operation this wrapper does not know about is refused rather than passed through.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::io;
 use std::sync::RwLock;
@@ -22,6 +23,8 @@ use virtiofsd::filesystem::{
 };
 use virtiofsd::fuse;
 
+use super::git_guard::{self, EntryChange, GitRole};
+
 /// The root directory's FUSE node id.
 const ROOT: u64 = fuse::ROOT_ID;
 
@@ -32,8 +35,9 @@ pub struct Policy {
     pub read_only: bool,
     /// When set, only these names under the root exist for the guest.
     pub visible: Option<Vec<String>>,
-    /// Names under the root that are read-only, with everything below them.
-    pub protected: Vec<String>,
+    /// The share's root is a git directory (a worktree's main `.git`), whose control files
+    /// are protected like those of any `.git` found in a share.
+    pub git_dir: bool,
     /// In a read-only share: one existing file under the root whose contents the guest may
     /// rewrite (not create, remove, rename or link).
     pub writable_file: Option<String>,
@@ -65,11 +69,26 @@ pub struct PolicyFs<F> {
     protected: RwLock<HashSet<u64>>,
     /// Node ids of `writable_file`.
     writable: RwLock<HashSet<u64>>,
+    /// What the directories met so far are to git.
+    git_roles: RwLock<HashMap<u64, GitRole>>,
 }
 
 impl<F: FileSystem> PolicyFs<F> {
     pub fn new(inner: F, policy: Policy) -> Self {
-        Self { inner, policy, protected: RwLock::default(), writable: RwLock::default() }
+        let git_roles = if policy.git_dir { HashMap::from([(ROOT, GitRole::GitDir)]) } else { HashMap::new() };
+        Self { inner, policy, protected: RwLock::default(), writable: RwLock::default(), git_roles: RwLock::new(git_roles) }
+    }
+
+    fn git_role(&self, inode: u64) -> Option<GitRole> {
+        self.git_roles.read().unwrap_or_else(|e| e.into_inner()).get(&inode).copied()
+    }
+
+    /// Whether `name` in `dir` is a directory (asked of the inner file system, whose lookup
+    /// count is left as it was).
+    fn is_dir(&self, ctx: Context, dir: u64, name: &CStr) -> io::Result<bool> {
+        let entry = self.inner.lookup(ctx, dir.into(), name)?;
+        self.inner.forget(ctx, entry.inode.into(), 1);
+        Ok(entry.attr.mode & libc::S_IFMT == libc::S_IFDIR)
     }
 
     fn is_visible(&self, parent: u64, name: &CStr) -> bool {
@@ -81,10 +100,6 @@ impl<F: FileSystem> PolicyFs<F> {
             None => true,
             Some(names) => bytes == b"." || bytes == b".." || names.iter().any(|n| n.as_bytes() == bytes),
         }
-    }
-
-    fn is_protected_name(&self, parent: u64, name: &CStr) -> bool {
-        parent == ROOT && self.policy.protected.iter().any(|n| n.as_bytes() == name.to_bytes())
     }
 
     fn is_protected(&self, inode: u64) -> bool {
@@ -99,10 +114,10 @@ impl<F: FileSystem> PolicyFs<F> {
         !self.is_protected(inode)
     }
 
-    /// Whether the entry `name` in `parent` may be created, removed or replaced.
-    fn can_change_entry(&self, parent: u64, name: &CStr) -> io::Result<()> {
+    /// Whether the entry `name` in `parent` may be changed as `change` says.
+    fn can_change_entry(&self, parent: u64, name: &CStr, change: EntryChange) -> io::Result<()> {
         check_name(name)?;
-        if self.policy.read_only || self.is_protected(parent) || self.is_protected_name(parent, name) {
+        if self.policy.read_only || self.is_protected(parent) || !git_guard::allows(self.git_role(parent), name.to_bytes(), change) {
             return Err(erofs());
         }
         if !self.is_visible(parent, name) {
@@ -113,8 +128,13 @@ impl<F: FileSystem> PolicyFs<F> {
 
     /// Records what a lookup (or a creation) found, so the rules follow the inode.
     fn note(&self, parent: u64, name: &CStr, entry: &Entry) {
-        if self.is_protected(parent) || self.is_protected_name(parent, name) {
+        let role = self.git_role(parent);
+        let is_dir = entry.attr.mode & libc::S_IFMT == libc::S_IFDIR;
+        if self.is_protected(parent) || git_guard::is_protected_entry(role, name.to_bytes(), is_dir) {
             self.protected.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
+        }
+        if let Some(child) = git_guard::child_role(role, name.to_bytes()).filter(|_| is_dir) {
+            self.git_roles.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode, child);
         }
         if parent == ROOT && self.policy.writable_file.as_deref().is_some_and(|f| f.as_bytes() == name.to_bytes()) {
             self.writable.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
@@ -138,6 +158,12 @@ impl<F: FileSystem> PolicyFs<F> {
             Ok(())
         }
     }
+}
+
+/// `mode` without the set-user-ID and set-group-ID bits: the guest never makes a program that
+/// runs as another host user (root, when cvm runs as root).
+fn without_set_id(mode: u32) -> u32 {
+    mode & !(libc::S_ISUID | libc::S_ISGID)
 }
 
 /// Whether `open` flags ask for anything beyond reading.
@@ -213,6 +239,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         } else {
             self.check_attributes(inode)?;
         }
+        let attr = fuse::SetattrIn { mode: without_set_id(attr.mode), ..attr };
         self.inner.setattr(ctx, inode.into(), attr, handle, valid)
     }
 
@@ -222,38 +249,64 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn symlink(&self, ctx: Context, linkname: &CStr, parent: Self::Inode, name: &CStr, extensions: Extensions) -> io::Result<Entry> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
-        self.inner.symlink(ctx, linkname, parent.into(), name, extensions)
+        self.can_change_entry(parent, name, EntryChange::MakeSymlink)?;
+        let entry = self.inner.symlink(ctx, linkname, parent.into(), name, extensions)?;
+        self.note(parent, name, &entry);
+        Ok(entry)
     }
 
     fn mknod(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, rdev: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
-        self.inner.mknod(ctx, parent.into(), name, mode, rdev, umask, extensions)
+        // A device node on the host is a door to that device for whoever can open it there.
+        if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.can_change_entry(parent, name, EntryChange::MakeFile)?;
+        let entry = self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions)?;
+        self.note(parent, name, &entry);
+        Ok(entry)
     }
 
     fn mkdir(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
-        self.inner.mkdir(ctx, parent.into(), name, mode, umask, extensions)
+        self.can_change_entry(parent, name, EntryChange::MakeDir)?;
+        let entry = self.inner.mkdir(ctx, parent.into(), name, without_set_id(mode), umask, extensions)?;
+        self.note(parent, name, &entry);
+        Ok(entry)
     }
 
     fn unlink(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
+        self.can_change_entry(parent, name, EntryChange::RemoveFile)?;
         self.inner.unlink(ctx, parent.into(), name)
     }
 
     fn rmdir(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
+        self.can_change_entry(parent, name, EntryChange::RemoveDir)?;
         self.inner.rmdir(ctx, parent.into(), name)
     }
 
     fn rename(&self, ctx: Context, olddir: Self::Inode, oldname: &CStr, newdir: Self::Inode, newname: &CStr, flags: u32) -> io::Result<()> {
         let (olddir, newdir): (u64, u64) = (olddir.into(), newdir.into());
-        self.can_change_entry(olddir, oldname)?;
-        self.can_change_entry(newdir, newname)?;
+        // A whiteout is a device node.
+        if flags & libc::RENAME_WHITEOUT != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        // Where moving a directory matters (into a git directory), ask what is moved.
+        let moves_dir = |dir: u64, name: &CStr, into: u64| -> io::Result<bool> {
+            if self.git_role(into).is_some() {
+                self.is_dir(ctx, dir, name)
+            } else {
+                Ok(false)
+            }
+        };
+        self.can_change_entry(olddir, oldname, EntryChange::RenameFrom)?;
+        self.can_change_entry(newdir, newname, EntryChange::RenameTo { is_dir: moves_dir(olddir, oldname, newdir)? })?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.can_change_entry(newdir, newname, EntryChange::RenameFrom)?;
+            self.can_change_entry(olddir, oldname, EntryChange::RenameTo { is_dir: moves_dir(newdir, newname, olddir)? })?;
+        }
         self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)
     }
 
@@ -261,8 +314,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let (inode, newparent): (u64, u64) = (inode.into(), newparent.into());
         // A protected file linked elsewhere would be writable under its new name.
         self.check_modify(inode)?;
-        self.can_change_entry(newparent, newname)?;
-        self.inner.link(ctx, inode.into(), newparent.into(), newname)
+        self.can_change_entry(newparent, newname, EntryChange::MakeFile)?;
+        let entry = self.inner.link(ctx, inode.into(), newparent.into(), newname)?;
+        self.note(newparent, newname, &entry);
+        Ok(entry)
     }
 
     fn open(&self, ctx: Context, inode: Self::Inode, kill_priv: bool, flags: u32) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
@@ -275,8 +330,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn create(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, kill_priv: bool, flags: u32, umask: u32, extensions: Extensions) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name)?;
-        self.inner.create(ctx, parent.into(), name, mode, kill_priv, flags, umask, extensions)
+        self.can_change_entry(parent, name, EntryChange::MakeFile)?;
+        let (entry, handle, options) = self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions)?;
+        self.note(parent, name, &entry);
+        Ok((entry, handle, options))
     }
 
     fn read<W: ZeroCopyWriter>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, w: W, size: u32, offset: u64, lock_owner: Option<u64>, flags: u32) -> io::Result<usize> {

@@ -242,43 +242,137 @@ fn a_selected_view_hides_names_and_lets_only_its_one_file_be_rewritten() {
     fx.finish(g);
 }
 
+/// Walks `path` (names separated by `/`) from the root.
+fn walk(g: &mut FuseGuest, path: &str) -> u64 {
+    path.split('/').fold(ROOT, |dir, name| g.lookup(dir, name.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}")).nodeid)
+}
+
 #[test]
-fn protected_names_stay_read_only_however_they_are_reached() {
-    let policy = Policy { protected: vec!["hooks".into(), "config".into(), "info".into()], ..Policy::default() };
-    let (fx, mut g) = Fixture::new(policy, |share, _| {
-        std::fs::create_dir_all(share.join("hooks")).unwrap();
-        std::fs::write(share.join("hooks/pre-commit"), "#!/bin/sh\n").unwrap();
-        std::fs::write(share.join("config"), "[core]\n").unwrap();
-        std::fs::create_dir_all(share.join("objects")).unwrap();
+fn git_control_files_stay_read_only_in_every_git_directory() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |share, _| {
+        for dir in [".git/hooks", ".git/info", ".git/objects", ".git/refs/heads", ".git/modules/sub/hooks", ".git/modules/a/b/objects", ".git/worktrees/wt", "sub", "plain/inner", "evil"] {
+            std::fs::create_dir_all(share.join(dir)).unwrap();
+        }
+        for file in [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config", ".git/modules/a/b/config", ".git/worktrees/wt/commondir", ".git/worktrees/wt/gitdir", "evil/config"] {
+            std::fs::write(share.join(file), "original\n").unwrap();
+        }
+        std::fs::write(share.join("sub/.git"), "gitdir: ../.git/modules/sub\n").unwrap();
     });
-    let hooks = g.lookup(ROOT, b"hooks").unwrap();
-    let hook = g.lookup(hooks.nodeid, b"pre-commit").unwrap();
-    let config = g.lookup(ROOT, b"config").unwrap();
-    let objects = g.lookup(ROOT, b"objects").unwrap();
+    let git = walk(&mut g, ".git");
+    let config = walk(&mut g, ".git/config");
+    let hooks = walk(&mut g, ".git/hooks");
+    let hook = walk(&mut g, ".git/hooks/pre-commit");
+    let objects = walk(&mut g, ".git/objects");
+    let modules = walk(&mut g, ".git/modules");
+    let sub_git = walk(&mut g, ".git/modules/sub");
+    let sub_config = walk(&mut g, ".git/modules/sub/config");
+    let nested = walk(&mut g, ".git/modules/a/b");
+    let nested_config = walk(&mut g, ".git/modules/a/b/config");
+    let sub_hooks = walk(&mut g, ".git/modules/sub/hooks");
+    let worktrees = walk(&mut g, ".git/worktrees");
+    let commondir = walk(&mut g, ".git/worktrees/wt/commondir");
+    let pointer = walk(&mut g, "sub/.git");
+    let sub = walk(&mut g, "sub");
+    let plain = walk(&mut g, "plain");
+    let inner = walk(&mut g, "plain/inner");
+    let new_module = g.mkdir(modules, b"new", 0o755).expect("git makes a new submodule's git dir");
+    let new_worktree = g.mkdir(worktrees, b"wt2", 0o755).expect("git makes a new worktree's git dir");
     let refused = [
-        ("write a hook", g.open(hook.nodeid, libc::O_WRONLY).map(drop)),
-        ("truncate a hook", g.truncate(hook.nodeid, 0)),
-        ("add a hook", g.create(hooks.nodeid, b"post-checkout", 0o755).map(drop)),
-        ("remove a hook", g.unlink(hooks.nodeid, b"pre-commit")),
-        ("rename hooks away", g.rename(ROOT, b"hooks", objects.nodeid, b"h")),
-        ("replace config", g.rename(objects.nodeid, b"..", ROOT, b"config")),
-        ("write config", g.open(config.nodeid, libc::O_RDWR).map(drop)),
-        ("remove config", g.unlink(ROOT, b"config")),
-        ("create a missing protected name", g.mkdir(ROOT, b"info", 0o755).map(drop)),
-        ("link a hook elsewhere", g.link(hook.nodeid, objects.nodeid, b"writable").map(drop)),
-        ("symlink over config", g.symlink(ROOT, b"info", b"/tmp").map(drop)),
+        ("write config", g.open(config, libc::O_RDWR).map(drop)),
+        ("truncate config", g.truncate(config, 0)),
+        ("remove config", g.unlink(git, b"config")),
+        ("replace config", g.rename(plain, b"inner", git, b"config")),
+        ("create CONFIG, as a case-insensitive host sees it", g.create(git, b"CONFIG", 0o644).map(drop)),
+        ("create config.worktree", g.create(git, b"config.worktree", 0o644).map(drop)),
+        ("add a hook", g.create(hooks, b"post-checkout", 0o755).map(drop)),
+        ("write a hook", g.open(hook, libc::O_WRONLY).map(drop)),
+        ("link a hook elsewhere", g.link(hook, objects, b"writable").map(drop)),
+        ("rename hooks away", g.rename(git, b"hooks", objects, b"h")),
+        ("write a submodule's config", g.open(sub_config, libc::O_WRONLY | libc::O_APPEND).map(drop)),
+        ("write a nested submodule's config", g.open(nested_config, libc::O_WRONLY).map(drop)),
+        ("add a submodule hook", g.create(sub_hooks, b"x", 0o755).map(drop)),
+        ("give a new submodule git dir a config", g.create(new_module.nodeid, b"config", 0o644).map(drop)),
+        ("write a worktree's commondir", g.open(commondir, libc::O_WRONLY | libc::O_TRUNC).map(drop)),
+        ("give a new worktree a commondir", g.create(new_worktree.nodeid, b"commondir", 0o644).map(drop)),
+        ("give a new worktree a gitdir", g.symlink(new_worktree.nodeid, b"gitdir", b"/tmp").map(drop)),
+        ("rewrite a submodule's .git pointer", g.open(pointer, libc::O_WRONLY).map(drop)),
+        ("remove a submodule's .git pointer", g.unlink(sub, b".git")),
+        ("make a .git file", g.create(plain, b".git", 0o644).map(drop)),
+        ("make a .git dir", g.mkdir(inner, b".git", 0o755).map(drop)),
+        ("make a .GIT dir", g.mkdir(inner, b".GIT", 0o755).map(drop)),
+        ("move a directory with its own config to .git", g.rename(ROOT, b"evil", plain, b".git")),
+        ("move a directory with its own config into modules", g.rename(ROOT, b"evil", modules, b"evil")),
+        ("move a directory with its own config into worktrees", g.rename(ROOT, b"evil", worktrees, b"evil")),
+        ("link a submodule git dir elsewhere", g.symlink(modules, b"link", b"../../evil").map(drop)),
+        ("swap modules for a link", g.rename(git, b"modules", objects, b"m")),
+        ("a modules symlink", g.symlink(nested, b"modules", b"/tmp").map(drop)),
+        ("rename .git away", g.rename(ROOT, b".git", ROOT, b"git-old")),
+        ("exchange .git with a directory", g.rename2(plain, b"inner", ROOT, b".git", libc::RENAME_EXCHANGE)),
     ];
     for (what, result) in refused {
-        assert!(result.is_err(), "{what} was allowed");
+        assert_eq!(result.map_err(errno), Err(libc::EROFS), "{what}");
     }
-    // The rest of the repository is the guest's to change.
-    let (obj, fh) = g.create(objects.nodeid, b"ab", 0o644).unwrap();
-    g.write(obj.nodeid, fh, 0, b"blob").unwrap();
+    // What git writes in a commit, a rebase or a fetch stays the guest's to change.
+    let (lock, fh) = g.create(git, b"index.lock", 0o644).unwrap();
+    g.write(lock.nodeid, fh, 0, b"index").unwrap();
+    g.release(lock.nodeid, fh, false).unwrap();
+    g.rename(git, b"index.lock", git, b"index").unwrap();
+    let (lock, fh) = g.create(sub_git, b"HEAD.lock", 0o644).unwrap();
+    g.release(lock.nodeid, fh, false).unwrap();
+    g.rename(sub_git, b"HEAD.lock", sub_git, b"HEAD").unwrap();
+    g.mkdir(git, b"rebase-merge", 0o755).unwrap();
+    g.rmdir(git, b"rebase-merge").unwrap();
+    let (obj, fh) = g.create(objects, b"ab", 0o644).unwrap();
     g.release(obj.nodeid, fh, false).unwrap();
-    assert_eq!(std::fs::read_to_string(fx.share.join("hooks/pre-commit")).unwrap(), "#!/bin/sh\n");
+    g.rmdir(worktrees, b"wt2").expect("git prunes worktree dirs");
+    g.rename(ROOT, b"evil", plain, b"moved").expect("directories move freely outside git dirs");
+
+    for file in [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config", ".git/modules/a/b/config", ".git/worktrees/wt/commondir", ".git/worktrees/wt/gitdir", "plain/moved/config"] {
+        assert_eq!(std::fs::read_to_string(fx.share.join(file)).unwrap(), "original\n", "{file}");
+    }
+    assert_eq!(std::fs::read_to_string(fx.share.join("sub/.git")).unwrap(), "gitdir: ../.git/modules/sub\n");
+    assert_eq!(std::fs::read_to_string(fx.share.join(".git/index")).unwrap(), "index");
+    assert!(fx.share.join(".git/modules/sub/HEAD").exists() && fx.share.join(".git/objects/ab").exists());
+    for absent in [".git/hooks/post-checkout", ".git/CONFIG", ".git/modules/new/config", ".git/worktrees/wt2", ".git/modules/link", "plain/.git", "plain/inner/.git"] {
+        assert!(std::fs::symlink_metadata(fx.share.join(absent)).is_err(), "{absent} was made");
+    }
+    fx.finish(g);
+}
+
+#[test]
+fn a_worktrees_main_git_dir_is_guarded_from_its_root() {
+    let (fx, mut g) = Fixture::new(Policy { git_dir: true, ..Policy::default() }, |share, _| {
+        std::fs::write(share.join("config"), "[core]\n").unwrap();
+    });
+    let config = g.lookup(ROOT, b"config").unwrap();
+    assert_eq!(g.open(config.nodeid, libc::O_WRONLY).map(drop).map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.mkdir(ROOT, b"hooks", 0o755).map(drop).map_err(errno), Err(libc::EROFS));
+    assert!(g.create(ROOT, b"ORIG_HEAD", 0o644).is_ok());
     assert_eq!(std::fs::read_to_string(fx.share.join("config")).unwrap(), "[core]\n");
-    assert!(!fx.share.join("info").exists());
-    assert_eq!(std::fs::read_to_string(fx.share.join("objects/ab")).unwrap(), "blob");
+    fx.finish(g);
+}
+
+#[test]
+fn set_id_bits_and_device_nodes_never_reach_the_host() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    let mode = |name: &str| std::fs::symlink_metadata(fx.share.join(name)).unwrap().permissions().mode();
+    let (created, fh) = g.create(ROOT, b"suid", 0o6755).unwrap();
+    g.release(created.nodeid, fh, false).unwrap();
+    assert_eq!(mode("suid") & 0o7777, 0o755, "create");
+    let file = g.lookup(ROOT, b"file").unwrap();
+    g.setattr(file.nodeid, SetattrIn { mode: 0o104755, ..SetattrIn::only(1) }).unwrap(); // FATTR_MODE
+    assert_eq!(mode("file") & 0o7777, 0o755, "chmod");
+    g.mkdir(ROOT, b"dir", 0o2775).unwrap();
+    assert_eq!(mode("dir") & 0o7000, 0, "mkdir");
+    for (kind, rdev) in [(libc::S_IFCHR, 0x0103), (libc::S_IFBLK, 0x0800)] {
+        assert_eq!(g.mknod(ROOT, b"dev", kind | 0o666, rdev).map(drop).map_err(errno), Err(libc::EPERM));
+    }
+    g.mknod(ROOT, b"fifo", libc::S_IFIFO | 0o4644, 0).expect("a FIFO is no device");
+    assert!(std::fs::symlink_metadata(fx.share.join("fifo")).unwrap().file_type().is_fifo());
+    assert_eq!(mode("fifo") & 0o7000, 0);
+    assert_eq!(g.rename2(ROOT, b"file", ROOT, b"renamed", libc::RENAME_WHITEOUT).map_err(errno), Err(libc::EPERM), "a whiteout is a device node");
+    assert!(!fx.share.join("dev").exists() && fx.share.join("file").exists());
     fx.finish(g);
 }
 
@@ -317,7 +411,7 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
     let config = ShareConfig {
         dir: dir.path().to_path_buf(),
         tag: "claude".into(),
-        policy: Policy { read_only: true, visible: Some(vec!["a".into(), "b c".into()]), protected: vec!["hooks".into()], writable_file: Some("a".into()) },
+        policy: Policy { read_only: true, visible: Some(vec!["a".into(), "b c".into()]), git_dir: true, writable_file: Some("a".into()) },
         guest_uid: 1000,
         guest_gid: 100,
     };

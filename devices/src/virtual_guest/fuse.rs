@@ -45,6 +45,7 @@ pub mod op {
     pub const SETATTR: u32 = 4;
     pub const READLINK: u32 = 5;
     pub const SYMLINK: u32 = 6;
+    pub const MKNOD: u32 = 8;
     pub const MKDIR: u32 = 9;
     pub const UNLINK: u32 = 10;
     pub const RMDIR: u32 = 11;
@@ -61,6 +62,7 @@ pub mod op {
     pub const CREATE: u32 = 35;
     pub const BATCH_FORGET: u32 = 42;
     pub const READDIRPLUS: u32 = 44;
+    pub const RENAME2: u32 = 45;
 }
 
 /// What a lookup or a creation returns.
@@ -286,6 +288,15 @@ impl FuseGuest {
         Entry::parse(&self.request(op::MKDIR, parent, &args, 128)?)
     }
 
+    pub fn mknod(&mut self, parent: u64, n: &[u8], mode: u32, rdev: u32) -> io::Result<Entry> {
+        let mut args = Vec::new();
+        for v in [mode, rdev, 0, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        args.extend_from_slice(&name(n));
+        Entry::parse(&self.request(op::MKNOD, parent, &args, 128)?)
+    }
+
     /// Creates and opens `n` for writing: (entry, file handle).
     pub fn create(&mut self, parent: u64, n: &[u8], mode: u32) -> io::Result<(Entry, u64)> {
         let mut args = Vec::new();
@@ -403,6 +414,16 @@ impl FuseGuest {
         args.extend_from_slice(&name(old));
         args.extend_from_slice(&name(new));
         self.request(op::RENAME, olddir, &args, 0).map(drop)
+    }
+
+    /// RENAME2: a rename with `RENAME_*` flags.
+    pub fn rename2(&mut self, olddir: u64, old: &[u8], newdir: u64, new: &[u8], flags: u32) -> io::Result<()> {
+        let mut args = newdir.to_le_bytes().to_vec();
+        args.extend_from_slice(&flags.to_le_bytes());
+        args.extend_from_slice(&0u32.to_le_bytes());
+        args.extend_from_slice(&name(old));
+        args.extend_from_slice(&name(new));
+        self.request(op::RENAME2, olddir, &args, 0).map(drop)
     }
 
     pub fn link(&mut self, nodeid: u64, newparent: u64, n: &[u8]) -> io::Result<Entry> {
