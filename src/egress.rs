@@ -27,6 +27,8 @@ use crate::forward::{splice, Listening};
 pub use cvm_agent::protocol::PROXY_PORT;
 /// The longest request head (request line and headers) the proxy reads.
 const MAX_HEAD: usize = 16 * 1024;
+/// The most headers a proxy request may have.
+const MAX_HEADERS: usize = 100;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a coding agent needs by default: Anthropic's API and the common package registries
@@ -236,32 +238,58 @@ pub struct ProxyRequest {
     pub forward: Option<Vec<u8>>,
 }
 
-/// Parses a proxy request head: `CONNECT host:port HTTP/1.x` or `METHOD http://host[:port]/path
-/// HTTP/1.x` followed by headers.
+/// Parses a proxy request head with `httparse`: `CONNECT host:port HTTP/1.x` or `METHOD
+/// http://host[:port]/path HTTP/1.x`, then headers. A `Host` header, when there is one, must
+/// name the host the request goes to (no fronting one name for another); the head forwarded
+/// for a plain request is rebuilt from the parsed parts, in origin form.
 pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
-    let text = std::str::from_utf8(head).map_err(|_| "the request is not text".to_string())?;
-    let (line, rest) = text.split_once("\r\n").ok_or("no request line")?;
-    let mut parts = line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) if v.starts_with("HTTP/1.") && !m.is_empty() => (m, t, v),
-        _ => return Err(format!("malformed request line {line:?}")),
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(length)) if length == head.len() => {}
+        Ok(httparse::Status::Complete(_)) => return Err("data after the request head".into()),
+        Ok(httparse::Status::Partial) => return Err("an incomplete request head".into()),
+        Err(e) => return Err(format!("a malformed request head: {e}")),
+    }
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
+        return Err("an incomplete request line".into());
     };
-    if method == "CONNECT" {
+    let hosts: Vec<&httparse::Header> = parsed.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).collect();
+    let host_header = match hosts.as_slice() {
+        [] => None,
+        [one] => Some(std::str::from_utf8(one.value).map_err(|_| "a Host header that is not text")?.trim()),
+        _ => return Err("more than one Host header".into()),
+    };
+    let (host, port, forward) = if method == "CONNECT" {
         let (host, port) = split_host_port(target, None)?;
-        return Ok(ProxyRequest { host, port, forward: None });
-    }
-    let after_scheme = target.strip_prefix("http://").ok_or_else(|| format!("{method} needs an absolute http:// URL, not {target:?}"))?;
-    let (authority, path) = match after_scheme.find('/') {
-        Some(i) => (&after_scheme[..i], &after_scheme[i..]),
-        None => (after_scheme, "/"),
+        (host, port, None)
+    } else {
+        let after_scheme = target.strip_prefix("http://").ok_or_else(|| format!("{method} needs an absolute http:// URL, not {target:?}"))?;
+        let (authority, path) = match after_scheme.find('/') {
+            Some(i) => (&after_scheme[..i], &after_scheme[i..]),
+            None => (after_scheme, "/"),
+        };
+        if authority.contains('@') {
+            return Err("credentials in the URL are not forwarded".into());
+        }
+        let (host, port) = split_host_port(authority, Some(80))?;
+        let mut forward = format!("{method} {path} HTTP/1.{version}\r\n").into_bytes();
+        for header in parsed.headers.iter() {
+            forward.extend_from_slice(header.name.as_bytes());
+            forward.extend_from_slice(b": ");
+            forward.extend_from_slice(header.value);
+            forward.extend_from_slice(b"\r\n");
+        }
+        forward.extend_from_slice(b"\r\n");
+        (host, port, Some(forward))
     };
-    if authority.contains('@') {
-        return Err("credentials in the URL are not forwarded".into());
+    if let Some(named) = host_header {
+        let (named_host, _) = split_host_port(named, Some(port)).map_err(|e| format!("the Host header: {e}"))?;
+        if !named_host.eq_ignore_ascii_case(&host) {
+            return Err(format!("the Host header names {named_host:?}, not the request's {host:?}"));
+        }
     }
-    let (host, port) = split_host_port(authority, Some(80))?;
-    let mut forward = format!("{method} {path} {version}\r\n").into_bytes();
-    forward.extend_from_slice(rest.as_bytes());
-    Ok(ProxyRequest { host, port, forward: Some(forward) })
+    Ok(ProxyRequest { host, port, forward })
 }
 
 fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
@@ -548,6 +576,12 @@ mod tests {
             b"GARBAGE\r\n\r\n",
             b"\xff\xfe\r\n\r\n",
             b"",
+            b"GET http://allowed.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+            b"CONNECT allowed.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
+            b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nHost: evil.test\r\n\r\n",
+            b"GET http://a.test/ HTTP/1.1\r\nX: a\rInjected: b\r\n\r\n",
+            b"GET http://a.test/ HTTP/1.1\r\nX: \x1b[2Jcleared\r\n\r\n",
+            b"GET http://a.test/ HTTP/1.1\r\n\r\nGET http://evil.test/ HTTP/1.1\r\n\r\n",
         ] {
             assert!(parse_request(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

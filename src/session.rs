@@ -350,6 +350,9 @@ impl Session {
 fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<Runtime>)> {
     let meta = dir.join("meta");
     let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &meta)? };
+    for warning in &plan.warnings {
+        eprintln!("cvm: {warning}");
+    }
     plan.write_meta(&meta)?;
     let runtime = match &plan.workdir {
         Some(project) if config.runtime => {

@@ -139,6 +139,9 @@ pub struct ShareRequest {
     pub conversations: bool,
     /// What `~/.claude` shows the guest.
     pub claude_items: Vec<String>,
+    /// The file servers may run without a sandbox where the host has none
+    /// (`--allow-unsandboxed-fs`).
+    pub allow_unsandboxed_fs: bool,
 }
 
 impl ShareRequest {
@@ -165,12 +168,43 @@ pub struct SharePlan {
     pub workdir: Option<PathBuf>,
     /// The meta dir's files (name, contents), written by the session into its own directory.
     pub meta: Vec<(&'static str, String)>,
+    /// What the user should know about the plan (a share left out, and why).
+    pub warnings: Vec<String>,
 }
 
 /// Claude Code's folder name for a project: every character other than a letter or a digit
 /// becomes `-`.
 pub fn encode_project_path(path: &Path) -> String {
     path.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+}
+
+/// Another existing directory whose conversation folder is `project`'s: Claude Code's encoding
+/// makes `/a/b.c`, `/a/b-c` and `/a/b/c` one folder. Searched from `/` through the directories
+/// (not symbolic links) whose encoded path begins the project's, reading at most a few
+/// thousand entries.
+fn colliding_project(project: &Path) -> Option<PathBuf> {
+    let target = encode_project_path(project);
+    let mut budget = 20_000usize;
+    let mut pending = vec![(PathBuf::from("/"), String::new())];
+    while let Some((dir, encoded)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            budget = budget.checked_sub(1)?;
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            let name = encode_project_path(Path::new(&entry.file_name()));
+            let child = format!("{encoded}-{name}");
+            if child == target && path != project {
+                return Some(path);
+            }
+            if target.starts_with(&child) && target.as_bytes().get(child.len()) == Some(&b'-') {
+                pending.push((path, child));
+            }
+        }
+    }
+    None
 }
 
 /// The most of `~/.claude.json` a guest gets: Claude Code's settings and account state, with
@@ -240,7 +274,7 @@ impl SharePlan {
         let user = host.guest();
         let mut plan = SharePlan::default();
         let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, policy: Policy, guest_path: PathBuf, read_only: bool| {
-            let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid };
+            let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid, allow_no_sandbox: request.allow_unsandboxed_fs };
             plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
             plan.shares.push(PlannedShare { backend, guest_path });
         };
@@ -314,7 +348,14 @@ impl SharePlan {
         if writable_file.is_some() && claude.join(CREDENTIALS).is_file() {
             self.setup.steps.push(Step::Bind { source: bytes(&lower.join(CREDENTIALS)), target: bytes(&guest_claude.join(CREDENTIALS)) });
         }
-        if request.conversations {
+        if let Some(other) = request.conversations.then(|| colliding_project(project)).flatten() {
+            // Its conversations are another project's too: sharing them would show them here.
+            self.warnings.push(format!(
+                "not sharing the conversation folder ~/.claude/projects/{}: {} maps to it too (Claude Code names it by the path, with every character other than a letter or digit as '-'); this session's conversations stay in the VM",
+                encode_project_path(project),
+                other.display()
+            ));
+        } else if request.conversations {
             let folder = Path::new("projects").join(encode_project_path(project));
             let host_folder = claude.join(&folder);
             std::fs::create_dir_all(&host_folder).with_context(|| format!("cannot create {}", host_folder.display()))?;
@@ -376,7 +417,7 @@ mod tests {
     }
 
     fn request(project: &Path) -> ShareRequest {
-        ShareRequest { project: Some(project.to_path_buf()), conversations: true, claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(), mounts: Vec::new() }
+        ShareRequest { project: Some(project.to_path_buf()), conversations: true, claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(), ..ShareRequest::default() }
     }
 
     #[test]
@@ -418,6 +459,29 @@ mod tests {
         no_conv.conversations = false;
         let plan = SharePlan::new(&no_conv, &host, &dir.path().join("meta")).unwrap();
         assert!(!plan.shares.iter().any(|s| s.backend.tag == "conversations"));
+    }
+
+    #[test]
+    fn a_conversation_folder_another_project_maps_to_is_not_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let home = base.join("home");
+        std::fs::create_dir_all(home.join(".claude")).unwrap();
+        let host = HostUser { name: "dev".into(), uid: 1234, gid: 99, home: home.clone() };
+        let project = base.join("a/b.c");
+        std::fs::create_dir_all(&project).unwrap();
+        let plan = SharePlan::new(&request(&project), &host, &base.join("meta")).unwrap();
+        assert!(plan.shares.iter().any(|s| s.backend.tag == "conversations") && plan.warnings.is_empty(), "{:?}", plan.warnings);
+        for other in ["a/b-c", "a/b/c", "a-b/c"] {
+            std::fs::create_dir_all(base.join(other)).unwrap();
+            let plan = SharePlan::new(&request(&project), &host, &base.join("meta")).unwrap();
+            assert!(!plan.shares.iter().any(|s| s.backend.tag == "conversations"), "{other}");
+            assert!(plan.warnings.len() == 1 && plan.warnings[0].contains("maps to it too"), "{other}: {:?}", plan.warnings);
+            std::fs::remove_dir(base.join(other)).unwrap();
+        }
+        // A symbolic link is not a project of its own.
+        std::os::unix::fs::symlink(&project, base.join("a/b-c")).unwrap();
+        assert!(SharePlan::new(&request(&project), &host, &base.join("meta")).unwrap().warnings.is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! end its own backend's process, never the process that stands for the VMM here, and never
 //! reach the host outside the share.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
@@ -25,7 +26,7 @@ fn start(guest_uid: u32) -> Backend {
     std::fs::write(dir.path().join("secret"), "outside\n").unwrap();
     let socket = dir.path().join("fs.vhost");
     let listener = UnixListener::bind(&socket).unwrap();
-    let config = ShareConfig { dir: share, tag: "t".into(), policy: Policy::default(), guest_uid, guest_gid: guest_uid };
+    let config = ShareConfig { dir: share, tag: "t".into(), policy: Policy::default(), guest_uid, guest_gid: guest_uid, allow_no_sandbox: false };
     let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
     command.arg("__fs-backend");
     let process = FsBackend::spawn(command, listener, &config).unwrap();
@@ -119,4 +120,30 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
         assert!(host > 0.0 && cvm > 0.0, "{row}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
+}
+
+#[test]
+fn a_backend_ends_when_cvm_is_gone_even_before_a_frontend_came() {
+    // As cvm starts it, by hand: the listener at fd 3, the lifeline's read end at fd 4. Then
+    // the lifeline's write end, which only "cvm" (this test) holds, is closed: the backend,
+    // sandboxed and waiting for a frontend that never comes, ends at once.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = UnixListener::bind(dir.path().join("fs.vhost")).unwrap();
+    let (lifeline_read, lifeline) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    let config = ShareConfig { dir: dir.path().to_path_buf(), tag: "t".into(), policy: Policy::default(), guest_uid: 1000, guest_gid: 1000, allow_no_sandbox: false };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
+    command.arg("__fs-backend").args(config.to_args());
+    cvm_devices::process::pass_fd(&mut command, listener.as_raw_fd(), 3);
+    cvm_devices::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), 4);
+    let mut child = command.spawn().unwrap();
+    drop((listener, lifeline_read));
+    // Let it enter its sandbox (a PID namespace: the process that serves is a grandchild).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the backend waits for its frontend");
+    drop(lifeline);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the backend outlived its lifeline");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -4,9 +4,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{arg, engine, text, Env};
+use common::{arg, engine, nested_scale, text, Env};
 
 /// Runs host git in `dir` and says what it printed.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -97,5 +98,63 @@ fn files_the_guest_plants_in_the_project_do_not_widen_the_next_session() {
     assert_eq!(out.status.code(), Some(125), "[{engine}] {}", text(&out.stdout));
     assert!(text(&out.stderr).contains("a symbolic link leads out of"), "[{engine}] {}", text(&out.stderr));
     assert!(!text(&out.stdout).contains("host secret"));
+    env.assert_clean();
+}
+
+/// The live processes whose command line names `marker`: "PID COMMAND LINE" each.
+fn processes_naming(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if pid != std::process::id() && line.contains(marker) {
+            found.push(format!("{pid} {line}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn killing_cvm_at_any_moment_leaves_no_helper_running() {
+    let Some(env) = Env::new() else { return };
+    let project = env.home.path().join("project");
+    std::fs::create_dir_all(project.join("sub")).unwrap();
+    // Every helper names a path of this test's: the fs backends their share, QEMU and the
+    // janitor the session's directory under the private XDG_RUNTIME_DIR.
+    let markers = [env.home.path().display().to_string(), env.runtime.path().display().to_string()];
+    let alive = || markers.iter().flat_map(|m| processes_naming(m)).collect::<Vec<_>>();
+    let engine = engine();
+    // Kill points spread over start-up, the command and teardown of a session that takes
+    // about a second on the QEMU engine here.
+    let span = nested_scale(Duration::from_millis(2000)).as_micros() as u64;
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("kill points from seed {seed}");
+    let mut survivors = Vec::new();
+    for round in 0..100 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % span);
+        let mut child = env.command(engine, &[arg(&project), "--mount", &format!("{}:/mnt/sub", project.join("sub").display()), "--", "sh", "-c", "sleep 0.2"]);
+        let mut child = child.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = Instant::now() + nested_scale(Duration::from_secs(5));
+        while !alive().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = alive();
+        if !left.is_empty() {
+            survivors.push(format!("round {round}, killed after {delay:?}: {left:?}"));
+            for line in left {
+                let pid: i32 = line.split(' ').next().unwrap().parse().unwrap();
+                // SAFETY (test): SIGKILL to a helper this test's cvm left behind.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    assert!(survivors.is_empty(), "[{engine}] helpers outlived a killed cvm:\n{}", survivors.join("\n"));
     env.assert_clean();
 }

@@ -325,7 +325,7 @@ pub fn run(args: FsBench) -> Result<()> {
     let listener = UnixListener::bind(&socket)?;
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("__fs-backend");
-    let config = ShareConfig { dir: share.clone(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid };
+    let config = ShareConfig { dir: share.clone(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
     let _cvm_backend = FsBackend::spawn(command, listener, &config)?;
     columns.push(("cvm backend".into(), Box::new(Fuse(FuseGuest::connect(&socket).context("cannot reach cvm's fs backend")?))));
     // The reference: virtiofsd with its defaults, on the same files.

@@ -131,16 +131,7 @@ impl QemuVm {
         }
         // Its own process group: a Ctrl-C at the terminal is cvm's to forward, not QEMU's.
         command.process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
-        // which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        cvm_devices::process::die_with_parent(&mut command);
         let child = command.spawn().map_err(|e| {
             Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display()))
         })?;

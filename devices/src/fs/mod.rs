@@ -6,7 +6,9 @@
 //! the share's [`ShareConfig`] as arguments; the process calls [`serve`], which enters the
 //! sandbox (a mount, PID and network namespace where the host allows it, a chroot as root
 //! otherwise, and nothing as a last resort, said once in the log), serves one frontend and
-//! returns when it disconnects. The process dies with cvm (PR_SET_PDEATHSIG at each fork).
+//! returns when it disconnects. The process ends with cvm whatever the timing: it watches a
+//! pipe whose other end only cvm holds (its "lifeline", fd 4), and has PR_SET_PDEATHSIG set
+//! at each fork.
 
 mod git_guard;
 pub mod policy;
@@ -18,6 +20,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +46,10 @@ pub const CONFIG_LEN: u32 = 40;
 pub const MAX_TAG_LEN: usize = virtiofsd::vhost_user::MAX_TAG_LEN;
 /// The fd the backend process finds its listening socket on.
 const LISTENER_FD: i32 = 3;
+/// The fd the backend process finds its lifeline on: the read end of a pipe whose write end
+/// only cvm holds and never writes, so it reads end-of-file exactly when cvm is gone or has
+/// dropped the backend.
+const LIFELINE_FD: i32 = 4;
 
 /// One share's backend, as plain data: what it serves and under which rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +63,8 @@ pub struct ShareConfig {
     /// the backend runs as (so a root host still has an unprivileged guest user).
     pub guest_uid: u32,
     pub guest_gid: u32,
+    /// The user allowed serving without a sandbox where the host has none.
+    pub allow_no_sandbox: bool,
 }
 
 impl ShareConfig {
@@ -87,6 +96,9 @@ impl ShareConfig {
         if self.policy.git_dir {
             args.push("--git-dir".into());
         }
+        if self.allow_no_sandbox {
+            args.push("--allow-no-sandbox".into());
+        }
         if let Some(name) = &self.policy.writable_file {
             args.extend(["--writable-file".into(), name.into()]);
         }
@@ -95,13 +107,14 @@ impl ShareConfig {
 
     pub fn from_args(args: impl IntoIterator<Item = OsString>) -> Result<ShareConfig, String> {
         let mut args = args.into_iter();
-        let (mut dir, mut tag, mut uid, mut gid) = (None, None, None, None);
+        let (mut dir, mut tag, mut uid, mut gid, mut allow_no_sandbox) = (None, None, None, None, false);
         let mut policy = Policy::default();
         while let Some(flag) = args.next() {
             let flag = flag.to_str().ok_or("arguments must be UTF-8 flags")?.to_string();
             let switch = match flag.as_str() {
                 "--read-only" => Some(&mut policy.read_only),
                 "--git-dir" => Some(&mut policy.git_dir),
+                "--allow-no-sandbox" => Some(&mut allow_no_sandbox),
                 _ => None,
             };
             if let Some(switch) = switch {
@@ -127,6 +140,7 @@ impl ShareConfig {
             policy,
             guest_uid: uid.ok_or("--uid is required")?,
             guest_gid: gid.ok_or("--gid is required")?,
+            allow_no_sandbox,
         })
     }
 }
@@ -134,6 +148,8 @@ impl ShareConfig {
 /// A running backend process; killed and reaped when dropped.
 pub struct FsBackend {
     child: Child,
+    /// The write end of the backend's lifeline (close-on-exec: no other helper inherits it).
+    _lifeline: OwnedFd,
 }
 
 impl FsBackend {
@@ -142,10 +158,13 @@ impl FsBackend {
     pub fn spawn(mut command: Command, listener: UnixListener, share: &ShareConfig) -> io::Result<FsBackend> {
         share.validate()?;
         command.args(share.to_args());
-        crate::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD, true);
+        let (lifeline_read, lifeline) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        crate::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD);
+        crate::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), LIFELINE_FD);
+        crate::process::die_with_parent(&mut command);
         let child = command.spawn()?;
         drop(listener);
-        Ok(FsBackend { child })
+        Ok(FsBackend { child, _lifeline: lifeline })
     }
 }
 
@@ -169,8 +188,43 @@ fn die_with_parent() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
 }
 
+/// The sandboxes a backend tries, strongest first: namespaces; a chroot as root; none only
+/// when the user allowed it.
+fn sandbox_modes(root: bool, allow_none: bool) -> Vec<SandboxMode> {
+    let mut modes = vec![SandboxMode::Namespace];
+    if root {
+        modes.push(SandboxMode::Chroot);
+    }
+    if allow_none {
+        modes.push(SandboxMode::None);
+    }
+    modes
+}
+
+/// The sandbox the fs backends get on this host, as [`enter_sandbox`] would choose it, with
+/// why namespaces are out when they are: tried in a child process that unshares what the
+/// backend's sandbox unshares.
+pub fn sandbox_on_this_host() -> (&'static str, Option<String>) {
+    let root = rustix::process::geteuid().is_root();
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWNET;
+    if !root {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    let mut probe = Command::new("true");
+    // SAFETY: runs in the child between fork and exec; unshare is a plain system call that
+    // changes only the child's own namespaces.
+    unsafe {
+        probe.pre_exec(move || if libc::unshare(flags) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) });
+    }
+    match probe.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status() {
+        Ok(status) if status.success() => ("namespaces", None),
+        Ok(status) => (if root { "chroot" } else { "none" }, Some(format!("a probe ended with {status}"))),
+        Err(e) => (if root { "chroot" } else { "none" }, Some(format!("new namespaces are refused here: {e}"))),
+    }
+}
+
 /// Enters the strongest sandbox the host allows and says which.
-fn enter_sandbox(dir: &str, listener: Listener) -> io::Result<(Listener, Sandbox)> {
+fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<(Listener, Sandbox)> {
     // A failed attempt consumes the listener: keep a copy of the socket for the next one.
     let spare = |l: &Listener| -> io::Result<Listener> {
         // SAFETY: the fd is open for the duration of this call; dup makes a new one we own.
@@ -182,11 +236,7 @@ fn enter_sandbox(dir: &str, listener: Listener) -> io::Result<(Listener, Sandbox
         Ok(Listener::from(UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     };
     let mut last = listener;
-    let root = rustix::process::geteuid().is_root();
-    for mode in [SandboxMode::Namespace, SandboxMode::Chroot, SandboxMode::None] {
-        if mode == SandboxMode::Chroot && !root {
-            continue;
-        }
+    for mode in sandbox_modes(rustix::process::geteuid().is_root(), allow_none) {
         let next = spare(&last)?;
         let mut sandbox = Sandbox::new(dir.to_string(), mode, Vec::new(), Vec::new());
         match sandbox.enter(last) {
@@ -201,7 +251,10 @@ fn enter_sandbox(dir: &str, listener: Listener) -> io::Result<(Listener, Sandbox
         }
         last = next;
     }
-    Err(io::Error::other("no sandbox could be entered"))
+    Err(io::Error::other(
+        "the file server could not enter a sandbox on this host (no namespaces, and a chroot needs root); \
+         --allow-unsandboxed-fs serves shares without one (cvm doctor says more)",
+    ))
 }
 
 /// Serves `share` to the one frontend that connects to `listener`, until it disconnects.
@@ -211,7 +264,8 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let dir = share.dir.to_str().expect("validated as UTF-8");
     // Before the sandbox, which hides /proc/sys.
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;
-    let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener))?;
+    let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
+    exit_with_cvm()?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
@@ -271,13 +325,31 @@ fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::
     }
 }
 
+/// Ends this process (the sandbox's innermost, which serves) when its lifeline reads
+/// end-of-file: at once if cvm ended before this point.
+fn exit_with_cvm() -> io::Result<()> {
+    let lifeline = inherited(LIFELINE_FD, libc::S_IFIFO, "lifeline")?;
+    std::thread::Builder::new().name("lifeline".into()).spawn(move || {
+        let mut byte = [0u8; 1];
+        // cvm never writes: this returns when its end closes.
+        let _ = rustix::io::read(&lifeline, &mut byte);
+        std::process::exit(0);
+    })?;
+    Ok(())
+}
+
+/// Descriptor `fd`, handed over by [`FsBackend::spawn`], when it is of type `kind`.
+fn inherited(fd: i32, kind: libc::mode_t, what: &str) -> io::Result<OwnedFd> {
+    // SAFETY: fstat only checks that fd is open, and of what type, before it is taken over.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != kind {
+        return Err(io::Error::other(format!("fd {fd} is not the backend's {what}: this command is started by cvm itself")));
+    }
+    // SAFETY: fd is open, of the expected type, handed to this process, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The listener a backend process was given by [`FsBackend::spawn`].
 pub fn inherited_listener() -> io::Result<UnixListener> {
-    // SAFETY: fstat only checks that fd 3 is open before it is taken over.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(LISTENER_FD, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::other("fd 3 is not the backend's socket: this command is started by cvm itself"));
-    }
-    // SAFETY: fd 3 is an open socket that this process was handed and nothing else owns.
-    Ok(UnixListener::from(unsafe { OwnedFd::from_raw_fd(LISTENER_FD) }))
+    Ok(UnixListener::from(inherited(LISTENER_FD, libc::S_IFSOCK, "socket")?))
 }

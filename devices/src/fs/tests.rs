@@ -34,7 +34,7 @@ impl Fixture {
         let listener = UnixListener::bind(&socket).unwrap();
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        let config = ShareConfig { dir: share.clone(), tag: "test".into(), policy, guest_uid: uid, guest_gid: gid };
+        let config = ShareConfig { dir: share.clone(), tag: "test".into(), policy, guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
         let backend = std::thread::spawn(move || serve_in_process(listener, &config));
         let guest = FuseGuest::connect(&socket).unwrap();
         (Fixture { _dir: dir, share, outside, backend: Some(backend) }, guest)
@@ -406,6 +406,17 @@ fn unknown_requests_and_a_flood_get_answers() {
 }
 
 #[test]
+fn no_sandbox_only_when_the_user_allowed_it() {
+    use virtiofsd::sandbox::SandboxMode::*;
+    assert_eq!(super::sandbox_modes(false, false), [Namespace]);
+    assert_eq!(super::sandbox_modes(true, false), [Namespace, Chroot]);
+    assert_eq!(super::sandbox_modes(false, true), [Namespace, None]);
+    assert_eq!(super::sandbox_modes(true, true), [Namespace, Chroot, None]);
+    // This host (CI's too) has namespaces: the test suite's backends run in them.
+    assert_eq!(super::sandbox_on_this_host(), ("namespaces", Option::None));
+}
+
+#[test]
 fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = ShareConfig {
@@ -414,9 +425,10 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
         policy: Policy { read_only: true, visible: Some(vec!["a".into(), "b c".into()]), git_dir: true, writable_file: Some("a".into()) },
         guest_uid: 1000,
         guest_gid: 100,
+        allow_no_sandbox: true,
     };
     assert_eq!(ShareConfig::from_args(config.to_args()), Ok(config.clone()));
-    let plain = ShareConfig { policy: Policy::default(), ..config.clone() };
+    let plain = ShareConfig { policy: Policy::default(), allow_no_sandbox: false, ..config.clone() };
     assert_eq!(ShareConfig::from_args(plain.to_args()), Ok(plain));
     for bad in [&["--dir"][..], &["--tag", "t", "--uid", "1", "--gid", "1"], &["--dir", "/", "--tag", "t", "--uid", "x", "--gid", "1"], &["--bogus", "1"]] {
         assert!(ShareConfig::from_args(bad.iter().map(std::ffi::OsString::from)).is_err(), "{bad:?}");
