@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs}
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::forward::{splice, Listening};
 
@@ -380,26 +380,37 @@ fn tunnel(proxy: &str, target: &str) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Reads the request head: up to the blank line, at most MAX_HEAD bytes.
-fn read_head(reader: &mut BufReader<UnixStream>) -> io::Result<Vec<u8>> {
+/// Reads the request head: up to the blank line, at most MAX_HEAD bytes, all of it before
+/// `deadline` (a guest that trickles bytes holds a connection no longer than that). What
+/// follows the head stays in `reader`'s buffer.
+fn read_head(reader: &mut BufReader<UnixStream>, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut head = Vec::new();
-    loop {
-        let n = reader.by_ref().take((MAX_HEAD - head.len()) as u64).read_until(b'\n', &mut head)?;
-        if n == 0 || head.ends_with(b"\r\n\r\n") || head.len() >= MAX_HEAD {
-            return Ok(head);
+    while !head.ends_with(b"\r\n\r\n") && head.len() < MAX_HEAD {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
         }
+        reader.get_ref().set_read_timeout(Some(left))?;
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            break;
+        }
+        // Line by line, so that nothing past the blank line is taken.
+        let line = available.iter().position(|&b| b == b'\n').map_or(available.len(), |i| i + 1).min(MAX_HEAD - head.len());
+        head.extend_from_slice(&available[..line]);
+        reader.consume(line);
     }
+    Ok(head)
 }
 
 fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
-    let _ = conn.set_read_timeout(Some(CONNECT_TIMEOUT));
     let Ok(writer) = conn.try_clone() else { return };
     let mut reader = BufReader::new(conn);
     let refuse = |mut w: &UnixStream, status: &str, message: &str| {
         let body = format!("cvm: {message}\n");
         let _ = write!(w, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     };
-    let head = match read_head(&mut reader) {
+    let head = match read_head(&mut reader, Instant::now() + CONNECT_TIMEOUT) {
         Ok(h) if h.ends_with(b"\r\n\r\n") => h,
         _ => {
             refuse(&writer, "400 Bad Request", "a proxy request must end its head with a blank line");
@@ -551,6 +562,31 @@ mod tests {
         for bad in ["api.test", "api.test:", ":1.2.3.4", "api.test:999.1.1.1", "a b:1.2.3.4"] {
             assert!(parse_add_host(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_request_head_is_read_whole_before_its_deadline_or_not_at_all() {
+        let (mut guest, proxy) = UnixStream::pair().unwrap();
+        let mut reader = BufReader::new(proxy);
+        guest.write_all(b"CONNECT a.test:443 HTTP/1.1\r\n\r\nafter").unwrap();
+        let head = read_head(&mut reader, Instant::now() + Duration::from_secs(5)).unwrap();
+        assert_eq!(head, b"CONNECT a.test:443 HTTP/1.1\r\n\r\n");
+        assert_eq!(reader.buffer(), b"after", "what follows the head stays for the upstream");
+        // A byte at a time, each well within a per-read timeout: the whole head's deadline ends it.
+        let (guest, proxy) = UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..40 {
+                if (&guest).write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let e = read_head(&mut BufReader::new(proxy), started + Duration::from_millis(500)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+        trickle.join().unwrap();
     }
 
     #[test]

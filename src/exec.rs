@@ -19,13 +19,45 @@ use crate::terminal;
 /// How long the guest may take to answer a connection request: a hung or hostile guest must
 /// not hold cvm. A healthy one answers in milliseconds, even nested.
 const CONNECT_ANSWER: Duration = Duration::from_secs(30);
+/// How long the rest of a frame may take once its first byte came: the agent writes each
+/// frame at once, so only a hostile or broken guest is slower.
+const FRAME_TIME: Duration = Duration::from_secs(10);
+/// How long the command has to end after cvm got SIGTERM or SIGHUP (and passed it on) before
+/// cvm stops the VM and exits with that signal's status, as `docker stop` does.
+pub const TERMINATE_GRACE: Duration = Duration::from_secs(10);
+
+/// Reads from a stream whose every read ends by `deadline`, however the guest trickles bytes.
+pub struct ReadBy<'a, R> {
+    reader: &'a mut R,
+    socket: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl<'a, R: Read> ReadBy<'a, R> {
+    /// `reader` reads from `socket` (itself, or a buffer over it).
+    pub fn new(reader: &'a mut R, socket: &'a UnixStream, deadline: Instant) -> Self {
+        ReadBy { reader, socket, deadline }
+    }
+}
+
+impl<R: Read> Read for ReadBy<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.socket.set_read_timeout(Some(left))?;
+        self.reader.read(buf)
+    }
+}
 
 /// Opens a stream to guest vsock `port` with the Firecracker protocol.
 pub fn connect_port(host_socket: &Path, port: u32) -> io::Result<UnixStream> {
     connect_port_within(host_socket, port, CONNECT_ANSWER)
 }
 
-fn connect_port_within(host_socket: &Path, port: u32, answer: Duration) -> io::Result<UnixStream> {
+/// [`connect_port`], with the guest's answer due within `answer`.
+pub fn connect_port_within(host_socket: &Path, port: u32, answer: Duration) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(host_socket)?;
     stream.set_read_timeout(Some(answer))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -61,6 +93,9 @@ pub enum Outcome {
     TimedOut,
     /// The VM stopped before the command finished.
     MachineStopped,
+    /// cvm got this signal, passed it on, and the command had not ended [`TERMINATE_GRACE`]
+    /// later.
+    Terminated(i32),
 }
 
 /// Signals that the relay turns into requests; each sets its flag and wakes the poll.
@@ -119,6 +154,19 @@ fn send(writer: &Writer, request: &Request) -> io::Result<()> {
     protocol::write_frame(&mut *writer.lock().unwrap_or_else(|e| e.into_inner()), &request.encode())
 }
 
+/// [`send`] unless the stdin thread holds the writer, stuck in a write the guest does not
+/// take: then the request is dropped rather than wait on the guest.
+fn try_send(writer: &Writer, request: &Request) -> io::Result<()> {
+    match writer.try_lock() {
+        Ok(mut stream) => protocol::write_frame(&mut *stream, &request.encode()),
+        Err(std::sync::TryLockError::Poisoned(e)) => protocol::write_frame(&mut *e.into_inner(), &request.encode()),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            tracing::debug!("the guest is not reading: {request:?} not sent");
+            Ok(())
+        }
+    }
+}
+
 /// Copies stdin to the guest on its own thread: a write that waits for the guest to read
 /// must never stop the output coming back (the command may be waiting for us to take it).
 fn forward_stdin(writer: Writer) {
@@ -150,11 +198,22 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
     forward_stdin(writer.clone());
     let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
     let mut output_open = (true, true);
+    // Set when cvm is told to end: (the signal, when the command's grace ends).
+    let mut terminating: Option<(i32, Instant)> = None;
+    let ends = |terminating: Option<(i32, Instant)>| [deadline, terminating.map(|(_, at)| at)].into_iter().flatten().min();
+    let past = |terminating: Option<(i32, Instant)>| match terminating {
+        Some((signal, at)) if Instant::now() >= at => Some(Outcome::Terminated(signal)),
+        _ => deadline.is_some_and(|d| Instant::now() >= d).then_some(Outcome::TimedOut),
+    };
 
     loop {
+        // Checked each time round: a guest that never stops sending still ends at its deadlines.
+        if let Some(outcome) = past(terminating) {
+            return Ok(outcome);
+        }
         // Frames already buffered need no poll.
         if reader.buffer().is_empty() {
-            let timeout = deadline.map(|d| {
+            let timeout = ends(terminating).map(|d| {
                 let left = d.saturating_duration_since(Instant::now());
                 Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
             });
@@ -164,7 +223,7 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
                 PollFd::from_borrowed_fd(machine_exit, PollFlags::IN),
             ];
             match poll(&mut fds, timeout.as_ref()) {
-                Ok(0) => return Ok(Outcome::TimedOut),
+                Ok(0) => return Ok(past(terminating).unwrap_or(Outcome::TimedOut)),
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -172,13 +231,16 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
             let ready = fds.map(|f| !f.revents().is_empty());
             if ready[1] {
                 for signal in signals.take() {
+                    if matches!(signal, SIGTERM | SIGHUP) && terminating.is_none() {
+                        terminating = Some((signal, Instant::now() + TERMINATE_GRACE));
+                    }
                     let request = match signal {
                         SIGWINCH => terminal::size().map(Request::Resize),
                         _ if tty => None,
                         other => Some(Request::Signal(other)),
                     };
                     if let Some(request) = request {
-                        send(&writer, &request)?;
+                        try_send(&writer, &request)?;
                     }
                 }
             }
@@ -189,7 +251,9 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
                 continue;
             }
         }
-        match protocol::read_reply(&mut reader) {
+        // A frame the guest started must arrive whole soon, and never past the deadlines.
+        let frame_by = ends(terminating).map_or(Instant::now() + FRAME_TIME, |end| end.min(Instant::now() + FRAME_TIME));
+        match protocol::read_reply(&mut ReadBy::new(&mut reader, &conn, frame_by)) {
             Ok(Some(Reply::Stdout(data))) if output_open.0 => output_open.0 = write_all_fd(stdout, &data).is_ok(),
             Ok(Some(Reply::Stderr(data))) if output_open.1 => output_open.1 = write_all_fd(stderr, &data).is_ok(),
             Ok(Some(Reply::Failed(message))) => {
@@ -201,7 +265,7 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
             Ok(None) => return Ok(Outcome::MachineStopped),
             Err(e) => {
                 tracing::debug!("the agent connection failed: {e}");
-                return Ok(Outcome::MachineStopped);
+                return Ok(past(terminating).unwrap_or(Outcome::MachineStopped));
             }
         }
     }
@@ -228,6 +292,30 @@ mod tests {
             }
         });
         (dir, path)
+    }
+
+    #[test]
+    fn a_guest_that_trickles_or_floods_frames_still_ends_at_the_deadline() {
+        for flood in [false, true] {
+            let (host, mut guest) = UnixStream::pair().unwrap();
+            let (exit_read, _exit_write) = rustix::pipe::pipe().unwrap();
+            let hostile = std::thread::spawn(move || {
+                let _ = protocol::read_request(&mut guest);
+                if flood {
+                    // Frames that ask nothing, as fast as the host takes them.
+                    while protocol::write_frame(&mut guest, &Reply::Synced.encode()).is_ok() {}
+                } else {
+                    // The start of a 1000-byte frame, then nothing.
+                    let _ = guest.write_all(&[0xe8, 3, 0, 0, 1]);
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+            });
+            let started = Instant::now();
+            let outcome = relay(host, Exec::default(), Some(started + Duration::from_millis(500)), exit_read.as_fd()).unwrap();
+            assert_eq!(outcome, Outcome::TimedOut, "flood: {flood}");
+            assert!(started.elapsed() < Duration::from_secs(2), "flood: {flood}: {:?}", started.elapsed());
+            hostile.join().unwrap();
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -61,14 +61,20 @@ impl Stream for UnixStream {
     }
 }
 
+/// The most connections one listener serves at a time: past it, a new one is closed at once
+/// (the guest is told no), so a flood costs the host a bounded number of threads and fds.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Copies both ways until each side ends, passing each end on.
 pub fn splice(a: Box<dyn Stream>, b: Box<dyn Stream>) {
     let (Ok(mut a_read), Ok(mut b_read)) = (a.clone_stream(), b.clone_stream()) else { return };
-    let forward = std::thread::spawn(move || {
+    let forward = std::thread::Builder::new().name("splice".into()).spawn(move || {
         let mut b = b;
         let _ = io::copy(&mut a_read, &mut b);
         b.close_write();
     });
+    // No thread to spare: the connection ends (both streams are dropped).
+    let Ok(forward) = forward else { return };
     let mut a = a;
     let _ = io::copy(&mut b_read, &mut a);
     a.close_write();
@@ -81,11 +87,13 @@ enum Wake {
     Unix(PathBuf),
 }
 
-/// An accept loop on its own thread, each connection handled on another; stops accepting
-/// when dropped (connections under way end with the VM).
+/// An accept loop on its own thread, each connection handled on another, at most
+/// [`MAX_CONNECTIONS`] at a time; stops accepting when dropped (connections under way end
+/// with the VM).
 pub struct Listening {
     stop: Arc<AtomicBool>,
     wake: Wake,
+    open: Arc<AtomicUsize>,
 }
 
 impl Listening {
@@ -93,17 +101,32 @@ impl Listening {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let handle = Arc::new(handle);
+        let open = Arc::new(AtomicUsize::new(0));
+        let counted = open.clone();
         std::thread::Builder::new().name("listen".into()).spawn(move || loop {
             let conn = accept();
             if stopping.load(Ordering::SeqCst) {
                 return;
             }
-            if let Ok(conn) = conn {
-                let handle = handle.clone();
-                std::thread::spawn(move || handle(conn));
+            let Ok(conn) = conn else {
+                // Out of fds, most likely: wait for some to close rather than spin.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            };
+            if counted.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                counted.fetch_sub(1, Ordering::SeqCst);
+                continue; // dropped: closed at once
+            }
+            let (handle, done) = (handle.clone(), counted.clone());
+            let served = std::thread::Builder::new().name("connection".into()).spawn(move || {
+                handle(conn);
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+            if served.is_err() {
+                counted.fetch_sub(1, Ordering::SeqCst);
             }
         })?;
-        Ok(Listening { stop, wake })
+        Ok(Listening { stop, wake, open })
     }
 
     /// Serves each connection to the Unix socket `path` with `handle`.
@@ -117,6 +140,13 @@ impl Listening {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
         let addr = listener.local_addr()?;
         Self::spawn(Wake::Tcp(addr), move || listener.accept().map(|(s, _)| s), handle)
+    }
+}
+
+impl Listening {
+    /// The connections being served now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
@@ -322,6 +352,51 @@ mod tests {
             all.environment(),
             [(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), (b"GNUPGHOME".to_vec(), GUEST_GNUPGHOME.as_bytes().to_vec())]
         );
+    }
+
+    /// This process's thread and open fd counts.
+    fn threads_and_fds() -> (usize, usize) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap();
+        (threads, std::fs::read_dir("/proc/self/fd").unwrap().count())
+    }
+
+    #[test]
+    fn a_flood_of_connections_is_served_up_to_the_cap_and_told_no_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("flood.sock");
+        // Each connection is held until its client goes: as a guest that never lets go would.
+        let listening = Listening::unix(&socket, |conn| {
+            let _ = io::copy(&mut &conn, &mut io::sink());
+        })
+        .unwrap();
+        let before = threads_and_fds();
+        let mut clients = Vec::new();
+        for _ in 0..2000 {
+            clients.push(UnixStream::connect(&socket).unwrap());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while listening.open_connections() < MAX_CONNECTIONS && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let during = threads_and_fds();
+        eprintln!("2000 connections held: {} served, threads {} -> {}, fds {} -> {} (2000 of them the clients')", listening.open_connections(), before.0, during.0, before.1, during.1);
+        assert_eq!(listening.open_connections(), MAX_CONNECTIONS);
+        assert!(during.0 <= before.0 + MAX_CONNECTIONS + 2, "threads: {before:?} -> {during:?}");
+        assert!(during.1 <= before.1 + 2000 + MAX_CONNECTIONS + 2, "fds: {before:?} -> {during:?}");
+        // Those past the cap were closed: their reads end at once.
+        let refused = clients.iter().filter(|c| {
+            c.set_read_timeout(Some(std::time::Duration::from_millis(1))).unwrap();
+            matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+        });
+        assert_eq!(refused.count(), 2000 - MAX_CONNECTIONS);
+        // Once they go, new connections are served again.
+        drop(clients);
+        while listening.open_connections() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(listening.open_connections(), 0);
     }
 
     #[test]

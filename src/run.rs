@@ -104,6 +104,10 @@ pub fn exit_status(outcome: Outcome, timeout: Option<Duration>, vm_end: Option<S
             eprintln!("cvm: timed out after {:?}", timeout.unwrap_or_default());
             EXIT_TIMEOUT
         }
+        Outcome::Terminated(signal) => {
+            eprintln!("cvm: the command did not end within {:?} of signal {signal}; the VM was stopped", crate::exec::TERMINATE_GRACE);
+            128 + signal as u8
+        }
         Outcome::MachineStopped => {
             match vm_end {
                 Some(why) => eprintln!("cvm: the VM stopped before the command finished: {why}"),

@@ -329,10 +329,13 @@ impl Session {
     /// nothing to wait for in its power-off. Says why the VM ended if it ended by itself,
     /// other than by the guest's choice.
     pub fn shutdown(mut self) -> Option<String> {
-        let synced = exec::connect_port(&self.host_socket, CONTROL_PORT).and_then(|mut conn| {
-            conn.set_read_timeout(Some(SYNC_TIMEOUT))?;
+        // The whole exchange within SYNC_TIMEOUT: a guest that stopped answering holds no one.
+        let by = Instant::now() + SYNC_TIMEOUT;
+        let synced = exec::connect_port_within(&self.host_socket, CONTROL_PORT, SYNC_TIMEOUT).and_then(|mut conn| {
+            conn.set_write_timeout(Some(SYNC_TIMEOUT))?;
             protocol::write_frame(&mut conn, &Request::Shutdown.encode())?;
-            protocol::read_reply(&mut conn)
+            let socket = conn.try_clone()?;
+            protocol::read_reply(&mut exec::ReadBy::new(&mut conn, &socket, by))
         });
         if !matches!(synced, Ok(Some(Reply::Synced))) {
             tracing::warn!("the guest did not confirm its sync: {synced:?}");
@@ -456,18 +459,26 @@ fn explain(mut e: anyhow::Error, dir: &Path) -> anyhow::Error {
     e
 }
 
-/// How much of the end of a console log is read for a panic: the panic ends the log.
-const PANIC_SEARCH_BYTES: u64 = 256 << 10;
+/// How much of the end of a console log is read: a panic ends the log, and the log is the
+/// guest's to fill.
+const TAIL_BYTES: u64 = 256 << 10;
+
+/// The last [`TAIL_BYTES`] of a log, or nothing.
+fn read_tail(log: &Path) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let mut tail = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(log) {
+        let len = file.metadata().map_or(0, |m| m.len());
+        if file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES))).is_ok() {
+            let _ = file.take(TAIL_BYTES).read_to_end(&mut tail);
+        }
+    }
+    tail
+}
 
 /// The kernel panic at the end of a console log, if any (either engine: both log the console).
 fn console_panic(log: &Path) -> Option<GuestPanic> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = std::fs::File::open(log).ok()?;
-    let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(PANIC_SEARCH_BYTES))).ok()?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail).ok()?;
-    cvm_vmm::guest_panic::find(&tail)
+    cvm_vmm::guest_panic::find(&read_tail(log))
 }
 
 /// A panic as cvm reports it: what the kernel said, then the console lines that led to it.
@@ -477,10 +488,7 @@ pub fn panic_report(panic: &GuestPanic) -> String {
 
 /// The last `lines` lines of a log.
 fn log_tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut text);
-    }
+    let text = String::from_utf8_lossy(&read_tail(path)).into_owned();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -158,3 +158,22 @@ fn killing_cvm_at_any_moment_leaves_no_helper_running() {
     assert!(survivors.is_empty(), "[{engine}] helpers outlived a killed cvm:\n{}", survivors.join("\n"));
     env.assert_clean();
 }
+
+#[test]
+fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
+    let Some(env) = Env::new() else { return };
+    let engine = engine();
+    let mut child = env.command(engine, &["--", "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]).stdin(Stdio::null()).spawn().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n", "[{engine}]");
+    let sent = Instant::now();
+    // SAFETY (test): SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = common::wait_output(child);
+    assert_eq!(out.status.code(), Some(143), "[{engine}] {}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("did not end within 10s of signal 15"), "[{engine}] {}", text(&out.stderr));
+    assert!(sent.elapsed() < nested_scale(Duration::from_secs(25)), "[{engine}] {:?}", sent.elapsed());
+    env.assert_clean();
+}

@@ -2,13 +2,15 @@
 //! place ([`Vm::create`]), and [`Vm::run`] drives it until the guest resets, powers off, halts
 //! for good or fails, and says why ([`VmExit`]).
 //!
-//! Layout: `config` (plain data and its parsers), `memory` (memfd-backed guest RAM),
+//! Layout: `config` (plain data and its parsers), `console_log` (the bounded console log),
+//! `memory` (memfd-backed guest RAM),
 //! `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit counters),
 //! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
 //! the event loop), `host` (what the host's KVM can do), `qemu` (the same `VmConfig` run by
 //! QEMU: the fallback and full-stack test engine).
 
 mod config;
+pub mod console_log;
 pub mod exit_stats;
 pub mod guest_panic;
 pub mod host;

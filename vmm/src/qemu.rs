@@ -66,15 +66,8 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
     // Modern (version 2) virtio-mmio, as cvm's own VMM: QEMU defaults to the legacy layout.
     push(&["-global", "virtio-mmio.force-legacy=false"]);
-    args.push("-serial".into());
-    args.push(match &config.console_log {
-        Some(path) => {
-            let mut s = OsString::from("file:");
-            s.push(path);
-            s
-        }
-        None => "stdio".into(),
-    });
+    // With a console log, QEMU's standard output goes to cvm, which bounds the log.
+    push(&["-serial", "stdio"]);
     args.push("-kernel".into());
     args.push(config.kernel.clone().into());
     if let Some(initrd) = &config.initrd {
@@ -119,6 +112,8 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
 pub struct QemuVm {
     child: Child,
     pidfd: OwnedFd,
+    /// Copies the console into its log until QEMU exits.
+    console_relay: Option<std::thread::JoinHandle<()>>,
 }
 
 impl QemuVm {
@@ -127,14 +122,18 @@ impl QemuVm {
         let mut command = Command::new(&options.binary);
         command.args(arguments(config, options.accel)).stdin(Stdio::null());
         if config.console_log.is_some() {
-            command.stdout(Stdio::null());
+            command.stdout(Stdio::piped());
         }
         // Its own process group: a Ctrl-C at the terminal is cvm's to forward, not QEMU's.
         command.process_group(0);
         cvm_devices::process::die_with_parent(&mut command);
-        let child = command.spawn().map_err(|e| {
+        let mut child = command.spawn().map_err(|e| {
             Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display()))
         })?;
+        let console_relay = match (&config.console_log, child.stdout.take()) {
+            (Some(path), Some(stdout)) => Some(crate::console_log::relay(stdout, path).map_err(|source| Error::File { path: path.clone(), source })?),
+            _ => None,
+        };
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) } as i32;
         if fd < 0 {
@@ -142,7 +141,7 @@ impl QemuVm {
         }
         // SAFETY: fd is a fresh pidfd that nothing else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(QemuVm { child, pidfd })
+        Ok(QemuVm { child, pidfd, console_relay })
     }
 
     /// Readable once QEMU has exited.
@@ -159,12 +158,25 @@ impl QemuVm {
     }
 
     pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
-        self.child.wait()
+        let status = self.child.wait()?;
+        self.console_written();
+        Ok(status)
     }
 
     /// QEMU's exit status if it has exited.
     pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
-        self.child.try_wait()
+        let status = self.child.try_wait()?;
+        if status.is_some() {
+            self.console_written();
+        }
+        Ok(status)
+    }
+
+    /// Once QEMU has exited: waits until all it wrote to the console is in the log.
+    fn console_written(&mut self) {
+        if let Some(relay) = self.console_relay.take() {
+            let _ = relay.join();
+        }
     }
 }
 
@@ -201,7 +213,7 @@ mod tests {
             "-accel tcg",
             "-m 256M -smp 2",
             "memory-backend-memfd,id=ram,size=256M,share=on",
-            "-serial file:/run/x/console.log",
+            "-serial stdio",
             "-kernel /k/vmlinux -initrd /k/initrd",
             "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
             "-chardev socket,id=vhost1,path=/run/x/fs-project.vhost -device vhost-user-fs-device,chardev=vhost1,tag=project,queue-size=1024",

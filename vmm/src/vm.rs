@@ -428,7 +428,7 @@ struct ConsoleOut {
 
 fn console_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>> {
     Ok(match &config.console_log {
-        Some(path) => Box::new(File::create(path).map_err(|source| Error::File { path: path.clone(), source })?),
+        Some(path) => Box::new(crate::console_log::ConsoleLog::create(path).map_err(|source| Error::File { path: path.clone(), source })?),
         None => Box::new(std::io::stdout()),
     })
 }
