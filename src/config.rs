@@ -747,6 +747,34 @@ mod tests {
 
     const HOME: &str = "/home/dev";
 
+    /// Pieces of configuration files, valid and not, to build hostile files from.
+    const PIECES: &[&str] = &[
+        "[vm]\n", "cpus = 2\n", "cpus = 0\n", "cpus = 300\n", "memory = \"1T\"\n", "memory = \"12Q\"\n", "timeout = \"-1s\"\n",
+        "vmm = \"qemu\"\n", "image = \"/etc/passwd\"\n", "[network]\n", "mode = \"open\"\n", "allow = [\"*.x\", \"\"]\n",
+        "allow = { replace = [] }\n", "allow = { replace = 3 }\n", "hosts = [\"a:1.2.3.4\", \"b:nope\"]\n", "[[mounts]]\n",
+        "host = \"~\"\n", "host = \"../../..\"\n", "guest = \"/\"\n", "read_only = true\n", "[tools]\n", "node = true\n",
+        "cobol = true\n", "[runtime]\n", "scripts = [\"../x.sh\"]\n", "[secrets]\n", "env_file = \"/dev/zero\"\n", "[[", "]]\n",
+        "= \"\n", "\u{0}", "\u{feff}", "\"\"\"\n", "x.y.z = 1\n", "[vm.cpus]\n",
+    ];
+
+    // Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
+    proptest::proptest! {
+        /// Any file, from the user or planted by a guest: parsed and applied, or refused at a
+        /// line and column inside it. Never a panic.
+        #[test]
+        fn any_file_is_applied_or_refused_at_a_place_in_it(pieces in proptest::collection::vec(proptest::sample::select(PIECES), 0..12), noise in ".{0,20}") {
+            let text = pieces.concat() + &noise;
+            let path = Path::new("/p/.cvm.toml");
+            let result = parse_file(path, &text).and_then(|file| {
+                let _ = file.widening(path, Path::new(HOME));
+                Settings::defaults().apply_file(file, path, &text, Path::new(HOME))
+            });
+            if let Err(e) = result {
+                proptest::prop_assert!(e.line >= 1 && e.line <= text.lines().count().max(1) + 1, "{e} in {text:?}");
+            }
+        }
+    }
+
     /// Applies each (file name, text) as a layer, in order.
     fn layered(files: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let mut settings = Settings::defaults();

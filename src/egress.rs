@@ -564,6 +564,50 @@ mod tests {
         }
     }
 
+    /// What every accepted request must be: a host and port the policy can judge, and a
+    /// forwarded head that is clean HTTP (no bare CR or LF, no control characters but tab).
+    fn check_accepted(r: &ProxyRequest) {
+        assert!(r.port != 0 && (valid_name(&r.host) || r.host.parse::<IpAddr>().is_ok()), "{r:?}");
+        if let Some(head) = &r.forward {
+            assert!(head.ends_with(b"\r\n\r\n"), "{head:?}");
+            for (i, &b) in head.iter().enumerate() {
+                assert!(b >= 0x20 || b == b'\t' || (b == b'\r' && head.get(i + 1) == Some(&b'\n')) || (b == b'\n' && i > 0 && head[i - 1] == b'\r'), "byte {b:#x} at {i} in {head:?}");
+                assert_ne!(b, 0x7f);
+            }
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            assert!(matches!(httparse::Request::new(&mut headers).parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_get_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            if let Ok(r) = parse_request(&bytes) {
+                check_accepted(&r);
+            }
+        }
+
+        #[test]
+        fn any_built_head_is_judged_by_its_real_host(
+            method in "GET|POST|CONNECT|DELETE",
+            host in "[a-z0-9]{1,8}(\\.[a-z]{1,4}){0,2}|\\[::1\\]|127\\.0\\.0\\.1|0x7f\\.1|2130706433",
+            port in 0u32..70000,
+            headers in proptest::collection::vec(("[A-Za-z-]{1,12}", "[ -~\t\r\n\x1b\x00]{0,24}"), 0..6),
+        ) {
+            let target = if method == "CONNECT" { format!("{host}:{port}") } else { format!("http://{host}:{port}/p") };
+            let mut head = format!("{method} {target} HTTP/1.1\r\n");
+            for (name, value) in &headers {
+                head += &format!("{name}: {value}\r\n");
+            }
+            head += "\r\n";
+            if let Ok(r) = parse_request(head.as_bytes()) {
+                check_accepted(&r);
+                proptest::prop_assert_eq!(r.port as u32, port);
+                proptest::prop_assert_eq!(r.host.as_str(), host.trim_start_matches('[').trim_end_matches(']'));
+            }
+        }
+    }
+
     #[test]
     fn a_request_head_is_read_whole_before_its_deadline_or_not_at_all() {
         let (mut guest, proxy) = UnixStream::pair().unwrap();

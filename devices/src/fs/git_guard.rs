@@ -6,7 +6,8 @@
 //! submodule's pointer) cannot change; in every git directory (each `.git` directory, the
 //! share root when it is a worktree's main `.git`, each directory below `modules/`, each one
 //! in `worktrees/`) the control names cannot be created, changed or removed; a directory
-//! cannot be moved into one of those directories (it would bring its own `config`), and no
+//! cannot be moved into one of those directories (it would bring its own `config`) nor out of
+//! `modules/` or `worktrees/` (its control files would leave where git looks), and no
 //! symbolic link can be made where git looks for a git directory. Objects, refs, the index,
 //! HEAD, logs and git's lock and state files stay writable, so commits, rebases and fetches
 //! work. Names compare without ASCII case, as they would on a case-insensitive host.
@@ -90,7 +91,7 @@ pub(super) enum EntryChange {
     MakeFile,
     MakeSymlink,
     RemoveFile,
-    RenameFrom,
+    RenameFrom { is_dir: bool },
     RenameTo { is_dir: bool },
 }
 
@@ -105,7 +106,7 @@ pub(super) fn allows(parent: Option<GitRole>, name: &[u8], change: EntryChange) 
         return matches!(change, MakeDir | RemoveDir);
     }
     match change {
-        MakeSymlink => !parent.is_some_and(GitRole::is_container),
+        MakeSymlink | RenameFrom { is_dir: true } => !parent.is_some_and(GitRole::is_container),
         RenameTo { is_dir: true } => parent.is_none(),
         _ => true,
     }
@@ -117,7 +118,8 @@ mod tests {
     use super::GitRole::*;
     use super::*;
 
-    const ALL: [EntryChange; 8] = [MakeDir, RemoveDir, MakeFile, MakeSymlink, RemoveFile, RenameFrom, RenameTo { is_dir: false }, RenameTo { is_dir: true }];
+    const ALL: [EntryChange; 9] =
+        [MakeDir, RemoveDir, MakeFile, MakeSymlink, RemoveFile, RenameFrom { is_dir: false }, RenameFrom { is_dir: true }, RenameTo { is_dir: false }, RenameTo { is_dir: true }];
 
     #[test]
     fn dot_git_and_control_names_never_change_whatever_their_case() {
@@ -142,7 +144,7 @@ mod tests {
     #[test]
     fn the_rest_of_a_git_directory_stays_writable() {
         for name in ["index", "index.lock", "HEAD", "ORIG_HEAD", "FETCH_HEAD", "packed-refs", "objects", "refs", "logs", "rebase-merge", "COMMIT_EDITMSG"] {
-            for change in [MakeFile, RemoveFile, RenameFrom, RenameTo { is_dir: false }, MakeDir, RemoveDir] {
+            for change in [MakeFile, RemoveFile, RenameFrom { is_dir: false }, RenameTo { is_dir: false }, MakeDir, RemoveDir] {
                 assert!(allows(Some(GitDir), name.as_bytes(), change), "{name} {change:?}");
                 assert!(allows(Some(ModuleDir), name.as_bytes(), change), "{name} {change:?}");
             }
@@ -154,13 +156,15 @@ mod tests {
         for name in ["modules", "worktrees", "Modules"] {
             assert!(allows(Some(GitDir), name.as_bytes(), MakeDir));
             assert!(allows(Some(GitDir), name.as_bytes(), RemoveDir));
-            for change in [MakeFile, MakeSymlink, RemoveFile, RenameFrom, RenameTo { is_dir: true }, RenameTo { is_dir: false }] {
+            for change in [MakeFile, MakeSymlink, RemoveFile, RenameFrom { is_dir: false }, RenameFrom { is_dir: true }, RenameTo { is_dir: true }, RenameTo { is_dir: false }] {
                 assert!(!allows(Some(GitDir), name.as_bytes(), change), "{name} {change:?}");
             }
         }
         for parent in [Modules, ModuleDir, Worktrees] {
             assert!(!allows(Some(parent), b"sub", MakeSymlink), "a link to a git dir elsewhere");
             assert!(!allows(Some(parent), b"sub", RenameTo { is_dir: true }), "a directory with its own config");
+            assert!(!allows(Some(parent), b"sub", RenameFrom { is_dir: true }), "a git dir moved from where git looks");
+            assert!(allows(Some(parent), b"index.lock", RenameFrom { is_dir: false }));
             assert!(allows(Some(parent), b"sub", MakeDir));
         }
         assert!(!allows(Some(GitDir), b"refs", RenameTo { is_dir: true }));

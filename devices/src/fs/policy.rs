@@ -293,19 +293,21 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         if flags & libc::RENAME_WHITEOUT != 0 {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        // Where moving a directory matters (into a git directory), ask what is moved.
-        let moves_dir = |dir: u64, name: &CStr, into: u64| -> io::Result<bool> {
-            if self.git_role(into).is_some() {
+        // Where moving a directory matters (into or out of a git directory), ask what moves.
+        let moves_dir = |dir: u64, name: &CStr, other: u64| -> io::Result<bool> {
+            if self.git_role(dir).is_some() || self.git_role(other).is_some() {
                 self.is_dir(ctx, dir, name)
             } else {
                 Ok(false)
             }
         };
-        self.can_change_entry(olddir, oldname, EntryChange::RenameFrom)?;
-        self.can_change_entry(newdir, newname, EntryChange::RenameTo { is_dir: moves_dir(olddir, oldname, newdir)? })?;
+        let old_is_dir = moves_dir(olddir, oldname, newdir)?;
+        self.can_change_entry(olddir, oldname, EntryChange::RenameFrom { is_dir: old_is_dir })?;
+        self.can_change_entry(newdir, newname, EntryChange::RenameTo { is_dir: old_is_dir })?;
         if flags & libc::RENAME_EXCHANGE != 0 {
-            self.can_change_entry(newdir, newname, EntryChange::RenameFrom)?;
-            self.can_change_entry(olddir, oldname, EntryChange::RenameTo { is_dir: moves_dir(newdir, newname, olddir)? })?;
+            let new_is_dir = moves_dir(newdir, newname, olddir)?;
+            self.can_change_entry(newdir, newname, EntryChange::RenameFrom { is_dir: new_is_dir })?;
+            self.can_change_entry(olddir, oldname, EntryChange::RenameTo { is_dir: new_is_dir })?;
         }
         self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)
     }

@@ -448,3 +448,135 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
     std::fs::create_dir(&non_utf8).unwrap();
     assert!(invalid(&|c| c.dir = non_utf8.clone()));
 }
+
+/// One request of a hostile guest, on node ids and names drawn from small sets.
+#[derive(Clone, Debug)]
+enum Op {
+    Lookup(usize, usize),
+    Create(usize, usize, u32),
+    Mkdir(usize, usize, u32),
+    Mknod(usize, usize, u32),
+    Symlink(usize, usize),
+    Unlink(usize, usize),
+    Rmdir(usize, usize),
+    Rename(usize, usize, usize, usize, u32),
+    Link(usize, usize, usize),
+    Write(usize, i32),
+    Chmod(usize, u32),
+}
+
+const NAMES: &[&[u8]] = &[b".git", b".GIT", b"config", b"Config", b"hooks", b"modules", b"worktrees", b"commondir", b"sub", b"a", b"b", b"..", b"a/b", b""];
+
+fn any_op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let node = 0usize..16;
+    let name = 0..NAMES.len();
+    let mode = prop_oneof![Just(0o644u32), Just(0o4755), Just(0o2755), Just(0o6777)];
+    let kind = prop_oneof![Just(libc::S_IFCHR), Just(libc::S_IFBLK), Just(libc::S_IFIFO), Just(libc::S_IFREG), Just(libc::S_IFSOCK)];
+    let flags = prop_oneof![Just(0u32), Just(libc::RENAME_EXCHANGE), Just(libc::RENAME_NOREPLACE), Just(libc::RENAME_WHITEOUT)];
+    let open = prop_oneof![Just(libc::O_WRONLY), Just(libc::O_RDWR | libc::O_TRUNC), Just(libc::O_WRONLY | libc::O_APPEND)];
+    prop_oneof![
+        (node.clone(), name.clone()).prop_map(|(n, a)| Op::Lookup(n, a)),
+        (node.clone(), name.clone(), mode.clone()).prop_map(|(n, a, m)| Op::Create(n, a, m)),
+        (node.clone(), name.clone(), mode.clone()).prop_map(|(n, a, m)| Op::Mkdir(n, a, m)),
+        (node.clone(), name.clone(), kind, mode.clone()).prop_map(|(n, a, k, m)| Op::Mknod(n, a, k | m)),
+        (node.clone(), name.clone()).prop_map(|(n, a)| Op::Symlink(n, a)),
+        (node.clone(), name.clone()).prop_map(|(n, a)| Op::Unlink(n, a)),
+        (node.clone(), name.clone()).prop_map(|(n, a)| Op::Rmdir(n, a)),
+        (node.clone(), name.clone(), node.clone(), name.clone(), flags).prop_map(|(n, a, m, b, f)| Op::Rename(n, a, m, b, f)),
+        (node.clone(), node.clone(), name.clone()).prop_map(|(n, m, a)| Op::Link(n, m, a)),
+        (node.clone(), open).prop_map(|(n, f)| Op::Write(n, f)),
+        (node, mode).prop_map(|(n, m)| Op::Chmod(n, m)),
+    ]
+}
+
+/// Every entry below `dir`: (path, metadata).
+fn walk_host(dir: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.path().symlink_metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(walk_host(&entry.path()));
+        }
+        out.push((entry.path(), meta));
+    }
+    out
+}
+
+// Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
+proptest::proptest! {
+    /// Any sequence of requests, on a share holding a repository with a submodule: git's
+    /// control files never change, no `.git` appears, no set-id file or device node is made,
+    /// nothing outside the share is touched, and the server answers to the end.
+    #[test]
+    fn any_request_sequence_keeps_the_share_rules(ops in proptest::collection::vec(any_op(), 1..24)) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let (fx, mut g) = Fixture::new(Policy::default(), |share, _| {
+            for dir in [".git/hooks", ".git/modules/sub", "sub", "a"] {
+                std::fs::create_dir_all(share.join(dir)).unwrap();
+            }
+            for file in [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config"] {
+                std::fs::write(share.join(file), "original\n").unwrap();
+            }
+            std::fs::write(share.join("sub/.git"), "gitdir: ../.git/modules/sub\n").unwrap();
+        });
+        // Git's files by inode: wherever a rename may take them, they must keep their contents.
+        let control: Vec<(u64, Vec<u8>)> = [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config", "sub/.git"]
+            .iter()
+            .map(|f| (std::fs::metadata(fx.share.join(f)).unwrap().ino(), std::fs::read(fx.share.join(f)).unwrap()))
+            .collect();
+        let dot_gits_before = walk_host(&fx.share).iter().filter(|(p, _)| p.file_name().is_some_and(|n| n.eq_ignore_ascii_case(".git"))).count();
+        let mut nodes = vec![ROOT];
+        for path in [".git", ".git/hooks", ".git/modules", ".git/modules/sub", "sub", "a", ".git/config", "sub/.git"] {
+            nodes.push(walk(&mut g, path));
+        }
+        let node = |nodes: &Vec<u64>, i: usize| nodes[i % nodes.len()];
+        for op in ops {
+            let found = match op {
+                Op::Lookup(n, a) => g.lookup(node(&nodes, n), NAMES[a]).ok(),
+                Op::Create(n, a, m) => g.create(node(&nodes, n), NAMES[a], m).ok().map(|(e, fh)| {
+                    let _ = g.release(e.nodeid, fh, false);
+                    e
+                }),
+                Op::Mkdir(n, a, m) => g.mkdir(node(&nodes, n), NAMES[a], m).ok(),
+                Op::Mknod(n, a, m) => g.mknod(node(&nodes, n), NAMES[a], m, 0x0103).ok(),
+                Op::Symlink(n, a) => g.symlink(node(&nodes, n), NAMES[a], b"/etc").ok(),
+                Op::Unlink(n, a) => g.unlink(node(&nodes, n), NAMES[a]).ok().map(|_| None).flatten(),
+                Op::Rmdir(n, a) => g.rmdir(node(&nodes, n), NAMES[a]).ok().map(|_| None).flatten(),
+                Op::Rename(n, a, m, b, f) => g.rename2(node(&nodes, n), NAMES[a], node(&nodes, m), NAMES[b], f).ok().map(|_| None).flatten(),
+                Op::Link(n, m, a) => g.link(node(&nodes, n), node(&nodes, m), NAMES[a]).ok(),
+                Op::Write(n, flags) => {
+                    let n = node(&nodes, n);
+                    if let Ok(fh) = g.open(n, flags) {
+                        let _ = g.write(n, fh, 0, b"guest was here");
+                        let _ = g.release(n, fh, false);
+                    }
+                    None
+                }
+                Op::Chmod(n, m) => {
+                    let _ = g.setattr(node(&nodes, n), SetattrIn { mode: m, ..SetattrIn::only(1) });
+                    None
+                }
+            };
+            if let Some(entry) = found {
+                nodes.push(entry.nodeid);
+            }
+        }
+        proptest::prop_assert!(g.lookup(ROOT, b".git").is_ok(), "the server still answers");
+        let entries = walk_host(&fx.share);
+        for (ino, contents) in &control {
+            let found: Vec<&PathBuf> = entries.iter().filter(|(_, m)| m.ino() == *ino).map(|(p, _)| p).collect();
+            proptest::prop_assert!(!found.is_empty(), "a control file is gone");
+            for path in found {
+                proptest::prop_assert_eq!(&std::fs::read(path).unwrap(), contents, "{} changed", path.display());
+            }
+        }
+        let dot_gits = entries.iter().filter(|(p, _)| p.file_name().is_some_and(|n| n.eq_ignore_ascii_case(".git"))).count();
+        proptest::prop_assert_eq!(dot_gits, dot_gits_before, "a .git was made or removed");
+        for (path, meta) in &entries {
+            proptest::prop_assert!(meta.permissions().mode() & 0o6000 == 0 || meta.is_dir() && meta.permissions().mode() & 0o4000 == 0, "{} is set-id", path.display());
+            proptest::prop_assert!(!meta.file_type().is_char_device() && !meta.file_type().is_block_device(), "{} is a device", path.display());
+        }
+        fx.finish(g);
+    }
+}

@@ -871,6 +871,32 @@ mod tests {
         assert!(out.iter().all(|(h, _)| h.op == op::RST && h.dst_cid == GUEST), "{out:?}");
     }
 
+    // Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
+    proptest::proptest! {
+        /// Any sequence of packets a guest can send: no panic, never more connections than
+        /// the cap, and everything sent back is addressed from the host to this guest.
+        #[test]
+        fn any_packets_get_well_formed_answers(
+            packets in proptest::collection::vec(
+                (0u64..5, 0u64..5, 0u32..4, 0u32..4, 0u16..4, 0u16..9, 0u32..4, proptest::prelude::any::<u32>(), proptest::prelude::any::<u32>(), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                1..40,
+            )
+        ) {
+            let (dir, mut m) = muxer();
+            let _listeners: Vec<_> = (1..3).map(|p| UnixListener::bind(dir.path().join(format!("v.sock_{p}"))).unwrap()).collect();
+            for (src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc, fwd_cnt, data) in packets {
+                let h = Header { src_cid, dst_cid, src_port, dst_port, len: data.len() as u32, type_, op, flags, buf_alloc, fwd_cnt };
+                m.handle_guest_packet(&h, &data);
+                m.handle_host_events();
+                proptest::prop_assert!(m.connection_count() <= MAX_CONNECTIONS);
+            }
+            for (h, data) in drain(&mut m) {
+                proptest::prop_assert_eq!((h.src_cid, h.dst_cid, h.type_), (HOST_CID, GUEST, TYPE_STREAM));
+                proptest::prop_assert_eq!(h.len as usize, data.len());
+            }
+        }
+    }
+
     #[test]
     fn a_control_flood_is_bounded() {
         let (_dir, mut m) = muxer();

@@ -511,6 +511,32 @@ mod tests {
         }
     }
 
+    // Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
+    proptest::proptest! {
+        /// Whatever either side sends, the other decodes it or says why: never a panic.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = read_request(&mut &bytes[..]);
+            let _ = read_reply(&mut &bytes[..]);
+            if let Some((&tag, payload)) = bytes.split_first() {
+                let _ = Request::decode(tag, payload);
+                let _ = Reply::decode(tag, payload);
+            }
+        }
+
+        #[test]
+        fn any_exec_roundtrips(
+            argv in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20), 0..6),
+            env in proptest::collection::vec((proptest::collection::vec(proptest::prelude::any::<u8>(), 0..10), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..10)), 0..4),
+            cwd in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20)),
+            uid in proptest::option::of(proptest::prelude::any::<u32>()),
+            gid in proptest::option::of(proptest::prelude::any::<u32>()),
+            tty in proptest::option::of((proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>())),
+        ) {
+            roundtrip_request(Request::Exec(Exec { argv, env, cwd, uid, gid, tty: tty.map(|(rows, cols)| TtySize { rows, cols }) }));
+        }
+    }
+
     #[test]
     fn hostile_frames_are_errors_not_panics() {
         // Oversized and empty frames.
