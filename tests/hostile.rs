@@ -177,3 +177,168 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     assert!(sent.elapsed() < nested_scale(Duration::from_secs(25)), "[{engine}] {:?}", sent.elapsed());
     env.assert_clean();
 }
+
+/// An HTTP server on 127.0.0.1 answering `body`, that keeps the Host header of each request.
+fn recording_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hosts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = hosts.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            if let Some(host) = head.lines().find_map(|l| l.strip_prefix("Host: ")) {
+                seen.lock().unwrap().push(host.to_string());
+            }
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    (port, hosts)
+}
+
+/// The hostile-guest suite: a script in the guest (the Debian image, as the user, with sudo)
+/// tries every escape the security review listed and the classic ones; each attempt succeeds
+/// only if it escaped. The host then checks its side. Prints the table (attempts, blocked,
+/// escaped) and the cvm process's threads and fds while the guest holds 2000 connections.
+#[test]
+fn a_hostile_guest_escapes_nothing() {
+    let Some(env) = Env::debian() else { return };
+    let home = env.home.path();
+    let project = home.join("project");
+    let read_only = home.join("ro");
+    for dir in [&project, &read_only, &home.join(".claude/projects/-other-project")] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(home.join("secret"), "HOSTSECRET\n").unwrap();
+    std::fs::write(home.join(".claude/history.jsonl"), "HISTORY\n").unwrap();
+    std::fs::write(home.join(".claude/.credentials.json"), "{}").unwrap();
+    std::fs::write(read_only.join("file"), "read only\n").unwrap();
+    git(&project, &["init", "-q", "-b", "main"]);
+    std::fs::write(project.join("a.txt"), "one\n").unwrap();
+    let config = std::fs::read(project.join(".git/config")).unwrap();
+    let (loopback, _) = recording_server("LOOPBACK-REACHED");
+    let (allowed, hosts_seen) = recording_server("ALLOWED-REACHED");
+
+    let script = r##"
+        n=0; blocked=0; escaped=0
+        try() { name=$1; shift; n=$((n+1)); if "$@" >/dev/null 2>&1; then escaped=$((escaped+1)); echo "attempt $name: ESCAPED"; else blocked=$((blocked+1)); echo "attempt $name: blocked"; fi; }
+        get() { curl -sf --max-time 10 "$@"; }
+        try symlink-absolute sh -c 'ln -s @SECRET@ l1 && grep -q HOSTSECRET l1'
+        try symlink-relative sh -c 'ln -s ../secret l2 && grep -q HOSTSECRET l2'
+        try dot-dot grep -q HOSTSECRET ../secret
+        try claude-history grep -q HISTORY ~/.claude/history.jsonl
+        try claude-other-projects sh -c 'ls -a ~/.claude/projects | grep -q other-project'
+        try hard-link-to-config sh -c 'ln .git/config cfg && echo "[core] fsmonitor = touch /tmp/pwned" >> cfg'
+        try truncate-config truncate -s 0 .git/config
+        try o-trunc-config sh -c ': > .git/config'
+        try fallocate-config fallocate -l 1M .git/config
+        try rename-hooks mv .git/hooks hooks-moved
+        try rename-dot-git mv .git dot-git-moved
+        try git-config-fsmonitor git config core.fsmonitor 'touch /tmp/pwned'
+        try add-hook sh -c 'echo "#!/bin/sh" > .git/hooks/post-checkout'
+        try new-dot-git mkdir -p nested/.git
+        try device-node sudo mknod devnode c 1 3
+        try setuid-root sh -c 'cp /bin/true suid && sudo chown root:root suid && sudo chmod 4755 suid && [ -u suid ]'
+        try read-only-write sh -c 'echo x > /ro/file'
+        try read-only-remove rm -f /ro/file
+        try read-only-chmod chmod 777 /ro/file
+        try credentials-chmod chmod 777 ~/.claude/.credentials.json
+        try loopback-literal get http://127.0.0.1:@LOOPBACK@/
+        try loopback-v4-mapped get "http://[::ffff:127.0.0.1]:@LOOPBACK@/"
+        try loopback-decimal get http://2130706433:@LOOPBACK@/
+        try loopback-hex get http://0x7f000001:@LOOPBACK@/
+        try loopback-short get http://127.1:@LOOPBACK@/
+        try loopback-name get --noproxy '' http://localhost:@LOOPBACK@/
+        try loopback-connect get -p http://127.0.0.1:@LOOPBACK@/
+        try cloud-metadata get http://169.254.169.254/latest/meta-data/
+        try host-header-fronting get -H 'Host: evil.test' http://allowed.test:@ALLOWED@/
+        try not-allowed-name get http://example.com/
+        # 2000 connections to the proxy, held.
+        ulimit -n 4096 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+        proxy=${HTTP_PROXY#http://}; i=0
+        while [ $i -lt 2000 ] && exec {fd}<>/dev/tcp/${proxy%:*}/${proxy#*:}; do i=$((i+1)); done 2>/dev/null
+        echo "FLOOD-HELD $i"
+        # Past the cap the guest is told no; once the held connections' 10 s for a request
+        # head are up, the proxy serves again.
+        sleep 12
+        try proxy-down-after-flood sh -c '! curl -sf --max-time 20 http://allowed.test:@ALLOWED@/ | grep -q ALLOWED-REACHED'
+        echo "attempts $n, blocked $blocked, escaped $escaped"
+    "##
+    .replace("@SECRET@", &home.join("secret").display().to_string())
+    .replace("@LOOPBACK@", &loopback.to_string())
+    .replace("@ALLOWED@", &allowed.to_string());
+    let engine = engine();
+    let mount = format!("{}:/ro:ro", read_only.display());
+    let mut child = env
+        .command(engine, &[arg(&project), "--mount", &mount, "--add-host", "allowed.test:127.0.0.1", "--allow", "allowed.test", "--", "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stdout) {
+            let _ = tx.send(line.unwrap_or_default() + "\n");
+        }
+    });
+    let mut lines = Vec::new();
+    let mut under_flood = String::new();
+    let deadline = Instant::now() + common::deadline();
+    loop {
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("[{engine}] the hostile guest's session hung: {}", lines.concat());
+            }
+        };
+        if let Some(held) = line.strip_prefix("FLOOD-HELD ") {
+            std::thread::sleep(Duration::from_secs(1));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap_or("?").trim().to_string();
+            let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+            under_flood = format!("{} guest connections held: cvm has {threads} threads and {fds} fds", held.trim());
+        }
+        lines.push(line);
+    }
+    let out = common::wait_output(child);
+    let table = lines.concat();
+    eprintln!("[{engine}] hostile guest:\n{table}{under_flood}");
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {table} {}", text(&out.stderr));
+    let summary = lines.last().unwrap();
+    assert!(summary.starts_with("attempts 31, blocked 31, escaped 0"), "[{engine}] {table}");
+    assert!(!under_flood.is_empty(), "[{engine}] the flood was not held: {table}");
+
+    // The host's side.
+    assert_eq!(std::fs::read(project.join(".git/config")).unwrap(), config, "[{engine}]");
+    assert_eq!(std::fs::read_to_string(read_only.join("file")).unwrap(), "read only\n", "[{engine}]");
+    assert!(!hosts_seen.lock().unwrap().iter().any(|h| h.contains("evil")), "[{engine}] {:?}", hosts_seen.lock().unwrap());
+    for (path, meta) in walk(&project) {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        assert!(meta.permissions().mode() & 0o6000 == 0, "[{engine}] {} is set-id on the host", path.display());
+        assert!(!meta.file_type().is_char_device() && !meta.file_type().is_block_device(), "[{engine}] {} is a device", path.display());
+        assert!(!path.ends_with("nested/.git"), "[{engine}]");
+    }
+    env.assert_clean();
+}
+
+/// Every entry below `dir`, not following symbolic links.
+fn walk(dir: &Path) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.path().symlink_metadata().unwrap();
+        if meta.is_dir() {
+            out.extend(walk(&entry.path()));
+        }
+        out.push((entry.path(), meta));
+    }
+    out
+}

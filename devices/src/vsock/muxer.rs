@@ -136,6 +136,10 @@ struct Conn {
     rx_queued: bool,
     credit_blocked: bool,
     interest: EventSet,
+    /// The host socket hung up, or its end was read to the last byte: no longer watched.
+    /// (epoll reports a hang-up whatever the interest, so a watched one would fire for as
+    /// long as the guest keeps its end open.)
+    unwatched: bool,
 }
 
 impl Conn {
@@ -154,6 +158,7 @@ impl Conn {
             rx_queued: false,
             credit_blocked: false,
             interest: EventSet::empty(),
+            unwatched: false,
         }
     }
 
@@ -338,9 +343,15 @@ impl Muxer {
             }
         }
         let conn = self.conns.get_mut(&key).expect("still there");
-        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) && !conn.rx_queued {
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) && !conn.rx_queued && !conn.credit_blocked {
             conn.rx_queued = true;
             self.rx_ready.push_back(key);
+        }
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // What is left is read when the guest has room (the ready list and credit updates
+            // drive that, not epoll).
+            self.unwatch(key);
+            return;
         }
         self.update_interest(key);
     }
@@ -418,10 +429,22 @@ impl Muxer {
         self.push_control(hdr);
     }
 
+    /// Stops watching the connection's host socket for good.
+    fn unwatch(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        if !conn.unwatched {
+            let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
+            conn.unwatched = true;
+        }
+    }
+
     /// Sets the epoll interest to what the connection needs: OUT while guest data waits, IN
     /// while it may send to the guest and is not already queued to.
     fn update_interest(&mut self, key: Key) {
         let Some(conn) = self.conns.get_mut(&key) else { return };
+        if conn.unwatched {
+            return;
+        }
         let mut want = EventSet::empty();
         if !conn.to_host.is_empty() {
             want |= EventSet::OUT;
@@ -610,7 +633,7 @@ impl Muxer {
                     conn.state = State::Closing;
                     let mut hdr = self.reply_header(key, op::SHUTDOWN);
                     hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                    self.update_interest(key);
+                    self.unwatch(key);
                     return Some(hdr);
                 }
                 Ok(n) => {
@@ -895,6 +918,34 @@ mod tests {
                 proptest::prop_assert_eq!(h.len as usize, data.len());
             }
         }
+    }
+
+    /// Whether the muxer's epoll has anything to report.
+    fn has_events(m: &Muxer) -> bool {
+        // SAFETY (test): the fd is the muxer's own, open for the duration of the call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(m.epoll_fd()) };
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).unwrap() > 0
+    }
+
+    #[test]
+    fn a_host_end_that_hangs_up_while_the_guest_holds_on_costs_nothing() {
+        let (dir, mut m) = muxer();
+        let listener = UnixListener::bind(dir.path().join("v.sock_1")).unwrap();
+        m.handle_guest_packet(&guest_hdr(7, 1, op::REQUEST), &[]);
+        assert_eq!(drain(&mut m)[0].0.op, op::RESPONSE);
+        // The host side hangs up at once (as a listener past its connection cap does).
+        drop(listener.accept().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        m.handle_host_events();
+        let out = drain(&mut m);
+        assert!(out.iter().any(|(h, _)| h.op == op::SHUTDOWN), "{out:?}");
+        // The guest never sends its RST: the hang-up must not keep the event loop busy.
+        m.handle_host_events();
+        assert!(!has_events(&m), "a hung-up socket is still reported");
+        assert_eq!(m.connection_count(), 1, "kept until the guest's RST");
+        m.handle_guest_packet(&guest_hdr(7, 1, op::RST), &[]);
+        assert_eq!(m.connection_count(), 0);
     }
 
     #[test]
