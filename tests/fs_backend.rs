@@ -147,3 +147,29 @@ fn a_backend_ends_when_cvm_is_gone_even_before_a_frontend_came() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A status line of process `pid`.
+fn status_line(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("{key} missing")).trim().to_string()
+}
+
+#[test]
+fn the_serving_process_has_few_capabilities_and_a_seccomp_filter() {
+    let b = start(1000);
+    // The process that serves is the sandbox's innermost: the spawned process's child.
+    let spawned = b.process.id();
+    let children = std::fs::read_to_string(format!("/proc/{spawned}/task/{spawned}/children")).unwrap();
+    let server: u32 = children.split_whitespace().next().map_or(spawned, |c| c.parse().unwrap());
+    // The filter comes last: once it is there, so is the rest.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_line(server, "Seccomp:") != "2" {
+        assert!(Instant::now() < deadline, "no seccomp filter on the serving process");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // CHOWN, DAC_OVERRIDE, FOWNER, SETGID, SETUID: bits 0, 1, 3, 6, 7; none to regain.
+    assert_eq!(status_line(server, "CapEff:"), "00000000000000cb");
+    assert_eq!(status_line(server, "CapPrm:"), "00000000000000cb");
+    assert_eq!(status_line(server, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_line(server, "NoNewPrivs:"), "1");
+}

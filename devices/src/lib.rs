@@ -6,11 +6,13 @@
 //! - [`vsock`]: the embedded vhost-user vsock backend and its host Unix-socket muxer.
 //! - [`virtual_guest`]: a test and benchmark driver that does what Linux's virtio drivers do.
 //! - [`fs`]: the embedded vhost-user virtio-fs backend (virtiofsd's server) and its share rules.
-//! - [`process`]: helper processes given one descriptor at a fixed number.
+//! - [`process`]: helper processes given descriptors at fixed numbers, dying with cvm.
+//! - [`seccomp`]: the system calls each helper role may make.
 
 pub mod fs;
 pub mod legacy;
 pub mod process;
+pub mod seccomp;
 pub mod virtio;
 pub mod vsock;
 pub mod virtual_guest;

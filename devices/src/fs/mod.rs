@@ -169,6 +169,11 @@ impl FsBackend {
 }
 
 impl FsBackend {
+    /// The process cvm started (the sandbox's outermost).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's exit status, if it has ended.
     pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
         self.child.try_wait()
@@ -266,6 +271,8 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;
     let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
     exit_with_cvm()?;
+    keep_only_needed_capabilities()?;
+    crate::seccomp::confine_fs_backend()?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
@@ -323,6 +330,18 @@ fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::
         Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => Ok(()),
         Err(e) => Err(io::Error::other(format!("fs backend: {e:?}"))),
     }
+}
+
+/// What the backend may do beyond an ordinary process (in its user namespace, or as root):
+/// act as the guest's user and on its files. Never make device nodes, file capabilities or
+/// set-id files that survive a write (MKNOD, SETFCAP, FSETID: virtiofsd keeps those).
+const CAPABILITIES: &[&str] = &["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"];
+
+fn keep_only_needed_capabilities() -> io::Result<()> {
+    capng::clear(capng::Set::BOTH);
+    capng::updatev(capng::Action::ADD, capng::Type::PERMITTED | capng::Type::EFFECTIVE, CAPABILITIES.to_vec())
+        .and_then(|()| capng::apply(capng::Set::BOTH))
+        .map_err(|e| io::Error::other(format!("cannot drop capabilities: {e}")))
 }
 
 /// Ends this process (the sandbox's innermost, which serves) when its lifeline reads
