@@ -56,7 +56,7 @@ mod tests {
         std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
         std::os::unix::fs::symlink(dir.path(), root.join("dirout")).unwrap();
         std::os::unix::fs::symlink("../ok", root.join("sub/in")).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &root.join("fifo"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, root.join("fifo"), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         std::fs::write(root.join("big"), vec![b'x'; 2048]).unwrap();
         let r = |name: &str| read_text(&root.join(name), Some(&root), 1024);
         assert_eq!(r("ok").unwrap(), "fine");

@@ -552,7 +552,7 @@ mod tests {
         assert_eq!(main_repository(&wt), None, "the back-pointer names another worktree");
         // A FIFO or a link out of the project instead of a pointer file: no hang, no share.
         std::fs::remove_file(wt.join(".git")).unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &wt.join(".git"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, wt.join(".git"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
         assert_eq!(main_repository(&wt), None);
         std::fs::remove_file(wt.join(".git")).unwrap();
         std::fs::write(dir.path().join("pointer"), format!("gitdir: {}\n", main.join(".git/worktrees/wt").display())).unwrap();

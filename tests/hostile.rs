@@ -168,6 +168,17 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line, "ready\n", "[{engine}]");
+    // cvm's vsock backend threads run under their seccomp filter.
+    let mut filtered = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if status.lines().any(|l| l == "Seccomp:\t2") {
+            filtered.push(comm.trim().to_string());
+        }
+    }
+    filtered.sort();
+    assert_eq!(filtered, ["cvm-vsock", "vring_worker", "vsock-vhost-use"], "[{engine}]");
     let sent = Instant::now();
     // SAFETY (test): SIGTERM to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -3,13 +3,13 @@
 //! standard error: for an fs backend, the session's backend log).
 //!
 //! Roles so far: the fs backend (virtiofsd's passthrough file system and vhost-user server,
-//! after its sandbox). The list follows what virtiofsd's own filter allows, less what cvm's
-//! backend never does (syslog), plus what cvm adds (its lifeline thread, its log).
+//! after its sandbox; its list follows what virtiofsd's own filter allows, less syslog, plus
+//! cvm's lifeline thread and log), and the vsock backend's threads in cvm.
 
 use std::collections::BTreeMap;
 use std::io;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
 
 /// The fs backend's system calls.
 const FS_BACKEND: &[i64] = &[
@@ -125,46 +125,157 @@ const FS_BACKEND: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// A role, and the filter that confines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A process: virtiofsd's passthrough file system and vhost-user server.
+    FsBackend,
+    /// Threads of cvm: the vsock device's vhost-user server and its vring worker, with the
+    /// muxer that connects the guest to host Unix sockets.
+    VsockBackend,
+}
+
+impl Role {
+    fn calls(self) -> &'static [i64] {
+        match self {
+            Role::FsBackend => FS_BACKEND,
+            Role::VsockBackend => VSOCK_BACKEND,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::FsBackend => "fs backend",
+            Role::VsockBackend => "vsock backend",
+        }
+    }
+}
+
 /// The status a process ends with when it made a call its role does not.
 pub const VIOLATION_EXIT: i32 = 159;
 
-/// The fs backend's filter, built.
-fn fs_backend_program() -> io::Result<BpfProgram> {
-    let rules = FS_BACKEND.iter().map(|&call| (call, Vec::new())).collect::<BTreeMap<_, _>>();
+/// The vsock backend's system calls (its thread, and the vring worker it starts).
+const VSOCK_BACKEND: &[i64] = &[
+    // The vhost-user connection from the VMM (cvm's or QEMU), its messages, the guest memory
+    // they map and the vrings' eventfds.
+    libc::SYS_accept4,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_eventfd2,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    // The event loops: the vrings, the muxer's epoll of host sockets.
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    // Host sockets: accepting `CONNECT <port>` clients, connecting to `<socket>_<port>`, and
+    // the bytes both ways.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_close,
+    libc::SYS_unlink,
+    // Threads and memory.
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_prctl,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_gettimeofday,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// `role`'s filter, built: its calls allowed, any other trapped.
+fn program(role: Role) -> io::Result<BpfProgram> {
+    let bad = |e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}"));
+    let mut rules = role.calls().iter().map(|&call| (call, Vec::new())).collect::<BTreeMap<_, _>>();
+    if role == Role::VsockBackend {
+        // glibc's allocator reads /proc/sys/vm/overcommit_memory when an arena grows: files may
+        // be opened for reading only.
+        let read_only = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(bad)?;
+        rules.insert(libc::SYS_openat, vec![SeccompRule::new(vec![read_only]).map_err(bad)?]);
+    }
     let arch = std::env::consts::ARCH.try_into().map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
-    filter.try_into().map_err(|e| io::Error::other(format!("seccomp: {e}")))
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(bad)?;
+    filter.try_into().map_err(bad)
 }
 
-/// Confines every thread of this process (and those it starts) to the fs backend's calls.
-pub fn confine_fs_backend() -> io::Result<()> {
-    let program = fs_backend_program()?;
-    report_violations()?;
+/// Confines every thread of this process (and those it starts) to `role`'s calls.
+pub fn confine_process(role: Role) -> io::Result<()> {
+    let program = program(role)?;
+    report_violations(role)?;
     seccompiler::apply_filter_all_threads(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
-/// Turns the SIGSYS of a refused call into a message naming it, and an exit.
-fn report_violations() -> io::Result<()> {
+/// Confines the calling thread (and the threads it starts) to `role`'s calls.
+pub fn confine_thread(role: Role) -> io::Result<()> {
+    let program = program(role)?;
+    report_violations(role)?;
+    seccompiler::apply_filter(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
+}
+
+/// The role whose message a violation prints: set when a filter is installed (a process
+/// holds one role's filters: cvm its threads', each fs backend its own).
+static VIOLATOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Turns the SIGSYS of a refused call into a message naming the role and the call, and an
+/// exit of the whole process.
+fn report_violations(role: Role) -> io::Result<()> {
+    VIOLATOR.store(role as u8, std::sync::atomic::Ordering::SeqCst);
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo for SIGSYS, whose `_sigsys` member holds
         // the call's number at byte 24 (after signo, errno, code, padding and the call address).
         let call = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
-        let mut message = *b"cvm fs backend: seccomp: system call           is not allowed for this role\n";
-        let mut at = 45;
+        let role = if VIOLATOR.load(std::sync::atomic::Ordering::SeqCst) == Role::VsockBackend as u8 { Role::VsockBackend } else { Role::FsBackend };
+        let mut number = *b"         ";
+        let mut at = number.len();
         let mut n = call.unsigned_abs();
-        loop {
-            message[at] = b'0' + (n % 10) as u8;
+        while at > 0 {
+            at -= 1;
+            number[at] = b'0' + (n % 10) as u8;
             n /= 10;
-            if n == 0 || at == 37 {
+            if n == 0 {
                 break;
             }
-            at -= 1;
         }
-        // SAFETY: write and _exit are async-signal-safe; the buffer lives on this stack.
-        unsafe {
-            libc::write(2, message.as_ptr().cast(), message.len());
-            libc::_exit(VIOLATION_EXIT);
+        let parts: [&[u8]; 5] = [b"cvm ", role.name().as_bytes(), b": seccomp: system call ", &number[at..], b" is not allowed for this role\n"];
+        for part in parts {
+            // SAFETY: write is async-signal-safe; the bytes live on this stack or are static.
+            unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
         }
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(VIOLATION_EXIT) };
     }
     // SAFETY: a zeroed sigaction is a valid start; the handler only calls async-signal-safe
     // functions.
@@ -185,12 +296,12 @@ mod tests {
 
     #[test]
     fn a_call_outside_the_role_ends_the_process_with_its_number() {
-        let program = fs_backend_program().unwrap();
+        let program = program(Role::FsBackend).unwrap();
         // SAFETY (test): the child only installs the prepared filter and makes system calls
         // before it exits; nothing it does allocates or takes a lock.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let _ = report_violations();
+            let _ = report_violations(Role::FsBackend);
             if seccompiler::apply_filter(&program).is_err() {
                 unsafe { libc::_exit(1) };
             }

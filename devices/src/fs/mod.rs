@@ -272,7 +272,7 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
     exit_with_cvm()?;
     keep_only_needed_capabilities()?;
-    crate::seccomp::confine_fs_backend()?;
+    crate::seccomp::confine_process(crate::seccomp::Role::FsBackend)?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,

@@ -541,9 +541,9 @@ proptest::proptest! {
                 Op::Mkdir(n, a, m) => g.mkdir(node(&nodes, n), NAMES[a], m).ok(),
                 Op::Mknod(n, a, m) => g.mknod(node(&nodes, n), NAMES[a], m, 0x0103).ok(),
                 Op::Symlink(n, a) => g.symlink(node(&nodes, n), NAMES[a], b"/etc").ok(),
-                Op::Unlink(n, a) => g.unlink(node(&nodes, n), NAMES[a]).ok().map(|_| None).flatten(),
-                Op::Rmdir(n, a) => g.rmdir(node(&nodes, n), NAMES[a]).ok().map(|_| None).flatten(),
-                Op::Rename(n, a, m, b, f) => g.rename2(node(&nodes, n), NAMES[a], node(&nodes, m), NAMES[b], f).ok().map(|_| None).flatten(),
+                Op::Unlink(n, a) => g.unlink(node(&nodes, n), NAMES[a]).ok().and(None),
+                Op::Rmdir(n, a) => g.rmdir(node(&nodes, n), NAMES[a]).ok().and(None),
+                Op::Rename(n, a, m, b, f) => g.rename2(node(&nodes, n), NAMES[a], node(&nodes, m), NAMES[b], f).ok().and(None),
                 Op::Link(n, m, a) => g.link(node(&nodes, n), node(&nodes, m), NAMES[a]).ok(),
                 Op::Write(n, flags) => {
                     let n = node(&nodes, n);

@@ -208,14 +208,30 @@ impl VsockServer {
     /// to; `host_socket` is where host processes connect with `CONNECT <port>`.
     pub fn start(guest_cid: u64, host_socket: &Path, vhost_user: UnixListener) -> io::Result<Self> {
         let muxer = Muxer::new(guest_cid, host_socket)?;
-        let muxer_fd = muxer.epoll_fd();
-        let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, muxer)));
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-        let mut daemon = VhostUserDaemon::new("cvm-vsock".into(), backend, mem).map_err(|e| io::Error::other(e.to_string()))?;
-        for handler in daemon.get_epoll_handlers() {
-            handler.register_listener(muxer_fd, EventSet::IN, MUXER_EVENT as u64)?;
-        }
+        let (ready, set_up) = std::sync::mpsc::channel();
+        // The daemon is made on its own thread, under the role's seccomp filter, so that its
+        // vring worker (a thread it starts) is under it too.
         let thread = std::thread::Builder::new().name("vsock-vhost-user".into()).spawn(move || {
+            let daemon = crate::seccomp::confine_thread(crate::seccomp::Role::VsockBackend).and_then(|()| {
+                let muxer_fd = muxer.epoll_fd();
+                let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, muxer)));
+                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+                let daemon = VhostUserDaemon::new("cvm-vsock".into(), backend, mem).map_err(|e| io::Error::other(e.to_string()))?;
+                for handler in daemon.get_epoll_handlers() {
+                    handler.register_listener(muxer_fd, EventSet::IN, MUXER_EVENT as u64)?;
+                }
+                Ok(daemon)
+            });
+            let mut daemon = match daemon {
+                Ok(daemon) => {
+                    let _ = ready.send(Ok(()));
+                    daemon
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
             let mut listener = Listener::from(vhost_user);
             let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
             if let Err(e) = result {
@@ -225,6 +241,7 @@ impl VsockServer {
                 handler.send_exit_event();
             }
         })?;
+        set_up.recv().map_err(|_| io::Error::other("the vsock backend's thread ended at its start"))??;
         Ok(Self { thread: Some(thread) })
     }
 
