@@ -64,6 +64,9 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     push(&["-m", &format!("{mib}M"), "-smp", &config.vcpus.to_string()]);
     push(&["-object", &format!("memory-backend-memfd,id=ram,size={mib}M,share=on")]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    // QEMU's own seccomp filter: no obsolete calls, no privilege changes, no new processes,
+    // no scheduler or resource changes.
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     // Modern (version 2) virtio-mmio, as cvm's own VMM: QEMU defaults to the legacy layout.
     push(&["-global", "virtio-mmio.force-legacy=false"]);
     // With a console log, QEMU's standard output goes to cvm, which bounds the log.
@@ -214,6 +217,7 @@ mod tests {
             "-m 256M -smp 2",
             "memory-backend-memfd,id=ram,size=256M,share=on",
             "-serial stdio",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel /k/vmlinux -initrd /k/initrd",
             "-chardev socket,id=vhost0,path=/run/x/vsock.vhost -device vhost-user-vsock-device,chardev=vhost0",
             "-chardev socket,id=vhost1,path=/run/x/fs-project.vhost -device vhost-user-fs-device,chardev=vhost1,tag=project,queue-size=1024",
