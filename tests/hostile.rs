@@ -189,30 +189,6 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     env.assert_clean();
 }
 
-/// An HTTP server on 127.0.0.1 answering `body`, that keeps the Host header of each request.
-fn recording_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hosts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = hosts.clone();
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).to_string();
-            if let Some(host) = head.lines().find_map(|l| l.strip_prefix("Host: ")) {
-                seen.lock().unwrap().push(host.to_string());
-            }
-            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-        }
-    });
-    (port, hosts)
-}
-
 /// The hostile-guest suite: a script in the guest (the Debian image, as the user, with sudo)
 /// tries every escape the security review listed and the classic ones; each attempt succeeds
 /// only if it escaped. The host then checks its side. Prints the table (attempts, blocked,
@@ -233,8 +209,8 @@ fn a_hostile_guest_escapes_nothing() {
     git(&project, &["init", "-q", "-b", "main"]);
     std::fs::write(project.join("a.txt"), "one\n").unwrap();
     let config = std::fs::read(project.join(".git/config")).unwrap();
-    let (loopback, _) = recording_server("LOOPBACK-REACHED");
-    let (allowed, hosts_seen) = recording_server("ALLOWED-REACHED");
+    let (loopback, _) = common::http_server("LOOPBACK-REACHED");
+    let (allowed, hosts_seen) = common::http_server("ALLOWED-REACHED");
 
     let script = r##"
         n=0; blocked=0; escaped=0

@@ -92,7 +92,42 @@ const FS_BACKEND: &[i64] = &[
     libc::SYS_unshare,
     libc::SYS_geteuid,
     libc::SYS_getegid,
-    // Threads and memory: the vring workers, the lifeline, the allocator, guest memory maps.
+];
+
+/// A role, and the filter that confines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A process: virtiofsd's passthrough file system and vhost-user server.
+    FsBackend,
+    /// Threads of cvm: the vsock device's vhost-user server and its vring worker, with the
+    /// muxer that connects the guest to host Unix sockets.
+    VsockBackend,
+}
+
+impl Role {
+    /// Its own calls, then those of any Rust program's threads.
+    fn calls(self) -> impl Iterator<Item = i64> {
+        let own = match self {
+            Role::FsBackend => FS_BACKEND,
+            Role::VsockBackend => VSOCK_BACKEND,
+        };
+        own.iter().chain(RUNTIME).copied()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::FsBackend => "fs backend",
+            Role::VsockBackend => "vsock backend",
+        }
+    }
+}
+
+/// The status a process ends with when it made a call its role does not.
+pub const VIOLATION_EXIT: i32 = 159;
+
+/// What every role's threads do as Rust programs: start threads, allocate, handle signals, tell
+/// the time, end.
+const RUNTIME: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
@@ -120,39 +155,10 @@ const FS_BACKEND: &[i64] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_gettimeofday,
     libc::SYS_time,
-    // Ending: the frontend's disconnect, or the lifeline.
+    // Ending: a frontend's disconnect, the lifeline, or cvm's own end.
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
-
-/// A role, and the filter that confines it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// A process: virtiofsd's passthrough file system and vhost-user server.
-    FsBackend,
-    /// Threads of cvm: the vsock device's vhost-user server and its vring worker, with the
-    /// muxer that connects the guest to host Unix sockets.
-    VsockBackend,
-}
-
-impl Role {
-    fn calls(self) -> &'static [i64] {
-        match self {
-            Role::FsBackend => FS_BACKEND,
-            Role::VsockBackend => VSOCK_BACKEND,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Role::FsBackend => "fs backend",
-            Role::VsockBackend => "vsock backend",
-        }
-    }
-}
-
-/// The status a process ends with when it made a call its role does not.
-pub const VIOLATION_EXIT: i32 = 159;
 
 /// The vsock backend's system calls (its thread, and the vring worker it starts).
 const VSOCK_BACKEND: &[i64] = &[
@@ -162,8 +168,6 @@ const VSOCK_BACKEND: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_eventfd2,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
@@ -188,38 +192,12 @@ const VSOCK_BACKEND: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_close,
     libc::SYS_unlink,
-    // Threads and memory.
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_futex,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_mremap,
-    libc::SYS_brk,
-    libc::SYS_sigaltstack,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_prctl,
-    libc::SYS_getrandom,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_tgkill,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_gettimeofday,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
 ];
 
 /// `role`'s filter, built: its calls allowed, any other trapped.
 fn program(role: Role) -> io::Result<BpfProgram> {
     let bad = |e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}"));
-    let mut rules = role.calls().iter().map(|&call| (call, Vec::new())).collect::<BTreeMap<_, _>>();
+    let mut rules = role.calls().map(|call| (call, Vec::new())).collect::<BTreeMap<_, _>>();
     if role == Role::VsockBackend {
         // glibc's allocator reads /proc/sys/vm/overcommit_memory when an arena grows: files may
         // be opened for reading only.

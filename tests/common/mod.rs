@@ -239,3 +239,27 @@ pub fn broken_initramfs(dir: &Path) -> PathBuf {
     assert!(status.success());
     image
 }
+
+/// An HTTP server on 127.0.0.1 answering `body`, that keeps the Host header of each request.
+pub fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hosts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = hosts.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_string();
+            if let Some(host) = head.lines().find_map(|l| l.strip_prefix("Host: ")) {
+                seen.lock().unwrap().push(host.to_string());
+            }
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    (port, hosts)
+}
