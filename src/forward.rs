@@ -103,29 +103,41 @@ impl Listening {
         let handle = Arc::new(handle);
         let open = Arc::new(AtomicUsize::new(0));
         let counted = open.clone();
-        std::thread::Builder::new().name("listen".into()).spawn(move || loop {
-            let conn = accept();
-            if stopping.load(Ordering::SeqCst) {
+        // The listener confines itself, and so every connection's thread it starts, before
+        // it accepts the first.
+        let (confined, is_confined) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name("listen".into()).spawn(move || {
+            let result = cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::Listener);
+            let failed = result.is_err();
+            let _ = confined.send(result);
+            if failed {
                 return;
             }
-            let Ok(conn) = conn else {
-                // Out of fds, most likely: wait for some to close rather than spin.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                continue;
-            };
-            if counted.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                counted.fetch_sub(1, Ordering::SeqCst);
-                continue; // dropped: closed at once
-            }
-            let (handle, done) = (handle.clone(), counted.clone());
-            let served = std::thread::Builder::new().name("connection".into()).spawn(move || {
-                handle(conn);
-                done.fetch_sub(1, Ordering::SeqCst);
-            });
-            if served.is_err() {
-                counted.fetch_sub(1, Ordering::SeqCst);
+            loop {
+                let conn = accept();
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else {
+                    // Out of fds, most likely: wait for some to close rather than spin.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                };
+                if counted.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    counted.fetch_sub(1, Ordering::SeqCst);
+                    continue; // dropped: closed at once
+                }
+                let (handle, done) = (handle.clone(), counted.clone());
+                let served = std::thread::Builder::new().name("connection".into()).spawn(move || {
+                    handle(conn);
+                    done.fetch_sub(1, Ordering::SeqCst);
+                });
+                if served.is_err() {
+                    counted.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })?;
+        is_confined.recv().map_err(|_| io::Error::other("the listener's thread ended"))??;
         Ok(Listening { stop, wake, open })
     }
 
@@ -359,6 +371,30 @@ mod tests {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap();
         (threads, std::fs::read_dir("/proc/self/fd").unwrap().count())
+    }
+
+    #[test]
+    fn a_connection_resolves_names_and_connects_under_the_listeners_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("resolve.sock");
+        let server = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = server.local_addr().unwrap().port();
+        // What the proxy does for an allowed name: glibc's resolver (its files, its modules),
+        // then a connection with a deadline.
+        let _listening = Listening::unix(&socket, move |mut conn| {
+            let said = match std::net::ToSocketAddrs::to_socket_addrs(&("localhost", port)).map(|mut a| a.find(SocketAddr::is_ipv4)) {
+                Ok(Some(addr)) => match TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)) {
+                    Ok(_) => format!("connected to {addr}"),
+                    Err(e) => format!("connect: {e}"),
+                },
+                other => format!("resolve: {other:?}"),
+            };
+            let _ = conn.write_all(said.as_bytes());
+        })
+        .unwrap();
+        let mut answer = String::new();
+        UnixStream::connect(&socket).unwrap().read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, format!("connected to 127.0.0.1:{port}"));
     }
 
     #[test]

@@ -93,13 +93,18 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let key = dir.path().join("key");
+    // Each host tool with a deadline, and without the test's pipes for a daemon it starts
+    // (gpg starts gpg-agent) to keep: a hang names the command.
     let run = |cmd: &mut std::process::Command| {
-        let out = cmd.env("SSH_AUTH_SOCK", &sock).output().unwrap();
+        let child = cmd.env("SSH_AUTH_SOCK", &sock).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let out = common::wait_output(child);
         assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };
     let mut agent = std::process::Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
     while !sock.exists() {
+        assert!(started.elapsed() < common::deadline(), "ssh-agent made no socket");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     run(std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "cvm-test-key", "-f"]).arg(&key));
@@ -109,6 +114,10 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     let gnupg = dir.path().join("gnupg");
     std::fs::create_dir(&gnupg).unwrap();
     std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    // The agent started first, with no pipe of the test's: gpg would start it holding one.
+    let null = std::process::Stdio::null;
+    let launched = std::process::Command::new("gpgconf").args(["--launch", "gpg-agent"]).env("GNUPGHOME", &gnupg).stdin(null()).stdout(null()).stderr(null()).status().unwrap();
+    assert!(launched.success(), "gpgconf --launch gpg-agent: {launched}");
     let gpg = |args: &[&str]| run(std::process::Command::new("gpg").args(["--batch", "--with-colons"]).args(args).env("GNUPGHOME", &gnupg));
     gpg(&["--passphrase", "", "--quick-gen-key", "cvm-test@example.com", "ed25519", "sign", "never"]);
     let keygrip = gpg(&["--with-keygrip", "-K"]).lines().find_map(|l| l.strip_prefix("grp:::::::::")).unwrap().trim_end_matches(':').to_string();
@@ -124,8 +133,10 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
         .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &script])
         .env("SSH_AUTH_SOCK", &sock)
         .env("GNUPGHOME", &gnupg)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .spawn()
         .unwrap();
+    let out = common::wait_output(out);
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let (first, gpg_part) = stdout.split_once("\n/run/cvm/gnupg\n").unwrap_or_else(|| panic!("[{engine}] no GNUPGHOME: {stdout}"));

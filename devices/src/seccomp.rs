@@ -4,7 +4,8 @@
 //!
 //! Roles so far: the fs backend (virtiofsd's passthrough file system and vhost-user server,
 //! after its sandbox; its list follows what virtiofsd's own filter allows, less syslog, plus
-//! cvm's lifeline thread and log), and the vsock backend's threads in cvm.
+//! cvm's lifeline thread and log), and in cvm the vsock backend's threads, the VMM's threads
+//! (the event loop and the vCPUs) and the listeners (the egress proxy, forwards, relays).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -96,12 +97,22 @@ const FS_BACKEND: &[i64] = &[
 
 /// A role, and the filter that confines it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Role {
     /// A process: virtiofsd's passthrough file system and vhost-user server.
-    FsBackend,
+    FsBackend = 1,
     /// Threads of cvm: the vsock device's vhost-user server and its vring worker, with the
     /// muxer that connects the guest to host Unix sockets.
     VsockBackend,
+    /// Threads of cvm's VMM: the event loop (the devices' queues, disk I/O, the network
+    /// device's socket, timers) and the vCPUs (KVM_RUN, port and MMIO exits, a device's
+    /// vhost-user set-up when the guest's driver starts it). Every file they use is open
+    /// before they start.
+    Vmm,
+    /// Threads of cvm: each listener for the guest or the host and the connections it serves
+    /// (the egress proxy, published and host ports, the SSH and GPG agents' relays). They
+    /// connect, resolve names and copy bytes; their files (the audit log) are open before.
+    Listener,
 }
 
 impl Role {
@@ -110,15 +121,10 @@ impl Role {
         let own = match self {
             Role::FsBackend => FS_BACKEND,
             Role::VsockBackend => VSOCK_BACKEND,
+            Role::Vmm => VMM,
+            Role::Listener => LISTENER,
         };
         own.iter().chain(RUNTIME).copied()
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Role::FsBackend => "fs backend",
-            Role::VsockBackend => "vsock backend",
-        }
     }
 }
 
@@ -194,15 +200,114 @@ const VSOCK_BACKEND: &[i64] = &[
     libc::SYS_unlink,
 ];
 
+/// cvm's VMM threads' system calls.
+const VMM: &[i64] = &[
+    // KVM (KVM_RUN, vCPU state, interrupt lines, ioeventfds and irqfds, exit statistics) and
+    // little else: see `ioctl_requests`.
+    libc::SYS_ioctl,
+    // The event loop, the devices' eventfds and the halt-check timer.
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    // Disks (pread/pwrite at a sector, flushes), the console's pipe and standard streams, the
+    // network device's socket, exit statistics.
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_lseek,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    // vhost-user devices: their frontend's messages, with the guest memory's fd and the
+    // vrings' eventfds.
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_close,
+    // The end: the session's done signal, the vCPU threads' kicks, the guest memory unmapped.
+    libc::SYS_nanosleep,
+];
+
+/// cvm's listeners' system calls.
+const LISTENER: &[i64] = &[
+    // Accepting, and connecting on: Unix sockets (the guest's vsock ports, the agents), TCP
+    // to loopback or the allowed hosts, with a deadline (a non-blocking connect and a poll).
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_shutdown,
+    // The bytes both ways, and the audit log's lines.
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    // Names resolved by glibc: its files (read-only), the DNS servers (UDP), the addresses
+    // configured here (a netlink socket).
+    libc::SYS_bind,
+    libc::SYS_sendmmsg,
+    libc::SYS_uname,
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_close,
+];
+
+/// The ioctls a role makes, where it makes any: for [`Role::Vmm`] KVM's (type 0xAE); for
+/// both, a stream's terminal query, non-blocking switch and bytes waiting. Never a terminal's
+/// input injection (`TIOCSTI`).
+fn ioctl_requests(role: Role, bad: impl Fn(seccompiler::BackendError) -> io::Error + Copy) -> io::Result<Vec<SeccompRule>> {
+    let request = |op, value: u64| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value).map_err(bad);
+    let mut rules = Vec::new();
+    if role == Role::Vmm {
+        rules.push(SeccompRule::new(vec![request(SeccompCmpOp::MaskedEq(0xff00), 0xae00)?]).map_err(bad)?);
+    }
+    for plain in [libc::TCGETS, libc::TIOCGWINSZ, libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD] {
+        rules.push(SeccompRule::new(vec![request(SeccompCmpOp::Eq, plain)?]).map_err(bad)?);
+    }
+    Ok(rules)
+}
+
 /// `role`'s filter, built: its calls allowed, any other trapped.
 fn program(role: Role) -> io::Result<BpfProgram> {
     let bad = |e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}"));
     let mut rules = role.calls().map(|call| (call, Vec::new())).collect::<BTreeMap<_, _>>();
-    if role == Role::VsockBackend {
-        // glibc's allocator reads /proc/sys/vm/overcommit_memory when an arena grows: files may
-        // be opened for reading only.
+    if let std::collections::btree_map::Entry::Vacant(open) = rules.entry(libc::SYS_openat) {
+        // glibc's allocator reads /proc/sys/vm/overcommit_memory when a thread's arena
+        // shrinks: a role that opens no file of its own may open files for reading only.
         let read_only = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(bad)?;
-        rules.insert(libc::SYS_openat, vec![SeccompRule::new(vec![read_only]).map_err(bad)?]);
+        open.insert(vec![SeccompRule::new(vec![read_only]).map_err(bad)?]);
+    }
+    if matches!(role, Role::Vmm | Role::Listener) {
+        rules.insert(libc::SYS_ioctl, ioctl_requests(role, bad)?);
     }
     let arch = std::env::consts::ARCH.try_into().map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?;
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(bad)?;
@@ -212,30 +317,30 @@ fn program(role: Role) -> io::Result<BpfProgram> {
 /// Confines every thread of this process (and those it starts) to `role`'s calls.
 pub fn confine_process(role: Role) -> io::Result<()> {
     let program = program(role)?;
-    report_violations(role)?;
+    PROCESS_ROLE.store(role as u8, std::sync::atomic::Ordering::SeqCst);
+    report_violations()?;
     seccompiler::apply_filter_all_threads(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
 /// Confines the calling thread (and the threads it starts) to `role`'s calls.
 pub fn confine_thread(role: Role) -> io::Result<()> {
     let program = program(role)?;
-    report_violations(role)?;
+    report_violations()?;
     seccompiler::apply_filter(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
-/// The role whose message a violation prints: set when a filter is installed (a process
-/// holds one role's filters: cvm its threads', each fs backend its own).
-static VIOLATOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The role of a process whose every thread holds one (an fs backend), for its violation
+/// message; 0 in cvm, whose threads hold several, told apart by the thread's name.
+static PROCESS_ROLE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Turns the SIGSYS of a refused call into a message naming the role and the call, and an
-/// exit of the whole process.
-fn report_violations(role: Role) -> io::Result<()> {
-    VIOLATOR.store(role as u8, std::sync::atomic::Ordering::SeqCst);
+/// Turns the SIGSYS of a refused call into a message naming the role or thread and the call,
+/// and an exit of the whole process.
+fn report_violations() -> io::Result<()> {
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         // SAFETY: the kernel passes a valid siginfo for SIGSYS, whose `_sigsys` member holds
         // the call's number at byte 24 (after signo, errno, code, padding and the call address).
         let call = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
-        let role = if VIOLATOR.load(std::sync::atomic::Ordering::SeqCst) == Role::VsockBackend as u8 { Role::VsockBackend } else { Role::FsBackend };
+        let role = if PROCESS_ROLE.load(std::sync::atomic::Ordering::SeqCst) == Role::FsBackend as u8 { " fs backend" } else { "" };
         let mut number = *b"         ";
         let mut at = number.len();
         let mut n = call.unsigned_abs();
@@ -247,7 +352,11 @@ fn report_violations(role: Role) -> io::Result<()> {
                 break;
             }
         }
-        let parts: [&[u8]; 5] = [b"cvm ", role.name().as_bytes(), b": seccomp: system call ", &number[at..], b" is not allowed for this role\n"];
+        let mut thread = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL-terminated, into the buffer.
+        unsafe { libc::prctl(libc::PR_GET_NAME, thread.as_mut_ptr()) };
+        let thread = &thread[..thread.iter().position(|&b| b == 0).unwrap_or(thread.len())];
+        let parts: [&[u8]; 7] = [b"cvm", role.as_bytes(), b": seccomp: system call ", &number[at..], b" by thread '", thread, b"' is not allowed for its role\n"];
         for part in parts {
             // SAFETY: write is async-signal-safe; the bytes live on this stack or are static.
             unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
@@ -279,7 +388,7 @@ mod tests {
         // before it exits; nothing it does allocates or takes a lock.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let _ = report_violations(Role::FsBackend);
+            let _ = report_violations();
             if seccompiler::apply_filter(&program).is_err() {
                 unsafe { libc::_exit(1) };
             }
@@ -294,5 +403,16 @@ mod tests {
         // SAFETY (test): waits for our own child.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == VIOLATION_EXIT, "status {status:#x}");
+    }
+
+    #[test]
+    fn every_role_has_a_filter_and_a_list_without_repeats() {
+        for role in [Role::FsBackend, Role::VsockBackend, Role::Vmm, Role::Listener] {
+            program(role).unwrap();
+            let calls: Vec<i64> = role.calls().collect();
+            let distinct: std::collections::BTreeSet<i64> = calls.iter().copied().collect();
+            assert_eq!(calls.len(), distinct.len(), "{role:?} lists a call twice");
+            println!("{role:?}: {} system calls", calls.len());
+        }
     }
 }

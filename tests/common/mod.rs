@@ -174,7 +174,7 @@ pub fn wait_output(child: Child) -> Output {
         // SAFETY (test): SIGKILL to our own hung child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let said = rx.recv_timeout(Duration::from_secs(10)).map(|out| text(&out.stderr)).unwrap_or_default();
-        panic!("cvm did not finish within {:?}; its stderr: {said}{consoles}", deadline());
+        panic!("process {pid} did not finish within {:?}; its stderr: {said}{consoles}", deadline());
     })
 }
 

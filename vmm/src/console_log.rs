@@ -50,8 +50,8 @@ impl Write for ConsoleLog {
     }
 }
 
-/// Copies what `source` gives (QEMU's serial console on its standard output) into a bounded
-/// log at `path`, on its own thread, until the source ends.
+/// Copies what `source` gives (QEMU's serial console on its standard output, cvm's through a
+/// pipe) into a bounded log at `path`, on its own thread, until the source ends.
 pub fn relay(mut source: impl io::Read + Send + 'static, path: &Path) -> io::Result<std::thread::JoinHandle<()>> {
     let mut log = ConsoleLog::create(path)?;
     std::thread::Builder::new().name("console-log".into()).spawn(move || {

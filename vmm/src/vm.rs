@@ -154,6 +154,7 @@ pub struct Vm {
     panic: Arc<Mutex<ConsolePanic>>,
     /// The running vCPU threads, for the event loop's kicks.
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    console_relay: Option<ConsoleRelay>,
     started: Instant,
     setup: Vec<(&'static str, Duration)>,
 }
@@ -206,7 +207,8 @@ impl Vm {
         vm_fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(kvm_call("wire the serial interrupt"))?;
         let console_bytes = Arc::new(AtomicU64::new(0));
         let panic = Arc::new(Mutex::new(ConsolePanic::default()));
-        let console = ConsoleOut { written: console_bytes.clone(), panic: panic.clone(), shared: shared.clone(), sink: console_sink(config)? };
+        let (sink, console_relay) = console_sink(config)?;
+        let console = ConsoleOut { written: console_bytes.clone(), panic: panic.clone(), shared: shared.clone(), sink };
         let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console))));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
         let reset_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -268,6 +270,7 @@ impl Vm {
             boot_timer: boot_stamp,
             panic,
             vcpu_threads: Arc::new(Mutex::new(Vec::new())),
+            console_relay,
             started,
             setup,
         };
@@ -305,6 +308,8 @@ impl Vm {
     }
 
     pub fn run(mut self) -> Result<VmExit> {
+        // From here on this thread and the vCPUs it starts make only the VMM's system calls.
+        cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::Vmm)?;
         let threads: Vec<JoinHandle<()>> = self
             .vcpus
             .drain(..)
@@ -342,6 +347,9 @@ impl Vm {
             let _ = thread.join();
         }
         lock(&self.serial).flush();
+        if let Some(relay) = self.console_relay.take() {
+            relay.finish();
+        }
 
         let since_start = |t: &Instant| t.saturating_duration_since(self.started);
         let exits = self.shared.exits.as_ref().map(|e| lock(e).clone());
@@ -426,11 +434,45 @@ struct ConsoleOut {
     sink: Box<dyn std::io::Write + Send>,
 }
 
-fn console_sink(config: &VmConfig) -> Result<Box<dyn std::io::Write + Send>> {
-    Ok(match &config.console_log {
-        Some(path) => Box::new(crate::console_log::ConsoleLog::create(path).map_err(|source| Error::File { path: path.clone(), source })?),
-        None => Box::new(std::io::stdout()),
-    })
+fn console_sink(config: &VmConfig) -> Result<(Box<dyn std::io::Write + Send>, Option<ConsoleRelay>)> {
+    let Some(path) = &config.console_log else { return Ok((Box::new(std::io::stdout()), None)) };
+    let (reader, writer) = std::io::pipe()?;
+    let thread = crate::console_log::relay(reader, path).map_err(|source| Error::File { path: path.clone(), source })?;
+    let pipe = Arc::new(Mutex::new(Some(writer)));
+    Ok((Box::new(ConsolePipe(pipe.clone())), Some(ConsoleRelay { pipe, thread })))
+}
+
+/// The console log's writer: a thread of its own, started before the VM's threads confine
+/// themselves (it creates and renames files as the log rotates; they never open a file), fed
+/// through a pipe that the VM closes when it ends.
+struct ConsoleRelay {
+    pipe: Arc<Mutex<Option<std::io::PipeWriter>>>,
+    thread: JoinHandle<()>,
+}
+
+impl ConsoleRelay {
+    /// Closes the pipe and waits until all the guest wrote is in the log.
+    fn finish(self) {
+        lock(&self.pipe).take();
+        let _ = self.thread.join();
+    }
+}
+
+/// The serial console's end of the pipe to the [`ConsoleRelay`]; once closed, it drops what
+/// a stopping guest still writes.
+struct ConsolePipe(Arc<Mutex<Option<std::io::PipeWriter>>>);
+
+impl std::io::Write for ConsolePipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match lock(&self.0).as_mut() {
+            Some(pipe) => pipe.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::io::Write for ConsoleOut {
