@@ -170,7 +170,7 @@ fn try_send(writer: &Writer, request: &Request) -> io::Result<()> {
 /// Copies stdin to the guest on its own thread: a write that waits for the guest to read
 /// must never stop the output coming back (the command may be waiting for us to take it).
 fn forward_stdin(writer: Writer) {
-    std::thread::spawn(move || {
+    let _ = std::thread::Builder::new().name("exec-stdin".into()).spawn(move || {
         let stdin = rustix::stdio::stdin();
         let mut buf = vec![0u8; protocol::MAX_DATA];
         loop {
@@ -188,14 +188,26 @@ fn forward_stdin(writer: Writer) {
 
 /// Runs `exec` over `conn` with this process's stdio. With `exec.tty` set, stdin is expected
 /// in raw mode (the caller's job) and resizes follow SIGWINCH; without, termination signals
-/// are forwarded to the command.
+/// are forwarded to the command. What the guest sends is read on a thread of its own, under
+/// its seccomp role, as is stdin.
 pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
     let tty = exec.tty.is_some();
     let writer: Writer = Arc::new(Mutex::new(conn.try_clone()?));
-    let mut reader = io::BufReader::new(conn.try_clone()?);
-    send(&writer, &Request::Exec(exec))?;
-    let mut signals = SignalWatch::new(&[SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
-    forward_stdin(writer.clone());
+    let reader = io::BufReader::new(conn.try_clone()?);
+    let signals = SignalWatch::new(&[SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
+    std::thread::scope(|scope| {
+        let relay = std::thread::Builder::new().name("exec-relay".into()).spawn_scoped(scope, move || {
+            cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::ExecRelay)?;
+            send(&writer, &Request::Exec(exec))?;
+            forward_stdin(writer.clone());
+            relay_frames(conn, reader, writer, signals, tty, deadline, machine_exit)
+        })?;
+        relay.join().unwrap_or_else(|_| Err(io::Error::other("the command's relay panicked")))
+    })
+}
+
+/// [`relay`]'s loop, from the command's start to its end.
+fn relay_frames(conn: UnixStream, mut reader: io::BufReader<UnixStream>, writer: Writer, mut signals: SignalWatch, tty: bool, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
     let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
     let mut output_open = (true, true);
     // Set when cvm is told to end: (the signal, when the command's grace ends).

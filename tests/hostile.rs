@@ -169,13 +169,16 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line, "ready\n", "[{engine}]");
     // Every thread of cvm that serves the guest runs under its role's seccomp filter: the
-    // vsock backend's, the listeners' (the egress proxy's among them) and, on cvm's engine,
-    // the VMM's event loop and vCPUs. Only the session's own threads do not.
+    // vsock backend's, the listeners' (the egress proxy's among them), the command's relay
+    // and, on cvm's engine, the VMM's event loop and vCPUs. Only the session's own thread and
+    // the console log's writer do not.
     let (mut filtered, mut unfiltered) = (Vec::new(), Vec::new());
     for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap().flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        if comm.starts_with("kvm-") {
-            continue; // KVM's own worker (NX huge page recovery), a kernel thread
+        // KVM's own worker (NX huge page recovery) is a kernel thread; the command's stdin
+        // reader ends with its stdin, here at once.
+        if comm.starts_with("kvm-") || comm == "exec-stdin" {
+            continue;
         }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
         if status.lines().any(|l| l == "Seccomp:\t2") { &mut filtered } else { &mut unfiltered }.push(comm);
@@ -184,7 +187,7 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     filtered.dedup();
     unfiltered.sort();
     unfiltered.dedup();
-    let mut expected = vec!["cvm-vsock", "listen", "vring_worker", "vsock-vhost-use"];
+    let mut expected = vec!["cvm-vsock", "exec-relay", "listen", "vring_worker", "vsock-vhost-use"];
     if engine == "cvm" {
         expected.extend(["vcpu0", "vcpu1", "vm"]);
     }

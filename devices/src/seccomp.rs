@@ -5,7 +5,8 @@
 //! Roles so far: the fs backend (virtiofsd's passthrough file system and vhost-user server,
 //! after its sandbox; its list follows what virtiofsd's own filter allows, less syslog, plus
 //! cvm's lifeline thread and log), and in cvm the vsock backend's threads, the VMM's threads
-//! (the event loop and the vCPUs) and the listeners (the egress proxy, forwards, relays).
+//! (the event loop and the vCPUs), the listeners (the egress proxy, forwards, relays) and a
+//! command's relay (the agent protocol's frames).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -113,6 +114,9 @@ pub enum Role {
     /// (the egress proxy, published and host ports, the SSH and GPG agents' relays). They
     /// connect, resolve names and copy bytes; their files (the audit log) are open before.
     Listener,
+    /// Threads of cvm: a command's relay (the agent's frames from the guest to this process's
+    /// output, standard input and signals to the guest) and its standard input's reader.
+    ExecRelay,
 }
 
 impl Role {
@@ -123,6 +127,7 @@ impl Role {
             Role::VsockBackend => VSOCK_BACKEND,
             Role::Vmm => VMM,
             Role::Listener => LISTENER,
+            Role::ExecRelay => EXEC_RELAY,
         };
         own.iter().chain(RUNTIME).copied()
     }
@@ -281,16 +286,42 @@ const LISTENER: &[i64] = &[
     libc::SYS_close,
 ];
 
-/// The ioctls a role makes, where it makes any: for [`Role::Vmm`] KVM's (type 0xAE); for
-/// both, a stream's terminal query, non-blocking switch and bytes waiting. Never a terminal's
-/// input injection (`TIOCSTI`).
+/// A command relay's system calls.
+const EXEC_RELAY: &[i64] = &[
+    // The agent's connection, this process's standard streams, the signals' wake-up socket,
+    // and the deadlines of each.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_close,
+];
+
+/// The ioctls a role makes, where it makes any: for [`Role::Vmm`] KVM's (type 0xAE); for a
+/// command's relay, a terminal's modes set back (raw mode's end); for all, a stream's terminal
+/// query, non-blocking switch and bytes waiting. Never a terminal's input injection
+/// (`TIOCSTI`).
 fn ioctl_requests(role: Role, bad: impl Fn(seccompiler::BackendError) -> io::Error + Copy) -> io::Result<Vec<SeccompRule>> {
     let request = |op, value: u64| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value).map_err(bad);
     let mut rules = Vec::new();
     if role == Role::Vmm {
         rules.push(SeccompRule::new(vec![request(SeccompCmpOp::MaskedEq(0xff00), 0xae00)?]).map_err(bad)?);
     }
-    for plain in [libc::TCGETS, libc::TIOCGWINSZ, libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD] {
+    let mut plain = vec![libc::TCGETS, libc::TCGETS2, libc::TIOCGWINSZ, libc::FIONBIO, libc::FIOCLEX, libc::FIONREAD];
+    if role == Role::ExecRelay {
+        plain.extend([libc::TCSETS, libc::TCSETS2]);
+    }
+    for plain in plain {
         rules.push(SeccompRule::new(vec![request(SeccompCmpOp::Eq, plain)?]).map_err(bad)?);
     }
     Ok(rules)
@@ -306,7 +337,7 @@ fn program(role: Role) -> io::Result<BpfProgram> {
         let read_only = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(bad)?;
         open.insert(vec![SeccompRule::new(vec![read_only]).map_err(bad)?]);
     }
-    if matches!(role, Role::Vmm | Role::Listener) {
+    if matches!(role, Role::Vmm | Role::Listener | Role::ExecRelay) {
         rules.insert(libc::SYS_ioctl, ioctl_requests(role, bad)?);
     }
     let arch = std::env::consts::ARCH.try_into().map_err(|e| io::Error::other(format!("seccomp: {e:?}")))?;
@@ -407,7 +438,7 @@ mod tests {
 
     #[test]
     fn every_role_has_a_filter_and_a_list_without_repeats() {
-        for role in [Role::FsBackend, Role::VsockBackend, Role::Vmm, Role::Listener] {
+        for role in [Role::FsBackend, Role::VsockBackend, Role::Vmm, Role::Listener, Role::ExecRelay] {
             program(role).unwrap();
             let calls: Vec<i64> = role.calls().collect();
             let distinct: std::collections::BTreeSet<i64> = calls.iter().copied().collect();
