@@ -1,12 +1,12 @@
-//! seccomp filters for cvm's helper processes, one per role: each lists the system calls that
-//! role makes, and any other call ends the process with a message that names it (on its
-//! standard error: for an fs backend, the session's backend log).
+//! seccomp filters for cvm's threads and helper processes, one per role: each lists the
+//! system calls that role makes, and any other call ends the process with a message that
+//! names it (on its standard error: for an fs backend, the session's backend log).
 //!
-//! Roles so far: the fs backend (virtiofsd's passthrough file system and vhost-user server,
-//! after its sandbox; its list follows what virtiofsd's own filter allows, less syslog, plus
-//! cvm's lifeline thread and log), and in cvm the vsock backend's threads, the VMM's threads
-//! (the event loop and the vCPUs), the listeners (the egress proxy, forwards, relays) and a
-//! command's relay (the agent protocol's frames).
+//! Roles: the fs backend (virtiofsd's passthrough file system and vhost-user server, after its
+//! sandbox; its list follows what virtiofsd's own filter allows, less syslog, plus cvm's
+//! lifeline thread and log), the janitor, and in cvm the vsock backend's threads, the VMM's
+//! threads (the event loop and the vCPUs), the listeners (the egress proxy, forwards, relays)
+//! and a command's relay (the agent protocol's frames).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -117,6 +117,9 @@ pub enum Role {
     /// Threads of cvm: a command's relay (the agent's frames from the guest to this process's
     /// output, standard input and signals to the guest) and its standard input's reader.
     ExecRelay,
+    /// A process: cvm's janitor, which waits for cvm to end and then removes its session's
+    /// directory.
+    Janitor,
 }
 
 impl Role {
@@ -128,6 +131,7 @@ impl Role {
             Role::Vmm => VMM,
             Role::Listener => LISTENER,
             Role::ExecRelay => EXEC_RELAY,
+            Role::Janitor => JANITOR,
         };
         own.iter().chain(RUNTIME).copied()
     }
@@ -307,6 +311,20 @@ const EXEC_RELAY: &[i64] = &[
     libc::SYS_close,
 ];
 
+/// The janitor's system calls: the end of its standard input, then a directory tree removed.
+const JANITOR: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_openat,
+    libc::SYS_getdents64,
+    libc::SYS_unlinkat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_close,
+];
+
 /// The ioctls a role makes, where it makes any: for [`Role::Vmm`] KVM's (type 0xAE); for a
 /// command's relay, a terminal's modes set back (raw mode's end); for all, a stream's terminal
 /// query, non-blocking switch and bytes waiting. Never a terminal's input injection
@@ -360,8 +378,8 @@ pub fn confine_thread(role: Role) -> io::Result<()> {
     seccompiler::apply_filter(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
-/// The role of a process whose every thread holds one (an fs backend), for its violation
-/// message; 0 in cvm, whose threads hold several, told apart by the thread's name.
+/// The role of a process whose every thread holds one (an fs backend, the janitor), for its
+/// violation message; 0 in cvm, whose threads hold several, told apart by the thread's name.
 static PROCESS_ROLE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Turns the SIGSYS of a refused call into a message naming the role or thread and the call,
@@ -371,7 +389,11 @@ fn report_violations() -> io::Result<()> {
         // SAFETY: the kernel passes a valid siginfo for SIGSYS, whose `_sigsys` member holds
         // the call's number at byte 24 (after signo, errno, code, padding and the call address).
         let call = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
-        let role = if PROCESS_ROLE.load(std::sync::atomic::Ordering::SeqCst) == Role::FsBackend as u8 { " fs backend" } else { "" };
+        let role = match PROCESS_ROLE.load(std::sync::atomic::Ordering::SeqCst) {
+            r if r == Role::FsBackend as u8 => " fs backend",
+            r if r == Role::Janitor as u8 => " janitor",
+            _ => "",
+        };
         let mut number = *b"         ";
         let mut at = number.len();
         let mut n = call.unsigned_abs();
@@ -438,7 +460,7 @@ mod tests {
 
     #[test]
     fn every_role_has_a_filter_and_a_list_without_repeats() {
-        for role in [Role::FsBackend, Role::VsockBackend, Role::Vmm, Role::Listener, Role::ExecRelay] {
+        for role in [Role::FsBackend, Role::VsockBackend, Role::Vmm, Role::Listener, Role::ExecRelay, Role::Janitor] {
             program(role).unwrap();
             let calls: Vec<i64> = role.calls().collect();
             let distinct: std::collections::BTreeSet<i64> = calls.iter().copied().collect();
