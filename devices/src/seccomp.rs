@@ -123,22 +123,35 @@ pub enum Role {
 }
 
 impl Role {
-    /// Its own calls, then those of any Rust program's threads.
+    /// Its own calls, those of cvm's threads that carry bytes (where it is one), then those of
+    /// any Rust program's threads.
     fn calls(self) -> impl Iterator<Item = i64> {
-        let own = match self {
-            Role::FsBackend => FS_BACKEND,
-            Role::VsockBackend => VSOCK_BACKEND,
-            Role::Vmm => VMM,
-            Role::Listener => LISTENER,
-            Role::ExecRelay => EXEC_RELAY,
-            Role::Janitor => JANITOR,
+        let (own, streams): (&[i64], &[i64]) = match self {
+            Role::FsBackend => (FS_BACKEND, &[]),
+            Role::VsockBackend => (VSOCK_BACKEND, STREAMS),
+            Role::Vmm => (VMM, STREAMS),
+            Role::Listener => (LISTENER, STREAMS),
+            Role::ExecRelay => (EXEC_RELAY, STREAMS),
+            Role::Janitor => (JANITOR, &[]),
         };
-        own.iter().chain(RUNTIME).copied()
+        own.iter().chain(streams).chain(RUNTIME).copied()
     }
 }
 
 /// The status a process ends with when it made a call its role does not.
 pub const VIOLATION_EXIT: i32 = 159;
+
+/// What cvm's threads that carry bytes do with their sockets, pipes and streams.
+const STREAMS: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_fcntl,
+    libc::SYS_close,
+];
 
 /// What every role's threads do as Rust programs: start threads, allocate, handle signals, tell
 /// the time, end.
@@ -197,15 +210,7 @@ const VSOCK_BACKEND: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_getsockopt,
     libc::SYS_shutdown,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_fcntl,
     libc::SYS_ioctl,
-    libc::SYS_close,
     libc::SYS_unlink,
 ];
 
@@ -223,12 +228,8 @@ const VMM: &[i64] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_timerfd_gettime,
-    // Disks (pread/pwrite at a sector, flushes), the console's pipe and standard streams, the
-    // network device's socket, exit statistics.
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_write,
-    libc::SYS_writev,
+    // Disks: reads and writes at a sector, flushes (the console's pipe, the standard streams
+    // and the network device's socket take the calls every byte carrier makes).
     libc::SYS_pread64,
     libc::SYS_preadv,
     libc::SYS_pwrite64,
@@ -236,17 +237,13 @@ const VMM: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_lseek,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
     // vhost-user devices: their frontend's messages, with the guest memory's fd and the
     // vrings' eventfds.
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
-    libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_close,
     // The end: the session's done signal, the vCPU threads' kicks, the guest memory unmapped.
     libc::SYS_nanosleep,
 ];
@@ -266,13 +263,7 @@ const LISTENER: &[i64] = &[
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_shutdown,
-    // The bytes both ways, and the audit log's lines.
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
+    // The bytes both ways, as messages too.
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     // Names resolved by glibc: its files (read-only), the DNS servers (UDP), the addresses
@@ -285,9 +276,7 @@ const LISTENER: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_fcntl,
     libc::SYS_ioctl,
-    libc::SYS_close,
 ];
 
 /// A command relay's system calls.
@@ -296,19 +285,11 @@ const EXEC_RELAY: &[i64] = &[
     // and the deadlines of each.
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
-    libc::SYS_fcntl,
     libc::SYS_ioctl,
     libc::SYS_fstat,
     libc::SYS_statx,
-    libc::SYS_close,
 ];
 
 /// The janitor's system calls: the end of its standard input, then a directory tree removed.
