@@ -30,6 +30,10 @@ const MAX_HEAD: usize = 16 * 1024;
 /// The most headers a proxy request may have.
 const MAX_HEADERS: usize = 100;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a proxied connection may carry nothing either way before the proxy ends it (as
+/// Squid's `read_timeout` does): a silent connection the guest holds costs one of the
+/// listener's `MAX_CONNECTIONS` for no longer than this.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// What a coding agent needs by default: Anthropic's API and the common package registries
 /// and git hosts.
@@ -461,7 +465,7 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
         return;
     }
     drop(writer);
-    splice(Box::new(reader.into_inner()), Box::new(upstream));
+    splice(Box::new(reader.into_inner()), Box::new(upstream), Some(TUNNEL_IDLE));
 }
 
 #[cfg(test)]

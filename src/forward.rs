@@ -15,7 +15,8 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -41,6 +42,9 @@ pub trait Stream: Read + Write + Send + 'static {
     fn clone_stream(&self) -> io::Result<Box<dyn Stream>>;
     /// The other end sees the end of what this side sends.
     fn close_write(&self);
+    /// Both ways end, for every handle of the stream.
+    fn close(&self);
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for TcpStream {
@@ -49,6 +53,12 @@ impl Stream for TcpStream {
     }
     fn close_write(&self) {
         let _ = self.shutdown(Shutdown::Write);
+    }
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
     }
 }
 
@@ -59,26 +69,85 @@ impl Stream for UnixStream {
     fn close_write(&self) {
         let _ = self.shutdown(Shutdown::Write);
     }
+    fn close(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
 }
 
 /// The most connections one listener serves at a time: past it, a new one is closed at once
 /// (the guest is told no), so a flood costs the host a bounded number of threads and fds.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// Copies both ways until each side ends, passing each end on.
-pub fn splice(a: Box<dyn Stream>, b: Box<dyn Stream>) {
-    let (Ok(mut a_read), Ok(mut b_read)) = (a.clone_stream(), b.clone_stream()) else { return };
+/// Copies both ways until each side ends, passing each end on; with `idle`, ends both ways
+/// once neither has carried a byte for that long.
+pub fn splice(a: Box<dyn Stream>, b: Box<dyn Stream>, idle: Option<Duration>) {
+    let (Ok(a_read), Ok(b_read)) = (a.clone_stream(), b.clone_stream()) else { return };
+    let activity = Arc::new(Activity { start: Instant::now(), last: AtomicU64::new(0) });
+    let forward_activity = activity.clone();
     let forward = std::thread::Builder::new().name("splice".into()).spawn(move || {
         let mut b = b;
-        let _ = io::copy(&mut a_read, &mut b);
+        copy(a_read, &mut *b, idle, &forward_activity);
         b.close_write();
     });
     // No thread to spare: the connection ends (both streams are dropped).
     let Ok(forward) = forward else { return };
     let mut a = a;
-    let _ = io::copy(&mut b_read, &mut a);
+    copy(b_read, &mut *a, idle, &activity);
     a.close_write();
     let _ = forward.join();
+}
+
+/// When a spliced connection last carried a byte either way.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.start.elapsed().saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// One way of a [`splice`]: `from` into `to` until `from` ends, or until the connection has
+/// been idle for `idle` (then both streams are closed, which ends the other way too).
+fn copy(mut from: Box<dyn Stream>, to: &mut dyn Stream, idle: Option<Duration>, activity: &Activity) {
+    let Some(idle) = idle else {
+        let _ = io::copy(&mut from, to);
+        return;
+    };
+    // Woken now and then to look at the other way's activity.
+    if from.set_read_timeout(Some((idle / 4).min(Duration::from_secs(30)))).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                activity.touch();
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                if activity.quiet_for() >= idle {
+                    from.close();
+                    to.close();
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Where a stoppable accept loop listens, so that dropping it can wake the loop.
@@ -282,7 +351,7 @@ impl ForwardRequest {
             let socket = dir.join(format!("vsock_{}", HOST_PORT_BASE + u32::from(port)));
             listening.push(Listening::unix(&socket, move |guest| {
                 if let Ok(host) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
-                    splice(Box::new(guest), Box::new(host));
+                    splice(Box::new(guest), Box::new(host), None);
                 }
             })?);
         }
@@ -300,7 +369,7 @@ impl ForwardRequest {
             let guest_port = publish.guest_port;
             let listener = Listening::tcp(publish.host_port, move |host| {
                 if let Ok(guest) = open_guest_port(&vsock, guest_port) {
-                    splice(Box::new(host), Box::new(guest));
+                    splice(Box::new(host), Box::new(guest), None);
                 }
             })
             .with_context(|| format!("-p {}:{}: cannot listen on 127.0.0.1:{}", publish.host_port, publish.guest_port, publish.host_port))?;
@@ -315,7 +384,7 @@ fn relay_to_socket(dir: &Path, port: u32, target: &Path) -> Result<Listening> {
     let target = target.to_path_buf();
     Ok(Listening::unix(&dir.join(format!("vsock_{port}")), move |guest| {
         if let Ok(host) = UnixStream::connect(&target) {
-            splice(Box::new(guest), Box::new(host));
+            splice(Box::new(guest), Box::new(host), None);
         }
     })?)
 }
@@ -436,10 +505,39 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_splice_ends_both_ways_and_a_busy_one_does_not() {
+        let idle = Duration::from_millis(400);
+        let (a, mut a_peer) = UnixStream::pair().unwrap();
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || splice(Box::new(a), Box::new(b), Some(idle)));
+        // Bytes one way only, every 100 ms for 2 s: the connection stays.
+        let mut byte = [0u8; 1];
+        let mut quiet = Instant::now();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(100));
+            a_peer.write_all(b"x").unwrap();
+            b_peer.read_exact(&mut byte).unwrap();
+            quiet = Instant::now();
+        }
+        assert!(!relay.is_finished(), "a busy connection was ended");
+        // Then nothing: both ends are closed soon after the idle time.
+        for peer in [&a_peer, &b_peer] {
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        let mut rest = Vec::new();
+        b_peer.read_to_end(&mut rest).unwrap();
+        a_peer.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        let waited = quiet.elapsed();
+        assert!(waited >= idle && waited < idle * 4, "{waited:?}");
+        relay.join().unwrap();
+    }
+
+    #[test]
     fn splice_carries_both_ways_and_passes_the_ends_on() {
         let (a, a_peer) = UnixStream::pair().unwrap();
         let (b, b_peer) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || splice(Box::new(a), Box::new(b)));
+        let relay = std::thread::spawn(move || splice(Box::new(a), Box::new(b), None));
         let (mut a_peer, mut b_peer) = (a_peer, b_peer);
         a_peer.write_all(b"ping").unwrap();
         a_peer.shutdown(Shutdown::Write).unwrap();

@@ -115,7 +115,8 @@ pub enum Role {
     /// connect, resolve names and copy bytes; their files (the audit log) are open before.
     Listener,
     /// Threads of cvm: a command's relay (the agent's frames from the guest to this process's
-    /// output, standard input and signals to the guest) and its standard input's reader.
+    /// output, standard input and signals to the guest) and its standard input's reader; in a
+    /// named VM's daemon, the splice between a `cvm exec` client and the agent.
     ExecRelay,
     /// A process: cvm's janitor, which waits for cvm to end and then removes its session's
     /// directory.
@@ -287,6 +288,7 @@ const EXEC_RELAY: &[i64] = &[
     libc::SYS_ppoll,
     libc::SYS_setsockopt,
     libc::SYS_getsockopt,
+    libc::SYS_shutdown,
     libc::SYS_ioctl,
     libc::SYS_fstat,
     libc::SYS_statx,
