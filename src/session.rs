@@ -140,9 +140,13 @@ impl Machine {
             Machine::Cvm { thread, stopper, .. } => {
                 stopper.stop();
                 match thread.take()?.join() {
-                    Ok(Ok(exit)) if !exit.reason.is_clean() => Some(exit.reason.to_string()),
+                    Ok(Ok(exit)) => {
+                        if let Some(warning) = exit.stuck_warning() {
+                            eprintln!("cvm: warning: {warning}");
+                        }
+                        (!exit.reason.is_clean()).then(|| exit.reason.to_string())
+                    }
                     Ok(Err(e)) => Some(format!("the VM failed: {e}")),
-                    Ok(Ok(_)) => None,
                     Err(_) => Some("the VM's thread panicked".into()),
                 }
             }

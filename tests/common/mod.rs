@@ -187,7 +187,9 @@ fn threads(pid: u32) -> String {
         let stat = read("stat");
         let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
         let stack: Vec<String> = read("stack").lines().take(8).map(|l| l.trim_start_matches(|c: char| c != ' ').trim().to_string()).collect();
-        out += &format!("\n{} {} {} wchan={} {}", task.file_name().to_string_lossy(), read("comm").trim(), state, read("wchan"), stack.join(" < "));
+        let status = read("status");
+        let signals: Vec<&str> = status.lines().filter(|l| l.starts_with("SigPnd") || l.starts_with("SigBlk")).collect();
+        out += &format!("\n{} {} {} wchan={} syscall={} {} {}", task.file_name().to_string_lossy(), read("comm").trim(), state, read("wchan"), read("syscall").trim(), signals.join(" "), stack.join(" < "));
     }
     out
 }

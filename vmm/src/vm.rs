@@ -39,6 +39,9 @@ pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
 /// How long a guest that printed its panic line gets to finish the report and reset (as
 /// `panic=-1` does at once) before cvm ends it: `panic=0` spins and `panic=N` waits N s.
 const PANIC_GRACE: Duration = Duration::from_secs(1);
+/// How long the VM's end waits for each vCPU thread to leave KVM_RUN, kicked all the while,
+/// before it leaves that thread to end with the process: the VM's end must never hang on one.
+pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,6 +132,16 @@ pub struct VmExit {
     pub timings: BootTimings,
     /// KVM's exit counters over every vCPU, when [`VmConfig::count_exits`] asked for them.
     pub exits: Option<crate::exit_stats::ExitCounts>,
+    /// The vCPUs whose threads did not stop within [`VCPU_STOP_TIMEOUT`] of the VM's end:
+    /// left to end with the process.
+    pub stuck_vcpus: Vec<usize>,
+}
+
+impl VmExit {
+    /// What to tell the user when vCPU threads were left running.
+    pub fn stuck_warning(&self) -> Option<String> {
+        (!self.stuck_vcpus.is_empty()).then(|| format!("vCPU {:?} did not stop within {VCPU_STOP_TIMEOUT:?} of the VM's end; left to end with cvm", self.stuck_vcpus))
+    }
 }
 
 /// Ends a running VM from outside (its run returns [`ExitReason::Stopped`]).
@@ -338,13 +351,19 @@ impl Vm {
         let exit = self.started.elapsed();
 
         self.shared.stop();
-        for (thread, pthread) in threads.into_iter().zip(pthreads) {
-            while !thread.is_finished() {
+        let give_up = Instant::now() + VCPU_STOP_TIMEOUT;
+        let mut stuck_vcpus = Vec::new();
+        for (index, (thread, pthread)) in threads.into_iter().zip(pthreads).enumerate() {
+            while !thread.is_finished() && Instant::now() < give_up {
                 // SAFETY: the thread has not been joined, so its pthread_t is still valid.
                 unsafe { libc::pthread_kill(pthread, vcpu::kick_signal()) };
                 std::thread::sleep(Duration::from_micros(100));
             }
-            let _ = thread.join();
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                stuck_vcpus.push(index);
+            }
         }
         lock(&self.serial).flush();
         if let Some(relay) = self.console_relay.take() {
@@ -356,6 +375,7 @@ impl Vm {
         Ok(VmExit {
             reason,
             exits,
+            stuck_vcpus,
             timings: BootTimings {
                 setup: std::mem::take(&mut self.setup),
                 first_instruction: self.shared.first_entry.get().map(since_start),
