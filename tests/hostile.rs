@@ -267,9 +267,10 @@ fn a_hostile_guest_escapes_nothing() {
         while [ $i -lt 2000 ] && exec {fd}<>/dev/tcp/${proxy%:*}/${proxy#*:}; do i=$((i+1)); done 2>/dev/null
         echo "FLOOD-HELD $i"
         # Past the cap the guest is told no; once the held connections' 10 s for a request
-        # head are up, the proxy serves again.
+        # head are up, the proxy serves again (within a minute, however slow this host: in
+        # L1 the closes of 2000 connections take a while to come through).
         sleep 12
-        try proxy-down-after-flood sh -c '! curl -sf --max-time 20 http://allowed.test:@ALLOWED@/ | grep -q ALLOWED-REACHED'
+        try proxy-down-after-flood sh -c 'for t in 1 2 3 4; do curl -sf --max-time 20 http://allowed.test:@ALLOWED@/ | grep -q ALLOWED-REACHED && exit 1; sleep 5; done'
         echo "attempts $n, blocked $blocked, escaped $escaped"
     "##
     .replace("@SECRET@", &home.join("secret").display().to_string())
