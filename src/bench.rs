@@ -7,8 +7,12 @@
 //!
 //! `cvm bench fs` (in `fs.rs`): file-system throughput of cvm's fs backend against virtiofsd
 //! and the host.
+//!
+//! `cvm bench proxy` (in `proxy.rs`): the egress proxy's added latency per HTTPS request,
+//! tunneled and with a secret swapped in.
 
 mod fs;
+mod proxy;
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -33,6 +37,9 @@ pub enum BenchCommand {
     /// File-system throughput: cvm's fs backend against virtiofsd and the host, driven by the
     /// virtual guest.
     Fs(fs::FsBench),
+    /// Egress proxy latency: an HTTPS request straight to a loopback server, tunneled through
+    /// the proxy, and intercepted to swap a secret in.
+    Proxy(proxy::ProxyBench),
 }
 
 #[derive(clap::Args)]
@@ -90,6 +97,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Boot(args) => boot(args),
         BenchCommand::Run(args) => run_bench(args),
         BenchCommand::Fs(args) => fs::run(args),
+        BenchCommand::Proxy(args) => proxy::run(args),
     }
 }
 

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::egress::NetworkMode;
+use crate::secrets::{ProxiedSecret, SecretSource};
 use crate::session::Engine;
 use crate::shares::{expand_home, MountSpec};
 
@@ -247,6 +248,21 @@ pub struct MountTable {
 pub struct SecretsTable {
     /// KEY=VALUE lines whose values reach commands' environment only.
     pub env_file: Option<String>,
+    /// Secrets the guest gets only as placeholders (`[secrets.proxied.NAME]`): in
+    /// `~/.cvm.toml` only.
+    #[serde(default)]
+    pub proxied: BTreeMap<Spanned<String>, ProxiedTable>,
+}
+
+/// One `[secrets.proxied.NAME]`: the hosts its value may go to, and at most one source (none:
+/// the secrets file's `NAME=` line).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxiedTable {
+    pub hosts: Spanned<Vec<Spanned<String>>>,
+    pub file: Option<String>,
+    pub env: Option<String>,
+    pub command: Option<Spanned<Vec<String>>>,
 }
 
 impl FileConfig {
@@ -319,6 +335,7 @@ pub struct Settings {
     pub hosts: Sourced<Vec<(String, IpAddr)>>,
     pub mounts: Sourced<Vec<MountSpec>>,
     pub secrets_file: Sourced<Option<PathBuf>>,
+    pub proxied_secrets: Sourced<Vec<ProxiedSecret>>,
 }
 
 impl Settings {
@@ -346,6 +363,7 @@ impl Settings {
             hosts: Sourced::default(Vec::new()),
             mounts: Sourced::default(Vec::new()),
             secrets_file: Sourced::default(Some(crate::xdg_dir("XDG_CONFIG_HOME", ".config").join("cvm/secrets.env"))),
+            proxied_secrets: Sourced::default(Vec::new()),
         }
     }
 
@@ -436,7 +454,14 @@ impl Settings {
             self.mounts.apply(List::Extend(mounts), source.clone());
         }
         if let Some(env_file) = file.secrets.env_file {
-            self.secrets_file.set(Some(path(&env_file)), source);
+            self.secrets_file.set(Some(path(&env_file)), source.clone());
+        }
+        for (name, table) in file.secrets.proxied {
+            let secret = proxied_secret(name, table, &path, &at)?;
+            let mut secrets = self.proxied_secrets.value.clone();
+            secrets.retain(|s| s.name != secret.name);
+            secrets.push(secret);
+            self.proxied_secrets.set(secrets, source.clone());
         }
         Ok(())
     }
@@ -566,6 +591,10 @@ impl Settings {
         line("network.hosts", list(&self.hosts.value.iter().map(|(n, ip)| format!("{n}:{ip}")).collect::<Vec<_>>()), &self.hosts.sources);
         line("mounts", mounts(&self.mounts.value), &self.mounts.sources);
         line("secrets.env_file", self.secrets_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())), &self.secrets_file.sources);
+        for secret in &self.proxied_secrets.value {
+            let value = format!("placeholder in the guest; swapped for {} from {}", list(&secret.hosts), secret.source);
+            line(&format!("secrets.proxied.{}", secret.name), value, &self.proxied_secrets.sources);
+        }
         out
     }
 }
@@ -644,12 +673,22 @@ pub fn read_layer(path: &Path, home: &Path, trust: &crate::trust::Store) -> Resu
     let text = crate::host_files::read_text(path, own_dir, crate::host_files::MAX_PROJECT_FILE)?;
     let file = parse_file(path, &text)?;
     if own_dir.is_some() {
+        refuse_proxied_secrets(path, &file)?;
         let widening = file.widening(path, home);
         if !widening.is_empty() {
             trust.check(path, &text, &widening, |trusted| parse_file(path, trusted).map(|f| f.widening(path, home)).unwrap_or_default())?;
         }
     }
     Ok((text, file))
+}
+
+/// A project's file may not declare proxied secrets, trusted or not: the guest can write it,
+/// and a declaration names where a secret may be sent and which host command gives it.
+fn refuse_proxied_secrets(path: &Path, file: &FileConfig) -> Result<()> {
+    if !file.secrets.proxied.is_empty() {
+        anyhow::bail!("{}: [secrets.proxied] is read only from ~/{FILE_NAME}, never from a project's file (the guest can write it)", path.display());
+    }
+    Ok(())
 }
 
 /// The layer files of `project` that the guest can write: all but `~/.cvm.toml`.
@@ -661,6 +700,7 @@ pub fn project_layer_files(home: &Path, project: &Path) -> Vec<PathBuf> {
 pub fn trust(file: &Path, home: &Path, store: &crate::trust::Store) -> Result<Vec<(&'static str, String)>> {
     let text = crate::host_files::read_text(file, file.parent(), crate::host_files::MAX_PROJECT_FILE)?;
     let parsed = parse_file(file, &text)?;
+    refuse_proxied_secrets(file, &parsed)?;
     let widening = parsed.widening(file, home);
     Settings::defaults().apply_file(parsed, file, &text, home)?;
     store.trust(file, &text)?;
@@ -704,6 +744,32 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// One `[secrets.proxied.NAME]` table as plain data.
+fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str) -> PathBuf, at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError) -> Result<ProxiedSecret, ConfigError> {
+    let (span, name) = (name.span(), name.into_inner());
+    crate::environment::check_name(&name).map_err(|e| at(span.clone(), format!("secrets.proxied: {e}")))?;
+    let hosts_span = table.hosts.span();
+    let hosts = table.hosts.into_inner().into_iter().map(|h| crate::egress::parse_pattern(h.get_ref()).map_err(|e| at(h.span(), e))).collect::<Result<Vec<_>, _>>()?;
+    if hosts.is_empty() {
+        return Err(at(hosts_span, format!("secret {name} needs at least one host to go to")));
+    }
+    let mut sources = Vec::new();
+    sources.extend(table.file.map(|f| SecretSource::File(path(&f))));
+    sources.extend(table.env.map(SecretSource::Env));
+    if let Some(command) = table.command {
+        if command.get_ref().is_empty() {
+            return Err(at(command.span(), format!("secret {name}: an empty command")));
+        }
+        sources.push(SecretSource::Command(command.into_inner()));
+    }
+    let source = match sources.len() {
+        0 => SecretSource::SecretsFile,
+        1 => sources.remove(0),
+        _ => return Err(at(span, format!("secret {name}: give one of file, env and command"))),
+    };
+    Ok(ProxiedSecret { name, hosts, source })
 }
 
 fn check_cpus(cpus: u8) -> Result<u8, String> {
@@ -753,7 +819,7 @@ mod tests {
         "vmm = \"qemu\"\n", "image = \"/etc/passwd\"\n", "[network]\n", "mode = \"open\"\n", "allow = [\"*.x\", \"\"]\n",
         "allow = { replace = [] }\n", "allow = { replace = 3 }\n", "hosts = [\"a:1.2.3.4\", \"b:nope\"]\n", "[[mounts]]\n",
         "host = \"~\"\n", "host = \"../../..\"\n", "guest = \"/\"\n", "read_only = true\n", "[tools]\n", "node = true\n",
-        "cobol = true\n", "[runtime]\n", "scripts = [\"../x.sh\"]\n", "[secrets]\n", "env_file = \"/dev/zero\"\n", "[[", "]]\n",
+        "cobol = true\n", "[runtime]\n", "scripts = [\"../x.sh\"]\n", "[secrets]\n", "env_file = \"/dev/zero\"\n", "[secrets.proxied.T]\n", "hosts = [\"a.test\"]\n", "command = []\n", "env = \"X\"\n", "[[", "]]\n",
         "= \"\n", "\u{0}", "\u{feff}", "\"\"\"\n", "x.y.z = 1\n", "[vm.cpus]\n",
     ];
 
@@ -784,6 +850,35 @@ mod tests {
             settings.apply_file(file, path, text, Path::new(HOME))?;
         }
         Ok(settings)
+    }
+
+    #[test]
+    fn proxied_secrets_are_declared_in_the_users_file_only_and_shown_as_placeholders() {
+        let global = "[secrets.proxied.GH_TOKEN]\nhosts = [\"github.com\", \"*.github.com\"]\ncommand = [\"gh\", \"auth\", \"token\"]\n[secrets.proxied.KEY]\nhosts = [\"api.test\"]\nfile = \"~/.key\"\n";
+        let s = layered(&[("/home/dev/.cvm.toml", global)]).unwrap();
+        let sources: Vec<&SecretSource> = s.proxied_secrets.value.iter().map(|p| &p.source).collect();
+        assert_eq!(sources, [&SecretSource::Command(vec!["gh".into(), "auth".into(), "token".into()]), &SecretSource::File("/home/dev/.key".into())]);
+        let shown = s.show();
+        assert!(shown.lines().any(|l| l.starts_with("secrets.proxied.GH_TOKEN") && l.contains("placeholder in the guest") && l.contains("\"*.github.com\"") && l.contains("command `gh auth token`")), "{shown}");
+        for (text, says) in [
+            ("[secrets.proxied.K]\nhosts = []\n", "at least one host"),
+            ("[secrets.proxied.K]\nhosts = [\"a b\"]\n", "bad host pattern"),
+            ("[secrets.proxied.1K]\nhosts = [\"a.test\"]\n", "not a variable name"),
+            ("[secrets.proxied.K]\nhosts = [\"a.test\"]\nenv = \"A\"\nfile = \"/f\"\n", "one of file, env and command"),
+            ("[secrets.proxied.K]\nhosts = [\"a.test\"]\ncommand = []\n", "empty command"),
+            ("[secrets.proxied.K]\nhosts = [\"a.test\"]\nvalue = \"inline\"\n", "unknown field"),
+        ] {
+            let e = layered(&[("/home/dev/.cvm.toml", text)]).unwrap_err();
+            assert!(e.to_string().contains(says), "{text:?}: {e}");
+        }
+        // A project's file, which the guest can write, may not declare one, trusted or not.
+        let dir = tempfile::tempdir().unwrap();
+        let project_file = dir.path().join(".cvm.toml");
+        std::fs::write(&project_file, global).unwrap();
+        let store = crate::trust::Store::at(dir.path().join("trusted"));
+        for e in [read_layer(&project_file, Path::new(HOME), &store).unwrap_err(), trust(&project_file, Path::new(HOME), &store).unwrap_err()] {
+            assert!(e.to_string().contains("[secrets.proxied] is read only from ~/.cvm.toml"), "{e}");
+        }
     }
 
     fn file(name: &str) -> Source {

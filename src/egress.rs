@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::forward::{splice, Listening};
+use crate::interception::{Note, SecretSwap};
 
 pub use cvm_agent::protocol::PROXY_PORT;
 /// The longest request head (request line and headers) the proxy reads.
@@ -152,7 +153,8 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 253 && name.split('.').all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
-fn matches(pattern: &str, name: &str) -> bool {
+/// Whether `name` (lower case) matches `pattern` (a name, or `*.` and a domain).
+pub(crate) fn matches(pattern: &str, name: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(domain) => name.len() > domain.len() + 1 && name.ends_with(domain) && name.as_bytes()[name.len() - domain.len() - 1] == b'.',
         None => pattern == name,
@@ -296,7 +298,8 @@ pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
     Ok(ProxyRequest { host, port, forward })
 }
 
-fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+/// `host[:port]` or `[v6][:port]`, the host a name or an address.
+pub(crate) fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (ip, after) = v6.split_once(']').ok_or_else(|| format!("bad address {authority:?}"))?;
         (ip.to_string(), after.strip_prefix(':'))
@@ -353,11 +356,11 @@ fn escape_controls(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
-/// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), logging to `audit`; stops
-/// accepting when the result is dropped.
-pub fn start_proxy(socket: &Path, policy: EgressPolicy, audit: &Path, session: String) -> io::Result<Listening> {
+/// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), swapping in `secrets` where
+/// they may go, logging to `audit`; stops accepting when the result is dropped.
+pub fn start_proxy(socket: &Path, policy: EgressPolicy, secrets: Option<Arc<SecretSwap>>, audit: &Path, session: String) -> io::Result<Listening> {
     let audit = Audit::open(audit, session)?;
-    Listening::unix(socket, move |conn| serve(conn, &policy, &audit))
+    Listening::unix(socket, move |conn| serve(conn, &policy, secrets.as_deref(), &audit))
 }
 
 /// A connection to `target` through the HTTP proxy at `proxy`, by `CONNECT`.
@@ -411,7 +414,7 @@ fn read_head(reader: &mut BufReader<UnixStream>, deadline: Instant) -> io::Resul
     Ok(head)
 }
 
-fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
+fn serve(conn: UnixStream, policy: &EgressPolicy, secrets: Option<&SecretSwap>, audit: &Audit) {
     let Ok(writer) = conn.try_clone() else { return };
     let mut reader = BufReader::new(conn);
     let refuse = |mut w: &UnixStream, status: &str, message: &str| {
@@ -437,6 +440,19 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
         Ok(_) => format!("[{}]:{}", request.host, request.port),
         Err(_) => format!("{}:{}", request.host, request.port),
     };
+    let intercepted = secrets.filter(|s| s.intercepts(&request.host));
+    if let (Some(swap), Some(_)) = (intercepted, &request.forward) {
+        let names: Vec<&str> = swap.secrets().iter().filter(|s| s.applies_to(&request.host)).map(|s| s.name.as_str()).collect();
+        let reason = format!("plain HTTP to a host that secrets go to ({}): use https", names.join(", "));
+        audit.record("deny", &target, &reason);
+        refuse(&writer, "403 Forbidden", &format!("egress to {target} refused: {reason}"));
+        return;
+    }
+    if let (Some(swap), Some(head)) = (secrets, &request.forward) {
+        for secret in swap.placeholders_in(head) {
+            audit.record("placeholder", &target, &format!("{}'s placeholder sent in plain HTTP, not swapped", secret.name));
+        }
+    }
     let (connected, via) = match policy.decide(&request.host, request.port) {
         Decision::Allow(addr) => (TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT), addr.to_string()),
         Decision::AllowVia(proxy) => (tunnel(&proxy, &target), format!("via {proxy}")),
@@ -454,6 +470,11 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
             return;
         }
     };
+    if let Some(swap) = intercepted {
+        drop(writer);
+        intercept(swap, reader, upstream, &request.host, &target, &via, audit);
+        return;
+    }
     audit.record("allow", &target, &via);
     let _ = reader.get_ref().set_read_timeout(None);
     let result = match &request.forward {
@@ -466,6 +487,36 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, audit: &Audit) {
     }
     drop(writer);
     splice(Box::new(reader.into_inner()), Box::new(upstream), Some(TUNNEL_IDLE));
+}
+
+/// A CONNECT to a host that secrets go to: TLS with the real host first (a failure is the
+/// CONNECT's answer), then the guest's TLS ended here and its requests rewritten.
+fn intercept(swap: &SecretSwap, guest: BufReader<UnixStream>, upstream: TcpStream, host: &str, target: &str, via: &str, audit: &Audit) {
+    let answer = |text: &str| {
+        let mut conn: &UnixStream = guest.get_ref();
+        conn.write_all(text.as_bytes())
+    };
+    let upstream = match swap.connect_upstream(host, upstream) {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            audit.record("fail", target, &format!("{via}: {e:#}"));
+            let body = format!("cvm: cannot reach {target}: {e:#}\n");
+            let _ = answer(&format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
+            return;
+        }
+    };
+    audit.record("allow", target, &format!("{via}, intercepted to swap secrets"));
+    if answer("HTTP/1.1 200 Connection established\r\n\r\n").is_err() {
+        return;
+    }
+    let early = guest.buffer().to_vec();
+    let note = |note: Note| match note {
+        Note::Swapped { secret, header } => audit.record("swap", target, &format!("{secret} in {header}")),
+        Note::NotSwapped { secret, place } => audit.record("placeholder", target, &format!("{secret}'s placeholder in {place}, not swapped: not one of its hosts")),
+    };
+    if let Err(e) = swap.relay(guest.into_inner(), &early, host, upstream, TUNNEL_IDLE, &note) {
+        audit.record("fail", target, &format!("{e:#}"));
+    }
 }
 
 #[cfg(test)]

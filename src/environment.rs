@@ -31,6 +31,14 @@ impl Environment {
         }
     }
 
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
     }
@@ -54,7 +62,8 @@ pub fn parse_name(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// A variable name: a letter or `_`, then letters, digits and `_`.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {

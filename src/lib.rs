@@ -3,6 +3,9 @@
 //! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
 //! - [`shares`]: what the guest gets of the host's files, planned as plain data.
 //! - [`egress`]: the host-side HTTP proxy that is the guest's only way out, and its policy.
+//! - [`secrets`]: secrets the guest holds only as placeholders, and their sources.
+//! - [`interception`]: the proxy's TLS interception that swaps placeholders for secrets.
+//! - [`loopback_https`]: an HTTPS server on the loopback with its own CA, for benches and tests.
 //! - [`forward`]: published ports, host ports and the SSH agent, relayed over vsock.
 //! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
 //! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
@@ -22,11 +25,14 @@ pub mod exec;
 pub mod forward;
 pub mod host_files;
 pub mod images;
+pub mod interception;
+pub mod loopback_https;
 pub mod named;
 pub mod open_network;
 pub mod run;
 pub mod rundir;
 pub mod runtime;
+pub mod secrets;
 pub mod session;
 pub mod shares;
 pub mod template;

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, CONTROL_PORT, READY_PORT};
+use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, Step, CONTROL_PORT, PROXY_CA_FILE, READY_PORT};
 use cvm_devices::fs::FsBackend;
 use cvm_devices::vsock::VsockServer;
 use cvm_vmm::qemu::{QemuOptions, QemuVm};
@@ -25,12 +25,14 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
 use crate::egress::{self, EgressPolicy, NetworkMode};
+use crate::interception::SecretSwap;
 use crate::environment::Environment;
 use crate::open_network::OpenNetwork;
 use crate::forward::{ForwardRequest, Listening};
 use crate::images::{Image, Layer};
 use crate::rundir::RunDir;
 use crate::runtime::{Runtime, VmFacts};
+use crate::secrets::Secret;
 use crate::shares::{HostUser, ShareRequest, SharePlan};
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
@@ -72,8 +74,11 @@ pub struct SessionConfig {
     pub egress: EgressPolicy,
     /// Ports and agents relayed between host and guest.
     pub forwards: ForwardRequest,
-    /// Variables every command gets (`--env`, the secrets file), after cvm's own.
+    /// Variables every command gets (`--env`, the secrets file, proxied secrets'
+    /// placeholders), after cvm's own.
     pub env: Environment,
+    /// Secrets the proxy swaps in for their placeholders ([`crate::secrets`]).
+    pub secrets: Vec<Secret>,
     /// Text added to what Claude is told about the VM (`[context]`).
     pub instructions: Option<String>,
     /// The writable layer on a scratch disk (else it is in memory).
@@ -178,8 +183,9 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool>
 /// How the guest reaches the outside: the host's egress proxy (which in `--network none`
 /// refuses everything), or an open interface.
 enum Network {
-    /// Kept for its accept loop.
-    Proxy { _server: Listening },
+    /// Kept for its accept loop; `swaps` when it swaps secrets in, with the guest trusting
+    /// its CA.
+    Proxy { _server: Listening, swaps: bool },
     Open(OpenNetwork),
 }
 
@@ -218,15 +224,23 @@ impl Session {
         let ready = UnixListener::bind(&ready_socket).context("cannot create the readiness socket")?;
         let vhost = UnixListener::bind(&vhost_socket).context("cannot create the vhost-user socket")?;
         let vsock = VsockServer::start(GUEST_CID, &host_socket, vhost).context("cannot start the vsock backend")?;
-        let (plan, runtime) = plan_guest(config, &dir)?;
+        let (mut plan, runtime) = plan_guest(config, &dir)?;
         let session = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let network = match config.egress.mode {
             NetworkMode::Open => Network::Open(OpenNetwork::start(&dir)?),
             NetworkMode::Proxy | NetworkMode::None => {
+                let swap = match config.secrets.is_empty() || config.egress.mode == NetworkMode::None {
+                    true => None,
+                    false => Some(std::sync::Arc::new(SecretSwap::new(config.secrets.clone()).context("cannot set up the proxy's secret swap")?)),
+                };
+                if let Some(swap) = &swap {
+                    plan.setup.steps.push(Step::TrustCa { pem: swap.ca_pem().into_bytes() });
+                }
                 let audit = egress::audit_log_path();
-                let proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), &audit, session)
+                let swaps = swap.is_some();
+                let proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), swap, &audit, session)
                     .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
-                Network::Proxy { _server: proxy }
+                Network::Proxy { _server: proxy, swaps }
             }
         };
         let forwards = config.forwards.start(&dir, &host_socket)?;
@@ -293,7 +307,14 @@ impl Session {
     /// project, the runtime prologue.
     pub fn prepare(&self, exec: &mut Exec) {
         let proxy = match self.network {
-            Network::Proxy { .. } => egress::guest_environment(),
+            Network::Proxy { swaps, .. } => {
+                let mut env = egress::guest_environment();
+                if swaps {
+                    // Node (Claude Code) reads its own CA list, not the system's.
+                    env.push((b"NODE_EXTRA_CA_CERTS".to_vec(), PROXY_CA_FILE.as_bytes().to_vec()));
+                }
+                env
+            }
             Network::Open(_) => Vec::new(),
         };
         exec.env.splice(0..0, proxy.into_iter().chain(self.forward_env.iter().cloned()).chain(self.env.to_exec()));

@@ -14,3 +14,13 @@ fn bench_run_measures_an_exec_into_a_running_vm_against_a_fresh_run() {
     assert!(report.contains("cvm exec into a running VM (qemu), wall") && report.contains("ratio cvm exec (qemu) / cvm run --vmm qemu"), "{report}");
     env.assert_clean();
 }
+
+#[test]
+fn bench_proxy_measures_direct_tunneled_and_swapped_requests_in_one_run() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["bench", "proxy", "--connections", "3", "--requests", "10"]).output().unwrap();
+    let stdout = common::text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", common::text(&out.stderr));
+    for row in ["| direct (no proxy) | ", "| proxy, tunneled | ", "| proxy, secret swapped | "] {
+        assert!(stdout.lines().filter(|l| l.starts_with(row)).count() == 1, "{row} in:\n{stdout}");
+    }
+}

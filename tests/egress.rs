@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use cvm::egress::{start_proxy, EgressPolicy, NetworkMode};
 use cvm::forward::Listening;
+use cvm::interception::SecretSwap;
+use cvm::loopback_https::{self, LoopbackHttps};
+use cvm::secrets::Secret;
+use std::sync::Arc;
 
 /// An HTTP server on 127.0.0.1 that answers `count` requests with `body`.
 fn server(body: &'static str, count: usize) -> u16 {
@@ -37,8 +41,12 @@ struct Setup {
 
 impl Setup {
     fn new(policy: EgressPolicy) -> Setup {
+        Setup::swapping(policy, None)
+    }
+
+    fn swapping(policy: EgressPolicy, swap: Option<Arc<SecretSwap>>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let proxy = start_proxy(&dir.path().join("vsock_3128"), policy, &dir.path().join("network.log"), "test".into()).unwrap();
+        let proxy = start_proxy(&dir.path().join("vsock_3128"), policy, swap, &dir.path().join("network.log"), "test".into()).unwrap();
         Setup { _proxy: proxy, dir }
     }
 
@@ -178,4 +186,61 @@ fn an_upstream_that_refuses_is_a_502_with_its_answer() {
     let reply = s.ask("CONNECT registry.test:443 HTTP/1.1\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 502") && reply.contains("HTTP/1.1 403 Forbidden"), "{reply}");
     assert!(s.audit().contains("fail registry.test:443 via"), "{}", s.audit());
+}
+
+/// A guest's TLS client through the proxy: CONNECT `host:port`, TLS trusting `roots`, then
+/// each of `requests` on the one connection; the answers.
+fn https_through(s: &Setup, host: &str, port: u16, roots: rustls::RootCertStore, requests: &[String]) -> anyhow::Result<Vec<String>> {
+    let conn = loopback_https::connect_through(&s.dir.path().join("vsock_3128"), host, port)?;
+    let mut stream = loopback_https::tls_client(conn, host, roots)?;
+    requests.iter().map(|r| loopback_https::exchange(&mut stream, r.as_bytes())).collect()
+}
+
+#[test]
+fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http() {
+    let https = LoopbackHttps::start(&["secret.test", "plain.test"]).unwrap();
+    let port = https.port();
+    let secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into()], "the-real-value".into()).unwrap();
+    let placeholder = secret.placeholder.clone();
+    let swap = Arc::new(SecretSwap::with_roots(vec![secret], https.roots()).unwrap());
+    let mut session_ca = rustls::RootCertStore::empty();
+    session_ca.add_parsable_certificates(certificates(&swap.ca_pem()));
+    let s = Setup::swapping(policy(&["secret.test", "plain.test"], &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")]), Some(swap));
+
+    // Two requests on one intercepted connection, the second in two headers and chunked.
+    let first = format!("GET /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\n\r\n");
+    let second = format!("POST /two HTTP/1.1\r\nHost: secret.test\r\nX-Key: {placeholder}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}\r\n0\r\n\r\n", &placeholder[..4]);
+    let answers = https_through(&s, "secret.test", port, session_ca.clone(), &[first, second]).unwrap();
+    assert!(answers.iter().all(|a| a.starts_with("HTTP/1.1 200 OK")), "{answers:?}");
+    let seen = https.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].head.contains("Authorization: Bearer the-real-value\r\n") && seen[1].head.contains("X-Key: the-real-value\r\n"), "{seen:?}");
+    assert_eq!(seen[0].offered_alpn, ["http/1.1"], "the proxy's own client reached the server");
+
+    // The session CA vouches for secret.test only; the real server's CA is not what the
+    // guest sees there.
+    assert!(https_through(&s, "secret.test", port, https.roots(), &[String::new()]).is_err(), "an intercepted host shows the session's certificate");
+
+    // Another allowed host: tunneled as it is, the placeholder unswapped.
+    let answers = https_through(&s, "plain.test", port, https.roots(), &[format!("GET /three HTTP/1.1\r\nHost: plain.test\r\nAuthorization: Bearer {placeholder}\r\n\r\n")]).unwrap();
+    assert_eq!(answers.len(), 1);
+    let tunneled = https.seen().pop().unwrap();
+    assert!(tunneled.head.contains(&format!("Bearer {placeholder}")) && tunneled.offered_alpn.is_empty(), "the test's own client reached the server: {tunneled:?}");
+
+    // Plain HTTP to the secret's host is refused; elsewhere its placeholder is logged.
+    let reply = s.ask(&format!("GET http://secret.test:{port}/ HTTP/1.1\r\nAuthorization: {placeholder}\r\n\r\n"));
+    assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("use https"), "{reply}");
+    let http = server("plain", 1);
+    let reply = s.ask(&format!("GET http://plain.test:{http}/ HTTP/1.1\r\nX-Token: {placeholder}\r\n\r\n"));
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let audit = s.audit();
+    assert!(audit.contains(&format!("swap secret.test:{port} API_TOKEN in Authorization")) && audit.contains(&format!("swap secret.test:{port} API_TOKEN in X-Key")), "{audit}");
+    assert!(audit.contains(&format!("deny secret.test:{port} plain HTTP to a host that secrets go to (API_TOKEN)")), "{audit}");
+    assert!(audit.contains(&format!("placeholder plain.test:{http} API_TOKEN's placeholder sent in plain HTTP")), "{audit}");
+    assert!(!audit.contains("the-real-value"), "{audit}");
+}
+
+fn certificates(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
 }

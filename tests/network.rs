@@ -220,3 +220,67 @@ fn passt_running() -> bool {
         has(&cmdline, b"--no-map-gw") && has(&cmdline, b"10.0.2.15")
     })
 }
+
+#[test]
+fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the_guest() {
+    let Some(env) = Env::debian() else { return };
+    let engine = engine();
+    let https = cvm::loopback_https::LoopbackHttps::start(&["secret.test", "other.test"]).unwrap();
+    let port = https.port();
+    let http = server("plain");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let value = format!("cvmtestsecret{}x{nanos}", std::process::id());
+    // The project holds the test server's CA, for the guest's pinned requests; cvm's own
+    // connections trust it through SSL_CERT_FILE, as OpenSSL's do.
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("server-ca.pem"), https.ca_pem()).unwrap();
+    let host_ca = env.home.path().join("server-ca.pem");
+    std::fs::write(&host_ca, https.ca_pem()).unwrap();
+    let config = env.home.path().join(".cvm.toml");
+    std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\nenv = \"CVM_TEST_API_TOKEN\"\n").unwrap();
+    let shown = env.cvm(&["config", "show"]).output().unwrap();
+    assert!(text(&shown.stdout).lines().any(|l| l.starts_with("secrets.proxied.API_TOKEN") && l.contains("placeholder") && l.contains("secret.test")), "{}", text(&shown.stdout));
+
+    // The guest looks for the value's fixed part only (the whole value is never in its
+    // hands), in a control file first.
+    let script = format!(
+        "P=cvmtest; P=${{P}}secret; echo \"token=$API_TOKEN ca=$NODE_EXTRA_CA_CERTS\"; \
+         curl -sS https://secret.test:{port}/one -H \"Authorization: Bearer $API_TOKEN\"; echo \"swapped $?\"; \
+         curl -sS --cacert server-ca.pem https://secret.test:{port}/pinned >/dev/null 2>&1; echo \"pinned $?\"; \
+         curl -sS --cacert server-ca.pem https://other.test:{port}/two -H \"Authorization: Bearer $API_TOKEN\"; echo \"tunneled $?\"; \
+         curl -sS -o /dev/null -w 'plain to its host %{{http_code}}\\n' http://secret.test:{port}/; \
+         curl -sS http://other.test:{http}/three -H \"X-Token: $API_TOKEN\"; echo \" plain $?\"; \
+         echo $P > /tmp/control; echo leaks: $(grep -rls \"$P\" /etc /run /home /tmp /root /var/tmp /proc/[0-9]*/environ 2>/dev/null)"
+    );
+    let project_arg = project.path().to_str().unwrap();
+    let hosts = ["--add-host", "secret.test:127.0.0.1", "--add-host", "other.test:127.0.0.1", "--allow", "secret.test", "--allow", "other.test"];
+    let mut args = vec![project_arg, "-v"];
+    args.extend(hosts);
+    args.extend(["--", "sh", "-c", &script]);
+    let child = env.command(engine, &args).env("CVM_TEST_API_TOKEN", &value).env("SSL_CERT_FILE", &host_ca).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let out = common::wait_output(child);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "[{engine}] {stdout}\n{stderr}");
+    assert!(stdout.contains("token=cvm-placeholder-") && stdout.contains(" ca=/run/cvm/proxy-ca.pem\n"), "[{engine}] {stdout}");
+    for expected in ["ok\nswapped 0\n", "pinned 60\n", "ok\ntunneled 0\n", "plain to its host 403\n", "plain plain 0\n", "leaks: /tmp/control\n"] {
+        assert!(stdout.contains(expected), "[{engine}] {expected:?} in:\n{stdout}\n{stderr}");
+    }
+    assert!(!stdout.contains(&value) && !stderr.contains(&value), "[{engine}] the value was in the guest's output or the console: {stdout}\n{stderr}");
+    let seen = https.seen();
+    let one = seen.iter().find(|r| r.head.starts_with("GET /one ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
+    assert!(one.head.contains(&format!("Authorization: Bearer {value}\r\n")) && one.offered_alpn == ["http/1.1"], "[{engine}] swapped, by the proxy's client: {one:?}");
+    let two = seen.iter().find(|r| r.head.starts_with("GET /two ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
+    assert!(two.head.contains("Authorization: Bearer cvm-placeholder-") && two.offered_alpn.iter().any(|p| p == "h2"), "[{engine}] tunneled, the guest's curl: {two:?}");
+    let audit = std::fs::read_to_string(env.home.path().join(".local/state/cvm/network.log")).unwrap();
+    for expected in [format!(" swap secret.test:{port} API_TOKEN in Authorization"), format!(" placeholder other.test:{http} API_TOKEN's placeholder sent in plain HTTP"), format!(" deny secret.test:{port} plain HTTP")] {
+        assert!(audit.contains(&expected), "[{engine}] {expected:?} in:\n{audit}");
+    }
+    assert!(!audit.contains(&value), "[{engine}] {audit}");
+
+    // A source that fails stops the session before the VM starts, saying which and why.
+    std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\ncommand = [\"sh\", \"-c\", \"echo no login >&2; exit 4\"]\n").unwrap();
+    let out = common::wait_output(env.command(engine, &[project_arg, "--", "true"]).stdin(std::process::Stdio::null()).spawn().unwrap());
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("secret API_TOKEN: command `sh -c echo no login >&2; exit 4`") && stderr.contains("no login"), "[{engine}] {stderr}");
+    env.assert_clean();
+}

@@ -16,6 +16,8 @@ pub const CONTROL_PORT: u32 = 1024;
 pub const READY_PORT: u32 = 1025;
 /// The egress proxy: the host's vsock port, and the guest's 127.0.0.1 port relayed to it.
 pub const PROXY_PORT: u32 = 3128;
+/// Where [`Step::TrustCa`] puts the proxy's CA certificate (what `NODE_EXTRA_CA_CERTS` names).
+pub const PROXY_CA_FILE: &str = "/run/cvm/proxy-ca.pem";
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most output or input one data frame carries.
@@ -89,6 +91,10 @@ pub enum Step {
     /// `--network open`: the guest's Ethernet interface gets `address`/`prefix_len` and `mtu`,
     /// a default route through `gateway`, and `nameserver` in /etc/resolv.conf.
     Network { address: std::net::Ipv4Addr, prefix_len: u8, gateway: std::net::Ipv4Addr, nameserver: std::net::Ipv4Addr, mtu: u16 },
+    /// The host proxy's CA certificate (PEM): written at [`PROXY_CA_FILE`] and added to the
+    /// system's trust store, so that the guest's TLS clients accept the proxy where it swaps
+    /// secrets in.
+    TrustCa { pem: Vec<u8> },
 }
 
 /// Where a relay listens in the guest.
@@ -326,6 +332,7 @@ impl Request {
                         Step::Relay { listen: Listen::Tcp(port), host_port } => enc.u8(5).u8(1).u16(*port).u32(*host_port),
                         Step::Relay { listen: Listen::Unix(path), host_port } => enc.u8(5).u8(2).bytes(path).u32(*host_port),
                         Step::Network { address, prefix_len, gateway, nameserver, mtu } => enc.u8(6).u32(u32::from(*address)).u8(*prefix_len).u32(u32::from(*gateway)).u32(u32::from(*nameserver)).u16(*mtu),
+                        Step::TrustCa { pem } => enc.u8(7).bytes(pem),
                     };
                 }
                 enc.finish()
@@ -382,6 +389,7 @@ impl Request {
                                 Step::Relay { listen, host_port: d.u32()? }
                             }
                             6 => Step::Network { address: d.u32()?.into(), prefix_len: d.u8()?, gateway: d.u32()?.into(), nameserver: d.u32()?.into(), mtu: d.u16()? },
+                            7 => Step::TrustCa { pem: d.bytes()? },
                             other => return Err(DecodeError::UnknownTag(other)),
                         })
                     })
@@ -571,6 +579,7 @@ mod tests {
                 Step::Relay { listen: Listen::Tcp(5432), host_port: 45432 },
                 Step::Relay { listen: Listen::Unix(b"/run/cvm/ssh-agent.sock".to_vec()), host_port: 1029 },
                 Step::Network { address: [10, 0, 2, 15].into(), prefix_len: 24, gateway: [10, 0, 2, 2].into(), nameserver: [10, 0, 2, 3].into(), mtu: 9000 },
+                Step::TrustCa { pem: b"-----BEGIN CERTIFICATE-----\n".to_vec() },
             ],
         }
     }

@@ -9,7 +9,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use cvm_agent::protocol::{Listen, Setup, Step, User};
+use cvm_agent::protocol::{Listen, Setup, Step, User, PROXY_CA_FILE};
+
+/// The system's trust store, one file of PEM certificates (Debian's, read by OpenSSL, curl,
+/// git and Python).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where overlays keep their in-memory upper and work directories (/run is a tmpfs).
 const OVERLAY_DIR: &str = "/run/cvm/overlay";
@@ -191,6 +195,14 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
             }
             Step::Network { address, prefix_len, gateway, nameserver, mtu } => {
                 crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver, *mtu).map_err(|e| format!("cannot configure the network: {e}"))?;
+            }
+            Step::TrustCa { pem } => {
+                std::fs::create_dir_all("/run/cvm").and_then(|()| std::fs::write(PROXY_CA_FILE, pem)).map_err(|e| describe("cannot write", PROXY_CA_FILE.as_bytes(), e))?;
+                // An image without a store gets one holding just this certificate.
+                std::fs::create_dir_all("/etc/ssl/certs")
+                    .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(SYSTEM_CA_BUNDLE))
+                    .and_then(|mut bundle| bundle.write_all(&[b"\n".as_slice(), pem].concat()))
+                    .map_err(|e| describe("cannot add the proxy's CA to", SYSTEM_CA_BUNDLE.as_bytes(), e))?;
             }
             Step::File { target, contents } => {
                 let path = Path::new(OsStr::from_bytes(target));
