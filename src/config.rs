@@ -263,6 +263,9 @@ pub struct ProxiedTable {
     pub file: Option<String>,
     pub env: Option<String>,
     pub command: Option<Spanned<Vec<String>>>,
+    /// Swapped in request bodies too, not only in headers.
+    #[serde(default)]
+    pub body: bool,
 }
 
 impl FileConfig {
@@ -592,7 +595,8 @@ impl Settings {
         line("mounts", mounts(&self.mounts.value), &self.mounts.sources);
         line("secrets.env_file", self.secrets_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())), &self.secrets_file.sources);
         for secret in &self.proxied_secrets.value {
-            let value = format!("placeholder in the guest; swapped for {} from {}", list(&secret.hosts), secret.source);
+            let place = if secret.body { "headers and bodies" } else { "headers" };
+            let value = format!("placeholder in the guest; swapped in {place} for {} from {}", list(&secret.hosts), secret.source);
             line(&format!("secrets.proxied.{}", secret.name), value, &self.proxied_secrets.sources);
         }
         out
@@ -769,7 +773,7 @@ fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str
         1 => sources.remove(0),
         _ => return Err(at(span, format!("secret {name}: give one of file, env and command"))),
     };
-    Ok(ProxiedSecret { name, hosts, source })
+    Ok(ProxiedSecret { name, hosts, source, body: table.body })
 }
 
 fn check_cpus(cpus: u8) -> Result<u8, String> {

@@ -511,7 +511,7 @@ fn intercept(swap: &SecretSwap, guest: BufReader<UnixStream>, upstream: TcpStrea
     }
     let early = guest.buffer().to_vec();
     let note = |note: Note| match note {
-        Note::Swapped { secret, header } => audit.record("swap", target, &format!("{secret} in {header}")),
+        Note::Swapped { secret, place } => audit.record("swap", target, &format!("{secret} in {place}")),
         Note::NotSwapped { secret, place } => audit.record("placeholder", target, &format!("{secret}'s placeholder in {place}, not swapped: not one of its hosts")),
     };
     if let Err(e) = swap.relay(guest.into_inner(), &early, host, upstream, TUNNEL_IDLE, &note) {

@@ -23,6 +23,9 @@ use crate::secrets::Secret;
 
 /// The longest request head, chunk line or trailer section the proxy reads.
 const MAX_HEAD: usize = 64 * 1024;
+/// The largest body the proxy holds to swap a secret in (`body = true`): larger ones pass as
+/// they are. With the proxy's cap on connections, what a guest can make it hold is bounded.
+const MAX_SWAP_BODY: u64 = 256 << 10;
 /// The most headers a request may have.
 const MAX_HEADERS: usize = 128;
 /// How long each TLS handshake may take.
@@ -33,8 +36,9 @@ const ALPN: &[u8] = b"http/1.1";
 /// What an intercepted request did with placeholders, for the audit log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Note {
-    /// `secret`'s placeholder was replaced by its value in `header`.
-    Swapped { secret: String, header: String },
+    /// `secret`'s placeholder was replaced by its value in `place` (a header's name, or the
+    /// body).
+    Swapped { secret: String, place: String },
     /// `secret`'s placeholder went to a host it is not for, as it was.
     NotSwapped { secret: String, place: String },
 }
@@ -319,6 +323,8 @@ enum State {
     Head,
     /// This many bytes of a body with a Content-Length.
     Fixed(u64),
+    /// This many bytes of a body held back, with its head, to swap secrets in.
+    Held(u64),
     /// A chunked body's size line.
     ChunkSize,
     /// This many bytes of a chunk.
@@ -342,11 +348,14 @@ pub struct RequestRewriter<'a> {
     pending: Vec<u8>,
     /// Bytes of the current trailer section.
     trailer: usize,
+    /// A head without its Content-Length and blank line, and the body so far, while held.
+    held_head: Vec<u8>,
+    held_body: Vec<u8>,
 }
 
 impl<'a> RequestRewriter<'a> {
     pub fn new(host: &str, secrets: &'a [Secret]) -> RequestRewriter<'a> {
-        RequestRewriter { host: host.to_ascii_lowercase(), secrets, state: State::Head, pending: Vec::new(), trailer: 0 }
+        RequestRewriter { host: host.to_ascii_lowercase(), secrets, state: State::Head, pending: Vec::new(), trailer: 0, held_head: Vec::new(), held_body: Vec::new() }
     }
 
     /// Takes the next bytes from the guest; appends what goes upstream to `out`. An error
@@ -357,6 +366,20 @@ impl<'a> RequestRewriter<'a> {
                 State::Raw => {
                     out.extend_from_slice(input);
                     return Ok(());
+                }
+                State::Held(left) => {
+                    let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.held_body.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    self.state = State::Held(left - take as u64);
+                    if left == take as u64 {
+                        let held = std::mem::take(&mut self.held_body);
+                        let body = self.swap_body(&held, notes);
+                        out.append(&mut self.held_head);
+                        out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                        out.extend_from_slice(&body);
+                        self.state = State::Head;
+                    }
                 }
                 State::Fixed(left) | State::ChunkData(left) => {
                     let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -397,9 +420,12 @@ impl<'a> RequestRewriter<'a> {
                 if !line.ends_with(b"\r\n\r\n") && line.len() > 2 {
                     return Ok(());
                 }
-                let (head, next) = self.head(notes)?;
+                let (head, next, held) = self.head(notes)?;
                 out.extend_from_slice(&head);
                 self.state = next;
+                if let Some(held) = held {
+                    self.held_head = held;
+                }
             }
             State::ChunkSize => {
                 let text = std::str::from_utf8(&line[..line.len() - 2]).map_err(|_| "a chunk size that is not text")?;
@@ -429,14 +455,15 @@ impl<'a> RequestRewriter<'a> {
                     self.state = State::Head;
                 }
             }
-            State::Fixed(_) | State::ChunkData(_) | State::Raw => unreachable!("no lines in a body"),
+            State::Fixed(_) | State::Held(_) | State::ChunkData(_) | State::Raw => unreachable!("no lines in a body"),
         }
         self.pending.clear();
         Ok(())
     }
 
-    /// The pending head, rebuilt with placeholders swapped, and what follows it.
-    fn head(&self, notes: &mut Vec<Note>) -> Result<(Vec<u8>, State), String> {
+    /// The pending head, rebuilt with placeholders swapped, and what follows it; when its
+    /// body is held to swap secrets in, nothing to send yet and the head to send with it.
+    fn head(&self, notes: &mut Vec<Note>) -> Result<(Vec<u8>, State, Option<Vec<u8>>), String> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&self.pending) {
@@ -451,7 +478,8 @@ impl<'a> RequestRewriter<'a> {
             notes.push(Note::NotSwapped { secret: secret.name.clone(), place: "the request target (only headers are swapped)".into() });
         }
         let mut head = format!("{method} {target} HTTP/1.{version}\r\n").into_bytes();
-        let (mut lengths, mut chunked, mut upgrade, mut hosts) = (Vec::new(), false, method == "CONNECT", 0);
+        let mut unframed = head.clone();
+        let (mut lengths, mut chunked, mut upgrade, mut hosts, mut expects) = (Vec::new(), false, method == "CONNECT", 0, false);
         for header in parsed.headers.iter() {
             let name = header.name;
             if name.eq_ignore_ascii_case("host") {
@@ -471,11 +499,14 @@ impl<'a> RequestRewriter<'a> {
                 chunked = true;
             } else if name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
+            } else if name.eq_ignore_ascii_case("expect") {
+                expects = true;
             }
-            head.extend_from_slice(name.as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(&self.swap(name, header.value, notes));
-            head.extend_from_slice(b"\r\n");
+            let line = [name.as_bytes(), b": ", &self.swap(name, header.value, notes), b"\r\n"].concat();
+            head.extend_from_slice(&line);
+            if !name.eq_ignore_ascii_case("content-length") {
+                unframed.extend_from_slice(&line);
+            }
         }
         head.extend_from_slice(b"\r\n");
         if hosts > 1 {
@@ -492,7 +523,30 @@ impl<'a> RequestRewriter<'a> {
             (false, [length]) => State::Fixed(*length),
             (false, _) => return Err("Content-Length headers that disagree".into()),
         };
-        Ok((head, next))
+        // A client waiting for "100 Continue" sends no body until the server answers: it is
+        // never held.
+        let swaps_bodies = self.secrets.iter().any(|s| s.body && s.applies_to(&self.host));
+        match next {
+            State::Fixed(length) if swaps_bodies && length <= MAX_SWAP_BODY && !expects => Ok((Vec::new(), State::Held(length), Some(unframed))),
+            _ => Ok((head, next, None)),
+        }
+    }
+
+    /// A held body with the placeholders of the secrets swapped in bodies on this host.
+    fn swap_body(&self, body: &[u8], notes: &mut Vec<Note>) -> Vec<u8> {
+        let mut body = body.to_vec();
+        for secret in self.secrets {
+            if !contains(&body, secret.placeholder.as_bytes()) {
+                continue;
+            }
+            if secret.body && secret.applies_to(&self.host) {
+                body = replace_all(&body, secret.placeholder.as_bytes(), secret.value().as_bytes());
+                notes.push(Note::Swapped { secret: secret.name.clone(), place: "the body".into() });
+            } else {
+                notes.push(Note::NotSwapped { secret: secret.name.clone(), place: "the body".into() });
+            }
+        }
+        body
     }
 
     /// A header's value with the placeholders of this host's secrets replaced, inside Basic
@@ -520,7 +574,7 @@ impl<'a> RequestRewriter<'a> {
             }
             if secret.applies_to(&self.host) {
                 value = replace_all(&value, secret.placeholder.as_bytes(), secret.value().as_bytes());
-                notes.push(Note::Swapped { secret: secret.name.clone(), header: name.to_string() });
+                notes.push(Note::Swapped { secret: secret.name.clone(), place: name.to_string() });
             } else {
                 notes.push(Note::NotSwapped { secret: secret.name.clone(), place: format!("header {name}") });
             }
@@ -568,8 +622,8 @@ mod tests {
             notes,
             [
                 Note::NotSwapped { secret: "GH_TOKEN".into(), place: "the request target (only headers are swapped)".into() },
-                Note::Swapped { secret: "API_KEY".into(), header: "x-api-key".into() },
-                Note::Swapped { secret: "API_KEY".into(), header: "Authorization".into() },
+                Note::Swapped { secret: "API_KEY".into(), place: "x-api-key".into() },
+                Note::Swapped { secret: "API_KEY".into(), place: "Authorization".into() },
                 Note::NotSwapped { secret: "GH_TOKEN".into(), place: "header X-Other".into() },
             ]
         );
@@ -600,6 +654,34 @@ mod tests {
         let (result, out, _) = rewrite("api.test", &s, &[format!("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x01\x05{api}").as_bytes()]);
         result.unwrap();
         assert!(contains(&out, api.as_bytes()));
+    }
+
+    #[test]
+    fn bodies_are_swapped_only_for_secrets_that_ask_and_only_when_they_can_be_held() {
+        let mut s = secrets();
+        s[0].body = true;
+        let (api, gh) = (s[0].placeholder.clone(), s[1].placeholder.clone());
+        let body = format!("{{\"key\":\"{api}\",\"again\":\"{api}\",\"gh\":\"{gh}\"}}");
+        let request = format!("POST /v1 HTTP/1.1\r\nContent-Length: {}\r\nHost: api.test\r\n\r\n{body}GET /next HTTP/1.1\r\n\r\n", body.len());
+        let pieces: Vec<&[u8]> = request.as_bytes().chunks(3).collect();
+        let (result, out, notes) = rewrite("api.test", &s, &pieces);
+        result.unwrap();
+        let swapped = format!("{{\"key\":\"real-api-key\",\"again\":\"real-api-key\",\"gh\":\"{gh}\"}}");
+        assert_eq!(String::from_utf8(out).unwrap(), format!("POST /v1 HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{swapped}GET /next HTTP/1.1\r\n\r\n", swapped.len()));
+        assert_eq!(
+            notes,
+            [Note::Swapped { secret: "API_KEY".into(), place: "the body".into() }, Note::NotSwapped { secret: "GH_TOKEN".into(), place: "the body".into() }]
+        );
+        // Not held: a client waiting for 100 Continue, a body over the limit, a chunked body,
+        // another host.
+        let waiting = format!("POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let large = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n{api}", MAX_SWAP_BODY + 1);
+        let chunked = format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{api}\r\n0\r\n\r\n", api.len());
+        for (host, request) in [("api.test", &waiting), ("api.test", &large), ("api.test", &chunked), ("x.github.test", &waiting)] {
+            let (result, out, _) = rewrite(host, &s, &[request.as_bytes()]);
+            result.unwrap();
+            assert!(contains(&out, api.as_bytes()) && !contains(&out, b"real-api-key"), "{host}: {}", String::from_utf8_lossy(&out));
+        }
     }
 
     #[test]

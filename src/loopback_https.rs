@@ -23,6 +23,8 @@ const MAX_HEAD: usize = 64 * 1024;
 pub struct SeenRequest {
     /// The request line and headers, as sent.
     pub head: String,
+    /// The body, when it had a Content-Length.
+    pub body: String,
     /// The application protocols the connection's client offered.
     pub offered_alpn: Vec<String>,
 }
@@ -148,14 +150,16 @@ fn serve(conn: TcpStream, key: Arc<CertifiedKey>, seen: &Mutex<Vec<SeenRequest>>
     loop {
         let head = read_head(&mut stream).ok()??;
         let header = |name: &str| head.lines().find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
+        let mut body = Vec::new();
         if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             skip_chunks(&mut stream).ok()?;
         } else {
             let length = header("content-length").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            io::copy(&mut (&mut stream).take(length), &mut io::sink()).ok()?;
+            (&mut stream).take(length).read_to_end(&mut body).ok()?;
         }
+        let body = String::from_utf8_lossy(&body).into_owned();
         let offered_alpn = recording.offered_alpn.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        seen.lock().unwrap_or_else(|e| e.into_inner()).push(SeenRequest { head, offered_alpn });
+        seen.lock().unwrap_or_else(|e| e.into_inner()).push(SeenRequest { head, body, offered_alpn });
         stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n").ok()?;
     }
 }

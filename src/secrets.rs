@@ -33,6 +33,9 @@ pub struct ProxiedSecret {
     /// Host patterns (as `--allow`) the value may be sent to.
     pub hosts: Vec<String>,
     pub source: SecretSource,
+    /// Swapped in request bodies too (those with a Content-Length, up to 256 KiB), not only in
+    /// headers.
+    pub body: bool,
 }
 
 /// Where a secret's value comes from.
@@ -66,6 +69,8 @@ pub struct Secret {
     pub hosts: Vec<String>,
     value: String,
     pub placeholder: String,
+    /// Swapped in request bodies too.
+    pub body: bool,
 }
 
 impl fmt::Debug for Secret {
@@ -81,7 +86,7 @@ impl Secret {
         let mut random = [0u8; 20];
         std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).context("cannot read /dev/urandom")?;
         let placeholder = format!("{PLACEHOLDER_PREFIX}{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        Ok(Secret { name, hosts, value, placeholder })
+        Ok(Secret { name, hosts, value, placeholder, body: false })
     }
 
     pub fn value(&self) -> &str {
@@ -125,7 +130,9 @@ pub fn resolve(declared: &[ProxiedSecret], secrets_file: &mut Environment) -> Re
                 SecretSource::Command(argv) => run(argv).with_context(|| format!("secret {name}: command `{}`", argv.join(" ")))?,
             };
             secrets_file.remove(name);
-            Secret::new(name.clone(), secret.hosts.clone(), value.trim_end_matches(['\n', '\r']).to_string())
+            let mut resolved = Secret::new(name.clone(), secret.hosts.clone(), value.trim_end_matches(['\n', '\r']).to_string())?;
+            resolved.body = secret.body;
+            Ok(resolved)
         })
         .collect()
 }
@@ -177,7 +184,7 @@ mod tests {
     use super::*;
 
     fn declared(name: &str, source: SecretSource) -> ProxiedSecret {
-        ProxiedSecret { name: name.into(), hosts: vec!["api.test".into(), "*.github.test".into()], source }
+        ProxiedSecret { name: name.into(), hosts: vec!["api.test".into(), "*.github.test".into()], source, body: false }
     }
 
     #[test]

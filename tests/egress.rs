@@ -200,21 +200,24 @@ fn https_through(s: &Setup, host: &str, port: u16, roots: rustls::RootCertStore,
 fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http() {
     let https = LoopbackHttps::start(&["secret.test", "plain.test"]).unwrap();
     let port = https.port();
-    let secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into()], "the-real-value".into()).unwrap();
+    let mut secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into()], "the-real-value".into()).unwrap();
+    secret.body = true;
     let placeholder = secret.placeholder.clone();
     let swap = Arc::new(SecretSwap::with_roots(vec![secret], https.roots()).unwrap());
     let mut session_ca = rustls::RootCertStore::empty();
     session_ca.add_parsable_certificates(certificates(&swap.ca_pem()));
     let s = Setup::swapping(policy(&["secret.test", "plain.test"], &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")]), Some(swap));
 
-    // Two requests on one intercepted connection, the second in two headers and chunked.
-    let first = format!("GET /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\n\r\n");
+    // Two requests on one intercepted connection, the first with a body, the second chunked.
+    let body = format!("{{\"key\":\"{placeholder}\"}}");
+    let first = format!("POST /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let second = format!("POST /two HTTP/1.1\r\nHost: secret.test\r\nX-Key: {placeholder}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}\r\n0\r\n\r\n", &placeholder[..4]);
     let answers = https_through(&s, "secret.test", port, session_ca.clone(), &[first, second]).unwrap();
     assert!(answers.iter().all(|a| a.starts_with("HTTP/1.1 200 OK")), "{answers:?}");
     let seen = https.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(seen[0].head.contains("Authorization: Bearer the-real-value\r\n") && seen[1].head.contains("X-Key: the-real-value\r\n"), "{seen:?}");
+    assert_eq!(seen[0].body, "{\"key\":\"the-real-value\"}");
     assert_eq!(seen[0].offered_alpn, ["http/1.1"], "the proxy's own client reached the server");
 
     // The session CA vouches for secret.test only; the real server's CA is not what the
@@ -234,7 +237,9 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let reply = s.ask(&format!("GET http://plain.test:{http}/ HTTP/1.1\r\nX-Token: {placeholder}\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let audit = s.audit();
-    assert!(audit.contains(&format!("swap secret.test:{port} API_TOKEN in Authorization")) && audit.contains(&format!("swap secret.test:{port} API_TOKEN in X-Key")), "{audit}");
+    for place in ["Authorization", "X-Key", "the body"] {
+        assert!(audit.contains(&format!("swap secret.test:{port} API_TOKEN in {place}\n")), "{place}: {audit}");
+    }
     assert!(audit.contains(&format!("deny secret.test:{port} plain HTTP to a host that secrets go to (API_TOKEN)")), "{audit}");
     assert!(audit.contains(&format!("placeholder plain.test:{http} API_TOKEN's placeholder sent in plain HTTP")), "{audit}");
     assert!(!audit.contains("the-real-value"), "{audit}");

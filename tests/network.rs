@@ -237,7 +237,7 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
     let host_ca = env.home.path().join("server-ca.pem");
     std::fs::write(&host_ca, https.ca_pem()).unwrap();
     let config = env.home.path().join(".cvm.toml");
-    std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\nenv = \"CVM_TEST_API_TOKEN\"\n").unwrap();
+    std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\nenv = \"CVM_TEST_API_TOKEN\"\nbody = true\n").unwrap();
     let shown = env.cvm(&["config", "show"]).output().unwrap();
     assert!(text(&shown.stdout).lines().any(|l| l.starts_with("secrets.proxied.API_TOKEN") && l.contains("placeholder") && l.contains("secret.test")), "{}", text(&shown.stdout));
 
@@ -245,7 +245,7 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
     // hands), in a control file first.
     let script = format!(
         "P=cvmtest; P=${{P}}secret; echo \"token=$API_TOKEN ca=$NODE_EXTRA_CA_CERTS\"; \
-         curl -sS https://secret.test:{port}/one -H \"Authorization: Bearer $API_TOKEN\"; echo \"swapped $?\"; \
+         curl -sS https://secret.test:{port}/one -H \"Authorization: Bearer $API_TOKEN\" -d \"token=$API_TOKEN\"; echo \"swapped $?\"; \
          curl -sS --cacert server-ca.pem https://secret.test:{port}/pinned >/dev/null 2>&1; echo \"pinned $?\"; \
          curl -sS --cacert server-ca.pem https://other.test:{port}/two -H \"Authorization: Bearer $API_TOKEN\"; echo \"tunneled $?\"; \
          curl -sS -o /dev/null -w 'plain to its host %{{http_code}}\\n' http://secret.test:{port}/; \
@@ -267,12 +267,12 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
     }
     assert!(!stdout.contains(&value) && !stderr.contains(&value), "[{engine}] the value was in the guest's output or the console: {stdout}\n{stderr}");
     let seen = https.seen();
-    let one = seen.iter().find(|r| r.head.starts_with("GET /one ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
-    assert!(one.head.contains(&format!("Authorization: Bearer {value}\r\n")) && one.offered_alpn == ["http/1.1"], "[{engine}] swapped, by the proxy's client: {one:?}");
+    let one = seen.iter().find(|r| r.head.starts_with("POST /one ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
+    assert!(one.head.contains(&format!("Authorization: Bearer {value}\r\n")) && one.body == format!("token={value}") && one.offered_alpn == ["http/1.1"], "[{engine}] swapped, by the proxy's client: {one:?}");
     let two = seen.iter().find(|r| r.head.starts_with("GET /two ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
     assert!(two.head.contains("Authorization: Bearer cvm-placeholder-") && two.offered_alpn.iter().any(|p| p == "h2"), "[{engine}] tunneled, the guest's curl: {two:?}");
     let audit = std::fs::read_to_string(env.home.path().join(".local/state/cvm/network.log")).unwrap();
-    for expected in [format!(" swap secret.test:{port} API_TOKEN in Authorization"), format!(" placeholder other.test:{http} API_TOKEN's placeholder sent in plain HTTP"), format!(" deny secret.test:{port} plain HTTP")] {
+    for expected in [format!(" swap secret.test:{port} API_TOKEN in Authorization"), format!(" swap secret.test:{port} API_TOKEN in the body"), format!(" placeholder other.test:{http} API_TOKEN's placeholder sent in plain HTTP"), format!(" deny secret.test:{port} plain HTTP")] {
         assert!(audit.contains(&expected), "[{engine}] {expected:?} in:\n{audit}");
     }
     assert!(!audit.contains(&value), "[{engine}] {audit}");
