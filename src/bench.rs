@@ -89,6 +89,38 @@ pub struct BootBench {
     cpus: u8,
 }
 
+/// Where a bench ran, for its report's header: results from different hosts differ.
+pub struct HostFacts {
+    cpu: String,
+    cores: usize,
+    kernel: String,
+    nested: bool,
+}
+
+impl HostFacts {
+    pub fn read() -> HostFacts {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())).unwrap_or_else(|| "unknown CPU".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|k| k.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        HostFacts { cpu, cores, kernel, nested: std::env::var_os(NESTED_VARIABLE).is_some() }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "cpu": self.cpu, "cores": self.cores, "kernel": self.kernel, "nested_l1": self.nested })
+    }
+}
+
+impl std::fmt::Display for HostFacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} cores), Linux {}", self.cpu, self.cores, self.kernel)?;
+        if self.nested {
+            f.write_str(", inside a nested L1 under TCG")?;
+        }
+        Ok(())
+    }
+}
+
 /// Set by scripts/nested inside L1: times measured there mean nothing on their own.
 const NESTED_VARIABLE: &str = "CVM_NESTED";
 

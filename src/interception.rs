@@ -161,7 +161,12 @@ impl SecretSwap {
             server.complete_io(&mut guest_io).map_err(|e| anyhow!("the guest's TLS handshake for {host}: {e}"))?;
         }
         let rewriter = RequestRewriter::new(host, &self.secrets);
-        Relay { guest, upstream: upstream.stream, server, client: upstream.tls, rewriter }.run(idle, note)
+        let mut client = upstream.tls;
+        // The relay bounds what each side holds (it moves plaintext on only once the other
+        // side has sent what it had); a held body is larger than rustls's own limit.
+        client.set_buffer_limit(None);
+        server.set_buffer_limit(None);
+        Relay { guest, upstream: upstream.stream, server, client, rewriter }.run(idle, note)
     }
 }
 
@@ -337,6 +342,15 @@ enum State {
     Raw,
 }
 
+/// A request head as rebuilt.
+enum Rebuilt {
+    /// Sent now, and what follows it.
+    Send(Vec<u8>, State),
+    /// Held, without its Content-Length and blank line, until its body of this length is
+    /// whole, to swap secrets in that too.
+    Hold(Vec<u8>, u64),
+}
+
 /// The guest's requests to one host, as a stream: each head is parsed (httparse), checked
 /// and rebuilt with that host's placeholders swapped; bodies are framed by their
 /// Content-Length or chunks and passed as they are.
@@ -420,11 +434,15 @@ impl<'a> RequestRewriter<'a> {
                 if !line.ends_with(b"\r\n\r\n") && line.len() > 2 {
                     return Ok(());
                 }
-                let (head, next, held) = self.head(notes)?;
-                out.extend_from_slice(&head);
-                self.state = next;
-                if let Some(held) = held {
-                    self.held_head = held;
+                match self.head(notes)? {
+                    Rebuilt::Send(head, next) => {
+                        out.extend_from_slice(&head);
+                        self.state = next;
+                    }
+                    Rebuilt::Hold(head, length) => {
+                        self.held_head = head;
+                        self.state = State::Held(length);
+                    }
                 }
             }
             State::ChunkSize => {
@@ -461,9 +479,8 @@ impl<'a> RequestRewriter<'a> {
         Ok(())
     }
 
-    /// The pending head, rebuilt with placeholders swapped, and what follows it; when its
-    /// body is held to swap secrets in, nothing to send yet and the head to send with it.
-    fn head(&self, notes: &mut Vec<Note>) -> Result<(Vec<u8>, State, Option<Vec<u8>>), String> {
+    /// The pending head, rebuilt with placeholders swapped.
+    fn head(&self, notes: &mut Vec<Note>) -> Result<Rebuilt, String> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         match parsed.parse(&self.pending) {
@@ -527,8 +544,8 @@ impl<'a> RequestRewriter<'a> {
         // never held.
         let swaps_bodies = self.secrets.iter().any(|s| s.body && s.applies_to(&self.host));
         match next {
-            State::Fixed(length) if swaps_bodies && length <= MAX_SWAP_BODY && !expects => Ok((Vec::new(), State::Held(length), Some(unframed))),
-            _ => Ok((head, next, None)),
+            State::Fixed(length) if swaps_bodies && length <= MAX_SWAP_BODY && !expects => Ok(Rebuilt::Hold(unframed, length)),
+            _ => Ok(Rebuilt::Send(head, next)),
         }
     }
 

@@ -48,10 +48,10 @@ impl RunDir {
         create_private_dir(&base)?;
         let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let path = base.join(format!("{}-{unique:x}", std::process::id()));
-        DirBuilder::new().mode(0o700).create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-
+        // The janitor first: cvm killed at any moment after the directory exists leaves it
+        // to the janitor, never behind.
         let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
-        let janitor = Command::new(std::env::current_exe()?)
+        let mut janitor = Command::new(std::env::current_exe()?)
             .arg("__janitor")
             .arg(&path)
             .stdin(Stdio::from(read))
@@ -59,6 +59,11 @@ impl RunDir {
             .process_group(0)
             .spawn()
             .context("cannot start cvm's janitor process")?;
+        if let Err(e) = DirBuilder::new().mode(0o700).create(&path) {
+            let _ = janitor.kill();
+            let _ = janitor.wait();
+            return Err(e).with_context(|| format!("cannot create {}", path.display()));
+        }
         Ok(RunDir { path, janitor, _lifeline: write })
     }
 

@@ -212,10 +212,14 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let body = format!("{{\"key\":\"{placeholder}\"}}");
     let first = format!("POST /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let second = format!("POST /two HTTP/1.1\r\nHost: secret.test\r\nX-Key: {placeholder}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}\r\n0\r\n\r\n", &placeholder[..4]);
-    let answers = https_through(&s, "secret.test", port, session_ca.clone(), &[first, second]).unwrap();
+    // A body near the largest held: much more than rustls buffers by default.
+    let large = format!("{}{placeholder}", "x".repeat(250_000));
+    let third = format!("PUT /three HTTP/1.1\r\nContent-Length: {}\r\n\r\n{large}", large.len());
+    let answers = https_through(&s, "secret.test", port, session_ca.clone(), &[first, second, third]).unwrap();
     assert!(answers.iter().all(|a| a.starts_with("HTTP/1.1 200 OK")), "{answers:?}");
     let seen = https.seen();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[2].body.len() == 250_000 + "the-real-value".len() && seen[2].body.ends_with("xthe-real-value"), "{}", seen[2].head);
     assert!(seen[0].head.contains("Authorization: Bearer the-real-value\r\n") && seen[1].head.contains("X-Key: the-real-value\r\n"), "{seen:?}");
     assert_eq!(seen[0].body, "{\"key\":\"the-real-value\"}");
     assert_eq!(seen[0].offered_alpn, ["http/1.1"], "the proxy's own client reached the server");

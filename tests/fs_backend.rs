@@ -119,7 +119,23 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
         let (host, cvm): (f64, f64) = (cells[1].parse().unwrap(), cells[2].parse().unwrap());
         assert!(host > 0.0 && cvm > 0.0, "{row}");
     }
+    assert!(stdout.lines().next().is_some_and(|l| l.starts_with("cvm bench fs on ") && l.contains("Linux") && l.contains("4 MiB file")), "the host and sizes head the table: {stdout}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["bench", "fs", "--json", "--size", "4M", "--random-reads", "50", "--files", "50", "--tree", "600", "--rounds", "1", "--virtiofsd", "/no/such/virtiofsd"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sizes"]["file_bytes"], 4 << 20);
+    assert!(report["host"]["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{report}");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{report}");
+    for row in rows {
+        assert!(row["medians"]["cvm backend"].as_f64().unwrap() > 0.0 && row["cvm_over_host"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["cvm_over_virtiofsd"].is_null(), "no reference ran: {row}");
+    }
 }
 
 #[test]

@@ -37,6 +37,9 @@ pub struct FsBench {
     /// Where the files go (default: a new directory under the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Print the results as JSON (host, sizes, every median and ratio) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// What each workload measures, per second.
@@ -54,11 +57,20 @@ impl Workload {
 
     fn name(self) -> &'static str {
         match self {
-            Workload::SeqRead => "sequential read, cached (MiB/s)",
-            Workload::SeqWrite => "sequential write (MiB/s)",
-            Workload::RandomRead => "random 4 KiB reads (reads/s)",
-            Workload::CreateStatUnlink => "create+stat+unlink (files/s)",
-            Workload::Walk => "tree walk, readdirplus (entries/s)",
+            Workload::SeqRead => "sequential read, cached",
+            Workload::SeqWrite => "sequential write",
+            Workload::RandomRead => "random 4 KiB reads",
+            Workload::CreateStatUnlink => "create+stat+unlink",
+            Workload::Walk => "tree walk, readdirplus",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Workload::SeqRead | Workload::SeqWrite => "MiB/s",
+            Workload::RandomRead => "reads/s",
+            Workload::CreateStatUnlink => "files/s",
+            Workload::Walk => "entries/s",
         }
     }
 }
@@ -293,6 +305,51 @@ fn prepare(share: &Path, args: &FsBench) -> Result<()> {
     Ok(())
 }
 
+/// The results as a Markdown table a user can paste, under a line saying where and how they
+/// were measured.
+fn print_table(args: &FsBench, host: &super::HostFacts, names: &[String], results: &[Vec<f64>]) {
+    println!("cvm bench fs on {host}: {} MiB file, {} random reads, {} files, {}-file tree, median of {} rounds", args.size >> 20, args.random_reads, args.files, args.tree, args.rounds);
+    println!();
+    print!("| {:<38} |", "workload");
+    for name in names {
+        print!(" {name:>12} |");
+    }
+    println!(" {:>10} | {:>15} |", "cvm/host", "cvm/virtiofsd");
+    println!("|{}", "---|".repeat(names.len() + 3));
+    for (w, workload) in Workload::ALL.iter().enumerate() {
+        print!("| {:<38} |", format!("{} ({})", workload.name(), workload.unit()));
+        for value in &results[w] {
+            print!(" {value:>12.0} |");
+        }
+        let vs_reference = ratios(&results[w]).1.map_or("-".into(), |r| format!("{r:.2}"));
+        println!(" {:>10.2} | {:>15} |", ratios(&results[w]).0, vs_reference);
+    }
+}
+
+/// cvm's backend against the host, and against virtiofsd when it ran.
+fn ratios(row: &[f64]) -> (f64, Option<f64>) {
+    (row[1] / row[0], row.get(2).map(|reference| row[1] / reference))
+}
+
+fn json_report(args: &FsBench, host: &super::HostFacts, names: &[String], results: &[Vec<f64>]) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = Workload::ALL
+        .iter()
+        .zip(results)
+        .map(|(workload, row)| {
+            let values: serde_json::Map<String, serde_json::Value> = names.iter().cloned().zip(row.iter().map(|v| serde_json::json!(v))).collect();
+            let (vs_host, vs_reference) = ratios(row);
+            serde_json::json!({ "workload": workload.name(), "unit": workload.unit(), "medians": values, "cvm_over_host": vs_host, "cvm_over_virtiofsd": vs_reference })
+        })
+        .collect();
+    serde_json::json!({
+        "bench": "fs",
+        "host": host.to_json(),
+        "sizes": { "file_bytes": args.size, "random_reads": args.random_reads, "files": args.files, "tree_files": args.tree, "rounds": args.rounds },
+        "targets": names,
+        "rows": rows,
+    })
+}
+
 /// Waits for a server to create its socket.
 fn wait_for_socket(path: &Path, server: &mut std::process::Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -367,23 +424,14 @@ pub fn run(args: FsBench) -> Result<()> {
         eprintln!("bench fs: {} done", workload.name());
     }
 
-    println!("cvm bench fs: {} MiB file, {} random reads, {} files, {}-file tree, median of {} rounds", args.size >> 20, args.random_reads, args.files, args.tree, args.rounds);
-    print!("| {:<38} |", "workload");
-    for (name, _) in &columns {
-        print!(" {name:>12} |");
-    }
-    println!(" {:>10} | {:>15} |", "cvm/host", "cvm/virtiofsd");
-    println!("|{}", "---|".repeat(columns.len() + 3));
-    for (w, workload) in Workload::ALL.iter().enumerate() {
-        print!("| {:<38} |", workload.name());
-        for value in &results[w] {
-            print!(" {value:>12.0} |");
-        }
-        let ratio = |a: f64, b: f64| format!("{:.2}", a / b);
-        let vs_reference = if columns.len() > 2 { ratio(results[w][1], results[w][2]) } else { "-".into() };
-        println!(" {:>10} | {:>15} |", ratio(results[w][1], results[w][0]), vs_reference);
-    }
+    let names: Vec<String> = columns.iter().map(|(name, _)| name.clone()).collect();
     drop(columns);
+    let host = super::HostFacts::read();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json_report(&args, &host, &names, &results))?);
+    } else {
+        print_table(&args, &host, &names, &results);
+    }
     if let Some(mut child) = reference {
         let _ = child.kill();
         let _ = child.wait();
