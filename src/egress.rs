@@ -441,19 +441,22 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, secrets: Option<&SecretSwap>, 
         Err(_) => format!("{}:{}", request.host, request.port),
     };
     let intercepted = secrets.filter(|s| s.intercepts(&request.host));
-    if let (Some(swap), Some(_)) = (intercepted, &request.forward) {
-        let names: Vec<&str> = swap.secrets().iter().filter(|s| s.applies_to(&request.host)).map(|s| s.name.as_str()).collect();
-        let reason = format!("plain HTTP to a host that secrets go to ({}): use https", names.join(", "));
-        audit.record("deny", &target, &reason);
-        refuse(&writer, "403 Forbidden", &format!("egress to {target} refused: {reason}"));
-        return;
-    }
     if let (Some(swap), Some(head)) = (secrets, &request.forward) {
         for secret in swap.placeholders_in(head) {
             audit.record("placeholder", &target, &format!("{}'s placeholder sent in plain HTTP, not swapped", secret.name));
         }
     }
-    let (connected, via) = match policy.decide(&request.host, request.port) {
+    // The allow list first; then a host that secrets go to takes HTTPS only, so that a value
+    // never crosses the network in clear.
+    let decision = match (policy.decide(&request.host, request.port), intercepted, &request.forward) {
+        (Decision::Deny(reason), _, _) => Decision::Deny(reason),
+        (_, Some(swap), Some(_)) => {
+            let names: Vec<&str> = swap.secrets().iter().filter(|s| s.applies_to(&request.host)).map(|s| s.name.as_str()).collect();
+            Decision::Deny(format!("plain HTTP to a host that secrets go to ({}): use https", names.join(", ")))
+        }
+        (allowed, _, _) => allowed,
+    };
+    let (connected, via) = match decision {
         Decision::Allow(addr) => (TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT), addr.to_string()),
         Decision::AllowVia(proxy) => (tunnel(&proxy, &target), format!("via {proxy}")),
         Decision::Deny(reason) => {

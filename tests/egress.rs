@@ -200,7 +200,7 @@ fn https_through(s: &Setup, host: &str, port: u16, roots: rustls::RootCertStore,
 fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http() {
     let https = LoopbackHttps::start(&["secret.test", "plain.test"]).unwrap();
     let port = https.port();
-    let mut secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into()], "the-real-value".into()).unwrap();
+    let mut secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into(), "unlisted.test".into()], "the-real-value".into()).unwrap();
     secret.body = true;
     let placeholder = secret.placeholder.clone();
     let swap = Arc::new(SecretSwap::with_roots(vec![secret], https.roots()).unwrap());
@@ -237,6 +237,9 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     // Plain HTTP to the secret's host is refused; elsewhere its placeholder is logged.
     let reply = s.ask(&format!("GET http://secret.test:{port}/ HTTP/1.1\r\nAuthorization: {placeholder}\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("use https"), "{reply}");
+    // A secret's host the allow list leaves out is refused for that, whatever the scheme.
+    let reply = s.ask("GET http://unlisted.test/ HTTP/1.1\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("not on the allow list"), "{reply}");
     let http = server("plain", 1);
     let reply = s.ask(&format!("GET http://plain.test:{http}/ HTTP/1.1\r\nX-Token: {placeholder}\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
