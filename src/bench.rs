@@ -121,6 +121,33 @@ impl std::fmt::Display for HostFacts {
     }
 }
 
+/// The engines asked for, or every engine that runs Linux on this host (saying so when cvm's
+/// cannot).
+pub fn engines_or_every_one_here(asked: &[cvm::session::Engine], bench: &str) -> Vec<cvm::session::Engine> {
+    if !asked.is_empty() {
+        return asked.to_vec();
+    }
+    let hardware = cvm_vmm::host::open_kvm().is_ok() && !cvm_vmm::host::is_pvm();
+    if !hardware {
+        eprintln!("{bench}: the cvm engine is skipped: this host has no hardware KVM (PVM or none)");
+        return vec![cvm::session::Engine::Qemu];
+    }
+    vec![cvm::session::Engine::Cvm, cvm::session::Engine::Qemu]
+}
+
+/// What an engine's guest CPU is on this host, for a report: times under TCG or in a nested
+/// L1 compare servers, not hosts.
+pub fn engine_label(engine: cvm::session::Engine, host: &HostFacts) -> String {
+    match engine {
+        cvm::session::Engine::Qemu => match cvm_vmm::qemu::Accel::for_this_host() {
+            cvm_vmm::qemu::Accel::Kvm => "QEMU on KVM".into(),
+            cvm_vmm::qemu::Accel::Tcg { .. } => "QEMU under TCG (guest CPU emulated)".into(),
+        },
+        cvm::session::Engine::Cvm if host.nested => "cvm's VMM in a nested L1 (guest CPU emulated)".into(),
+        cvm::session::Engine::Cvm => "cvm's VMM on KVM".into(),
+    }
+}
+
 /// Set by scripts/nested inside L1: times measured there mean nothing on their own.
 const NESTED_VARIABLE: &str = "CVM_NESTED";
 
@@ -414,15 +441,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     let kernel = cvm::images::kernel(args.kernel.clone())?;
     let image = cvm::images::image(&args.image)?;
-    let engines = if args.engines.is_empty() {
-        let hardware = cvm_vmm::host::open_kvm().is_ok() && !cvm_vmm::host::is_pvm();
-        if !hardware {
-            eprintln!("bench run: the cvm engine is skipped: this host has no hardware KVM (PVM or none)");
-        }
-        if hardware { vec![cvm::session::Engine::Cvm, cvm::session::Engine::Qemu] } else { vec![cvm::session::Engine::Qemu] }
-    } else {
-        args.engines.clone()
-    };
+    let engines = engines_or_every_one_here(&args.engines, "bench run");
     let cvm = std::env::current_exe()?;
     // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
     // timed to the init's line on the console (then QEMU is killed: its power-off under TCG

@@ -74,6 +74,7 @@ pub fn checks() -> Vec<Check> {
             "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), or run with --allow-unsandboxed-fs",
         ),
     });
+    checks.push(open_files(cvm_devices::fs::guest_open_file_limit()));
     let path = std::env::var_os("PATH").unwrap_or_default();
     for &(program, package, needed_by, required) in TOOLS {
         let found = std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file());
@@ -101,6 +102,25 @@ fn kvm(device: &Path) -> Check {
         Ok(_) if cvm_vmm::host::is_pvm() => Check::bad("/dev/kvm", Status::Warn, "PVM, a software hypervisor: cvm's VMM cannot run Linux here", "use --vmm qemu here (export CVM_VMM=qemu), or a host with hardware KVM (vmx/svm)"),
         Ok(_) => Check::ok("/dev/kvm", "hardware KVM, usable"),
     }
+}
+
+/// Below this many files a share's guest can hold, a large project (or its `node_modules`) no
+/// longer fits.
+const FEW_OPEN_FILES: u64 = 100_000;
+
+/// How many files of a share a guest can keep in its cache before it gets "Too many open files
+/// in system".
+fn open_files(limit: u64) -> Check {
+    let what = "open files per share";
+    if limit >= FEW_OPEN_FILES {
+        return Check::ok(what, format!("{limit}"));
+    }
+    Check::bad(
+        what,
+        Status::Warn,
+        format!("{limit}: a guest that keeps more files of one share in its cache (a git status of a large project does) gets \"Too many open files in system\""),
+        "raise the hard limit on open files (ulimit -Hn; LimitNOFILE= for a systemd service, nofile in /etc/security/limits.conf) to 1048576",
+    )
 }
 
 fn access_fix(device: &Path) -> String {
@@ -140,6 +160,14 @@ mod tests {
         assert!(lines[0].starts_with("ok    /dev/kvm"));
         assert!(lines[1].starts_with("FAIL  guest kernel") && lines[2].trim_start().starts_with("fix: scripts/build-kernel"), "{text}");
         assert!(lines[3].starts_with("warn  passt") && lines[4].contains("fix: apt-get install passt"), "{text}");
+    }
+
+    #[test]
+    fn a_low_open_file_limit_is_a_warning_with_a_fix() {
+        let low = open_files(19_936);
+        assert_eq!(low.status, Status::Warn);
+        assert!(low.detail.starts_with("19936: ") && low.fix.as_deref().is_some_and(|f| f.contains("ulimit -Hn")), "{low:?}");
+        assert_eq!(open_files(999_936).status, Status::Ok);
     }
 
     #[test]

@@ -404,7 +404,7 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
 /// session directory, and adds their devices to `vhost_user`.
 fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUserConfig>) -> Result<Vec<FsBackend>> {
     let mut backends = Vec::new();
-    if plan.shares.is_empty() {
+    if plan.shares.is_empty() && plan.external.is_empty() {
         return Ok(backends);
     }
     let exe = std::env::current_exe().context("cannot find the cvm executable for the fs backends")?;
@@ -426,6 +426,9 @@ fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUse
         let backend = FsBackend::spawn(command, listener, &share.backend).with_context(|| format!("cannot share {}", share.backend.dir.display()))?;
         backends.push(backend);
         vhost_user.push(VhostUserConfig { socket, kind: VhostUserKind::Fs { tag: tag.clone() } });
+    }
+    for share in &plan.external {
+        vhost_user.push(VhostUserConfig { socket: share.socket.clone(), kind: VhostUserKind::Fs { tag: share.tag.clone() } });
     }
     Ok(backends)
 }

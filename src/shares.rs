@@ -142,12 +142,24 @@ pub struct ShareRequest {
     /// The file servers may run without a sandbox where the host has none
     /// (`--allow-unsandboxed-fs`).
     pub allow_unsandboxed_fs: bool,
+    /// Shares whose servers the caller runs (`cvm bench fs --in-vm`'s virtiofsd).
+    pub external: Vec<ExternalShare>,
+}
+
+/// A share served by a vhost-user fs server that is not cvm's: the session connects the VM to
+/// its socket and has the agent mount it, and the caller keeps the server running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalShare {
+    /// Where the server listens.
+    pub socket: PathBuf,
+    pub tag: String,
+    pub guest_path: PathBuf,
 }
 
 impl ShareRequest {
     /// Nothing to share: the session runs as root in `/` with no fs backend.
     pub fn is_empty(&self) -> bool {
-        self.project.is_none() && self.mounts.is_empty()
+        self.project.is_none() && self.mounts.is_empty() && self.external.is_empty()
     }
 }
 
@@ -162,6 +174,8 @@ pub struct PlannedShare {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SharePlan {
     pub shares: Vec<PlannedShare>,
+    /// Shares another server serves, as requested.
+    pub external: Vec<ExternalShare>,
     /// What the agent does before the first exec.
     pub setup: Setup,
     /// Where commands start (the project's host path).
@@ -306,6 +320,13 @@ impl SharePlan {
             }
             let policy = Policy { read_only: spec.read_only, ..Policy::default() };
             add(&mut plan, format!("mount{index}"), host_dir, policy, spec.guest.clone(), spec.read_only);
+        }
+        for share in &request.external {
+            if plan.shares.iter().any(|s| s.guest_path == share.guest_path) {
+                bail!("{} is mounted twice in the guest", share.guest_path.display());
+            }
+            plan.setup.steps.push(Step::Share { tag: share.tag.clone(), target: bytes(&share.guest_path), read_only: false });
+            plan.external.push(share.clone());
         }
 
         if !plan.shares.is_empty() {

@@ -120,6 +120,7 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
         assert!(host > 0.0 && cvm > 0.0, "{row}");
     }
     assert!(stdout.lines().next().is_some_and(|l| l.starts_with("cvm bench fs on ") && l.contains("Linux") && l.contains("4 MiB file")), "the host and sizes head the table: {stdout}");
+    assert!(stdout.lines().next().is_some_and(|l| l.contains("guest driver and servers on CPU ")), "pinned by default: {stdout}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
 
     let out = Command::new(env!("CARGO_BIN_EXE_cvm"))
@@ -130,10 +131,13 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["sizes"]["file_bytes"], 4 << 20);
     assert!(report["host"]["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{report}");
-    let rows = report["rows"].as_array().unwrap();
+    let tables = report["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 1, "{report}");
+    assert_eq!(tables[0]["targets"], serde_json::json!(["host-native", "cvm backend"]), "{report}");
+    let rows = tables[0]["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 5, "{report}");
     for row in rows {
-        assert!(row["medians"]["cvm backend"].as_f64().unwrap() > 0.0 && row["cvm_over_host"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["medians"]["cvm backend"].as_f64().unwrap() > 0.0 && row["cvm_over_host_native"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["cvm_over_virtiofsd"].is_null(), "no reference ran: {row}");
     }
 }

@@ -222,3 +222,53 @@ fn runtime_scripts_prepare_the_shell_and_claude_md_says_where_claude_is() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("needs a project"), "{}", text(&out.stderr));
 }
+
+/// virtiofsd for the in-VM bench (scripts/test installs it): required where the kernel is.
+fn virtiofsd() -> Option<String> {
+    match std::env::var("CVM_TEST_VIRTIOFSD") {
+        Ok(path) => Some(path),
+        Err(_) => {
+            assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_VIRTIOFSD is not set");
+            eprintln!("skipped: CVM_TEST_VIRTIOFSD is not set (run scripts/test)");
+            None
+        }
+    }
+}
+
+#[test]
+fn bench_fs_in_vm_measures_the_share_against_virtiofsd_and_the_guests_tmpfs_in_one_guest() {
+    let Some(env) = Env::debian() else { return };
+    let Some(virtiofsd) = virtiofsd() else { return };
+    let work = env.home.path().join("bench");
+    std::fs::create_dir(&work).unwrap();
+    let sizes = ["--size", "4M", "--random-reads", "200", "--files", "50", "--tree", "300", "--git-files", "200", "--rounds", "1"];
+    let out = env
+        .cvm(&["bench", "fs", "--in-vm", "--json", "--vmm", engine(), "--kernel", arg(&env.kernel), "--virtiofsd", &virtiofsd, "--dir", arg(&work)])
+        .args(sizes)
+        .env("CVM_DEBIAN_IMAGE", &env.image)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("no virtiofsd reference"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let tables = report["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 1, "{report}");
+    let title = tables[0]["title"].as_str().unwrap();
+    let label = if engine() == "qemu" { "guest on QEMU" } else { "guest on cvm's VMM" };
+    assert!(title.contains(label) && title.contains("200-file git project"), "{title}");
+    assert_eq!(tables[0]["targets"], serde_json::json!(["guest tmpfs", "cvm backend", "virtiofsd"]), "{report}");
+    let rows = tables[0]["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["workload"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert!(names.contains(&"git checkout of the project") && names.contains(&"git status") && names.iter().any(|n| n.starts_with("compile-like")), "{names:?}");
+    for row in rows {
+        for target in ["guest tmpfs", "cvm backend", "virtiofsd"] {
+            let value = row["medians"][target].as_f64().unwrap_or(0.0);
+            assert!(value.is_finite() && value > 0.0, "{target}: {row}");
+        }
+        assert!(row["cvm_over_virtiofsd"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+    }
+    env.assert_clean();
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "the bench's files are removed");
+}

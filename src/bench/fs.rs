@@ -1,16 +1,30 @@
-//! `cvm bench fs`: file-system throughput at the server level. The virtual guest (the FUSE
-//! driver the fs tests use, through cvm's vhost-user frontend and vrings in shared memory)
-//! drives cvm's own fs backend process and then `virtiofsd` (the reference, installed from
-//! crates.io) on the same files, and the host does the same work natively (the limit), all in
-//! one run. Each workload runs `--rounds` times per target; the table shows medians.
+//! `cvm bench fs`: file-system throughput, in two settings.
+//!
+//! - At the server level (the default): the virtual guest (the FUSE driver the fs tests use,
+//!   through cvm's vhost-user frontend and vrings in shared memory) drives cvm's own fs backend
+//!   process and then `virtiofsd` (the reference, installed from crates.io) on the same files,
+//!   and the host does the same work natively (the limit), all in one run. The driver and the
+//!   servers share one CPU unless `--no-pin`: each request is a wake-up of the other side, and
+//!   where the scheduler puts the two sides (on this PVM host a cross-CPU wake-up costs more
+//!   than the request) otherwise decides the result, and changes with the targets' order.
+//! - Inside a guest (`--in-vm`), on each engine: the same workloads, run by the agent
+//!   (`cvm-agent bench-fs`), on the project share served by cvm's backend, on the same
+//!   directory served by virtiofsd to the same guest, and on the guest's own tmpfs; plus a
+//!   `git checkout` and a `git status` of a generated project and a compile-like job on it.
+//!
+//! Each workload runs `--rounds` times per target, the targets in turn; the tables show medians.
 
-use std::io::{Read, Write};
+mod in_vm;
+
+use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cvm::session::Engine;
+use cvm_agent::fs_workloads::{self, Sizes, Workload, BIG_FILE, TREE};
 use cvm_devices::fs::{FsBackend, Policy, ShareConfig};
 use cvm_devices::virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
 
@@ -29,7 +43,7 @@ pub struct FsBench {
     #[arg(long, default_value_t = 50_000)]
     tree: usize,
     /// Times each workload runs per target.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// The reference server; left out, with a note, when it cannot be run.
     #[arg(long, default_value = "virtiofsd")]
@@ -40,131 +54,44 @@ pub struct FsBench {
     /// Print the results as JSON (host, sizes, every median and ratio) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Let the scheduler spread the virtual guest and the servers over every CPU (the
+    /// server-level bench shares one CPU by default).
+    #[arg(long, conflicts_with = "in_vm")]
+    no_pin: bool,
+    /// Run the workloads inside a guest (the Debian image) on each engine: on the project
+    /// share, on virtiofsd serving the same directory, and on the guest's tmpfs.
+    #[arg(long)]
+    in_vm: bool,
+    /// Engines for --in-vm (repeat the flag); default: every engine that runs Linux here.
+    #[arg(long = "vmm", value_enum, requires = "in_vm")]
+    engines: Vec<Engine>,
+    /// Files in --in-vm's generated git project (checked out, stat'ed by git status, and
+    /// read by the compile-like job).
+    #[arg(long, default_value_t = 50_000, requires = "in_vm")]
+    git_files: usize,
+    /// Guest kernel for --in-vm (default: scripts/build-kernel's).
+    #[arg(long, requires = "in_vm")]
+    kernel: Option<PathBuf>,
 }
 
-/// What each workload measures, per second.
-#[derive(Clone, Copy)]
-enum Workload {
-    SeqRead,
-    SeqWrite,
-    RandomRead,
-    CreateStatUnlink,
-    Walk,
-}
-
-impl Workload {
-    const ALL: [Workload; 5] = [Workload::SeqRead, Workload::SeqWrite, Workload::RandomRead, Workload::CreateStatUnlink, Workload::Walk];
-
-    fn name(self) -> &'static str {
-        match self {
-            Workload::SeqRead => "sequential read, cached",
-            Workload::SeqWrite => "sequential write",
-            Workload::RandomRead => "random 4 KiB reads",
-            Workload::CreateStatUnlink => "create+stat+unlink",
-            Workload::Walk => "tree walk, readdirplus",
-        }
-    }
-
-    fn unit(self) -> &'static str {
-        match self {
-            Workload::SeqRead | Workload::SeqWrite => "MiB/s",
-            Workload::RandomRead => "reads/s",
-            Workload::CreateStatUnlink => "files/s",
-            Workload::Walk => "entries/s",
-        }
+impl FsBench {
+    fn sizes(&self) -> Sizes {
+        Sizes { file: self.size, random_reads: self.random_reads, files: self.files }
     }
 }
 
-/// The operations each target performs; each returns how many units (bytes or operations) it
-/// did.
+/// A target of the server-level bench.
 trait Target {
-    fn seq_read(&mut self, name: &str, size: u64) -> Result<u64>;
-    fn seq_write(&mut self, name: &str, size: u64) -> Result<u64>;
-    fn random_reads(&mut self, name: &str, size: u64, count: usize) -> Result<u64>;
-    fn create_stat_unlink(&mut self, dir: &str, count: usize) -> Result<u64>;
-    fn walk(&mut self, dir: &str) -> Result<u64>;
+    /// Runs `workload` once and returns its rate.
+    fn measure(&mut self, workload: Workload, sizes: Sizes, round: usize) -> Result<f64>;
 }
 
-/// The offsets of the random reads: the same for every target.
-fn random_offsets(size: u64, count: usize) -> impl Iterator<Item = u64> {
-    let blocks = (size / 4096).max(1);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..count).map(move |_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % blocks) * 4096
-    })
-}
-
+/// The host's own file system, through the plain file API.
 struct Host(PathBuf);
 
 impl Target for Host {
-    fn seq_read(&mut self, name: &str, _size: u64) -> Result<u64> {
-        let mut f = std::fs::File::open(self.0.join(name))?;
-        let mut buf = vec![0u8; MAX_PAYLOAD as usize];
-        let mut total = 0;
-        loop {
-            match f.read(&mut buf)? {
-                0 => return Ok(total),
-                n => total += n as u64,
-            }
-        }
-    }
-
-    fn seq_write(&mut self, name: &str, size: u64) -> Result<u64> {
-        let mut f = std::fs::File::create(self.0.join(name))?;
-        let buf = vec![0x5au8; MAX_PAYLOAD as usize];
-        let mut total = 0;
-        while total < size {
-            f.write_all(&buf)?;
-            total += buf.len() as u64;
-        }
-        drop(f);
-        std::fs::remove_file(self.0.join(name))?;
-        Ok(total)
-    }
-
-    fn random_reads(&mut self, name: &str, size: u64, count: usize) -> Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(self.0.join(name))?;
-        let mut buf = [0u8; 4096];
-        for offset in random_offsets(size, count) {
-            f.read_at(&mut buf, offset)?;
-        }
-        Ok(count as u64)
-    }
-
-    fn create_stat_unlink(&mut self, dir: &str, count: usize) -> Result<u64> {
-        let dir = self.0.join(dir);
-        std::fs::create_dir(&dir)?;
-        for i in 0..count {
-            std::fs::File::create(dir.join(format!("f{i}")))?;
-        }
-        for i in 0..count {
-            std::fs::symlink_metadata(dir.join(format!("f{i}")))?;
-        }
-        for i in 0..count {
-            std::fs::remove_file(dir.join(format!("f{i}")))?;
-        }
-        std::fs::remove_dir(&dir)?;
-        Ok(count as u64)
-    }
-
-    fn walk(&mut self, dir: &str) -> Result<u64> {
-        fn walk(path: &Path) -> Result<u64> {
-            let mut n = 0;
-            for entry in std::fs::read_dir(path)? {
-                let entry = entry?;
-                let meta = std::fs::symlink_metadata(entry.path())?;
-                n += 1;
-                if meta.is_dir() {
-                    n += walk(&entry.path())?;
-                }
-            }
-            Ok(n)
-        }
-        walk(&self.0.join(dir))
+    fn measure(&mut self, workload: Workload, sizes: Sizes, round: usize) -> Result<f64> {
+        Ok(fs_workloads::measure(workload, &self.0, sizes, round)?)
     }
 }
 
@@ -184,7 +111,7 @@ impl Fuse {
     }
 }
 
-impl Target for Fuse {
+impl Fuse {
     fn seq_read(&mut self, name: &str, size: u64) -> Result<u64> {
         let (node, fh) = self.open(name, libc::O_RDONLY)?;
         let mut total = 0;
@@ -214,7 +141,7 @@ impl Target for Fuse {
 
     fn random_reads(&mut self, name: &str, size: u64, count: usize) -> Result<u64> {
         let (node, fh) = self.open(name, libc::O_RDONLY)?;
-        for offset in random_offsets(size, count) {
+        for offset in fs_workloads::random_offsets(size, count) {
             self.0.read_in_place(node, fh, offset, 4096)?;
         }
         self.close(node, fh)?;
@@ -266,17 +193,18 @@ impl Target for Fuse {
     }
 }
 
-/// Runs one workload and returns units per second.
-fn measure(target: &mut dyn Target, workload: Workload, args: &FsBench, round: usize) -> Result<f64> {
-    let started = Instant::now();
-    let units = match workload {
-        Workload::SeqRead => target.seq_read("big", args.size)? as f64 / (1 << 20) as f64,
-        Workload::SeqWrite => target.seq_write(&format!("written{round}"), args.size)? as f64 / (1 << 20) as f64,
-        Workload::RandomRead => target.random_reads("big", args.size, args.random_reads)? as f64,
-        Workload::CreateStatUnlink => target.create_stat_unlink(&format!("files{round}"), args.files)? as f64,
-        Workload::Walk => target.walk("tree")? as f64,
-    };
-    Ok(units / started.elapsed().as_secs_f64().max(1e-9))
+impl Target for Fuse {
+    fn measure(&mut self, workload: Workload, sizes: Sizes, round: usize) -> Result<f64> {
+        let started = Instant::now();
+        let units = match workload {
+            Workload::SeqRead => self.seq_read(BIG_FILE, sizes.file)?,
+            Workload::SeqWrite => self.seq_write(&format!("written{round}"), sizes.file)?,
+            Workload::RandomRead => self.random_reads(BIG_FILE, sizes.file, sizes.random_reads)?,
+            Workload::CreateStatUnlink => self.create_stat_unlink(&format!("files{round}"), sizes.files)?,
+            Workload::Walk => self.walk(TREE)?,
+        };
+        Ok(fs_workloads::rate(workload, units, started.elapsed()))
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -287,7 +215,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Makes the big file and the tree the workloads read.
 fn prepare(share: &Path, args: &FsBench) -> Result<()> {
     eprintln!("bench fs: writing a {} MiB file and a {}-file tree in {}", args.size >> 20, args.tree, share.display());
-    let mut f = std::fs::File::create(share.join("big"))?;
+    let mut f = std::fs::File::create(share.join(BIG_FILE))?;
     let block: Vec<u8> = (0..MAX_PAYLOAD).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let mut written = 0;
     while written < args.size {
@@ -296,7 +224,7 @@ fn prepare(share: &Path, args: &FsBench) -> Result<()> {
         written += n as u64;
     }
     for i in 0..args.tree {
-        let dir = share.join(format!("tree/d{}", i / 500));
+        let dir = share.join(format!("{TREE}/d{}", i / 500));
         if i % 500 == 0 {
             std::fs::create_dir_all(&dir)?;
         }
@@ -305,53 +233,93 @@ fn prepare(share: &Path, args: &FsBench) -> Result<()> {
     Ok(())
 }
 
-/// The results as a Markdown table a user can paste, under a line saying where and how they
-/// were measured.
-fn print_table(args: &FsBench, host: &super::HostFacts, names: &[String], results: &[Vec<f64>]) {
-    println!("cvm bench fs on {host}: {} MiB file, {} random reads, {} files, {}-file tree, median of {} rounds", args.size >> 20, args.random_reads, args.files, args.tree, args.rounds);
-    println!();
-    print!("| {:<38} |", "workload");
-    for name in names {
-        print!(" {name:>12} |");
+/// One table of medians: a row per workload, a column per target. The first column is the
+/// limit the others are measured against; the ratios are cvm's backend against it and
+/// against virtiofsd.
+struct Table {
+    /// Where and how it was measured.
+    title: String,
+    columns: Vec<String>,
+    /// (workload, unit, a median per column)
+    rows: Vec<(String, String, Vec<f64>)>,
+}
+
+const CVM: &str = "cvm backend";
+const VIRTIOFSD: &str = "virtiofsd";
+
+impl Table {
+    fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == name)
     }
-    println!(" {:>10} | {:>15} |", "cvm/host", "cvm/virtiofsd");
-    println!("|{}", "---|".repeat(names.len() + 3));
-    for (w, workload) in Workload::ALL.iter().enumerate() {
-        print!("| {:<38} |", format!("{} ({})", workload.name(), workload.unit()));
-        for value in &results[w] {
-            print!(" {value:>12.0} |");
+
+    /// cvm's backend against the first column, and against virtiofsd when it ran.
+    fn ratios(&self, row: &[f64]) -> (f64, Option<f64>) {
+        let cvm = self.column(CVM).map_or(f64::NAN, |c| row[c]);
+        (cvm / row[0], self.column(VIRTIOFSD).map(|v| cvm / row[v]))
+    }
+
+    /// Markdown a user can paste, under a line saying where and how it was measured.
+    fn print(&self) {
+        println!("{}", self.title);
+        println!();
+        print!("| {:<44} |", "workload");
+        for name in &self.columns {
+            print!(" {name:>12} |");
         }
-        let vs_reference = ratios(&results[w]).1.map_or("-".into(), |r| format!("{r:.2}"));
-        println!(" {:>10.2} | {:>15} |", ratios(&results[w]).0, vs_reference);
+        println!(" {:>15} | {:>15} |", format!("cvm/{}", self.columns[0]), "cvm/virtiofsd");
+        println!("|{}", "---|".repeat(self.columns.len() + 3));
+        for (name, unit, row) in &self.rows {
+            print!("| {:<44} |", format!("{name} ({unit})"));
+            for value in row {
+                print!(" {value:>12.0} |");
+            }
+            let (vs_first, vs_reference) = self.ratios(row);
+            println!(" {vs_first:>15.2} | {:>15} |", vs_reference.map_or("-".into(), |r| format!("{r:.2}")));
+        }
+        println!();
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|(name, unit, row)| {
+                let medians: serde_json::Map<String, serde_json::Value> = self.columns.iter().cloned().zip(row.iter().map(|v| serde_json::json!(v))).collect();
+                let (vs_first, vs_reference) = self.ratios(row);
+                serde_json::json!({ "workload": name, "unit": unit, "medians": medians, format!("cvm_over_{}", self.columns[0].replace([' ', '-'], "_")): vs_first, "cvm_over_virtiofsd": vs_reference })
+            })
+            .collect();
+        serde_json::json!({ "title": self.title, "targets": self.columns, "rows": rows })
     }
 }
 
-/// cvm's backend against the host, and against virtiofsd when it ran.
-fn ratios(row: &[f64]) -> (f64, Option<f64>) {
-    (row[1] / row[0], row.get(2).map(|reference| row[1] / reference))
+fn sizes_json(args: &FsBench) -> serde_json::Value {
+    let mut sizes = serde_json::json!({ "file_bytes": args.size, "random_reads": args.random_reads, "files": args.files, "tree_files": args.tree, "rounds": args.rounds });
+    if args.in_vm {
+        sizes["git_files"] = serde_json::json!(args.git_files);
+    }
+    sizes
 }
 
-fn json_report(args: &FsBench, host: &super::HostFacts, names: &[String], results: &[Vec<f64>]) -> serde_json::Value {
-    let rows: Vec<serde_json::Value> = Workload::ALL
-        .iter()
-        .zip(results)
-        .map(|(workload, row)| {
-            let values: serde_json::Map<String, serde_json::Value> = names.iter().cloned().zip(row.iter().map(|v| serde_json::json!(v))).collect();
-            let (vs_host, vs_reference) = ratios(row);
-            serde_json::json!({ "workload": workload.name(), "unit": workload.unit(), "medians": values, "cvm_over_host": vs_host, "cvm_over_virtiofsd": vs_reference })
-        })
-        .collect();
-    serde_json::json!({
-        "bench": "fs",
-        "host": host.to_json(),
-        "sizes": { "file_bytes": args.size, "random_reads": args.random_reads, "files": args.files, "tree_files": args.tree, "rounds": args.rounds },
-        "targets": names,
-        "rows": rows,
-    })
+fn report(args: &FsBench, host: &super::HostFacts, tables: &[Table]) -> Result<()> {
+    if args.json {
+        let json = serde_json::json!({
+            "bench": if args.in_vm { "fs --in-vm" } else { "fs" },
+            "host": host.to_json(),
+            "sizes": sizes_json(args),
+            "tables": tables.iter().map(Table::to_json).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        for table in tables {
+            table.print();
+        }
+    }
+    Ok(())
 }
 
 /// Waits for a server to create its socket.
-fn wait_for_socket(path: &Path, server: &mut std::process::Child) -> Result<()> {
+fn wait_for_socket(path: &Path, server: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
         if let Some(status) = server.try_wait()? {
@@ -365,7 +333,61 @@ fn wait_for_socket(path: &Path, server: &mut std::process::Child) -> Result<()> 
     Ok(())
 }
 
+/// virtiofsd serving `share` on `socket`, with the same settings as cvm's backend (cache
+/// auto, submounts announced, the guest user's files the host user's), killed on drop; None,
+/// with a note, when it cannot run.
+struct Virtiofsd(Child);
+
+impl Virtiofsd {
+    fn start(binary: &str, socket: &Path, share: &Path, guest: Option<(u32, u32)>) -> Result<Option<Virtiofsd>> {
+        let mut command = Command::new(binary);
+        command.arg("--socket-path").arg(socket).arg("--shared-dir").arg(share);
+        command.args(["--cache", "auto", "--announce-submounts", "--log-level", "error"]).stdin(Stdio::null());
+        let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+        if let Some((guest_uid, guest_gid)) = guest.filter(|&(u, g)| (u, g) != (uid, gid)) {
+            command.arg("--translate-uid").arg(format!("map:{guest_uid}:{uid}:1"));
+            command.arg("--translate-gid").arg(format!("map:{guest_gid}:{gid}:1"));
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!("bench fs: no virtiofsd reference ({binary}: {e}); `cargo install virtiofsd` or scripts/install-virtiofsd provides one");
+                return Ok(None);
+            }
+        };
+        wait_for_socket(socket, &mut child).context("virtiofsd")?;
+        Ok(Some(Virtiofsd(child)))
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Confines this process, and the servers it starts, to the first CPU it may use.
+fn pin_to_one_cpu() -> Result<usize> {
+    let allowed = rustix::thread::sched_getaffinity(None).context("cannot read this process's CPUs")?;
+    let cpu = (0..rustix::thread::CpuSet::MAX_CPU).find(|&c| allowed.is_set(c)).context("no CPU to run on")?;
+    let mut one = rustix::thread::CpuSet::new();
+    one.set(cpu);
+    rustix::thread::sched_setaffinity(None, &one).context("cannot pin the bench to one CPU")?;
+    Ok(cpu)
+}
+
 pub fn run(args: FsBench) -> Result<()> {
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let limit = cvm_devices::fs::guest_open_file_limit();
+    let needed = in_vm::open_files(&args);
+    if args.in_vm && needed > limit {
+        bail!(
+            "--in-vm with these sizes has the guest hold about {needed} files of the share at once, more than an fs server may keep open on this host ({limit}; see `cvm doctor`): pass smaller --tree, --files and --git-files, or raise the hard limit on open files"
+        );
+    }
     let work = match &args.dir {
         Some(dir) => tempfile::Builder::new().prefix("cvm-bench-fs-").tempdir_in(dir)?,
         None => tempfile::Builder::new().prefix("cvm-bench-fs-").tempdir()?,
@@ -373,68 +395,83 @@ pub fn run(args: FsBench) -> Result<()> {
     let share = work.path().join("share");
     std::fs::create_dir(&share)?;
     prepare(&share, &args)?;
+    let host = super::HostFacts::read();
+    let tables = match args.in_vm {
+        true => in_vm::run(&args, &host, work.path(), &share)?,
+        false => vec![server_level(&args, &host, work.path(), &share)?],
+    };
+    report(&args, &host, &tables)
+}
+
+/// The virtual guest against each server, and the host's own file system.
+fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Path) -> Result<Table> {
+    let placement = match args.no_pin {
+        true => "spread over the CPUs by the scheduler".to_string(),
+        false => format!("guest driver and servers on CPU {}", pin_to_one_cpu()?),
+    };
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
-
-    let mut columns: Vec<(String, Box<dyn Target>)> = vec![("host-native".into(), Box::new(Host(share.clone())))];
+    let mut columns: Vec<(String, Box<dyn Target>)> = vec![("host-native".into(), Box::new(Host(share.to_path_buf())))];
     // cvm's backend, as a session runs it: a sandboxed `cvm __fs-backend` process.
-    let socket = work.path().join("cvm.vhost");
+    let socket = work.join("cvm.vhost");
     let listener = UnixListener::bind(&socket)?;
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("__fs-backend");
-    let config = ShareConfig { dir: share.clone(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
+    let config = ShareConfig { dir: share.to_path_buf(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
     let _cvm_backend = FsBackend::spawn(command, listener, &config)?;
-    columns.push(("cvm backend".into(), Box::new(Fuse(FuseGuest::connect(&socket).context("cannot reach cvm's fs backend")?))));
-    // The reference: virtiofsd with its defaults, on the same files.
-    let reference_socket = work.path().join("virtiofsd.sock");
-    let reference = Command::new(&args.virtiofsd)
-        .arg("--socket-path")
-        .arg(&reference_socket)
-        .arg("--shared-dir")
-        .arg(&share)
-        .args(["--cache", "auto", "--log-level", "error"])
-        .stdin(Stdio::null())
-        .spawn();
-    let mut reference = match reference {
-        Ok(child) => Some(child),
-        Err(e) => {
-            eprintln!("bench fs: no virtiofsd reference ({}: {e}); `cargo install virtiofsd` provides one", args.virtiofsd);
-            None
-        }
-    };
-    if let Some(child) = reference.as_mut() {
-        wait_for_socket(&reference_socket, child)?;
-        columns.push(("virtiofsd".into(), Box::new(Fuse(FuseGuest::connect(&reference_socket).context("cannot reach virtiofsd")?))));
+    columns.push((CVM.into(), Box::new(Fuse(FuseGuest::connect(&socket).context("cannot reach cvm's fs backend")?))));
+    let reference_socket = work.join("virtiofsd.sock");
+    let reference = Virtiofsd::start(&args.virtiofsd, &reference_socket, share, None)?;
+    if reference.is_some() {
+        columns.push((VIRTIOFSD.into(), Box::new(Fuse(FuseGuest::connect(&reference_socket).context("cannot reach virtiofsd")?))));
     }
 
     // Warm the page cache: the sequential read is the cached case.
-    Host(share.clone()).seq_read("big", args.size)?;
-    let mut results = vec![vec![0.0; columns.len()]; Workload::ALL.len()];
-    for (w, workload) in Workload::ALL.iter().enumerate() {
+    fs_workloads::seq_read(&share.join(BIG_FILE))?;
+    let mut rows = Vec::new();
+    for workload in Workload::ALL {
         // Rounds interleave the targets, so each sees the same machine noise.
         let mut samples = vec![Vec::new(); columns.len()];
-        for round in 0..args.rounds.max(1) {
+        for round in 0..args.rounds {
             for (c, (name, target)) in columns.iter_mut().enumerate() {
-                samples[c].push(measure(target.as_mut(), *workload, &args, round).with_context(|| format!("{} on {name}", workload.name()))?);
+                samples[c].push(target.measure(workload, args.sizes(), round).with_context(|| format!("{} on {name}", workload.name()))?);
             }
         }
-        for (c, s) in samples.into_iter().enumerate() {
-            results[w][c] = median(s);
-        }
+        rows.push((workload.name().to_string(), workload.unit().to_string(), samples.into_iter().map(median).collect()));
         eprintln!("bench fs: {} done", workload.name());
     }
+    let title = format!(
+        "cvm bench fs on {host}: {} MiB file, {} random reads, {} files, {}-file tree, median of {} rounds; {placement}",
+        args.size >> 20,
+        args.random_reads,
+        args.files,
+        args.tree,
+        args.rounds
+    );
+    Ok(Table { title, columns: columns.into_iter().map(|(name, _)| name).collect(), rows })
+}
 
-    let names: Vec<String> = columns.iter().map(|(name, _)| name.clone()).collect();
-    drop(columns);
-    let host = super::HostFacts::read();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&json_report(&args, &host, &names, &results))?);
-    } else {
-        print_table(&args, &host, &names, &results);
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    pub(super) struct Cli {
+        #[command(flatten)]
+        bench: FsBench,
     }
-    if let Some(mut child) = reference {
-        let _ = child.kill();
-        let _ = child.wait();
+
+    pub(super) fn args(extra: &[&str]) -> FsBench {
+        Cli::parse_from(["bench"].iter().chain(extra)).bench
     }
-    Ok(())
+
+    #[test]
+    fn in_vm_options_need_in_vm_and_pinning_is_the_default() {
+        assert!(Cli::try_parse_from(["bench", "--vmm", "qemu"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--git-files", "5"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--in-vm", "--no-pin"]).is_err());
+        let parsed = args(&[]);
+        assert!(!parsed.no_pin && !parsed.in_vm && parsed.rounds == 5);
+    }
 }

@@ -263,6 +263,25 @@ fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<
 }
 
 /// Serves `share` to the one frontend that connects to `listener`, until it disconnects.
+/// The files a backend keeps open for itself, apart from the guest's.
+const OWN_FILES: u64 = 64;
+/// The limit on open files a backend raises its own to where the host lets it (virtiofsd's).
+const WANTED_OPEN_FILES: u64 = 1_000_000;
+
+/// How many files of a share the guest can hold at once through one backend on this host: the
+/// backend keeps a file open for each one the guest's kernel has in its cache, and the guest
+/// gets "Too many open files in system" past it. A backend raises its limit to a million
+/// where it may (`CAP_SYS_RESOURCE`, within `fs.nr_open`), else to the hard limit.
+pub fn guest_open_file_limit() -> u64 {
+    let limits = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let (soft, hard) = (limits.current.unwrap_or(u64::MAX), limits.maximum.unwrap_or(u64::MAX));
+    let may_raise = rustix::thread::capabilities(None).is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::SYS_RESOURCE));
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(hard);
+    let target = WANTED_OPEN_FILES.min(nr_open);
+    let raised = if may_raise || hard >= target { target } else { hard };
+    soft.max(raised).saturating_sub(OWN_FILES)
+}
+
 /// Forks for the sandbox: call it from a process that has no other threads yet.
 pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     share.validate()?;
@@ -278,7 +297,7 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
         proc_sfd_rawfd: sandbox.get_proc_self_fd(),
         proc_mountinfo_rawfd: sandbox.get_mountinfo_fd(),
-        guest_fd_limit: fd_limit.saturating_sub(64),
+        guest_fd_limit: fd_limit.saturating_sub(OWN_FILES),
         ..passthrough_config(share)
     };
     serve_with(listener, share, config)

@@ -3,4 +3,5 @@
 //! The binary (`main.rs`) is the agent; the host side (`cvm`) uses [`protocol`] from here so
 //! both ends share one definition of the frames.
 
+pub mod fs_workloads;
 pub mod protocol;

@@ -10,6 +10,9 @@
 //! the boot tests and the boot benchmark time exactly that.
 //!
 //! As a host process: `cvm-agent --listen unix:PATH [--ready unix:PATH]`.
+//!
+//! `cvm-agent bench-fs ...` (not as PID 1) runs one of `cvm bench fs --in-vm`'s workloads and
+//! prints its rate: see [`bench_fs`].
 
 mod exec;
 mod net;
@@ -145,7 +148,38 @@ fn parse_args() -> Result<Options, String> {
     Ok(Options { listen: listen.ok_or("--listen is required outside a VM")?, ready })
 }
 
+/// `bench-fs WORKLOAD DIR FILE_BYTES RANDOM_READS FILES ROUND`, or `bench-fs compile SRC OUT`:
+/// runs the workload once and prints its rate (units per second).
+fn bench_fs(args: &[String]) -> Result<f64, String> {
+    use cvm_agent::fs_workloads::{self, Sizes, Workload};
+    let number = |text: &String| text.parse::<u64>().map_err(|_| format!("bench-fs: bad number {text:?}"));
+    match args {
+        [compile, src, out] if compile == "compile" => {
+            let started = std::time::Instant::now();
+            let files = fs_workloads::compile(src.as_ref(), out.as_ref()).map_err(|e| format!("bench-fs compile: {e}"))?;
+            Ok(files as f64 / started.elapsed().as_secs_f64().max(1e-9))
+        }
+        [workload, dir, file, random_reads, files, round] => {
+            let workload = Workload::from_key(workload).ok_or(format!("bench-fs: no workload {workload:?}"))?;
+            let sizes = Sizes { file: number(file)?, random_reads: number(random_reads)? as usize, files: number(files)? as usize };
+            fs_workloads::measure(workload, dir.as_ref(), sizes, number(round)? as usize).map_err(|e| format!("bench-fs {}: {e}", workload.key()))
+        }
+        _ => Err("usage: cvm-agent bench-fs WORKLOAD DIR FILE_BYTES RANDOM_READS FILES ROUND | bench-fs compile SRC OUT".into()),
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !is_init() && args.get(1).map(String::as_str) == Some("bench-fs") {
+        match bench_fs(&args[2..]) {
+            Ok(rate) => println!("{rate}"),
+            Err(e) => {
+                eprintln!("cvm-agent: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if is_init() {
         let cmdline = init_system();
         if cmdline.split_whitespace().any(|w| w == "cvm.debug") {
