@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cvm_agent::protocol::{BOOT_TEST_LINE, CMDLINE_BOOT_TEST};
 use cvm_vmm::BootTimings;
 
 /// The printing micro-guest (tests/guests/hello.S), built by build.rs.
@@ -49,7 +50,7 @@ pub struct RunBench {
     runs: usize,
     /// Engines to measure (repeat the flag); default: every engine this host can run Linux on.
     #[arg(long = "vmm", value_enum)]
-    engines: Vec<cvm::session::Engine>,
+    engines: Vec<cvm_vmm::Engine>,
     /// Guest kernel (default: scripts/build-kernel's).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -73,7 +74,7 @@ pub struct BootBench {
     initrd: Option<PathBuf>,
     /// Kernel command line for --kernel (`cvm.boot_test`: cvm-agent resets the VM as soon as
     /// it runs, so the run measures boot to init).
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test")]
+    #[arg(long, default_value_t = boot_test_cmdline())]
     append: String,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
@@ -121,30 +122,36 @@ impl std::fmt::Display for HostFacts {
     }
 }
 
+/// A Linux boot measured to init: the base command line, quiet, with the agent told to print
+/// its line and reset at once.
+fn boot_test_cmdline() -> String {
+    format!("{} quiet {CMDLINE_BOOT_TEST}", cvm_vmm::DEFAULT_CMDLINE)
+}
+
 /// The engines asked for, or every engine that runs Linux on this host (saying so when cvm's
 /// cannot).
-pub fn engines_or_every_one_here(asked: &[cvm::session::Engine], bench: &str) -> Vec<cvm::session::Engine> {
+pub fn engines_or_every_one_here(asked: &[cvm_vmm::Engine], bench: &str) -> Vec<cvm_vmm::Engine> {
     if !asked.is_empty() {
         return asked.to_vec();
     }
     let hardware = cvm_vmm::host::open_kvm().is_ok() && !cvm_vmm::host::is_pvm();
     if !hardware {
         eprintln!("{bench}: the cvm engine is skipped: this host has no hardware KVM (PVM or none)");
-        return vec![cvm::session::Engine::Qemu];
+        return vec![cvm_vmm::Engine::Qemu];
     }
-    vec![cvm::session::Engine::Cvm, cvm::session::Engine::Qemu]
+    vec![cvm_vmm::Engine::Cvm, cvm_vmm::Engine::Qemu]
 }
 
 /// What an engine's guest CPU is on this host, for a report: times under TCG or in a nested
 /// L1 compare servers, not hosts.
-pub fn engine_label(engine: cvm::session::Engine, host: &HostFacts) -> String {
+pub fn engine_label(engine: cvm_vmm::Engine, host: &HostFacts) -> String {
     match engine {
-        cvm::session::Engine::Qemu => match cvm_vmm::qemu::Accel::for_this_host() {
+        cvm_vmm::Engine::Qemu => match cvm_vmm::qemu::Accel::for_this_host() {
             cvm_vmm::qemu::Accel::Kvm => "QEMU on KVM".into(),
             cvm_vmm::qemu::Accel::Tcg { .. } => "QEMU under TCG (guest CPU emulated)".into(),
         },
-        cvm::session::Engine::Cvm if host.nested => "cvm's VMM in a nested L1 (guest CPU emulated)".into(),
-        cvm::session::Engine::Cvm => "cvm's VMM on KVM".into(),
+        cvm_vmm::Engine::Cvm if host.nested => "cvm's VMM in a nested L1 (guest CPU emulated)".into(),
+        cvm_vmm::Engine::Cvm => "cvm's VMM on KVM".into(),
     }
 }
 
@@ -276,7 +283,7 @@ fn boot(args: BootBench) -> Result<()> {
             (path, Some(HELLO_LINE))
         }
     };
-    let cvm = std::env::current_exe()?;
+    let cvm = cvm::cvm_exe()?;
     let mut cvm_cmd = Command::new(&cvm);
     cvm_cmd.arg("boot").arg("--kernel").arg(&kernel).args(["--memory", &args.memory, "--cpus", &args.cpus.to_string(), "--timings"]);
     if let Some(initrd) = &args.initrd {
@@ -290,7 +297,7 @@ fn boot(args: BootBench) -> Result<()> {
         None => ("qemu microvm", qemu_command(&args, &kernel)),
     };
     // A Linux whose init prints its line and resets: both must have reached it.
-    let expect = expect.or(args.append.contains("cvm.boot_test").then_some("cvm-agent: init reached"));
+    let expect = expect.or(args.append.split_whitespace().any(|w| w == CMDLINE_BOOT_TEST).then_some(BOOT_TEST_LINE));
 
     let check = |name: &str, s: &Sample| -> Result<()> {
         if let Some(line) = expect {
@@ -442,12 +449,12 @@ fn run_bench(args: RunBench) -> Result<()> {
     let kernel = cvm::images::kernel(args.kernel.clone())?;
     let image = cvm::images::image(&args.image)?;
     let engines = engines_or_every_one_here(&args.engines, "bench run");
-    let cvm = std::env::current_exe()?;
+    let cvm = cvm::cvm_exe()?;
     // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
     // timed to the init's line on the console (then QEMU is killed: its power-off under TCG
     // is slower than the boot and not part of what is compared).
     let mut vm = cvm_vmm::VmConfig {
-        cmdline: "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test".into(),
+        cmdline: boot_test_cmdline(),
         vcpus: 2,
         serial_input: false,
         ..cvm_vmm::VmConfig::new(&kernel)
@@ -508,7 +515,7 @@ fn run_bench(args: RunBench) -> Result<()> {
             bail!("cvm exec on {name} failed: {:?}", s.stderr);
         }
     }
-    time_to_line(&mut reference, "cvm-agent: init reached")?;
+    time_to_line(&mut reference, BOOT_TEST_LINE)?;
     let mut progress = std::io::stderr();
     for i in 0..args.runs {
         for (index, (name, c)) in commands.iter_mut().enumerate() {
@@ -523,7 +530,7 @@ fn run_bench(args: RunBench) -> Result<()> {
         for (index, (_, c)) in execs.iter_mut().enumerate() {
             exec_walls[index].push(ms(measure(c)?.wall));
         }
-        reference_walls.push(ms(time_to_line(&mut reference, "cvm-agent: init reached")?));
+        reference_walls.push(ms(time_to_line(&mut reference, BOOT_TEST_LINE)?));
         let _ = write!(progress, "\rbench run: {}/{} rounds", i + 1, args.runs);
     }
     let _ = writeln!(progress);

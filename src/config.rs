@@ -27,7 +27,7 @@ use toml::Spanned;
 
 use crate::egress::NetworkMode;
 use crate::secrets::{ProxiedSecret, SecretSource};
-use crate::session::Engine;
+use cvm_vmm::Engine;
 use crate::shares::{expand_home, MountSpec};
 
 /// The file each layer reads.

@@ -42,6 +42,30 @@ pub fn read_text(path: &Path, root: Option<&Path>, cap: u64) -> Result<String> {
     String::from_utf8(read(path, root, cap)?).with_context(|| format!("{} is not UTF-8 text", path.display()))
 }
 
+/// How much of the end of a log is read: a panic ends a console log, and logs are the
+/// guest's to fill.
+const TAIL_BYTES: u64 = 256 << 10;
+
+/// The last [`TAIL_BYTES`] of a log, or nothing.
+pub fn read_tail(log: &Path) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let mut tail = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(log) {
+        let len = file.metadata().map_or(0, |m| m.len());
+        if file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES))).is_ok() {
+            let _ = file.take(TAIL_BYTES).read_to_end(&mut tail);
+        }
+    }
+    tail
+}
+
+/// The last `lines` lines of a log (within its last [`TAIL_BYTES`]).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = String::from_utf8_lossy(&read_tail(path)).into_owned();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

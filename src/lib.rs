@@ -40,6 +40,23 @@ pub mod terminal;
 pub mod trust;
 pub mod worktree;
 
+static CVM_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The cvm executable that cvm re-executes for its helper processes (`__janitor`,
+/// `__fs-backend`, `__vm-daemon`) and benches: this process's own, unless a program using
+/// cvm as a library (its tests) named it with [`set_cvm_exe`].
+pub fn cvm_exe() -> std::io::Result<std::path::PathBuf> {
+    match CVM_EXE.get() {
+        Some(path) => Ok(path.clone()),
+        None => std::env::current_exe(),
+    }
+}
+
+/// Names the cvm executable for a program that is not `cvm` itself; the first call wins.
+pub fn set_cvm_exe(path: impl Into<std::path::PathBuf>) {
+    let _ = CVM_EXE.set(path.into());
+}
+
 /// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.
 pub fn xdg_dir(variable: &str, under_home: &str) -> std::path::PathBuf {
     std::env::var_os(variable)

@@ -203,7 +203,7 @@ pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
     let dir = claim(name)?;
     let log = dir.join(DAEMON_LOG);
     let output = std::fs::File::create(&log)?;
-    let mut command = std::process::Command::new(std::env::current_exe()?);
+    let mut command = std::process::Command::new(crate::cvm_exe()?);
     command.arg("__vm-daemon").stdin(std::process::Stdio::piped()).stdout(output.try_clone()?).stderr(output);
     // The terminal's Ctrl-C is not for it (and it ignores SIGHUP): the VM outlives the shell.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -222,7 +222,7 @@ pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
             return Ok(());
         }
         if let Some(status) = daemon.try_wait()? {
-            let said = tail(&log, 20);
+            let said = crate::host_files::log_tail(&log, 20);
             clear(name);
             bail!("the VM {name} did not start ({status}):\n{said}");
         }
@@ -296,16 +296,6 @@ pub fn copy_console(name: &str, follow: bool, out: &mut impl std::io::Write) -> 
 fn pidfd(pid: u32) -> Result<std::os::fd::OwnedFd> {
     let pid = rustix::process::Pid::from_raw(pid as i32).context("bad pid")?;
     Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
-}
-
-/// The last `lines` lines of a log file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut file) = std::fs::File::open(path) {
-        let _ = file.read_to_string(&mut text);
-    }
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

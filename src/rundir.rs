@@ -51,7 +51,7 @@ impl RunDir {
         // The janitor first: cvm killed at any moment after the directory exists leaves it
         // to the janitor, never behind.
         let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
-        let mut janitor = Command::new(std::env::current_exe()?)
+        let mut janitor = Command::new(crate::cvm_exe()?)
             .arg("__janitor")
             .arg(&path)
             .stdin(Stdio::from(read))

@@ -6,24 +6,22 @@
 //! the user and the shares. Execs then go over vsock; [`Session::shutdown`] asks the agent to
 //! power off and makes sure the VM is gone.
 
-use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::process::{Command, Stdio};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, Step, CONTROL_PORT, PROXY_CA_FILE, READY_PORT};
 use cvm_devices::fs::FsBackend;
 use cvm_devices::vsock::VsockServer;
-use cvm_vmm::qemu::{QemuOptions, QemuVm};
 use cvm_vmm::guest_panic::GuestPanic;
-use cvm_vmm::{Stopper, VhostUserConfig, VhostUserKind, Vm, VmConfig, VmExit};
+use cvm_vmm::{Engine, RunningVm, VhostUserConfig, VhostUserKind, VmConfig};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::exec::{self, Outcome};
+use crate::host_files::{log_tail, read_tail};
 use crate::egress::{self, EgressPolicy, NetworkMode};
 use crate::interception::SecretSwap;
 use crate::environment::Environment;
@@ -45,15 +43,6 @@ const CONSOLE_LOG: &str = "console.log";
 const FS_LOG: &str = "fs.log";
 /// How long the guest gets to sync its disks at the end of a session.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Which monitor runs the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Engine {
-    /// cvm's own VMM on KVM.
-    Cvm,
-    /// QEMU's microvm machine (TCG without hardware KVM) with cvm's kernel, image and backends.
-    Qemu,
-}
 
 /// A session as plain data.
 #[derive(Clone, Debug)]
@@ -89,6 +78,31 @@ pub struct SessionConfig {
     pub runtime: bool,
 }
 
+impl SessionConfig {
+    /// `image` booted on `engine` with nothing more: no share, the proxy's default egress, no
+    /// forward, variable or secret, its writable layer in memory; callers set what they need.
+    pub fn new(engine: Engine, kernel: PathBuf, image: Image, cpus: u8, memory_bytes: u64) -> SessionConfig {
+        SessionConfig {
+            engine,
+            kernel,
+            image,
+            cpus,
+            memory_bytes,
+            debug: false,
+            shares: ShareRequest::default(),
+            runtime_scripts: Vec::new(),
+            egress: EgressPolicy::default(),
+            forwards: ForwardRequest::default(),
+            env: Environment::default(),
+            secrets: Vec::new(),
+            instructions: None,
+            scratch: None,
+            template: None,
+            runtime: false,
+        }
+    }
+}
+
 /// Where a session's scratch disk comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scratch {
@@ -98,86 +112,21 @@ pub enum Scratch {
     Kept(PathBuf),
 }
 
-/// A VM on either engine, as the session sees it.
-enum Machine {
-    Cvm { thread: Option<JoinHandle<cvm_vmm::Result<VmExit>>>, done: OwnedFd, stopper: Stopper },
-    Qemu(QemuVm),
+/// Starts the VM on `engine`, offering QEMU where cvm's VMM cannot run here.
+fn start_vm(engine: Engine, config: &VmConfig) -> Result<Box<dyn RunningVm>> {
+    engine.start(config).map_err(|e| match e {
+        cvm_vmm::Error::Kvm(_) => anyhow!("{e}; or use --vmm qemu"),
+        e => e.into(),
+    })
 }
 
-impl Machine {
-    fn start(engine: Engine, config: &VmConfig) -> Result<Machine> {
-        match engine {
-            Engine::Cvm => {
-                // Without hardware KVM the QEMU engine still runs the session, only slower.
-                match cvm_vmm::host::open_kvm() {
-                    Ok(_) if cvm_vmm::host::is_pvm() => bail!("{}, or use --vmm qemu", cvm_vmm::host::PVM_CANNOT_RUN_LINUX),
-                    Err(e) => bail!("{e}; or use --vmm qemu"),
-                    Ok(_) => {}
-                }
-                let vm = Vm::create(config, Instant::now())?;
-                let stopper = vm.stopper();
-                let done = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
-                let signal = done.try_clone()?;
-                let thread = std::thread::Builder::new().name("vm".into()).spawn(move || {
-                    let result = vm.run();
-                    let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
-                    result
-                })?;
-                Ok(Machine::Cvm { thread: Some(thread), done, stopper })
-            }
-            Engine::Qemu => Ok(Machine::Qemu(QemuVm::spawn(config, &QemuOptions::default())?)),
-        }
+/// Stops the VM and says why it ended when that was not cvm's doing nor the guest's choice.
+fn finish(machine: &mut dyn RunningVm) -> Option<String> {
+    let finished = machine.finish();
+    if let Some(warning) = finished.warning {
+        eprintln!("cvm: warning: {warning}");
     }
-
-    /// Readable once the VM has stopped.
-    fn exit_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Machine::Cvm { done, .. } => done.as_fd(),
-            Machine::Qemu(q) => q.exit_fd(),
-        }
-    }
-
-    /// Waits up to `grace` for the VM to stop by itself, then stops it. Says why it ended when
-    /// that was not cvm's doing nor the guest's choice (a triple fault, QEMU failing).
-    fn finish(&mut self, grace: Duration) -> Option<String> {
-        let _ = wait_readable(self.exit_fd(), grace);
-        match self {
-            Machine::Cvm { thread, stopper, .. } => {
-                stopper.stop();
-                match thread.take()?.join() {
-                    Ok(Ok(exit)) => {
-                        if let Some(warning) = exit.stuck_warning() {
-                            eprintln!("cvm: warning: {warning}");
-                        }
-                        (!exit.reason.is_clean()).then(|| exit.reason.to_string())
-                    }
-                    Ok(Err(e)) => Some(format!("the VM failed: {e}")),
-                    Err(_) => Some("the VM's thread panicked".into()),
-                }
-            }
-            Machine::Qemu(q) => {
-                let exited = q.try_wait().ok().flatten();
-                q.kill();
-                let _ = q.wait();
-                exited.filter(|status| !status.success()).map(|status| format!("QEMU exited: {status}"))
-            }
-        }
-    }
-}
-
-/// Waits until `fd` is readable; false on timeout.
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> std::io::Result<bool> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
-        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&ts)) {
-            Ok(n) => return Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    finished.unclean
 }
 
 /// How the guest reaches the outside: the host's egress proxy (which in `--network none`
@@ -191,7 +140,7 @@ enum Network {
 
 pub struct Session {
     // Field order is drop order: the VM goes first, the run directory last.
-    machine: Machine,
+    machine: Box<dyn RunningVm>,
     _vsock: VsockServer,
     _fs: Vec<FsBackend>,
     network: Network,
@@ -247,8 +196,7 @@ impl Session {
         let mut vhost_user = vec![VhostUserConfig { socket: vhost_socket.clone(), kind: VhostUserKind::Vsock }];
         let fs = start_fs_backends(&plan, &dir, &mut vhost_user)?;
 
-        let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1");
-        cmdline.push_str(if config.debug { " cvm.debug" } else { " quiet" });
+        let cmdline = format!("{} {}", cvm_vmm::DEFAULT_CMDLINE, if config.debug { protocol::CMDLINE_DEBUG } else { "quiet" });
         let mut vm_config = VmConfig {
             cmdline,
             vcpus: config.cpus,
@@ -279,7 +227,7 @@ impl Session {
         if let Some(path) = scratch {
             config.image.add_layer(&mut vm_config, &path, Layer::Scratch)?;
         }
-        let mut machine = Machine::start(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
+        let mut machine = start_vm(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
         let setup = started.elapsed();
 
         let boot_deadline = started + BOOT_TIMEOUT;
@@ -287,7 +235,7 @@ impl Session {
         let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &plan.setup)) {
             Ok(()) => started.elapsed() - setup,
             Err(e) => {
-                let e = match machine.finish(Duration::ZERO) {
+                let e = match finish(machine.as_mut()) {
                     Some(why) => anyhow!("{e:#} ({why})"),
                     None => e,
                 };
@@ -365,7 +313,7 @@ impl Session {
         if !matches!(synced, Ok(Some(Reply::Synced))) {
             tracing::warn!("the guest did not confirm its sync: {synced:?}");
         }
-        let ended = self.machine.finish(Duration::ZERO);
+        let ended = finish(self.machine.as_mut());
         if self.debug {
             eprintln!("cvm: guest console:\n{}", log_tail(&self.console_log, 50));
         }
@@ -407,7 +355,7 @@ fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUse
     if plan.shares.is_empty() && plan.external.is_empty() {
         return Ok(backends);
     }
-    let exe = std::env::current_exe().context("cannot find the cvm executable for the fs backends")?;
+    let exe = crate::cvm_exe().context("cannot find the cvm executable for the fs backends")?;
     // With -v the backends log on this terminal (which sandbox each entered); otherwise what
     // they say goes to a log that a failed start shows.
     let verbose = tracing::enabled!(tracing::Level::INFO);
@@ -487,23 +435,6 @@ fn explain(mut e: anyhow::Error, dir: &Path) -> anyhow::Error {
     e
 }
 
-/// How much of the end of a console log is read: a panic ends the log, and the log is the
-/// guest's to fill.
-const TAIL_BYTES: u64 = 256 << 10;
-
-/// The last [`TAIL_BYTES`] of a log, or nothing.
-fn read_tail(log: &Path) -> Vec<u8> {
-    use std::io::{Seek, SeekFrom};
-    let mut tail = Vec::new();
-    if let Ok(mut file) = std::fs::File::open(log) {
-        let len = file.metadata().map_or(0, |m| m.len());
-        if file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES))).is_ok() {
-            let _ = file.take(TAIL_BYTES).read_to_end(&mut tail);
-        }
-    }
-    tail
-}
-
 /// The kernel panic at the end of a console log, if any (either engine: both log the console).
 fn console_panic(log: &Path) -> Option<GuestPanic> {
     cvm_vmm::guest_panic::find(&read_tail(log))
@@ -512,11 +443,4 @@ fn console_panic(log: &Path) -> Option<GuestPanic> {
 /// A panic as cvm reports it: what the kernel said, then the console lines that led to it.
 pub fn panic_report(panic: &GuestPanic) -> String {
     format!("{panic}\nguest console (up to the panic):\n{}", panic.lines.join("\n"))
-}
-
-/// The last `lines` lines of a log.
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = String::from_utf8_lossy(&read_tail(path)).into_owned();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -22,6 +22,16 @@ pub fn pass_fd(command: &mut Command, fd: RawFd, target: RawFd) {
     }
 }
 
+/// Has this process get SIGKILL when the thread that made it ends; a fork clears it, so each
+/// forked process that must die with cvm sets it again. Async-signal-safe.
+pub fn set_parent_death_signal() -> io::Result<()> {
+    // SAFETY: prctl with these arguments only sets this process's parent-death signal.
+    match unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Has `command`'s child get SIGKILL when the thread that spawns it ends (spawn it from a
 /// thread that lives as long as cvm). A parent that died before the child asked for that is
 /// seen at once: the child then has another parent, and ends.
@@ -31,9 +41,7 @@ pub fn die_with_parent(command: &mut Command) {
     // async-signal-safe and touch only the child's own attributes.
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            set_parent_death_signal()?;
             if libc::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }

@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cvm::session::Engine;
+use cvm_vmm::Engine;
 use cvm_agent::fs_workloads::{self, Sizes, Workload, BIG_FILE, TREE};
 use cvm_devices::fs::{FsBackend, Policy, ShareConfig};
 use cvm_devices::virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
@@ -415,7 +415,7 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
     // cvm's backend, as a session runs it: a sandboxed `cvm __fs-backend` process.
     let socket = work.join("cvm.vhost");
     let listener = UnixListener::bind(&socket)?;
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = Command::new(cvm::cvm_exe()?);
     command.arg("__fs-backend");
     let config = ShareConfig { dir: share.to_path_buf(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
     let _cvm_backend = FsBackend::spawn(command, listener, &config)?;

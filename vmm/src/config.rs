@@ -74,31 +74,15 @@ impl VhostUserKind {
         use cvm_devices::virtio::DeviceConfig;
         match self {
             VhostUserKind::Vsock => DeviceConfig::FromBackend,
-            VhostUserKind::Fs { tag } => {
-                let mut config = vec![0u8; cvm_devices::fs::CONFIG_LEN as usize];
-                let tag = &tag.as_bytes()[..tag.len().min(cvm_devices::fs::MAX_TAG_LEN)];
-                config[..tag.len()].copy_from_slice(tag);
-                config[cvm_devices::fs::MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes()); // one request queue
-                DeviceConfig::Local(config)
-            }
+            VhostUserKind::Fs { tag } => DeviceConfig::Local(cvm_devices::virtio::fs_config_space(tag)),
         }
     }
 
     pub fn device_kind(&self) -> cvm_devices::virtio::VhostUserDeviceKind {
-        use cvm_devices::{fs, vsock};
+        use cvm_devices::virtio::VhostUserDeviceKind;
         match self {
-            VhostUserKind::Vsock => cvm_devices::virtio::VhostUserDeviceKind {
-                device_type: vsock::DEVICE_TYPE,
-                num_queues: vsock::NUM_QUEUES,
-                queue_size: vsock::QUEUE_SIZE as u16,
-                config_len: 8,
-            },
-            VhostUserKind::Fs { .. } => cvm_devices::virtio::VhostUserDeviceKind {
-                device_type: fs::DEVICE_TYPE,
-                num_queues: fs::NUM_QUEUES,
-                queue_size: fs::QUEUE_SIZE as u16,
-                config_len: fs::CONFIG_LEN,
-            },
+            VhostUserKind::Vsock => VhostUserDeviceKind::VSOCK,
+            VhostUserKind::Fs { .. } => VhostUserDeviceKind::FS,
         }
     }
 }

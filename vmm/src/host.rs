@@ -15,6 +15,8 @@ pub enum KvmUnavailable {
     ApiVersion(std::path::PathBuf, i32),
     #[error("this host's KVM lacks {0}, which cvm needs")]
     MissingCapability(&'static str),
+    #[error("{PVM_CANNOT_RUN_LINUX}")]
+    Pvm,
 }
 
 /// The KVM device: `/dev/kvm`, or `$CVM_KVM_DEVICE` (to point cvm at another node, and to

@@ -7,9 +7,11 @@
 //! `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit counters),
 //! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
 //! the event loop), `host` (what the host's KVM can do), `qemu` (the same `VmConfig` run by
-//! QEMU: the fallback and full-stack test engine).
+//! QEMU: the fallback and full-stack test engine), `engine` (either engine behind one
+//! interface, torn down on drop).
 
 mod config;
+mod engine;
 pub mod console_log;
 pub mod exit_stats;
 pub mod guest_panic;
@@ -21,6 +23,7 @@ mod vm;
 pub mod x86_64;
 
 pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
+pub use engine::{Engine, Finished, RunningVm, VmThread};
 pub use memory::layout;
 pub use vm::{BootTimings, ExitReason, Stopper, Vm, VmExit};
 

@@ -104,7 +104,7 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         args.extend(["-chardev".into(), chardev]);
         let device = match &vhost.kind {
             VhostUserKind::Vsock => format!("vhost-user-vsock-device,chardev=vhost{index}"),
-            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,chardev=vhost{index},tag={tag},queue-size={}", cvm_devices::fs::QUEUE_SIZE),
+            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,chardev=vhost{index},tag={tag},queue-size={}", cvm_devices::virtio::VhostUserDeviceKind::FS.queue_size),
         };
         args.extend(["-device".into(), device.into()]);
     }

@@ -35,15 +35,6 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use policy::{Policy, PolicyFs};
 
-/// virtio device ID of a file system.
-pub const DEVICE_TYPE: u32 = 26;
-/// The high-priority queue and one request queue.
-pub const NUM_QUEUES: usize = 2;
-pub const QUEUE_SIZE: usize = 1024;
-/// The config space: the tag (36 bytes) and the number of request queues (le32).
-pub const CONFIG_LEN: u32 = 40;
-/// The longest tag the config space holds.
-pub const MAX_TAG_LEN: usize = virtiofsd::vhost_user::MAX_TAG_LEN;
 /// The fd the backend process finds its listening socket on.
 const LISTENER_FD: i32 = 3;
 /// The fd the backend process finds its lifeline on: the read end of a pipe whose write end
@@ -70,7 +61,7 @@ pub struct ShareConfig {
 impl ShareConfig {
     /// Checks what the guest and the sandbox need: a usable tag and an existing directory.
     pub fn validate(&self) -> io::Result<()> {
-        if self.tag.is_empty() || self.tag.len() > MAX_TAG_LEN || self.tag.contains(['\0', ',', '=']) {
+        if self.tag.is_empty() || self.tag.len() > crate::virtio::FS_TAG_LEN || self.tag.contains(['\0', ',', '=']) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad share tag {:?}", self.tag)));
         }
         if !self.dir.is_absolute() || !self.dir.is_dir() {
@@ -187,12 +178,6 @@ impl Drop for FsBackend {
     }
 }
 
-/// Dies with the parent: set after each fork, since a fork clears it.
-fn die_with_parent() {
-    // SAFETY: prctl with these arguments only sets this process's parent-death signal.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-}
-
 /// The sandboxes a backend tries, strongest first: namespaces; a chroot as root; none only
 /// when the user allowed it.
 fn sandbox_modes(root: bool, allow_none: bool) -> Vec<SandboxMode> {
@@ -246,7 +231,8 @@ fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<
         let mut sandbox = Sandbox::new(dir.to_string(), mode, Vec::new(), Vec::new());
         match sandbox.enter(last) {
             Ok(listener) => {
-                die_with_parent();
+                // The sandbox forked: dies with its parent again.
+                crate::process::set_parent_death_signal()?;
                 tracing::info!("fs backend for {dir}: sandbox {mode:?}");
                 return Ok((listener, sandbox));
             }

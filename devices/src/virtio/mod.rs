@@ -22,7 +22,7 @@ pub use block::Block;
 pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 pub use net::Net;
 pub use rng::Rng;
-pub use vhost_user::{DeviceConfig, VhostUserDevice, VhostUserDeviceKind};
+pub use vhost_user::{fs_config_space, DeviceConfig, VhostUserDevice, VhostUserDeviceKind, FS_TAG_LEN};
 
 /// What the VMM's event loop runs: device workers register their eventfds with it.
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;

@@ -37,6 +37,30 @@ pub struct VhostUserDeviceKind {
     pub config_len: u32,
 }
 
+/// The vhost-user devices cvm's frontends (its own VMM's and QEMU's) give a guest, as the
+/// guest sees them. The backends serve what these say; they never define it.
+impl VhostUserDeviceKind {
+    /// virtio-vsock: rx, tx and event queues; 1024-entry rings, as QEMU's
+    /// vhost-user-vsock-device has; the config space is the guest's CID (le64).
+    pub const VSOCK: VhostUserDeviceKind = VhostUserDeviceKind { device_type: 19, num_queues: 3, queue_size: 1024, config_len: 8 };
+    /// virtio-fs: the high-priority queue and one request queue; the config space is the tag
+    /// ([`FS_TAG_LEN`] bytes) and the number of request queues (le32).
+    pub const FS: VhostUserDeviceKind = VhostUserDeviceKind { device_type: 26, num_queues: 2, queue_size: 1024, config_len: FS_TAG_LEN as u32 + 4 };
+}
+
+/// The longest tag a virtio-fs config space holds.
+pub const FS_TAG_LEN: usize = 36;
+
+/// A virtio-fs device's config space for `tag` (cut to [`FS_TAG_LEN`] bytes) and one request
+/// queue: the frontend's to give, as QEMU's `tag=` is.
+pub fn fs_config_space(tag: &str) -> Vec<u8> {
+    let mut config = vec![0u8; VhostUserDeviceKind::FS.config_len as usize];
+    let tag = &tag.as_bytes()[..tag.len().min(FS_TAG_LEN)];
+    config[..tag.len()].copy_from_slice(tag);
+    config[FS_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+    config
+}
+
 /// Where a device's config space comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceConfig {
@@ -164,9 +188,22 @@ mod tests {
     use super::*;
     use crate::virtual_guest::{GuestQueue, MmioDriver};
     use crate::virtio::MmioTransport;
-    use crate::vsock::{self, VsockServer};
+    use crate::vsock::VsockServer;
 
     const GUEST_CID: u64 = 3;
+
+    #[test]
+    fn a_file_systems_config_space_is_its_tag_cut_to_the_field_and_one_request_queue() {
+        let config = fs_config_space("project");
+        assert_eq!(config.len(), VhostUserDeviceKind::FS.config_len as usize);
+        assert_eq!(&config[..7], b"project");
+        assert!(config[7..FS_TAG_LEN].iter().all(|b| *b == 0));
+        assert_eq!(config[FS_TAG_LEN..], 1u32.to_le_bytes());
+        let long = "t".repeat(FS_TAG_LEN + 10);
+        assert_eq!(&fs_config_space(&long)[..FS_TAG_LEN], &long.as_bytes()[..FS_TAG_LEN]);
+        // The backend's server takes tags of the same length.
+        assert_eq!(FS_TAG_LEN, virtiofsd::vhost_user::MAX_TAG_LEN);
+    }
 
     fn wait_readable(fd: &impl AsRawFd) -> bool {
         let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -185,7 +222,7 @@ mod tests {
         let server = VsockServer::start(GUEST_CID, &dir.path().join("v.sock"), UnixListener::bind(&vhost_path).unwrap()).unwrap();
         let host_listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
 
-        let kind = VhostUserDeviceKind { device_type: vsock::DEVICE_TYPE, num_queues: vsock::NUM_QUEUES, queue_size: 256, config_len: 8 };
+        let kind = VhostUserDeviceKind { queue_size: 256, ..VhostUserDeviceKind::VSOCK };
         let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind, DeviceConfig::FromBackend).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let event_loop = EventManager::<Subscriber>::new().unwrap();
@@ -193,7 +230,7 @@ mod tests {
         let transport = Arc::new(Mutex::new(transport));
         let d = MmioDriver(transport.clone());
 
-        assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), vsock::DEVICE_TYPE);
+        assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), VhostUserDeviceKind::VSOCK.device_type);
         assert_eq!(u64::from(d.read(0x100)), GUEST_CID, "the guest CID from the backend's config space");
         d.negotiate();
         let mut queues: Vec<GuestQueue> = (0..3).map(|i| GuestQueue::new(0x1000 + i * 0x4000, 256)).collect();

@@ -118,8 +118,8 @@ impl FuseGuest {
         ram.set_len(RAM)?;
         let mem: GuestMemory = GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), RAM as usize, Some(FileOffset::new(ram, 0)))])
             .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
-        let kind = VhostUserDeviceKind { device_type: crate::fs::DEVICE_TYPE, num_queues: crate::fs::NUM_QUEUES, queue_size: QUEUE_SIZE, config_len: crate::fs::CONFIG_LEN };
-        let device = VhostUserDevice::connect(UnixStream::connect(socket)?, kind, DeviceConfig::Local(vec![0; crate::fs::CONFIG_LEN as usize]))?;
+        let kind = VhostUserDeviceKind { queue_size: QUEUE_SIZE, ..VhostUserDeviceKind::FS };
+        let device = VhostUserDevice::connect(UnixStream::connect(socket)?, kind, DeviceConfig::Local(vec![0; kind.config_len as usize]))?;
         let irq = EventFd::new(EFD_NONBLOCK)?;
         let event_loop = EventManager::<Subscriber>::new().map_err(|e| io::Error::other(format!("{e:?}")))?;
         let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone()?)), event_loop.remote_endpoint())

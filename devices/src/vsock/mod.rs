@@ -26,12 +26,10 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 pub use muxer::{Header, Muxer, HEADER_SIZE};
 
-/// virtio device ID of vsock.
-pub const DEVICE_TYPE: u32 = 19;
-/// rx, tx, event.
-pub const NUM_QUEUES: usize = 3;
-/// QEMU's vhost-user-vsock-device uses 1024-entry rings; cvm's frontend asks for the same.
-pub const QUEUE_SIZE: usize = 1024;
+/// The device this backend serves (rx, tx and event queues).
+const DEVICE: crate::virtio::VhostUserDeviceKind = crate::virtio::VhostUserDeviceKind::VSOCK;
+const NUM_QUEUES: usize = DEVICE.num_queues;
+const QUEUE_SIZE: usize = DEVICE.queue_size as usize;
 const RX: usize = 0;
 const TX: usize = 1;
 /// The custom event id for the muxer's epoll fd (0..=NUM_QUEUES are the library's).
@@ -201,13 +199,19 @@ impl VhostUserBackendMut for VsockBackend {
 /// vhost-user socket its frontend connects to once.
 pub struct VsockServer {
     thread: Option<JoinHandle<()>>,
+    /// The vhost-user socket, kept to wake a thread still waiting for its frontend.
+    listener: UnixListener,
 }
+
+/// How long a dropped server waits for its thread once its frontend is gone.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl VsockServer {
     /// Starts serving: `vhost_user` is the (already listening) socket the frontend connects
     /// to; `host_socket` is where host processes connect with `CONNECT <port>`.
     pub fn start(guest_cid: u64, host_socket: &Path, vhost_user: UnixListener) -> io::Result<Self> {
         let muxer = Muxer::new(guest_cid, host_socket)?;
+        let listener = vhost_user.try_clone()?;
         let (ready, set_up) = std::sync::mpsc::channel();
         // The daemon is made on its own thread, under the role's seccomp filter, so that its
         // vring worker (a thread it starts) is under it too.
@@ -242,13 +246,32 @@ impl VsockServer {
             }
         })?;
         set_up.recv().map_err(|_| io::Error::other("the vsock backend's thread ended at its start"))??;
-        Ok(Self { thread: Some(thread) })
+        Ok(Self { thread: Some(thread), listener })
     }
 
     /// Waits until the frontend disconnected and the backend threads stopped.
     pub fn join(mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for VsockServer {
+    /// A server whose VM never connected would wait for it forever: shutting the listening
+    /// socket down ends that wait. Once a frontend has connected, its going away ends the
+    /// thread; the wait for that is bounded, for a frontend that outlives its server.
+    fn drop(&mut self) {
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
+        let Some(thread) = self.thread.take() else { return };
+        let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            tracing::warn!("the vsock backend's thread did not stop within {STOP_TIMEOUT:?} of its VM; left to end with cvm");
         }
     }
 }

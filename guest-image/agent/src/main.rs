@@ -100,7 +100,7 @@ fn init_system() -> String {
         let _ = std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n127.0.1.1 cvm\n::1 localhost\n{hosts}"));
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if cmdline.split_whitespace().any(|w| w == "cvm.boot_test") {
+    if cmdline.split_whitespace().any(|w| w == protocol::CMDLINE_BOOT_TEST) {
         // SAFETY: sysconf only reads system configuration.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         let kib = std::fs::read_to_string("/proc/meminfo")
@@ -108,7 +108,7 @@ fn init_system() -> String {
             .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1).map(str::to_string)))
             .unwrap_or_default();
         let _ = poke_boot_timer();
-        println!("cvm-agent: init reached, {cpus} cpus, {kib} kB");
+        println!("{}, {cpus} cpus, {kib} kB", protocol::BOOT_TEST_LINE);
         let _ = std::io::stdout().flush();
         // The line must leave the serial port before the kernel prints its reboot message,
         // which would otherwise cut it in two on the console.
@@ -182,7 +182,7 @@ fn main() {
     }
     if is_init() {
         let cmdline = init_system();
-        if cmdline.split_whitespace().any(|w| w == "cvm.debug") {
+        if cmdline.split_whitespace().any(|w| w == protocol::CMDLINE_DEBUG) {
             DEBUG.store(true, Ordering::Relaxed);
         }
     }

@@ -18,6 +18,12 @@ pub const READY_PORT: u32 = 1025;
 pub const PROXY_PORT: u32 = 3128;
 /// Where [`Step::TrustCa`] puts the proxy's CA certificate (what `NODE_EXTRA_CA_CERTS` names).
 pub const PROXY_CA_FILE: &str = "/run/cvm/proxy-ca.pem";
+/// Kernel command-line words the agent reads: `cvm.debug` (its messages on the console) and
+/// `cvm.boot_test` (print [`BOOT_TEST_LINE`] and reset at once: a boot measured to init).
+pub const CMDLINE_DEBUG: &str = "cvm.debug";
+pub const CMDLINE_BOOT_TEST: &str = "cvm.boot_test";
+/// How the agent's line under `cvm.boot_test` begins.
+pub const BOOT_TEST_LINE: &str = "cvm-agent: init reached";
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most output or input one data frame carries.

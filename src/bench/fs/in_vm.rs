@@ -148,22 +148,10 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
         let reference = Virtiofsd::start(&args.virtiofsd, &reference_socket, share, Some((user.uid, user.gid)))?;
         let external = reference.iter().map(|_| ExternalShare { socket: reference_socket.clone(), tag: "virtiofsd".into(), guest_path: REFERENCE_GUEST_PATH.into() }).collect();
         let config = SessionConfig {
-            engine,
-            kernel: kernel.clone(),
-            image: image.clone(),
-            cpus: 2,
-            memory_bytes: memory(args),
             debug: tracing::enabled!(tracing::Level::INFO),
             shares: ShareRequest { project: Some(share.to_path_buf()), external, ..ShareRequest::default() },
-            runtime_scripts: Vec::new(),
             egress: cvm::egress::EgressPolicy { mode: cvm::egress::NetworkMode::None, ..Default::default() },
-            forwards: Default::default(),
-            env: Default::default(),
-            secrets: Vec::new(),
-            instructions: None,
-            scratch: None,
-            template: None,
-            runtime: false,
+            ..SessionConfig::new(engine, kernel.clone(), image.clone(), 2, memory(args))
         };
         let session = Session::start(&config, None).with_context(|| format!("cannot start the guest on {label}"))?;
         let reference_path = if reference.is_some() { REFERENCE_GUEST_PATH } else { "" };
