@@ -1,0 +1,95 @@
+//! `cvm boot`: a kernel on cvm's VMM with the serial console on this terminal.
+
+use super::*;
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct BootArgs {
+    /// Kernel: a vmlinux (PVH entry preferred) or a bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// An initramfs (cpio).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; the VMM adds its devices' arguments.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub append: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest memory: 512M, 2G, ... (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_memory_size)]
+    pub memory: u64,
+    /// Print how long the boot took to reach the guest's first instruction, the boot timer
+    /// and the end, and KVM's count of VM exits by kind, on standard error.
+    #[arg(long)]
+    pub timings: bool,
+    /// Give the guest a vsock device (CID 3) whose host side is this Unix socket, with
+    /// Firecracker's protocol: connect and write `CONNECT <port>`; guest connections to port P
+    /// reach PATH_P.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
+}
+
+/// Starts the embedded vsock backend for `cvm boot --vsock PATH` and wires its device.
+pub(crate) fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyhow::Result<cvm_devices::vsock::VsockServer> {
+    use anyhow::Context;
+    let vhost_socket = PathBuf::from(format!("{}.vhost", path.display()));
+    let listener = std::os::unix::net::UnixListener::bind(&vhost_socket).with_context(|| format!("cannot create {}", vhost_socket.display()))?;
+    let server = cvm_devices::vsock::VsockServer::start(cvm::session::GUEST_CID, path, listener)
+        .with_context(|| format!("cannot serve vsock on {}", path.display()))?;
+    config.vhost_user.push(cvm_vmm::VhostUserConfig { socket: vhost_socket, kind: cvm_vmm::VhostUserKind::Vsock });
+    Ok(server)
+}
+
+pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
+    let mut config = VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.append.clone(),
+        vcpus: args.cpus,
+        memory_bytes: args.memory,
+        count_exits: args.timings,
+        ..VmConfig::new(&args.kernel)
+    };
+    // Lives until the VM is gone; the backend stops when its frontend disconnects.
+    let _vsock = match &args.vsock {
+        Some(path) => match start_vsock(path, &mut config) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("cvm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let result = Vm::create(&config, started).and_then(|vm| {
+        if let Some(vhost) = config.vhost_user.first() {
+            let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
+        }
+        vm.run()
+    });
+    match result {
+        Ok(exit) => {
+            if let Some(warning) = exit.stuck_warning() {
+                eprintln!("cvm: warning: {warning}");
+            }
+            if args.timings {
+                eprintln!("{}", bench::format_timings(&exit.timings));
+                if let Some(exits) = &exit.exits {
+                    eprintln!("{}", bench::format_exits(exits));
+                }
+            }
+            if exit.reason.is_clean() {
+                tracing::info!("{}", exit.reason);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("cvm: {}", exit.reason);
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("cvm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
