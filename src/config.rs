@@ -351,7 +351,7 @@ impl Settings {
             vmm: Sourced::default(Engine::Cvm),
             image: Sourced::default("debian".into()),
             timeout: Sourced::default(None),
-            tools: crate::template::CAPABILITIES.iter().map(|(name, _)| (name.to_string(), Sourced::default(false))).collect(),
+            tools: crate::template::CAPABILITIES.iter().map(|c| (c.name.to_string(), Sourced::default(false))).collect(),
             packages: Sourced::default(Vec::new()),
             setup_scripts: Sourced::default(Vec::new()),
             setup_mounts: Sourced::default(Vec::new()),
@@ -409,7 +409,7 @@ impl Settings {
         for (name, on) in file.tools {
             let span = name.span();
             let Some(tool) = self.tools.get_mut(name.get_ref()) else {
-                let known: Vec<&str> = crate::template::CAPABILITIES.iter().map(|(n, _)| *n).collect();
+                let known: Vec<&str> = crate::template::CAPABILITIES.iter().map(|c| c.name).collect();
                 return Err(at(span, format!("unknown tool {:?} (known: {})", name.get_ref(), known.join(", "))));
             };
             tool.set(on, source.clone());

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cvm_agent::protocol::{self, Exec, ExitStatus, Reply, Request};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{PollFd, PollFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 
 use crate::terminal;
@@ -225,20 +225,13 @@ fn relay_frames(conn: UnixStream, mut reader: io::BufReader<UnixStream>, writer:
         }
         // Frames already buffered need no poll.
         if reader.buffer().is_empty() {
-            let timeout = ends(terminating).map(|d| {
-                let left = d.saturating_duration_since(Instant::now());
-                Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
-            });
             let mut fds = [
                 PollFd::new(&conn, PollFlags::IN),
                 PollFd::from_borrowed_fd(signals.wake.as_fd(), PollFlags::IN),
                 PollFd::from_borrowed_fd(machine_exit, PollFlags::IN),
             ];
-            match poll(&mut fds, timeout.as_ref()) {
-                Ok(0) => return Ok(past(terminating).unwrap_or(Outcome::TimedOut)),
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+            if crate::poll_until(&mut fds, ends(terminating))? == 0 {
+                return Ok(past(terminating).unwrap_or(Outcome::TimedOut));
             }
             let ready = fds.map(|f| !f.revents().is_empty());
             if ready[1] {

@@ -259,8 +259,8 @@ pub fn stop(name: &str, force: bool) -> Result<()> {
     };
     let daemon = pidfd(info.pid)?;
     rustix::process::pidfd_send_signal(&daemon, if force { rustix::process::Signal::KILL } else { rustix::process::Signal::TERM })?;
-    let wait = rustix::event::Timespec { tv_sec: 30, tv_nsec: 0 };
-    if rustix::event::poll(&mut [rustix::event::PollFd::new(&daemon, rustix::event::PollFlags::IN)], Some(&wait))? == 0 {
+    let by = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    if crate::poll_until(&mut [rustix::event::PollFd::new(&daemon, rustix::event::PollFlags::IN)], Some(by))? == 0 {
         bail!("the VM {name} did not stop within 30 s (cvm rm {name} forces it)");
     }
     clear(name);

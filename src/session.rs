@@ -18,7 +18,7 @@ use cvm_devices::fs::FsBackend;
 use cvm_devices::vsock::VsockServer;
 use cvm_vmm::guest_panic::GuestPanic;
 use cvm_vmm::{Engine, RunningVm, VhostUserConfig, VhostUserKind, VmConfig};
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{PollFd, PollFlags};
 
 use crate::exec::{self, Outcome};
 use crate::host_files::{log_tail, read_tail};
@@ -397,26 +397,17 @@ fn set_up_guest(host_socket: &Path, setup: &Setup) -> Result<()> {
 
 /// Waits for the agent's readiness message on the host end of vsock port READY_PORT.
 fn wait_for_agent(ready: &UnixListener, machine_exit: BorrowedFd<'_>, deadline: Instant) -> Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
-        let mut fds = [PollFd::new(ready, PollFlags::IN), PollFd::from_borrowed_fd(machine_exit, PollFlags::IN)];
-        match poll(&mut fds, Some(&ts)) {
-            Ok(0) => bail!("the guest agent was not ready after {} s", BOOT_TIMEOUT.as_secs()),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        if !fds[0].revents().is_empty() {
-            let (mut conn, _) = ready.accept()?;
-            return match protocol::read_reply(&mut conn)? {
-                Some(Reply::Ready(_)) => Ok(()),
-                other => Err(anyhow!("unexpected message from the guest agent: {other:?}")),
-            };
-        }
-        if !fds[1].revents().is_empty() {
-            bail!("the VM stopped before its agent was ready");
-        }
+    let mut fds = [PollFd::new(ready, PollFlags::IN), PollFd::from_borrowed_fd(machine_exit, PollFlags::IN)];
+    if crate::poll_until(&mut fds, Some(deadline))? == 0 {
+        bail!("the guest agent was not ready after {} s", BOOT_TIMEOUT.as_secs());
+    }
+    if fds[0].revents().is_empty() {
+        bail!("the VM stopped before its agent was ready");
+    }
+    let (mut conn, _) = ready.accept()?;
+    match protocol::read_reply(&mut conn)? {
+        Some(Reply::Ready(_)) => Ok(()),
+        other => Err(anyhow!("unexpected message from the guest agent: {other:?}")),
     }
 }
 

@@ -12,16 +12,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 /// `cvm setup --NAME` and the Debian packages each brings.
-pub const CAPABILITIES: &[(&str, &[&str])] = &[
-    ("node", &["nodejs", "npm"]),
-    ("python", &["python3", "python3-pip", "python3-venv"]),
-    ("rust", &["cargo", "rustc"]),
-    ("docker", &["docker.io"]),
-    ("chromium", &["chromium"]),
-    ("gh", &["gh"]),
-    ("git", &["git"]),
-    ("gpg", &["gnupg"]),
+pub const CAPABILITIES: &[Capability] = &[
+    Capability { name: "node", about: "Node.js and npm", packages: &["nodejs", "npm"] },
+    Capability { name: "python", about: "Python 3 with pip and venv", packages: &["python3", "python3-pip", "python3-venv"] },
+    Capability { name: "rust", about: "Rust (Debian's cargo and rustc)", packages: &["cargo", "rustc"] },
+    Capability { name: "docker", about: "Docker (docker.io)", packages: &["docker.io"] },
+    Capability { name: "chromium", about: "Chromium", packages: &["chromium"] },
+    Capability { name: "gh", about: "GitHub's CLI (gh)", packages: &["gh"] },
+    Capability { name: "git", about: "Git (already in the image)", packages: &["git"] },
+    Capability { name: "gpg", about: "GnuPG", packages: &["gnupg"] },
 ];
+
+/// A tool `cvm setup` installs: its flag and `[tools]` key, what it is, its Debian packages.
+pub struct Capability {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub packages: &'static [&'static str],
+}
 /// The user's own setup scripts: in the home, then in the project.
 pub const HOME_SCRIPT: &str = ".cvm.setup.sh";
 /// The size of a template's disk (sparse: it takes what is written).
@@ -75,10 +82,8 @@ pub fn command(packages: &[String], scripts: &[Vec<u8>]) -> Vec<Vec<u8>> {
 pub fn packages(capabilities: &[&str], extra: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for name in capabilities {
-        for (cap, pkgs) in CAPABILITIES {
-            if cap == name {
-                out.extend(pkgs.iter().map(|p| p.to_string()));
-            }
+        for capability in CAPABILITIES.iter().filter(|c| c.name == *name) {
+            out.extend(capability.packages.iter().map(|p| p.to_string()));
         }
     }
     out.extend(extra.iter().cloned());

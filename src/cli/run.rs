@@ -43,33 +43,8 @@ pub(crate) struct ShellArgs {
 pub(crate) struct SetupArgs {
     /// The project (default: the current directory).
     pub path: Option<PathBuf>,
-    /// Node.js and npm.
-    #[arg(long)]
-    pub node: bool,
-    /// Python 3 with pip and venv.
-    #[arg(long)]
-    pub python: bool,
-    /// Rust (Debian's cargo and rustc).
-    #[arg(long)]
-    pub rust: bool,
-    /// Docker (docker.io).
-    #[arg(long)]
-    pub docker: bool,
-    /// Chromium.
-    #[arg(long)]
-    pub chromium: bool,
-    /// GitHub's CLI (gh).
-    #[arg(long)]
-    pub gh: bool,
-    /// Git (already in the image).
-    #[arg(long)]
-    pub git: bool,
-    /// GnuPG.
-    #[arg(long)]
-    pub gpg: bool,
-    /// Every capability above.
-    #[arg(long)]
-    pub all: bool,
+    #[command(flatten)]
+    pub tools: ToolFlags,
     /// Another Debian package to install. Repeatable.
     #[arg(long = "package", value_name = "NAME")]
     pub packages: Vec<String>,
@@ -79,6 +54,36 @@ pub(crate) struct SetupArgs {
     pub setup_scripts: Vec<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
+}
+
+/// `cvm setup`'s `--NAME` for each of [`cvm::template::CAPABILITIES`], and `--all`.
+#[derive(Clone, Default)]
+pub(crate) struct ToolFlags {
+    /// The capabilities asked for.
+    pub on: Vec<&'static str>,
+}
+
+impl clap::FromArgMatches for ToolFlags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let all = matches.get_flag("all");
+        Ok(ToolFlags { on: cvm::template::CAPABILITIES.iter().filter(|c| all || matches.get_flag(c.name)).map(|c| c.name).collect() })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ToolFlags {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        let flag = |name: &'static str, about: &'static str| clap::Arg::new(name).long(name).help(about).action(clap::ArgAction::SetTrue);
+        cvm::template::CAPABILITIES.iter().fold(command, |command, c| command.arg(flag(c.name, c.about))).arg(flag("all", "Every capability above"))
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
 }
 
 /// `cvm run`, and `cvm "PROMPT"` (the prompt after the agent command).
@@ -125,9 +130,8 @@ pub(crate) fn wants_setup(settings: &Settings, project: &Path) -> bool {
 /// `cvm setup`: the flags' tools, packages and scripts on top of the configuration's.
 pub(crate) fn setup(args: SetupArgs) -> anyhow::Result<u8> {
     let project = args.path.clone().unwrap_or_else(|| PathBuf::from(".")).canonicalize()?;
-    let on = [("node", args.node), ("python", args.python), ("rust", args.rust), ("docker", args.docker), ("chromium", args.chromium), ("gh", args.gh), ("git", args.git), ("gpg", args.gpg)];
     let mut flags = args.vm.flags();
-    flags.tools = on.iter().filter(|(_, on)| *on || args.all).map(|(name, _)| (name.to_string(), true)).collect();
+    flags.tools = args.tools.on.iter().map(|name| (name.to_string(), true)).collect();
     flags.packages = args.packages.clone();
     flags.setup_scripts = args.setup_scripts.clone();
     let settings = settings(flags, Some(&project))?;
@@ -167,5 +171,25 @@ pub(crate) fn run_setup(settings: &Settings, vm: &VmArgs, project: &Path) -> any
             let _ = std::fs::remove_file(&layer);
             other
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools(argv: &[&str]) -> Vec<&'static str> {
+        match Cli::try_parse_from(["cvm", "setup"].iter().chain(argv)).unwrap().command {
+            Command::Setup(args) => args.tools.on,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn setup_has_a_flag_per_capability_and_all_of_them_with_all() {
+        assert_eq!(tools(&["--gpg", "--node"]), ["node", "gpg"], "in the table's order");
+        assert_eq!(tools(&[]), Vec::<&str>::new());
+        assert_eq!(tools(&["--all"]), cvm::template::CAPABILITIES.iter().map(|c| c.name).collect::<Vec<_>>());
+        assert!(Cli::try_parse_from(["cvm", "setup", "--nodejs"]).is_err());
     }
 }
