@@ -2,17 +2,23 @@
 //! place ([`Vm::create`]), and [`Vm::run`] drives it until the guest resets, powers off, halts
 //! for good or fails, and says why ([`VmExit`]).
 //!
-//! Layout: `config` (plain data and its parsers), `console_log` (the bounded console log),
-//! `memory` (memfd-backed guest RAM),
-//! `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit counters),
-//! `x86_64` (boot protocols, MP table, CPU state), `vcpu` (vCPU threads), `vm` (the builder and
-//! the event loop), `host` (what the host's KVM can do), `qemu` (the same `VmConfig` run by
-//! QEMU: the fallback and full-stack test engine), `engine` (either engine behind one
-//! interface, torn down on drop).
+//! Layout: `config` (plain data and its parsers), `vm` (the builder: KVM, memory, devices and
+//! vCPUs in one place, then the run), `device_manager` (where a guest's MMIO or port access goes:
+//! the buses, IRQs and command-line entries), `vcpu` (vCPU threads and their exits), `control`
+//! (the VM's own events on the event loop), `exit` (why a VM ended), `console` and
+//! `console_log` (the serial console's sink and its bounded log), `memory` (memfd-backed guest
+//! RAM), `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit
+//! counters), `x86_64` (boot protocols, MP table, CPU state), `host` (what the host's KVM can
+//! do), `qemu` (the same `VmConfig` run by QEMU: the fallback and full-stack test engine),
+//! `engine` (either engine behind one interface, torn down on drop).
 
 mod config;
+mod console;
+mod control;
+mod device_manager;
 mod engine;
 pub mod console_log;
+mod exit;
 pub mod exit_stats;
 pub mod guest_panic;
 pub mod host;
@@ -25,7 +31,8 @@ pub mod x86_64;
 pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
 pub use engine::{Engine, Finished, RunningVm, VmThread};
 pub use memory::layout;
-pub use vm::{BootTimings, ExitReason, Stopper, Vm, VmExit};
+pub use exit::{BootTimings, ExitReason, VmExit};
+pub use vm::{Stopper, Vm};
 
 /// Everything that can stop a VM from being built or run. Each message says what went wrong
 /// and, where the user can do something about it, what to do.

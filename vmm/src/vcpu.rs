@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::exit_stats::{self, ExitCounts};
 use crate::lock;
-use crate::vm::ExitReason;
+use crate::exit::ExitReason;
 
 const RFLAGS_IF: u64 = 1 << 9;
 const CR0_PE: u64 = 1;

@@ -1,148 +1,41 @@
-//! The one place where a [`VmConfig`] becomes a running VM, and the event loop that runs it.
+//! The one place where a [`VmConfig`] becomes a running VM ([`Vm::create`]), and its run:
+//! vCPU threads started, the event loop driven until the VM ends, the vCPUs stopped.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cvm_devices::legacy::{BootTimer, I8042, SerialConsole};
-use cvm_devices::virtio::{Block, EventLoopHandle, Interrupt, MmioTransport, Net, Rng, Subscriber, VhostUserDevice, VirtioDevice, MMIO_WINDOW_SIZE};
+use cvm_devices::virtio::{Block, Net, Rng, Subscriber, VhostUserDevice};
 use cvm_devices::EventFdTrigger;
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use linux_loader::cmdline::Cmdline;
-use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::guest_panic::{GuestPanic, PanicWatch, Seen};
+use crate::console::{console_sink, ConsoleOut, ConsolePanic, ConsoleRelay};
+use crate::control::{Control, PvmWatch};
+use crate::device_manager::{event_err, DeviceManager};
+use crate::exit::{BootTimings, ExitReason, VmExit};
 use crate::layout::*;
-use crate::memory::{self, GuestMemory};
+use crate::memory;
 use crate::vcpu::{self, Shared, Vcpu};
 use crate::x86_64::{self, cpu, mptable, BootInfo};
 use crate::{host, kvm_call, lock, Error, Result, VmConfig};
 
-/// How often the event loop checks whether every vCPU has halted for good. A halted vCPU
-/// sleeps inside KVM, so only a kick shows its state.
-const HALT_CHECK_PERIOD: Duration = Duration::from_millis(100);
 /// How long a Linux kernel on a PVM host may stay silent before cvm calls it stuck. A stock
 /// kernel there takes 15-40 s to reach its emulation failure; a PVM-enabled one prints at once.
 pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
-/// How long a guest that printed its panic line gets to finish the report and reset (as
-/// `panic=-1` does at once) before cvm ends it: `panic=0` spins and `panic=N` waits N s.
-const PANIC_GRACE: Duration = Duration::from_secs(1);
+
 /// How long the VM's end waits for each vCPU thread to leave KVM_RUN, kicked all the while,
 /// before it leaves that thread to end with the process: the VM's end must never hang on one.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest pulsed the reset line (i8042 command 0xfe, what `reboot=k` does) or asked
-    /// KVM for a reset.
-    Reset,
-    /// The guest asked KVM to power off.
-    PowerOff,
-    /// Every vCPU halted with interrupts disabled: nothing can wake the guest again.
-    Halted,
-    /// A fault while delivering a double fault: the CPU shuts down. Where it was (the
-    /// instruction pointer and the last page-fault address), when KVM still tells.
-    TripleFault { rip: Option<u64>, cr2: Option<u64> },
-    /// KVM gave up on the guest; `emulation` when it could not emulate an instruction.
-    InternalError { emulation: bool, pvm: bool },
-    /// On a PVM host, a Linux kernel showed no sign of life (no console output, no boot timer)
-    /// within [`PVM_LINUX_GRACE`]: it is crawling towards an emulation failure.
-    NoProgressOnPvm,
-    /// KVM could not enter the guest (bad vCPU state).
-    FailedEntry { reason: u64, cpu: u32 },
-    /// The guest's kernel panicked (its console said so), however it went on from there.
-    GuestPanic(GuestPanic),
-    /// cvm stopped it (the session ended).
-    Stopped,
-    Unexpected(String),
-}
-
-impl ExitReason {
-    /// A reset, power-off or final halt (the guest chose to stop), or cvm stopping it.
-    pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::Reset | ExitReason::PowerOff | ExitReason::Halted | ExitReason::Stopped)
-    }
-}
-
-impl std::fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitReason::Reset => write!(f, "the guest reset the machine"),
-            ExitReason::PowerOff => write!(f, "the guest powered off"),
-            ExitReason::Halted => write!(f, "the guest halted with interrupts disabled"),
-            ExitReason::TripleFault { rip, cr2 } => {
-                write!(f, "the guest crashed: triple fault")?;
-                if let (Some(rip), Some(cr2)) = (rip, cr2) {
-                    write!(f, " at rip {rip:#x} (cr2 {cr2:#x})")?;
-                }
-                Ok(())
-            }
-            ExitReason::InternalError { emulation: true, pvm: true } => {
-                write!(f, "KVM emulation failure: {}", host::PVM_CANNOT_RUN_LINUX)
-            }
-            ExitReason::InternalError { emulation: true, pvm: false } => {
-                write!(f, "KVM internal error: it could not emulate an instruction of the guest")
-            }
-            ExitReason::InternalError { emulation: false, .. } => write!(f, "KVM internal error"),
-            ExitReason::NoProgressOnPvm => write!(
-                f,
-                "the kernel showed no sign of life after {} s: {}",
-                PVM_LINUX_GRACE.as_secs(),
-                host::PVM_CANNOT_RUN_LINUX
-            ),
-            ExitReason::FailedEntry { reason, cpu } => {
-                write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
-            }
-            ExitReason::GuestPanic(panic) => write!(f, "{panic}"),
-            ExitReason::Stopped => write!(f, "stopped by cvm"),
-            ExitReason::Unexpected(what) => write!(f, "unexpected VM exit: {what}"),
-        }
-    }
-}
-
-/// When the boot reached its milestones, counted from the VMM's start.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BootTimings {
-    /// The VMM's set-up before the first instruction, by step: when each step was done.
-    pub setup: Vec<(&'static str, Duration)>,
-    /// To the boot processor's first KVM_RUN: the guest's first instruction.
-    pub first_instruction: Option<Duration>,
-    /// To the guest's write to the boot timer.
-    pub boot_timer: Option<Duration>,
-    /// To the moment the VM ended.
-    pub exit: Duration,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmExit {
-    pub reason: ExitReason,
-    pub timings: BootTimings,
-    /// KVM's exit counters over every vCPU, when [`VmConfig::count_exits`] asked for them.
-    pub exits: Option<crate::exit_stats::ExitCounts>,
-    /// The vCPUs whose threads did not stop within [`VCPU_STOP_TIMEOUT`] of the VM's end:
-    /// left to end with the process.
-    pub stuck_vcpus: Vec<usize>,
-}
-
-impl VmExit {
-    /// What to tell the user when vCPU threads were left running.
-    pub fn stuck_warning(&self) -> Option<String> {
-        (!self.stuck_vcpus.is_empty()).then(|| format!("vCPU {:?} did not stop within {VCPU_STOP_TIMEOUT:?} of the VM's end; left to end with cvm", self.stuck_vcpus))
-    }
-}
 
 /// Ends a running VM from outside (its run returns [`ExitReason::Stopped`]).
 #[derive(Clone)]
@@ -384,261 +277,4 @@ impl Vm {
             },
         })
     }
-}
-
-/// Kicks every vCPU out of KVM_RUN.
-fn kick_all(threads: &Mutex<Vec<libc::pthread_t>>) {
-    for &thread in lock(threads).iter() {
-        // SAFETY: the vCPU threads are joined only after the event loop has stopped, so every
-        // pthread_t in the list is valid while the loop runs.
-        unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
-    }
-}
-
-/// The VM's own events: an exit requested by a vCPU, the i8042 reset line, the periodic check
-/// for a guest halted for good, and host input for the serial console.
-struct Control {
-    exit_evt: EventFd,
-    reset_evt: EventFd,
-    halt_check: TimerFd,
-    stdin: Option<std::io::Stdin>,
-    serial: Arc<Mutex<SerialConsole>>,
-    shared: Arc<Shared>,
-    vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
-    boot_timer: Arc<OnceLock<Instant>>,
-    pvm_watch: Option<PvmWatch>,
-    panic: Arc<Mutex<ConsolePanic>>,
-}
-
-/// Watches a Linux kernel booting on a PVM host for its first sign of life.
-struct PvmWatch {
-    deadline: Instant,
-    console_bytes: Arc<AtomicU64>,
-}
-
-impl Control {
-    fn check_pvm_progress(&mut self) {
-        let Some(watch) = &self.pvm_watch else { return };
-        if watch.console_bytes.load(Ordering::Relaxed) > 0 || self.boot_timer.get().is_some() {
-            self.pvm_watch = None; // alive: this kernel runs on PVM
-        } else if Instant::now() >= watch.deadline {
-            self.shared.request_exit(ExitReason::NoProgressOnPvm);
-        }
-    }
-
-    /// Ends a guest that panicked and did not reset within [`PANIC_GRACE`].
-    fn check_panic(&self) {
-        let state = lock(&self.panic);
-        if let (Some(panic), Some(since)) = (state.watch.panic(), state.since) {
-            if since.elapsed() >= PANIC_GRACE {
-                self.shared.request_exit(ExitReason::GuestPanic(panic.clone()));
-            }
-        }
-    }
-}
-
-/// The console's panic watch, and when it saw the panic.
-#[derive(Default)]
-struct ConsolePanic {
-    watch: PanicWatch,
-    since: Option<Instant>,
-}
-
-
-/// The serial console's sink (standard output or the console log), counting what the guest
-/// wrote and watching it for a kernel panic.
-struct ConsoleOut {
-    written: Arc<AtomicU64>,
-    panic: Arc<Mutex<ConsolePanic>>,
-    shared: Arc<Shared>,
-    sink: Box<dyn std::io::Write + Send>,
-}
-
-fn console_sink(config: &VmConfig) -> Result<(Box<dyn std::io::Write + Send>, Option<ConsoleRelay>)> {
-    let Some(path) = &config.console_log else { return Ok((Box::new(std::io::stdout()), None)) };
-    let (reader, writer) = std::io::pipe()?;
-    let thread = crate::console_log::relay(reader, path).map_err(|source| Error::File { path: path.clone(), source })?;
-    let pipe = Arc::new(Mutex::new(Some(writer)));
-    Ok((Box::new(ConsolePipe(pipe.clone())), Some(ConsoleRelay { pipe, thread })))
-}
-
-/// The console log's writer: a thread of its own, started before the VM's threads confine
-/// themselves (it creates and renames files as the log rotates; they never open a file), fed
-/// through a pipe that the VM closes when it ends.
-struct ConsoleRelay {
-    pipe: Arc<Mutex<Option<std::io::PipeWriter>>>,
-    thread: JoinHandle<()>,
-}
-
-impl ConsoleRelay {
-    /// Closes the pipe and waits until all the guest wrote is in the log.
-    fn finish(self) {
-        lock(&self.pipe).take();
-        let _ = self.thread.join();
-    }
-}
-
-/// The serial console's end of the pipe to the [`ConsoleRelay`]; once closed, it drops what
-/// a stopping guest still writes.
-struct ConsolePipe(Arc<Mutex<Option<std::io::PipeWriter>>>);
-
-impl std::io::Write for ConsolePipe {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match lock(&self.0).as_mut() {
-            Some(pipe) => pipe.write(buf),
-            None => Ok(buf.len()),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl std::io::Write for ConsoleOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.written.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let written = self.sink.write(buf)?;
-        let mut state = lock(&self.panic);
-        match state.watch.feed(&buf[..written]) {
-            Seen::Nothing => {}
-            Seen::Panic => state.since = Some(Instant::now()),
-            // `panic=0`: the kernel spins from here on.
-            Seen::End => {
-                if let Some(panic) = state.watch.panic() {
-                    self.shared.request_exit(ExitReason::GuestPanic(panic.clone()));
-                }
-            }
-        }
-        Ok(written)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.sink.flush()
-    }
-}
-
-impl MutEventSubscriber for Control {
-    fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: &dyn AsRawFd| {
-            if let Err(e) = ops.add(Events::new_raw(fd.as_raw_fd(), EventSet::IN)) {
-                tracing::error!("event loop: cannot watch fd {}: {e:?}", fd.as_raw_fd());
-            }
-        };
-        add(&self.exit_evt);
-        add(&self.reset_evt);
-        add(&self.halt_check);
-        if let Some(stdin) = &self.stdin {
-            add(stdin);
-        }
-        if let Err(e) = self.halt_check.reset(HALT_CHECK_PERIOD, Some(HALT_CHECK_PERIOD)) {
-            tracing::warn!("cannot start the halt check: {e}");
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.exit_evt.as_raw_fd() {
-            let _ = self.exit_evt.read();
-        } else if fd == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            self.shared.request_exit(ExitReason::Reset);
-        } else if fd == self.halt_check.as_raw_fd() {
-            let _ = self.halt_check.wait();
-            kick_all(&self.vcpu_threads);
-            self.check_pvm_progress();
-            self.check_panic();
-        } else if let Some(stdin) = &self.stdin {
-            let mut buf = [0u8; 64];
-            match stdin.lock().read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    // End of input (or an unreadable stdin): stop watching it.
-                    let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
-                    self.stdin = None;
-                }
-                Ok(n) => {
-                    let taken = lock(&self.serial).enqueue_input(&buf[..n]);
-                    if taken < n {
-                        tracing::warn!("serial: the guest is not reading its console; {} input bytes dropped", n - taken);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Places devices on the buses: each gets its address range, its interrupt line and, for
-/// virtio-mmio, its `virtio_mmio.device=` kernel argument.
-struct DeviceManager<'a> {
-    vm_fd: &'a VmFd,
-    mem: GuestMemory,
-    event_loop: EventLoopHandle,
-    io: IoManager,
-    cmdline: Cmdline,
-    next_virtio_addr: u64,
-    next_virtio_irq: u32,
-}
-
-impl<'a> DeviceManager<'a> {
-    fn new(vm_fd: &'a VmFd, mem: GuestMemory, event_loop: EventLoopHandle, cmdline: &str) -> Result<Self> {
-        let mut line = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(format!("command line: {e}")))?;
-        if !cmdline.trim().is_empty() {
-            line.insert_str(cmdline.trim())
-                .map_err(|e| Error::Config(format!("kernel command line {cmdline:?}: {e}")))?;
-        }
-        Ok(Self {
-            vm_fd,
-            mem,
-            event_loop,
-            io: IoManager::new(),
-            cmdline: line,
-            next_virtio_addr: VIRTIO_MMIO_START,
-            next_virtio_irq: VIRTIO_IRQ_START,
-        })
-    }
-
-    fn add_pio(&mut self, port: u16, len: u16, device: Arc<dyn vm_device::DevicePio + Send + Sync>) -> Result<()> {
-        let range = PioRange::new(PioAddress(port), len).map_err(bus_err)?;
-        self.io.register_pio(range, device).map_err(bus_err)
-    }
-
-    fn add_mmio(&mut self, addr: u64, len: u64, device: Arc<dyn vm_device::DeviceMmio + Send + Sync>) -> Result<()> {
-        let range = MmioRange::new(MmioAddress(addr), len).map_err(bus_err)?;
-        self.io.register_mmio(range, device).map_err(bus_err)
-    }
-
-    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<()> {
-        if self.next_virtio_irq >= IRQ_COUNT {
-            return Err(Error::Config("too many virtio devices".into()));
-        }
-        let (addr, irq) = (self.next_virtio_addr, self.next_virtio_irq);
-        let irqfd = EventFd::new(EFD_NONBLOCK)?;
-        self.vm_fd.register_irqfd(&irqfd, irq).map_err(kvm_call("wire a virtio interrupt"))?;
-        let transport = MmioTransport::new(device, self.mem.clone(), Arc::new(Interrupt::new(irqfd)), self.event_loop.clone())?;
-        for (queue, kick) in transport.kick_events().iter().enumerate() {
-            let notify = IoEventAddress::Mmio(addr + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY));
-            self.vm_fd
-                .register_ioevent(kick, &notify, queue as u32)
-                .map_err(kvm_call("wire a virtio queue notification"))?;
-        }
-        self.add_mmio(addr, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
-        self.cmdline
-            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, vm_memory::GuestAddress(addr), irq, None)
-            .map_err(|e| Error::Config(format!("command line too long for the devices: {e}")))?;
-        self.next_virtio_addr += MMIO_WINDOW_SIZE;
-        self.next_virtio_irq += 1;
-        Ok(())
-    }
-
-    fn finish(self) -> (IoManager, Cmdline) {
-        (self.io, self.cmdline)
-    }
-}
-
-fn bus_err(e: vm_device::bus::Error) -> Error {
-    Error::Config(format!("device layout: {e}"))
-}
-
-fn event_err(e: event_manager::Error) -> Error {
-    Error::Io(std::io::Error::other(format!("event loop: {e:?}")))
 }
