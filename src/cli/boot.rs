@@ -62,11 +62,13 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         },
         None => None,
     };
+    // On a thread of its own, as in a session: the VMM's system-call filter stays on it, and
+    // this thread can still tear the vsock backend down.
     let result = Vm::create(&config, started).and_then(|vm| {
         if let Some(vhost) = config.vhost_user.first() {
             let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
         }
-        vm.run()
+        cvm_vmm::VmThread::spawn(vm)?.wait()
     });
     match result {
         Ok(exit) => {

@@ -84,6 +84,12 @@ impl VmThread {
         })?;
         Ok(VmThread { thread: Some(thread), done, stopper })
     }
+
+    /// Waits until the VM ends by itself, and says how.
+    pub fn wait(mut self) -> Result<VmExit> {
+        let thread = self.thread.take().expect("a VM thread is joined once");
+        thread.join().unwrap_or_else(|_| Err(crate::Error::Boot("the VM's thread panicked".into())))
+    }
 }
 
 impl RunningVm for VmThread {
