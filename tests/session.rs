@@ -23,16 +23,25 @@ fn threads() -> Vec<String> {
     names
 }
 
+/// This process's children, found by their parent in /proc (L1's kernel has no
+/// /proc/PID/task/TID/children).
 fn children() -> Vec<String> {
-    let mut pids = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let listed = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        pids.extend(listed.split_whitespace().map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            format!("{pid} {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        }));
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // The parent is the second field after the command's name, which ends at the last ')'.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+        if parent.as_deref() == Some(me.as_str()) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(format!("{pid} {}", String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
     }
-    pids
+    found
 }
 
 fn files(runtime: &Path) -> Vec<PathBuf> {
