@@ -66,6 +66,32 @@ fn hello_guest_prints_pokes_the_boot_timer_and_resets() {
     assert!(0.0 < first && first <= timer && timer <= exit, "{timings}");
 }
 
+/// The kernel's side of the VM's end runs in a helper after `cvm boot` has exited; that helper
+/// must be gone soon after, and must not hold the output pipes (the wait above reads them to
+/// their end).
+#[test]
+fn nothing_is_left_running_after_the_vm_ends() {
+    if !kvm_usable() {
+        return;
+    }
+    let marker = format!("console=ttyS0 cvm-test-teardown-{}", std::process::id());
+    let out = boot_guest("hello", &["--append", &marker]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let with_marker = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker)))
+            .map(|p| p.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !with_marker().is_empty() {
+        assert!(Instant::now() < deadline, "processes of that cvm boot still run 10 s after it exited: {:?}", with_marker());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn smp_guest_boots_with_several_vcpus() {
     if !kvm_usable() {

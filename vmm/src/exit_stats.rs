@@ -22,13 +22,7 @@ pub type ExitCounts = BTreeMap<String, u64>;
 
 /// The exit counters of the vCPU behind `vcpu_fd`; empty where KVM has no binary statistics.
 pub fn read(vcpu_fd: &impl AsRawFd) -> ExitCounts {
-    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
-    let fd = unsafe { libc::ioctl(vcpu_fd.as_raw_fd(), KVM_GET_STATS_FD as _, 0) };
-    if fd < 0 {
-        return ExitCounts::new();
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let Some(file) = open(vcpu_fd) else { return ExitCounts::new() };
     let mut bytes = Vec::new();
     if file.take(MAX_STATS_BYTES).read_to_end(&mut bytes).is_err() {
         return ExitCounts::new();
@@ -36,32 +30,101 @@ pub fn read(vcpu_fd: &impl AsRawFd) -> ExitCounts {
     parse(&bytes).unwrap_or_default()
 }
 
-/// Reads the exit counters out of a whole binary statistics file: a header, descriptors
-/// (each followed by its name), and the data they point into. Anything out of bounds is None.
+/// The vCPU's binary statistics file, or None where KVM has none.
+fn open(vcpu_fd: &impl AsRawFd) -> Option<File> {
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(vcpu_fd.as_raw_fd(), KVM_GET_STATS_FD as _, 0) };
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+}
+
+/// Reads the exit counters out of a whole binary statistics file.
 pub fn parse(bytes: &[u8]) -> Option<ExitCounts> {
-    let u32_at = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?)) };
-    let u64_at = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?)) };
+    let counters = statistics(bytes)?.into_iter().filter(|s| {
+        let is_exit_count = s.name.ends_with("exits") || s.name == "insn_emulation" || s.name == "hypercalls";
+        s.kind == STATS_TYPE_CUMULATIVE && is_exit_count
+    });
+    counters.map(|s| Some((s.name, u64_at(bytes, s.at)?))).collect()
+}
+
+/// One single-value statistic of a binary statistics file: its name, kind (cumulative,
+/// instant, peak) and where its value lies in the file.
+struct Statistic {
+    name: String,
+    kind: u32,
+    at: usize,
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// The single-value statistics a file describes: a header, descriptors (each followed by its
+/// name), and the data they point into. Anything out of bounds is None.
+fn statistics(bytes: &[u8]) -> Option<Vec<Statistic>> {
     if bytes.len() < HEADER_LEN {
         return None;
     }
-    let name_size = u32_at(4)? as usize;
-    let count = u32_at(8)? as usize;
-    let desc_offset = u32_at(16)? as usize;
-    let data_offset = u32_at(20)? as usize;
-    let mut counts = ExitCounts::new();
+    let name_size = u32_at(bytes, 4)? as usize;
+    let count = u32_at(bytes, 8)? as usize;
+    let desc_offset = u32_at(bytes, 16)? as usize;
+    let data_offset = u32_at(bytes, 20)? as usize;
+    let mut found = Vec::new();
     for i in 0..count.min(4096) {
         let at = desc_offset.checked_add(i.checked_mul(DESC_LEN.checked_add(name_size)?)?)?;
-        let flags = u32_at(at)?;
+        let flags = u32_at(bytes, at)?;
         let size = u16::from_le_bytes(bytes.get(at + 6..at + 8)?.try_into().ok()?);
-        let offset = u32_at(at + 8)? as usize;
-        let name = bytes.get(at + DESC_LEN..at + DESC_LEN + name_size)?;
+        let offset = u32_at(bytes, at + 8)? as usize;
+        let name = bytes.get(at + DESC_LEN..at.checked_add(DESC_LEN)?.checked_add(name_size)?)?;
         let name = String::from_utf8_lossy(name.split(|&b| b == 0).next()?).into_owned();
-        let is_exit_count = name.ends_with("exits") || name == "insn_emulation" || name == "hypercalls";
-        if flags & STATS_TYPE_MASK == STATS_TYPE_CUMULATIVE && size == 1 && is_exit_count {
-            counts.insert(name, u64_at(data_offset.checked_add(offset)?)?);
+        if size == 1 {
+            found.push(Statistic { name, kind: flags & STATS_TYPE_MASK, at: data_offset.checked_add(offset)? });
         }
     }
-    Some(counts)
+    Some(found)
+}
+
+/// What tells a halted vCPU apart without stopping it: whether it is blocked in KVM now, and
+/// how many HLTs it has run. The same count while blocked on two looks means one halt all
+/// along (`halt_wakeup` is no help: KVM counts wake-ups that leave the vCPU halted).
+pub(crate) struct HaltStats {
+    file: File,
+    /// Where `blocking` and `halt_exits` lie, and the bytes that span them.
+    at: [usize; 2],
+    span: std::ops::Range<usize>,
+}
+
+/// A look at a vCPU through [`HaltStats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HaltState {
+    pub blocking: bool,
+    /// HLTs so far: unchanged means the same halt as before.
+    pub halts: u64,
+}
+
+impl HaltStats {
+    /// None where KVM keeps no such statistics (before Linux 5.16, `blocking`).
+    pub(crate) fn open(vcpu_fd: &impl AsRawFd) -> Option<HaltStats> {
+        let file = open(vcpu_fd)?;
+        let mut bytes = Vec::new();
+        (&file).take(MAX_STATS_BYTES).read_to_end(&mut bytes).ok()?;
+        let stats = statistics(&bytes)?;
+        let find = |name: &str| stats.iter().find(|s| s.name == name).map(|s| s.at);
+        let at = [find("blocking")?, find("halt_exits")?];
+        let span = *at.iter().min()?..at.iter().max()? + 8;
+        Some(HaltStats { file, at, span })
+    }
+
+    pub(crate) fn read(&self) -> Option<HaltState> {
+        let mut bytes = vec![0u8; self.span.len()];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut bytes, self.span.start as u64).ok()?;
+        let [blocking, halts] = self.at.map(|at| u64_at(&bytes, at - self.span.start));
+        Some(HaltState { blocking: blocking? != 0, halts: halts? })
+    }
 }
 
 /// Adds `more` into `total`, counter by counter.

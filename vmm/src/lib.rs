@@ -10,7 +10,8 @@
 //! RAM), `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit
 //! counters), `x86_64` (boot protocols, MP table, CPU state), `host` (what the host's KVM can
 //! do), `qemu` (the same `VmConfig` run by QEMU: the fallback and full-stack test engine),
-//! `engine` (either engine behind one interface, torn down on drop).
+//! `engine` (either engine behind one interface, torn down on drop), `teardown` (the kernel's
+//! side of a VM's end, done by a helper process after the exit is reported).
 
 mod config;
 mod console;
@@ -24,6 +25,7 @@ pub mod guest_panic;
 pub mod host;
 mod memory;
 pub mod qemu;
+mod teardown;
 mod vcpu;
 mod vm;
 pub mod x86_64;

@@ -1,6 +1,7 @@
 //! vCPU threads: each runs KVM_RUN in a loop, routes port and MMIO exits to the device bus,
 //! and reports the exits that end the VM.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -20,13 +21,27 @@ const RFLAGS_IF: u64 = 1 << 9;
 const CR0_PE: u64 = 1;
 const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 
-/// The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing: the
-/// interrupted ioctl returning EINTR is the whole point.
+/// The signal that kicks a vCPU thread out of KVM_RUN. A signal alone can arrive just before
+/// the thread enters KVM_RUN and be lost; so its handler also sets the thread's
+/// `immediate_exit`, which makes that next KVM_RUN return EINTR at once.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This vCPU thread's `kvm_run.immediate_exit`, for the kick handler; null on other threads.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: the pointer is set by this thread's Vcpu::run to its own vCPU's kvm_run
+        // mapping, which lives until the run returns and clears it first; a volatile byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
 
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
@@ -80,6 +95,11 @@ impl Shared {
         &self.exit_evt
     }
 
+    /// Records whether vCPU `index` can run again (see [`Vcpu::note_if_stuck`]).
+    pub fn set_stuck(&self, index: usize, stuck: bool) {
+        self.stuck[index].store(stuck, Ordering::SeqCst);
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
@@ -95,6 +115,17 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs the guest until the VM ends or the VMM stops this vCPU.
     pub fn run(mut self) {
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|flag| flag.set(immediate_exit));
+        self.run_until_stopped();
+        IMMEDIATE_EXIT.with(|flag| flag.set(std::ptr::null_mut()));
+        if let Some(total) = &self.shared.exits {
+            let counts = exit_stats::read(&self.fd);
+            exit_stats::add(&mut lock(total), counts);
+        }
+    }
+
+    fn run_until_stopped(&mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
             if self.index == 0 && self.shared.first_entry.get().is_none() {
                 let _ = self.shared.first_entry.set(Instant::now());
@@ -102,6 +133,7 @@ impl Vcpu {
             let ended = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.io),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
                     self.note_if_stuck();
                     None
                 }
@@ -112,13 +144,9 @@ impl Vcpu {
                 break;
             }
         }
-        if let Some(total) = &self.shared.exits {
-            let counts = exit_stats::read(&self.fd);
-            exit_stats::add(&mut lock(total), counts);
-        }
     }
 
-    /// Kicked by the event loop's watchdog: is this vCPU parked for good? When every vCPU is,
+    /// Kicked (by the halt check, or a stop): is this vCPU parked for good? When every vCPU is,
     /// the guest has halted (Linux's halt and poweroff without ACPI end in `cli; hlt`).
     fn note_if_stuck(&mut self) {
         let Ok(mp) = self.fd.get_mp_state() else { return };
@@ -127,7 +155,7 @@ impl Vcpu {
             KVM_MP_STATE_INIT_RECEIVED | KVM_MP_STATE_UNINITIALIZED => self.index != 0,
             _ => false,
         };
-        self.shared.stuck[self.index].store(stuck, Ordering::SeqCst);
+        self.shared.set_stuck(self.index, stuck);
         if stuck && self.shared.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
             self.shared.request_exit(ExitReason::Halted);
         }

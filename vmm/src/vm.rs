@@ -20,11 +20,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::console::{console_sink, ConsoleOut, ConsolePanic, ConsoleRelay};
-use crate::control::{Control, PvmWatch};
+use crate::control::{Control, HaltWatch, PvmWatch};
+use crate::exit_stats::HaltStats;
 use crate::device_manager::{event_err, DeviceManager};
 use crate::exit::{BootTimings, ExitReason, VmExit};
 use crate::layout::*;
 use crate::memory;
+use crate::teardown::DeferredTeardown;
 use crate::vcpu::{self, Shared, Vcpu};
 use crate::x86_64::{self, cpu, mptable, BootInfo};
 use crate::{host, kvm_call, lock, Error, Result, VmConfig};
@@ -63,6 +65,8 @@ pub struct Vm {
     console_relay: Option<ConsoleRelay>,
     started: Instant,
     setup: Vec<(&'static str, Duration)>,
+    /// Last, so that it lets go of the helper only once every fd above is closed.
+    _teardown: Option<DeferredTeardown>,
 }
 
 impl Vm {
@@ -164,6 +168,10 @@ impl Vm {
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
         done("vcpus");
+        let teardown = DeferredTeardown::start(&vm_fd, &ram)
+            .inspect_err(|e| tracing::warn!("the VM's end will wait for the kernel's teardown: {e}"))
+            .ok();
+        done("teardown helper");
 
         let mut vm = Vm {
             _kvm: kvm,
@@ -179,6 +187,7 @@ impl Vm {
             console_relay,
             started,
             setup,
+            _teardown: teardown,
         };
         let pvm_watch = (kernel.is_linux && host::is_pvm()).then(|| PvmWatch {
             deadline: Instant::now() + PVM_LINUX_GRACE,
@@ -199,6 +208,7 @@ impl Vm {
             serial: self.serial.clone(),
             shared: self.shared.clone(),
             vcpu_threads: self.vcpu_threads.clone(),
+            halt_watch: self.vcpus.iter().map(|vcpu| HaltWatch::new(HaltStats::open(&vcpu.fd))).collect(),
             boot_timer: self.boot_timer.clone(),
             pvm_watch,
             panic: self.panic.clone(),
