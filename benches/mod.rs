@@ -185,7 +185,7 @@ pub fn format_timings(t: &BootTimings) -> String {
 const EXITS_PREFIX: &str = "cvm exits (all vCPUs):";
 
 /// `cvm exits (all vCPUs): exits 1234 io_exits 56 ...`: every counter KVM has, by name.
-pub fn format_exits(exits: &cvm_vmm::exit_stats::ExitCounts) -> String {
+pub fn format_exits(exits: &cvm_vmm::vstate::exit_stats::ExitCounts) -> String {
     let mut line = String::from(EXITS_PREFIX);
     for (name, n) in exits {
         line.push_str(&format!(" {name} {n}"));
@@ -643,7 +643,7 @@ mod tests {
 
     #[test]
     fn exit_counts_round_trip_through_their_line() {
-        let counts = cvm_vmm::exit_stats::ExitCounts::from([("exits".into(), 4321), ("io_exits".into(), 12)]);
+        let counts = cvm_vmm::vstate::exit_stats::ExitCounts::from([("exits".into(), 4321), ("io_exits".into(), 12)]);
         let stderr = format!("cvm timings (ms from VMM start): first-instruction 1.0 boot-timer 2.0 exit 3.0\n{}\n", format_exits(&counts));
         assert_eq!(parse_exits(&stderr), Some(vec![("exits".into(), 4321), ("io_exits".into(), 12)]));
         assert_eq!(parse_exits("no such line"), None);

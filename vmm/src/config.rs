@@ -108,10 +108,10 @@ impl VmConfig {
     /// Checks what can be checked without touching KVM, so bad input fails fast and clearly,
     /// the same on either engine.
     pub fn validate(&self) -> Result<()> {
-        if self.vcpus == 0 || usize::from(self.vcpus) > crate::x86_64::MAX_VCPUS {
+        if self.vcpus == 0 || usize::from(self.vcpus) > crate::arch::x86_64::MAX_VCPUS {
             return Err(Error::Config(format!(
                 "--cpus must be between 1 and {}, not {}",
-                crate::x86_64::MAX_VCPUS,
+                crate::arch::x86_64::MAX_VCPUS,
                 self.vcpus
             )));
         }
@@ -131,8 +131,8 @@ impl VmConfig {
                 return Err(Error::Config(format!("{} is not a regular file", path.display())));
             }
         }
-        crate::x86_64::kernel_format(&self.kernel)?;
-        crate::memory::check_host_can_give(self.memory_bytes)?;
+        crate::arch::x86_64::kernel_format(&self.kernel)?;
+        crate::vstate::memory::check_host_can_give(self.memory_bytes)?;
         Ok(())
     }
 }

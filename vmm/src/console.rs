@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::exit::ExitReason;
 use crate::guest_panic::{PanicWatch, Seen};
-use crate::vcpu::Shared;
+use crate::vstate::vcpu::Shared;
 use crate::{lock, Error, Result, VmConfig};
 
 /// The console's panic watch, and when it saw the panic.

@@ -15,9 +15,9 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::console::ConsolePanic;
 use crate::exit::ExitReason;
-use crate::exit_stats::{HaltState, HaltStats};
+use crate::vstate::exit_stats::{HaltState, HaltStats};
 use crate::lock;
-use crate::vcpu::{self, Shared};
+use crate::vstate::vcpu::{self, Shared};
 
 /// How often the event loop looks at the vCPUs for one halted for good, the PVM watch and the
 /// panic grace. A halted vCPU sleeps inside KVM, and only a kick shows whether its interrupts

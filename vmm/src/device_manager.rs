@@ -11,7 +11,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::layout::*;
-use crate::memory::GuestMemory;
+use crate::vstate::memory::GuestMemory;
 use crate::{kvm_call, Error, Result};
 
 /// Places devices on the buses: each gets its address range, its interrupt line and, for

@@ -94,7 +94,7 @@ pub struct VmExit {
     pub reason: ExitReason,
     pub timings: BootTimings,
     /// KVM's exit counters over every vCPU, when [`VmConfig::count_exits`] asked for them.
-    pub exits: Option<crate::exit_stats::ExitCounts>,
+    pub exits: Option<crate::vstate::exit_stats::ExitCounts>,
     /// The vCPUs whose threads did not stop within [`VCPU_STOP_TIMEOUT`] of the VM's end:
     /// left to end with the process.
     pub stuck_vcpus: Vec<usize>,

@@ -2,17 +2,21 @@
 //! place ([`Vm::create`]), and [`Vm::run`] drives it until the guest resets, powers off, halts
 //! for good or fails, and says why ([`VmExit`]).
 //!
-//! Layout: `config` (plain data and its parsers), `vm` (the builder: KVM, memory, devices and
-//! vCPUs in one place, then the run), `device_manager` (where a guest's MMIO or port access goes:
-//! the buses, IRQs and command-line entries), `vcpu` (vCPU threads and their exits), `control`
-//! (the VM's own events on the event loop), `exit` (why a VM ended), `console` and
-//! `console_log` (the serial console's sink and its bounded log), `memory` (memfd-backed guest
-//! RAM), `guest_panic` (a kernel panic read off the console), `exit_stats` (KVM's exit
-//! counters), `x86_64` (boot protocols, MP table, CPU state), `host` (what the host's KVM can
-//! do), `qemu` (the same `VmConfig` run by QEMU: the fallback and full-stack test engine),
-//! `engine` (either engine behind one interface, torn down on drop), `teardown` (the kernel's
-//! side of a VM's end, done by a helper process after the exit is reported).
+//! Layout, as Firecracker's:
+//! - `builder` turns a `VmConfig` (`config`: plain data and its parsers) into a [`Vm`]; `vm` runs
+//!   it; `engine` puts either engine (this VMM or `qemu`) behind one interface, torn down on drop.
+//! - `device_manager`: where a guest's MMIO or port access goes (the buses, IRQs, command-line
+//!   entries).
+//! - `vstate/`: KVM's side: the VM and its memory slots (`vm`), memfd guest RAM and the address
+//!   map (`memory`), the vCPU threads and their exits (`vcpu`), KVM's statistics (`exit_stats`).
+//! - `arch/x86_64/`: boot protocols, the MP table, the vCPUs' initial state.
+//! - `control` (the VM's own events on the event loop), `exit` (why a VM ended), `console` and
+//!   `console_log` (the serial console's sink and its bounded log), `guest_panic` (a kernel panic
+//!   read off the console), `host` (what the host's KVM can do), `teardown` (the kernel's side of
+//!   a VM's end, left to a helper process so the exit is reported first).
 
+pub mod arch;
+mod builder;
 mod config;
 mod console;
 mod control;
@@ -20,19 +24,16 @@ mod device_manager;
 mod engine;
 pub mod console_log;
 mod exit;
-pub mod exit_stats;
 pub mod guest_panic;
 pub mod host;
-mod memory;
 pub mod qemu;
 mod teardown;
-mod vcpu;
 mod vm;
-pub mod x86_64;
+pub mod vstate;
 
 pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
 pub use engine::{Engine, Finished, RunningVm, VmThread};
-pub use memory::layout;
+pub use vstate::memory::layout;
 pub use exit::{BootTimings, ExitReason, VmExit};
 pub use vm::{Stopper, Vm};
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use cvm_vmm::layout::*;
-use cvm_vmm::x86_64::{self, mptable, BootInfo, EntryPoint};
+use cvm_vmm::arch::x86_64::{self, mptable, BootInfo, EntryPoint};
 use linux_loader::bootparam::boot_params;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};

@@ -14,7 +14,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _};
 
 use crate::layout::*;
-use crate::memory::GuestMemory;
+use crate::vstate::memory::GuestMemory;
 use crate::{Error, Result};
 
 const E820_RAM: u32 = 1;

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::EntryPoint;
 use crate::layout::*;
-use crate::memory::GuestMemory;
+use crate::vstate::memory::GuestMemory;
 use crate::{kvm_call, Error, Result};
 
 const CR0_PE: u64 = 1;

@@ -13,7 +13,7 @@ use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::exit_stats::{self, ExitCounts};
+use crate::vstate::exit_stats::{self, ExitCounts};
 use crate::lock;
 use crate::exit::ExitReason;
 

@@ -5,7 +5,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{IOAPIC_ADDR, IRQ_COUNT, LAPIC_ADDR, MPTABLE_ADDR};
-use crate::memory::GuestMemory;
+use crate::vstate::memory::GuestMemory;
 use crate::{Error, Result};
 
 const FLOATING_POINTER_LEN: usize = 16;
@@ -164,7 +164,7 @@ mod tests {
         }
     }
 
-    const MAX: usize = crate::x86_64::MAX_VCPUS;
+    const MAX: usize = crate::arch::x86_64::MAX_VCPUS;
 
     #[test]
     fn every_ioapic_pin_is_a_plain_interrupt_and_the_8259_reaches_lint0() {
