@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cvm_vmm::Engine;
 use cvm_agent::fs_workloads::{self, Sizes, Workload, BIG_FILE, TREE};
-use cvm_devices::fs::{FsBackend, Policy, ShareConfig};
+use cvm_backends::fs::{FsBackend, Policy, ShareConfig};
 use cvm_devices::virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
 
 #[derive(clap::Args)]
@@ -381,7 +381,7 @@ pub fn run(args: FsBench) -> Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let limit = cvm_devices::fs::guest_open_file_limit();
+    let limit = cvm_backends::fs::guest_open_file_limit();
     let needed = in_vm::open_files(&args);
     if args.in_vm && needed > limit {
         bail!(

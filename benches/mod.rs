@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{BOOT_TEST_LINE, CMDLINE_BOOT_TEST};
-use cvm_vmm::BootTimings;
+
+use crate::cli::boot::EXITS_PREFIX;
 
 /// The printing micro-guest (tests/guests/hello.S), built by build.rs.
 const HELLO_GUEST: &[u8] = include_bytes!(concat!(env!("CVM_MICRO_GUESTS"), "/hello.elf"));
@@ -165,32 +166,6 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Fs(args) => fs::run(args),
         BenchCommand::Proxy(args) => proxy::run(args),
     }
-}
-
-/// Boot timings as `cvm boot --timings` prints them: the milestones on one line (which this
-/// bench parses), then when each step of the VMM's set-up was done.
-pub fn format_timings(t: &BootTimings) -> String {
-    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-    let maybe_ms = |d: Option<Duration>| d.map_or("-".to_string(), ms);
-    let setup: String = t.setup.iter().map(|(step, at)| format!(" {step} {}", ms(*at))).collect();
-    format!(
-        "cvm timings (ms from VMM start): first-instruction {} boot-timer {} exit {}\ncvm set-up (ms from VMM start, each step done):{setup}",
-        maybe_ms(t.first_instruction),
-        maybe_ms(t.boot_timer),
-        ms(t.exit)
-    )
-}
-
-/// Prefix of the line `cvm boot --timings` prints with KVM's exit counters.
-const EXITS_PREFIX: &str = "cvm exits (all vCPUs):";
-
-/// `cvm exits (all vCPUs): exits 1234 io_exits 56 ...`: every counter KVM has, by name.
-pub fn format_exits(exits: &cvm_vmm::vstate::exit_stats::ExitCounts) -> String {
-    let mut line = String::from(EXITS_PREFIX);
-    for (name, n) in exits {
-        line.push_str(&format!(" {name} {n}"));
-    }
-    line
 }
 
 /// The counters of a `cvm exits` line.
@@ -631,6 +606,8 @@ impl Drop for NamedVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::boot::{format_exits, format_timings};
+    use cvm_vmm::BootTimings;
 
     #[test]
     fn boot_timings_print_the_set_up_steps_and_parse_back() {

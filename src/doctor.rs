@@ -64,7 +64,7 @@ pub fn checks() -> Vec<Check> {
         Ok(()) => Check::ok("session directory", runtime.display().to_string()),
         Err(e) => Check::bad("session directory", Status::Fail, format!("{e:#}"), "set XDG_RUNTIME_DIR to a directory only you can use"),
     });
-    checks.push(match cvm_devices::fs::sandbox_on_this_host() {
+    checks.push(match cvm_backends::fs::sandbox_on_this_host() {
         ("namespaces", _) => Check::ok("fs sandbox", "namespaces (mount, PID, network)"),
         ("chroot", why) => Check::bad("fs sandbox", Status::Warn, format!("a chroot only: {}", why.unwrap_or_default()), "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)"),
         (_, why) => Check::bad(
@@ -74,7 +74,7 @@ pub fn checks() -> Vec<Check> {
             "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), or run with --allow-unsandboxed-fs",
         ),
     });
-    checks.push(open_files(cvm_devices::fs::guest_open_file_limit()));
+    checks.push(open_files(cvm_backends::fs::guest_open_file_limit()));
     let path = std::env::var_os("PATH").unwrap_or_default();
     for &(program, package, needed_by, required) in TOOLS {
         let found = std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file());

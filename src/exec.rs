@@ -197,7 +197,7 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
     let signals = SignalWatch::new(&[SIGWINCH, SIGINT, SIGTERM, SIGHUP, SIGQUIT])?;
     std::thread::scope(|scope| {
         let relay = std::thread::Builder::new().name("exec-relay".into()).spawn_scoped(scope, move || {
-            cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::ExecRelay)?;
+            cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::ExecRelay)?;
             send(&writer, &Request::Exec(exec))?;
             forward_stdin(writer.clone());
             relay_frames(conn, reader, writer, signals, tty, deadline, machine_exit)

@@ -176,7 +176,7 @@ impl Listening {
         // it accepts the first.
         let (confined, is_confined) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new().name("listen".into()).spawn(move || {
-            let result = cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::Listener);
+            let result = cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::Listener);
             let failed = result.is_err();
             let _ = confined.send(result);
             if failed {

@@ -187,7 +187,7 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
     session.prepare(&mut exec);
     let mut agent = crate::exec::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
     protocol::write_frame(&mut agent, &Request::Exec(exec).encode())?;
-    std::thread::spawn(move || match cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::ExecRelay) {
+    std::thread::spawn(move || match cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::ExecRelay) {
         Ok(()) => splice(Box::new(client), Box::new(agent), None),
         // The client sees its connection end.
         Err(e) => tracing::warn!("an exec was not relayed: {e}"),

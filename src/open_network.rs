@@ -103,7 +103,7 @@ fn spawn_passt(program: &Path, wire: i32) -> std::io::Result<Child> {
     // No PDEATHSIG: it would fire when this short-lived thread ends. passt leaves when the
     // engine's end of the wire closes, which cvm's death closes too (its VMM holds the end,
     // or QEMU, which dies with cvm).
-    cvm_devices::process::pass_fd(&mut command, wire, WIRE_FD);
+    cvm_sandbox::process::pass_fd(&mut command, wire, WIRE_FD);
     command.spawn()
 }
 

@@ -92,7 +92,7 @@ pub fn janitor_main(dir: &Path) -> Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, ignored.clone())?;
     }
-    cvm_devices::seccomp::confine_process(cvm_devices::seccomp::Role::Janitor)?;
+    cvm_sandbox::seccomp::confine_process(cvm_sandbox::seccomp::Role::Janitor)?;
     let mut sink = [0u8; 64];
     let mut stdin = io::stdin();
     loop {

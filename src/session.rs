@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cvm_agent::protocol::{self, Exec, Reply, Request, Setup, Step, CONTROL_PORT, PROXY_CA_FILE, READY_PORT};
-use cvm_devices::fs::FsBackend;
-use cvm_devices::vsock::VsockServer;
+use cvm_backends::fs::FsBackend;
+use cvm_backends::vsock::VsockServer;
 use cvm_vmm::guest_panic::GuestPanic;
 use cvm_vmm::{Engine, RunningVm, VhostUserConfig, VhostUserKind, VmConfig};
 use rustix::event::{PollFd, PollFlags};

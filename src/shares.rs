@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{Exec, Setup, Step, User};
-use cvm_devices::fs::{Policy, ShareConfig};
+use cvm_backends::fs::{Policy, ShareConfig};
 
 /// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
 /// conversations, sessions, todos, history or memory.

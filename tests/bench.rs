@@ -1,5 +1,6 @@
 //! End-to-end tests of `cvm bench run` on this host: boots real VMs on the QEMU engine and
 //! measures them against bare QEMU, the reference, in the same run.
+#![cfg(feature = "bench")]
 
 mod common;
 

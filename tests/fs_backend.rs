@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cvm_devices::fs::{FsBackend, Policy, ShareConfig};
+use cvm_backends::fs::{FsBackend, Policy, ShareConfig};
 use cvm_devices::virtual_guest::fuse::{FuseGuest, ROOT};
 
 struct Backend {
@@ -100,6 +100,7 @@ fn chains_that_break_virtio_end_only_the_backend() {
     }
 }
 
+#[cfg(feature = "bench")]
 #[test]
 fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,8 +154,8 @@ fn a_backend_ends_when_cvm_is_gone_even_before_a_frontend_came() {
     let config = ShareConfig { dir: dir.path().to_path_buf(), tag: "t".into(), policy: Policy::default(), guest_uid: 1000, guest_gid: 1000, allow_no_sandbox: false };
     let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
     command.arg("__fs-backend").args(config.to_args());
-    cvm_devices::process::pass_fd(&mut command, listener.as_raw_fd(), 3);
-    cvm_devices::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), 4);
+    cvm_sandbox::process::pass_fd(&mut command, listener.as_raw_fd(), 3);
+    cvm_sandbox::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), 4);
     let mut child = command.spawn().unwrap();
     drop((listener, lifeline_read));
     // Let it enter its sandbox (a PID namespace: the process that serves is a grandchild).

@@ -3,18 +3,15 @@
 //!
 //! - [`legacy`]: the 8250 serial console, the i8042 reset line, the boot timer.
 //! - [`virtio`]: the virtio-mmio transport and the devices that run inside the VMM.
-//! - [`vsock`]: the embedded vhost-user vsock backend and its host Unix-socket muxer.
-//! - [`virtual_guest`]: a test and benchmark driver that does what Linux's virtio drivers do.
-//! - [`fs`]: the embedded vhost-user virtio-fs backend (virtiofsd's server) and its share rules.
-//! - [`process`]: helper processes given descriptors at fixed numbers, dying with cvm.
-//! - [`seccomp`]: the system calls each helper role may make.
+//! - `virtual_guest` (feature `virtual-guest`, for tests and benchmarks): a driver that does what
+//!   Linux's virtio drivers do, from a host thread.
+//!
+//! Only device models live here; the host-side backends the vhost-user devices talk to are in
+//! `cvm-backends` (devices/backends/), which the VMM does not link.
 
-pub mod fs;
 pub mod legacy;
-pub mod process;
-pub mod seccomp;
 pub mod virtio;
-pub mod vsock;
+#[cfg(any(test, feature = "virtual-guest"))]
 pub mod virtual_guest;
 
 use vmm_sys_util::eventfd::EventFd;

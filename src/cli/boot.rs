@@ -31,11 +31,11 @@ pub(crate) struct BootArgs {
 }
 
 /// Starts the embedded vsock backend for `cvm boot --vsock PATH` and wires its device.
-pub(crate) fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyhow::Result<cvm_devices::vsock::VsockServer> {
+pub(crate) fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyhow::Result<cvm_backends::vsock::VsockServer> {
     use anyhow::Context;
     let vhost_socket = PathBuf::from(format!("{}.vhost", path.display()));
     let listener = std::os::unix::net::UnixListener::bind(&vhost_socket).with_context(|| format!("cannot create {}", vhost_socket.display()))?;
-    let server = cvm_devices::vsock::VsockServer::start(cvm::session::GUEST_CID, path, listener)
+    let server = cvm_backends::vsock::VsockServer::start(cvm::session::GUEST_CID, path, listener)
         .with_context(|| format!("cannot serve vsock on {}", path.display()))?;
     config.vhost_user.push(cvm_vmm::VhostUserConfig { socket: vhost_socket, kind: cvm_vmm::VhostUserKind::Vsock });
     Ok(server)
@@ -76,9 +76,9 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
                 eprintln!("cvm: warning: {warning}");
             }
             if args.timings {
-                eprintln!("{}", bench::format_timings(&exit.timings));
+                eprintln!("{}", format_timings(&exit.timings));
                 if let Some(exits) = &exit.exits {
-                    eprintln!("{}", bench::format_exits(exits));
+                    eprintln!("{}", format_exits(exits));
                 }
             }
             if exit.reason.is_clean() {
@@ -94,4 +94,30 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Boot timings as `cvm boot --timings` prints them: the milestones on one line (which `cvm bench boot`
+/// parses), then when each step of the VMM's set-up was done.
+pub(crate) fn format_timings(t: &cvm_vmm::BootTimings) -> String {
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+    let maybe_ms = |d: Option<Duration>| d.map_or("-".to_string(), ms);
+    let setup: String = t.setup.iter().map(|(step, at)| format!(" {step} {}", ms(*at))).collect();
+    format!(
+        "cvm timings (ms from VMM start): first-instruction {} boot-timer {} exit {}\ncvm set-up (ms from VMM start, each step done):{setup}",
+        maybe_ms(t.first_instruction),
+        maybe_ms(t.boot_timer),
+        ms(t.exit)
+    )
+}
+
+/// Prefix of the line `cvm boot --timings` prints with KVM's exit counters.
+pub(crate) const EXITS_PREFIX: &str = "cvm exits (all vCPUs):";
+
+/// `cvm exits (all vCPUs): exits 1234 io_exits 56 ...`: every counter KVM has, by name.
+pub(crate) fn format_exits(exits: &cvm_vmm::vstate::exit_stats::ExitCounts) -> String {
+    let mut line = String::from(EXITS_PREFIX);
+    for (name, n) in exits {
+        line.push_str(&format!(" {name} {n}"));
+    }
+    line
 }

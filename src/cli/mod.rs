@@ -2,7 +2,7 @@
 //! in its own file. The launch step, where flags and configuration become a session, is
 //! `launch`; everything else is a thin call into the `cvm` library.
 
-mod boot;
+pub(crate) mod boot;
 mod config;
 mod image;
 mod launch;
@@ -26,6 +26,7 @@ use cvm::session::{Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, Engine, Vm, VmConfig, DEFAULT_CMDLINE};
 
+#[cfg(feature = "bench")]
 use crate::bench;
 use boot::*;
 use config::*;
@@ -160,6 +161,7 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Measure cvm against references.
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// `cvm "PROMPT"`: Claude Code on the current directory, given the prompt.
@@ -264,6 +266,7 @@ pub(crate) fn main() -> ExitCode {
         }
         Command::Worktree(command) => report(worktree_command(command)),
         Command::Image(command) => exit_code(image_command(command)),
+        #[cfg(feature = "bench")]
         Command::Bench(command) => report(bench::run(command)),
         Command::Prompt(_) => unreachable!("a prompt became `cvm run` above"),
         Command::FsBackend { args } => match fs_backend(args) {
@@ -308,8 +311,8 @@ pub(crate) fn session_exit(result: anyhow::Result<u8>) -> ExitCode {
 
 /// `cvm __fs-backend ARGS`: one share's server, in its own process and sandbox.
 pub(crate) fn fs_backend(args: Vec<OsString>) -> anyhow::Result<()> {
-    let share = cvm_devices::fs::ShareConfig::from_args(args).map_err(anyhow::Error::msg)?;
-    cvm_devices::fs::serve(cvm_devices::fs::inherited_listener()?, &share)?;
+    let share = cvm_backends::fs::ShareConfig::from_args(args).map_err(anyhow::Error::msg)?;
+    cvm_backends::fs::serve(cvm_backends::fs::inherited_listener()?, &share)?;
     Ok(())
 }
 

@@ -129,7 +129,7 @@ impl QemuVm {
         }
         // Its own process group: a Ctrl-C at the terminal is cvm's to forward, not QEMU's.
         command.process_group(0);
-        cvm_devices::process::die_with_parent(&mut command);
+        cvm_sandbox::process::die_with_parent(&mut command);
         let mut child = command.spawn().map_err(|e| {
             Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display()))
         })?;

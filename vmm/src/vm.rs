@@ -65,7 +65,7 @@ impl Vm {
     /// Runs the guest until it ends, then stops every vCPU thread.
     pub fn run(mut self) -> Result<VmExit> {
         // From here on this thread and the vCPUs it starts make only the VMM's system calls.
-        cvm_devices::seccomp::confine_thread(cvm_devices::seccomp::Role::Vmm)?;
+        cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::Vmm)?;
         let threads: Vec<JoinHandle<()>> = self
             .vcpus
             .drain(..)

@@ -27,7 +27,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 pub use muxer::{Header, Muxer, HEADER_SIZE};
 
 /// The device this backend serves (rx, tx and event queues).
-const DEVICE: crate::virtio::VhostUserDeviceKind = crate::virtio::VhostUserDeviceKind::VSOCK;
+const DEVICE: cvm_devices::virtio::VhostUserDeviceKind = cvm_devices::virtio::VhostUserDeviceKind::VSOCK;
 const NUM_QUEUES: usize = DEVICE.num_queues;
 const QUEUE_SIZE: usize = DEVICE.queue_size as usize;
 const RX: usize = 0;
@@ -216,7 +216,7 @@ impl VsockServer {
         // The daemon is made on its own thread, under the role's seccomp filter, so that its
         // vring worker (a thread it starts) is under it too.
         let thread = std::thread::Builder::new().name("vsock-vhost-user".into()).spawn(move || {
-            let daemon = crate::seccomp::confine_thread(crate::seccomp::Role::VsockBackend).and_then(|()| {
+            let daemon = cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::VsockBackend).and_then(|()| {
                 let muxer_fd = muxer.epoll_fd();
                 let backend = Arc::new(RwLock::new(VsockBackend::new(guest_cid, muxer)));
                 let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());

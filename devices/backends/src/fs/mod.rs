@@ -61,7 +61,7 @@ pub struct ShareConfig {
 impl ShareConfig {
     /// Checks what the guest and the sandbox need: a usable tag and an existing directory.
     pub fn validate(&self) -> io::Result<()> {
-        if self.tag.is_empty() || self.tag.len() > crate::virtio::FS_TAG_LEN || self.tag.contains(['\0', ',', '=']) {
+        if self.tag.is_empty() || self.tag.len() > cvm_devices::virtio::FS_TAG_LEN || self.tag.contains(['\0', ',', '=']) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad share tag {:?}", self.tag)));
         }
         if !self.dir.is_absolute() || !self.dir.is_dir() {
@@ -150,9 +150,9 @@ impl FsBackend {
         share.validate()?;
         command.args(share.to_args());
         let (lifeline_read, lifeline) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        crate::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD);
-        crate::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), LIFELINE_FD);
-        crate::process::die_with_parent(&mut command);
+        cvm_sandbox::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD);
+        cvm_sandbox::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), LIFELINE_FD);
+        cvm_sandbox::process::die_with_parent(&mut command);
         let child = command.spawn()?;
         drop(listener);
         Ok(FsBackend { child, _lifeline: lifeline })
@@ -232,7 +232,7 @@ fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<
         match sandbox.enter(last) {
             Ok(listener) => {
                 // The sandbox forked: dies with its parent again.
-                crate::process::set_parent_death_signal()?;
+                cvm_sandbox::process::set_parent_death_signal()?;
                 tracing::info!("fs backend for {dir}: sandbox {mode:?}");
                 return Ok((listener, sandbox));
             }
@@ -277,7 +277,7 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
     exit_with_cvm()?;
     keep_only_needed_capabilities()?;
-    crate::seccomp::confine_process(crate::seccomp::Role::FsBackend)?;
+    cvm_sandbox::seccomp::confine_process(cvm_sandbox::seccomp::Role::FsBackend)?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
