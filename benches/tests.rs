@@ -1,0 +1,46 @@
+use super::*;
+use crate::cli::boot::{format_exits, format_timings};
+use cvm_vmm::BootTimings;
+
+#[test]
+fn boot_timings_print_the_set_up_steps_and_parse_back() {
+    let ms = Duration::from_millis;
+    let timings = BootTimings { setup: vec![("vm", ms(2)), ("kernel", ms(40))], first_instruction: Some(ms(50)), boot_timer: None, exit: ms(900) };
+    let printed = format_timings(&timings);
+    assert!(printed.ends_with("\ncvm set-up (ms from VMM start, each step done): vm 2.000 kernel 40.000"), "{printed}");
+    assert_eq!(parse_timings(&printed), Some((Some(50.0), None)));
+}
+
+#[test]
+fn exit_counts_round_trip_through_their_line() {
+    let counts = cvm_vmm::vstate::exit_stats::ExitCounts::from([("exits".into(), 4321), ("io_exits".into(), 12)]);
+    let stderr = format!("cvm timings (ms from VMM start): first-instruction 1.0 boot-timer 2.0 exit 3.0\n{}\n", format_exits(&counts));
+    assert_eq!(parse_exits(&stderr), Some(vec![("exits".into(), 4321), ("io_exits".into(), 12)]));
+    assert_eq!(parse_exits("no such line"), None);
+    assert_eq!(parse_exits(&format!("{EXITS_PREFIX} exits x")), None, "a count that is not a number");
+    assert_eq!(parse_exits(&format!("{EXITS_PREFIX} exits")), None, "a name without its count");
+}
+
+#[test]
+fn firecracker_is_given_the_same_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = BootBench {
+        runs: 1,
+        kernel: Some("/k/vmlinux".into()),
+        initrd: Some("/k/initrd".into()),
+        append: "console=ttyS0 cvm.boot_test".into(),
+        qemu: "qemu-system-x86_64".into(),
+        firecracker: Some("/fc".into()),
+        memory: "256M".into(),
+        cpus: 2,
+    };
+    let cmd = firecracker_command(Path::new("/fc"), &args, Path::new("/k/vmlinux"), dir.path()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("firecracker.json")).unwrap()).unwrap();
+    assert_eq!(config["boot-source"]["kernel_image_path"], "/k/vmlinux");
+    assert_eq!(config["boot-source"]["initrd_path"], "/k/initrd");
+    assert_eq!(config["boot-source"]["boot_args"], "console=ttyS0 cvm.boot_test");
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["machine-config"]["mem_size_mib"], 256);
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    assert_eq!(args[..2], ["--no-api".to_string(), "--config-file".to_string()]);
+}
