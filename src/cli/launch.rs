@@ -21,7 +21,7 @@ pub(crate) struct VmArgs {
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Number of vCPUs. [config: vm.cpus, CVM_CPUS; default: 2]
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    #[arg(long, value_parser = cvm::config::keys::parse_cpus)]
     pub cpus: Option<u8>,
     /// Guest memory: 512M, 2G, ... (a bare number is MiB). [config: vm.memory, CVM_MEMORY;
     /// default: 512M]

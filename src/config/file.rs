@@ -79,15 +79,35 @@ pub struct FileConfig {
     pub secrets: SecretsTable,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmTable {
-    pub cpus: Option<Spanned<u8>>,
-    pub memory: Option<Spanned<String>>,
-    pub disk: Option<Spanned<String>>,
-    pub vmm: Option<Spanned<String>>,
-    pub image: Option<String>,
-    pub timeout: Option<Spanned<String>>,
+/// `[vm]`: single-valued keys only, each read by its entry in [`super::keys::KEYS`] (an unknown
+/// one is refused there, at its line and column).
+pub type VmTable = BTreeMap<Spanned<String>, Spanned<Scalar>>;
+
+/// A single value as a file writes it, a string or a number (`cpus = 2`, `memory = "2G"`),
+/// kept as text for its key's parser.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarVisitor;
+        impl serde::de::Visitor<'_> for ScalarVisitor {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(ScalarVisitor)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -134,7 +154,8 @@ pub struct ContextTable {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkTable {
-    pub mode: Option<Spanned<String>>,
+    /// Read by its entry in [`super::keys::KEYS`].
+    pub mode: Option<Spanned<Scalar>>,
     pub allow: Option<List<Spanned<String>>>,
     pub deny: Option<List<Spanned<String>>>,
     /// `NAME:IP` mappings, as `--add-host`.
@@ -209,14 +230,15 @@ impl FileConfig {
         };
         add("mounts", mounts(&self.mounts));
         add("setup.mounts", mounts(&self.setup.mounts));
-        add("network.mode", self.network.mode.iter().map(|m| m.get_ref().clone()).filter(|m| m == "open").collect());
+        add("network.mode", self.network.mode.iter().map(|m| m.get_ref().0.clone()).filter(|m| m == "open").collect());
         add("network.allow", spanned(&self.network.allow));
         add("network.hosts", spanned(&self.network.hosts));
         add("runtime.scripts", outside_list(&self.runtime.scripts));
         add("setup.scripts", outside_list(&self.setup.scripts));
         add("context.instructions_file", self.context.instructions_file.iter().filter_map(outside).collect());
         add("secrets.env_file", self.secrets.env_file.iter().filter_map(outside).collect());
-        add("vm.image", self.vm.image.iter().filter(|i| !crate::images::is_named(i)).cloned().collect());
+        let image = self.vm.iter().find(|(name, _)| name.get_ref() == "image").map(|(_, value)| value.get_ref().0.clone());
+        add("vm.image", image.into_iter().filter(|i| !crate::images::is_named(i)).collect());
         found
     }
 }

@@ -30,6 +30,7 @@ use cvm_vmm::Engine;
 use crate::shares::{expand_home, MountSpec};
 
 mod file;
+pub mod keys;
 
 pub use file::{parse_file, ConfigError, FileConfig, List, MountTable, ProxiedTable};
 
@@ -179,25 +180,13 @@ impl Settings {
         let dir = origin.parent().unwrap_or(Path::new("/"));
         let at = |span: std::ops::Range<usize>, message: String| ConfigError::at(origin, text, span, message);
         let path = |p: &str| normalize(&dir.join(expand_home(p, home)));
-        let vm = file.vm;
-        if let Some(cpus) = vm.cpus {
-            let span = cpus.span();
-            self.cpus.set(check_cpus(*cpus.get_ref()).map_err(|e| at(span, e))?, source.clone());
-        }
-        if let Some(memory) = vm.memory {
-            self.memory.set(cvm_vmm::parse_memory_size(memory.get_ref()).map_err(|e| at(memory.span(), e))?, source.clone());
-        }
-        if let Some(disk) = vm.disk {
-            self.disk.set(Some(cvm_vmm::parse_memory_size(disk.get_ref()).map_err(|e| at(disk.span(), e))?), source.clone());
-        }
-        if let Some(vmm) = vm.vmm {
-            self.vmm.set(parse_enum::<Engine>(vmm.get_ref(), "vmm").map_err(|e| at(vmm.span(), e))?, source.clone());
-        }
-        if let Some(image) = vm.image {
-            self.image.set(image, source.clone());
-        }
-        if let Some(timeout) = vm.timeout {
-            self.timeout.set(Some(crate::run::parse_duration(timeout.get_ref()).map_err(|e| at(timeout.span(), e))?), source.clone());
+        for (name, value) in file.vm {
+            let key = format!("vm.{}", name.get_ref());
+            let Some(key) = keys::key(&key) else {
+                let known: Vec<&str> = keys::KEYS.iter().filter_map(|k| k.name.strip_prefix("vm.")).collect();
+                return Err(at(name.span(), format!("unknown key `{}` in [vm] (known: {})", name.get_ref(), known.join(", "))));
+            };
+            (key.set)(self, &value.get_ref().0, source.clone()).map_err(|e| at(value.span(), e))?;
         }
         for (name, on) in file.tools {
             let span = name.span();
@@ -234,7 +223,8 @@ impl Settings {
         }
         let network = file.network;
         if let Some(mode) = network.mode {
-            self.network.set(parse_enum::<NetworkMode>(mode.get_ref(), "network mode").map_err(|e| at(mode.span(), e))?, source.clone());
+            let key = keys::key("network.mode").expect("network.mode is a key");
+            (key.set)(self, &mode.get_ref().0, source.clone()).map_err(|e| at(mode.span(), e))?;
         }
         if let Some(allow) = network.allow {
             self.allow.apply(map_list(allow, |p| crate::egress::parse_pattern(p.get_ref()).map_err(|e| at(p.span(), e)))?, source.clone());
@@ -264,28 +254,10 @@ impl Settings {
 
     /// Layer 6: `CVM_*` variables, read through `var`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<()> {
-        let bad = |name: &str, e: String| anyhow::anyhow!("${name}: {e}");
-        if let Some(v) = var("CVM_CPUS") {
-            let cpus = v.parse::<u8>().map_err(|e| bad("CVM_CPUS", e.to_string())).and_then(|c| check_cpus(c).map_err(|e| bad("CVM_CPUS", e)))?;
-            self.cpus.set(cpus, Source::Env("CVM_CPUS"));
-        }
-        if let Some(v) = var("CVM_MEMORY") {
-            self.memory.set(cvm_vmm::parse_memory_size(&v).map_err(|e| bad("CVM_MEMORY", e))?, Source::Env("CVM_MEMORY"));
-        }
-        if let Some(v) = var("CVM_DISK") {
-            self.disk.set(Some(cvm_vmm::parse_memory_size(&v).map_err(|e| bad("CVM_DISK", e))?), Source::Env("CVM_DISK"));
-        }
-        if let Some(v) = var("CVM_VMM") {
-            self.vmm.set(parse_enum(&v, "vmm").map_err(|e| bad("CVM_VMM", e))?, Source::Env("CVM_VMM"));
-        }
-        if let Some(v) = var("CVM_IMAGE") {
-            self.image.set(v, Source::Env("CVM_IMAGE"));
-        }
-        if let Some(v) = var("CVM_TIMEOUT") {
-            self.timeout.set(Some(crate::run::parse_duration(&v).map_err(|e| bad("CVM_TIMEOUT", e))?), Source::Env("CVM_TIMEOUT"));
-        }
-        if let Some(v) = var("CVM_NETWORK") {
-            self.network.set(parse_enum(&v, "network mode").map_err(|e| bad("CVM_NETWORK", e))?, Source::Env("CVM_NETWORK"));
+        for key in keys::KEYS {
+            if let Some((name, value)) = key.env.and_then(|name| Some((name, var(name)?))) {
+                (key.set)(self, &value, Source::Env(name)).map_err(|e| anyhow::anyhow!("${name}: {e}"))?;
+            }
         }
         Ok(())
     }
@@ -364,12 +336,10 @@ impl Settings {
         let list = |items: &[String]| format!("[{}]", items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "));
         let paths = |items: &[PathBuf]| list(&items.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
         let mounts = |items: &[MountSpec]| list(&items.iter().map(|m| format!("{}:{}:{}", m.host.display(), m.guest.display(), if m.read_only { "ro" } else { "rw" })).collect::<Vec<_>>());
-        line("vm.cpus", self.cpus.value.to_string(), &self.cpus.sources);
-        line("vm.memory", format!("\"{}M\"", self.memory.value >> 20), &self.memory.sources);
-        line("vm.disk", self.disk.value.map_or("none".into(), |d| format!("\"{}M\"", d >> 20)), &self.disk.sources);
-        line("vm.vmm", format!("{:?}", enum_name(&self.vmm.value)), &self.vmm.sources);
-        line("vm.image", format!("{:?}", self.image.value), &self.image.sources);
-        line("vm.timeout", self.timeout.value.map_or("none".into(), |t| format!("\"{}s\"", t.as_secs())), &self.timeout.sources);
+        for key in keys::KEYS {
+            let (value, sources) = (key.show)(self);
+            line(key.name, value, sources);
+        }
         for (name, on) in &self.tools {
             line(&format!("tools.{name}"), on.value.to_string(), &on.sources);
         }
@@ -381,7 +351,6 @@ impl Settings {
         line("defaults.command", self.command.value.as_deref().map_or("none (Claude Code)".into(), list), &self.command.sources);
         line("context.instructions", self.instructions.value.as_ref().map_or("none".into(), |t| format!("{t:?}")), &self.instructions.sources);
         line("context.instructions_file", self.instructions_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())), &self.instructions_file.sources);
-        line("network.mode", format!("{:?}", enum_name(&self.network.value)), &self.network.sources);
         line("network.allow", list(&self.allow.value), &self.allow.sources);
         line("network.deny", list(&self.deny.value), &self.deny.sources);
         line("network.hosts", list(&self.hosts.value.iter().map(|(n, ip)| format!("{n}:{ip}")).collect::<Vec<_>>()), &self.hosts.sources);
@@ -538,13 +507,6 @@ fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str
         _ => return Err(at(span, format!("secret {name}: give one of file, env and command"))),
     };
     Ok(ProxiedSecret { name, hosts, source, body: table.body })
-}
-
-fn check_cpus(cpus: u8) -> Result<u8, String> {
-    if cpus == 0 {
-        return Err("cpus must be at least 1".into());
-    }
-    Ok(cpus)
 }
 
 /// The name a value of a clap value enum is written as.

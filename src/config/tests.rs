@@ -158,7 +158,8 @@ fn paths_are_relative_to_their_file_and_home() {
 #[test]
 fn errors_name_the_file_line_and_column() {
     let cases = [
-        ("[vm]\ncpus = 2\nmemroy = \"1G\"\n", 3, 1, "unknown field `memroy`"),
+        ("[vm]\ncpus = 2\nmemroy = \"1G\"\n", 3, 1, "unknown key `memroy` in [vm]"),
+        ("[vm]\ncpus = true\n", 2, 8, "a string or a number"),
         ("[vm]\nmemory = \"lots\"\n", 2, 10, "invalid memory size"),
         ("[vm]\nvmm = \"xen\"\n", 2, 7, "unknown vmm \"xen\""),
         ("[vm]\ncpus = 0\n", 2, 8, "at least 1"),
@@ -203,4 +204,42 @@ fn show_names_every_source_and_no_secret() {
     assert!(shown.lines().any(|l| l.starts_with("vm.cpus") && l.contains("= 4") && l.ends_with("# /home/dev/.cvm.toml")), "{shown}");
     assert!(shown.lines().any(|l| l.starts_with("vm.memory") && l.ends_with("# default")), "{shown}");
     assert!(shown.lines().any(|l| l.starts_with("secrets.env_file") && l.contains("/s.env")), "{shown}");
+}
+
+/// The key table is the one way in: each key, set to its example in a file and in its
+/// variable, is read from both and shown with where it came from.
+#[test]
+fn every_key_is_read_from_a_file_and_its_variable_and_shown() {
+    for key in keys::KEYS {
+        let (table, name) = key.name.split_once('.').unwrap();
+        let text = format!("[{table}]\n{name} = {:?}\n", key.example);
+        let from_file = layered(&[("/p/.cvm.toml", &text)]).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        let line = |s: &Settings| s.show().lines().find(|l| l.split_whitespace().next() == Some(key.name)).map(str::to_string).unwrap_or_else(|| panic!("{} is not shown", key.name));
+        assert!(line(&from_file).ends_with("# /p/.cvm.toml"), "{}", line(&from_file));
+        assert_ne!(line(&from_file), line(&Settings::defaults()), "{}: its example is its default", key.name);
+        let env = key.env.expect("every single-valued key has a variable");
+        let mut from_env = Settings::defaults();
+        from_env.apply_env(|name| (name == env).then(|| key.example.to_string())).unwrap();
+        assert!(line(&from_env).ends_with(&format!("# ${env}")), "{}", line(&from_env));
+        let bad = format!("[{table}]\n{name} = \"not-a-{name}\"\n");
+        if key.name != "vm.image" {
+            assert!(layered(&[("/p/.cvm.toml", &bad)]).is_err(), "{bad:?} was taken");
+        }
+    }
+}
+
+/// The README's configuration reference (its example file, its list of variables) has every
+/// key and variable.
+#[test]
+fn the_readme_lists_every_key_and_its_variable() {
+    let readme = include_str!("../../README.md");
+    let example = readme.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).expect("the README's example .cvm.toml");
+    for key in keys::KEYS {
+        let (table, name) = key.name.split_once('.').unwrap();
+        let section = example.split(&format!("[{table}]\n")).nth(1).and_then(|rest| rest.split("\n[").next()).unwrap_or_else(|| panic!("no [{table}] in the README's example"));
+        assert!(section.lines().any(|l| l.starts_with(&format!("{name} = "))), "the README's example does not set {}", key.name);
+        if let Some(env) = key.env {
+            assert!(readme.contains(&format!("`{env}`")), "README.md does not document ${env}");
+        }
+    }
 }
