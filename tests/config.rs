@@ -95,11 +95,11 @@ fn config_validate_points_at_the_mistake() {
     assert!(text(&out.stderr).starts_with(&format!("{}:6:1: unknown tool \"cobol\"", file.display())), "{}", text(&out.stderr));
     std::fs::write(&file, "[vm]\ncpus = 2\nmemroy = \"1G\"\n").unwrap();
     let out = env.cvm(&["config", "validate", arg(&file)]).output().unwrap();
-    assert!(text(&out.stderr).starts_with(&format!("{}:3:1: unknown field `memroy`", file.display())), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).starts_with(&format!("{}:3:1: unknown key `memroy`", file.display())), "{}", text(&out.stderr));
     // A session refuses a bad file the same way, before any VM starts.
     let run = wait_output(env.command(engine(), &[arg(&dir), "--", "true"]).spawn().unwrap());
     assert_eq!(run.status.code(), Some(125));
-    assert!(text(&run.stderr).contains(":3:1: unknown field `memroy`"), "{}", text(&run.stderr));
+    assert!(text(&run.stderr).contains(":3:1: unknown key `memroy`"), "{}", text(&run.stderr));
     std::fs::write(&file, "[vm]\ncpus = 2\n[network]\nallow = { replace = [\"api.anthropic.com\"] }\n").unwrap();
     let out = env.cvm(&["config", "validate", arg(&file)]).output().unwrap();
     assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), format!("{}: ok\n", file.display())));
