@@ -27,44 +27,31 @@ fn wait_readable(fd: &impl AsRawFd) -> bool {
     unsafe { libc::poll(&mut pfd, 1, 10_000) == 1 }
 }
 
-#[test]
-fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend() {
-    let dir = tempfile::tempdir().unwrap();
-    let ram = tempfile::tempfile().unwrap();
-    ram.set_len(16 << 20).unwrap();
-    let mem: GuestMemory =
-        GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), 16 << 20, Some(FileOffset::new(ram, 0)))]).unwrap();
-    let vhost_path = dir.path().join("vsock.vhost");
-    let server = VsockServer::start(GUEST_CID, &dir.path().join("v.sock"), UnixListener::bind(&vhost_path).unwrap()).unwrap();
-    let host_listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
-
-    let kind = VhostUserDeviceKind { queue_size: 256, ..VhostUserDeviceKind::VSOCK };
-    let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind, DeviceConfig::FromBackend).unwrap();
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let event_loop = EventManager::<Subscriber>::new().unwrap();
-    let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone().unwrap())), event_loop.remote_endpoint()).unwrap();
-    let transport = Arc::new(Mutex::new(transport));
-    let d = MmioDriver(transport.clone());
-
-    assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), VhostUserDeviceKind::VSOCK.device_type);
-    assert_eq!(u64::from(d.read(0x100)), GUEST_CID, "the guest CID from the backend's config space");
+/// A guest's vsock device on cvm's frontend, brought up by the virtual guest with its rings
+/// at `base`.
+fn bring_up(d: &MmioDriver, base: u64) -> Vec<GuestQueue> {
     d.negotiate();
-    let mut queues: Vec<GuestQueue> = (0..3).map(|i| GuestQueue::new(0x1000 + i * 0x4000, 256)).collect();
+    let queues: Vec<GuestQueue> = (0..3).map(|i| GuestQueue::new(base + i * 0x4000, 256)).collect();
     for (i, q) in queues.iter().enumerate() {
         d.setup_queue(i as u32, q);
     }
     d.driver_ok();
     assert_ne!(d.read(VIRTIO_MMIO_STATUS) & 4, 0, "DRIVER_OK accepted");
+    queues
+}
 
-    // RX buffers, then a connection request to host port 1234 on TX, and the kick.
+/// The guest asks for a connection from its port `from` to host port `to` and waits for the
+/// RESPONSE; returns the host's end.
+fn connect(d: &MmioDriver, mem: &GuestMemory, irq: &EventFd, queues: &mut [GuestQueue], from: u32, to: u32, listener: &UnixListener) -> UnixStream {
+    // RX buffers, then a connection request on TX, and the kick.
     for i in 0..8u64 {
-        queues[0].push(&mem, &[(0x10_0000 + i * 4096, 4096, true)]);
+        queues[0].push(mem, &[(0x10_0000 + i * 4096, 4096, true)]);
     }
     let mut hdr = Vec::new();
     hdr.extend_from_slice(&GUEST_CID.to_le_bytes());
     hdr.extend_from_slice(&2u64.to_le_bytes());
-    hdr.extend_from_slice(&5000u32.to_le_bytes());
-    hdr.extend_from_slice(&1234u32.to_le_bytes());
+    hdr.extend_from_slice(&from.to_le_bytes());
+    hdr.extend_from_slice(&to.to_le_bytes());
     hdr.extend_from_slice(&0u32.to_le_bytes());
     hdr.extend_from_slice(&1u16.to_le_bytes()); // stream
     hdr.extend_from_slice(&1u16.to_le_bytes()); // REQUEST
@@ -72,25 +59,59 @@ fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend() {
     hdr.extend_from_slice(&65536u32.to_le_bytes());
     hdr.extend_from_slice(&0u32.to_le_bytes());
     mem.write_slice(&hdr, GuestAddress(0x20_0000)).unwrap();
-    queues[1].push(&mem, &[(0x20_0000, hdr.len() as u32, false)]);
-    transport.lock().unwrap().kick_events()[1].write(1).unwrap();
+    queues[1].push(mem, &[(0x20_0000, hdr.len() as u32, false)]);
+    d.0.lock().unwrap().kick_events()[1].write(1).unwrap();
 
-    let (mut host, _) = host_listener.accept().unwrap();
-    assert!(wait_readable(&irq), "the backend interrupts the guest through the irqfd");
+    let (host, _) = listener.accept().unwrap();
+    assert!(wait_readable(irq), "the backend interrupts the guest through the irqfd");
     assert_eq!(d.read(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING, "used-buffer bit reported");
     // The TX and RX interrupts may come one at a time.
-    let mut used = queues[0].take_used(&mem);
+    let mut used = queues[0].take_used(mem);
     while used.is_empty() {
         let _ = irq.read();
-        assert!(wait_readable(&irq), "no RX interrupt");
-        used = queues[0].take_used(&mem);
+        assert!(wait_readable(irq), "no RX interrupt");
+        used = queues[0].take_used(mem);
     }
     assert_eq!(used.len(), 1);
-    let op: u16 = mem.read_obj(GuestAddress(0x10_0000 + 30)).unwrap();
+    let (head, _) = used[0];
+    let op: u16 = mem.read_obj(GuestAddress(0x10_0000 + u64::from(head) * 4096 + 30)).unwrap();
     assert_eq!(op, 2, "RESPONSE");
-    host.write_all(b"x").unwrap();
+    host
+}
+
+/// Up, a connection, a reset (the backend stops its rings), up again with the rings
+/// elsewhere, and a second connection: as a guest kernel that reloads its driver.
+#[test]
+fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend_before_and_after_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let ram = tempfile::tempfile().unwrap();
+    ram.set_len(16 << 20).unwrap();
+    let mem: GuestMemory =
+        GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), 16 << 20, Some(FileOffset::new(ram, 0)))]).unwrap();
+    let vhost_path = dir.path().join("vsock.vhost");
+    let server = VsockServer::start(GUEST_CID, &dir.path().join("v.sock"), UnixListener::bind(&vhost_path).unwrap()).unwrap();
+    let listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
+
+    let kind = VhostUserDeviceKind { queue_size: 256, ..VhostUserDeviceKind::VSOCK };
+    let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind, DeviceConfig::FromBackend).unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let event_loop = EventManager::<Subscriber>::new().unwrap();
+    let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone().unwrap())), event_loop.remote_endpoint()).unwrap();
+    let d = MmioDriver(Arc::new(Mutex::new(transport)));
+
+    assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), VhostUserDeviceKind::VSOCK.device_type);
+    assert_eq!(u64::from(d.read(0x100)), GUEST_CID, "the guest CID from the backend's config space");
+    let mut queues = bring_up(&d, 0x1000);
+    let mut first = connect(&d, &mem, &irq, &mut queues, 5000, 1234, &listener);
+    first.write_all(b"x").unwrap();
+
+    d.write(VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0, "reset");
+    let _ = irq.read();
+    let mut queues = bring_up(&d, 0x4_0000);
+    let mut second = connect(&d, &mem, &irq, &mut queues, 5001, 1234, &listener);
+    second.write_all(b"y").unwrap();
 
     drop(d);
-    drop(transport);
     server.join();
 }

@@ -32,7 +32,7 @@ const CHUNK: usize = 128 * 1024;
 
 /// A disk image as a virtio-blk device.
 pub struct Block {
-    file: Option<File>,
+    file: File,
     read_only: bool,
     /// The disk's size in sectors (the file's size, rounded down to a sector).
     sectors: u64,
@@ -44,7 +44,7 @@ impl Block {
         if sectors == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a disk image must hold at least one 512-byte sector"));
         }
-        Ok(Self { file: Some(file), read_only, sectors })
+        Ok(Self { file, read_only, sectors })
     }
 }
 
@@ -69,8 +69,8 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, _features: u64, mem: GuestMemory, mut queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
         let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "virtio-blk needs its queue"))?;
-        // A reset and a second activation would find no file: the device serves one driver.
-        let file = self.file.take().ok_or_else(|| io::Error::other("virtio-blk: activated twice"))?;
+        // The worker gets its own handle, so that after a reset the next activation has one too.
+        let file = self.file.try_clone()?;
         Ok(Some(Box::new(BlockWorker { mem, queue, kick, interrupt, disk: Disk { file, read_only: self.read_only, sectors: self.sectors } })))
     }
 }

@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use event_manager::SubscriberId;
 use virtio_bindings::virtio_config::{
@@ -41,7 +41,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     config_generation: u32,
-    worker: Option<SubscriberId>,
+    /// The active device's worker, once the event loop has taken it.
+    worker: Option<Arc<Mutex<Option<SubscriberId>>>>,
 }
 
 impl MmioTransport {
@@ -237,11 +238,12 @@ impl MmioTransport {
             self.interrupt.clone(),
         )?;
         if let Some(worker) = worker {
-            let id = self
-                .event_loop
-                .call_blocking(move |ops| -> Result<SubscriberId, event_manager::Error> {
-                    Ok(ops.add_subscriber(worker))
-                })
+            // Handed over, not waited for: the vCPU that set DRIVER_OK goes back to the guest at
+            // once, and the event loop takes the worker before any later message (a reset's).
+            let id = Arc::new(Mutex::new(None));
+            let taken = id.clone();
+            self.event_loop
+                .fire(move |ops| *taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(ops.add_subscriber(worker)))
                 .map_err(|e| std::io::Error::other(format!("event loop: {e:?}")))?;
             self.worker = Some(id);
         }
@@ -250,12 +252,20 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if let Some(id) = self.worker.take() {
+            // Waited for: once the driver has written 0 it may reuse the rings' memory, so the
+            // worker must be gone before the vCPU goes back to the guest.
             let removed = self.event_loop.call_blocking(move |ops| -> Result<(), event_manager::Error> {
-                ops.remove_subscriber(id).map(drop)
+                match id.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    Some(id) => ops.remove_subscriber(id).map(drop),
+                    None => Ok(()),
+                }
             });
             if let Err(e) = removed {
                 tracing::warn!("virtio-mmio: cannot stop the device worker: {e:?}");
             }
+        }
+        if let Err(e) = self.device.reset() {
+            tracing::warn!("virtio-mmio: device {} did not reset: {e}", self.device.device_type());
         }
         self.queues = fresh_queues(self.device.as_ref());
         self.driver_features = 0;

@@ -162,6 +162,11 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActiveQueue>,
         interrupt: std::sync::Arc<Interrupt>,
     ) -> std::io::Result<Option<Subscriber>>;
+    /// The driver reset the device: whatever `activate` started on the device's side (not its
+    /// worker, which the transport stops) must stop, so that a later `activate` starts afresh.
+    fn reset(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -39,13 +39,25 @@ const IN_LIMIT: usize = 256 * 1024;
 
 /// A virtio-net device whose wire is `socket`.
 pub struct Net {
-    socket: Option<UnixStream>,
+    /// The wire while no worker has it: the active worker gives it back when dropped (after a
+    /// reset), with any partial frame either way, so the stream's framing survives the reset.
+    wire: Arc<Mutex<Option<Wire>>>,
     mac: [u8; 6],
+}
+
+/// The socket to the peer and what is in flight on it.
+struct Wire {
+    socket: UnixStream,
+    outgoing: Vec<u8>,
+    incoming: Vec<u8>,
+    peer_gone: bool,
+    hung_up: bool,
 }
 
 impl Net {
     pub fn new(socket: UnixStream, mac: [u8; 6]) -> Self {
-        Self { socket: Some(socket), mac }
+        let wire = Wire { socket, outgoing: Vec::new(), incoming: Vec::new(), peer_gone: false, hung_up: false };
+        Self { wire: Arc::new(Mutex::new(Some(wire))), mac }
     }
 }
 
@@ -82,8 +94,9 @@ impl VirtioDevice for Net {
         let (Some(rx), Some(tx)) = (rx, tx) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "virtio-net needs its receive and transmit queues"));
         };
-        // A reset and a second activation would find no socket: the device serves one driver.
-        let socket = self.socket.take().ok_or_else(|| io::Error::other("virtio-net: activated twice"))?;
+        // The transport stops a worker (and so gets the wire back) before it activates again.
+        let wire = self.wire.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Wire { socket, outgoing, incoming, peer_gone, hung_up } = wire.ok_or_else(|| io::Error::other("virtio-net: activated while active"))?;
         socket.set_nonblocking(true)?;
         Ok(Some(Box::new(NetWorker {
             mem,
@@ -93,12 +106,13 @@ impl VirtioDevice for Net {
             tx_kick: tx.kick,
             interrupt,
             socket,
-            outgoing: Vec::new(),
-            incoming: Vec::new(),
+            outgoing,
+            incoming,
             watching: EventSet::IN,
-            peer_gone: false,
-            hung_up: false,
+            peer_gone,
+            hung_up,
             mergeable: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            wire_home: self.wire.clone(),
         })))
     }
 }
@@ -124,6 +138,23 @@ pub struct NetWorker {
     hung_up: bool,
     /// The driver took VIRTIO_NET_F_MRG_RXBUF: a frame may span several RX buffers.
     mergeable: bool,
+    /// Where the wire goes back when this worker is dropped.
+    wire_home: Arc<Mutex<Option<Wire>>>,
+}
+
+impl Drop for NetWorker {
+    fn drop(&mut self) {
+        // A second handle to the same socket (this one closes with the worker); without one
+        // the device has no wire, and a later activation fails.
+        match self.socket.try_clone() {
+            Ok(socket) => {
+                let (outgoing, incoming) = (std::mem::take(&mut self.outgoing), std::mem::take(&mut self.incoming));
+                let wire = Wire { socket, outgoing, incoming, peer_gone: self.peer_gone, hung_up: self.hung_up };
+                *self.wire_home.lock().unwrap_or_else(PoisonError::into_inner) = Some(wire);
+            }
+            Err(e) => tracing::warn!("virtio-net: the wire is lost with its worker: {e}"),
+        }
+    }
 }
 
 impl NetWorker {
@@ -456,6 +487,19 @@ mod tests {
             out
         }
 
+        /// The driver resets the device and brings it up again with rings elsewhere.
+        fn reset_and_restart(&mut self) {
+            self.driver.write(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS, 0);
+            assert_eq!(self.driver.read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS), 0);
+            self.driver.negotiate();
+            (self.rx, self.tx, self.rx_posted) = (GuestQueue::new(0x4_0000, QUEUE_SIZE), GuestQueue::new(0x4_8000, QUEUE_SIZE), 0);
+            self.driver.setup_queue(RX_QUEUE as u32, &self.rx);
+            self.driver.setup_queue(TX_QUEUE as u32, &self.tx);
+            self.driver.driver_ok();
+            let status = self.driver.read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
+            assert_ne!(status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK, 0, "the device starts again after a reset: {status:#x}");
+        }
+
         fn write_wire(&mut self, frame: &[u8]) {
             self.wire.write_all(&(frame.len() as u32).to_be_bytes()).unwrap();
             self.wire.write_all(frame).unwrap();
@@ -466,6 +510,25 @@ mod tests {
         fn drop(&mut self) {
             self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_reset_device_starts_again_on_the_same_wire_with_its_framing_kept() {
+        let mut guest = NetGuest::new();
+        guest.send(b"before the reset");
+        assert_eq!(guest.wire_frame(), b"before the reset");
+        // Half a frame from the peer, read by the device while the guest has no RX buffers.
+        let frame: Vec<u8> = (0..1200u32).map(|i| (i * 7) as u8).collect();
+        guest.wire.write_all(&(frame.len() as u32).to_be_bytes()).unwrap();
+        guest.wire.write_all(&frame[..600]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+
+        guest.reset_and_restart();
+        guest.wire.write_all(&frame[600..]).unwrap();
+        guest.post_rx(2, BUFFER);
+        assert_eq!(guest.received(1, BUFFER), vec![frame], "the frame begun before the reset arrives whole");
+        guest.send(b"after the reset");
+        assert_eq!(guest.wire_frame(), b"after the reset");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct VhostUserDevice {
     queue_sizes: Vec<u16>,
     backend_features: u64,
     config: Vec<u8>,
+    /// The queues the backend serves now (handed over at activation, until a reset).
+    started: Vec<usize>,
 }
 
 impl VhostUserDevice {
@@ -100,7 +102,7 @@ impl VhostUserDevice {
                 config = payload;
             }
         }
-        Ok(Self { frontend, kind, queue_sizes: vec![kind.queue_size; kind.num_queues], backend_features, config })
+        Ok(Self { frontend, kind, queue_sizes: vec![kind.queue_size; kind.num_queues], backend_features, config, started: Vec::new() })
     }
 
     fn setup_queues(&mut self, mem: &GuestMemory, queues: &[ActiveQueue], interrupt: &Interrupt) -> io::Result<()> {
@@ -165,8 +167,22 @@ impl VirtioDevice for VhostUserDevice {
             .collect::<io::Result<Vec<_>>>()?;
         self.frontend.set_mem_table(&regions).map_err(vhost_err("SET_MEM_TABLE"))?;
         self.setup_queues(&mem, &queues, &interrupt)?;
+        self.started = queues.iter().map(|q| q.index).collect();
         interrupt.set_signalled_by_backend();
         Ok(None)
+    }
+
+    /// The backend stops each queue it serves (GET_VRING_BASE), as the driver's reset asks;
+    /// the next activation sets them up again from the start.
+    fn reset(&mut self) -> io::Result<()> {
+        let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        for index in std::mem::take(&mut self.started) {
+            if protocol {
+                self.frontend.set_vring_enable(index, false).map_err(vhost_err("SET_VRING_ENABLE"))?;
+            }
+            self.frontend.get_vring_base(index).map_err(vhost_err("GET_VRING_BASE"))?;
+        }
+        Ok(())
     }
 }
 
