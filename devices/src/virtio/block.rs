@@ -1,6 +1,8 @@
 //! virtio-blk: a disk image file as the guest's block device, read-only (the root image, shared
-//! by every session) or read-write (a session's scratch disk). Requests run on the VMM's
-//! event loop: reads, writes, flushes and the device ID; anything else is UNSUPP.
+//! by every session) or read-write (a session's scratch disk). Requests run on the device's
+//! own I/O thread, off the VMM's event loop (a slow disk never holds up the network, the
+//! console or the other devices): reads, writes, flushes and the device ID; anything else is
+//! UNSUPP.
 //!
 //! Every request is checked before it touches the file: the header must be whole, the data
 //! must lie inside the disk (no overflow), a read's buffers must be device-writable and a
@@ -10,14 +12,16 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActiveQueue, GuestMemory, Interrupt, Subscriber, VirtioDevice};
 
@@ -36,15 +40,110 @@ pub struct Block {
     read_only: bool,
     /// The disk's size in sectors (the file's size, rounded down to a sector).
     sectors: u64,
+    io: IoThread,
 }
 
 impl Block {
+    /// The device and its I/O thread, which confines itself to the VMM's system calls.
     pub fn new(file: File, read_only: bool) -> io::Result<Self> {
         let sectors = file.metadata()?.len() / SECTOR;
         if sectors == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a disk image must hold at least one 512-byte sector"));
         }
-        Ok(Self { file, read_only, sectors })
+        Ok(Self { file, read_only, sectors, io: IoThread::start()? })
+    }
+}
+
+const EXIT: u64 = 0;
+const KICK: u64 = 1;
+
+/// The thread that serves the queue. It starts with the device, before the VMM confines its
+/// threads, so it confines itself; it gets the queue at each activation and gives it up at
+/// each reset.
+struct IoThread {
+    shared: Arc<IoShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct IoShared {
+    /// The active queue. The thread holds the lock while it serves, so a reset that takes the
+    /// queue waits for the requests in flight: after it, nothing touches the guest's rings.
+    worker: Mutex<Option<BlockWorker>>,
+    /// The queue's kick (while active) and `exit`.
+    epoll: Epoll,
+    exit: EventFd,
+}
+
+impl IoThread {
+    fn start() -> io::Result<IoThread> {
+        let shared = Arc::new(IoShared { worker: Mutex::new(None), epoll: Epoll::new()?, exit: EventFd::new(EFD_NONBLOCK)? });
+        shared.epoll.ctl(ControlOperation::Add, shared.exit.as_raw_fd(), EpollEvent::new(EventSet::IN, EXIT))?;
+        let (confined_tx, confined_rx) = std::sync::mpsc::channel();
+        let serving = shared.clone();
+        let thread = std::thread::Builder::new().name("virtio-blk".into()).spawn(move || {
+            let confined = cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::Vmm);
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if ok {
+                serve(&serving);
+            }
+        })?;
+        let io = IoThread { shared, thread: Some(thread) };
+        confined_rx.recv().map_err(|_| io::Error::other("virtio-blk: the I/O thread did not start"))??;
+        Ok(io)
+    }
+
+    fn activate(&self, worker: BlockWorker) -> io::Result<()> {
+        let kick = worker.kick.as_raw_fd();
+        *self.shared.lock_worker() = Some(worker);
+        self.shared.epoll.ctl(ControlOperation::Add, kick, EpollEvent::new(EventSet::IN, KICK))
+    }
+
+    fn reset(&self) -> io::Result<()> {
+        let mut worker = self.shared.lock_worker();
+        match worker.take() {
+            Some(worker) => self.shared.epoll.ctl(ControlOperation::Delete, worker.kick.as_raw_fd(), EpollEvent::default()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl IoShared {
+    fn lock_worker(&self) -> std::sync::MutexGuard<'_, Option<BlockWorker>> {
+        self.worker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The I/O thread's loop: each kick serves what the guest has queued, until `exit`.
+fn serve(shared: &IoShared) {
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let ready = match shared.epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("virtio-blk: the I/O thread cannot wait: {e}");
+                return;
+            }
+        };
+        for event in &events[..ready] {
+            if event.data() == EXIT {
+                return;
+            }
+            if let Some(worker) = shared.lock_worker().as_mut() {
+                let _ = worker.kick.read();
+                worker.process_queue();
+            }
+        }
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        let _ = self.shared.exit.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -71,7 +170,12 @@ impl VirtioDevice for Block {
         let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "virtio-blk needs its queue"))?;
         // The worker gets its own handle, so that after a reset the next activation has one too.
         let file = self.file.try_clone()?;
-        Ok(Some(Box::new(BlockWorker { mem, queue, kick, interrupt, disk: Disk { file, read_only: self.read_only, sectors: self.sectors } })))
+        self.io.activate(BlockWorker { mem, queue, kick, interrupt, disk: Disk { file, read_only: self.read_only, sectors: self.sectors } })?;
+        Ok(None)
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        self.io.reset()
     }
 }
 
@@ -207,19 +311,6 @@ impl Disk {
     }
 }
 
-impl MutEventSubscriber for BlockWorker {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.kick, EventSet::IN)) {
-            tracing::error!("virtio-blk: cannot watch the queue: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.kick.read();
-        self.process_queue();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +434,46 @@ mod tests {
         // A chain that loops back to its head comes back too (`run` checks), and the loop ends.
         run(&mem, file, false, &[desc(HDR, 16, VRING_DESC_F_NEXT, 1), desc(STATUS, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]);
         assert_eq!(std::fs::read(disk.path()).unwrap(), original, "no hostile request changed the disk");
+    }
+
+    /// Through the virtio-mmio transport as Linux drives it: requests are served by the I/O
+    /// thread while the event loop does nothing, and after a reset the device serves a queue
+    /// set up elsewhere.
+    #[test]
+    fn the_io_thread_serves_the_queue_before_and_after_a_reset() {
+        use crate::virtio::MmioTransport;
+        use crate::virtual_guest::{GuestQueue, MmioDriver};
+        use event_manager::EventManager;
+        use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+        use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
+
+        let mem = mem();
+        let (disk, _) = disk();
+        // Never run: the device must not need the event loop.
+        let event_loop = EventManager::<Subscriber>::new().unwrap();
+        let transport = MmioTransport::new(Box::new(Block::new(disk.reopen().unwrap(), false).unwrap()), mem.clone(), Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), event_loop.remote_endpoint()).unwrap();
+        let driver = MmioDriver(Arc::new(Mutex::new(transport)));
+        let read_sector = |queue: &mut GuestQueue, sector: u64| -> u8 {
+            header(&mem, VIRTIO_BLK_T_IN, sector);
+            queue.push(&mem, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+            driver.0.lock().unwrap().kick_events()[0].write(1).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while queue.take_used(&mem).is_empty() {
+                assert!(std::time::Instant::now() < deadline, "the I/O thread served nothing");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK as u8);
+            mem.read_obj(GuestAddress(DATA)).unwrap()
+        };
+        for (base, sector) in [(0x1000, 5), (0x4_0000, 9)] {
+            driver.write(VIRTIO_MMIO_STATUS, 0);
+            driver.negotiate();
+            let mut queue = GuestQueue::new(base, QUEUE_SIZE);
+            driver.setup_queue(0, &queue);
+            driver.driver_ok();
+            assert_ne!(driver.read(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_DRIVER_OK, 0);
+            assert_eq!(read_sector(&mut queue, sector), sector as u8);
+        }
     }
 
     #[test]
