@@ -88,16 +88,23 @@ pub fn parse_mount_spec(text: &str, home: &Path) -> std::result::Result<MountSpe
         [host, guest] => (*host, *guest),
         _ => return Err(format!("bad mount {text:?}: expected /host[:/guest][:ro|rw]")),
     };
-    let (host, guest) = (expand_home(host, home), expand_home(guest, home));
-    for (what, path) in [("host", &host), ("guest", &guest)] {
-        if !is_plain_absolute(path) {
-            return Err(format!("bad mount {text:?}: the {what} path must be absolute, without . or .."));
+    MountSpec::new(expand_home(host, home), expand_home(guest, home), read_only).map_err(|e| format!("bad mount {text:?}: {e}"))
+}
+
+impl MountSpec {
+    /// A mount of `host` at `guest`: both plain absolute paths (no `.` or `..`), the guest's
+    /// not its `/`.
+    pub fn new(host: PathBuf, guest: PathBuf, read_only: bool) -> std::result::Result<MountSpec, String> {
+        for (what, path) in [("host", &host), ("guest", &guest)] {
+            if !is_plain_absolute(path) {
+                return Err(format!("the {what} path must be absolute, without . or .."));
+            }
         }
+        if guest == Path::new("/") {
+            return Err("cannot mount over the guest's /".into());
+        }
+        Ok(MountSpec { host, guest, read_only })
     }
-    if guest == Path::new("/") {
-        return Err(format!("bad mount {text:?}: cannot mount over the guest's /"));
-    }
-    Ok(MountSpec { host, guest, read_only })
 }
 
 /// The host user cvm runs as.

@@ -533,8 +533,7 @@ fn map_list<T, U, E>(list: List<T>, f: impl Fn(T) -> Result<U, E>) -> Result<Lis
 fn mount(table: MountTable, path: &impl Fn(&str) -> PathBuf, home: &Path, at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError) -> Result<MountSpec, ConfigError> {
     let host = path(table.host.get_ref());
     let guest = table.guest.as_deref().map_or_else(|| host.clone(), |g| expand_home(g, home));
-    let spec = format!("{}:{}:{}", host.display(), guest.display(), if table.read_only { "ro" } else { "rw" });
-    crate::shares::parse_mount_spec(&spec, home).map_err(|e| at(table.host.span(), e))
+    MountSpec::new(host, guest, table.read_only).map_err(|e| at(table.host.span(), format!("bad mount: {e}")))
 }
 
 #[cfg(test)]

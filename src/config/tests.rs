@@ -243,3 +243,11 @@ fn the_readme_lists_every_key_and_its_variable() {
         }
     }
 }
+
+/// A `[[mounts]]` path is taken as written, a `:` in it included (it is not a `--mount` spec).
+#[test]
+fn a_mount_path_with_a_colon_is_taken_as_written() {
+    let s = layered(&[("/p/.cvm.toml", "[[mounts]]\nhost = \"/data/a:b\"\nguest = \"/srv/x:y\"\nread_only = true\n")]).unwrap();
+    let mount = &s.mounts.value[0];
+    assert_eq!((mount.host.as_path(), mount.guest.as_path(), mount.read_only), (Path::new("/data/a:b"), Path::new("/srv/x:y"), true));
+}
