@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use cvm_vmm::Engine;
 use cvm_agent::fs_workloads::{self, Sizes, Workload, BIG_FILE, TREE};
 use cvm_backends::fs::{FsBackend, Policy, ShareConfig};
-use cvm_devices::virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
+use cvm_virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
 
 #[derive(clap::Args)]
 pub struct FsBench {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cvm_backends::fs::{FsBackend, Policy, ShareConfig};
-use cvm_devices::virtual_guest::fuse::{FuseGuest, ROOT};
+use cvm_virtual_guest::fuse::{FuseGuest, ROOT};
 
 struct Backend {
     dir: tempfile::TempDir,
@@ -64,7 +64,7 @@ fn the_sandboxed_backend_serves_its_share_as_the_host_user() {
     assert_eq!(file.uid, guest_uid, "the host user's files belong to the guest user");
     let fh = b.guest.open(file.nodeid, libc::O_RDONLY).unwrap();
     assert_eq!(b.guest.read(file.nodeid, fh, 0, 100).unwrap(), b"shared\n");
-    let mkdir = b.guest.request_as(cvm_devices::virtual_guest::fuse::op::MKDIR, ROOT, b"\xed\x01\0\0\0\0\0\0made\0", 128, guest_uid, guest_uid);
+    let mkdir = b.guest.request_as(cvm_virtual_guest::fuse::op::MKDIR, ROOT, b"\xed\x01\0\0\0\0\0\0made\0", 128, guest_uid, guest_uid);
     assert!(mkdir.is_ok(), "{mkdir:?}");
     let made = std::fs::metadata(b.dir.path().join("share/made")).unwrap();
     assert_eq!(made.uid(), me, "what the guest user makes is the host user's");

@@ -3,16 +3,13 @@
 //!
 //! - [`legacy`]: the 8250 serial console, the i8042 reset line, the boot timer.
 //! - [`virtio`]: the virtio-mmio transport and the devices that run inside the VMM.
-//! - `virtual_guest` (feature `virtual-guest`, for tests and benchmarks): a driver that does what
-//!   Linux's virtio drivers do, from a host thread.
 //!
-//! Only device models live here; the host-side backends the vhost-user devices talk to are in
-//! `cvm-backends` (devices/backends/), which the VMM does not link.
+//! Only device models live here. The virtual guest that drives them in tests is
+//! `cvm-virtual-guest` (devices/virtual-guest/); the host-side backends the vhost-user devices
+//! talk to are `cvm-backends` (devices/backends/), which the VMM does not link.
 
 pub mod legacy;
 pub mod virtio;
-#[cfg(any(test, feature = "virtual-guest"))]
-pub mod virtual_guest;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -442,7 +442,7 @@ mod tests {
     #[test]
     fn the_io_thread_serves_the_queue_before_and_after_a_reset() {
         use crate::virtio::MmioTransport;
-        use crate::virtual_guest::{GuestQueue, MmioDriver};
+        use cvm_virtual_guest::{GuestQueue, MmioDriver};
         use event_manager::EventManager;
         use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
         use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;

@@ -317,7 +317,7 @@ mod tests {
     //! interrupt) while this thread runs the VMM's event loop.
 
     use super::*;
-    use crate::virtual_guest::MmioDriver as Driver;
+    use cvm_virtual_guest::MmioDriver as Driver;
     use crate::virtio::{Rng, Subscriber};
     use event_manager::EventManager;
     use std::sync::Mutex;

@@ -378,7 +378,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::MmioTransport;
-    use crate::virtual_guest::{GuestQueue, MmioDriver};
+    use cvm_virtual_guest::{GuestQueue, MmioDriver};
 
     const RX_BUFFERS: u64 = 0x10_0000;
     const TX_BUFFERS: u64 = 0x20_0000;
@@ -389,7 +389,7 @@ mod tests {
     /// VMM's event loop on a thread of its own.
     struct NetGuest {
         mem: GuestMemory,
-        driver: MmioDriver,
+        driver: MmioDriver<MmioTransport>,
         rx: GuestQueue,
         tx: GuestQueue,
         wire: UnixStream,

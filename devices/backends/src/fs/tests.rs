@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use super::{serve_in_process, Policy, ShareConfig};
-use cvm_devices::virtual_guest::fuse::{FuseGuest, SetattrIn, ROOT};
+use cvm_virtual_guest::fuse::{FuseGuest, SetattrIn, ROOT};
 
 const SECRET: &str = "host secret\n";
 

@@ -10,7 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::muxer::{op, Header, HOST_CID, TYPE_STREAM};
 use super::*;
-use cvm_devices::virtual_guest::GuestQueue;
+use cvm_virtual_guest::GuestQueue;
 
 const GUEST: u64 = 3;
 const MEM_SIZE: u64 = 64 << 20;

@@ -1,4 +1,5 @@
-//! The virtual guest for device tests and benchmarks: what Linux's virtio drivers do, done by
+//! cvm-virtual-guest, the virtual guest for device tests and benchmarks (a dev-dependency, and
+//! `cvm bench`'s with its `bench` feature; never part of the VMM): what Linux's virtio drivers do, done by
 //! a host thread. It programs a virtio-mmio transport's registers ([`MmioDriver`]) and lays out
 //! split virtqueues in guest RAM, posting buffers and reading back used ones ([`GuestQueue`]);
 //! [`fuse::FuseGuest`] speaks FUSE to a virtio-fs backend through them.
@@ -14,12 +15,14 @@ use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::virtio::MmioTransport;
+use cvm_devices::virtio::MmioTransport;
 
-/// Programs a transport's registers as Linux's virtio_mmio driver does.
-pub struct MmioDriver(pub Arc<Mutex<MmioTransport>>);
+/// Programs a transport's registers as Linux's virtio_mmio driver does. Generic over the
+/// transport, so that cvm-devices' own unit tests (which build the crate a second time) can
+/// drive theirs.
+pub struct MmioDriver<T: MutDeviceMmio = MmioTransport>(pub Arc<Mutex<T>>);
 
-impl MmioDriver {
+impl<T: MutDeviceMmio> MmioDriver<T> {
     pub fn read(&self, offset: u32) -> u32 {
         let mut data = [0u8; 4];
         self.0.lock().unwrap().mmio_read(MmioAddress(0), offset.into(), &mut data);

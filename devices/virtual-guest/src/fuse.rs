@@ -16,8 +16,8 @@ use event_manager::EventManager;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{GuestQueue, MmioDriver};
-use crate::virtio::{DeviceConfig, GuestMemory, Interrupt, MmioTransport, Subscriber, VhostUserDevice, VhostUserDeviceKind};
+use crate::{GuestQueue, MmioDriver};
+use cvm_devices::virtio::{DeviceConfig, GuestMemory, Interrupt, MmioTransport, Subscriber, VhostUserDevice, VhostUserDeviceKind};
 
 pub const ROOT: u64 = 1;
 const RAM: u64 = 16 << 20;
