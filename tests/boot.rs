@@ -280,3 +280,44 @@ fn the_cvm_engine_on_pvm_says_why_and_what_to_use() {
     assert!(stderr.contains("PVM") && stderr.contains("--vmm qemu"), "{stderr}");
     env.assert_clean();
 }
+
+/// The vCPU state machine a snapshot needs: a running guest's vCPUs park outside KVM_RUN on a
+/// pause (its output stops), run on after a resume (it goes on), and are Exited at the end.
+#[test]
+fn a_running_guest_pauses_and_resumes() {
+    use cvm_vmm::{ExitReason, VcpuState, Vm, VmConfig};
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let config = VmConfig { console_log: Some(console.clone()), memory_bytes: 64 << 20, ..VmConfig::new(guest("ticker")) };
+    let vm = Vm::create(&config, Instant::now()).unwrap();
+    let handle = vm.handle();
+    let run = std::thread::spawn(move || vm.run());
+    let printed = || std::fs::metadata(&console).map_or(0, |m| m.len());
+    let grows = |what: &str| {
+        let (before, deadline) = (printed(), Instant::now() + Duration::from_secs(10));
+        while printed() <= before {
+            assert!(Instant::now() < deadline, "{what}: the guest printed nothing in 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    grows("running");
+
+    handle.pause(Duration::from_secs(5)).unwrap();
+    assert_eq!(handle.vcpu_states(), vec![VcpuState::Paused]);
+    std::thread::sleep(Duration::from_millis(100)); // what the console relay still held
+    let paused_at = printed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(printed(), paused_at, "a paused guest ran");
+
+    handle.resume();
+    grows("resumed");
+    assert_eq!(handle.vcpu_states(), vec![VcpuState::Running]);
+
+    handle.stop();
+    let exit = run.join().unwrap().unwrap();
+    assert_eq!(exit.reason, ExitReason::Stopped);
+    assert_eq!(handle.vcpu_states(), vec![VcpuState::Exited]);
+}

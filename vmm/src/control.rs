@@ -109,9 +109,7 @@ impl Control {
         for (index, watch) in self.halt_watch.iter_mut().enumerate() {
             if let Some(&thread) = threads.get(index) {
                 match watch.look() {
-                    // SAFETY: the vCPU threads are joined only after the event loop has
-                    // stopped, so every pthread_t in the list is valid while the loop runs.
-                    HaltCheck::Kick => unsafe { libc::pthread_kill(thread, vcpu::kick_signal()); },
+                    HaltCheck::Kick => vcpu::kick(thread),
                     HaltCheck::Running => self.shared.set_stuck(index, false),
                     HaltCheck::Wait => {}
                 }

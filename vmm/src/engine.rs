@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::qemu::{QemuOptions, QemuVm};
-use crate::{Result, Stopper, Vm, VmConfig, VmExit};
+use crate::{Result, Vm, VmConfig, VmExit, VmHandle};
 
 /// Which monitor runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,12 +69,12 @@ pub struct VmThread {
     thread: Option<JoinHandle<Result<VmExit>>>,
     /// Written when the thread's run ends.
     done: OwnedFd,
-    stopper: Stopper,
+    handle: VmHandle,
 }
 
 impl VmThread {
     pub fn spawn(vm: Vm) -> Result<VmThread> {
-        let stopper = vm.stopper();
+        let handle = vm.handle();
         let done = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).map_err(std::io::Error::from)?;
         let signal = done.try_clone()?;
         let thread = std::thread::Builder::new().name("vm".into()).spawn(move || {
@@ -82,7 +82,7 @@ impl VmThread {
             let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
             result
         })?;
-        Ok(VmThread { thread: Some(thread), done, stopper })
+        Ok(VmThread { thread: Some(thread), done, handle })
     }
 
     /// Waits until the VM ends by itself, and says how.
@@ -98,7 +98,7 @@ impl RunningVm for VmThread {
     }
 
     fn finish(&mut self) -> Finished {
-        self.stopper.stop();
+        self.handle.stop();
         let Some(thread) = self.thread.take() else { return Finished::default() };
         match thread.join() {
             Ok(Ok(exit)) => Finished { unclean: (!exit.reason.is_clean()).then(|| exit.reason.to_string()), warning: exit.stuck_warning() },

@@ -35,7 +35,8 @@ pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, Vhos
 pub use engine::{Engine, Finished, RunningVm, VmThread};
 pub use vstate::memory::layout;
 pub use exit::{BootTimings, ExitReason, VmExit};
-pub use vm::{Stopper, Vm};
+pub use vm::{Vm, VmHandle};
+pub use vstate::vcpu::VcpuState;
 
 /// Everything that can stop a VM from being built or run. Each message says what went wrong
 /// and, where the user can do something about it, what to do.

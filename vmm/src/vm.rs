@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::console::{ConsolePanic, ConsoleRelay};
 use crate::exit::{BootTimings, ExitReason, VmExit};
 use crate::teardown::DeferredTeardown;
-use crate::vstate::vcpu::{self, Shared, Vcpu};
+use crate::vstate::vcpu::{self, Shared, Vcpu, VcpuState};
 use crate::{lock, Result};
 
 /// How long a Linux kernel on a PVM host may stay silent before cvm calls it stuck. A stock
@@ -26,13 +26,33 @@ pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
 /// before it leaves that thread to end with the process: the VM's end must never hang on one.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Ends a running VM from outside (its run returns [`ExitReason::Stopped`]).
+/// Controls a VM from outside its run: stops it (its run returns [`ExitReason::Stopped`]),
+/// pauses and resumes its vCPUs.
 #[derive(Clone)]
-pub struct Stopper(Arc<Shared>);
+pub struct VmHandle {
+    shared: Arc<Shared>,
+    vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+}
 
-impl Stopper {
+impl VmHandle {
     pub fn stop(&self) {
-        self.0.request_exit(ExitReason::Stopped);
+        self.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// Parks every vCPU outside KVM_RUN and waits until none runs (at most `timeout`; a VM not
+    /// yet running pauses as it starts). Devices and the event loop go on.
+    pub fn pause(&self, timeout: Duration) -> Result<()> {
+        let kick_all = || lock(&self.vcpu_threads).iter().for_each(|&thread| vcpu::kick(thread));
+        self.shared.pause(kick_all, timeout).map_err(crate::Error::Boot)
+    }
+
+    pub fn resume(&self) {
+        self.shared.resume();
+    }
+
+    /// Each vCPU's state, by index.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.shared.vcpu_states()
     }
 }
 
@@ -57,9 +77,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// A handle that ends the VM from another thread.
-    pub fn stopper(&self) -> Stopper {
-        Stopper(self.shared.clone())
+    /// A handle that stops, pauses and resumes the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle { shared: self.shared.clone(), vcpu_threads: self.vcpu_threads.clone() }
     }
 
     /// Runs the guest until it ends, then stops every vCPU thread.
@@ -98,8 +118,7 @@ impl Vm {
         let mut stuck_vcpus = Vec::new();
         for (index, (thread, pthread)) in threads.into_iter().zip(pthreads).enumerate() {
             while !thread.is_finished() && Instant::now() < give_up {
-                // SAFETY: the thread has not been joined, so its pthread_t is still valid.
-                unsafe { libc::pthread_kill(pthread, vcpu::kick_signal()) };
+                vcpu::kick(pthread);
                 std::thread::sleep(Duration::from_micros(100));
             }
             if thread.is_finished() {

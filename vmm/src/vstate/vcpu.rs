@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_bindings::{KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED};
@@ -43,6 +43,22 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// Kicks a vCPU thread out of KVM_RUN (or keeps it from entering it next).
+pub(crate) fn kick(thread: libc::pthread_t) {
+    // SAFETY: callers pass the pthread_t of a vCPU thread that has not been joined: the VM's
+    // run joins them only after its event loop, and every holder of the list, are done.
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
+/// Where a vCPU is in its life. Paused is outside KVM_RUN with its state at rest, as a
+/// snapshot needs it; Exited is for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    Running,
+    Paused,
+    Exited,
+}
+
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
@@ -59,6 +75,10 @@ pub struct Shared {
     exit: Mutex<Option<ExitReason>>,
     exit_evt: EventFd,
     stop: AtomicBool,
+    /// Set while the VM is to be paused: each vCPU parks at its next exit (a kick makes one).
+    pause: AtomicBool,
+    states: Mutex<Vec<VcpuState>>,
+    state_changed: Condvar,
     /// Per vCPU: it cannot run again (halted with interrupts off, or never started).
     stuck: Vec<AtomicBool>,
     pub first_entry: OnceLock<Instant>,
@@ -72,6 +92,9 @@ impl Shared {
             exit: Mutex::new(None),
             exit_evt,
             stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            states: Mutex::new(vec![VcpuState::Running; vcpus]),
+            state_changed: Condvar::new(),
             stuck: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             first_entry: OnceLock::new(),
             exits: count_exits.then(|| Mutex::new(ExitCounts::new())),
@@ -102,6 +125,47 @@ impl Shared {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _states = lock(&self.states);
+        self.state_changed.notify_all();
+    }
+
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        lock(&self.states).clone()
+    }
+
+    fn set_state(&self, index: usize, state: VcpuState) {
+        lock(&self.states)[index] = state;
+        self.state_changed.notify_all();
+    }
+
+    /// Asks every vCPU to park, kicking them through `kick`, and waits until none is running,
+    /// for at most `timeout`. On time out the pause is called off.
+    pub fn pause(&self, kick: impl Fn(), timeout: std::time::Duration) -> Result<(), String> {
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let mut states = lock(&self.states);
+        while states.contains(&VcpuState::Running) {
+            let now = Instant::now();
+            if now >= deadline {
+                drop(states);
+                self.resume();
+                return Err(format!("the vCPUs did not pause within {timeout:?}"));
+            }
+            // Kicked again now and then: a vCPU whose thread was not yet known to `kick`.
+            drop(states);
+            kick();
+            states = lock(&self.states);
+            let wait = (deadline - now).min(std::time::Duration::from_millis(10));
+            states = self.state_changed.wait_timeout(states, wait).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+        let _states = lock(&self.states);
+        self.state_changed.notify_all();
     }
 }
 
@@ -123,10 +187,28 @@ impl Vcpu {
             let counts = exit_stats::read(&self.fd);
             exit_stats::add(&mut lock(total), counts);
         }
+        self.shared.set_state(self.index, VcpuState::Exited);
+    }
+
+    /// Waits outside KVM_RUN while the VM is paused (and not stopped).
+    fn park(&self) {
+        let shared = &self.shared;
+        let mut states = lock(&shared.states);
+        states[self.index] = VcpuState::Paused;
+        shared.state_changed.notify_all();
+        while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+            states = shared.state_changed.wait(states).unwrap_or_else(|e| e.into_inner());
+        }
+        states[self.index] = VcpuState::Running;
+        shared.state_changed.notify_all();
     }
 
     fn run_until_stopped(&mut self) {
         while !self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.pause.load(Ordering::SeqCst) {
+                self.park();
+                continue;
+            }
             if self.index == 0 && self.shared.first_entry.get().is_none() {
                 let _ = self.shared.first_entry.set(Instant::now());
             }
