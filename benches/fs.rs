@@ -430,10 +430,14 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
     fs_workloads::seq_read(&share.join(BIG_FILE))?;
     let mut rows = Vec::new();
     for workload in Workload::ALL {
-        // Rounds interleave the targets, so each sees the same machine noise.
+        // Rounds interleave the targets, so each sees the same machine noise, and each round
+        // starts one target further on, so none always runs in another's wake (a write leaves
+        // a gigabyte of dirty pages for whoever comes next).
         let mut samples = vec![Vec::new(); columns.len()];
         for round in 0..args.rounds {
-            for (c, (name, target)) in columns.iter_mut().enumerate() {
+            let targets = columns.len();
+            for c in (0..targets).map(|k| (round + k) % targets) {
+                let (name, target) = &mut columns[c];
                 samples[c].push(target.measure(workload, args.sizes(), round).with_context(|| format!("{} on {name}", workload.name()))?);
             }
         }
