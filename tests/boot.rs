@@ -321,3 +321,90 @@ fn a_running_guest_pauses_and_resumes() {
     assert_eq!(exit.reason, ExitReason::Stopped);
     assert_eq!(handle.vcpu_states(), vec![VcpuState::Exited]);
 }
+
+/// A snapshot taken where the guest reaches its init (the boot timer), restored in new VMs:
+/// each prints what the guest printed after that point, from its counter in memory, and
+/// nothing from before it.
+#[test]
+fn a_snapshot_at_init_resumes_there_in_new_vms() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("cache/snapshot");
+    let out = boot_guest("counter", &["--memory", "64M", "--snapshot", snapshot.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(text(&out.stdout), "counter: booted\n0123456789\n", "the snapshotted VM runs on");
+    assert!(stderr.contains("cvm: snapshot written to"), "{stderr}");
+    for file in ["state", "memory"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(snapshot.join(file)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let memory = std::fs::metadata(snapshot.join("memory")).unwrap();
+    assert_eq!(memory.len(), 64 << 20);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&memory) * 512 < 1 << 20, "untouched guest RAM is a hole in the memory file");
+
+    // Twice: a restore does not use the snapshot up.
+    for run in 0..2 {
+        let out = cvm(&["boot", "--restore", snapshot.to_str().unwrap(), "--memory", "64M", "--timings"]);
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "restore {run}: {stderr}");
+        assert_eq!(text(&out.stdout), "0123456789\n", "restore {run}");
+        assert!(stderr.contains("boot-timer -"), "a restored guest is past its init: {stderr}");
+    }
+}
+
+/// A snapshot that does not fit or does not read back whole is refused with the reason, never
+/// run.
+#[test]
+fn a_bad_snapshot_is_refused_with_the_reason() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    let out = boot_guest("counter", &["--memory", "64M", "--snapshot", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restore = |snapshot: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["boot", "--restore", snapshot.to_str().unwrap(), "--memory", "64M"];
+        args.extend_from_slice(extra);
+        let out = cvm(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} ran: {}", text(&out.stdout));
+        assert_eq!(text(&out.stdout), "", "{args:?}: the guest ran");
+        text(&out.stderr)
+    };
+    let copy = |name: &str| {
+        let to = dir.path().join(name);
+        std::fs::create_dir(&to).unwrap();
+        for file in ["state", "memory"] {
+            std::fs::copy(good.join(file), to.join(file)).unwrap();
+        }
+        to
+    };
+
+    assert!(restore(&good, &["--cpus", "2"]).contains("snapshot: the snapshot is of a VM with 1 vCPUs and 64 MiB, not 2 and 64 MiB"));
+    let stderr = restore(&good, &["--vsock", dir.path().join("v.sock").to_str().unwrap()]);
+    assert!(stderr.contains("the snapshot has 1 virtio devices, this VM 2"), "{stderr}");
+    assert!(restore(&dir.path().join("none"), &[]).contains("none/state"));
+
+    let truncated = copy("truncated");
+    let state = std::fs::read(truncated.join("state")).unwrap();
+    std::fs::write(truncated.join("state"), &state[..state.len() - 100]).unwrap();
+    assert!(restore(&truncated, &[]).contains("truncated or corrupt"));
+
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    let last = state.len() - 1;
+    state[last] ^= 1;
+    std::fs::write(flipped.join("state"), &state).unwrap();
+    assert!(restore(&flipped, &[]).contains("checksum mismatch"));
+
+    let short = copy("short");
+    std::fs::OpenOptions::new().write(true).open(short.join("memory")).unwrap().set_len(1 << 20).unwrap();
+    assert!(restore(&short, &[]).contains("the memory file has 1048576 bytes, not 67108864"));
+
+    let foreign = copy("foreign");
+    std::fs::write(foreign.join("state"), b"#!/bin/sh\necho not a snapshot\n").unwrap();
+    assert!(restore(&foreign, &[]).contains("not a cvm snapshot"));
+}

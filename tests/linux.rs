@@ -94,3 +94,46 @@ fn a_kernel_panic_fails_the_boot_whatever_panic_says() {
         assert!(started.elapsed() < std::time::Duration::from_secs(25), "panic={panic} took {:?}", started.elapsed());
     }
 }
+
+/// Linux snapshotted where its init starts (`cvm boot --snapshot`, at the boot timer) resumes
+/// there in new VMs, on two vCPUs: its timers, clock, interrupts and console work (the
+/// agent's ticks, 100 ms apart), and it does not boot again.
+#[test]
+fn linux_snapshotted_at_init_resumes_there() {
+    use cvm_agent::protocol::{SNAPSHOT_TEST_BEFORE, SNAPSHOT_TEST_DONE, SNAPSHOT_TEST_TICKS};
+    let Some((kernel, initrd)) = artifacts() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir.path().join("snapshot");
+    let run = |args: &[&str]| {
+        let child = Command::new(env!("CARGO_BIN_EXE_cvm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
+        assert!(!stdout.contains("Kernel panic") && !stdout.contains("BUG:") && !stdout.contains("WARNING:"), "{stdout}");
+        for tick in 1..=SNAPSHOT_TEST_TICKS {
+            assert!(stdout.contains(&format!("cvm-agent: tick {tick}")), "{args:?}: no tick {tick}: {stdout}");
+        }
+        assert!(stdout.contains(&format!("{SNAPSHOT_TEST_DONE}, 2 cpus")), "{stdout}");
+        (stdout, stderr)
+    };
+    let append = "console=ttyS0 reboot=k panic=-1 quiet cvm.snapshot_test";
+    let (stdout, stderr) = run(&[
+        "boot", "--kernel", arg(&kernel), "--initrd", arg(&initrd), "--cpus", "2", "--memory", "256M", "--append", append,
+        "--snapshot", arg(&snapshot),
+    ]);
+    assert!(stdout.contains(SNAPSHOT_TEST_BEFORE), "{stdout}");
+    assert!(stderr.contains("cvm: snapshot written to"), "{stderr}");
+
+    for restore in 0..2 {
+        let (stdout, stderr) = run(&["boot", "--restore", arg(&snapshot), "--cpus", "2", "--memory", "256M", "--timings"]);
+        assert!(!stdout.contains(SNAPSHOT_TEST_BEFORE), "restore {restore} booted: {stdout}");
+        assert!(stderr.contains("boot-timer -"), "restore {restore}: {stderr}");
+        eprintln!("restore {restore}: {}", stdout.lines().last().unwrap_or_default());
+    }
+}

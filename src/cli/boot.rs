@@ -5,8 +5,8 @@ use super::*;
 #[derive(clap::Args, Clone)]
 pub(crate) struct BootArgs {
     /// Kernel: a vmlinux (PVH entry preferred) or a bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// An initramfs (cpio).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -28,6 +28,14 @@ pub(crate) struct BootArgs {
     /// reach PATH_P.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    /// Write a snapshot of the VM to DIR when the guest reaches its init (writes the boot
+    /// timer, as cvm-agent does), then let it run on.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    pub snapshot: Option<PathBuf>,
+    /// Resume the snapshot in DIR instead of booting a kernel. --cpus, --memory and the devices
+    /// (--vsock) must be those it was taken with.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd"])]
+    pub restore: Option<PathBuf>,
 }
 
 /// Starts the embedded vsock backend for `cvm boot --vsock PATH` and wires its device.
@@ -43,13 +51,14 @@ pub(crate) fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyh
 
 pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
     let mut config = VmConfig {
-        kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
         cmdline: args.append.clone(),
         vcpus: args.cpus,
         memory_bytes: args.memory,
         count_exits: args.timings,
-        ..VmConfig::new(&args.kernel)
+        pause_at_init: args.snapshot.is_some(),
+        restore: args.restore.clone(),
+        ..VmConfig::new(args.kernel.clone().unwrap_or_default())
     };
     // Lives until the VM is gone; the backend stops when its frontend disconnects.
     let _vsock = match &args.vsock {
@@ -68,7 +77,11 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         if let Some(vhost) = config.vhost_user.first() {
             let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
         }
-        cvm_vmm::VmThread::spawn(vm)?.wait()
+        let thread = cvm_vmm::VmThread::spawn(vm)?;
+        if let Some(dir) = &args.snapshot {
+            snapshot_at_init(thread.handle(), dir);
+        }
+        thread.wait()
     });
     match result {
         Ok(exit) => {
@@ -93,6 +106,23 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
             eprintln!("cvm: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits for the guest to reach its init (the VM pauses there, see `VmConfig::pause_at_init`),
+/// writes its snapshot to `dir` and lets it run on. A guest that ends first has no snapshot.
+fn snapshot_at_init(handle: &cvm_vmm::VmHandle, dir: &std::path::Path) {
+    while !handle.init_reached() {
+        if handle.has_ended() {
+            eprintln!("cvm: warning: the guest ended before it reached its init; no snapshot written");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = Instant::now();
+    match handle.snapshot(dir) {
+        Ok(()) => eprintln!("cvm: snapshot written to {} in {:.1} ms", dir.display(), started.elapsed().as_secs_f64() * 1e3),
+        Err(e) => eprintln!("cvm: warning: no snapshot: {e}"),
     }
 }
 

@@ -25,7 +25,9 @@ use crate::vm::PVM_LINUX_GRACE;
 use crate::vstate::exit_stats::HaltStats;
 use crate::vstate::memory;
 use crate::vstate::vcpu::{self, Shared, Vcpu};
-use crate::{host, kvm_call, vstate, Error, Result, Vm, VmConfig};
+use crate::snapshot::Snapshot;
+use crate::vm::Machine;
+use crate::{host, kvm_call, lock, vstate, Error, Result, Vm, VmConfig};
 
 impl Vm {
     /// Builds the VM `config` describes. `started` is when the VMM started, the zero of the
@@ -34,20 +36,31 @@ impl Vm {
         config.validate()?;
         let mut setup = Vec::new();
         let mut done = |step: &'static str| setup.push((step, started.elapsed()));
+        let snapshot = config.restore.as_deref().map(Snapshot::read).transpose()?;
         let (kvm, vm_fd) = vstate::vm::create()?;
         done("vm");
 
-        let (mem, ram) = memory::create_guest_memory(config.memory_bytes)?;
+        let (snapshot, (mem, ram)) = match snapshot {
+            Some((snapshot, memory)) => {
+                snapshot.check_fits(config)?;
+                // A vhost-user backend maps guest RAM itself, so it must be shared.
+                let shared = !config.vhost_user.is_empty();
+                (Some(snapshot), memory::restore_guest_memory(memory, config.memory_bytes, shared)?)
+            }
+            None => (None, memory::create_guest_memory(config.memory_bytes)?),
+        };
         vstate::vm::map_memory(&vm_fd, &mem)?;
-        done("memory");
+        done(if snapshot.is_some() { "snapshot-memory" } else { "memory" });
 
-        let kernel = x86_64::load_kernel(&mem, &config.kernel)?;
-        let initrd = config
-            .initrd
-            .as_deref()
-            .map(|path| x86_64::load_initrd(&mem, path, &kernel))
-            .transpose()?;
-        done("kernel");
+        let kernel = match snapshot {
+            Some(_) => None,
+            None => {
+                let kernel = x86_64::load_kernel(&mem, &config.kernel)?;
+                let initrd = config.initrd.as_deref().map(|path| x86_64::load_initrd(&mem, path, &kernel)).transpose()?;
+                done("kernel");
+                Some((kernel, initrd))
+            }
+        };
 
         let event_loop: EventManager<Subscriber> = EventManager::new().map_err(event_err)?;
         let exit_evt = EventFd::new(EFD_NONBLOCK)?;
@@ -60,11 +73,19 @@ impl Vm {
         let panic = Arc::new(Mutex::new(ConsolePanic::default()));
         let (sink, console_relay) = console_sink(config)?;
         let console = ConsoleOut { written: console_bytes.clone(), panic: panic.clone(), shared: shared.clone(), sink };
-        let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console))));
+        let serial = match &snapshot {
+            Some(snapshot) => SerialConsole::from_state(&snapshot.serial, EventFdTrigger::new(serial_irq), Box::new(console))?,
+            None => SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console)),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
         let reset_evt = EventFd::new(EFD_NONBLOCK)?;
         devices.add_pio(I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_evt.try_clone()?)))))?;
-        let boot_timer = BootTimer::new();
+        let mut boot_timer = BootTimer::new();
+        if config.pause_at_init {
+            let shared = shared.clone();
+            boot_timer = boot_timer.on_reached(move || shared.request_pause());
+        }
         let boot_stamp = boot_timer.stamp();
         devices.add_mmio(BOOT_TIMER_ADDR, 0x1000, Arc::new(Mutex::new(boot_timer)))?;
         if config.rng {
@@ -86,11 +107,24 @@ impl Vm {
             let socket = UnixStream::connect(&vhost.socket).map_err(|source| Error::File { path: vhost.socket.clone(), source })?;
             devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind(), vhost.kind.device_config())?))?;
         }
-        let (io, cmdline) = devices.finish();
+        let (io, cmdline, transports) = devices.finish();
+        if let Some(snapshot) = &snapshot {
+            if snapshot.transports.len() != transports.len() {
+                return Err(Error::Snapshot(format!("the snapshot has {} virtio devices, this VM {}", snapshot.transports.len(), transports.len())));
+            }
+            for (index, (transport, saved)) in transports.iter().zip(&snapshot.transports).enumerate() {
+                lock(transport).restore_state(saved).map_err(|e| Error::Snapshot(format!("virtio device {index}: {e}")))?;
+            }
+        }
         done("devices");
 
-        x86_64::write_boot_info(&mem, &BootInfo { kernel: &kernel, cmdline: &cmdline, initrd, memory: config.memory_bytes })?;
-        mptable::write(&mem, config.vcpus)?;
+        if let Some((kernel, initrd)) = &kernel {
+            x86_64::write_boot_info(&mem, &BootInfo { kernel, cmdline: &cmdline, initrd: *initrd, memory: config.memory_bytes })?;
+            mptable::write(&mem, config.vcpus)?;
+        }
+        if let Some(snapshot) = &snapshot {
+            snapshot.vm.restore(&vm_fd)?;
+        }
 
         vcpu::install_kick_handler()?;
         let supported = kvm
@@ -101,10 +135,16 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm_fd.create_vcpu(u64::from(index)).map_err(kvm_call("create a vCPU"))?;
-            cpu::setup_cpuid(&fd, &cpu::guest_cpuid(&supported, index, config.vcpus, tsc_deadline))?;
-            cpu::setup_lapic(&fd)?;
-            if index == 0 {
-                cpu::setup_boot_cpu(&fd, &mem, kernel.entry)?;
+            match (&snapshot, &kernel) {
+                (Some(snapshot), _) => snapshot.vcpus[usize::from(index)].restore(&fd)?,
+                (None, Some((kernel, _))) => {
+                    cpu::setup_cpuid(&fd, &cpu::guest_cpuid(&supported, index, config.vcpus, tsc_deadline))?;
+                    cpu::setup_lapic(&fd)?;
+                    if index == 0 {
+                        cpu::setup_boot_cpu(&fd, &mem, kernel.entry)?;
+                    }
+                }
+                (None, None) => unreachable!("a VM is either booted or restored"),
             }
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
@@ -114,14 +154,25 @@ impl Vm {
             .ok();
         done("teardown helper");
 
+        let pvm_watch = kernel.as_ref().filter(|(kernel, _)| kernel.is_linux && host::is_pvm()).map(|_| PvmWatch {
+            deadline: Instant::now() + PVM_LINUX_GRACE,
+            console_bytes,
+        });
+        let machine = Machine {
+            vm_fd,
+            ram,
+            memory_bytes: config.memory_bytes,
+            serial,
+            transports,
+            msr_list: x86_64::state::msr_list(&kvm)?,
+            restored: snapshot.is_some(),
+        };
         let mut vm = Vm {
             _kvm: kvm,
-            _vm_fd: vm_fd,
-            _ram: ram,
+            machine: Arc::new(machine),
             vcpus,
             event_loop,
             shared,
-            serial,
             boot_timer: boot_stamp,
             panic,
             vcpu_threads: Arc::new(Mutex::new(Vec::new())),
@@ -130,10 +181,6 @@ impl Vm {
             setup,
             _teardown: teardown,
         };
-        let pvm_watch = (kernel.is_linux && host::is_pvm()).then(|| PvmWatch {
-            deadline: Instant::now() + PVM_LINUX_GRACE,
-            console_bytes,
-        });
         vm.watch_control_events(reset_evt, config.serial_input, pvm_watch)?;
         Ok(vm)
     }
@@ -146,7 +193,7 @@ impl Vm {
             reset_evt,
             halt_check,
             stdin,
-            serial: self.serial.clone(),
+            serial: self.machine.serial.clone(),
             shared: self.shared.clone(),
             vcpu_threads: self.vcpu_threads.clone(),
             halt_watch: self.vcpus.iter().map(|vcpu| HaltWatch::new(HaltStats::open(&vcpu.fd))).collect(),

@@ -32,6 +32,12 @@ pub struct VmConfig {
     pub network: Option<NetConfig>,
     /// Read KVM's exit counters of every vCPU when the VM ends ([`crate::VmExit::exits`]).
     pub count_exits: bool,
+    /// Pause the VM when the guest reaches its init (writes the boot timer), before its next
+    /// instruction: where a warm-start snapshot is taken ([`crate::VmHandle::snapshot`]).
+    pub pause_at_init: bool,
+    /// Resume the snapshot in this directory instead of booting the kernel. The rest of the
+    /// config must describe the same machine (vCPUs, memory, devices in the same order).
+    pub restore: Option<PathBuf>,
 }
 
 /// A virtio-net device whose wire is a stream socket (QEMU's stream protocol: each frame after
@@ -102,6 +108,8 @@ impl VmConfig {
             disks: Vec::new(),
             network: None,
             count_exits: false,
+            pause_at_init: false,
+            restore: None,
         }
     }
 
@@ -124,14 +132,19 @@ impl VmConfig {
         if !self.memory_bytes.is_multiple_of(4096) {
             return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
         }
-        for path in std::iter::once(&self.kernel).chain(self.initrd.as_ref()).chain(self.disks.iter().map(|d| &d.path)) {
+        // A restored VM's kernel is in its snapshot's memory.
+        let boots = self.restore.is_none();
+        let kernel = boots.then_some(&self.kernel).into_iter().chain(self.initrd.as_ref().filter(|_| boots));
+        for path in kernel.chain(self.disks.iter().map(|d| &d.path)) {
             let meta = std::fs::metadata(path)
                 .map_err(|source| Error::File { path: path.clone(), source })?;
             if !meta.is_file() {
                 return Err(Error::Config(format!("{} is not a regular file", path.display())));
             }
         }
-        crate::arch::x86_64::kernel_format(&self.kernel)?;
+        if boots {
+            crate::arch::x86_64::kernel_format(&self.kernel)?;
+        }
         crate::vstate::memory::check_host_can_give(self.memory_bytes)?;
         Ok(())
     }

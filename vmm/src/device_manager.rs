@@ -24,6 +24,8 @@ pub(crate) struct DeviceManager<'a> {
     pub(crate) cmdline: Cmdline,
     pub(crate) next_virtio_addr: u64,
     pub(crate) next_virtio_irq: u32,
+    /// The virtio-mmio transports, in the order they were added (a snapshot's order).
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl<'a> DeviceManager<'a> {
@@ -41,6 +43,7 @@ impl<'a> DeviceManager<'a> {
             cmdline: line,
             next_virtio_addr: VIRTIO_MMIO_START,
             next_virtio_irq: VIRTIO_IRQ_START,
+            transports: Vec::new(),
         })
     }
 
@@ -68,7 +71,9 @@ impl<'a> DeviceManager<'a> {
                 .register_ioevent(kick, &notify, queue as u32)
                 .map_err(kvm_call("wire a virtio queue notification"))?;
         }
-        self.add_mmio(addr, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.add_mmio(addr, MMIO_WINDOW_SIZE, transport.clone())?;
+        self.transports.push(transport);
         self.cmdline
             .add_virtio_mmio_device(MMIO_WINDOW_SIZE, vm_memory::GuestAddress(addr), irq, None)
             .map_err(|e| Error::Config(format!("command line too long for the devices: {e}")))?;
@@ -77,8 +82,8 @@ impl<'a> DeviceManager<'a> {
         Ok(())
     }
 
-    pub(crate) fn finish(self) -> (IoManager, Cmdline) {
-        (self.io, self.cmdline)
+    pub(crate) fn finish(self) -> (IoManager, Cmdline, Vec<Arc<Mutex<MmioTransport>>>) {
+        (self.io, self.cmdline, self.transports)
     }
 }
 

@@ -85,6 +85,11 @@ impl VmThread {
         Ok(VmThread { thread: Some(thread), done, handle })
     }
 
+    /// A handle on the running VM.
+    pub fn handle(&self) -> &VmHandle {
+        &self.handle
+    }
+
     /// Waits until the VM ends by itself, and says how.
     pub fn wait(mut self) -> Result<VmExit> {
         let thread = self.thread.take().expect("a VM thread is joined once");

@@ -27,6 +27,7 @@ mod exit;
 pub mod guest_panic;
 pub mod host;
 pub mod qemu;
+pub mod snapshot;
 mod teardown;
 mod vm;
 pub mod vstate;
@@ -56,6 +57,8 @@ pub enum Error {
     Memory(String),
     #[error("cannot boot: {0}")]
     Boot(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -3,20 +3,24 @@
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cvm_devices::legacy::SerialConsole;
-use cvm_devices::virtio::Subscriber;
+use cvm_devices::virtio::{MmioTransport, Subscriber};
 use event_manager::EventManager;
 use kvm_ioctls::{Kvm, VmFd};
+
+use crate::arch::x86_64::state::VmState;
+use crate::snapshot::Snapshot;
 
 use crate::console::{ConsolePanic, ConsoleRelay};
 use crate::exit::{BootTimings, ExitReason, VmExit};
 use crate::teardown::DeferredTeardown;
 use crate::vstate::vcpu::{self, Shared, Vcpu, VcpuState};
-use crate::{lock, Result};
+use crate::{lock, Error, Result};
 
 /// How long a Linux kernel on a PVM host may stay silent before cvm calls it stuck. A stock
 /// kernel there takes 15-40 s to reach its emulation failure; a PVM-enabled one prints at once.
@@ -26,12 +30,18 @@ pub const PVM_LINUX_GRACE: Duration = Duration::from_secs(3);
 /// before it leaves that thread to end with the process: the VM's end must never hang on one.
 pub const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a snapshot waits for the vCPUs to pause, and then for them to save their state.
+pub const SNAPSHOT_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Controls a VM from outside its run: stops it (its run returns [`ExitReason::Stopped`]),
-/// pauses and resumes its vCPUs.
+/// pauses and resumes its vCPUs, snapshots it.
 #[derive(Clone)]
 pub struct VmHandle {
     shared: Arc<Shared>,
     vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    /// Gone with the VM: a handle never keeps a VM's KVM objects or RAM alive.
+    machine: Weak<Machine>,
+    boot_timer: Arc<OnceLock<Instant>>,
 }
 
 impl VmHandle {
@@ -54,17 +64,65 @@ impl VmHandle {
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
         self.shared.vcpu_states()
     }
+
+    /// Whether the guest has reached its init (written the boot timer).
+    pub fn init_reached(&self) -> bool {
+        self.boot_timer.get().is_some()
+    }
+
+    /// Pauses the VM, writes a snapshot of it to `dir` (see [`crate::snapshot`]) and lets it
+    /// run on. The devices must be at rest: each has returned every buffer it took.
+    /// Resumes it even where the snapshot fails, or was paused at init for it.
+    pub fn snapshot(&self, dir: &Path) -> Result<()> {
+        let written = self.write_snapshot(dir);
+        self.resume();
+        written
+    }
+
+    fn write_snapshot(&self, dir: &Path) -> Result<()> {
+        let machine = self.machine.upgrade().ok_or_else(|| Error::Snapshot("the VM has ended".into()))?;
+        if machine.restored {
+            return Err(Error::Snapshot("a VM restored from a snapshot is not snapshotted again".into()));
+        }
+        self.pause(SNAPSHOT_PAUSE_TIMEOUT)?;
+        let vcpus = self.shared.save_vcpus(&machine.msr_list, SNAPSHOT_PAUSE_TIMEOUT).map_err(Error::Snapshot)?;
+        let snapshot = Snapshot {
+            memory_bytes: machine.memory_bytes,
+            vm: VmState::save(&machine.vm_fd)?,
+            vcpus,
+            serial: lock(&machine.serial).save_state(),
+            transports: machine.transports.iter().map(|t| lock(t).save_state()).collect(),
+        };
+        snapshot.write(dir, &machine.ram)
+    }
+
+    /// Whether the VM's run has ended (or is ending).
+    pub fn has_ended(&self) -> bool {
+        self.shared.exit_reason().is_some()
+    }
+}
+
+/// KVM's VM, guest RAM and the devices: what a snapshot reads besides the vCPUs.
+pub(crate) struct Machine {
+    pub(crate) vm_fd: VmFd,
+    /// The RAM's memfd, or a snapshot's memory file mapped private.
+    pub(crate) ram: File,
+    pub(crate) memory_bytes: u64,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The MSRs a vCPU's snapshot saves.
+    pub(crate) msr_list: Vec<u32>,
+    /// Restored from a snapshot: its RAM may be a private mapping the memory file does not see.
+    pub(crate) restored: bool,
 }
 
 /// A built VM, ready to run.
 pub struct Vm {
     pub(crate) _kvm: Kvm,
-    pub(crate) _vm_fd: VmFd,
-    pub(crate) _ram: File,
+    pub(crate) machine: Arc<Machine>,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) event_loop: EventManager<Subscriber>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) boot_timer: Arc<OnceLock<Instant>>,
     pub(crate) panic: Arc<Mutex<ConsolePanic>>,
     /// The running vCPU threads, for the event loop's kicks.
@@ -79,7 +137,12 @@ pub struct Vm {
 impl Vm {
     /// A handle that stops, pauses and resumes the VM from another thread.
     pub fn handle(&self) -> VmHandle {
-        VmHandle { shared: self.shared.clone(), vcpu_threads: self.vcpu_threads.clone() }
+        VmHandle {
+            shared: self.shared.clone(),
+            vcpu_threads: self.vcpu_threads.clone(),
+            machine: Arc::downgrade(&self.machine),
+            boot_timer: self.boot_timer.clone(),
+        }
     }
 
     /// Runs the guest until it ends, then stops every vCPU thread.
@@ -127,7 +190,7 @@ impl Vm {
                 stuck_vcpus.push(index);
             }
         }
-        lock(&self.serial).flush();
+        lock(&self.machine.serial).flush();
         if let Some(relay) = self.console_relay.take() {
             relay.finish();
         }

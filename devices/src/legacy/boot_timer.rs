@@ -10,14 +10,23 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 
 /// A write-once MMIO register: the first time the guest writes [`BOOT_TIMER_MAGIC`] to offset 0
 /// the VMM records the instant, so it can report how long the guest took to reach its init.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct BootTimer {
     reached: Arc<OnceLock<Instant>>,
+    /// Called on the vCPU thread that wrote, before it goes back to the guest.
+    on_reached: Option<Box<dyn Fn() + Send>>,
 }
 
 impl BootTimer {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Calls `hook` when the guest reaches init, on the vCPU thread that wrote, before the
+    /// guest's next instruction (a snapshot at init pauses the VM there).
+    pub fn on_reached(mut self, hook: impl Fn() + Send + 'static) -> Self {
+        self.on_reached = Some(Box::new(hook));
+        self
     }
 
     /// A handle that reads the recorded instant after the VM has run.
@@ -36,6 +45,9 @@ impl MutDeviceMmio for BootTimer {
             let now = Instant::now();
             if self.reached.set(now).is_ok() {
                 tracing::debug!("boot timer: guest reached init");
+                if let Some(hook) = &self.on_reached {
+                    hook();
+                }
             }
         }
     }
@@ -57,5 +69,19 @@ mod tests {
         timer.mmio_write(MmioAddress(0), 0, &[BOOT_TIMER_MAGIC]);
         assert_eq!(*stamp.get().unwrap(), first);
         timer.mmio_write(MmioAddress(0), 0, &[]);
+    }
+
+    #[test]
+    fn the_hook_runs_once_at_the_first_magic_write() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = calls.clone();
+        let mut timer = BootTimer::new().on_reached(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        timer.mmio_write(MmioAddress(0), 0, &[1]);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        timer.mmio_write(MmioAddress(0), 0, &[BOOT_TIMER_MAGIC]);
+        timer.mmio_write(MmioAddress(0), 0, &[BOOT_TIMER_MAGIC]);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

@@ -6,4 +6,4 @@ mod serial;
 
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use i8042::I8042;
-pub use serial::SerialConsole;
+pub use serial::{SerialConsole, SerialConsoleState};

@@ -4,6 +4,8 @@ use std::io::Write;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::Serial;
 
 use crate::EventFdTrigger;
@@ -22,6 +24,46 @@ impl SerialConsole {
     /// `interrupt` is the irqfd of the UART's line (IRQ 4 on COM1).
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self { uart: Serial::new(interrupt, out), pending: VecDeque::new() }
+    }
+
+    /// A UART in a saved state (see [`SerialConsole::save_state`]), raising the interrupts that
+    /// state has pending.
+    pub fn from_state(state: &SerialConsoleState, interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let uart_state = SerialState {
+            baud_divisor_low: state.registers[0],
+            baud_divisor_high: state.registers[1],
+            interrupt_enable: state.registers[2],
+            interrupt_identification: state.registers[3],
+            line_control: state.registers[4],
+            line_status: state.registers[5],
+            modem_control: state.registers[6],
+            modem_status: state.registers[7],
+            scratch: state.registers[8],
+            in_buffer: state.fifo.clone(),
+        };
+        let uart = Serial::from_state(&uart_state, interrupt, NoEvents, out)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("serial state: {e:?}")))?;
+        Ok(Self { uart, pending: state.pending.iter().copied().take(MAX_PENDING_INPUT).collect() })
+    }
+
+    /// The UART's registers and the input not yet read, for a snapshot.
+    pub fn save_state(&self) -> SerialConsoleState {
+        let s = self.uart.state();
+        SerialConsoleState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        }
     }
 
     /// Queues host input for the guest to read: into the FIFO as far as it has room, the rest
@@ -47,6 +89,15 @@ impl SerialConsole {
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }
+}
+
+/// A [`SerialConsole`] as a snapshot keeps it: the UART's nine registers (divisor low and high,
+/// IER, IIR, LCR, LSR, MCR, MSR, scratch), its receive FIFO and the input waiting for room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    registers: [u8; 9],
+    fifo: Vec<u8>,
+    pending: Vec<u8>,
 }
 
 impl MutDevicePio for SerialConsole {
@@ -115,5 +166,27 @@ mod tests {
         assert_eq!(taken, 64 + MAX_PENDING_INPUT);
         assert_eq!(drain(&mut uart).len(), taken);
         assert_eq!(uart.enqueue_input(b"again"), 5, "room again once read");
+    }
+
+    /// A console saved with input in its FIFO and more waiting, restored: the guest reads all
+    /// of it, in order; registers as they were.
+    #[test]
+    fn a_saved_console_restores_its_registers_and_unread_input() {
+        let mut uart = console();
+        uart.pio_write(PioAddress(0x3f8), 7, &[0x5a]); // scratch register
+        let input: Vec<u8> = (0..200u8).collect();
+        assert_eq!(uart.enqueue_input(&input), 200);
+        let saved = uart.save_state();
+        let mut restored =
+            SerialConsole::from_state(&saved, EventFdTrigger::new(EventFd::new(0).unwrap()), Box::new(std::io::sink())).unwrap();
+        assert_eq!(restored.save_state(), saved);
+        let mut scratch = [0u8];
+        restored.pio_read(PioAddress(0x3f8), 7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        assert_eq!(drain(&mut restored), input);
+
+        let mut flood = saved.clone();
+        flood.fifo = vec![0; 65];
+        assert!(SerialConsole::from_state(&flood, EventFdTrigger::new(EventFd::new(0).unwrap()), Box::new(std::io::sink())).is_err(), "more than the FIFO holds");
     }
 }

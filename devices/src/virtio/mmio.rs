@@ -1,5 +1,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
 use event_manager::SubscriberId;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -43,6 +46,73 @@ pub struct MmioTransport {
     config_generation: u32,
     /// The active device's worker, once the event loop has taken it.
     worker: Option<Arc<Mutex<Option<SubscriberId>>>>,
+    /// The layout of each queue the device was activated with, by index: a snapshot's record
+    /// of queues the device now holds.
+    activated: Vec<Option<QueueState>>,
+}
+
+/// A queue as a snapshot keeps it: the driver's layout and where both sides are in it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl QueueState {
+    fn of(queue: &Queue) -> Self {
+        QueueState {
+            size: queue.size(),
+            ready: queue.ready(),
+            desc_table: queue.desc_table(),
+            avail_ring: queue.avail_ring(),
+            used_ring: queue.used_ring(),
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
+
+    /// Lays `queue` out as saved; refuses what the queue itself refuses (a size that is not a
+    /// power of two, or above its maximum).
+    fn apply(&self, queue: &mut Queue) -> std::io::Result<()> {
+        queue.set_size(self.size);
+        if queue.size() != self.size {
+            return Err(invalid(format!("queue size {} refused", self.size)));
+        }
+        let halves = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        let (low, high) = halves(self.desc_table);
+        queue.set_desc_table_address(low, high);
+        let (low, high) = halves(self.avail_ring);
+        queue.set_avail_ring_address(low, high);
+        let (low, high) = halves(self.used_ring);
+        queue.set_used_ring_address(low, high);
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
+        queue.set_ready(self.ready);
+        Ok(())
+    }
+}
+
+/// The transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    status: u32,
+    driver_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    config_generation: u32,
+    interrupt_status: u32,
+    queues: Vec<QueueState>,
+}
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
 }
 
 impl MmioTransport {
@@ -70,7 +140,68 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             worker: None,
+            activated: Vec::new(),
         })
+    }
+
+    /// The transport's state, for a snapshot of a paused VM. An active device's queues are
+    /// saved at the used index it last published, which is also where it next reads: a
+    /// snapshot is taken where every device has returned each buffer it took.
+    pub fn save_state(&self) -> TransportState {
+        let queues = if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            (0..self.queues.len())
+                .map(|index| match self.activated.get(index).cloned().flatten() {
+                    Some(mut queue) => {
+                        let used_idx = self.mem.read_obj::<u16>(GuestAddress(queue.used_ring + 2)).unwrap_or(0);
+                        queue.next_avail = u16::from_le(used_idx);
+                        queue.next_used = queue.next_avail;
+                        queue
+                    }
+                    None => QueueState::default(),
+                })
+                .collect()
+        } else {
+            self.queues.iter().map(QueueState::of).collect()
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Puts a fresh transport (with the same device) in a saved state, starting the device if
+    /// the driver had.
+    pub fn restore_state(&mut self, state: &TransportState) -> std::io::Result<()> {
+        if state.device_type != self.device.device_type() || state.queues.len() != self.queues.len() {
+            return Err(invalid(format!(
+                "saved device {} with {} queues is not this device {} with {}",
+                state.device_type,
+                state.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            saved.apply(queue)?;
+        }
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        if state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.activate()?;
+        }
+        self.status = state.status;
+        Ok(())
     }
 
     /// One eventfd per queue: the VMM registers each with KVM as an ioeventfd on QueueNotify
@@ -224,6 +355,7 @@ impl MmioTransport {
             ));
         }
         let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
+        self.activated = queues.iter().map(|q| q.ready().then(|| QueueState::of(q))).collect();
         let active = queues
             .into_iter()
             .zip(&self.kicks)
@@ -268,6 +400,7 @@ impl MmioTransport {
             tracing::warn!("virtio-mmio: device {} did not reset: {e}", self.device.device_type());
         }
         self.queues = fresh_queues(self.device.as_ref());
+        self.activated.clear();
         self.driver_features = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -347,6 +480,37 @@ mod tests {
         handle.join().unwrap()
     }
 
+    /// Queue 0: 16 entries whose descriptor 0 is a 256-byte device-writable buffer, ready.
+    fn lay_out_queue(d: &Driver<MmioTransport>, mem: &GuestMemory) {
+        mem.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
+        mem.write_obj(256u32, GuestAddress(DESC + 8)).unwrap();
+        mem.write_obj(VRING_DESC_F_WRITE as u16, GuestAddress(DESC + 12)).unwrap();
+        d.write(VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        d.write(VIRTIO_MMIO_QUEUE_NUM, 16);
+        for (reg, addr) in [(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC), (VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL), (VIRTIO_MMIO_QUEUE_USED_LOW, USED)] {
+            d.write(reg, addr as u32);
+            d.write(reg + 4, 0);
+        }
+        d.write(VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    /// Offers descriptor 0 as the `nth` available buffer (from 1), kicks, and runs the event
+    /// loop until the device has used it.
+    fn post_and_wait(event_loop: &mut EventManager<Subscriber>, d: &Driver<MmioTransport>, mem: &GuestMemory, nth: u16) {
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from((nth - 1) % 16))).unwrap();
+        mem.write_obj(nth, GuestAddress(AVAIL + 2)).unwrap(); // avail idx
+        d.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0); // no ioeventfd here: the transport kicks
+        for _ in 0..100 {
+            event_loop.run_with_timeout(10).unwrap();
+            if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == nth {
+                break;
+            }
+        }
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), nth, "used idx");
+    }
+
     #[test]
     fn linux_style_probe_negotiation_and_one_request() {
         let (mut event_loop, transport, mem, irq) = setup();
@@ -357,37 +521,15 @@ mod tests {
         d.negotiate();
         assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0b1011, "FEATURES_OK accepted");
 
-        // One descriptor: a 256-byte device-writable buffer.
-        mem.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
-        mem.write_obj(256u32, GuestAddress(DESC + 8)).unwrap();
-        mem.write_obj(VRING_DESC_F_WRITE as u16, GuestAddress(DESC + 12)).unwrap();
-        mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap(); // ring[0] = descriptor 0
-        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap(); // avail idx
-        d.write(VIRTIO_MMIO_QUEUE_SEL, 0);
-        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_READY), 0);
-        assert_eq!(d.read(VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
-        d.write(VIRTIO_MMIO_QUEUE_NUM, 16);
-        for (reg, addr) in [(VIRTIO_MMIO_QUEUE_DESC_LOW, DESC), (VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL), (VIRTIO_MMIO_QUEUE_USED_LOW, USED)] {
-            d.write(reg, addr as u32);
-            d.write(reg + 4, 0);
-        }
-        d.write(VIRTIO_MMIO_QUEUE_READY, 1);
-
+        lay_out_queue(&d, &mem);
         let t = transport.clone();
         let status = run_with_driver(&mut event_loop, move || {
             let d = Driver(t);
             d.write(VIRTIO_MMIO_STATUS, 0b1111); // DRIVER_OK: the worker joins the event loop
-            d.write(VIRTIO_MMIO_QUEUE_NOTIFY, 0); // no ioeventfd here: the transport kicks
             d.read(VIRTIO_MMIO_STATUS)
         });
         assert_eq!(status, 0b1111);
-        for _ in 0..100 {
-            event_loop.run_with_timeout(10).unwrap();
-            if mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() == 1 {
-                break;
-            }
-        }
-        assert_eq!(mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 1, "used idx");
+        post_and_wait(&mut event_loop, &d, &mem, 1);
         assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 8)).unwrap(), 256, "used len");
         assert_eq!(irq.read().unwrap(), 1, "interrupt raised");
         assert_eq!(d.read(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING, "used-buffer bit set");
@@ -399,6 +541,58 @@ mod tests {
         run_with_driver(&mut event_loop, move || Driver(t).write(VIRTIO_MMIO_STATUS, 0));
         assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0);
         assert!(transport.lock().unwrap().worker.is_none());
+    }
+
+    /// A live device's transport saved, and restored into a fresh transport on a fresh event
+    /// loop (a new VM on the same memory): the device goes on from the saved used index.
+    #[test]
+    fn a_saved_transport_restores_live_where_it_was() {
+        let (mut event_loop, transport, mem, _irq) = setup();
+        let d = Driver(transport.clone());
+        d.negotiate();
+        lay_out_queue(&d, &mem);
+        let t = transport.clone();
+        run_with_driver(&mut event_loop, move || Driver(t).write(VIRTIO_MMIO_STATUS, 0b1111));
+        post_and_wait(&mut event_loop, &d, &mem, 1);
+        post_and_wait(&mut event_loop, &d, &mem, 2);
+        let saved = transport.lock().unwrap().save_state();
+        assert_eq!(saved.status, 0b1111);
+        assert_eq!((saved.queues[0].next_avail, saved.queues[0].next_used, saved.queues[0].size), (2, 2, 16));
+        assert!(saved.queues[0].ready);
+
+        let mut event_loop = EventManager::<Subscriber>::new().unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut fresh = MmioTransport::new(Box::new(Rng::new()), mem.clone(), interrupt, event_loop.remote_endpoint()).unwrap();
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state(), saved, "restored as saved");
+        let fresh = Arc::new(Mutex::new(fresh));
+        let d = Driver(fresh.clone());
+        assert_eq!(d.read(VIRTIO_MMIO_STATUS), 0b1111);
+        post_and_wait(&mut event_loop, &d, &mem, 3);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(USED + 4 + 8 * 2 + 4)).unwrap(), 256, "the third buffer used in the third slot");
+    }
+
+    /// A saved state that does not fit the device, or lays out a queue the transport refuses,
+    /// is refused; nothing starts.
+    #[test]
+    fn a_saved_state_that_does_not_fit_is_refused() {
+        let (_event_loop, transport, _mem, _irq) = setup();
+        let good = transport.lock().unwrap().save_state();
+        let refused = |state: TransportState| {
+            let (_event_loop, transport, _mem, _irq) = setup();
+            let mut t = transport.lock().unwrap();
+            assert!(t.restore_state(&state).is_err(), "{state:?}");
+            assert!(t.worker.is_none());
+        };
+        refused(TransportState { device_type: 19, ..good.clone() });
+        refused(TransportState { queues: vec![], ..good.clone() });
+        let mut odd = good.clone();
+        odd.queues[0].size = 3;
+        refused(odd);
+        let mut outside = good.clone();
+        outside.status = 0b1111;
+        outside.queues[0] = QueueState { size: 16, ready: true, desc_table: 1 << 40, ..QueueState::default() };
+        refused(outside);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::Block;
-pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE};
+pub use mmio::{MmioTransport, QueueState, TransportState, MMIO_WINDOW_SIZE};
 pub use net::Net;
 pub use rng::Rng;
 pub use vhost_user::{fs_config_space, DeviceConfig, VhostUserDevice, VhostUserDeviceKind, FS_TAG_LEN};
@@ -87,6 +87,11 @@ impl Interrupt {
     fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.signalled_by_backend.store(false, Ordering::SeqCst);
+    }
+
+    /// A saved InterruptStatus back in place, on a restore.
+    fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     fn ack(&self, bits: u32) {

@@ -124,7 +124,8 @@ impl VhostUserDevice {
                 log_addr: None,
             };
             self.frontend.set_vring_addr(index, &addrs).map_err(vhost_err("SET_VRING_ADDR"))?;
-            self.frontend.set_vring_base(index, 0).map_err(vhost_err("SET_VRING_BASE"))?;
+            // From where the driver is: 0 on a first start, the saved index on a restore.
+            self.frontend.set_vring_base(index, q.next_avail()).map_err(vhost_err("SET_VRING_BASE"))?;
             self.frontend.set_vring_call(index, interrupt.irqfd()).map_err(vhost_err("SET_VRING_CALL"))?;
             self.frontend.set_vring_kick(index, &active.kick).map_err(vhost_err("SET_VRING_KICK"))?;
         }

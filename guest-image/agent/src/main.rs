@@ -100,6 +100,9 @@ fn init_system() -> String {
         let _ = std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n127.0.1.1 cvm\n::1 localhost\n{hosts}"));
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == protocol::CMDLINE_SNAPSHOT_TEST) {
+        snapshot_test();
+    }
     if cmdline.split_whitespace().any(|w| w == protocol::CMDLINE_BOOT_TEST) {
         // SAFETY: sysconf only reads system configuration.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
@@ -117,6 +120,29 @@ fn init_system() -> String {
         shutdown();
     }
     cmdline
+}
+
+/// `cvm.snapshot_test` (see [`protocol::CMDLINE_SNAPSHOT_TEST`]).
+fn snapshot_test() -> ! {
+    let say = |line: String| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    };
+    say(protocol::SNAPSHOT_TEST_BEFORE.to_string());
+    // SAFETY: tcdrain only waits on the given descriptor.
+    unsafe { libc::tcdrain(1) };
+    let _ = poke_boot_timer();
+    let started = std::time::Instant::now();
+    for tick in 1..=protocol::SNAPSHOT_TEST_TICKS {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        say(format!("cvm-agent: tick {tick}"));
+    }
+    // SAFETY: sysconf only reads system configuration.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    say(format!("{}, {cpus} cpus, {} ms", protocol::SNAPSHOT_TEST_DONE, started.elapsed().as_millis()));
+    // SAFETY: as above.
+    unsafe { libc::tcdrain(1) };
+    shutdown()
 }
 
 struct Options {

@@ -24,6 +24,14 @@ pub const CMDLINE_DEBUG: &str = "cvm.debug";
 pub const CMDLINE_BOOT_TEST: &str = "cvm.boot_test";
 /// How the agent's line under `cvm.boot_test` begins.
 pub const BOOT_TEST_LINE: &str = "cvm-agent: init reached";
+/// `cvm.snapshot_test`: print [`SNAPSHOT_TEST_BEFORE`], reach init (the boot timer, where `cvm boot
+/// --snapshot` snapshots), then [`SNAPSHOT_TEST_TICKS`] lines `cvm-agent: tick N` 100 ms apart and
+/// [`SNAPSHOT_TEST_DONE`], and reset: what a restored VM prints shows its timers, clock and
+/// console work, and that it did not boot.
+pub const CMDLINE_SNAPSHOT_TEST: &str = "cvm.snapshot_test";
+pub const SNAPSHOT_TEST_BEFORE: &str = "cvm-agent: before the snapshot";
+pub const SNAPSHOT_TEST_TICKS: u32 = 5;
+pub const SNAPSHOT_TEST_DONE: &str = "cvm-agent: ticks done";
 /// The largest frame either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most output or input one data frame carries.

@@ -69,6 +69,25 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 /// Creates the guest's RAM: a memfd of `size` bytes, mapped once per RAM range. Pages are
 /// allocated on first touch, so a large guest costs nothing until it uses its memory.
 pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
+    let file = memfd(size)?;
+    Ok((map_ram(&file, size, libc::MAP_SHARED)?, file))
+}
+
+/// Guest RAM from a snapshot's memory file. Where a backend in another process must see the
+/// guest's pages (`shared`), they are copied into a new memfd (only the file's data, not its
+/// holes); else the file is mapped private: the guest reads the file's pages from the page
+/// cache, shared with every other VM restored from it, and its writes go to copies of its own.
+pub fn restore_guest_memory(snapshot: File, size: u64, shared: bool) -> Result<(GuestMemory, File)> {
+    if !shared {
+        return Ok((map_ram(&snapshot, size, libc::MAP_PRIVATE)?, snapshot));
+    }
+    let file = memfd(size)?;
+    crate::snapshot::copy_pages(&snapshot, &file, size, false)
+        .map_err(|e| Error::Memory(format!("cannot load the snapshot's memory: {e}")))?;
+    Ok((map_ram(&file, size, libc::MAP_SHARED)?, file))
+}
+
+fn memfd(size: u64) -> Result<File> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
     let fd = unsafe { libc::memfd_create(c"cvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -77,7 +96,12 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
     // SAFETY: fd is a freshly created descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|e| Error::Memory(format!("cannot size guest RAM: {e}")))?;
+    Ok(file)
+}
 
+/// Maps `file` as guest RAM of `size` bytes, one mapping per RAM range, `sharing` being
+/// MAP_SHARED or MAP_PRIVATE.
+fn map_ram(file: &File, size: u64, sharing: libc::c_int) -> Result<GuestMemory> {
     let mut regions = Vec::new();
     let mut file_offset = 0;
     for (start, len) in layout::ram_ranges(size) {
@@ -86,7 +110,7 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
             Some(FileOffset::new(file.try_clone()?, file_offset)),
             len_usize,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            sharing | libc::MAP_NORESERVE,
         )
         .map_err(|e| Error::Memory(format!("cannot map {} MiB of guest RAM: {e}", len >> 20)))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
@@ -94,8 +118,7 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
         regions.push(region);
         file_offset += len;
     }
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))?;
-    Ok((mem, file))
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
 }
 
 /// Refuses a guest larger than the host's RAM: the memfd would be created, but the guest would

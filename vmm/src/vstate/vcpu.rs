@@ -13,6 +13,7 @@ use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::state::CpuState;
 use crate::vstate::exit_stats::{self, ExitCounts};
 use crate::lock;
 use crate::exit::ExitReason;
@@ -79,6 +80,9 @@ pub struct Shared {
     pause: AtomicBool,
     states: Mutex<Vec<VcpuState>>,
     state_changed: Condvar,
+    /// A snapshot's request to the parked vCPUs: each saves its own state here. Locked after
+    /// `states` where both are.
+    saves: Mutex<Option<SaveRound>>,
     /// Per vCPU: it cannot run again (halted with interrupts off, or never started).
     stuck: Vec<AtomicBool>,
     pub first_entry: OnceLock<Instant>,
@@ -95,6 +99,7 @@ impl Shared {
             pause: AtomicBool::new(false),
             states: Mutex::new(vec![VcpuState::Running; vcpus]),
             state_changed: Condvar::new(),
+            saves: Mutex::new(None),
             stuck: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             first_entry: OnceLock::new(),
             exits: count_exits.then(|| Mutex::new(ExitCounts::new())),
@@ -161,12 +166,51 @@ impl Shared {
         Ok(())
     }
 
+    /// Parks every vCPU at its next exit, without waiting: a vCPU that calls this from a
+    /// device pauses before its guest's next instruction.
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+    }
+
+    /// Has every parked vCPU save its state (reading the MSRs in `msr_list`) and returns the
+    /// states by index. The VM must be paused; waits at most `timeout`.
+    pub fn save_vcpus(&self, msr_list: &[u32], timeout: std::time::Duration) -> Result<Vec<CpuState>, String> {
+        let count = self.stuck.len();
+        *lock(&self.saves) = Some(SaveRound { msr_list: msr_list.to_vec(), results: (0..count).map(|_| None).collect() });
+        let deadline = Instant::now() + timeout;
+        let mut states = lock(&self.states);
+        self.state_changed.notify_all();
+        let results = loop {
+            if let Some(index) = states.iter().position(|s| *s != VcpuState::Paused) {
+                break Err(format!("vCPU {index} is not paused"));
+            }
+            let mut saves = lock(&self.saves);
+            if let Some(round) = saves.as_mut().filter(|r| r.results.iter().all(Option::is_some)) {
+                break std::mem::take(&mut round.results).into_iter().flatten().collect();
+            }
+            drop(saves);
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(format!("the vCPUs did not save their state within {timeout:?}"));
+            }
+            states = self.state_changed.wait_timeout(states, (deadline - now).min(std::time::Duration::from_millis(10))).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        *lock(&self.saves) = None;
+        results
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.pause.store(false, Ordering::SeqCst);
         let _states = lock(&self.states);
         self.state_changed.notify_all();
     }
+}
+
+/// One snapshot's request to the parked vCPUs, and what each has saved.
+struct SaveRound {
+    msr_list: Vec<u32>,
+    results: Vec<Option<Result<CpuState, String>>>,
 }
 
 pub struct Vcpu {
@@ -197,6 +241,13 @@ impl Vcpu {
         states[self.index] = VcpuState::Paused;
         shared.state_changed.notify_all();
         while shared.pause.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+            let mut saves = lock(&shared.saves);
+            if let Some(round) = saves.as_mut().filter(|r| r.results[self.index].is_none()) {
+                let saved = CpuState::save(&self.fd, &round.msr_list).map_err(|e| e.to_string());
+                round.results[self.index] = Some(saved);
+                shared.state_changed.notify_all();
+            }
+            drop(saves);
             states = shared.state_changed.wait(states).unwrap_or_else(|e| e.into_inner());
         }
         states[self.index] = VcpuState::Running;

@@ -1,0 +1,192 @@
+//! Snapshots of a paused VM, and the files they live in.
+//!
+//! A snapshot is a directory of two files, both mode 0600:
+//! - `state`: a header (magic, format version, the body's length and SHA-256) and the body, the
+//!   [`Snapshot`] in postcard's encoding: every vCPU's state, the VM's interrupt controllers,
+//!   PIT and clock, the serial port and each virtio-mmio transport with its queues;
+//! - `memory`: guest RAM as a sparse file, its pages at their offsets in the RAM memfd (all-zero
+//!   pages are holes).
+//!
+//! It is written into a scratch directory beside its place and renamed into it, so a reader
+//! sees a whole snapshot or none. A snapshot that does not read back whole (a bad header or
+//! checksum, a short memory file) is refused with [`crate::Error::Snapshot`]; the caller boots
+//! cold instead.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use cvm_devices::legacy::SerialConsoleState;
+use cvm_devices::virtio::TransportState;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::arch::x86_64::state::{CpuState, VmState};
+use crate::{Error, Result, VmConfig};
+
+pub const STATE_FILE: &str = "state";
+pub const MEMORY_FILE: &str = "memory";
+const MAGIC: &[u8; 8] = b"cvmsnap\0";
+/// Bumped whenever [`Snapshot`]'s encoding changes: an older snapshot is then refused.
+const FORMAT: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 32;
+/// No state body is near this; a larger length is a corrupt header.
+const MAX_STATE_LEN: u64 = 64 << 20;
+const PAGE: usize = 4096;
+
+/// Everything of a paused VM but its memory.
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    pub memory_bytes: u64,
+    pub vm: VmState,
+    pub vcpus: Vec<CpuState>,
+    pub serial: SerialConsoleState,
+    /// The virtio-mmio transports in the order the builder makes them.
+    pub transports: Vec<TransportState>,
+}
+
+fn corrupt(dir: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Snapshot(format!("{}: {what}", dir.display()))
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::File { path: path.to_path_buf(), source }
+}
+
+impl Snapshot {
+    /// Refuses a snapshot of another machine than `config` describes. (Which devices, in which
+    /// order, is checked device by device as each transport is restored.)
+    pub fn check_fits(&self, config: &VmConfig) -> Result<()> {
+        if self.vcpus.len() != usize::from(config.vcpus) || self.memory_bytes != config.memory_bytes {
+            return Err(Error::Snapshot(format!(
+                "the snapshot is of a VM with {} vCPUs and {} MiB, not {} and {} MiB",
+                self.vcpus.len(),
+                self.memory_bytes >> 20,
+                config.vcpus,
+                config.memory_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot and guest RAM (`ram`, the VM's memfd) to `dir`, replacing whatever
+    /// snapshot was there.
+    pub fn write(&self, dir: &Path, ram: &File) -> Result<()> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(file_err(parent))?;
+        let scratch = scratch_dir(dir);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(file_err(&scratch))?;
+        let written = self.write_files(&scratch, ram).and_then(|()| {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(file_err(dir))?;
+            }
+            std::fs::rename(&scratch, dir).map_err(file_err(dir))
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        written
+    }
+
+    fn write_files(&self, dir: &Path, ram: &File) -> Result<()> {
+        let body = postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT.to_le_bytes());
+        header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        header.extend_from_slice(&Sha256::digest(&body));
+        let path = dir.join(STATE_FILE);
+        let mut state = private_file(&path)?;
+        state.write_all(&header).and_then(|()| state.write_all(&body)).and_then(|()| state.sync_all()).map_err(file_err(&path))?;
+
+        let path = dir.join(MEMORY_FILE);
+        let memory = private_file(&path)?;
+        copy_pages(ram, &memory, self.memory_bytes, true).map_err(file_err(&path))?;
+        memory.set_len(self.memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
+        Ok(())
+    }
+
+    /// Reads the snapshot in `dir`; returns it with its memory file, open for reading.
+    pub fn read(dir: &Path) -> Result<(Snapshot, File)> {
+        let path = dir.join(STATE_FILE);
+        let mut file = File::open(&path).map_err(file_err(&path))?;
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        (&mut file).take(HEADER_LEN as u64).read_to_end(&mut header).map_err(file_err(&path))?;
+        if !header.starts_with(MAGIC) {
+            return Err(corrupt(dir, "not a cvm snapshot"));
+        }
+        if header.len() < HEADER_LEN {
+            return Err(corrupt(dir, "the state file is shorter than its header"));
+        }
+        let format = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        if format != FORMAT {
+            return Err(corrupt(dir, format!("snapshot format {format}, this cvm reads {FORMAT}")));
+        }
+        let len = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
+        if len > MAX_STATE_LEN {
+            return Err(corrupt(dir, "the state's length is corrupt"));
+        }
+        let mut body = Vec::with_capacity(len as usize);
+        file.take(len).read_to_end(&mut body).map_err(file_err(&path))?;
+        if body.len() as u64 != len || Sha256::digest(&body).as_slice() != &header[20..] {
+            return Err(corrupt(dir, "the state is truncated or corrupt (checksum mismatch)"));
+        }
+        let snapshot: Snapshot = postcard::from_bytes(&body).map_err(|e| corrupt(dir, format!("cannot decode the state: {e}")))?;
+        let path = dir.join(MEMORY_FILE);
+        let memory = File::open(&path).map_err(file_err(&path))?;
+        let size = memory.metadata().map_err(file_err(&path))?.len();
+        if size != snapshot.memory_bytes {
+            return Err(corrupt(dir, format!("the memory file has {size} bytes, not {}", snapshot.memory_bytes)));
+        }
+        Ok((snapshot, memory))
+    }
+}
+
+fn scratch_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    dir.with_file_name(name)
+}
+
+fn private_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(file_err(path))
+}
+
+/// Copies the first `len` bytes of `from` into `to` at the same offsets, only where `from` has
+/// data (its holes are skipped: a memfd's untouched pages, a sparse file's). With
+/// `skip_zero_pages`, all-zero pages are left as holes in `to` too.
+pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < len {
+        // SAFETY: lseek on an fd we hold; it only moves the file offset.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) }; // no data after offset
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let (start, end) = (data as u64, if hole < 0 { len } else { (hole as u64).min(len) });
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(CHUNK as u64) as usize;
+            from.read_exact_at(&mut buf[..n], at)?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if !(skip_zero_pages && page.iter().all(|&b| b == 0)) {
+                    to.write_all_at(page, at + (i * PAGE) as u64)?;
+                }
+            }
+            at += n as u64;
+        }
+        offset = end.max(offset + 1);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
