@@ -487,13 +487,28 @@ fn run_bench(args: RunBench) -> Result<()> {
             bail!("{} is missing for the reference, and a disk image cannot be booted bare: install qemu-system-x86 (scripts/bootstrap) or use --image minimal", args.qemu)
         }
     };
+    // cvm's VMM twice: booted (`--cold`) and restored from the warm-start snapshot that the
+    // warm-up run leaves.
     let mut commands: Vec<(String, Command)> = engines
         .iter()
-        .map(|engine| {
+        .flat_map(|engine| {
             let name = format!("{engine:?}").to_lowercase();
-            let mut c = Command::new(&cvm);
-            c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&args.image).args(["--", "true"]);
-            (name, c)
+            let starts: &[(&str, bool)] = match engine {
+                cvm_vmm::Engine::Cvm => &[("cold", true), ("warm", false)],
+                cvm_vmm::Engine::Qemu => &[("cold", false)],
+            };
+            starts
+                .iter()
+                .map(|&(start, cold)| {
+                    let mut c = Command::new(&cvm);
+                    c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&args.image);
+                    if cold {
+                        c.arg("--cold");
+                    }
+                    c.args(["--", "true"]);
+                    (format!("--vmm {name}, {start}"), c)
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     // Named VMs, one per engine, started once: an exec into a running VM is what `cvm exec`
@@ -554,8 +569,8 @@ fn run_bench(args: RunBench) -> Result<()> {
         println!("{name:<44} {:>9.1} {:>9.1} {:>9.1}", s.min, s.median, p90(v));
     };
     for (index, (name, _)) in commands.iter().enumerate() {
-        row(&format!("cvm run --vmm {name}, wall"), &walls[index]);
-        row(&format!("cvm run --vmm {name}, CPU (user+sys)"), &cpus[index]);
+        row(&format!("cvm run {name}: wall"), &walls[index]);
+        row(&format!("cvm run {name}: CPU (user+sys)"), &cpus[index]);
         for (phase, values) in RUN_PHASES.iter().zip(&phases[index]) {
             row(&format!("  phase: {phase}"), values);
         }
@@ -565,10 +580,18 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     row(&format!("reference: {reference_name} to the init's line, wall"), &reference_walls);
     let reference_median = stats(reference_walls).median;
+    let median_of = |name: &str| commands.iter().position(|(n, _)| n == name).map(|i| stats(walls[i].clone()).median);
     for (index, (name, _)) in commands.iter().enumerate() {
         let run_median = stats(walls[index].clone()).median;
-        println!("ratio cvm run --vmm {name} / reference, median wall: {:.2}x", run_median / reference_median);
-        println!("ratio cvm exec ({name}) / cvm run --vmm {name}, median wall: {:.3}x", stats(exec_walls[index].clone()).median / run_median);
+        println!("ratio cvm run {name} / reference, median wall: {:.2}x", run_median / reference_median);
+    }
+    for (index, (engine, _)) in execs.iter().enumerate() {
+        if let Some(cold) = median_of(&format!("--vmm {engine}, cold")) {
+            println!("ratio cvm exec ({engine}) / cvm run --vmm {engine} cold, median wall: {:.3}x", stats(exec_walls[index].clone()).median / cold);
+        }
+    }
+    if let (Some(warm), Some(cold)) = (median_of("--vmm cvm, warm"), median_of("--vmm cvm, cold")) {
+        println!("ratio cvm run warm / cold (cvm's VMM), median wall: {:.3}x", warm / cold);
     }
     Ok(())
 }

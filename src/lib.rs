@@ -38,6 +38,7 @@ pub mod shares;
 pub mod template;
 pub mod terminal;
 pub mod trust;
+pub mod warm;
 pub mod worktree;
 
 static CVM_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();

@@ -32,6 +32,7 @@ use crate::rundir::RunDir;
 use crate::runtime::{Runtime, VmFacts};
 use crate::secrets::Secret;
 use crate::shares::{HostUser, ShareRequest, SharePlan};
+use crate::warm;
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
 /// first CID the spec leaves to guests.
@@ -76,6 +77,8 @@ pub struct SessionConfig {
     pub template: Option<PathBuf>,
     /// Run the runtime scripts before each command (not while `cvm setup` installs).
     pub runtime: bool,
+    /// Boot, never restore a warm-start snapshot nor make one (`--cold`).
+    pub cold: bool,
 }
 
 impl SessionConfig {
@@ -99,6 +102,7 @@ impl SessionConfig {
             scratch: None,
             template: None,
             runtime: false,
+            cold: false,
         }
     }
 }
@@ -158,6 +162,8 @@ pub struct Session {
     pub setup: Duration,
     /// From the VM starting to the agent's readiness message.
     pub boot: Duration,
+    /// Restored from a warm-start snapshot, not booted.
+    pub warm: bool,
 }
 
 impl Session {
@@ -227,12 +233,30 @@ impl Session {
         if let Some(path) = scratch {
             config.image.add_layer(&mut vm_config, &path, Layer::Scratch)?;
         }
-        let mut machine = start_vm(config.engine, &vm_config).map_err(|e| explain(e, &dir))?;
+        // Warm starts on cvm's VMM, except over a scratch disk the caller keeps (`cvm setup`'s),
+        // which a restore would overwrite with the snapshot's.
+        let start = match config.engine == Engine::Cvm && !config.cold && !matches!(config.scratch, Some(Scratch::Kept(_))) {
+            true => warm::plan(&mut vm_config),
+            false => warm::Start::Cold,
+        };
+        let mut machine = start_vm(config.engine, &vm_config).map_err(|e| {
+            if let warm::Start::Warm(snapshot) = &start {
+                // Not used again: the next session boots cold and makes it anew.
+                let _ = std::fs::remove_dir_all(snapshot);
+            }
+            explain(e, &dir)
+        })?;
         let setup = started.elapsed();
 
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
-        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &plan.setup)) {
+        if let (warm::Start::ColdThenSnapshot(snapshot), Some(handle)) = (&start, machine.handle()) {
+            warm::snapshot_at_init(handle, snapshot, deadline);
+        }
+        if let warm::Start::Warm(snapshot) = &start {
+            tracing::info!("warm start: restored from {}", snapshot.display());
+        }
+        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &fresh_guest(&plan.setup)?)) {
             Ok(()) => started.elapsed() - setup,
             Err(e) => {
                 let e = match finish(machine.as_mut()) {
@@ -248,7 +272,7 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot, warm: matches!(start, warm::Start::Warm(_)) })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a
@@ -393,6 +417,18 @@ fn set_up_guest(host_socket: &Path, setup: &Setup) -> Result<()> {
         Some(Reply::Failed(message)) => bail!("the guest could not set up its shares: {message}"),
         other => bail!("unexpected answer from the guest agent to its set-up: {other:?}"),
     }
+}
+
+/// `setup`, after the host's time and fresh entropy ([`Step::Fresh`]): first, so that the
+/// rest runs with the right clock, and a restored guest never shares random numbers with
+/// another.
+fn fresh_guest(setup: &Setup) -> Result<Setup> {
+    let mut seed = vec![0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed).context("cannot read the host's entropy")?;
+    let unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut fresh = setup.clone();
+    fresh.steps.insert(0, Step::Fresh { unix_nanos, seed });
+    Ok(fresh)
 }
 
 /// Waits for the agent's readiness message on the host end of vsock port READY_PORT.

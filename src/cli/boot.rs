@@ -78,8 +78,8 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
             let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
         }
         let thread = cvm_vmm::VmThread::spawn(vm)?;
-        if let Some(dir) = &args.snapshot {
-            snapshot_at_init(thread.handle(), dir);
+        if let (Some(dir), Some(handle)) = (&args.snapshot, cvm_vmm::RunningVm::handle(&thread)) {
+            snapshot_at_init(handle, dir);
         }
         thread.wait()
     });

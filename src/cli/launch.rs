@@ -39,6 +39,10 @@ pub(crate) struct VmArgs {
     /// Show the guest's console (kernel and agent messages) when the session ends.
     #[arg(long)]
     pub debug: bool,
+    /// Boot the guest: neither restore a warm-start snapshot (cvm's VMM restores the first
+    /// session's guest, snapshotted where its init started) nor make one.
+    #[arg(long)]
+    pub cold: bool,
     /// Also share a host directory: /host[:/guest][:ro|rw] (the guest path defaults to the host
     /// path; `~` is your home). Read-only is enforced by cvm's file server. Repeatable.
     /// [config: [[mounts]]]
@@ -216,6 +220,7 @@ pub(crate) fn session_config(settings: &Settings, args: &VmArgs, forwards: Forwa
         env,
         secrets,
         instructions: settings.instructions(root.as_deref())?,
+        cold: args.cold,
     })
 }
 

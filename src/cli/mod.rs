@@ -8,6 +8,7 @@ mod image;
 mod launch;
 mod named;
 mod run;
+mod snapshot;
 mod templates;
 mod worktree;
 
@@ -84,7 +85,7 @@ pub(crate) enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Remove every template.
+    /// Remove every template and every warm-start snapshot.
     CleanAll {
         /// Do not ask.
         #[arg(long)]
@@ -131,6 +132,9 @@ pub(crate) enum Command {
     /// Build, list and remove the cached root images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// List and remove the warm-start snapshots (cvm's VMM restores sessions from them).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Git worktrees beside the main checkout, one per branch (`cvm run --worktree BRANCH`).
     #[command(subcommand)]
     Worktree(WorktreeCommand),
@@ -266,6 +270,7 @@ pub(crate) fn main() -> ExitCode {
         }
         Command::Worktree(command) => report(worktree_command(command)),
         Command::Image(command) => exit_code(image_command(command)),
+        Command::Snapshot(command) => exit_code(snapshot::snapshot_command(command)),
         #[cfg(feature = "bench")]
         Command::Bench(command) => report(bench::run(command)),
         Command::Prompt(_) => unreachable!("a prompt became `cvm run` above"),

@@ -60,13 +60,18 @@ pub(crate) fn clean(path: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
 
 pub(crate) fn clean_all(yes: bool) -> anyhow::Result<()> {
     let all = cvm::template::list();
-    if all.is_empty() {
+    let snapshots = cvm::warm::list();
+    if all.is_empty() && snapshots.is_empty() {
         return Ok(());
     }
-    confirm(&format!("Remove all {} templates?", all.len()), yes)?;
+    confirm(&format!("Remove all {} templates and {} warm-start snapshots?", all.len(), snapshots.len()), yes)?;
     for t in &all {
         cvm::template::remove(t)?;
         println!("removed the template of {}", t.project.display());
+    }
+    for snapshot in &snapshots {
+        cvm::warm::remove(&snapshot.key)?;
+        println!("removed the warm-start snapshot {}", snapshot.key);
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! created, and the VM's own events put on its event loop.
 
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -36,13 +37,15 @@ impl Vm {
         config.validate()?;
         let mut setup = Vec::new();
         let mut done = |step: &'static str| setup.push((step, started.elapsed()));
-        let snapshot = config.restore.as_deref().map(Snapshot::read).transpose()?;
+        let snapshot = config.restore.as_deref().map(|dir| Snapshot::read(dir).map(|(snapshot, memory)| (dir, snapshot, memory))).transpose()?;
         let (kvm, vm_fd) = vstate::vm::create()?;
         done("vm");
 
+        let writable_disks: Vec<PathBuf> = config.disks.iter().filter(|d| !d.read_only).map(|d| d.path.clone()).collect();
         let (snapshot, (mem, ram)) = match snapshot {
-            Some((snapshot, memory)) => {
+            Some((dir, snapshot, memory)) => {
                 snapshot.check_fits(config)?;
+                snapshot.restore_disks(dir, &writable_disks)?;
                 // A vhost-user backend maps guest RAM itself, so it must be shared.
                 let shared = !config.vhost_user.is_empty();
                 (Some(snapshot), memory::restore_guest_memory(memory, config.memory_bytes, shared)?)
@@ -164,6 +167,7 @@ impl Vm {
             memory_bytes: config.memory_bytes,
             serial,
             transports,
+            writable_disks,
             msr_list: x86_64::state::msr_list(&kvm)?,
             restored: snapshot.is_some(),
         };

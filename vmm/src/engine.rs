@@ -52,6 +52,11 @@ pub trait RunningVm: Send {
 
     /// Stops the VM if it still runs and waits until it is gone.
     fn finish(&mut self) -> Finished;
+
+    /// A handle that pauses and snapshots the VM, where its engine can (cvm's VMM).
+    fn handle(&self) -> Option<&VmHandle> {
+        None
+    }
 }
 
 /// How a VM ended, as far as its user cares.
@@ -85,11 +90,6 @@ impl VmThread {
         Ok(VmThread { thread: Some(thread), done, handle })
     }
 
-    /// A handle on the running VM.
-    pub fn handle(&self) -> &VmHandle {
-        &self.handle
-    }
-
     /// Waits until the VM ends by itself, and says how.
     pub fn wait(mut self) -> Result<VmExit> {
         let thread = self.thread.take().expect("a VM thread is joined once");
@@ -100,6 +100,10 @@ impl VmThread {
 impl RunningVm for VmThread {
     fn exit_fd(&self) -> BorrowedFd<'_> {
         self.done.as_fd()
+    }
+
+    fn handle(&self) -> Option<&VmHandle> {
+        Some(&self.handle)
     }
 
     fn finish(&mut self) -> Finished {

@@ -5,7 +5,9 @@
 //!   [`Snapshot`] in postcard's encoding: every vCPU's state, the VM's interrupt controllers,
 //!   PIT and clock, the serial port and each virtio-mmio transport with its queues;
 //! - `memory`: guest RAM as a sparse file, its pages at their offsets in the RAM memfd (all-zero
-//!   pages are holes).
+//!   pages are holes);
+//! - `disk-N`: the Nth writable disk as it was at the pause (the guest's page cache in `memory`
+//!   describes it), copied sparse; a restore gives each writable disk a copy of it.
 //!
 //! It is written into a scratch directory beside its place and renamed into it, so a reader
 //! sees a whole snapshot or none. A snapshot that does not read back whole (a bad header or
@@ -44,6 +46,8 @@ pub struct Snapshot {
     pub serial: SerialConsoleState,
     /// The virtio-mmio transports in the order the builder makes them.
     pub transports: Vec<TransportState>,
+    /// The size of each writable disk, in the VM's order.
+    pub disks: Vec<u64>,
 }
 
 fn corrupt(dir: &Path, what: impl std::fmt::Display) -> Error {
@@ -70,15 +74,15 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Writes the snapshot and guest RAM (`ram`, the VM's memfd) to `dir`, replacing whatever
-    /// snapshot was there.
-    pub fn write(&self, dir: &Path, ram: &File) -> Result<()> {
+    /// Writes the snapshot, guest RAM (`ram`, the VM's memfd) and the writable `disks` to
+    /// `dir`, replacing whatever snapshot was there.
+    pub fn write(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(file_err(parent))?;
         let scratch = scratch_dir(dir);
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(file_err(&scratch))?;
-        let written = self.write_files(&scratch, ram).and_then(|()| {
+        let written = self.write_files(&scratch, ram, disks).and_then(|()| {
             if dir.exists() {
                 std::fs::remove_dir_all(dir).map_err(file_err(dir))?;
             }
@@ -90,7 +94,7 @@ impl Snapshot {
         written
     }
 
-    fn write_files(&self, dir: &Path, ram: &File) -> Result<()> {
+    fn write_files(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
         let body = postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
         let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(MAGIC);
@@ -105,6 +109,30 @@ impl Snapshot {
         let memory = private_file(&path)?;
         copy_pages(ram, &memory, self.memory_bytes, true).map_err(file_err(&path))?;
         memory.set_len(self.memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
+
+        for (index, (disk, &size)) in disks.iter().zip(&self.disks).enumerate() {
+            let from = File::open(disk).map_err(file_err(disk))?;
+            let path = dir.join(format!("disk-{index}"));
+            let to = private_file(&path)?;
+            copy_pages(&from, &to, size, true).and_then(|()| to.set_len(size)).and_then(|()| to.sync_all()).map_err(file_err(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Makes each of `disks` (the VM's writable disks, in order) a copy of the snapshot's.
+    pub fn restore_disks(&self, dir: &Path, disks: &[PathBuf]) -> Result<()> {
+        if disks.len() != self.disks.len() {
+            return Err(Error::Snapshot(format!("the snapshot has {} writable disks, this VM {}", self.disks.len(), disks.len())));
+        }
+        for (index, (disk, &size)) in disks.iter().zip(&self.disks).enumerate() {
+            let path = dir.join(format!("disk-{index}"));
+            let from = File::open(&path).map_err(file_err(&path))?;
+            if from.metadata().map_err(file_err(&path))?.len() != size {
+                return Err(corrupt(dir, format!("disk-{index} is not {size} bytes")));
+            }
+            let to = std::fs::OpenOptions::new().write(true).open(disk).map_err(file_err(disk))?;
+            to.set_len(0).and_then(|()| to.set_len(size)).and_then(|()| copy_pages(&from, &to, size, true)).map_err(file_err(disk))?;
+        }
         Ok(())
     }
 

@@ -92,8 +92,9 @@ impl VmHandle {
             vcpus,
             serial: lock(&machine.serial).save_state(),
             transports: machine.transports.iter().map(|t| lock(t).save_state()).collect(),
+            disks: machine.writable_disks.iter().map(|d| std::fs::metadata(d).map(|m| m.len()).map_err(|source| Error::File { path: d.clone(), source })).collect::<Result<_>>()?,
         };
-        snapshot.write(dir, &machine.ram)
+        snapshot.write(dir, &machine.ram, &machine.writable_disks)
     }
 
     /// Whether the VM's run has ended (or is ending).
@@ -110,6 +111,8 @@ pub(crate) struct Machine {
     pub(crate) memory_bytes: u64,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The writable disks, whose contents a snapshot keeps.
+    pub(crate) writable_disks: Vec<std::path::PathBuf>,
     /// The MSRs a vCPU's snapshot saves.
     pub(crate) msr_list: Vec<u32>,
     /// Restored from a snapshot: its RAM may be a private mapping the memory file does not see.

@@ -109,6 +109,10 @@ pub enum Step {
     /// system's trust store, so that the guest's TLS clients accept the proxy where it swaps
     /// secrets in.
     TrustCa { pem: Vec<u8> },
+    /// The host's wall-clock time and fresh entropy: the guest's clock is set and its random
+    /// number generator re-seeded. A guest restored from a snapshot has the snapshot's clock
+    /// and generator state, shared with every other session restored from it.
+    Fresh { unix_nanos: u64, seed: Vec<u8> },
 }
 
 /// Where a relay listens in the guest.
@@ -347,6 +351,7 @@ impl Request {
                         Step::Relay { listen: Listen::Unix(path), host_port } => enc.u8(5).u8(2).bytes(path).u32(*host_port),
                         Step::Network { address, prefix_len, gateway, nameserver, mtu } => enc.u8(6).u32(u32::from(*address)).u8(*prefix_len).u32(u32::from(*gateway)).u32(u32::from(*nameserver)).u16(*mtu),
                         Step::TrustCa { pem } => enc.u8(7).bytes(pem),
+                        Step::Fresh { unix_nanos, seed } => enc.u8(8).bytes(&unix_nanos.to_le_bytes()).bytes(seed),
                     };
                 }
                 enc.finish()
@@ -404,6 +409,11 @@ impl Request {
                             }
                             6 => Step::Network { address: d.u32()?.into(), prefix_len: d.u8()?, gateway: d.u32()?.into(), nameserver: d.u32()?.into(), mtu: d.u16()? },
                             7 => Step::TrustCa { pem: d.bytes()? },
+                            8 => {
+                                let nanos = d.bytes()?;
+                                let unix_nanos = u64::from_le_bytes(nanos.try_into().map_err(|_| DecodeError::Truncated)?);
+                                Step::Fresh { unix_nanos, seed: d.bytes()? }
+                            }
                             other => return Err(DecodeError::UnknownTag(other)),
                         })
                     })

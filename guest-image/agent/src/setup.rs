@@ -204,6 +204,13 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                     .and_then(|mut bundle| bundle.write_all(&[b"\n".as_slice(), pem].concat()))
                     .map_err(|e| describe("cannot add the proxy's CA to", SYSTEM_CA_BUNDLE.as_bytes(), e))?;
             }
+            // Only as the guest's init: an agent run as a host process (its tests) must never
+            // set the host's clock.
+            Step::Fresh { .. } if std::process::id() != 1 => {}
+            Step::Fresh { unix_nanos, seed } => {
+                set_clock(*unix_nanos).map_err(|e| format!("cannot set the clock: {e}"))?;
+                reseed(seed).map_err(|e| format!("cannot re-seed the random number generator: {e}"))?;
+            }
             Step::File { target, contents } => {
                 let path = Path::new(OsStr::from_bytes(target));
                 if let Some(parent) = path.parent() {
@@ -261,4 +268,39 @@ fn add_user(user: &User) -> io::Result<()> {
     let home = Path::new(OsStr::from_bytes(&user.home));
     Owner(Some(user)).create_dirs(home)?;
     std::os::unix::fs::chown(home, Some(user.uid), Some(user.gid))
+}
+
+fn set_clock(unix_nanos: u64) -> io::Result<()> {
+    let now = libc::timespec { tv_sec: (unix_nanos / 1_000_000_000) as libc::time_t, tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long };
+    // SAFETY: clock_settime reads the timespec we pass.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mixes `seed` into the kernel's entropy pool, credited, and has the generator re-seed from
+/// it at once (RNDADDENTROPY, then RNDRESEEDCRNG).
+fn reseed(seed: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    #[repr(C)]
+    struct PoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; 64],
+    }
+    let len = seed.len().min(64);
+    let mut info = PoolInfo { entropy_count: (len * 8) as libc::c_int, buf_size: len as libc::c_int, buf: [0; 64] };
+    info.buf[..len].copy_from_slice(&seed[..len]);
+    let random = std::fs::OpenOptions::new().write(true).open("/dev/random")?;
+    // SAFETY: both ioctls take the fd of /dev/random; the first reads a rand_pool_info whose
+    // buffer holds buf_size bytes, the second takes no argument.
+    unsafe {
+        if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, &info) != 0 || libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@ fn snapshot(vcpus: usize) -> Snapshot {
         vcpus: (0..vcpus).map(|_| CpuState::default()).collect(),
         serial: SerialConsoleState::default(),
         transports: Vec::new(),
+        disks: Vec::new(),
     }
 }
 
@@ -27,7 +28,7 @@ fn ram() -> File {
 fn written() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().join("cache/snapshots/key");
-    snapshot(2).write(&at, &ram()).unwrap();
+    snapshot(2).write(&at, &ram(), &[]).unwrap();
     (dir, at)
 }
 
@@ -54,11 +55,28 @@ fn a_snapshot_reads_back_as_written_with_its_memory_sparse() {
 #[test]
 fn a_new_snapshot_replaces_the_old_whole_and_leaves_no_scratch() {
     let (dir, at) = written();
-    snapshot(1).write(&at, &ram()).unwrap();
+    snapshot(1).write(&at, &ram(), &[]).unwrap();
     assert_eq!(Snapshot::read(&at).unwrap().0.vcpus.len(), 1);
     let names: Vec<_> = std::fs::read_dir(at.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("key")]);
     drop(dir);
+}
+
+#[test]
+fn writable_disks_are_kept_as_they_were_and_copied_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("scratch.img");
+    std::fs::write(&disk, [b"superblock".as_slice(), &[0; 2 * PAGE], b"journal"].concat()).unwrap();
+    let size = std::fs::metadata(&disk).unwrap().len();
+    let at = dir.path().join("snapshot");
+    Snapshot { disks: vec![size], ..snapshot(1) }.write(&at, &ram(), std::slice::from_ref(&disk)).unwrap();
+    let (read, _) = Snapshot::read(&at).unwrap();
+
+    let session_disk = dir.path().join("session.img");
+    std::fs::write(&session_disk, vec![0xff; 3 * PAGE + 100]).unwrap(); // a bigger, dirty file
+    read.restore_disks(&at, std::slice::from_ref(&session_disk)).unwrap();
+    assert!(std::fs::read(&session_disk).unwrap() == std::fs::read(&disk).unwrap(), "the copy is the disk as it was");
+    assert!(read.restore_disks(&at, &[]).is_err(), "another VM's disks");
 }
 
 #[test]

@@ -101,6 +101,7 @@ fn sample_setup() -> Setup {
             Step::Relay { listen: Listen::Unix(b"/run/cvm/ssh-agent.sock".to_vec()), host_port: 1029 },
             Step::Network { address: [10, 0, 2, 15].into(), prefix_len: 24, gateway: [10, 0, 2, 2].into(), nameserver: [10, 0, 2, 3].into(), mtu: 9000 },
             Step::TrustCa { pem: b"-----BEGIN CERTIFICATE-----\n".to_vec() },
+            Step::Fresh { unix_nanos: 1_796_000_000_123_456_789, seed: vec![7; 32] },
         ],
     }
 }
