@@ -251,7 +251,11 @@ impl Session {
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
         if let (warm::Start::ColdThenSnapshot(snapshot), Some(handle)) = (&start, machine.handle()) {
-            warm::snapshot_at_init(handle, snapshot, deadline);
+            let agent_spoke = || {
+                let mut fds = [PollFd::new(&ready, PollFlags::IN)];
+                rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n > 0)
+            };
+            warm::snapshot_at_init(handle, snapshot, deadline, agent_spoke);
         }
         if let warm::Start::Warm(snapshot) = &start {
             tracing::info!("warm start: restored from {}", snapshot.display());
