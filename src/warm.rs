@@ -74,7 +74,7 @@ pub fn list() -> Vec<Entry> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().join(cvm_vmm::snapshot::STATE_FILE).exists())
+        .filter(|e| !e.file_name().to_string_lossy().contains(".partial-") && e.path().join(cvm_vmm::snapshot::STATE_FILE).exists())
         .map(|e| {
             let path = e.path();
             let files = std::fs::read_dir(&path).into_iter().flatten().flatten();
@@ -135,10 +135,19 @@ fn touch(dir: &Path) {
     let _ = std::fs::File::open(dir).and_then(|d| d.set_modified(SystemTime::now()));
 }
 
-/// Removes the least recently used snapshots beyond [`KEEP`].
+/// Removes the least recently used snapshots beyond [`KEEP`], and what writers that died left
+/// half-written (`<key>.partial-<pid>`, the pid gone).
 pub fn prune() {
     for old in list().into_iter().skip(KEEP) {
         let _ = std::fs::remove_dir_all(&old.path);
+    }
+    for entry in std::fs::read_dir(snapshots_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((_, pid)) = name.rsplit_once(".partial-") {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
     }
 }
 
@@ -161,5 +170,62 @@ pub fn snapshot_at_init(vm: &cvm_vmm::VmHandle, dir: &Path, deadline: std::time:
             prune();
         }
         Err(e) => eprintln!("cvm: warning: no warm-start snapshot: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cvm_vmm::DiskConfig;
+
+    fn config(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        let image = dir.join("root.erofs");
+        let scratch = dir.join("scratch.ext4");
+        for file in [&kernel, &image, &scratch] {
+            if !file.exists() {
+                std::fs::write(file, b"data").unwrap();
+            }
+        }
+        VmConfig {
+            disks: vec![DiskConfig { path: image, read_only: true }, DiskConfig { path: scratch, read_only: false }],
+            ..VmConfig::new(kernel)
+        }
+    }
+
+    #[test]
+    fn the_key_follows_what_shapes_the_guest_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = config(dir.path());
+        let key = key(&base).unwrap();
+        assert_eq!(key.len(), 16);
+        assert_eq!(super::key(&config(dir.path())).unwrap(), key, "the same machine");
+
+        // A session's own scratch disk elsewhere, of the same size: the same kind.
+        let other_scratch = dir.path().join("other.ext4");
+        std::fs::write(&other_scratch, b"more").unwrap();
+        let mut moved = base.clone();
+        moved.disks[1].path = other_scratch;
+        assert_eq!(super::key(&moved).unwrap(), key);
+
+        let changed = |vm: VmConfig, what: &str| assert_ne!(super::key(&vm).unwrap(), key, "{what}");
+        changed(VmConfig { memory_bytes: 1 << 30, ..base.clone() }, "memory");
+        changed(VmConfig { vcpus: 4, ..base.clone() }, "vCPUs");
+        changed(VmConfig { cmdline: format!("{} cvm.debug", base.cmdline), ..base.clone() }, "command line");
+        let mut vsock = base.clone();
+        vsock.vhost_user.push(cvm_vmm::VhostUserConfig { socket: dir.path().join("v"), kind: cvm_vmm::VhostUserKind::Vsock });
+        changed(vsock, "devices");
+        std::fs::write(dir.path().join("root.erofs"), b"a rebuilt image").unwrap();
+        changed(base.clone(), "a rebuilt image");
+        let mut gone = base.clone();
+        gone.kernel = dir.path().join("missing");
+        assert!(super::key(&gone).is_none(), "an unreadable kernel: no key, a cold boot");
+    }
+
+    #[test]
+    fn only_snapshot_keys_are_removed() {
+        for bad in ["", "..", "../../etc", "abc/def", "12ab.partial-1"] {
+            assert!(remove(bad).is_err(), "{bad:?}");
+        }
     }
 }
