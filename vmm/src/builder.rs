@@ -30,6 +30,12 @@ use crate::snapshot::Snapshot;
 use crate::vm::Machine;
 use crate::{host, kvm_call, lock, vstate, Error, Result, Vm, VmConfig};
 
+/// Where a VM's guest starts: its kernel's entry, or where a snapshot left it.
+enum Start {
+    Boot { kernel: x86_64::LoadedKernel, initrd: Option<(u64, u64)> },
+    Restore(Box<Snapshot>),
+}
+
 impl Vm {
     /// Builds the VM `config` describes. `started` is when the VMM started, the zero of the
     /// reported boot timings.
@@ -55,13 +61,13 @@ impl Vm {
         vstate::vm::map_memory(&vm_fd, &mem)?;
         done(if snapshot.is_some() { "snapshot-memory" } else { "memory" });
 
-        let kernel = match snapshot {
-            Some(_) => None,
+        let start = match snapshot {
+            Some(snapshot) => Start::Restore(Box::new(snapshot)),
             None => {
                 let kernel = x86_64::load_kernel(&mem, &config.kernel)?;
                 let initrd = config.initrd.as_deref().map(|path| x86_64::load_initrd(&mem, path, &kernel)).transpose()?;
                 done("kernel");
-                Some((kernel, initrd))
+                Start::Boot { kernel, initrd }
             }
         };
 
@@ -76,9 +82,9 @@ impl Vm {
         let panic = Arc::new(Mutex::new(ConsolePanic::default()));
         let (sink, console_relay) = console_sink(config)?;
         let console = ConsoleOut { written: console_bytes.clone(), panic: panic.clone(), shared: shared.clone(), sink };
-        let serial = match &snapshot {
-            Some(snapshot) => SerialConsole::from_state(&snapshot.serial, EventFdTrigger::new(serial_irq), Box::new(console))?,
-            None => SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console)),
+        let serial = match &start {
+            Start::Restore(snapshot) => SerialConsole::from_state(&snapshot.serial, EventFdTrigger::new(serial_irq), Box::new(console))?,
+            Start::Boot { .. } => SerialConsole::new(EventFdTrigger::new(serial_irq), Box::new(console)),
         };
         let serial = Arc::new(Mutex::new(serial));
         devices.add_pio(SERIAL_PORT, 8, serial.clone())?;
@@ -111,7 +117,7 @@ impl Vm {
             devices.add_virtio(Box::new(VhostUserDevice::connect(socket, vhost.kind.device_kind(), vhost.kind.device_config())?))?;
         }
         let (io, cmdline, transports) = devices.finish();
-        if let Some(snapshot) = &snapshot {
+        if let Start::Restore(snapshot) = &start {
             if snapshot.transports.len() != transports.len() {
                 return Err(Error::Snapshot(format!("the snapshot has {} virtio devices, this VM {}", snapshot.transports.len(), transports.len())));
             }
@@ -121,12 +127,12 @@ impl Vm {
         }
         done("devices");
 
-        if let Some((kernel, initrd)) = &kernel {
-            x86_64::write_boot_info(&mem, &BootInfo { kernel, cmdline: &cmdline, initrd: *initrd, memory: config.memory_bytes })?;
-            mptable::write(&mem, config.vcpus)?;
-        }
-        if let Some(snapshot) = &snapshot {
-            snapshot.vm.restore(&vm_fd)?;
+        match &start {
+            Start::Boot { kernel, initrd } => {
+                x86_64::write_boot_info(&mem, &BootInfo { kernel, cmdline: &cmdline, initrd: *initrd, memory: config.memory_bytes })?;
+                mptable::write(&mem, config.vcpus)?;
+            }
+            Start::Restore(snapshot) => snapshot.vm.restore(&vm_fd)?,
         }
 
         vcpu::install_kick_handler()?;
@@ -138,16 +144,15 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm_fd.create_vcpu(u64::from(index)).map_err(kvm_call("create a vCPU"))?;
-            match (&snapshot, &kernel) {
-                (Some(snapshot), _) => snapshot.vcpus[usize::from(index)].restore(&fd)?,
-                (None, Some((kernel, _))) => {
+            match &start {
+                Start::Restore(snapshot) => snapshot.vcpus[usize::from(index)].restore(&fd)?,
+                Start::Boot { kernel, .. } => {
                     cpu::setup_cpuid(&fd, &cpu::guest_cpuid(&supported, index, config.vcpus, tsc_deadline))?;
                     cpu::setup_lapic(&fd)?;
                     if index == 0 {
                         cpu::setup_boot_cpu(&fd, &mem, kernel.entry)?;
                     }
                 }
-                (None, None) => unreachable!("a VM is either booted or restored"),
             }
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
@@ -157,7 +162,8 @@ impl Vm {
             .ok();
         done("teardown helper");
 
-        let pvm_watch = kernel.as_ref().filter(|(kernel, _)| kernel.is_linux && host::is_pvm()).map(|_| PvmWatch {
+        let boots_linux = matches!(&start, Start::Boot { kernel, .. } if kernel.is_linux);
+        let pvm_watch = (boots_linux && host::is_pvm()).then(|| PvmWatch {
             deadline: Instant::now() + PVM_LINUX_GRACE,
             console_bytes,
         });
@@ -169,7 +175,7 @@ impl Vm {
             transports,
             writable_disks,
             msr_list: x86_64::state::msr_list(&kvm)?,
-            restored: snapshot.is_some(),
+            restored: matches!(start, Start::Restore(_)),
         };
         let mut vm = Vm {
             _kvm: kvm,
