@@ -418,13 +418,10 @@ fn p90(values: &[f64]) -> f64 {
     v[((v.len() * 9).div_ceil(10)).saturating_sub(1).min(v.len() - 1)]
 }
 
-/// The phases `cvm run --timings` reports.
-const RUN_PHASES: [&str; 5] = ["setup", "boot", "exec", "teardown", "total"];
-
 fn parse_run_timings(stderr: &str) -> Option<Vec<f64>> {
     let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    RUN_PHASES
+    cvm::run::TIMING_PHASES
         .iter()
         .map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok()))
         .collect()
@@ -522,7 +519,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut reference_walls = Vec::new();
-    let mut phases: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); RUN_PHASES.len()]; commands.len()];
+    let mut phases: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cvm::run::TIMING_PHASES.len()]; commands.len()];
     let check = |name: &str, s: &Sample, want: &str| -> Result<()> {
         if !s.stdout.contains(want) && !s.stderr.contains(want) {
             bail!("{name} did not finish as expected; stdout: {:?}, stderr: {:?}", s.stdout, s.stderr);
@@ -571,7 +568,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     for (index, (name, _)) in commands.iter().enumerate() {
         row(&format!("cvm run {name}: wall"), &walls[index]);
         row(&format!("cvm run {name}: CPU (user+sys)"), &cpus[index]);
-        for (phase, values) in RUN_PHASES.iter().zip(&phases[index]) {
+        for (phase, values) in cvm::run::TIMING_PHASES.iter().zip(&phases[index]) {
             row(&format!("  phase: {phase}"), values);
         }
     }
@@ -592,6 +589,14 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     if let (Some(warm), Some(cold)) = (median_of("--vmm cvm, warm"), median_of("--vmm cvm, cold")) {
         println!("ratio cvm run warm / cold (cvm's VMM), median wall: {:.3}x", warm / cold);
+    }
+    // The warm start's own figure: from the VM starting to a guest ready for commands.
+    let boot_median = |name: &str| {
+        let (index, phase) = (commands.iter().position(|(n, _)| n == name)?, cvm::run::TIMING_PHASES.iter().position(|p| *p == "boot")?);
+        Some(stats(phases[index][phase].clone()).median)
+    };
+    if let (Some(warm), Some(cold)) = (boot_median("--vmm cvm, warm"), boot_median("--vmm cvm, cold")) {
+        println!("ratio cvm run warm / cold (cvm's VMM), median boot phase (VM start to agent set up): {:.3}x", warm / cold);
     }
     Ok(())
 }

@@ -52,6 +52,16 @@ pub fn default_project(path: Option<PathBuf>, has_command: bool) -> Option<PathB
 
 /// Prefix of the line `--timings` prints on stderr (`cvm bench run` reads it).
 pub const TIMINGS_PREFIX: &str = "cvm run timings (ms):";
+/// The phases that line names, in order, each followed by its milliseconds: the session's
+/// start ([`crate::session::StartTimings`]; `boot` is agent and guest-setup together), the
+/// command, the teardown, and the whole.
+pub const TIMING_PHASES: [&str; 8] = ["host", "vm", "agent", "guest-setup", "boot", "exec", "teardown", "total"];
+
+/// The `--timings` line: each of [`TIMING_PHASES`] with its time.
+pub fn timings_line(times: [Duration; TIMING_PHASES.len()]) -> String {
+    let phases: String = TIMING_PHASES.iter().zip(times).map(|(name, d)| format!(" {name} {:.1}", d.as_secs_f64() * 1e3)).collect();
+    format!("{TIMINGS_PREFIX}{phases}")
+}
 
 /// Runs `argv` in a fresh VM; returns the exit status cvm should exit with. With `timings`,
 /// prints how long each phase took on stderr.
@@ -73,20 +83,12 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
     let outcome = session.exec(exec, deadline);
     let exec_time = exec_started.elapsed();
     drop(raw);
-    let (setup, boot) = (session.setup, session.boot);
+    let start = session.timings;
     let panic = matches!(outcome, Ok(Outcome::MachineStopped)).then(|| session.guest_panic()).flatten();
     let teardown_started = Instant::now();
     let vm_end = session.shutdown();
     if timings {
-        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
-        eprintln!(
-            "{TIMINGS_PREFIX} setup {} boot {} exec {} teardown {} total {}",
-            ms(setup),
-            ms(boot),
-            ms(exec_time),
-            ms(teardown_started.elapsed()),
-            ms(started.elapsed())
-        );
+        eprintln!("{}", timings_line([start.host, start.vm, start.agent, start.guest_setup, start.boot(), exec_time, teardown_started.elapsed(), started.elapsed()]));
     }
     if let Some(panic) = panic {
         eprintln!("cvm: {}", crate::session::panic_report(&panic));

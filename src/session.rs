@@ -158,12 +158,31 @@ pub struct Session {
     console_log: PathBuf,
     debug: bool,
     _rundir: RunDir,
-    /// From the start of the session to the VM starting (VMM set-up, or QEMU spawned).
-    pub setup: Duration,
-    /// From the VM starting to the agent's readiness message.
-    pub boot: Duration,
+    /// How long each phase of the start took.
+    pub timings: StartTimings,
     /// Restored from a warm-start snapshot, not booted.
     pub warm: bool,
+}
+
+/// How long each phase of a session's start took, in order.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StartTimings {
+    /// The host's side before the VM: run directory, backends, proxy, disks.
+    pub host: Duration,
+    /// Creating the VM: cvm's VMM building it (restoring it, for a warm start), or QEMU started.
+    pub vm: Duration,
+    /// From the VM starting to the agent's readiness message: a boot, or a restored agent
+    /// reconnecting.
+    pub agent: Duration,
+    /// The agent's set-up step: clock and entropy, shares mounted, the user and its files.
+    pub guest_setup: Duration,
+}
+
+impl StartTimings {
+    /// From the VM starting to a guest ready for commands.
+    pub fn boot(&self) -> Duration {
+        self.agent + self.guest_setup
+    }
 }
 
 impl Session {
@@ -239,6 +258,7 @@ impl Session {
             true => warm::plan(&mut vm_config),
             false => warm::Start::Cold,
         };
+        let host = started.elapsed();
         let mut machine = start_vm(config.engine, &vm_config).map_err(|e| {
             if let warm::Start::Warm(snapshot) = &start {
                 // Not used again: the next session boots cold and makes it anew.
@@ -246,7 +266,8 @@ impl Session {
             }
             explain(e, &dir)
         })?;
-        let setup = started.elapsed();
+        let vm_started = Instant::now();
+        let vm = vm_started - started - host;
 
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
@@ -260,8 +281,13 @@ impl Session {
         if let warm::Start::Warm(snapshot) = &start {
             tracing::info!("warm start: restored from {}", snapshot.display());
         }
-        let boot = match wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| set_up_guest(&host_socket, &fresh_guest(&plan.setup)?)) {
-            Ok(()) => started.elapsed() - setup,
+        let mut agent = Duration::ZERO;
+        let ready_and_set_up = wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| {
+            agent = vm_started.elapsed();
+            set_up_guest(&host_socket, &fresh_guest(&plan.setup)?)
+        });
+        let timings = match ready_and_set_up {
+            Ok(()) => StartTimings { host, vm, agent, guest_setup: vm_started.elapsed() - agent },
             Err(e) => {
                 let e = match finish(machine.as_mut()) {
                     Some(why) => anyhow!("{e:#} ({why})"),
@@ -276,7 +302,7 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, setup, boot, warm: matches!(start, warm::Start::Warm(_)) })
+        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, timings, warm: matches!(start, warm::Start::Warm(_)) })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a

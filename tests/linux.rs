@@ -134,6 +134,8 @@ fn linux_snapshotted_at_init_resumes_there() {
         let (stdout, stderr) = run(&["boot", "--restore", arg(&snapshot), "--cpus", "2", "--memory", "256M", "--timings"]);
         assert!(!stdout.contains(SNAPSHOT_TEST_BEFORE), "restore {restore} booted: {stdout}");
         assert!(stderr.contains("boot-timer -"), "restore {restore}: {stderr}");
+        // KVM mapped the snapshot's pages before the guest ran (`KVM_PRE_FAULT_MEMORY`).
+        assert!(stderr.lines().any(|l| l.starts_with("cvm set-up") && l.contains(" prefault ")), "restore {restore}: {stderr}");
         eprintln!("restore {restore}: {}", stdout.lines().last().unwrap_or_default());
     }
 }

@@ -118,7 +118,7 @@ fn a_session_that_fails_or_is_dropped_leaves_no_thread_process_or_file() {
 
     // A running session with a share, dropped without its shutdown.
     let session = Session::start(&config, Some(Instant::now() + common::deadline())).expect("the session did not start");
-    eprintln!("running: set up in {:?}, booted in {:?}", session.setup, session.boot);
+    eprintln!("running: started in {:?}", session.timings);
     assert!(!children().is_empty(), "a session with a share runs its fs backend as a process");
     if engine == Engine::Cvm {
         assert!(!forks().is_empty(), "cvm's VMM keeps a helper for the kernel's side of the VM's end");

@@ -48,15 +48,19 @@ impl Vm {
         done("vm");
 
         let writable_disks: Vec<PathBuf> = config.disks.iter().filter(|d| !d.read_only).map(|d| d.path.clone()).collect();
-        let (snapshot, (mem, ram)) = match snapshot {
+        let (snapshot, (mem, ram, prefault)) = match snapshot {
             Some((dir, snapshot, memory)) => {
                 snapshot.check_fits(config)?;
                 snapshot.restore_disks(dir, &writable_disks)?;
                 // A vhost-user backend maps guest RAM itself, so it must be shared.
                 let shared = !config.vhost_user.is_empty();
-                (Some(snapshot), memory::restore_guest_memory(memory, config.memory_bytes, shared)?)
+                let ram = memory::restore_guest_memory(memory, config.memory_bytes, shared)?;
+                (Some(snapshot), (ram.mem, ram.file, ram.data))
             }
-            None => (None, memory::create_guest_memory(config.memory_bytes)?),
+            None => {
+                let (mem, ram) = memory::create_guest_memory(config.memory_bytes)?;
+                (None, (mem, ram, Vec::new()))
+            }
         };
         vstate::vm::map_memory(&vm_fd, &mem)?;
         done(if snapshot.is_some() { "snapshot-memory" } else { "memory" });
@@ -157,6 +161,12 @@ impl Vm {
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
         done("vcpus");
+        if let (Some(first), false, true) = (vcpus.first(), prefault.is_empty(), kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY)) > 0) {
+            match memory::prefault(&first.fd, &prefault) {
+                Ok(()) => done("prefault"),
+                Err(e) => tracing::debug!("KVM_PRE_FAULT_MEMORY: {e}; the restored guest faults its pages in itself"),
+            }
+        }
         let teardown = DeferredTeardown::start(&vm_fd, &ram)
             .inspect_err(|e| tracing::warn!("the VM's end will wait for the kernel's teardown: {e}"))
             .ok();

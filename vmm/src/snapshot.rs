@@ -107,14 +107,14 @@ impl Snapshot {
 
         let path = dir.join(MEMORY_FILE);
         let memory = private_file(&path)?;
-        copy_pages(ram, &memory, self.memory_bytes, true).map_err(file_err(&path))?;
+        copy_pages(ram, &memory, self.memory_bytes, true).map(drop).map_err(file_err(&path))?;
         memory.set_len(self.memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
 
         for (index, (disk, &size)) in disks.iter().zip(&self.disks).enumerate() {
             let from = File::open(disk).map_err(file_err(disk))?;
             let path = dir.join(format!("disk-{index}"));
             let to = private_file(&path)?;
-            copy_pages(&from, &to, size, true).and_then(|()| to.set_len(size)).and_then(|()| to.sync_all()).map_err(file_err(&path))?;
+            copy_pages(&from, &to, size, true).and_then(|_| to.set_len(size)).and_then(|()| to.sync_all()).map_err(file_err(&path))?;
         }
         Ok(())
     }
@@ -131,7 +131,7 @@ impl Snapshot {
                 return Err(corrupt(dir, format!("disk-{index} is not {size} bytes")));
             }
             let to = std::fs::OpenOptions::new().write(true).open(disk).map_err(file_err(disk))?;
-            to.set_len(0).and_then(|()| to.set_len(size)).and_then(|()| copy_pages(&from, &to, size, true)).map_err(file_err(disk))?;
+            to.set_len(0).and_then(|()| to.set_len(size)).and_then(|()| copy_pages(&from, &to, size, true)).map(drop).map_err(file_err(disk))?;
         }
         Ok(())
     }
@@ -182,24 +182,43 @@ fn private_file(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(file_err(path))
 }
 
-/// Copies the first `len` bytes of `from` into `to` at the same offsets, only where `from` has
-/// data (its holes are skipped: a memfd's untouched pages, a sparse file's). With
-/// `skip_zero_pages`, all-zero pages are left as holes in `to` too.
-pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool) -> std::io::Result<()> {
+/// The runs of data in the first `len` bytes of `file`, as (start, end) offsets: what lies
+/// outside them are holes (a memfd's untouched pages, a sparse file's).
+pub(crate) fn data_runs(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
-    const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK];
+    let mut runs = Vec::new();
     let mut offset = 0u64;
     while offset < len {
         // SAFETY: lseek on an fd we hold; it only moves the file offset.
-        let data = unsafe { libc::lseek(from.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        let data = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) }; // no data after offset
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(runs) } else { Err(e) }; // no data after offset
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
         let (start, end) = (data as u64, if hole < 0 { len } else { (hole as u64).min(len) });
+        if start >= len {
+            break;
+        }
+        runs.push((start, end));
+        offset = end.max(offset + 1);
+    }
+    Ok(runs)
+}
+
+/// Copies the first `len` bytes of `from` into `to` at the same offsets, only where `from` has
+/// data ([`data_runs`]), and returns those runs. With `skip_zero_pages`, all-zero pages are
+/// left as holes in `to` too; without, each run is copied inside the kernel.
+pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool) -> std::io::Result<Vec<(u64, u64)>> {
+    const CHUNK: usize = 1 << 20;
+    let runs = data_runs(from, len)?;
+    let mut buf = vec![0u8; if skip_zero_pages { CHUNK } else { 0 }];
+    for &(start, end) in &runs {
+        if !skip_zero_pages {
+            send_run(from, to, start, end)?;
+            continue;
+        }
         let mut at = start;
         while at < end {
             let n = (end - at).min(CHUNK as u64) as usize;
@@ -208,7 +227,7 @@ pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool
             // nested VM paid most for.
             let mut run_start = None;
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                let keep = !(skip_zero_pages && page.iter().all(|&b| b == 0));
+                let keep = page.iter().any(|&b| b != 0);
                 match (keep, run_start) {
                     (true, None) => run_start = Some(i * PAGE),
                     (false, Some(first)) => {
@@ -223,7 +242,30 @@ pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool
             }
             at += n as u64;
         }
-        offset = end.max(offset + 1);
+    }
+    Ok(runs)
+}
+
+/// Copies bytes `start..end` of `from` to the same place in `to` inside the kernel
+/// (`sendfile`): one copy, from the page cache into `to`, and no buffer in between.
+fn send_run(from: &File, to: &File, start: u64, end: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let last_os_error = || Err(std::io::Error::last_os_error());
+    // SAFETY: lseek on an fd we hold; it only moves the file offset sendfile writes at.
+    if unsafe { libc::lseek(to.as_raw_fd(), start as libc::off_t, libc::SEEK_SET) } < 0 {
+        return last_os_error();
+    }
+    let mut at = start as libc::off_t;
+    while (at as u64) < end {
+        let count = (end - at as u64).min(1 << 30) as usize;
+        // SAFETY: both fds are ours; sendfile reads `from` at `at`, advancing it, and writes
+        // at `to`'s offset.
+        match unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut at, count) } {
+            n if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => continue,
+            n if n < 0 => return last_os_error(),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {}
+        }
     }
     Ok(())
 }

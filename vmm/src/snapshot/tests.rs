@@ -91,7 +91,8 @@ fn a_snapshot_of_another_machine_does_not_fit() {
 fn memory_copies_skip_holes_and_keep_offsets() {
     let from = ram();
     let to = tempfile::tempfile().unwrap();
-    copy_pages(&from, &to, RAM, false).unwrap();
+    let runs = copy_pages(&from, &to, RAM, false).unwrap();
+    assert_eq!(runs, [(0, 2 * PAGE as u64), (3 << 20, (3 << 20) + PAGE as u64)], "the data runs of the memfd");
     to.set_len(RAM).unwrap();
     let mut all = vec![0u8; RAM as usize];
     to.read_exact_at(&mut all, 0).unwrap();

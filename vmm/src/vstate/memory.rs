@@ -73,18 +73,67 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
     Ok((map_ram(&file, size, libc::MAP_SHARED)?, file))
 }
 
-/// Guest RAM from a snapshot's memory file. Where a backend in another process must see the
-/// guest's pages (`shared`), they are copied into a new memfd (only the file's data, not its
-/// holes); else the file is mapped private: the guest reads the file's pages from the page
-/// cache, shared with every other VM restored from it, and its writes go to copies of its own.
-pub fn restore_guest_memory(snapshot: File, size: u64, shared: bool) -> Result<(GuestMemory, File)> {
+/// Guest RAM restored from a snapshot.
+pub struct RestoredRam {
+    pub mem: GuestMemory,
+    pub file: File,
+    /// The guest-physical ranges, as (address, length), that hold the snapshot's data.
+    pub data: Vec<(u64, u64)>,
+}
+
+/// Guest RAM from a snapshot's memory file. Where a backend in another process must see the guest's pages (`shared`),
+/// they are copied into a new memfd (only the file's data, not its holes); else the file is
+/// mapped private: the guest reads the file's pages from the page cache, shared with every
+/// other VM restored from it, and its writes go to copies of its own.
+pub fn restore_guest_memory(snapshot: File, size: u64, shared: bool) -> Result<RestoredRam> {
+    let load_err = |e: std::io::Error| Error::Memory(format!("cannot load the snapshot's memory: {e}"));
+    let to_guest = |runs: Vec<(u64, u64)>| runs.into_iter().flat_map(|(start, end)| guest_ranges(size, start, end)).collect();
     if !shared {
-        return Ok((map_ram(&snapshot, size, libc::MAP_PRIVATE)?, snapshot));
+        let runs = crate::snapshot::data_runs(&snapshot, size).map_err(load_err)?;
+        return Ok(RestoredRam { mem: map_ram(&snapshot, size, libc::MAP_PRIVATE)?, file: snapshot, data: to_guest(runs) });
     }
     let file = memfd(size)?;
-    crate::snapshot::copy_pages(&snapshot, &file, size, false)
-        .map_err(|e| Error::Memory(format!("cannot load the snapshot's memory: {e}")))?;
-    Ok((map_ram(&file, size, libc::MAP_SHARED)?, file))
+    let runs = crate::snapshot::copy_pages(&snapshot, &file, size, false).map_err(load_err)?;
+    Ok(RestoredRam { mem: map_ram(&file, size, libc::MAP_SHARED)?, file, data: to_guest(runs) })
+}
+
+/// The guest-physical ranges, as (address, length), that bytes `start..end` of the RAM file of
+/// a `size`-byte guest back (the file is the RAM ranges end to end).
+fn guest_ranges(size: u64, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut file_offset = 0;
+    let mut ranges = Vec::new();
+    for (address, len) in layout::ram_ranges(size) {
+        let (from, to) = (start.max(file_offset), end.min(file_offset + len));
+        if from < to {
+            ranges.push((address + from - file_offset, to - from));
+        }
+        file_offset += len;
+    }
+    ranges
+}
+
+vmm_sys_util::ioctl_iowr_nr!(KVM_PRE_FAULT_MEMORY, kvm_bindings::KVMIO, 0xd5, kvm_bindings::kvm_pre_fault_memory);
+
+/// Maps `ranges` of guest RAM into KVM's page tables now (`KVM_PRE_FAULT_MEMORY`), so that a
+/// restored guest does not take a nested page fault on its first touch of each page the
+/// snapshot holds. KVM maps them as a read would: a private mapping's pages stay shared until
+/// the guest writes them. Stops at the first range KVM refuses.
+pub fn prefault(vcpu: &kvm_ioctls::VcpuFd, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    for &(gpa, size) in ranges {
+        let mut range = kvm_bindings::kvm_pre_fault_memory { gpa, size, ..Default::default() };
+        while range.size > 0 {
+            // SAFETY: the vCPU fd is open and `range` is a kvm_pre_fault_memory that KVM reads
+            // and updates (the address and size still to do) and nothing else.
+            let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(vcpu, KVM_PRE_FAULT_MEMORY(), &mut range) };
+            if ret < 0 {
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn memfd(size: u64) -> Result<File> {
@@ -168,6 +217,17 @@ mod tests {
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef, "the memfd sees guest writes");
         assert!(mem.write_obj(0u8, GuestAddress(16 << 20)).is_err());
         assert_eq!(mem.num_regions(), 1);
+    }
+
+    #[test]
+    fn file_runs_become_guest_ranges_across_the_mmio_gap() {
+        let gap = layout::MMIO_GAP_START;
+        assert_eq!(guest_ranges(512 << 20, 0x1000, 0x3000), vec![(0x1000, 0x2000)]);
+        // A run across the gap's start continues above 4 GiB.
+        assert_eq!(guest_ranges(5 << 30, gap - 0x1000, gap + 0x2000), vec![(gap - 0x1000, 0x1000), (layout::HIGH_RAM_START, 0x2000)]);
+        assert_eq!(guest_ranges(5 << 30, gap + 0x1000, gap + 0x2000), vec![(layout::HIGH_RAM_START + 0x1000, 0x1000)]);
+        // Past the guest's RAM: nothing.
+        assert_eq!(guest_ranges(512 << 20, 512 << 20, 1 << 30), vec![]);
     }
 
     #[test]
