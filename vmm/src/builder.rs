@@ -171,6 +171,8 @@ impl Vm {
             .inspect_err(|e| tracing::warn!("the VM's end will wait for the kernel's teardown: {e}"))
             .ok();
         done("teardown helper");
+        let steps: String = setup.iter().map(|(step, at)| format!(" {step} {:.1}", at.as_secs_f64() * 1e3)).collect();
+        tracing::debug!("VMM set-up (ms from VMM start, each step done):{steps}");
 
         let boots_linux = matches!(&start, Start::Boot { kernel, .. } if kernel.is_linux);
         let pvm_watch = (boots_linux && host::is_pvm()).then(|| PvmWatch {

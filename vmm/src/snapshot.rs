@@ -96,18 +96,13 @@ impl Snapshot {
 
     fn write_files(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
         let body = postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&FORMAT.to_le_bytes());
-        header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        header.extend_from_slice(&Sha256::digest(&body));
         let path = dir.join(STATE_FILE);
         let mut state = private_file(&path)?;
-        state.write_all(&header).and_then(|()| state.write_all(&body)).and_then(|()| state.sync_all()).map_err(file_err(&path))?;
+        state.write_all(&framed(&body)).and_then(|()| state.sync_all()).map_err(file_err(&path))?;
 
         let path = dir.join(MEMORY_FILE);
         let memory = private_file(&path)?;
-        copy_pages(ram, &memory, self.memory_bytes, true).map(drop).map_err(file_err(&path))?;
+        copy_pages(ram, &memory, self.memory_bytes, true).map_err(file_err(&path))?;
         memory.set_len(self.memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
 
         for (index, (disk, &size)) in disks.iter().zip(&self.disks).enumerate() {
@@ -170,6 +165,17 @@ impl Snapshot {
         }
         Ok((snapshot, memory))
     }
+}
+
+/// The state file's contents for `body`: the header (magic, format, length, SHA-256), then it.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut state = Vec::with_capacity(HEADER_LEN + body.len());
+    state.extend_from_slice(MAGIC);
+    state.extend_from_slice(&FORMAT.to_le_bytes());
+    state.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    state.extend_from_slice(&Sha256::digest(body));
+    state.extend_from_slice(body);
+    state
 }
 
 fn scratch_dir(dir: &Path) -> PathBuf {
