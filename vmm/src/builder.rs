@@ -24,7 +24,7 @@ use crate::layout::*;
 use crate::teardown::DeferredTeardown;
 use crate::vm::PVM_LINUX_GRACE;
 use crate::vstate::exit_stats::HaltStats;
-use crate::vstate::memory;
+use crate::vstate::memory::{self, RestoredRam};
 use crate::vstate::vcpu::{self, Shared, Vcpu};
 use crate::snapshot::Snapshot;
 use crate::vm::Machine;
@@ -48,18 +48,19 @@ impl Vm {
         done("vm");
 
         let writable_disks: Vec<PathBuf> = config.disks.iter().filter(|d| !d.read_only).map(|d| d.path.clone()).collect();
-        let (snapshot, (mem, ram, prefault)) = match snapshot {
+        // A restored guest's RAM comes with the ranges that hold the snapshot's pages.
+        let (snapshot, mem, ram, snapshot_pages) = match snapshot {
             Some((dir, snapshot, memory)) => {
                 snapshot.check_fits(config)?;
                 snapshot.restore_disks(dir, &writable_disks)?;
                 // A vhost-user backend maps guest RAM itself, so it must be shared.
                 let shared = !config.vhost_user.is_empty();
-                let ram = memory::restore_guest_memory(memory, config.memory_bytes, shared)?;
-                (Some(snapshot), (ram.mem, ram.file, ram.data))
+                let RestoredRam { mem, file, data } = memory::restore_guest_memory(memory, config.memory_bytes, shared)?;
+                (Some(snapshot), mem, file, data)
             }
             None => {
-                let (mem, ram) = memory::create_guest_memory(config.memory_bytes)?;
-                (None, (mem, ram, Vec::new()))
+                let (mem, file) = memory::create_guest_memory(config.memory_bytes)?;
+                (None, mem, file, Vec::new())
             }
         };
         vstate::vm::map_memory(&vm_fd, &mem)?;
@@ -161,8 +162,9 @@ impl Vm {
             vcpus.push(Vcpu { fd, index: usize::from(index), io: io.clone(), shared: shared.clone() });
         }
         done("vcpus");
-        if let (Some(first), false, true) = (vcpus.first(), prefault.is_empty(), kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY)) > 0) {
-            match memory::prefault(&first.fd, &prefault) {
+        let can_prefault = kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY)) > 0;
+        if !snapshot_pages.is_empty() && can_prefault {
+            match memory::prefault(&vcpus[0].fd, &snapshot_pages) {
                 Ok(()) => done("prefault"),
                 Err(e) => tracing::debug!("KVM_PRE_FAULT_MEMORY: {e}; the restored guest faults its pages in itself"),
             }
