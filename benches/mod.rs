@@ -60,6 +60,9 @@ pub struct RunBench {
     image: String,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// Sessions of each kind held at once for the memory rows (0: no memory rows).
+    #[arg(long, default_value_t = 10)]
+    sessions: usize,
 }
 
 #[derive(clap::Args)]
@@ -484,17 +487,12 @@ fn run_bench(args: RunBench) -> Result<()> {
             bail!("{} is missing for the reference, and a disk image cannot be booted bare: install qemu-system-x86 (scripts/bootstrap) or use --image minimal", args.qemu)
         }
     };
-    // cvm's VMM twice: booted (`--cold`) and restored from the warm-start snapshot that the
-    // warm-up run leaves.
+    // Each engine's starts (see `starts`).
     let mut commands: Vec<(String, Command)> = engines
         .iter()
         .flat_map(|engine| {
             let name = format!("{engine:?}").to_lowercase();
-            let starts: &[(&str, bool)] = match engine {
-                cvm_vmm::Engine::Cvm => &[("cold", true), ("warm", false)],
-                cvm_vmm::Engine::Qemu => &[("cold", false)],
-            };
-            starts
+            starts(*engine)
                 .iter()
                 .map(|&(start, cold)| {
                     let mut c = Command::new(&cvm);
@@ -512,7 +510,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     // costs against a whole `cvm run`.
     let named: Vec<NamedVm> = engines
         .iter()
-        .map(|engine| NamedVm::start(&cvm, &format!("{engine:?}").to_lowercase(), &kernel, &args.image))
+        .map(|engine| NamedVm::start(&cvm, &format!("{engine:?}").to_lowercase(), false, &kernel, &args.image))
         .collect::<Result<_>>()?;
     let mut execs: Vec<(String, Command)> = named.iter().map(|vm| (vm.engine.clone(), vm.exec_true())).collect();
     let mut exec_walls: Vec<Vec<f64>> = vec![Vec::new(); execs.len()];
@@ -598,7 +596,117 @@ fn run_bench(args: RunBench) -> Result<()> {
     if let (Some(warm), Some(cold)) = (boot_median("--vmm cvm, warm"), boot_median("--vmm cvm, cold")) {
         println!("ratio cvm run warm / cold (cvm's VMM), median boot phase (VM start to agent set up): {:.3}x", warm / cold);
     }
+    drop(named);
+    if args.sessions > 0 {
+        sessions_memory(&args, &cvm, &kernel, &engines)?;
+    }
     Ok(())
+}
+
+/// How `cvm bench run` starts sessions on `engine`, named, and whether each is `--cold`: cvm's
+/// VMM booted and restored from the warm-start snapshot the first run leaves; QEMU as it
+/// starts (it never restores).
+fn starts(engine: cvm_vmm::Engine) -> &'static [(&'static str, bool)] {
+    match engine {
+        cvm_vmm::Engine::Cvm => &[("cold", true), ("warm", false)],
+        cvm_vmm::Engine::Qemu => &[("cold", false)],
+    }
+}
+
+/// The memory rows: for each kind of start, `--sessions` named VMs held at once, each having
+/// run one command, and what they hold between them.
+fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vmm::Engine]) -> Result<()> {
+    let sessions = args.sessions;
+    println!("memory: {sessions} sessions of each kind at once, what each holds alone (anonymous memory, and the guest's RAM counted once; shared code and page cache left out)");
+    println!("{:<44} {:>9} {:>12}", "(MiB)", "total", "per session");
+    let mut totals = Vec::new();
+    for engine in engines {
+        let name = format!("{engine:?}").to_lowercase();
+        for &(start, cold) in starts(*engine) {
+            if !cold {
+                // One started and removed first leaves the snapshot the others restore.
+                drop(NamedVm::start(cvm, &name, cold, kernel, &args.image)?);
+            }
+            let mut vms = Vec::new();
+            for i in 0..sessions {
+                vms.push(NamedVm::start(cvm, &name, cold, kernel, &args.image).with_context(|| format!("session {} of {sessions}", i + 1))?);
+                let _ = write!(std::io::stderr(), "\rbench run: memory, --vmm {name}, {start}: {}/{sessions} sessions", i + 1);
+            }
+            let _ = writeln!(std::io::stderr());
+            let mut kib = 0;
+            for vm in &vms {
+                let s = measure(&mut vm.exec_true())?;
+                if !s.stderr.is_empty() {
+                    bail!("cvm exec on {}: {:?}", vm.name, s.stderr);
+                }
+                kib += session_kib(cvm::named::find(&vm.name)?.pid)?;
+            }
+            let total = kib as f64 / 1024.0;
+            println!("{:<44} {total:>9.1} {:>12.1}", format!("--vmm {name}, {start}"), total / sessions as f64);
+            totals.push((format!("--vmm {name}, {start}"), total));
+        }
+    }
+    let total_of = |name: &str| totals.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+    if let (Some(warm), Some(cold)) = (total_of("--vmm cvm, warm"), total_of("--vmm cvm, cold")) {
+        println!("ratio memory of {sessions} warm / {sessions} cold sessions (cvm's VMM): {:.3}x", warm / cold);
+    }
+    Ok(())
+}
+
+/// What the session whose daemon is `daemon` holds that no other session shares, in KiB: the
+/// anonymous memory of the daemon and of every process under it, and the memory files they
+/// hold open (the guest's RAM, a memfd that the VMM or QEMU and the backends all map) each
+/// counted once. Program text and the page cache are shared by every session and left out.
+fn session_kib(daemon: u32) -> Result<u64> {
+    let mut memory_files = std::collections::HashSet::new();
+    let mut kib = 0;
+    for pid in process_tree(daemon) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} of the session ended"))?;
+        kib += status_kib(&status, "RssAnon:").with_context(|| format!("no RssAnon in /proc/{pid}/status"))?;
+        // A sandboxed backend's descriptors may be closed to this process: the VMM or QEMU
+        // holds the guest's RAM too.
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if !std::fs::read_link(fd.path()).is_ok_and(|target| target.to_string_lossy().starts_with("/memfd:")) {
+                continue;
+            }
+            if let Ok(meta) = std::fs::metadata(fd.path()) {
+                if memory_files.insert((std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))) {
+                    // A memory file's allocated blocks are the pages it holds.
+                    kib += std::os::unix::fs::MetadataExt::blocks(&meta) / 2;
+                }
+            }
+        }
+    }
+    Ok(kib)
+}
+
+/// A `NAME:   123 kB` line's value in /proc/PID/status.
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(name))?.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// `root` and every process under it, from each process's parent in /proc/PID/stat.
+fn process_tree(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // After the command's name in parentheses: the state, then the parent.
+            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, parent))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut next = 0;
+    while let Some(&pid) = tree.get(next) {
+        tree.extend(parents.iter().filter(|(_, parent)| *parent == pid).map(|(child, _)| *child));
+        next += 1;
+    }
+    tree
 }
 
 /// A named VM the benchmark starts, and removes however it ends.
@@ -609,9 +717,16 @@ struct NamedVm {
 }
 
 impl NamedVm {
-    fn start(cvm: &Path, engine: &str, kernel: &Path, image: &str) -> Result<NamedVm> {
-        let name = format!("bench-{engine}-{}", std::process::id());
-        let out = Command::new(cvm).args(["start", "--name", &name, "--vmm", engine, "--kernel"]).arg(kernel).args(["--image", image]).output()?;
+    /// Starts a VM on `engine`, booted (`cold`) or as it would start (restored where it can).
+    fn start(cvm: &Path, engine: &str, cold: bool, kernel: &Path, image: &str) -> Result<NamedVm> {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!("bench-{engine}-{}-{}", std::process::id(), STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let mut start = Command::new(cvm);
+        start.args(["start", "--name", &name, "--vmm", engine, "--kernel"]).arg(kernel).args(["--image", image]);
+        if cold {
+            start.arg("--cold");
+        }
+        let out = start.output()?;
         if !out.status.success() {
             bail!("cvm start --vmm {engine}: {}", String::from_utf8_lossy(&out.stderr));
         }

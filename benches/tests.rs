@@ -54,3 +54,25 @@ fn run_timings_print_every_phase_and_parse_back() {
     assert_eq!(parse_run_timings("cvm run timings (ms): host 1.0"), None, "a phase missing");
     assert_eq!(parse_run_timings("nothing"), None);
 }
+
+#[test]
+fn a_session_holds_the_memory_file_its_processes_share_once() {
+    assert_eq!(status_kib("Name:\tcvm\nRssAnon:\t    1234 kB\nRssFile:\t 9 kB\n", "RssAnon:"), Some(1234));
+    assert_eq!(status_kib("RssAnon:\t12 MB\n", "RssAnon:"), None, "not in kB");
+    assert_eq!(status_kib("RssFile:\t9 kB\n", "RssAnon:"), None);
+    // This process holds 32 MiB of a memory file, written; a child inherits it and sleeps:
+    // the file counts once, with both processes' own memory.
+    let memory = rustix::fs::memfd_create("bench-test", rustix::fs::MemfdFlags::empty()).unwrap();
+    let file = std::fs::File::from(memory);
+    std::io::Write::write_all(&mut &file, &vec![1u8; 32 << 20]).unwrap();
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    let me = std::process::id();
+    assert!(process_tree(me).contains(&child.id()));
+    let anon = |pid: u32| status_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap(), "RssAnon:").unwrap();
+    let alone = session_kib(me).unwrap();
+    let (own, childs) = (anon(me), anon(child.id()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(alone >= 32 << 10, "{alone} KiB");
+    assert!(alone < own + childs + (48 << 10), "{alone} KiB: the file counted twice? ({own} + {childs} KiB anonymous)");
+}
