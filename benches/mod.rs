@@ -421,6 +421,26 @@ fn p90(values: &[f64]) -> f64 {
     v[((v.len() * 9).div_ceil(10)).saturating_sub(1).min(v.len() - 1)]
 }
 
+/// Whether the `--timings` line says the guest was restored (`start warm`) or booted.
+fn parse_run_start(stderr: &str) -> Option<bool> {
+    let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
+    match line.split_whitespace().skip_while(|w| *w != "start").nth(1)? {
+        "warm" => Some(true),
+        "cold" => Some(false),
+        _ => None,
+    }
+}
+
+/// Refuses a row whose session did not start as its name says: a "warm" one that booted
+/// (no snapshot could be written, say) would measure a cold start under the wrong name.
+fn check_start(name: &str, warm: bool, restored: Option<bool>) -> Result<()> {
+    match restored {
+        Some(restored) if restored == warm => Ok(()),
+        Some(restored) => bail!("{name}: the session was {} (is {} writable?)", if restored { "restored" } else { "booted" }, cvm::warm::snapshots_dir().display()),
+        None => bail!("{name}: cvm did not say how the session started"),
+    }
+}
+
 fn parse_run_timings(stderr: &str) -> Option<Vec<f64>> {
     let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -471,20 +491,22 @@ fn run_bench(args: RunBench) -> Result<()> {
     image.configure(&mut vm);
     // Without QEMU (as inside L1), the same kernel and initramfs booted by a bare `cvm boot`.
     let qemu_here = Command::new(&args.qemu).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-    let (reference_name, mut reference) = match (&image, qemu_here) {
+    // A disk image without QEMU has none: cvm's rows are still measured against each other.
+    let mut reference = match (&image, qemu_here) {
         (_, true) => {
             let mut qemu = Command::new(&args.qemu);
             qemu.args(cvm_vmm::qemu::arguments(&vm, cvm_vmm::qemu::Accel::for_this_host()));
-            ("bare QEMU", qemu)
+            Some(("bare QEMU", qemu))
         }
         (cvm::images::Image::Initramfs(initrd), false) => {
             let mut boot = Command::new(&cvm);
             boot.arg("boot").arg("--kernel").arg(&kernel).arg("--initrd").arg(initrd);
             boot.args(["--cpus", &vm.vcpus.to_string(), "--memory", "512M", "--append", &vm.cmdline]);
-            ("bare cvm boot (no QEMU here)", boot)
+            Some(("bare cvm boot (no QEMU here)", boot))
         }
         (cvm::images::Image::Disk(_), false) => {
-            bail!("{} is missing for the reference, and a disk image cannot be booted bare: install qemu-system-x86 (scripts/bootstrap) or use --image minimal", args.qemu)
+            eprintln!("bench run: no reference: {} is missing, and a disk image cannot be booted bare", args.qemu);
+            None
         }
     };
     // Each engine's starts (see `starts`).
@@ -534,12 +556,15 @@ fn run_bench(args: RunBench) -> Result<()> {
             bail!("cvm exec on {name} failed: {:?}", s.stderr);
         }
     }
-    time_to_line(&mut reference, BOOT_TEST_LINE)?;
+    if let Some((_, reference)) = &mut reference {
+        time_to_line(reference, BOOT_TEST_LINE)?;
+    }
     let mut progress = std::io::stderr();
     for i in 0..args.runs {
         for (index, (name, c)) in commands.iter_mut().enumerate() {
             let s = measure(c)?;
             let Some(t) = parse_run_timings(&s.stderr) else { bail!("{name}: no timings in {:?}", s.stderr) };
+            check_start(name, name.ends_with("warm"), parse_run_start(&s.stderr))?;
             for (phase, value) in t.into_iter().enumerate() {
                 phases[index][phase].push(value);
             }
@@ -549,7 +574,9 @@ fn run_bench(args: RunBench) -> Result<()> {
         for (index, (_, c)) in execs.iter_mut().enumerate() {
             exec_walls[index].push(ms(measure(c)?.wall));
         }
-        reference_walls.push(ms(time_to_line(&mut reference, BOOT_TEST_LINE)?));
+        if let Some((_, reference)) = &mut reference {
+            reference_walls.push(ms(time_to_line(reference, BOOT_TEST_LINE)?));
+        }
         let _ = write!(progress, "\rbench run: {}/{} rounds", i + 1, args.runs);
     }
     let _ = writeln!(progress);
@@ -573,13 +600,15 @@ fn run_bench(args: RunBench) -> Result<()> {
     for (index, (name, _)) in execs.iter().enumerate() {
         row(&format!("cvm exec into a running VM ({name}), wall"), &exec_walls[index]);
     }
-    row(&format!("reference: {reference_name} to the init's line, wall"), &reference_walls);
-    let reference_median = stats(reference_walls).median;
-    let median_of = |name: &str| commands.iter().position(|(n, _)| n == name).map(|i| stats(walls[i].clone()).median);
-    for (index, (name, _)) in commands.iter().enumerate() {
-        let run_median = stats(walls[index].clone()).median;
-        println!("ratio cvm run {name} / reference, median wall: {:.2}x", run_median / reference_median);
+    if let Some((reference_name, _)) = &reference {
+        row(&format!("reference: {reference_name} to the init's line, wall"), &reference_walls);
+        let reference_median = stats(reference_walls).median;
+        for (index, (name, _)) in commands.iter().enumerate() {
+            let run_median = stats(walls[index].clone()).median;
+            println!("ratio cvm run {name} / reference, median wall: {:.2}x", run_median / reference_median);
+        }
     }
+    let median_of = |name: &str| commands.iter().position(|(n, _)| n == name).map(|i| stats(walls[i].clone()).median);
     for (index, (engine, _)) in execs.iter().enumerate() {
         if let Some(cold) = median_of(&format!("--vmm {engine}, cold")) {
             println!("ratio cvm exec ({engine}) / cvm run --vmm {engine} cold, median wall: {:.3}x", stats(exec_walls[index].clone()).median / cold);
@@ -629,7 +658,11 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
             }
             let mut vms = Vec::new();
             for i in 0..sessions {
-                vms.push(NamedVm::start(cvm, &name, cold, kernel, &args.image).with_context(|| format!("session {} of {sessions}", i + 1))?);
+                let vm = NamedVm::start(cvm, &name, cold, kernel, &args.image).with_context(|| format!("session {} of {sessions}", i + 1))?;
+                if *engine == cvm_vmm::Engine::Cvm {
+                    check_start(&format!("--vmm {name}, {start}, {}", vm.name), !cold, Some(vm.restored()))?;
+                }
+                vms.push(vm);
                 let _ = write!(std::io::stderr(), "\rbench run: memory, --vmm {name}, {start}: {}/{sessions} sessions", i + 1);
             }
             let _ = writeln!(std::io::stderr());
@@ -726,11 +759,18 @@ impl NamedVm {
         if cold {
             start.arg("--cold");
         }
-        let out = start.output()?;
+        // Its daemon logs whether it restored the guest (see `NamedVm::restored`).
+        let out = start.env("CVM_LOG", "cvm=info").output()?;
         if !out.status.success() {
             bail!("cvm start --vmm {engine}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(NamedVm { cvm: cvm.to_path_buf(), name, engine: engine.to_string() })
+    }
+
+    /// Whether its daemon restored the guest from a warm-start snapshot, from its log.
+    fn restored(&self) -> bool {
+        let log = cvm::named::state_dir(&self.name).join(cvm::named::DAEMON_LOG);
+        std::fs::read_to_string(log).is_ok_and(|log| log.contains(cvm::warm::RESTORED))
     }
 
     fn exec_true(&self) -> Command {

@@ -54,13 +54,14 @@ pub fn default_project(path: Option<PathBuf>, has_command: bool) -> Option<PathB
 pub const TIMINGS_PREFIX: &str = "cvm run timings (ms):";
 /// The phases that line names, in order, each followed by its milliseconds: the session's
 /// start ([`crate::session::StartTimings`]; `boot` is agent and guest-setup together), the
-/// command, the teardown, and the whole.
+/// command, the teardown, and the whole. Then `start warm` or `start cold`: whether the guest
+/// was restored from a warm-start snapshot or booted.
 pub const TIMING_PHASES: [&str; 8] = ["host", "vm", "agent", "guest-setup", "boot", "exec", "teardown", "total"];
 
-/// The `--timings` line: each of [`TIMING_PHASES`] with its time.
-pub fn timings_line(times: [Duration; TIMING_PHASES.len()]) -> String {
+/// The `--timings` line: each of [`TIMING_PHASES`] with its time, and how the guest started.
+pub fn timings_line(times: [Duration; TIMING_PHASES.len()], warm: bool) -> String {
     let phases: String = TIMING_PHASES.iter().zip(times).map(|(name, d)| format!(" {name} {:.1}", d.as_secs_f64() * 1e3)).collect();
-    format!("{TIMINGS_PREFIX}{phases}")
+    format!("{TIMINGS_PREFIX}{phases} start {}", if warm { "warm" } else { "cold" })
 }
 
 /// Runs `argv` in a fresh VM; returns the exit status cvm should exit with. With `timings`,
@@ -83,12 +84,12 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
     let outcome = session.exec(exec, deadline);
     let exec_time = exec_started.elapsed();
     drop(raw);
-    let start = session.timings;
+    let (start, session_warm) = (session.timings, session.warm);
     let panic = matches!(outcome, Ok(Outcome::MachineStopped)).then(|| session.guest_panic()).flatten();
     let teardown_started = Instant::now();
     let vm_end = session.shutdown();
     if timings {
-        eprintln!("{}", timings_line([start.host, start.vm, start.agent, start.guest_setup, start.boot(), exec_time, teardown_started.elapsed(), started.elapsed()]));
+        eprintln!("{}", timings_line([start.host, start.vm, start.agent, start.guest_setup, start.boot(), exec_time, teardown_started.elapsed(), started.elapsed()], session_warm));
     }
     if let Some(panic) = panic {
         eprintln!("cvm: {}", crate::session::panic_report(&panic));

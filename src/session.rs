@@ -279,7 +279,7 @@ impl Session {
             warm::snapshot_at_init(handle, snapshot, deadline, agent_spoke);
         }
         if let warm::Start::Warm(snapshot) = &start {
-            tracing::info!("warm start: restored from {}", snapshot.display());
+            tracing::info!("{} {}", warm::RESTORED, snapshot.display());
         }
         let mut agent = Duration::ZERO;
         let ready_and_set_up = wait_for_agent(&ready, machine.exit_fd(), deadline).and_then(|()| {

@@ -18,6 +18,9 @@ use cvm_vmm::snapshot::Snapshot;
 use cvm_vmm::VmConfig;
 use sha2::{Digest, Sha256};
 
+/// What a restored session logs (at info level), before the snapshot's path.
+pub const RESTORED: &str = "warm start: restored from";
+
 /// Snapshots kept at most: each new one removes the least recently used beyond this.
 pub const KEEP: usize = 8;
 

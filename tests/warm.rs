@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{engine, text, Env};
-
-const RESTORED: &str = "warm start: restored from";
+use cvm::warm::RESTORED;
 
 fn snapshots(env: &Env) -> Vec<PathBuf> {
     let dir = env.home.path().join(".cache/cvm/snapshots");
