@@ -646,8 +646,8 @@ fn starts(engine: cvm_vmm::Engine) -> &'static [(&'static str, bool)] {
 /// run one command, and what they hold between them.
 fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vmm::Engine]) -> Result<()> {
     let sessions = args.sessions;
-    println!("memory: {sessions} sessions of each kind at once, what each holds alone (anonymous memory, and the guest's RAM counted once; shared code and page cache left out)");
-    println!("{:<44} {:>9} {:>12}", "(MiB)", "total", "per session");
+    println!("memory: {sessions} sessions of each kind at once, what each holds alone: its processes' anonymous memory, and its memory files (the guest's RAM) counted once; shared code and page cache left out");
+    println!("{:<44} {:>9} {:>12} {:>16} {:>16}", "(MiB)", "total", "per session", "guest RAM each", "anonymous each");
     let mut totals = Vec::new();
     for engine in engines {
         let name = format!("{engine:?}").to_lowercase();
@@ -666,16 +666,19 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
                 let _ = write!(std::io::stderr(), "\rbench run: memory, --vmm {name}, {start}: {}/{sessions} sessions", i + 1);
             }
             let _ = writeln!(std::io::stderr());
-            let mut kib = 0;
+            let (mut files, mut anonymous) = (0, 0);
             for vm in &vms {
                 let s = measure(&mut vm.exec_true())?;
                 if !s.stderr.is_empty() {
                     bail!("cvm exec on {}: {:?}", vm.name, s.stderr);
                 }
-                kib += session_kib(cvm::named::find(&vm.name)?.pid)?;
+                let held = session_memory(cvm::named::find(&vm.name)?.pid)?;
+                files += held.memory_files_kib;
+                anonymous += held.anonymous_kib;
             }
-            let total = kib as f64 / 1024.0;
-            println!("{:<44} {total:>9.1} {:>12.1}", format!("--vmm {name}, {start}"), total / sessions as f64);
+            let each = |kib: u64| kib as f64 / 1024.0 / sessions as f64;
+            let total = (files + anonymous) as f64 / 1024.0;
+            println!("{:<44} {total:>9.1} {:>12.1} {:>16.1} {:>16.1}", format!("--vmm {name}, {start}"), total / sessions as f64, each(files), each(anonymous));
             totals.push((format!("--vmm {name}, {start}"), total));
         }
     }
@@ -686,16 +689,23 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
     Ok(())
 }
 
-/// What the session whose daemon is `daemon` holds that no other session shares, in KiB: the
-/// anonymous memory of the daemon and of every process under it, and the memory files they
-/// hold open (the guest's RAM, a memfd that the VMM or QEMU and the backends all map) each
-/// counted once. Program text and the page cache are shared by every session and left out.
-fn session_kib(daemon: u32) -> Result<u64> {
+/// What a session holds that no other session shares. Program text and the page cache are
+/// shared by every session and left out.
+struct SessionMemory {
+    /// The memory files its processes hold open (the guest's RAM, a memfd that the VMM or
+    /// QEMU and the backends all map), each counted once.
+    memory_files_kib: u64,
+    /// The anonymous memory of its processes (a private copy-on-write mapping's copies too).
+    anonymous_kib: u64,
+}
+
+/// [`SessionMemory`] of the session whose daemon is `daemon`: it and every process under it.
+fn session_memory(daemon: u32) -> Result<SessionMemory> {
     let mut memory_files = std::collections::HashSet::new();
-    let mut kib = 0;
+    let mut held = SessionMemory { memory_files_kib: 0, anonymous_kib: 0 };
     for pid in process_tree(daemon) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} of the session ended"))?;
-        kib += status_kib(&status, "RssAnon:").with_context(|| format!("no RssAnon in /proc/{pid}/status"))?;
+        held.anonymous_kib += status_kib(&status, "RssAnon:").with_context(|| format!("no RssAnon in /proc/{pid}/status"))?;
         // A sandboxed backend's descriptors may be closed to this process: the VMM or QEMU
         // holds the guest's RAM too.
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
@@ -706,12 +716,12 @@ fn session_kib(daemon: u32) -> Result<u64> {
             if let Ok(meta) = std::fs::metadata(fd.path()) {
                 if memory_files.insert((std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))) {
                     // A memory file's allocated blocks are the pages it holds.
-                    kib += std::os::unix::fs::MetadataExt::blocks(&meta) / 2;
+                    held.memory_files_kib += std::os::unix::fs::MetadataExt::blocks(&meta) / 2;
                 }
             }
         }
     }
-    Ok(kib)
+    Ok(held)
 }
 
 /// A `NAME:   123 kB` line's value in /proc/PID/status.
