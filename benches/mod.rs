@@ -510,20 +510,20 @@ fn run_bench(args: RunBench) -> Result<()> {
         }
     };
     // Each engine's starts (see `starts`).
-    let mut commands: Vec<(String, Command)> = engines
+    let mut commands: Vec<(String, Start, Command)> = engines
         .iter()
         .flat_map(|engine| {
             let name = format!("{engine:?}").to_lowercase();
             starts(*engine)
                 .iter()
-                .map(|&(start, cold)| {
+                .map(|&start| {
                     let mut c = Command::new(&cvm);
                     c.args(["run", "--vmm", &name, "--timings", "--kernel"]).arg(&kernel).arg("--image").arg(&args.image);
-                    if cold {
+                    if start == Start::Cold {
                         c.arg("--cold");
                     }
                     c.args(["--", "true"]);
-                    (format!("--vmm {name}, {start}"), c)
+                    (format!("--vmm {name}, {}", start.label()), start, c)
                 })
                 .collect::<Vec<_>>()
         })
@@ -547,7 +547,7 @@ fn run_bench(args: RunBench) -> Result<()> {
         Ok(())
     };
     // Warm-up: page cache, first exec.
-    for (name, c) in commands.iter_mut() {
+    for (name, _, c) in commands.iter_mut() {
         check(name, &measure(c)?, cvm::run::TIMINGS_PREFIX)?;
     }
     for (name, c) in execs.iter_mut() {
@@ -561,10 +561,10 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     let mut progress = std::io::stderr();
     for i in 0..args.runs {
-        for (index, (name, c)) in commands.iter_mut().enumerate() {
+        for (index, (name, start, c)) in commands.iter_mut().enumerate() {
             let s = measure(c)?;
             let Some(t) = parse_run_timings(&s.stderr) else { bail!("{name}: no timings in {:?}", s.stderr) };
-            check_start(name, name.ends_with("warm"), parse_run_start(&s.stderr))?;
+            check_start(name, *start == Start::Warm, parse_run_start(&s.stderr))?;
             for (phase, value) in t.into_iter().enumerate() {
                 phases[index][phase].push(value);
             }
@@ -590,7 +590,7 @@ fn run_bench(args: RunBench) -> Result<()> {
         let s = stats(v.to_vec());
         println!("{name:<44} {:>9.1} {:>9.1} {:>9.1}", s.min, s.median, p90(v));
     };
-    for (index, (name, _)) in commands.iter().enumerate() {
+    for (index, (name, _, _)) in commands.iter().enumerate() {
         row(&format!("cvm run {name}: wall"), &walls[index]);
         row(&format!("cvm run {name}: CPU (user+sys)"), &cpus[index]);
         for (phase, values) in cvm::run::TIMING_PHASES.iter().zip(&phases[index]) {
@@ -603,12 +603,12 @@ fn run_bench(args: RunBench) -> Result<()> {
     if let Some((reference_name, _)) = &reference {
         row(&format!("reference: {reference_name} to the init's line, wall"), &reference_walls);
         let reference_median = stats(reference_walls).median;
-        for (index, (name, _)) in commands.iter().enumerate() {
+        for (index, (name, _, _)) in commands.iter().enumerate() {
             let run_median = stats(walls[index].clone()).median;
             println!("ratio cvm run {name} / reference, median wall: {:.2}x", run_median / reference_median);
         }
     }
-    let median_of = |name: &str| commands.iter().position(|(n, _)| n == name).map(|i| stats(walls[i].clone()).median);
+    let median_of = |name: &str| commands.iter().position(|(n, _, _)| n == name).map(|i| stats(walls[i].clone()).median);
     for (index, (engine, _)) in execs.iter().enumerate() {
         if let Some(cold) = median_of(&format!("--vmm {engine}, cold")) {
             println!("ratio cvm exec ({engine}) / cvm run --vmm {engine} cold, median wall: {:.3}x", stats(exec_walls[index].clone()).median / cold);
@@ -619,7 +619,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     // The warm start's own figure: from the VM starting to a guest ready for commands.
     let boot_median = |name: &str| {
-        let (index, phase) = (commands.iter().position(|(n, _)| n == name)?, cvm::run::TIMING_PHASES.iter().position(|p| *p == "boot")?);
+        let (index, phase) = (commands.iter().position(|(n, _, _)| n == name)?, cvm::run::TIMING_PHASES.iter().position(|p| *p == "boot")?);
         Some(stats(phases[index][phase].clone()).median)
     };
     if let (Some(warm), Some(cold)) = (boot_median("--vmm cvm, warm"), boot_median("--vmm cvm, cold")) {
@@ -632,13 +632,28 @@ fn run_bench(args: RunBench) -> Result<()> {
     Ok(())
 }
 
-/// How `cvm bench run` starts sessions on `engine`, named, and whether each is `--cold`: cvm's
-/// VMM booted and restored from the warm-start snapshot the first run leaves; QEMU as it
-/// starts (it never restores).
-fn starts(engine: cvm_vmm::Engine) -> &'static [(&'static str, bool)] {
+/// How a measured session starts: booted (`--cold`), or restored from the warm-start snapshot
+/// that an earlier session left.
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    Cold,
+    Warm,
+}
+
+impl Start {
+    fn label(self) -> &'static str {
+        match self {
+            Start::Cold => "cold",
+            Start::Warm => "warm",
+        }
+    }
+}
+
+/// The starts `cvm bench run` measures on `engine`: cvm's VMM both ways; QEMU never restores.
+fn starts(engine: cvm_vmm::Engine) -> &'static [Start] {
     match engine {
-        cvm_vmm::Engine::Cvm => &[("cold", true), ("warm", false)],
-        cvm_vmm::Engine::Qemu => &[("cold", false)],
+        cvm_vmm::Engine::Cvm => &[Start::Cold, Start::Warm],
+        cvm_vmm::Engine::Qemu => &[Start::Cold],
     }
 }
 
@@ -651,7 +666,8 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
     let mut totals = Vec::new();
     for engine in engines {
         let name = format!("{engine:?}").to_lowercase();
-        for &(start, cold) in starts(*engine) {
+        for &start in starts(*engine) {
+            let (cold, start) = (start == Start::Cold, start.label());
             if !cold {
                 // One started and removed first leaves the snapshot the others restore.
                 drop(NamedVm::start(cvm, &name, cold, kernel, &args.image)?);
