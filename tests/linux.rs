@@ -122,13 +122,19 @@ fn linux_snapshotted_at_init_resumes_there() {
         assert!(stdout.contains(&format!("{SNAPSHOT_TEST_DONE}, 2 cpus")), "{stdout}");
         (stdout, stderr)
     };
-    let append = "console=ttyS0 reboot=k panic=-1 quiet cvm.snapshot_test";
+    let append = "console=ttyS0 reboot=k panic=-1 retain_initrd quiet cvm.snapshot_test";
     let (stdout, stderr) = run(&[
         "boot", "--kernel", arg(&kernel), "--initrd", arg(&initrd), "--cpus", "2", "--memory", "256M", "--append", append,
         "--snapshot", arg(&snapshot),
     ]);
     assert!(stdout.contains(SNAPSHOT_TEST_BEFORE), "{stdout}");
     assert!(stderr.contains("cvm: snapshot written to"), "{stderr}");
+    // What no device touches: the kernel's code, the initrd it kept (its whole pages) and its
+    // struct pages (64 bytes for each 4 KiB page).
+    let (state, _) = cvm_vmm::snapshot::Snapshot::read(&snapshot).unwrap();
+    let lens: Vec<u64> = state.kernel_private.iter().map(|(start, end)| end - start).collect();
+    let initrd_len = std::fs::metadata(&initrd).unwrap().len();
+    assert!(lens.len() == 3 && lens[1] == initrd_len / 4096 * 4096 && lens[2] >= (256 << 20) / 64, "{:#x?}", state.kernel_private);
 
     for restore in 0..2 {
         let (stdout, stderr) = run(&["boot", "--restore", arg(&snapshot), "--cpus", "2", "--memory", "256M", "--timings"]);

@@ -61,6 +61,11 @@ fn a_second_session_restores_the_first_ones_guest() {
     assert_eq!(made.len(), 1, "one snapshot: {made:?}");
     assert!(holds(&made[0], "cvm-agent"), "the scan finds what guest RAM holds");
     assert!(!holds(&made[0], &marker), "a session's variable is in the snapshot");
+    // What no device touches, which restored sessions share: the kernel's code and, found
+    // through the guest's page tables, its struct pages (at least 64 bytes per 4 KiB page).
+    let (state, _) = cvm_vmm::snapshot::Snapshot::read(&made[0]).unwrap();
+    let struct_pages: u64 = state.kernel_private.iter().skip(1).map(|(start, end)| end - start).sum();
+    assert!(state.kernel_private.len() >= 2 && struct_pages >= state.memory_bytes / 64, "{:#x?}", state.kernel_private);
 
     // Restored: the share both ways, the clock, the exit status.
     let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

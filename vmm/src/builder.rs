@@ -55,7 +55,7 @@ impl Vm {
                 snapshot.restore_disks(dir, &writable_disks)?;
                 // A vhost-user backend maps guest RAM itself, so it must be shared.
                 let shared = !config.vhost_user.is_empty();
-                let RestoredRam { mem, file, data } = memory::restore_guest_memory(memory, config.memory_bytes, shared)?;
+                let RestoredRam { mem, file, data } = memory::restore_guest_memory(memory, config.memory_bytes, shared, &snapshot.kernel_private)?;
                 (Some(snapshot), mem, file, data)
             }
             None => {
@@ -190,6 +190,18 @@ impl Vm {
             writable_disks,
             msr_list: x86_64::state::msr_list(&kvm)?,
             restored: matches!(start, Start::Restore(_)),
+            kernel_text: match &start {
+                Start::Boot { kernel, .. } => kernel.text,
+                Start::Restore(_) => None,
+            },
+            // Its whole pages; the kernel reserves the last, partial one itself.
+            retained_initrd: match &start {
+                Start::Boot { initrd: Some((address, size)), .. } if config.cmdline.split_whitespace().any(|arg| arg == crate::config::RETAIN_INITRD) => {
+                    Some((*address, (address + size) / 4096 * 4096))
+                }
+                _ => None,
+            },
+            mem: mem.clone(),
         };
         let mut vm = Vm {
             _kvm: kvm,

@@ -31,7 +31,7 @@ pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 const MAGIC: &[u8; 8] = b"cvmsnap\0";
 /// Bumped whenever [`Snapshot`]'s encoding changes: an older snapshot is then refused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// No state body is near this; a larger length is a corrupt header.
 const MAX_STATE_LEN: u64 = 64 << 20;
@@ -48,6 +48,10 @@ pub struct Snapshot {
     pub transports: Vec<TransportState>,
     /// The size of each writable disk, in the VM's order.
     pub disks: Vec<u64>,
+    /// Guest memory no device reads or writes, as guest-physical (start, end) ranges: the
+    /// kernel's code, the initrd it keeps and its struct pages. Restored VMs map it private from the snapshot, and
+    /// so share its pages (see [`crate::vstate::memory::restore_guest_memory`]).
+    pub kernel_private: Vec<(u64, u64)>,
 }
 
 fn corrupt(dir: &Path, what: impl std::fmt::Display) -> Error {
@@ -217,10 +221,16 @@ pub(crate) fn data_runs(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)
 /// data ([`data_runs`]), and returns those runs. With `skip_zero_pages`, all-zero pages are
 /// left as holes in `to` too; without, each run is copied inside the kernel.
 pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool) -> std::io::Result<Vec<(u64, u64)>> {
-    const CHUNK: usize = 1 << 20;
     let runs = data_runs(from, len)?;
+    copy_runs(from, to, &runs, skip_zero_pages)?;
+    Ok(runs)
+}
+
+/// Copies each (start, end) run of `from` into `to` at the same offsets, as [`copy_pages`].
+pub(crate) fn copy_runs(from: &File, to: &File, runs: &[(u64, u64)], skip_zero_pages: bool) -> std::io::Result<()> {
+    const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; if skip_zero_pages { CHUNK } else { 0 }];
-    for &(start, end) in &runs {
+    for &(start, end) in runs {
         if !skip_zero_pages {
             send_run(from, to, start, end)?;
             continue;
@@ -249,7 +259,7 @@ pub(crate) fn copy_pages(from: &File, to: &File, len: u64, skip_zero_pages: bool
             at += n as u64;
         }
     }
-    Ok(runs)
+    Ok(())
 }
 
 /// Copies bytes `start..end` of `from` to the same place in `to` inside the kernel

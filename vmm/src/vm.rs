@@ -15,6 +15,7 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::x86_64::state::VmState;
 use crate::snapshot::Snapshot;
+use crate::vstate::memory::GuestMemory;
 
 use crate::console::{ConsolePanic, ConsoleRelay};
 use crate::exit::{BootTimings, ExitReason, VmExit};
@@ -86,6 +87,8 @@ impl VmHandle {
         }
         self.pause(SNAPSHOT_PAUSE_TIMEOUT)?;
         let vcpus = self.shared.save_vcpus(&machine.msr_list, SNAPSHOT_PAUSE_TIMEOUT).map_err(Error::Snapshot)?;
+        let kernel_private = vcpus.first().map(|vcpu| kernel_private_memory(&machine, vcpu)).unwrap_or_default();
+        tracing::debug!("snapshot: memory no device touches, shared by restored VMs: {kernel_private:#x?}");
         let snapshot = Snapshot {
             memory_bytes: machine.memory_bytes,
             vm: VmState::save(&machine.vm_fd)?,
@@ -93,6 +96,7 @@ impl VmHandle {
             serial: lock(&machine.serial).save_state(),
             transports: machine.transports.iter().map(|t| lock(t).save_state()).collect(),
             disks: machine.writable_disks.iter().map(|d| std::fs::metadata(d).map(|m| m.len()).map_err(|source| Error::File { path: d.clone(), source })).collect::<Result<_>>()?,
+            kernel_private,
         };
         snapshot.write(dir, &machine.ram, &machine.writable_disks)
     }
@@ -117,6 +121,38 @@ pub(crate) struct Machine {
     pub(crate) msr_list: Vec<u32>,
     /// Restored from a snapshot: its RAM may be a private mapping the memory file does not see.
     pub(crate) restored: bool,
+    /// Where the kernel the VMM loaded keeps its code, for a snapshot to record.
+    pub(crate) kernel_text: Option<(u64, u64)>,
+    /// The initrd the VMM loaded, where the command line has the kernel keep it.
+    pub(crate) retained_initrd: Option<(u64, u64)>,
+    /// Guest RAM, for reading the guest's page tables.
+    pub(crate) mem: GuestMemory,
+}
+
+/// At most this many ranges of a guest's struct pages are shared (each is a memory slot).
+const MAX_STRUCT_PAGE_RUNS: usize = 8;
+
+/// The guest memory a snapshot marks as no device's (see [`Snapshot::kernel_private`]): the
+/// kernel's code, the initrd it kept, and where the guest runs Linux's fixed 4-level memory
+/// layout (its direct map holds the kernel's code where the VMM put it), the pages behind its
+/// struct pages, found through vCPU 0's page tables. A guest that lies here only breaks its
+/// own devices: a backend is refused what it was not given.
+fn kernel_private_memory(machine: &Machine, vcpu: &crate::arch::x86_64::state::CpuState) -> Vec<(u64, u64)> {
+    use crate::arch::x86_64::page_tables::{backing, physical, CR4_LA57, LINUX_DIRECT_MAP_START, LINUX_VMEMMAP_START};
+    use vm_memory::{Bytes, GuestAddress};
+    let Some(text) = machine.kernel_text else { return Vec::new() };
+    let mut private = vec![text];
+    private.extend(machine.retained_initrd.filter(|(start, end)| start < end));
+    let (cr3, cr4) = vcpu.paging();
+    let read = |at: u64| machine.mem.read_obj::<u64>(GuestAddress(at)).ok();
+    if cr4 & CR4_LA57 == 0 && physical(read, cr3, LINUX_DIRECT_MAP_START + text.0) == Some(text.0) {
+        let ram_end = crate::layout::ram_ranges(machine.memory_bytes).last().map_or(0, |&(start, len)| start + len);
+        // A struct page is 64 bytes in the kernels cvm builds; walking twice as far stays
+        // inside the region Linux keeps for them.
+        let span = ram_end / 4096 * 128;
+        private.extend(backing(read, cr3, LINUX_VMEMMAP_START, LINUX_VMEMMAP_START + span, MAX_STRUCT_PAGE_RUNS));
+    }
+    private
 }
 
 /// A built VM, ready to run.

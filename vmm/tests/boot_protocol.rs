@@ -64,6 +64,8 @@ fn vmlinux_boots_through_pvh_with_start_info() {
     assert_eq!(loaded.entry, EntryPoint::Pvh(GuestAddress(symbol_phys(&vmlinux, "pvh_start_xen"))));
     assert!(loaded.is_linux);
     assert!(loaded.end > HIMEM_START);
+    // Linux's _text and _etext are page aligned: its code is exactly what a restore shares.
+    assert_eq!(loaded.text, Some((symbol_phys(&vmlinux, "_text"), symbol_phys(&vmlinux, "_etext"))));
 
     let initrd = initrd_file();
     let (initrd_addr, initrd_size) = x86_64::load_initrd(&mem, &initrd, &loaded).unwrap();
@@ -102,6 +104,7 @@ fn bzimage_boots_through_the_64bit_entry_with_a_zero_page() {
     let bzimage = vmlinux.with_file_name("bzImage");
     let mem = guest_memory();
     let loaded = x86_64::load_kernel(&mem, &bzimage).unwrap();
+    assert_eq!(loaded.text, None, "a bzImage's code is compressed: there is none to share");
     assert_eq!(loaded.entry, EntryPoint::Linux64(GuestAddress(HIMEM_START + 0x200)));
     let header = loaded.setup_header.expect("setup header");
     assert_eq!({ header.header }, 0x5372_6448);

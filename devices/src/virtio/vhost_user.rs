@@ -159,8 +159,11 @@ impl VirtioDevice for VhostUserDevice {
     fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
         let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend.set_features(features | protocol).map_err(vhost_err("SET_FEATURES"))?;
+        // A private mapping (in a restored guest, memory no device touches: the kernel's code,
+        // its kept initrd, its struct pages) is the VMM's own: no other process can map it.
         let regions = mem
             .iter()
+            .filter(|region| region.flags() & libc::MAP_PRIVATE == 0)
             .map(|region| {
                 VhostUserMemoryRegionInfo::from_guest_region(region)
                     .map_err(|e| io::Error::other(format!("vhost-user: guest RAM at {:#x} cannot be shared: {e}", region.start_addr().0)))

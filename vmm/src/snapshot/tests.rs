@@ -13,6 +13,7 @@ fn snapshot(vcpus: usize) -> Snapshot {
         serial: SerialConsoleState::default(),
         transports: Vec::new(),
         disks: Vec::new(),
+        kernel_private: vec![(1 << 20, 2 << 20)],
     }
 }
 
@@ -36,7 +37,7 @@ fn written() -> (tempfile::TempDir, PathBuf) {
 fn a_snapshot_reads_back_as_written_with_its_memory_sparse() {
     let (_dir, at) = written();
     let (read, memory) = Snapshot::read(&at).unwrap();
-    assert_eq!((read.vcpus.len(), read.memory_bytes), (2, RAM));
+    assert_eq!((read.vcpus.len(), read.memory_bytes, read.kernel_private), (2, RAM, vec![(1 << 20, 2 << 20)]));
     let mut page = vec![0u8; PAGE];
     memory.read_exact_at(&mut page, 0).unwrap();
     assert_eq!(page, vec![0xab; PAGE]);

@@ -70,7 +70,7 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 /// allocated on first touch, so a large guest costs nothing until it uses its memory.
 pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File)> {
     let file = memfd(size)?;
-    Ok((map_ram(&file, size, libc::MAP_SHARED)?, file))
+    Ok((map_ram(&file, size, libc::MAP_SHARED, None)?, file))
 }
 
 /// Guest RAM restored from a snapshot.
@@ -81,20 +81,76 @@ pub struct RestoredRam {
     pub data: Vec<(u64, u64)>,
 }
 
-/// Guest RAM from a snapshot's memory file. Where a backend in another process must see the guest's pages (`shared`),
-/// they are copied into a new memfd (only the file's data, not its holes); else the file is
-/// mapped private: the guest reads the file's pages from the page cache, shared with every
-/// other VM restored from it, and its writes go to copies of its own.
-pub fn restore_guest_memory(snapshot: File, size: u64, shared: bool) -> Result<RestoredRam> {
+/// Guest RAM from a snapshot's memory file. Where no backend in another process maps guest RAM
+/// (`shared` false), the file is mapped private: the guest reads the file's pages from the
+/// page cache, shared with every other VM restored from it, and its writes go to copies of its
+/// own. Where backends do, they need the pages in a file they can map too: the snapshot's data
+/// is copied into a new memfd (not its holes), except memory no device reads or writes
+/// (`kernel_private`, guest-physical (start, end) ranges: the kernel's code, its kept initrd,
+/// its struct pages),
+/// which stays mapped private from the snapshot, left out of what vhost-user backends map, and
+/// shared by every VM restored from it.
+pub fn restore_guest_memory(snapshot: File, size: u64, shared: bool, kernel_private: &[(u64, u64)]) -> Result<RestoredRam> {
     let load_err = |e: std::io::Error| Error::Memory(format!("cannot load the snapshot's memory: {e}"));
-    let to_guest = |runs: Vec<(u64, u64)>| runs.into_iter().flat_map(|(start, end)| guest_ranges(size, start, end)).collect();
+    let runs = crate::snapshot::data_runs(&snapshot, size).map_err(load_err)?;
+    let data = runs.iter().flat_map(|&(start, end)| guest_ranges(size, start, end)).collect();
     if !shared {
-        let runs = crate::snapshot::data_runs(&snapshot, size).map_err(load_err)?;
-        return Ok(RestoredRam { mem: map_ram(&snapshot, size, libc::MAP_PRIVATE)?, file: snapshot, data: to_guest(runs) });
+        return Ok(RestoredRam { mem: map_ram(&snapshot, size, libc::MAP_PRIVATE, None)?, file: snapshot, data });
     }
+    let private = private_ranges(size, kernel_private);
     let file = memfd(size)?;
-    let runs = crate::snapshot::copy_pages(&snapshot, &file, size, false).map_err(load_err)?;
-    Ok(RestoredRam { mem: map_ram(&file, size, libc::MAP_SHARED)?, file, data: to_guest(runs) })
+    let copied = without(&runs, &private.iter().map(|r| (r.file_offset, r.file_offset + r.end - r.start)).collect::<Vec<_>>());
+    crate::snapshot::copy_runs(&snapshot, &file, &copied, false).map_err(load_err)?;
+    Ok(RestoredRam { mem: map_ram(&file, size, libc::MAP_SHARED, Some((&private, &snapshot)))?, file, data })
+}
+
+/// A range of guest RAM mapped private, and where it lies in the RAM file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PrivateRange {
+    start: u64,
+    end: u64,
+    file_offset: u64,
+}
+
+/// Of the guest-physical (start, end) `ranges`, the page-aligned ones that lie inside one RAM
+/// range of a `size`-byte guest, sorted, without overlaps (a later one overlapping is dropped).
+fn private_ranges(size: u64, ranges: &[(u64, u64)]) -> Vec<PrivateRange> {
+    let page = |a: u64| a.is_multiple_of(4096);
+    let mut private: Vec<PrivateRange> = ranges
+        .iter()
+        .filter(|&&(start, end)| start < end && page(start) && page(end))
+        .filter_map(|&(start, end)| {
+            let mut file_offset = 0;
+            for (ram, len) in layout::ram_ranges(size) {
+                if start >= ram && end <= ram + len {
+                    return Some(PrivateRange { start, end, file_offset: file_offset + start - ram });
+                }
+                file_offset += len;
+            }
+            None
+        })
+        .collect();
+    private.sort_by_key(|r| r.start);
+    private.dedup_by(|later, kept| later.start < kept.end);
+    private
+}
+
+/// `runs` (sorted (start, end) ranges) with `holes` (sorted, not overlapping) cut out.
+fn without(runs: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(run_start, end) in runs {
+        let mut start = run_start;
+        for &(hole_start, hole_end) in holes.iter().filter(|&&(s, e)| s < end && e > run_start) {
+            if hole_start > start {
+                out.push((start, hole_start));
+            }
+            start = start.max(hole_end);
+        }
+        if start < end {
+            out.push((start, end));
+        }
+    }
+    out
 }
 
 /// The guest-physical ranges, as (address, length), that bytes `start..end` of the RAM file of
@@ -149,14 +205,30 @@ fn memfd(size: u64) -> Result<File> {
 }
 
 /// Maps `file` as guest RAM of `size` bytes, one mapping per RAM range, `sharing` being
-/// MAP_SHARED or MAP_PRIVATE.
-fn map_ram(file: &File, size: u64, sharing: libc::c_int) -> Result<GuestMemory> {
-    let mut regions = Vec::new();
+/// MAP_SHARED or MAP_PRIVATE; except the `private` ranges, which map their own file (at the
+/// same offsets) private.
+fn map_ram(file: &File, size: u64, sharing: libc::c_int, private: Option<(&[PrivateRange], &File)>) -> Result<GuestMemory> {
+    let (private, private_file) = private.unwrap_or((&[], file));
+    // (guest address, end, file, offset in it, sharing) per mapping.
+    let mut pieces = Vec::new();
     let mut file_offset = 0;
     for (start, len) in layout::ram_ranges(size) {
+        let at = |address: u64| file_offset + address - start;
+        let mut next = start;
+        for range in private.iter().filter(|r| r.start >= start && r.end <= start + len) {
+            pieces.push((next, range.start, file, at(next), sharing));
+            pieces.push((range.start, range.end, private_file, range.file_offset, libc::MAP_PRIVATE));
+            next = range.end;
+        }
+        pieces.push((next, start + len, file, at(next), sharing));
+        file_offset += len;
+    }
+    let mut regions = Vec::new();
+    for (start, end, file, offset, sharing) in pieces.into_iter().filter(|piece| piece.0 < piece.1) {
+        let len = end - start;
         let len_usize = usize::try_from(len).map_err(|_| Error::Memory("guest too large".into()))?;
         let mapping = MmapRegion::build(
-            Some(FileOffset::new(file.try_clone()?, file_offset)),
+            Some(FileOffset::new(file.try_clone()?, offset)),
             len_usize,
             libc::PROT_READ | libc::PROT_WRITE,
             sharing | libc::MAP_NORESERVE,
@@ -165,7 +237,6 @@ fn map_ram(file: &File, size: u64, sharing: libc::c_int) -> Result<GuestMemory> 
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| Error::Memory("guest RAM range overflows".into()))?;
         regions.push(region);
-        file_offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
 }
@@ -193,7 +264,7 @@ pub fn check_host_can_give(size: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory as _};
+    use vm_memory::{Bytes, GuestMemory as _, GuestMemoryRegion as _};
 
     #[test]
     fn small_guest_is_one_range() {
@@ -228,6 +299,61 @@ mod tests {
         assert_eq!(guest_ranges(5 << 30, gap + 0x1000, gap + 0x2000), vec![(layout::HIGH_RAM_START + 0x1000, 0x1000)]);
         // Past the guest's RAM: nothing.
         assert_eq!(guest_ranges(512 << 20, 512 << 20, 1 << 30), vec![]);
+    }
+
+    #[test]
+    fn restored_kernel_memory_is_private_and_the_rest_shared() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        const SIZE: u64 = 16 << 20;
+        let (text, page) = ((4u64 << 20, 6u64 << 20), 4096u64);
+        let snapshot = tempfile::tempfile().unwrap();
+        snapshot.set_len(SIZE).unwrap();
+        for at in [0x1000, text.0, text.1 - page, text.1] {
+            snapshot.write_all_at(&[0xa5; 4096], at).unwrap();
+        }
+        let restored = restore_guest_memory(snapshot.try_clone().unwrap(), SIZE, true, &[text]).unwrap();
+        let mapped: Vec<_> = restored.mem.iter().map(|r| (r.start_addr().0, r.len(), r.flags() & libc::MAP_PRIVATE != 0)).collect();
+        assert_eq!(mapped, [(0, text.0, false), (text.0, text.1 - text.0, true), (text.1, SIZE - text.1, false)]);
+        for at in [0x1000, text.0, text.1 - page, text.1] {
+            assert_eq!(restored.mem.read_obj::<u8>(GuestAddress(at + 7)).unwrap(), 0xa5, "the guest sees the snapshot at {at:#x}");
+        }
+        assert_eq!(restored.data.len(), 3, "every data run is prefaulted, the kernel's code too");
+        assert_eq!(restored.file.metadata().unwrap().blocks() * 512, 2 * page, "the memfd holds all but the kernel's code");
+        restored.mem.write_obj(0x5au8, GuestAddress(text.0)).unwrap();
+        restored.mem.write_obj(0x5au8, GuestAddress(0x1000)).unwrap();
+        let byte_at = |file: &File, at| {
+            let mut b = [0u8];
+            file.read_exact_at(&mut b, at).unwrap();
+            b[0]
+        };
+        assert_eq!(byte_at(&snapshot, text.0), 0xa5, "a write to the kernel's code stays the guest's own");
+        assert_eq!(byte_at(&restored.file, 0x1000), 0x5a, "a write elsewhere is in the memfd backends map");
+
+        let outside = restore_guest_memory(snapshot, SIZE, true, &[(SIZE - page, SIZE + page)]).unwrap();
+        assert_eq!(outside.mem.num_regions(), 1, "a range outside low RAM is ignored");
+    }
+
+    #[test]
+    fn private_ranges_are_whole_pages_inside_one_ram_range() {
+        let (gap, high) = (layout::MMIO_GAP_START, layout::HIGH_RAM_START);
+        let size = gap + (1 << 30);
+        let ranges = private_ranges(size, &[(high + 0x2000, high + 0x4000), (0x1000, 0x3000), (0x2000, 0x5000), (0x8000, 0x8800), (gap - 0x1000, high + 0x1000), (0x9000, 0x9000)]);
+        assert_eq!(
+            ranges,
+            [PrivateRange { start: 0x1000, end: 0x3000, file_offset: 0x1000 }, PrivateRange { start: high + 0x2000, end: high + 0x4000, file_offset: gap + 0x2000 }],
+            "sorted; overlapping, partial-page, empty and gap-spanning ranges dropped"
+        );
+        let mem = map_ram(&memfd(size).unwrap(), size, libc::MAP_SHARED, Some((&ranges, &memfd(size).unwrap()))).unwrap();
+        let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, [(0, 0x1000), (0x1000, 0x2000), (0x3000, gap - 0x3000), (high, 0x2000), (high + 0x2000, 0x2000), (high + 0x4000, (1 << 30) - 0x4000)]);
+    }
+
+    #[test]
+    fn holes_are_cut_out_of_runs() {
+        let runs = [(0, 10), (20, 30), (40, 50)];
+        assert_eq!(without(&runs, &[]), runs);
+        assert_eq!(without(&runs, &[(5, 25), (27, 28), (45, 60)]), [(0, 5), (25, 27), (28, 30), (40, 45)]);
+        assert_eq!(without(&runs, &[(0, 50)]), []);
     }
 
     #[test]

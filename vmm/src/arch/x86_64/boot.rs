@@ -53,6 +53,9 @@ pub struct LoadedKernel {
     pub setup_header: Option<setup_header>,
     /// A Linux kernel (a bzImage, or an ELF carrying Linux's notes), not a micro-guest.
     pub is_linux: bool,
+    /// Where an ELF kernel's code (its `.text`) lies in guest memory, as (start, end), page
+    /// aligned inward: memory no device ever reads or writes.
+    pub text: Option<(u64, u64)>,
 }
 
 /// Loads a vmlinux (ELF) or a bzImage into guest memory. An ELF with a PVH note boots through
@@ -115,7 +118,10 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
                 _ => EntryPoint::Linux64(loaded.kernel_load),
             };
             let is_linux = has_linux_note(&mut file).unwrap_or(false);
-            Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux })
+            let text = text_section(&mut file)
+                .inspect_err(|e| tracing::debug!("{}: no .text range: {e}", path.display()))
+                .unwrap_or(None);
+            Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux, text })
         }
         KernelFormat::BzImage => {
             let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
@@ -126,34 +132,73 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
                 end: loaded.kernel_end,
                 setup_header: Some(header),
                 is_linux: true,
+                text: None,
             })
         }
     }
 }
 
+/// The fields of a 64-bit ELF header that locate its program and section headers.
+struct ElfHeader {
+    phoff: u64,
+    phnum: u16,
+    shoff: u64,
+    shnum: u16,
+    shstrndx: u16,
+}
+
+/// At most this many program or section headers are read: a vmlinux has about 40 sections.
+const MAX_ELF_HEADERS: u16 = 1024;
+const ELF_PHDR_LEN: u64 = 56;
+const ELF_SHDR_LEN: u64 = 64;
+
+fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn elf_header(file: &mut File) -> std::io::Result<ElfHeader> {
+    let mut h = [0u8; 64];
+    read_at(file, 0, &mut h)?;
+    Ok(ElfHeader { phoff: u64_at(&h, 32), phnum: u16_at(&h, 56), shoff: u64_at(&h, 40), shnum: u16_at(&h, 60), shstrndx: u16_at(&h, 62) })
+}
+
+/// The program headers, each [`ELF_PHDR_LEN`] bytes.
+fn program_headers(file: &mut File, elf: &ElfHeader) -> std::io::Result<Vec<[u8; ELF_PHDR_LEN as usize]>> {
+    (0..u64::from(elf.phnum.min(MAX_ELF_HEADERS)))
+        .map(|i| {
+            let mut phdr = [0u8; ELF_PHDR_LEN as usize];
+            read_at(file, elf.phoff.saturating_add(i * ELF_PHDR_LEN), &mut phdr).map(|()| phdr)
+        })
+        .collect()
+}
+
 /// Whether an ELF image carries a note named "Linux", as every vmlinux does.
 fn has_linux_note(file: &mut File) -> std::io::Result<bool> {
     const PT_NOTE: u32 = 4;
-    let mut header = [0u8; 64];
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut header)?;
-    let phoff = u64::from_le_bytes(header[32..40].try_into().unwrap());
-    let phnum = u16::from_le_bytes([header[56], header[57]]);
-    for i in 0..u64::from(phnum.min(64)) {
-        let mut phdr = [0u8; 56];
-        file.seek(SeekFrom::Start(phoff + i * 56))?;
-        file.read_exact(&mut phdr)?;
-        if u32::from_le_bytes(phdr[0..4].try_into().unwrap()) != PT_NOTE {
+    let elf = elf_header(file)?;
+    for phdr in program_headers(file, &elf)? {
+        if u32_at(&phdr, 0) != PT_NOTE {
             continue;
         }
-        let offset = u64::from_le_bytes(phdr[8..16].try_into().unwrap());
-        let size = u64::from_le_bytes(phdr[32..40].try_into().unwrap()).min(1 << 16);
+        let size = u64_at(&phdr, 32).min(1 << 16);
         let mut notes = vec![0u8; size as usize];
-        file.seek(SeekFrom::Start(offset))?;
-        file.read_exact(&mut notes)?;
+        read_at(file, u64_at(&phdr, 8), &mut notes)?;
         let mut at = 0usize;
         while at + 12 <= notes.len() {
-            let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().unwrap()) as usize;
+            let word = |o: usize| u32_at(&notes, o) as usize;
             let (namesz, descsz) = (word(at), word(at + 4));
             let name = notes.get(at + 12..at + 12 + namesz).unwrap_or_default();
             if name == b"Linux\0" {
@@ -163,6 +208,39 @@ fn has_linux_note(file: &mut File) -> std::io::Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// Where the ELF's `.text` section is loaded, as guest-physical (start, end) page-aligned
+/// inward, through the loadable segment that holds it; None where it has none.
+fn text_section(file: &mut File) -> std::io::Result<Option<(u64, u64)>> {
+    const PT_LOAD: u32 = 1;
+    const PAGE: u64 = 4096;
+    let elf = elf_header(file)?;
+    if elf.shnum > MAX_ELF_HEADERS || elf.shstrndx >= elf.shnum {
+        return Ok(None);
+    }
+    let mut sections = vec![0u8; usize::from(elf.shnum) * ELF_SHDR_LEN as usize];
+    read_at(file, elf.shoff, &mut sections)?;
+    let section = |i: usize| &sections[i * ELF_SHDR_LEN as usize..(i + 1) * ELF_SHDR_LEN as usize];
+    let strtab = section(usize::from(elf.shstrndx));
+    let mut names = vec![0u8; u64_at(strtab, 32).min(1 << 20) as usize];
+    read_at(file, u64_at(strtab, 24), &mut names)?;
+    let Some(text) = (0..usize::from(elf.shnum))
+        .map(section)
+        .find(|s| names.get(u32_at(s, 0) as usize..).is_some_and(|name| name.starts_with(b".text\0")))
+    else {
+        return Ok(None);
+    };
+    let (vaddr, size) = (u64_at(text, 16), u64_at(text, 32));
+    let loaded = program_headers(file, &elf)?.into_iter().find(|p| {
+        let (p_vaddr, p_memsz) = (u64_at(p, 16), u64_at(p, 40));
+        u32_at(p, 0) == PT_LOAD && vaddr >= p_vaddr && vaddr.checked_add(size).is_some_and(|end| end <= p_vaddr.saturating_add(p_memsz))
+    });
+    Ok(loaded.and_then(|p| {
+        let start = u64_at(&p, 24).checked_add(vaddr - u64_at(&p, 16))?;
+        let (first, last) = (start.checked_next_multiple_of(PAGE)?, start.checked_add(size)? / PAGE * PAGE);
+        (first < last).then_some((first, last))
+    }))
 }
 
 /// One range of the guest's physical memory map.
@@ -339,6 +417,55 @@ mod tests {
         }
     }
 
+    /// An ELF with one loadable segment (virtual 0xffffffff81000000, physical 16 MiB) and a
+    /// `.text` section `text_offset..text_offset + text_size` into it.
+    fn elf_with_text(text_offset: u64, text_size: u64) -> Vec<u8> {
+        let names = b"\0.text\0.shstrtab\0";
+        let (phoff, shoff, names_at) = (64u64, 64 + 56u64, 64 + 56 + 3 * 64u64);
+        let mut elf = vec![0u8; names_at as usize];
+        elf[..5].copy_from_slice(b"\x7fELF\x02");
+        let mut put = |at: u64, bytes: &[u8]| elf[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        put(32, &phoff.to_le_bytes());
+        put(40, &shoff.to_le_bytes());
+        put(56, &1u16.to_le_bytes());
+        put(60, &3u16.to_le_bytes());
+        put(62, &2u16.to_le_bytes());
+        let vbase = 0xffff_ffff_8100_0000u64;
+        put(phoff, &1u32.to_le_bytes()); // PT_LOAD
+        put(phoff + 16, &vbase.to_le_bytes());
+        put(phoff + 24, &0x100_0000u64.to_le_bytes());
+        put(phoff + 40, &0x80_0000u64.to_le_bytes());
+        let text = shoff + 64;
+        put(text, &1u32.to_le_bytes());
+        put(text + 16, &(vbase + text_offset).to_le_bytes());
+        put(text + 32, &text_size.to_le_bytes());
+        let strtab = shoff + 128;
+        put(strtab, &7u32.to_le_bytes());
+        put(strtab + 24, &names_at.to_le_bytes());
+        put(strtab + 32, &(names.len() as u64).to_le_bytes());
+        elf.extend_from_slice(names);
+        elf
+    }
+
+    fn text_of(bytes: &[u8]) -> std::io::Result<Option<(u64, u64)>> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        text_section(&mut File::open(file.path()).unwrap())
+    }
+
+    #[test]
+    fn kernel_text_is_found_through_its_segment_and_aligned_inward() {
+        assert_eq!(text_of(&elf_with_text(0, 0x40_0000)).unwrap(), Some((0x100_0000, 0x140_0000)));
+        assert_eq!(text_of(&elf_with_text(0x100, 0x3000)).unwrap(), Some((0x100_1000, 0x100_3000)), "partial pages left out");
+        assert_eq!(text_of(&elf_with_text(0x100, 0x800)).unwrap(), None, "no whole page");
+        assert_eq!(text_of(&elf_with_text(0x70_0000, 0x20_0000)).unwrap(), None, "runs past its segment");
+        let mut renamed = elf_with_text(0, 0x1000);
+        let at = renamed.len() - 17;
+        renamed[at..at + 5].copy_from_slice(b".data");
+        assert_eq!(text_of(&renamed).unwrap(), None, "no .text section");
+        assert!(text_of(&elf_with_text(0, 0x1000)[..200]).is_err(), "cut short");
+    }
+
     // Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
     proptest! {
         /// Whatever a file holds, the check answers (never panics) and only a well-formed header passes.
@@ -348,6 +475,21 @@ mod tests {
                 match format {
                     KernelFormat::Elf => prop_assert!(bytes.starts_with(b"\x7fELF\x02")),
                     KernelFormat::BzImage => prop_assert_eq!(&bytes[0x202..0x206], b"HdrS"),
+                }
+            }
+        }
+
+        /// A hostile ELF's `.text` range, if any, is whole pages inside its segment; never a panic.
+        #[test]
+        fn any_elf_gets_a_text_answer(bytes in proptest::collection::vec(any::<u8>(), 0..0x400), flips in proptest::collection::vec((0usize..0x200, any::<u8>()), 0..8)) {
+            for mut elf in [bytes, elf_with_text(0x1000, 0x2000)] {
+                for &(at, byte) in &flips {
+                    if let Some(b) = elf.get_mut(at) {
+                        *b = byte;
+                    }
+                }
+                if let Ok(Some((start, end))) = text_of(&elf) {
+                    prop_assert!(start < end && start % 4096 == 0 && end % 4096 == 0);
                 }
             }
         }

@@ -5,6 +5,7 @@
 mod boot;
 pub mod cpu;
 pub mod mptable;
+pub mod page_tables;
 pub mod state;
 
 pub use boot::{e820_map, kernel_format, load_initrd, load_kernel, write_boot_info, BootInfo, E820Entry, EntryPoint, KernelFormat, LoadedKernel};

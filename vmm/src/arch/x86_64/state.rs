@@ -39,6 +39,11 @@ pub fn msr_list(kvm: &Kvm) -> Result<Vec<u32>> {
 }
 
 impl CpuState {
+    /// The vCPU's page-table root and paging mode: CR3 and CR4.
+    pub fn paging(&self) -> (u64, u64) {
+        (self.sregs.cr3, self.sregs.cr4)
+    }
+
     /// Reads a vCPU's state. The vCPU must be outside KVM_RUN (paused).
     pub fn save(fd: &VcpuFd, msr_list: &[u32]) -> Result<CpuState> {
         let cpuid = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_call("read a vCPU's CPUID"))?;
