@@ -197,7 +197,7 @@ impl Vm {
             // Its whole pages; the kernel reserves the last, partial one itself.
             retained_initrd: match &start {
                 Start::Boot { initrd: Some((address, size)), .. } if config.cmdline.split_whitespace().any(|arg| arg == crate::config::RETAIN_INITRD) => {
-                    Some((*address, (address + size) / 4096 * 4096))
+                    Some((*address, (address + size) / PAGE_SIZE * PAGE_SIZE))
                 }
                 _ => None,
             },

@@ -139,7 +139,7 @@ impl VmConfig {
                 crate::layout::MIN_MEMORY >> 20
             )));
         }
-        if !self.memory_bytes.is_multiple_of(4096) {
+        if !self.memory_bytes.is_multiple_of(crate::layout::PAGE_SIZE) {
             return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
         }
         // A restored VM's kernel is in its snapshot's memory.

@@ -35,7 +35,7 @@ const FORMAT: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// No state body is near this; a larger length is a corrupt header.
 const MAX_STATE_LEN: u64 = 64 << 20;
-const PAGE: usize = 4096;
+const PAGE: usize = crate::layout::PAGE_SIZE as usize;
 
 /// Everything of a paused VM but its memory.
 #[derive(Serialize, Deserialize)]

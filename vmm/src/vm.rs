@@ -149,7 +149,7 @@ fn kernel_private_memory(machine: &Machine, vcpu: &crate::arch::x86_64::state::C
         let ram_end = crate::layout::ram_ranges(machine.memory_bytes).last().map_or(0, |&(start, len)| start + len);
         // A struct page is 64 bytes in the kernels cvm builds; walking twice as far stays
         // inside the region Linux keeps for them.
-        let span = ram_end / 4096 * 128;
+        let span = ram_end / crate::layout::PAGE_SIZE * 128;
         private.extend(backing(read, cr3, LINUX_VMEMMAP_START, LINUX_VMEMMAP_START + span, MAX_STRUCT_PAGE_RUNS));
     }
     private

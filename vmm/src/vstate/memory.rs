@@ -11,6 +11,8 @@ use crate::{Error, Result};
 
 /// The guest-physical address map.
 pub mod layout {
+    /// The page size: guest RAM is mapped, shared and snapshotted in whole pages.
+    pub const PAGE_SIZE: u64 = 4096;
     /// The smallest guest cvm builds: room for the boot structures, a kernel and its stack.
     pub const MIN_MEMORY: u64 = 2 << 20;
     /// Guest RAM stops here and resumes at [`HIGH_RAM_START`]; devices live in between.
@@ -115,7 +117,7 @@ struct PrivateRange {
 /// Of the guest-physical (start, end) `ranges`, the page-aligned ones that lie inside one RAM
 /// range of a `size`-byte guest, sorted, without overlaps (a later one overlapping is dropped).
 fn private_ranges(size: u64, ranges: &[(u64, u64)]) -> Vec<PrivateRange> {
-    let page = |a: u64| a.is_multiple_of(4096);
+    let page = |a: u64| a.is_multiple_of(layout::PAGE_SIZE);
     let mut private: Vec<PrivateRange> = ranges
         .iter()
         .filter(|&&(start, end)| start < end && page(start) && page(end))

@@ -214,7 +214,6 @@ fn has_linux_note(file: &mut File) -> std::io::Result<bool> {
 /// inward, through the loadable segment that holds it; None where it has none.
 fn text_section(file: &mut File) -> std::io::Result<Option<(u64, u64)>> {
     const PT_LOAD: u32 = 1;
-    const PAGE: u64 = 4096;
     let elf = elf_header(file)?;
     if elf.shnum > MAX_ELF_HEADERS || elf.shstrndx >= elf.shnum {
         return Ok(None);
@@ -238,7 +237,7 @@ fn text_section(file: &mut File) -> std::io::Result<Option<(u64, u64)>> {
     });
     Ok(loaded.and_then(|p| {
         let start = u64_at(&p, 24).checked_add(vaddr - u64_at(&p, 16))?;
-        let (first, last) = (start.checked_next_multiple_of(PAGE)?, start.checked_add(size)? / PAGE * PAGE);
+        let (first, last) = (start.checked_next_multiple_of(PAGE_SIZE)?, start.checked_add(size)? / PAGE_SIZE * PAGE_SIZE);
         (first < last).then_some((first, last))
     }))
 }
