@@ -107,6 +107,9 @@ pub struct FuseGuest {
     queue: GuestQueue,
     irq: EventFd,
     unique: u64,
+    /// Requests posted, and the kicks they took (fewer where the device watched the ring).
+    posted: u64,
+    kicks: u64,
     /// Keeps the transport's remote endpoint valid.
     _event_loop: EventManager<Subscriber>,
 }
@@ -132,7 +135,7 @@ impl FuseGuest {
         driver.setup_queue(0, &hiprio);
         driver.setup_queue(REQUEST_QUEUE, &queue);
         driver.driver_ok();
-        let mut guest = FuseGuest { mem, driver, transport, queue, irq, unique: 0, _event_loop: event_loop };
+        let mut guest = FuseGuest { mem, driver, transport, queue, irq, unique: 0, posted: 0, kicks: 0, _event_loop: event_loop };
         // major 7, minor 31, max_readahead, flags: none.
         let init = [7u32, 31, 1 << 20, 0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
         guest.request(op::INIT, 0, &init, 256)?;
@@ -144,12 +147,21 @@ impl FuseGuest {
         self.driver.read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS)
     }
 
-    /// Posts `chain` (address, length, device-writable) on the request queue and kicks; does
-    /// not wait. Returns the chain's head. For hostile chains.
+    /// Posts `chain` (address, length, device-writable) on the request queue and kicks unless
+    /// the device is watching the ring; does not wait. Returns the chain's head. For hostile chains.
     pub fn post_raw(&mut self, chain: &[(u64, u32, bool)]) -> io::Result<u16> {
         let head = self.queue.push(&self.mem, chain);
-        self.transport.lock().unwrap_or_else(|e| e.into_inner()).kick_events()[REQUEST_QUEUE as usize].write(1)?;
+        self.posted += 1;
+        if self.queue.needs_kick(&self.mem) {
+            self.kicks += 1;
+            self.transport.lock().unwrap_or_else(|e| e.into_inner()).kick_events()[REQUEST_QUEUE as usize].write(1)?;
+        }
         Ok(head)
+    }
+
+    /// Requests posted so far, and how many of them needed a kick.
+    pub fn kicks(&self) -> (u64, u64) {
+        (self.posted, self.kicks)
     }
 
     /// Writes raw bytes into guest RAM at `addr` (for hostile requests).

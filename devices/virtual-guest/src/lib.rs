@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK};
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
@@ -114,6 +114,15 @@ impl GuestQueue {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
         head
+    }
+
+    /// Whether the device wants a kick for what was just pushed: not while it says it is
+    /// watching the ring (VRING_USED_F_NO_NOTIFY), as Linux's driver checks before kicking.
+    pub fn needs_kick(&self, mem: &impl GuestMemory) -> bool {
+        // The new available index must be visible before the flag is read (Linux: virtio_mb).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let flags: u16 = mem.read_obj(GuestAddress(self.used)).unwrap();
+        flags & VRING_USED_F_NO_NOTIFY as u16 == 0
     }
 
     /// The (head, length) pairs the device returned since the last call.

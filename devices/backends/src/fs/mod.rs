@@ -1,6 +1,7 @@
 //! virtio-fs as a vhost-user backend embedded in cvm: virtiofsd's passthrough file system and
-//! FUSE server (the `virtiofsd` crate as a library) behind cvm's [`PolicyFs`], one backend per
-//! share, each in its own re-executed cvm process inside virtiofsd's sandbox.
+//! FUSE server (the `virtiofsd` crate as a library) behind cvm's [`PolicyFs`], fed by cvm's own
+//! queue handling (`queues`), one backend per share, each in its own re-executed cvm process
+//! inside virtiofsd's sandbox.
 //!
 //! [`FsBackend::spawn`] starts that process with the backend's listening socket as fd 3 and
 //! the share's [`ShareConfig`] as arguments; the process calls [`serve`], which enters the
@@ -12,6 +13,7 @@
 
 mod git_guard;
 pub mod policy;
+mod queues;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +32,6 @@ use vhost_user_backend::VhostUserDaemon;
 use virtiofsd::passthrough::{self, CachePolicy, PassthroughFs};
 use virtiofsd::sandbox::{Sandbox, SandboxMode};
 use virtiofsd::soft_idmap::cmdline::IdMap;
-use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use policy::{Policy, PolicyFs};
@@ -324,9 +325,7 @@ fn passthrough_config(share: &ShareConfig) -> passthrough::Config {
 
 fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::Config) -> io::Result<()> {
     let fs = PolicyFs::new(PassthroughFs::new(config)?, share.policy.clone());
-    // No tag: the frontend (cvm's or QEMU's) gives the guest the config space.
-    let backend = VhostUserFsBackendBuilder::default().build(fs).map_err(|e| io::Error::other(format!("fs backend: {e}")))?;
-    let mut daemon = VhostUserDaemon::new(format!("cvm-fs-{}", share.tag), Arc::new(backend), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+    let mut daemon = VhostUserDaemon::new(format!("cvm-fs-{}", share.tag), Arc::new(queues::FsQueues::new(fs)), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
         .map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     daemon.start(&mut listener).map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     match daemon.wait() {

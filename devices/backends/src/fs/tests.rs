@@ -76,6 +76,23 @@ fn reads_and_writes_reach_the_share() {
 }
 
 #[test]
+fn back_to_back_requests_are_taken_without_kicks_while_the_backend_watches_the_queue() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
+    let file = g.lookup(ROOT, b"file").unwrap();
+    let fh = g.open(file.nodeid, libc::O_RDONLY).unwrap();
+    let (posted_before, kicks_before) = g.kicks();
+    for _ in 0..2000 {
+        assert_eq!(g.read(file.nodeid, fh, 0, 4096).unwrap(), b"in the share\n");
+    }
+    let (posted, kicks) = g.kicks();
+    let (posted, kicks) = (posted - posted_before, kicks - kicks_before);
+    assert_eq!(posted, 2000);
+    assert!(kicks < posted / 2, "{kicks} kicks for {posted} requests sent as soon as each reply came");
+    g.release(file.nodeid, fh, false).unwrap();
+    fx.finish(g);
+}
+
+#[test]
 fn dot_dot_names_with_slashes_and_nul_stay_in_the_share() {
     let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
     let sub = g.mkdir(ROOT, b"sub", 0o755).unwrap();
