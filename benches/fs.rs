@@ -207,9 +207,21 @@ impl Target for Fuse {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// One workload's results on one target: the median of its rounds, and how far apart its
+/// rounds were, (fastest - slowest) / median: the noise a ratio between targets must beat.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Summary {
+    median: f64,
+    range: f64,
+}
+
+impl Summary {
+    fn of(mut rounds: Vec<f64>) -> Summary {
+        rounds.sort_by(|a, b| a.total_cmp(b));
+        let median = rounds[rounds.len() / 2];
+        let spread = rounds[rounds.len() - 1] - rounds[0];
+        Summary { median, range: if median > 0.0 { spread / median } else { 0.0 } }
+    }
 }
 
 /// Makes the big file and the tree the workloads read.
@@ -240,8 +252,20 @@ struct Table {
     /// Where and how it was measured.
     title: String,
     columns: Vec<String>,
-    /// (workload, unit, a median per column)
-    rows: Vec<(String, String, Vec<f64>)>,
+    rows: Vec<Row>,
+}
+
+/// A workload's results, a summary per column.
+struct Row {
+    workload: String,
+    unit: String,
+    results: Vec<Summary>,
+}
+
+impl Row {
+    fn medians(&self) -> Vec<f64> {
+        self.results.iter().map(|r| r.median).collect()
+    }
 }
 
 const CVM: &str = "cvm backend";
@@ -258,24 +282,35 @@ impl Table {
         (cvm / row[0], self.column(VIRTIOFSD).map(|v| cvm / row[v]))
     }
 
-    /// Markdown a user can paste, under a line saying where and how it was measured.
+    /// The servers' columns: cvm's backend, and virtiofsd when it ran.
+    fn servers(&self) -> Vec<usize> {
+        [CVM, VIRTIOFSD].iter().filter_map(|name| self.column(name)).collect()
+    }
+
+    /// Markdown a user can paste, under a line saying where and how it was measured, and over
+    /// one saying how to read the rounds' range.
     fn print(&self) {
+        let servers = self.servers();
+        let range_header = format!("round range, {}", servers.iter().map(|&c| self.columns[c].split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(" / "));
         println!("{}", self.title);
         println!();
         print!("| {:<44} |", "workload");
         for name in &self.columns {
             print!(" {name:>12} |");
         }
-        println!(" {:>15} | {:>15} |", format!("cvm/{}", self.columns[0]), "cvm/virtiofsd");
-        println!("|{}", "---|".repeat(self.columns.len() + 3));
-        for (name, unit, row) in &self.rows {
-            print!("| {:<44} |", format!("{name} ({unit})"));
-            for value in row {
-                print!(" {value:>12.0} |");
+        println!(" {:>15} | {:>15} | {range_header} |", format!("cvm/{}", self.columns[0]), "cvm/virtiofsd");
+        println!("|{}", "---|".repeat(self.columns.len() + 4));
+        for row in &self.rows {
+            print!("| {:<44} |", format!("{} ({})", row.workload, row.unit));
+            for result in &row.results {
+                print!(" {:>12.0} |", result.median);
             }
-            let (vs_first, vs_reference) = self.ratios(row);
-            println!(" {vs_first:>15.2} | {:>15} |", vs_reference.map_or("-".into(), |r| format!("{r:.2}")));
+            let (vs_first, vs_reference) = self.ratios(&row.medians());
+            let ranges: Vec<String> = servers.iter().map(|&c| format!("{:.0}%", row.results[c].range * 100.0)).collect();
+            println!(" {vs_first:>15.2} | {:>15} | {:>w$} |", vs_reference.map_or("-".into(), |r| format!("{r:.2}")), ranges.join(" / "), w = range_header.len());
         }
+        println!();
+        println!("Round range: (fastest - slowest round) / median, per server. A cvm/virtiofsd ratio nearer 1 than the ranges is within this host's noise.");
         println!();
     }
 
@@ -283,10 +318,17 @@ impl Table {
         let rows: Vec<serde_json::Value> = self
             .rows
             .iter()
-            .map(|(name, unit, row)| {
-                let medians: serde_json::Map<String, serde_json::Value> = self.columns.iter().cloned().zip(row.iter().map(|v| serde_json::json!(v))).collect();
-                let (vs_first, vs_reference) = self.ratios(row);
-                serde_json::json!({ "workload": name, "unit": unit, "medians": medians, format!("cvm_over_{}", self.columns[0].replace([' ', '-'], "_")): vs_first, "cvm_over_virtiofsd": vs_reference })
+            .map(|row| {
+                let per_target = |value: fn(&Summary) -> f64| -> serde_json::Map<String, serde_json::Value> { self.columns.iter().cloned().zip(row.results.iter().map(|r| serde_json::json!(value(r)))).collect() };
+                let (vs_first, vs_reference) = self.ratios(&row.medians());
+                serde_json::json!({
+                    "workload": row.workload,
+                    "unit": row.unit,
+                    "medians": per_target(|r| r.median),
+                    "round_ranges": per_target(|r| r.range),
+                    format!("cvm_over_{}", self.columns[0].replace([' ', '-'], "_")): vs_first,
+                    "cvm_over_virtiofsd": vs_reference,
+                })
             })
             .collect();
         serde_json::json!({ "title": self.title, "targets": self.columns, "rows": rows })
@@ -441,7 +483,7 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
                 samples[c].push(target.measure(workload, args.sizes(), round).with_context(|| format!("{} on {name}", workload.name()))?);
             }
         }
-        rows.push((workload.name().to_string(), workload.unit().to_string(), samples.into_iter().map(median).collect()));
+        rows.push(Row { workload: workload.name().to_string(), unit: workload.unit().to_string(), results: samples.into_iter().map(Summary::of).collect() });
         eprintln!("bench fs: {} done", workload.name());
     }
     let title = format!(

@@ -122,6 +122,7 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
     }
     assert!(stdout.lines().next().is_some_and(|l| l.starts_with("cvm bench fs on ") && l.contains("Linux") && l.contains("4 MiB file")), "the host and sizes head the table: {stdout}");
     assert!(stdout.lines().next().is_some_and(|l| l.contains("guest driver and servers on CPU ")), "pinned by default: {stdout}");
+    assert!(stdout.contains("round range, cvm |") && stdout.contains("Round range: "), "the rounds' range is shown and explained: {stdout}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
 
     let out = Command::new(env!("CARGO_BIN_EXE_cvm"))
@@ -140,6 +141,7 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
     for row in rows {
         assert!(row["medians"]["cvm backend"].as_f64().unwrap() > 0.0 && row["cvm_over_host_native"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["cvm_over_virtiofsd"].is_null(), "no reference ran: {row}");
+        assert_eq!(row["round_ranges"]["cvm backend"], 0.0, "one round has no range: {row}");
     }
 }
 

@@ -11,7 +11,7 @@ use cvm::session::{Session, SessionConfig};
 use cvm::shares::{ExternalShare, HostUser, ShareRequest};
 use cvm_agent::fs_workloads::Workload;
 
-use super::{median, FsBench, Table, Virtiofsd, CVM, VIRTIOFSD};
+use super::{FsBench, Row, Summary, Table, Virtiofsd, CVM, VIRTIOFSD};
 
 /// The rows only `--in-vm` has: (key in the guest script's results, name, unit).
 const GIT_ROWS: [(&str, &str, &str); 3] = [
@@ -184,7 +184,7 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
     Ok(tables)
 }
 
-/// The guest script's `TARGET WORKLOAD RATE` lines as a table of medians.
+/// The guest script's `TARGET WORKLOAD RATE` lines as a table of medians and ranges.
 fn table(args: &FsBench, host: &crate::bench::HostFacts, label: &str, results: &str) -> Result<Table> {
     let mut samples: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for line in results.lines() {
@@ -198,12 +198,12 @@ fn table(args: &FsBench, host: &crate::bench::HostFacts, label: &str, results: &
     let keys = Workload::ALL.iter().map(|w| (w.key(), w.name(), w.unit())).chain(GIT_ROWS);
     let mut rows = Vec::new();
     for (key, name, unit) in keys {
-        let mut row = Vec::new();
+        let mut results = Vec::new();
         for (target, _) in &targets {
             let values = samples.remove(&(*target, key)).with_context(|| format!("no {key} results for {target} from the guest"))?;
-            row.push(median(values));
+            results.push(Summary::of(values));
         }
-        rows.push((name.to_string(), unit.to_string(), row));
+        rows.push(Row { workload: name.to_string(), unit: unit.to_string(), results });
     }
     let title = format!(
         "cvm bench fs --in-vm on {host}, guest on {label}: {} MiB file, {} random reads, {} files, {}-file tree, {}-file git project, median of {} rounds",
@@ -239,11 +239,14 @@ mod tests {
         assert_eq!(table.columns, ["guest tmpfs", CVM, VIRTIOFSD]);
         assert_eq!(table.rows.len(), Workload::ALL.len() + GIT_ROWS.len());
         assert!(table.title.contains("QEMU under TCG") && table.title.contains("median of 3 rounds"), "{}", table.title);
-        for (name, _, row) in &table.rows {
-            assert_eq!(row, &[80.0, 40.0, 20.0], "{name}");
-            assert_eq!(table.ratios(row), (0.5, Some(2.0)));
+        for row in &table.rows {
+            assert_eq!(row.medians(), [80.0, 40.0, 20.0], "{}", row.workload);
+            assert_eq!(row.results.iter().map(|r| r.range).collect::<Vec<_>>(), [1.0, 1.0, 1.0], "fastest 3x, slowest 1x the base, median 2x");
+            assert_eq!(table.ratios(&row.medians()), (0.5, Some(2.0)));
         }
-        assert_eq!(table.rows[5].0, "git checkout of the project");
+        assert_eq!(table.rows[5].workload, "git checkout of the project");
+        let json = table.to_json();
+        assert_eq!(json["rows"][0]["round_ranges"][CVM], 1.0, "{json}");
     }
 
     #[test]
@@ -255,7 +258,8 @@ mod tests {
             .collect();
         let table = table(&args, &crate::bench::HostFacts::read(), "x", &results).unwrap();
         assert_eq!(table.columns, ["guest tmpfs", CVM]);
-        assert_eq!(table.ratios(&table.rows[0].2), (1.0, None));
+        assert_eq!(table.ratios(&table.rows[0].medians()), (1.0, None));
+        assert_eq!(table.rows[0].results[1], Summary { median: 1.5, range: 0.0 }, "one round has no range");
         let json = table.to_json();
         assert!(json["rows"][0]["cvm_over_virtiofsd"].is_null() && json["rows"][0]["cvm_over_guest_tmpfs"] == 1.0, "{json}");
     }

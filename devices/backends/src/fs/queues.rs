@@ -43,8 +43,9 @@ const NUM_QUEUES: usize = 2;
 /// The largest queue the frontend may set up (virtiofsd's limit).
 const MAX_QUEUE_SIZE: usize = 32768;
 
-/// The longest the backend watches an empty request queue before it sleeps. A wake-up of a
-/// sleeping backend costs about this much on a loaded host (QEMU's default is 32 µs).
+/// The longest the backend watches an empty request queue before it sleeps: QEMU watches its
+/// queues for up to 32 µs; a little longer here, where a cross-CPU wake-up costs tens of µs
+/// (a PVM host).
 pub(super) const MAX_POLL: Duration = Duration::from_micros(50);
 /// The shortest watch worth starting: below it the window closes to nothing.
 const MIN_POLL: Duration = Duration::from_micros(4);
