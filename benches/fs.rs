@@ -470,15 +470,18 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
 
     // Warm the page cache: the sequential read is the cached case.
     fs_workloads::seq_read(&share.join(BIG_FILE))?;
+    let share_fs = std::fs::File::open(share)?;
     let mut rows = Vec::new();
     for workload in Workload::ALL {
         // Rounds interleave the targets, so each sees the same machine noise, and each round
-        // starts one target further on, so none always runs in another's wake (a write leaves
-        // a gigabyte of dirty pages for whoever comes next).
+        // starts one target further on, so none always runs in another's wake.
         let mut samples = vec![Vec::new(); columns.len()];
         for round in 0..args.rounds {
             let targets = columns.len();
             for c in (0..targets).map(|k| (round + k) % targets) {
+                // Each starts with nothing of the last one's left to write back (a write
+                // leaves a gigabyte of dirty pages, creation a journal to commit).
+                rustix::fs::syncfs(&share_fs).context("cannot sync the share's file system")?;
                 let (name, target) = &mut columns[c];
                 samples[c].push(target.measure(workload, args.sizes(), round).with_context(|| format!("{} on {name}", workload.name()))?);
             }
