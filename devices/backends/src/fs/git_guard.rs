@@ -11,6 +11,13 @@
 //! symbolic link can be made where git looks for a git directory. Objects, refs, the index,
 //! HEAD, logs and git's lock and state files stay writable, so commits, rebases and fetches
 //! work. Names compare without ASCII case, as they would on a case-insensitive host.
+//!
+//! Git also takes any directory that holds `HEAD` beside `objects` (or beside a `commondir`
+//! naming where its objects are) for a repository, whatever its name (an implicit bare
+//! repository, `safe.bareRepository=all` being git's default), and runs what its `config`
+//! says. So outside git's own layout no directory may gain the one of those names that would
+//! complete such a set, and a directory that already is one (found on the host) is a git
+//! directory like any `.git`.
 
 /// What a directory is to git, as far as the guard cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +50,11 @@ const CONTROL_NAMES: &[&str] = &["config", "config.worktree", "hooks", "info", "
 /// a submodule's name.
 const INTERNAL_DIRS: &[&str] =
     &["objects", "refs", "logs", "hooks", "info", "branches", "remotes", "rr-cache", "lfs", "rebase-merge", "rebase-apply", "sequencer", "fsmonitor--daemon"];
+
+/// `HEAD`, which with one of [`OBJECT_MARKERS`] makes a directory a repository.
+const HEAD: &str = "HEAD";
+/// Where a repository's objects are: its own `objects/`, or the common dir `commondir` names.
+const OBJECT_MARKERS: &[&str] = &["objects", "commondir"];
 
 fn is(name: &[u8], expected: &str) -> bool {
     name.eq_ignore_ascii_case(expected.as_bytes())
@@ -82,6 +94,30 @@ pub(super) fn child_role(parent: Option<GitRole>, name: &[u8]) -> Option<GitRole
     }
 }
 
+/// Whether git's discovery would look at `name` in a directory to decide that it is a
+/// repository, or read configuration or code from it if it were one: a directory outside
+/// git's layout is checked when such a name in it is looked up or changed.
+pub(super) fn marks_repository(name: &[u8]) -> bool {
+    is(name, HEAD) || OBJECT_MARKERS.iter().chain(CONTROL_NAMES).any(|m| is(name, m))
+}
+
+/// The names whose presence in a directory must stop `name` being made there (outside git's
+/// layout): each would complete a repository with it.
+pub(super) fn repository_complements(name: &[u8]) -> &'static [&'static str] {
+    if is(name, HEAD) {
+        OBJECT_MARKERS
+    } else if OBJECT_MARKERS.iter().any(|m| is(name, m)) {
+        &[HEAD]
+    } else {
+        &[]
+    }
+}
+
+/// The names a directory must hold to be a repository: `HEAD` and one of the others.
+pub(super) fn repository_names() -> (&'static str, &'static [&'static str]) {
+    (HEAD, OBJECT_MARKERS)
+}
+
 /// A change to a directory entry, as the guard sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum EntryChange {
@@ -93,6 +129,13 @@ pub(super) enum EntryChange {
     RemoveFile,
     RenameFrom { is_dir: bool },
     RenameTo { is_dir: bool },
+}
+
+impl EntryChange {
+    /// Whether the change makes an entry appear under its name.
+    pub(super) fn creates(self) -> bool {
+        matches!(self, EntryChange::MakeDir | EntryChange::MakeFile | EntryChange::MakeSymlink | EntryChange::RenameTo { .. })
+    }
 }
 
 /// Whether `change` of `name` in a directory of role `parent` is allowed.
@@ -170,6 +213,23 @@ mod tests {
         assert!(!allows(Some(GitDir), b"refs", RenameTo { is_dir: true }));
         assert!(allows(None, b"dir", RenameTo { is_dir: true }));
         assert!(allows(None, b"link", MakeSymlink));
+    }
+
+    #[test]
+    fn head_and_objects_complete_each_other_whatever_their_case() {
+        assert_eq!(repository_complements(b"HEAD"), &["objects", "commondir"]);
+        assert_eq!(repository_complements(b"head"), &["objects", "commondir"]);
+        assert_eq!(repository_complements(b"objects"), &["HEAD"]);
+        assert_eq!(repository_complements(b"commondir"), &["HEAD"]);
+        for name in ["refs", "ORIG_HEAD", "head-name", "config", "objects.txt"] {
+            assert!(repository_complements(name.as_bytes()).is_empty(), "{name}");
+        }
+        for name in ["HEAD", "objects", "commondir", "config", "hooks", "config.worktree"] {
+            assert!(marks_repository(name.as_bytes()), "{name}");
+        }
+        assert!(!marks_repository(b"src") && !marks_repository(b"refs"));
+        assert!(MakeDir.creates() && MakeSymlink.creates() && RenameTo { is_dir: false }.creates());
+        assert!(!RemoveFile.creates() && !RenameFrom { is_dir: true }.creates());
     }
 
     #[test]

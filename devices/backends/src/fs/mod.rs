@@ -94,6 +94,9 @@ impl ShareConfig {
         if let Some(name) = &self.policy.writable_file {
             args.extend(["--writable-file".into(), name.into()]);
         }
+        for path in &self.policy.protected_paths {
+            args.extend(["--protect".into(), path.clone().into()]);
+        }
         args
     }
 
@@ -123,6 +126,7 @@ impl ShareConfig {
                 "--gid" => gid = Some(id()?),
                 "--visible" => policy.visible.get_or_insert_with(Vec::new).push(text()?),
                 "--writable-file" => policy.writable_file = Some(text()?),
+                "--protect" => policy.protected_paths.push(PathBuf::from(&value)),
                 other => return Err(format!("unknown argument {other}")),
             }
         }

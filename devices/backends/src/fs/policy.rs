@@ -4,7 +4,9 @@
 //! under the share's root (the only place cvm needs them): a name can be hidden (not found,
 //! not listed), or, in a read-only share, the one writable file. Everywhere, git's control
 //! files are protected ([`git_guard`](super::git_guard)): they and everything below them are
-//! read-only, and their names cannot be removed, replaced or created. Inodes are tracked by
+//! read-only, and their names cannot be removed, replaced or created. So are the paths the
+//! policy names (files host programs read code or configuration from: a `core.hooksPath`,
+//! files git's config includes, cvm's own files), and every name on the way to them. Inodes are tracked by
 //! FUSE node id, which virtiofsd never reuses, so an inode reached through a protected name
 //! stays protected however the guest addresses it later.
 //!
@@ -14,7 +16,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::io;
-use std::sync::RwLock;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use virtiofsd::filesystem::{
@@ -41,6 +45,21 @@ pub struct Policy {
     /// In a read-only share: one existing file under the root whose contents the guest may
     /// rewrite (not create, remove, rename or link).
     pub writable_file: Option<String>,
+    /// Paths relative to the root that the guest can neither change nor create, with
+    /// everything below them and every name on the way to them. A component ending in `*`
+    /// stands for every name that begins with what comes before the `*`.
+    pub protected_paths: Vec<PathBuf>,
+}
+
+/// The rest of a protected path, one component a name.
+type PathRule = Vec<Vec<u8>>;
+
+/// Whether `name` is what a protected path's `component` stands for.
+fn component_matches(component: &[u8], name: &[u8]) -> bool {
+    match component.strip_suffix(b"*") {
+        Some(prefix) => name.starts_with(prefix),
+        None => component == name,
+    }
 }
 
 /// A name the guest gives must be one path component: never empty, `.`, `..`, or with a `/`.
@@ -62,6 +81,11 @@ fn enoent() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOENT)
 }
 
+/// The guest may not make a repository for host git to find outside a `.git`.
+fn not_a_repository() -> io::Error {
+    io::Error::from_raw_os_error(libc::EPERM)
+}
+
 pub struct PolicyFs<F> {
     inner: F,
     policy: Policy,
@@ -71,16 +95,95 @@ pub struct PolicyFs<F> {
     writable: RwLock<HashSet<u64>>,
     /// What the directories met so far are to git.
     git_roles: RwLock<HashMap<u64, GitRole>>,
+    /// Held while a name that could complete a repository is checked and made, so that two
+    /// requests cannot each make half of one.
+    repository_names: Mutex<()>,
+    /// The protected paths still to be walked, by the directory they continue from.
+    path_rules: RwLock<HashMap<u64, Vec<PathRule>>>,
 }
 
 impl<F: FileSystem> PolicyFs<F> {
     pub fn new(inner: F, policy: Policy) -> Self {
         let git_roles = if policy.git_dir { HashMap::from([(ROOT, GitRole::GitDir)]) } else { HashMap::new() };
-        Self { inner, policy, protected: RwLock::default(), writable: RwLock::default(), git_roles: RwLock::new(git_roles) }
+        let rules: Vec<PathRule> = policy
+            .protected_paths
+            .iter()
+            .map(|p| p.components().filter_map(|c| match c {
+                std::path::Component::Normal(name) => Some(name.as_bytes().to_vec()),
+                _ => None,
+            }).collect())
+            .filter(|rule: &PathRule| !rule.is_empty())
+            .collect();
+        let path_rules = if rules.is_empty() { HashMap::new() } else { HashMap::from([(ROOT, rules)]) };
+        Self {
+            inner,
+            policy,
+            protected: RwLock::default(),
+            writable: RwLock::default(),
+            git_roles: RwLock::new(git_roles),
+            repository_names: Mutex::new(()),
+            path_rules: RwLock::new(path_rules),
+        }
     }
 
     fn git_role(&self, inode: u64) -> Option<GitRole> {
         self.git_roles.read().unwrap_or_else(|e| e.into_inner()).get(&inode).copied()
+    }
+
+    /// What `dir` is to git where `name` in it matters: its role in git's layout, or, for a
+    /// directory outside it that holds a repository's names (an implicit bare repository the
+    /// host already had), a git directory from now on.
+    fn git_role_for(&self, ctx: Context, dir: u64, name: &CStr) -> Option<GitRole> {
+        let role = self.git_role(dir);
+        if role.is_some() || !git_guard::marks_repository(name.to_bytes()) {
+            return role;
+        }
+        let (head, objects) = git_guard::repository_names();
+        let is_repository = self.has_entry(ctx, dir, head) && objects.iter().any(|o| self.has_entry(ctx, dir, o));
+        if !is_repository {
+            return None;
+        }
+        self.git_roles.write().unwrap_or_else(|e| e.into_inner()).insert(dir, GitRole::GitDir);
+        Some(GitRole::GitDir)
+    }
+
+    /// Whether `dir` has an entry `name` (asked of the inner file system, whose lookup count
+    /// is left as it was).
+    fn has_entry(&self, ctx: Context, dir: u64, name: &str) -> bool {
+        let Ok(name) = CString::new(name) else { return false };
+        match self.inner.lookup(ctx, dir.into(), &name) {
+            Ok(entry) => {
+                self.inner.forget(ctx, entry.inode.into(), 1);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Held across a change that makes any of `names`, when one could complete a repository.
+    fn hold_repository_names(&self, names: &[&CStr]) -> Option<MutexGuard<'_, ()>> {
+        names
+            .iter()
+            .any(|n| !git_guard::repository_complements(n.to_bytes()).is_empty())
+            .then(|| self.repository_names.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The protected paths that go through `name` in `dir`: whether one ends there, and the
+    /// rests of those that go on below it.
+    fn rules_through(&self, dir: u64, name: &[u8]) -> (bool, Vec<PathRule>) {
+        let rules = self.path_rules.read().unwrap_or_else(|e| e.into_inner());
+        let mut ends = false;
+        let mut rests = Vec::new();
+        for rule in rules.get(&dir).into_iter().flatten() {
+            if component_matches(&rule[0], name) {
+                if rule.len() == 1 {
+                    ends = true;
+                } else {
+                    rests.push(rule[1..].to_vec());
+                }
+            }
+        }
+        (ends, rests)
     }
 
     /// Whether `name` in `dir` is a directory (asked of the inner file system, whose lookup
@@ -114,24 +217,40 @@ impl<F: FileSystem> PolicyFs<F> {
         !self.is_protected(inode)
     }
 
-    /// Whether the entry `name` in `parent` may be changed as `change` says.
-    fn can_change_entry(&self, parent: u64, name: &CStr, change: EntryChange) -> io::Result<()> {
+    /// Whether the entry `name` in `parent` may be changed as `change` says. A change that
+    /// makes a name that could complete a repository runs under [`Self::hold_repository_names`].
+    fn can_change_entry(&self, ctx: Context, parent: u64, name: &CStr, change: EntryChange) -> io::Result<()> {
         check_name(name)?;
-        if self.policy.read_only || self.is_protected(parent) || !git_guard::allows(self.git_role(parent), name.to_bytes(), change) {
+        let role = self.git_role_for(ctx, parent, name);
+        let (ends, rests) = self.rules_through(parent, name.to_bytes());
+        if self.policy.read_only || self.is_protected(parent) || ends || !rests.is_empty() || !git_guard::allows(role, name.to_bytes(), change) {
             return Err(erofs());
         }
         if !self.is_visible(parent, name) {
             return Err(enoent());
         }
+        if role.is_none() && change.creates() && git_guard::repository_complements(name.to_bytes()).iter().any(|c| self.has_entry(ctx, parent, c)) {
+            return Err(not_a_repository());
+        }
         Ok(())
     }
 
     /// Records what a lookup (or a creation) found, so the rules follow the inode.
-    fn note(&self, parent: u64, name: &CStr, entry: &Entry) {
-        let role = self.git_role(parent);
+    fn note(&self, ctx: Context, parent: u64, name: &CStr, entry: &Entry) {
+        let role = self.git_role_for(ctx, parent, name);
         let is_dir = entry.attr.mode & libc::S_IFMT == libc::S_IFDIR;
-        if self.is_protected(parent) || git_guard::is_protected_entry(role, name.to_bytes(), is_dir) {
+        let (ends, rests) = self.rules_through(parent, name.to_bytes());
+        if ends || self.is_protected(parent) || git_guard::is_protected_entry(role, name.to_bytes(), is_dir) {
             self.protected.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode);
+        }
+        if is_dir && !rests.is_empty() {
+            let mut rules = self.path_rules.write().unwrap_or_else(|e| e.into_inner());
+            let known = rules.entry(entry.inode).or_default();
+            for rest in rests {
+                if !known.contains(&rest) {
+                    known.push(rest);
+                }
+            }
         }
         if let Some(child) = git_guard::child_role(role, name.to_bytes()).filter(|_| is_dir) {
             self.git_roles.write().unwrap_or_else(|e| e.into_inner()).insert(entry.inode, child);
@@ -214,7 +333,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
             return Err(enoent());
         }
         let entry = self.inner.lookup(ctx, parent.into(), name)?;
-        self.note(parent, name, &entry);
+        self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
 
@@ -249,9 +368,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn symlink(&self, ctx: Context, linkname: &CStr, parent: Self::Inode, name: &CStr, extensions: Extensions) -> io::Result<Entry> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name, EntryChange::MakeSymlink)?;
+        let _held = self.hold_repository_names(&[name]);
+        self.can_change_entry(ctx, parent, name, EntryChange::MakeSymlink)?;
         let entry = self.inner.symlink(ctx, linkname, parent.into(), name, extensions)?;
-        self.note(parent, name, &entry);
+        self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
 
@@ -261,29 +381,31 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.can_change_entry(parent, name, EntryChange::MakeFile)?;
+        let _held = self.hold_repository_names(&[name]);
+        self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
         let entry = self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions)?;
-        self.note(parent, name, &entry);
+        self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
 
     fn mkdir(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name, EntryChange::MakeDir)?;
+        let _held = self.hold_repository_names(&[name]);
+        self.can_change_entry(ctx, parent, name, EntryChange::MakeDir)?;
         let entry = self.inner.mkdir(ctx, parent.into(), name, without_set_id(mode), umask, extensions)?;
-        self.note(parent, name, &entry);
+        self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
 
     fn unlink(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name, EntryChange::RemoveFile)?;
+        self.can_change_entry(ctx, parent, name, EntryChange::RemoveFile)?;
         self.inner.unlink(ctx, parent.into(), name)
     }
 
     fn rmdir(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name, EntryChange::RemoveDir)?;
+        self.can_change_entry(ctx, parent, name, EntryChange::RemoveDir)?;
         self.inner.rmdir(ctx, parent.into(), name)
     }
 
@@ -301,13 +423,14 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
                 Ok(false)
             }
         };
+        let _held = self.hold_repository_names(&[oldname, newname]);
         let old_is_dir = moves_dir(olddir, oldname, newdir)?;
-        self.can_change_entry(olddir, oldname, EntryChange::RenameFrom { is_dir: old_is_dir })?;
-        self.can_change_entry(newdir, newname, EntryChange::RenameTo { is_dir: old_is_dir })?;
+        self.can_change_entry(ctx, olddir, oldname, EntryChange::RenameFrom { is_dir: old_is_dir })?;
+        self.can_change_entry(ctx, newdir, newname, EntryChange::RenameTo { is_dir: old_is_dir })?;
         if flags & libc::RENAME_EXCHANGE != 0 {
             let new_is_dir = moves_dir(newdir, newname, olddir)?;
-            self.can_change_entry(newdir, newname, EntryChange::RenameFrom { is_dir: new_is_dir })?;
-            self.can_change_entry(olddir, oldname, EntryChange::RenameTo { is_dir: new_is_dir })?;
+            self.can_change_entry(ctx, newdir, newname, EntryChange::RenameFrom { is_dir: new_is_dir })?;
+            self.can_change_entry(ctx, olddir, oldname, EntryChange::RenameTo { is_dir: new_is_dir })?;
         }
         self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)
     }
@@ -316,9 +439,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let (inode, newparent): (u64, u64) = (inode.into(), newparent.into());
         // A protected file linked elsewhere would be writable under its new name.
         self.check_modify(inode)?;
-        self.can_change_entry(newparent, newname, EntryChange::MakeFile)?;
+        let _held = self.hold_repository_names(&[newname]);
+        self.can_change_entry(ctx, newparent, newname, EntryChange::MakeFile)?;
         let entry = self.inner.link(ctx, inode.into(), newparent.into(), newname)?;
-        self.note(newparent, newname, &entry);
+        self.note(ctx, newparent, newname, &entry);
         Ok(entry)
     }
 
@@ -332,9 +456,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 
     fn create(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, kill_priv: bool, flags: u32, umask: u32, extensions: Extensions) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
         let parent: u64 = parent.into();
-        self.can_change_entry(parent, name, EntryChange::MakeFile)?;
+        let _held = self.hold_repository_names(&[name]);
+        self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
         let (entry, handle, options) = self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions)?;
-        self.note(parent, name, &entry);
+        self.note(ctx, parent, name, &entry);
         Ok((entry, handle, options))
     }
 

@@ -372,6 +372,96 @@ fn a_worktrees_main_git_dir_is_guarded_from_its_root() {
 }
 
 #[test]
+fn no_directory_outside_git_layout_becomes_a_repository() {
+    let (fx, mut g) = Fixture::new(Policy::default(), |share, _| {
+        // A bare repository the host already had (a test fixture, say), and a `.git` whose
+        // refs/remotes/origin/HEAD git itself writes.
+        for dir in ["fixture.git/objects", "fixture.git/refs", ".git/objects", ".git/refs/remotes/origin", ".git/logs/refs"] {
+            std::fs::create_dir_all(share.join(dir)).unwrap();
+        }
+        std::fs::write(share.join("fixture.git/HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::write(share.join("fixture.git/config"), "[core]\n\tbare = true\n").unwrap();
+        std::fs::write(share.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
+    });
+    // `git init --bare sub`, made by hand in either order, and with `commondir`.
+    let sub = g.mkdir(ROOT, b"sub", 0o755).unwrap().nodeid;
+    g.mkdir(sub, b"objects", 0o755).unwrap();
+    g.mkdir(sub, b"refs", 0o755).unwrap();
+    g.create(sub, b"config", 0o644).expect("config is an ordinary name outside a repository");
+    assert_eq!(g.create(sub, b"HEAD", 0o644).map(drop).map_err(errno), Err(libc::EPERM));
+    assert_eq!(g.symlink(sub, b"HEAD", b"refs/heads/main").map(drop).map_err(errno), Err(libc::EPERM));
+    let (lock, fh) = g.create(sub, b"HEAD.lock", 0o644).unwrap();
+    g.release(lock.nodeid, fh, false).unwrap();
+    assert_eq!(g.rename(sub, b"HEAD.lock", sub, b"HEAD").map_err(errno), Err(libc::EPERM), "git's own way of writing HEAD");
+    assert_eq!(g.link(lock.nodeid, sub, b"head").map(drop).map_err(errno), Err(libc::EPERM), "case does not matter");
+    let other = g.mkdir(ROOT, b"other", 0o755).unwrap().nodeid;
+    g.create(other, b"HEAD", 0o644).expect("HEAD alone is no repository");
+    assert_eq!(g.mkdir(other, b"objects", 0o755).map(drop).map_err(errno), Err(libc::EPERM));
+    assert_eq!(g.create(other, b"commondir", 0o644).map(drop).map_err(errno), Err(libc::EPERM));
+    assert_eq!(g.rename(sub, b"objects", other, b"objects").map_err(errno), Err(libc::EPERM));
+    // The host's own bare repository is a git directory: its config is read-only.
+    let fixture = g.lookup(ROOT, b"fixture.git").unwrap().nodeid;
+    let config = g.lookup(fixture, b"config").unwrap().nodeid;
+    assert_eq!(g.open(config, libc::O_WRONLY).map(drop).map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.mkdir(fixture, b"hooks", 0o755).map(drop).map_err(errno), Err(libc::EROFS));
+    g.create(fixture, b"ORIG_HEAD", 0o644).expect("the rest of it stays writable");
+    // Git's own HEADs below a git directory.
+    let git = g.lookup(ROOT, b".git").unwrap().nodeid;
+    let refs = g.lookup(git, b"refs").unwrap().nodeid;
+    let remotes = g.lookup(refs, b"remotes").unwrap().nodeid;
+    let origin = g.lookup(remotes, b"origin").unwrap().nodeid;
+    g.create(origin, b"HEAD", 0o644).expect("refs/remotes/origin/HEAD");
+    let logs = g.lookup(git, b"logs").unwrap().nodeid;
+    g.create(logs, b"HEAD", 0o644).expect("logs/HEAD");
+    assert!(!fx.share.join("sub/HEAD").exists() && !fx.share.join("other/objects").exists() && !fx.share.join("other/commondir").exists());
+    assert_eq!(std::fs::read_to_string(fx.share.join("fixture.git/config")).unwrap(), "[core]\n\tbare = true\n");
+    let status = std::process::Command::new("git").args(["-C", fx.share.join("sub").to_str().unwrap(), "rev-parse", "--git-dir"]).env("GIT_CEILING_DIRECTORIES", &fx.share).output().unwrap();
+    assert!(!status.status.success(), "host git found a repository in sub/");
+    fx.finish(g);
+}
+
+#[test]
+fn protected_paths_and_every_name_on_the_way_stay_as_the_host_had_them() {
+    let policy = Policy { protected_paths: vec![".husky/_".into(), "conf/git.inc".into(), "home/.*".into()], ..Policy::default() };
+    let (fx, mut g) = Fixture::new(policy, |share, _| {
+        std::fs::create_dir_all(share.join(".husky")).unwrap();
+        std::fs::create_dir_all(share.join("conf")).unwrap();
+        std::fs::create_dir_all(share.join("home/.ssh")).unwrap();
+        std::fs::write(share.join("conf/git.inc"), "[user]\n").unwrap();
+        std::fs::write(share.join("conf/other"), "free\n").unwrap();
+        std::fs::write(share.join("home/.bashrc"), "rc\n").unwrap();
+        std::fs::write(share.join(".husky/pre-commit"), "npm test\n").unwrap();
+    });
+    let husky = g.lookup(ROOT, b".husky").unwrap().nodeid;
+    assert_eq!(g.mkdir(husky, b"_", 0o755).map(drop).map_err(errno), Err(libc::EROFS), "a hooks path that is not there yet");
+    assert_eq!(g.symlink(husky, b"_", b"/tmp").map(drop).map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.rename(ROOT, b".husky", ROOT, b"moved").map_err(errno), Err(libc::EROFS), "a name on the way");
+    assert_eq!(g.rmdir(ROOT, b"conf").map_err(errno), Err(libc::EROFS));
+    let pre_commit = g.lookup(husky, b"pre-commit").unwrap().nodeid;
+    g.open(pre_commit, libc::O_WRONLY).expect("beside the path, files are the guest's");
+    let conf = g.lookup(ROOT, b"conf").unwrap().nodeid;
+    let include = g.lookup(conf, b"git.inc").unwrap().nodeid;
+    assert_eq!(g.open(include, libc::O_WRONLY).map(drop).map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.unlink(conf, b"git.inc").map_err(errno), Err(libc::EROFS));
+    assert_eq!(g.link(include, conf, b"copy").map(drop).map_err(errno), Err(libc::EROFS));
+    let other = g.lookup(conf, b"other").unwrap().nodeid;
+    g.open(other, libc::O_WRONLY).unwrap();
+    let (scratch, fh) = g.create(conf, b"scratch", 0o644).unwrap();
+    g.release(scratch.nodeid, fh, false).unwrap();
+    assert_eq!(g.rename(conf, b"scratch", conf, b"git.inc").map_err(errno), Err(libc::EROFS));
+    let home = g.lookup(ROOT, b"home").unwrap().nodeid;
+    assert_eq!(g.create(home, b".profile", 0o644).map(drop).map_err(errno), Err(libc::EROFS), "every dot-name");
+    let ssh = g.lookup(home, b".ssh").unwrap().nodeid;
+    assert_eq!(g.create(ssh, b"authorized_keys", 0o644).map(drop).map_err(errno), Err(libc::EROFS), "everything below one");
+    let bashrc = g.lookup(home, b".bashrc").unwrap().nodeid;
+    assert_eq!(g.open(bashrc, libc::O_WRONLY | libc::O_APPEND).map(drop).map_err(errno), Err(libc::EROFS));
+    g.create(home, b"notes", 0o644).expect("a name without a dot");
+    assert!(!fx.share.join(".husky/_").exists() && !fx.share.join("home/.profile").exists());
+    assert_eq!(std::fs::read_to_string(fx.share.join("conf/git.inc")).unwrap(), "[user]\n");
+    fx.finish(g);
+}
+
+#[test]
 fn set_id_bits_and_device_nodes_never_reach_the_host() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
@@ -441,7 +531,13 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
     let config = ShareConfig {
         dir: dir.path().to_path_buf(),
         tag: "claude".into(),
-        policy: Policy { read_only: true, visible: Some(vec!["a".into(), "b c".into()]), git_dir: true, writable_file: Some("a".into()) },
+        policy: Policy {
+            read_only: true,
+            visible: Some(vec!["a".into(), "b c".into()]),
+            git_dir: true,
+            writable_file: Some("a".into()),
+            protected_paths: vec![".husky/_".into(), ".*".into()],
+        },
         guest_uid: 1000,
         guest_gid: 100,
         allow_no_sandbox: true,
