@@ -75,6 +75,9 @@ pub fn checks() -> Vec<Check> {
         ),
     });
     checks.push(open_files(cvm_backends::fs::guest_open_file_limit()));
+    if let Some(check) = git_bare_repositories() {
+        checks.push(check);
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for &(program, package, needed_by, required) in TOOLS {
         let found = std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file());
@@ -121,6 +124,35 @@ fn open_files(limit: u64) -> Check {
         format!("{limit}: a guest that keeps more files of one share in its cache (a git status of a large project does) gets \"Too many open files in system\""),
         "raise the hard limit on open files (ulimit -Hn; LimitNOFILE= for a systemd service, nofile in /etc/security/limits.conf) to 1048576",
     )
+}
+
+/// Host git's word on repositories found outside a `.git` (`safe.bareRepository`); none
+/// without git.
+fn git_bare_repositories() -> Option<Check> {
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).stdin(std::process::Stdio::null()).output().ok();
+    let version = git(&["--version"]).filter(|o| o.status.success())?;
+    let setting = git(&["config", "--get", "safe.bareRepository"]).filter(|o| o.status.success());
+    Some(bare_repositories(&String::from_utf8_lossy(&version.stdout), setting.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).as_deref()))
+}
+
+/// `git --version`'s text and the `safe.bareRepository` setting, judged: cvm's fs servers stop
+/// a guest making a repository outside `.git` in a share, and git itself can refuse to use
+/// one from 2.38 on, which also covers directories cvm never shared.
+fn bare_repositories(version: &str, setting: Option<&str>) -> Check {
+    let what = "git bare repositories";
+    let number: Vec<u32> = version.split_whitespace().nth(2).unwrap_or("").split('.').map_while(|p| p.parse().ok()).collect();
+    if number.as_slice() < [2, 38].as_slice() {
+        return Check::bad(what, Status::Warn, format!("{}: git before 2.38 uses any repository it finds in a directory", version.trim()), "install git 2.38 or newer, then: git config --global safe.bareRepository explicit");
+    }
+    match setting {
+        Some(value) if value.eq_ignore_ascii_case("explicit") => Check::ok(what, "safe.bareRepository=explicit"),
+        other => Check::bad(
+            what,
+            Status::Warn,
+            format!("safe.bareRepository={}: host git uses a repository a guest could plant in any directory you cd into", other.unwrap_or("all (git's default)")),
+            "git config --global safe.bareRepository explicit",
+        ),
+    }
 }
 
 fn access_fix(device: &Path) -> String {
@@ -175,5 +207,18 @@ mod tests {
         let check = kvm(Path::new("/nonexistent/kvm"));
         assert_eq!(check.status, Status::Warn);
         assert!(check.detail.contains("/nonexistent/kvm does not exist") && check.fix.is_some(), "{check:?}");
+    }
+
+    #[test]
+    fn host_git_is_told_to_refuse_implicit_bare_repositories() {
+        let check = bare_repositories("git version 2.47.3\n", None);
+        assert_eq!(check.status, Status::Warn);
+        assert_eq!(check.fix.as_deref(), Some("git config --global safe.bareRepository explicit"));
+        assert!(check.detail.contains("all (git's default)"), "{check:?}");
+        assert_eq!(bare_repositories("git version 2.47.3", Some("explicit")).status, Status::Ok);
+        assert_eq!(bare_repositories("git version 2.38.0", Some("Explicit")).status, Status::Ok);
+        let old = bare_repositories("git version 2.30.2", Some("explicit"));
+        assert!(old.status == Status::Warn && old.fix.as_deref().is_some_and(|f| f.contains("2.38")), "{old:?}");
+        assert_eq!(bare_repositories("git version 2.39.5 (Apple Git-154)", Some("all")).status, Status::Warn);
     }
 }

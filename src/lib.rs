@@ -16,6 +16,7 @@
 //! - [`terminal`]: raw mode and window size.
 //! - [`trust`]: which widening settings of a project's own configuration the user trusted.
 //! - [`host_files`]: reading files the guest may have written, without being led out.
+//! - [`host_code`]: the files host programs take code from, which no share lets the guest write.
 
 pub mod config;
 pub mod doctor;
@@ -23,6 +24,7 @@ pub mod egress;
 pub mod environment;
 pub mod exec;
 pub mod forward;
+pub mod host_code;
 pub mod host_files;
 pub mod images;
 pub mod interception;

@@ -9,7 +9,8 @@
 //!   host (Claude Code rewrites the file in place when it is a mount point).
 //! - The project's conversation folder `~/.claude/projects/<encoded path>`, read-write.
 //! - The main repository's `.git` when the project is a git worktree. In it, as in every git
-//!   directory of every share, git's control files are read-only on the host side.
+//!   directory of every share, git's control files are read-only on the host side, and so
+//!   are the files outside them that host programs take code from ([`crate::host_code`]).
 //! - `--mount` directories, read-write or read-only.
 //! - The meta dir, read-only at [`META_GUEST_DIR`]: who and where the host user is.
 
@@ -294,14 +295,16 @@ impl SharePlan {
     pub fn new(request: &ShareRequest, host: &HostUser, meta_dir: &Path) -> Result<SharePlan> {
         let user = host.guest();
         let mut plan = SharePlan::default();
-        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, policy: Policy, guest_path: PathBuf, read_only: bool| {
+        let project = request.project.as_ref().map(|p| p.canonicalize().with_context(|| format!("cannot share {}", p.display()))).transpose()?;
+        let host_code = crate::host_code::host_code_paths(project.as_deref(), &host.home);
+        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| {
+            policy.protected_paths = crate::host_code::within(&host_code, &dir);
             let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid, allow_no_sandbox: request.allow_unsandboxed_fs };
             plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
             plan.shares.push(PlannedShare { backend, guest_path });
         };
 
-        if let Some(project) = &request.project {
-            let project = project.canonicalize().with_context(|| format!("cannot share {}", project.display()))?;
+        if let Some(project) = project {
             if !project.is_dir() {
                 bail!("cannot share {}: not a directory", project.display());
             }

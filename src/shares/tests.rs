@@ -193,3 +193,28 @@ fn bad_shares_fail_before_a_vm_starts() {
     nothing.prepare(&mut exec);
     assert_eq!(exec, Exec::default(), "root in / as it stands");
 }
+
+#[test]
+fn files_host_programs_take_code_from_are_protected_in_every_share_that_holds_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let project = home.join("proj");
+    std::fs::create_dir_all(&project).unwrap();
+    let git = |args: &[&str]| assert!(std::process::Command::new("git").arg("-C").arg(&project).args(args).status().unwrap().success());
+    git(&["init", "-q"]);
+    git(&["config", "core.hooksPath", "tools/hooks"]);
+    let host = HostUser { name: "dev".into(), uid: 1000, gid: 1000, home: home.clone() };
+    let mut req = request(&project);
+    req.mounts.push(MountSpec::new(home.clone(), PathBuf::from("/h"), false).unwrap());
+    let plan = SharePlan::new(&req, &host, &dir.path().join("meta")).unwrap();
+    let protected = |tag: &str| plan.shares.iter().find(|s| s.backend.tag == tag).unwrap().backend.policy.protected_paths.clone();
+    let in_project = protected("project");
+    assert!(in_project.contains(&PathBuf::from("tools/hooks")), "{in_project:?}");
+    assert!(in_project.contains(&PathBuf::from(".git/config")));
+    assert!(!in_project.iter().any(|p| p.starts_with(".*")), "the home is not in the project");
+    let in_home = protected("mount0");
+    for expected in [".*", "proj/tools/hooks", ".cvm.toml"] {
+        assert!(in_home.contains(&PathBuf::from(expected)), "{expected} not in {in_home:?}");
+    }
+    assert!(protected("meta").is_empty());
+}
