@@ -795,8 +795,8 @@ impl NamedVm {
 
     /// Whether its daemon restored the guest from a warm-start snapshot, from its log.
     fn restored(&self) -> bool {
-        let log = cvm::named::state_dir(&self.name).join(cvm::named::DAEMON_LOG);
-        std::fs::read_to_string(log).is_ok_and(|log| log.contains(cvm::warm::RESTORED))
+        let Ok(dir) = cvm::named::state_dir(&self.name) else { return false };
+        std::fs::read_to_string(dir.join(cvm::named::DAEMON_LOG)).is_ok_and(|log| log.contains(cvm::warm::RESTORED))
     }
 
     fn exec_true(&self) -> Command {

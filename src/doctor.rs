@@ -59,9 +59,8 @@ pub fn checks() -> Vec<Check> {
         Ok(image) => Check::ok("minimal image", image.path().display().to_string()),
         Err(e) => Check::bad("minimal image", Status::Warn, e.to_string(), "cvm image build minimal"),
     });
-    let runtime = crate::rundir::runtime_base();
-    checks.push(match crate::rundir::create_private_dir(&runtime) {
-        Ok(()) => Check::ok("session directory", runtime.display().to_string()),
+    checks.push(match crate::rundir::runtime_base() {
+        Ok(runtime) => Check::ok("session directory", runtime.display().to_string()),
         Err(e) => Check::bad("session directory", Status::Fail, format!("{e:#}"), "set XDG_RUNTIME_DIR to a directory only you can use"),
     });
     checks.push(match cvm_backends::fs::sandbox_on_this_host() {

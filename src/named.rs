@@ -65,12 +65,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 }
 
 /// Where named VMs keep their state.
-pub fn vms_dir() -> PathBuf {
-    crate::rundir::runtime_base().join("vms")
+pub fn vms_dir() -> Result<PathBuf> {
+    Ok(crate::rundir::runtime_base()?.join("vms"))
 }
 
-pub fn state_dir(name: &str) -> PathBuf {
-    vms_dir().join(name)
+pub fn state_dir(name: &str) -> Result<PathBuf> {
+    Ok(vms_dir()?.join(name))
 }
 
 /// Whether `pid` is a cvm VM daemon (not some process that reused the pid).
@@ -84,7 +84,7 @@ fn read_info(dir: &Path) -> Option<VmInfo> {
 
 /// Every named VM, by name.
 pub fn list() -> Vec<Listed> {
-    let Ok(entries) = std::fs::read_dir(vms_dir()) else { return Vec::new() };
+    let Ok(entries) = vms_dir().and_then(|dir| Ok(std::fs::read_dir(dir)?)) else { return Vec::new() };
     let mut vms: Vec<Listed> = entries
         .flatten()
         .filter_map(|e| read_info(&e.path()))
@@ -97,7 +97,7 @@ pub fn list() -> Vec<Listed> {
 /// The running VM called `name`.
 pub fn find(name: &str) -> Result<VmInfo> {
     validate_name(name).map_err(anyhow::Error::msg)?;
-    match read_info(&state_dir(name)) {
+    match read_info(&state_dir(name)?) {
         Some(info) if daemon_alive(info.pid) => Ok(info),
         Some(_) => bail!("the VM {name} is not running any more (cvm rm {name} clears it)"),
         None => bail!("no VM called {name} (cvm ps lists them)"),
@@ -108,22 +108,23 @@ pub fn find(name: &str) -> Result<VmInfo> {
 /// (its daemon killed) is cleared.
 pub fn claim(name: &str) -> Result<PathBuf> {
     validate_name(name).map_err(anyhow::Error::msg)?;
-    let dir = state_dir(name);
+    let dir = state_dir(name)?;
     if let Some(info) = read_info(&dir) {
         if daemon_alive(info.pid) {
             bail!("a VM called {name} is already running (pid {})", info.pid);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    crate::rundir::create_private_dir(&vms_dir())?;
+    crate::rundir::create_private_dir(&vms_dir()?)?;
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
 
 /// Removes a VM's state, and the VMs directory once it is empty.
 pub fn clear(name: &str) {
-    let _ = std::fs::remove_dir_all(state_dir(name));
-    let _ = std::fs::remove_dir(vms_dir());
+    let Ok(vms) = vms_dir() else { return };
+    let _ = std::fs::remove_dir_all(vms.join(name));
+    let _ = std::fs::remove_dir(vms);
 }
 
 /// The daemon's life: records `info`, serves execs on the control socket until SIGTERM or
@@ -234,7 +235,7 @@ pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
 /// terminal); returns the exit status cvm should exit with.
 pub fn exec(name: &str, exec: cvm_agent::protocol::Exec) -> Result<u8> {
     let info = find(name)?;
-    let conn = UnixStream::connect(state_dir(name).join(CONTROL_SOCKET)).with_context(|| format!("cannot reach the VM {name}"))?;
+    let conn = UnixStream::connect(state_dir(name)?.join(CONTROL_SOCKET)).with_context(|| format!("cannot reach the VM {name}"))?;
     // The daemon's end (its pidfd readable) is the VM's end, as the relay sees it.
     let daemon = pidfd(info.pid)?;
     let raw = if exec.tty.is_some() { Some(crate::terminal::RawMode::enter()?) } else { None };
@@ -250,7 +251,7 @@ pub fn stop(name: &str, force: bool) -> Result<()> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let info = match find(name) {
         Ok(info) => info,
-        Err(e) if force && state_dir(name).exists() => {
+        Err(e) if force && state_dir(name).is_ok_and(|dir| dir.exists()) => {
             tracing::info!("{e:#}");
             clear(name);
             return Ok(());

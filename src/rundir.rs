@@ -16,21 +16,47 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use rustix::pipe::{pipe_with, PipeFlags};
 
-/// Where session directories live: `$XDG_RUNTIME_DIR/cvm`, else `/tmp/cvm-<uid>`.
-pub fn runtime_base() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+/// Where session directories live: `$XDG_RUNTIME_DIR/cvm`, else `/tmp/cvm-<uid>`; made if
+/// missing and checked each time ([`create_private_dir`]), since in `/tmp` another user may
+/// have made it first.
+pub fn runtime_base() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
         Some(dir) if dir.is_dir() => dir.join("cvm"),
         _ => std::env::temp_dir().join(format!("cvm-{}", rustix::process::getuid().as_raw())),
-    }
+    };
+    create_private_dir(&base)?;
+    Ok(base)
 }
 
-/// Creates `dir` (and its parents) mode 0700 if missing, and checks that only this user can
-/// use it.
+/// Creates `dir` mode 0700 if missing (its parent must exist), and checks it as it is, never
+/// through a symbolic link: a directory this user owns that no one else can use, in a parent
+/// where no one else can swap it for another (one others can write to must be sticky, as
+/// `/tmp` is). Every later path through `dir` then leads where this check looked.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let meta = std::fs::metadata(dir)?;
-    if meta.uid() != rustix::process::getuid().as_raw() || meta.permissions().mode() & 0o077 != 0 {
-        bail!("{} must be a directory only you can use (owner {}, mode {:o})", dir.display(), meta.uid(), meta.permissions().mode() & 0o777);
+    use rustix::fs::{Mode, OFlags};
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        _ => {}
+    }
+    let uid = rustix::process::getuid().as_raw();
+    let opened = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty());
+    let fd = match opened {
+        Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
+            bail!("{} is not a directory but a link or a file, which someone else may have put there: remove it, or set XDG_RUNTIME_DIR to a directory only you can use", dir.display())
+        }
+        other => other.with_context(|| format!("cannot open {}", dir.display()))?,
+    };
+    let stat = rustix::fs::fstat(&fd)?;
+    let mode = stat.st_mode & 0o777;
+    if stat.st_uid != uid || mode & 0o077 != 0 {
+        bail!("{} must be a directory only you can use (owner {}, mode {mode:o}): remove it, or set XDG_RUNTIME_DIR to a directory only you can use", dir.display(), stat.st_uid);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let above = std::fs::metadata(parent).with_context(|| format!("cannot read {}", parent.display()))?;
+    let others_write = above.permissions().mode() & 0o022 != 0;
+    let sticky = above.permissions().mode() & libc::S_ISVTX != 0;
+    if (above.uid() != uid && above.uid() != 0) || (others_write && !sticky) {
+        bail!("{} is in {}, where another user could replace it: set XDG_RUNTIME_DIR to a directory only you can use", dir.display(), parent.display());
     }
     Ok(())
 }
@@ -44,8 +70,7 @@ pub struct RunDir {
 
 impl RunDir {
     pub fn create() -> Result<RunDir> {
-        let base = runtime_base();
-        create_private_dir(&base)?;
+        let base = runtime_base()?;
         let unique = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         let path = base.join(format!("{}-{unique:x}", std::process::id()));
         // The janitor first: cvm killed at any moment after the directory exists leaves it
@@ -84,7 +109,7 @@ impl Drop for RunDir {
 /// `cvm __janitor DIR`: waits for cvm to go away (its stdin reaches end of file), then
 /// removes DIR. Terminal signals do not stop it early.
 pub fn janitor_main(dir: &Path) -> Result<()> {
-    let base = runtime_base();
+    let base = runtime_base()?;
     if dir.parent() != Some(base.as_path()) {
         bail!("{} is not a cvm session directory", dir.display());
     }
@@ -108,3 +133,6 @@ pub fn janitor_main(dir: &Path) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -28,6 +28,12 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
     git(&project, &["add", "a.txt"]);
     git(&project, &["commit", "-qm", "base"]);
     git(home, &["clone", "-q", "--bare", arg(&project), arg(&remote)]);
+    // What host git runs code from outside .git: husky's hooks path and an included file.
+    git(&project, &["config", "core.hooksPath", ".husky/_"]);
+    git(&project, &["config", "include.path", "../.gitconfig-project"]);
+    std::fs::create_dir_all(project.join(".husky")).unwrap();
+    std::fs::write(project.join(".husky/pre-commit"), "npm test\n").unwrap();
+    std::fs::write(project.join(".gitconfig-project"), "[user]\n").unwrap();
     let upstream = git(&remote, &["commit-tree", "-m", "upstream", "HEAD^{tree}", "-p", "HEAD"]);
     git(&remote, &["update-ref", "refs/heads/main", upstream.trim()]);
     let config = std::fs::read(project.join(".git/config")).unwrap();
@@ -53,6 +59,11 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
         t hook sh -c 'printf "#!/bin/sh\ntouch /tmp/pwned\n" > .git/hooks/post-checkout'
         t nested-init git init -q nested
         t dot-git-file sh -c 'mkdir -p other && echo "gitdir: /tmp" > other/.git'
+        t bare-init git init -q --bare sub.git
+        t bare-by-hand sh -c 'mkdir -p hand/objects hand/refs && echo "ref: refs/heads/main" > hand/HEAD'
+        t hooks-path sh -c 'mkdir -p .husky/_ && printf "#!/bin/sh\ntouch /tmp/pwned\n" > .husky/_/pre-commit'
+        t husky-hook sh -c 'echo "touch /tmp/pwned" >> .husky/pre-commit'
+        t include sh -c 'echo "[core] fsmonitor = touch /tmp/pwned" >> .gitconfig-project'
     "##;
     let engine = engine();
     let mount = format!("{}:/remote:ro", remote.display());
@@ -60,7 +71,8 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
     let expected = "commit ok\nbranch ok\nfeature-commit ok\nmain-commit ok\nrebase ok\nfetch ok\nworktree-list ok\n\
-                    fsmonitor refused\nconfig-append refused\nhook refused\nnested-init refused\ndot-git-file refused\n";
+                    fsmonitor refused\nconfig-append refused\nhook refused\nnested-init refused\ndot-git-file refused\n\
+                    bare-init refused\nbare-by-hand refused\nhooks-path refused\nhusky-hook refused\ninclude refused\n";
     assert_eq!(stdout, expected, "[{engine}] {}", text(&out.stderr));
 
     // The guest's history is the host's; its control files are as they were.
@@ -69,6 +81,10 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
     assert_eq!(std::fs::read(project.join(".git/config")).unwrap(), config, "[{engine}] .git/config changed");
     assert_eq!(hooks(), hooks_before, "[{engine}] hooks changed");
     assert!(!project.join("nested/.git").exists() && !project.join("other/.git").exists(), "[{engine}]");
+    assert!(!project.join("sub.git/HEAD").exists() && !project.join("hand/HEAD").exists(), "[{engine}] a repository outside .git");
+    assert!(!project.join(".husky/_").exists(), "[{engine}]");
+    assert_eq!(std::fs::read_to_string(project.join(".husky/pre-commit")).unwrap(), "npm test\n", "[{engine}]");
+    assert_eq!(std::fs::read_to_string(project.join(".gitconfig-project")).unwrap(), "[user]\n", "[{engine}]");
     git(&project, &["status", "--short"]);
     env.assert_clean();
 }
