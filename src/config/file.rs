@@ -239,8 +239,28 @@ impl FileConfig {
         add("secrets.env_file", self.secrets.env_file.iter().filter_map(outside).collect());
         let image = self.vm.iter().find(|(name, _)| name.get_ref() == "image").map(|(_, value)| value.get_ref().0.clone());
         add("vm.image", image.into_iter().filter(|i| !crate::images::is_named(i)).collect());
+        for (name, value) in &self.vm {
+            if let Some(key) = raised_limit(name.get_ref(), &value.get_ref().0) {
+                add(key, vec![value.get_ref().0.clone()]);
+            }
+        }
         found
     }
+}
+
+/// The key, when a project's `[vm]` `name = text` asks more of the host than cvm's defaults
+/// give (vCPUs or memory beyond them, any scratch disk, a time limit beyond CI's): such a
+/// file could make the next session take the host's CPUs, memory, disk or time.
+fn raised_limit(name: &str, text: &str) -> Option<&'static str> {
+    let defaults = super::Settings::defaults();
+    let raised = match name {
+        "cpus" => super::keys::parse_cpus(text).is_ok_and(|cpus| cpus > defaults.cpus.value),
+        "memory" => cvm_vmm::parse_memory_size(text).is_ok_and(|bytes| bytes > defaults.memory.value),
+        "disk" => true,
+        "timeout" => crate::run::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
+        _ => false,
+    };
+    raised.then(|| super::keys::key(&format!("vm.{name}")).map(|k| k.name)).flatten()
 }
 
 /// A bad configuration file, located.

@@ -251,3 +251,13 @@ fn a_mount_path_with_a_colon_is_taken_as_written() {
     let mount = &s.mounts.value[0];
     assert_eq!((mount.host.as_path(), mount.guest.as_path(), mount.read_only), (Path::new("/data/a:b"), Path::new("/srv/x:y"), true));
 }
+
+#[test]
+fn a_project_file_asking_more_of_the_host_than_the_defaults_needs_trust() {
+    let path = Path::new("/p/.cvm.toml");
+    let widening = |text: &str| -> Vec<&'static str> { parse_file(path, text).unwrap().widening(path, Path::new(HOME)).into_iter().map(|(k, _)| k).collect() };
+    assert_eq!(widening("[vm]\ncpus = 4\nmemory = \"20G\"\ndisk = \"8T\"\ntimeout = \"9999h\"\n"), ["vm.cpus", "vm.disk", "vm.memory", "vm.timeout"]);
+    assert!(widening("[vm]\ncpus = 2\nmemory = \"512M\"\ntimeout = \"10m\"\n").is_empty(), "the defaults, or less");
+    assert!(widening("[vm]\ncpus = 1\nmemory = \"256M\"\ntimeout = \"1h\"\nvmm = \"qemu\"\n").is_empty());
+    assert_eq!(widening("[vm]\ndisk = \"1G\"\n"), ["vm.disk"], "any disk is host disk");
+}
