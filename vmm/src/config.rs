@@ -123,9 +123,47 @@ impl VmConfig {
         }
     }
 
+    /// The virtio devices the VM gets, one virtio-mmio transport each, by kind: what a
+    /// refusal names.
+    pub fn virtio_devices(&self) -> Vec<&'static str> {
+        let mut devices = Vec::new();
+        if self.rng {
+            devices.push("rng");
+        }
+        devices.extend(self.disks.iter().map(|_| "disk"));
+        devices.extend(self.network.iter().map(|_| "network"));
+        devices.extend(self.vhost_user.iter().map(|v| match v.kind {
+            VhostUserKind::Vsock => "vsock",
+            VhostUserKind::Fs { .. } => "share",
+        }));
+        devices
+    }
+
+    /// Refuses more virtio devices than `engine` has transports for, naming them.
+    pub fn check_device_count(&self, engine: &str, transports: usize) -> Result<()> {
+        let devices = self.virtio_devices();
+        if devices.len() <= transports {
+            return Ok(());
+        }
+        let mut counted: Vec<String> = Vec::new();
+        for kind in ["rng", "disk", "network", "vsock", "share"] {
+            match devices.iter().filter(|d| **d == kind).count() {
+                0 => {}
+                1 => counted.push(kind.to_string()),
+                n => counted.push(format!("{n} {kind}s")),
+            }
+        }
+        Err(Error::Config(format!(
+            "this VM needs {} virtio devices ({}) and {engine} has room for {transports}: mount fewer directories (each --mount and share is one), or use --vmm cvm",
+            devices.len(),
+            counted.join(", ")
+        )))
+    }
+
     /// Checks what can be checked without touching KVM, so bad input fails fast and clearly,
     /// the same on either engine.
     pub fn validate(&self) -> Result<()> {
+        self.check_device_count("cvm's VMM", (crate::layout::IRQ_COUNT - crate::layout::VIRTIO_IRQ_START) as usize)?;
         if self.vcpus == 0 || usize::from(self.vcpus) > crate::arch::x86_64::MAX_VCPUS {
             return Err(Error::Config(format!(
                 "--cpus must be between 1 and {}, not {}",
@@ -247,5 +285,23 @@ mod tests {
         config.memory_bytes = 64 << 20;
         config.initrd = Some(dir.clone());
         assert!(config.validate().is_err(), "a directory is not an initrd");
+    }
+
+    #[test]
+    fn more_devices_than_transports_are_refused_by_name() {
+        let mut config = VmConfig::new("/k/vmlinux");
+        config.rng = true;
+        config.vhost_user.push(crate::VhostUserConfig { socket: "/v".into(), kind: VhostUserKind::Vsock });
+        for tag in ["a", "b", "c"] {
+            config.vhost_user.push(crate::VhostUserConfig { socket: "/s".into(), kind: VhostUserKind::Fs { tag: tag.into() } });
+        }
+        assert_eq!(config.virtio_devices(), ["rng", "vsock", "share", "share", "share"]);
+        assert!(config.check_device_count("QEMU", 5).is_ok());
+        let e = config.check_device_count("QEMU", 4).unwrap_err().to_string();
+        assert!(e.contains("needs 5 virtio devices (rng, vsock, 3 shares) and QEMU has room for 4"), "{e}");
+        for _ in 0..15 {
+            config.vhost_user.push(crate::VhostUserConfig { socket: "/s".into(), kind: VhostUserKind::Fs { tag: "x".into() } });
+        }
+        assert!(matches!(config.validate(), Err(Error::Config(ref why)) if why.contains("cvm's VMM has room for 19")), "{:?}", config.validate());
     }
 }

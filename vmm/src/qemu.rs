@@ -49,6 +49,9 @@ impl Default for QemuOptions {
     }
 }
 
+/// The virtio-mmio transports QEMU's microvm machine has without ACPI (`ioapic2` needs ACPI).
+pub const MICROVM_TRANSPORTS: usize = 8;
+
 /// QEMU's arguments for `config`.
 pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
     let mib = config.memory_bytes >> 20;
@@ -122,6 +125,7 @@ pub struct QemuVm {
 impl QemuVm {
     pub fn spawn(config: &VmConfig, options: &QemuOptions) -> Result<QemuVm> {
         config.validate()?;
+        config.check_device_count("QEMU's microvm machine", MICROVM_TRANSPORTS)?;
         let mut command = Command::new(&options.binary);
         command.args(arguments(config, options.accel)).stdin(Stdio::null());
         if config.console_log.is_some() {
@@ -230,6 +234,33 @@ mod tests {
         assert!(!line.contains("virtio-rng"));
         let append = args.iter().position(|a| a == "-append").unwrap();
         assert_eq!(args[append + 1], config.cmdline, "the command line is one argument");
+    }
+
+    /// QEMU itself, stopped before it runs anything: it takes exactly [`MICROVM_TRANSPORTS`]
+    /// virtio devices on cvm's machine options.
+    #[test]
+    fn microvm_has_the_transports_cvm_counts_on() {
+        let binary = QemuOptions::default().binary;
+        if Command::new(&binary).arg("--version").output().is_err() {
+            return;
+        }
+        let starts = |devices: usize| {
+            let mut command = Command::new(&binary);
+            command.args(["-M", "microvm,acpi=off", "-global", "virtio-mmio.force-legacy=false", "-S", "-nodefaults", "-display", "none"]);
+            for _ in 0..devices {
+                command.args(["-device", "virtio-rng-device"]);
+            }
+            // Its monitor on stdin says quit once QEMU is up; one that cannot start ends first.
+            command.args(["-monitor", "stdio"]);
+            let mut child = command.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            let _ = std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"quit\n");
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || err.contains("No 'virtio-bus' bus found"), "{}: {err}", out.status);
+            out.status.success()
+        };
+        assert!(starts(MICROVM_TRANSPORTS));
+        assert!(!starts(MICROVM_TRANSPORTS + 1));
     }
 
     #[test]
