@@ -60,7 +60,7 @@ pub fn run(args: ProxyBench) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("proxy.sock");
     let localhost = "127.0.0.1".parse()?;
-    let policy = EgressPolicy { allow: vec!["tunnel.test".into(), "swap.test".into()], hosts: vec![("tunnel.test".into(), localhost), ("swap.test".into(), localhost)], ..EgressPolicy::default() };
+    let policy = EgressPolicy { allow: vec![format!("tunnel.test:{port}"), format!("swap.test:{port}")], hosts: vec![("tunnel.test".into(), localhost), ("swap.test".into(), localhost)], ..EgressPolicy::default() };
     let _proxy = start_proxy(&socket, policy, Some(swap), &dir.path().join("network.log"), "bench".into())?;
 
     let request = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {placeholder}\r\n\r\n").into_bytes();

@@ -140,13 +140,37 @@ pub fn parse_add_host(text: &str) -> Result<(String, IpAddr), String> {
     Ok((name.to_ascii_lowercase(), ip))
 }
 
-/// Parses an `--allow`/`--deny` pattern: a host name, or `*.` and a domain.
+/// Parses an `--allow`/`--deny` pattern: a host name, or `*.` and a domain, with `:PORT`
+/// when it is for that port alone.
 pub fn parse_pattern(text: &str) -> Result<String, String> {
-    let name = text.strip_prefix("*.").unwrap_or(text);
-    if !valid_name(name) {
-        return Err(format!("bad host pattern {text:?}: expected a name like api.example.com or *.example.com"));
+    let bad = || format!("bad host pattern {text:?}: expected a name like api.example.com or *.example.com, with :PORT for one port");
+    let (name, port) = split_pattern(text).ok_or_else(bad)?;
+    if !valid_name(name.strip_prefix("*.").unwrap_or(name)) || port == Some(0) {
+        return Err(bad());
     }
     Ok(text.to_ascii_lowercase())
+}
+
+/// A pattern's name part and its port, if it names one; None when the port is not a number.
+fn split_pattern(pattern: &str) -> Option<(&str, Option<u16>)> {
+    match pattern.rsplit_once(':') {
+        Some((name, port)) => Some((name, Some(port.parse().ok()?))),
+        None => Some((pattern, None)),
+    }
+}
+
+/// The ports a name mapped with `--add-host` may be reached on when the pattern that allows it
+/// names none: a mapped name often points at the host's own loopback, where anything may listen.
+pub const MAPPED_PORTS: [u16; 2] = [80, 443];
+
+/// Whether `pattern` covers `host` (lower case) on `port`. One with no port covers every port,
+/// but of a `mapped` name only [`MAPPED_PORTS`].
+fn covers(pattern: &str, host: &str, port: u16, mapped: bool) -> bool {
+    match split_pattern(pattern) {
+        Some((name, Some(only))) => only == port && matches(name, host),
+        Some((name, None)) => matches(name, host) && (!mapped || MAPPED_PORTS.contains(&port)),
+        None => false,
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -201,15 +225,19 @@ impl EgressPolicy {
         if self.mode == NetworkMode::None {
             return Decision::Deny("the network is off (--network none)".into());
         }
-        if self.deny.iter().any(|p| matches(p, &host)) {
+        if self.deny.iter().any(|p| covers(p, &host, port, false)) {
             return Decision::Deny(format!("{host} is denied"));
         }
-        if !self.allow.iter().any(|p| matches(p, &host)) {
+        let mapped = self.hosts.iter().find(|(name, _)| *name == host).map(|(_, ip)| *ip);
+        if !self.allow.iter().any(|p| covers(p, &host, port, mapped.is_some())) {
+            if mapped.is_some() && self.allow.iter().any(|p| covers(p, &host, MAPPED_PORTS[0], true)) {
+                return Decision::Deny(format!("{host} is mapped with --add-host, so only its ports 80 and 443 are allowed without naming one (--allow {host}:{port})"));
+            }
             return Decision::Deny(format!("{host} is not on the allow list (--allow {host})"));
         }
         // A name the user mapped goes where they said, inside addresses included.
-        if let Some((_, ip)) = self.hosts.iter().find(|(name, _)| *name == host) {
-            return Decision::Allow(SocketAddr::new(*ip, port));
+        if let Some(ip) = mapped {
+            return Decision::Allow(SocketAddr::new(ip, port));
         }
         if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             if is_internal(ip) {

@@ -75,7 +75,8 @@ fn policy(allow: &[&str], hosts: &[(&str, &str)]) -> EgressPolicy {
 #[test]
 fn an_allowed_mapped_name_reaches_the_host_server_over_http_and_connect() {
     let port = server("hello from the host", 2);
-    let s = Setup::new(policy(&["api.test"], &[("api.test", "127.0.0.1")]));
+    // A mapped name's port other than 80 and 443 is named in the allow list.
+    let s = Setup::new(policy(&[&format!("api.test:{port}")], &[("api.test", "127.0.0.1")]));
     let reply = s.ask(&format!("GET http://api.test:{port}/path?q=1 HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
     assert!(reply.ends_with("hello from the host (GET /path?q=1 HTTP/1.1)"), "origin-form upstream: {reply}");
@@ -206,7 +207,8 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let swap = Arc::new(SecretSwap::with_roots(vec![secret], https.roots()).unwrap());
     let mut session_ca = rustls::RootCertStore::empty();
     session_ca.add_parsable_certificates(certificates(&swap.ca_pem()));
-    let s = Setup::swapping(policy(&["secret.test", "plain.test"], &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")]), Some(swap));
+    let http = server("plain", 1);
+    let s = Setup::swapping(policy(&[&format!("secret.test:{port}"), &format!("plain.test:{port}"), &format!("plain.test:{http}")], &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")]), Some(swap));
 
     // Two requests on one intercepted connection, the first with a body, the second chunked.
     let body = format!("{{\"key\":\"{placeholder}\"}}");
@@ -240,7 +242,6 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     // A secret's host the allow list leaves out is refused for that, whatever the scheme.
     let reply = s.ask("GET http://unlisted.test/ HTTP/1.1\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("not on the allow list"), "{reply}");
-    let http = server("plain", 1);
     let reply = s.ask(&format!("GET http://plain.test:{http}/ HTTP/1.1\r\nX-Token: {placeholder}\r\n\r\n"));
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let audit = s.audit();

@@ -22,7 +22,8 @@ fn an_allowed_name_reaches_the_host_server_and_everything_else_is_refused_and_lo
     let fetch = format!("wget -q -O - {url} 2>&1; s=$?; echo; echo status $s");
     let audit = env.home.path().join(".local/state/cvm/network.log");
     let engine = engine();
-    let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
+    let allow = format!("api.test:{port}");
+    let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--allow", &allow, "--", "sh", "-c", &fetch], b"");
     assert_eq!(text(&out.stdout), "hello from the host\nstatus 0\n", "[{engine}] {}", text(&out.stderr));
 
     let out = env.run(engine, &["--add-host", "api.test:127.0.0.1", "--", "sh", "-c", &fetch], b"");
@@ -36,7 +37,7 @@ fn an_allowed_name_reaches_the_host_server_and_everything_else_is_refused_and_lo
     let out = env.run(engine, &["--", "sh", "-c", &format!("wget -q -O - http://10.1.2.3/ 2>&1; wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo done")], b"");
     assert_eq!(text(&out.stdout).matches("403").count(), 2, "[{engine}] {}", text(&out.stdout));
 
-    let out = env.run(engine, &["--network", "none", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &fetch], b"");
+    let out = env.run(engine, &["--network", "none", "--add-host", "api.test:127.0.0.1", "--allow", &allow, "--", "sh", "-c", &fetch], b"");
     assert!(text(&out.stdout).contains("403"), "[{engine}] --network none: {}", text(&out.stdout));
     env.assert_clean();
     let logs = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["logs", "--network"]).env("HOME", env.home.path()).env_remove("XDG_STATE_HOME").output().unwrap();
@@ -130,7 +131,7 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
          printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
     );
     let out = env
-        .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", "api.test", "--", "sh", "-c", &script])
+        .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", &format!("api.test:{port}"), "--", "sh", "-c", &script])
         .env("SSH_AUTH_SOCK", &sock)
         .env("GNUPGHOME", &gnupg)
         .stdin(std::process::Stdio::null())
@@ -253,7 +254,8 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
          echo $P > /tmp/control; echo leaks: $(grep -rls \"$P\" /etc /run /home /tmp /root /var/tmp /proc/[0-9]*/environ 2>/dev/null)"
     );
     let project_arg = project.path().to_str().unwrap();
-    let hosts = ["--add-host", "secret.test:127.0.0.1", "--add-host", "other.test:127.0.0.1", "--allow", "secret.test", "--allow", "other.test"];
+    let (allow_secret, allow_other, allow_other_http) = (format!("secret.test:{port}"), format!("other.test:{port}"), format!("other.test:{http}"));
+    let hosts = ["--add-host", "secret.test:127.0.0.1", "--add-host", "other.test:127.0.0.1", "--allow", &allow_secret, "--allow", &allow_other, "--allow", &allow_other_http];
     let mut args = vec![project_arg, "-v"];
     args.extend(hosts);
     args.extend(["--", "sh", "-c", &script]);

@@ -55,10 +55,30 @@ fn patterns_match_names_and_their_subdomains_only() {
     assert!(!matches("*.example.com", "example.com"));
     assert!(!matches("*.example.com", "evilexample.com"));
     assert!(!matches("*.example.com", "example.com.evil.org"));
-    for bad in ["", "*", "*.", "a..b", "a b", "a/b", "a:b", &"x".repeat(64)] {
+    for bad in ["", "*", "*.", "a..b", "a b", "a/b", "a:b", "a:0", "a:65536", "a:", "*.:80", &"x".repeat(64)] {
         assert!(parse_pattern(bad).is_err(), "{bad:?}");
     }
     assert_eq!(parse_pattern("*.Example.COM"), Ok("*.example.com".into()));
+    assert_eq!(parse_pattern("api.test:8080"), Ok("api.test:8080".into()));
+    assert_eq!(parse_pattern("*.example.com:443"), Ok("*.example.com:443".into()));
+}
+
+#[test]
+fn a_mapped_name_opens_only_the_web_ports_unless_its_port_is_named() {
+    let mut p = policy(&["loop.test", "port.test:8080"]);
+    p.hosts.push(("loop.test".into(), "127.0.0.1".parse().unwrap()));
+    p.hosts.push(("port.test".into(), "127.0.0.1".parse().unwrap()));
+    assert_eq!(p.decide("loop.test", 80), Decision::Allow("127.0.0.1:80".parse().unwrap()));
+    assert_eq!(p.decide("loop.test", 443), Decision::Allow("127.0.0.1:443".parse().unwrap()));
+    // The attack: a host Redis on the loopback through an allowed mapped name.
+    assert!(matches!(p.decide("loop.test", 26379), Decision::Deny(r) if r.contains("--allow loop.test:26379")));
+    assert_eq!(p.decide("port.test", 8080), Decision::Allow("127.0.0.1:8080".parse().unwrap()));
+    assert!(matches!(p.decide("port.test", 443), Decision::Deny(r) if r.contains("not on the allow list")), "its one port only");
+    assert!(matches!(p.decide("port.test", 8081), Decision::Deny(_)));
+    p.deny.push("port.test:8080".into());
+    assert!(matches!(p.decide("port.test", 8080), Decision::Deny(r) if r.contains("denied")));
+    assert!(covers("*.a.test", "x.a.test", 9999, false), "a public name on any port");
+    assert!(!covers("*.a.test:443", "x.a.test", 80, false));
 }
 
 #[test]
@@ -77,7 +97,7 @@ fn decisions() {
     p.hosts.push(("api.test".into(), "127.0.0.1".parse().unwrap()));
     p.hosts.push(("mapped.test".into(), "127.0.0.1".parse().unwrap()));
     assert!(matches!(p.decide("mapped.test", 80), Decision::Deny(r) if r.contains("not on the allow list")), "a mapping is not an allowance");
-    assert_eq!(p.decide("api.test", 8080), Decision::Allow("127.0.0.1:8080".parse().unwrap()), "a mapped name may be internal");
+    assert_eq!(p.decide("api.test", 443), Decision::Allow("127.0.0.1:443".parse().unwrap()), "a mapped name may be internal");
     assert_eq!(p.decide("API.TEST", 80), Decision::Allow("127.0.0.1:80".parse().unwrap()));
     assert!(matches!(p.decide("other.test", 80), Decision::Deny(r) if r.contains("not on the allow list")));
     assert!(matches!(p.decide("localhost", 80), Decision::Deny(r) if r.contains("internal")), "allowed by name, but it resolves inside");
