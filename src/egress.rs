@@ -151,6 +151,11 @@ pub fn parse_pattern(text: &str) -> Result<String, String> {
     Ok(text.to_ascii_lowercase())
 }
 
+/// A pattern's name part, without its port.
+pub(crate) fn pattern_name(pattern: &str) -> &str {
+    split_pattern(pattern).map_or(pattern, |(name, _)| name)
+}
+
 /// A pattern's name part and its port, if it names one; None when the port is not a number.
 fn split_pattern(pattern: &str) -> Option<(&str, Option<u16>)> {
     match pattern.rsplit_once(':') {

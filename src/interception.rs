@@ -491,6 +491,14 @@ impl<'a> RequestRewriter<'a> {
         let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
             return Err("an incomplete request line".into());
         };
+        // An absolute-form target goes where it names, whatever Host says: only this host's.
+        if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let (named, _) = crate::egress::split_host_port(authority, Some(443)).map_err(|e| format!("the request target: {e}"))?;
+            if !named.eq_ignore_ascii_case(&self.host) {
+                return Err(format!("the request target names {named:?}, not {:?}", self.host));
+            }
+        }
         for secret in self.secrets.iter().filter(|s| contains(target.as_bytes(), s.placeholder.as_bytes())) {
             notes.push(Note::NotSwapped { secret: secret.name.clone(), place: "the request target (only headers are swapped)".into() });
         }
@@ -589,9 +597,11 @@ impl<'a> RequestRewriter<'a> {
             if !contains(&value, secret.placeholder.as_bytes()) {
                 continue;
             }
-            if secret.applies_to(&self.host) {
+            if secret.applies_to(&self.host) && secret.goes_in(name) {
                 value = replace_all(&value, secret.placeholder.as_bytes(), secret.value().as_bytes());
                 notes.push(Note::Swapped { secret: secret.name.clone(), place: name.to_string() });
+            } else if secret.applies_to(&self.host) {
+                notes.push(Note::NotSwapped { secret: secret.name.clone(), place: format!("header {name} (not a credential header, nor one its config names)") });
             } else {
                 notes.push(Note::NotSwapped { secret: secret.name.clone(), place: format!("header {name}") });
             }

@@ -36,7 +36,13 @@ pub struct ProxiedSecret {
     /// Swapped in request bodies too (those with a Content-Length, up to 256 KiB), not only in
     /// headers.
     pub body: bool,
+    /// Headers it is swapped in besides [`CREDENTIAL_HEADERS`], lower case.
+    pub headers: Vec<String>,
 }
+
+/// The headers a secret is swapped in: those that carry credentials, which servers do not
+/// send back (a value swapped into `Origin` or `Referer` comes back in the answer).
+pub const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key"];
 
 /// Where a secret's value comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +77,8 @@ pub struct Secret {
     pub placeholder: String,
     /// Swapped in request bodies too.
     pub body: bool,
+    /// Headers it is swapped in besides [`CREDENTIAL_HEADERS`], lower case.
+    pub headers: Vec<String>,
 }
 
 impl fmt::Debug for Secret {
@@ -86,7 +94,7 @@ impl Secret {
         let mut random = [0u8; 20];
         std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).context("cannot read /dev/urandom")?;
         let placeholder = format!("{PLACEHOLDER_PREFIX}{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>());
-        Ok(Secret { name, hosts, value, placeholder, body: false })
+        Ok(Secret { name, hosts, value, placeholder, body: false, headers: Vec::new() })
     }
 
     pub fn value(&self) -> &str {
@@ -96,7 +104,12 @@ impl Secret {
     /// Whether the value may be sent to `host`.
     pub fn applies_to(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        self.hosts.iter().any(|p| crate::egress::matches(p, &host))
+        self.hosts.iter().any(|p| crate::egress::matches(crate::egress::pattern_name(p), &host))
+    }
+
+    /// Whether the value may go in the header `name`.
+    pub fn goes_in(&self, name: &str) -> bool {
+        CREDENTIAL_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) || self.headers.iter().any(|h| name.eq_ignore_ascii_case(h))
     }
 }
 
@@ -132,6 +145,7 @@ pub fn resolve(declared: &[ProxiedSecret], secrets_file: &mut Environment) -> Re
             secrets_file.remove(name);
             let mut resolved = Secret::new(name.clone(), secret.hosts.clone(), value.trim_end_matches(['\n', '\r']).to_string())?;
             resolved.body = secret.body;
+            resolved.headers = secret.headers.clone();
             Ok(resolved)
         })
         .collect()
@@ -184,7 +198,7 @@ mod tests {
     use super::*;
 
     fn declared(name: &str, source: SecretSource) -> ProxiedSecret {
-        ProxiedSecret { name: name.into(), hosts: vec!["api.test".into(), "*.github.test".into()], source, body: false }
+        ProxiedSecret { name: name.into(), hosts: vec!["api.test".into(), "*.github.test".into()], source, body: false, headers: Vec::new() }
     }
 
     #[test]

@@ -203,6 +203,8 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let port = https.port();
     let mut secret = Secret::new("API_TOKEN".into(), vec!["secret.test".into(), "unlisted.test".into()], "the-real-value".into()).unwrap();
     secret.body = true;
+    // Beside the credential headers, a header its config names.
+    secret.headers = vec!["x-key".into()];
     let placeholder = secret.placeholder.clone();
     let swap = Arc::new(SecretSwap::with_roots(vec![secret], https.roots()).unwrap());
     let mut session_ca = rustls::RootCertStore::empty();

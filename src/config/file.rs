@@ -194,6 +194,9 @@ pub struct ProxiedTable {
     /// Swapped in request bodies too, not only in headers.
     #[serde(default)]
     pub body: bool,
+    /// Headers it is swapped in besides the credential headers.
+    #[serde(default)]
+    pub headers: Vec<Spanned<String>>,
 }
 
 impl FileConfig {

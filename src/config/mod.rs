@@ -506,7 +506,15 @@ fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str
         1 => sources.remove(0),
         _ => return Err(at(span, format!("secret {name}: give one of file, env and command"))),
     };
-    Ok(ProxiedSecret { name, hosts, source, body: table.body })
+    let headers = table
+        .headers
+        .into_iter()
+        .map(|h| {
+            let valid = !h.get_ref().is_empty() && h.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if valid { Ok(h.get_ref().to_ascii_lowercase()) } else { Err(at(h.span(), format!("secret {name}: {:?} is not a header name", h.get_ref()))) }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ProxiedSecret { name, hosts, source, body: table.body, headers })
 }
 
 /// The name a value of a clap value enum is written as.

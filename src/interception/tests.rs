@@ -137,23 +137,61 @@ proptest::proptest! {
 
     #[test]
     fn built_requests_swap_exactly_their_hosts_placeholders(
-        headers in proptest::collection::vec(("[A-Za-z-]{1,12}", "[ -~]{0,16}", 0usize..3), 0..6),
+        headers in proptest::collection::vec((0usize..3, "[A-Za-z-]{1,12}", "[ -~]{0,16}", 0usize..3), 0..6),
         body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
     ) {
         let s = secrets();
         let mut head = String::from("POST /p HTTP/1.1\r\n");
-        for (name, value, which) in &headers {
+        for (kind, name, value, which) in &headers {
             let placeholder = if *which < 2 { s[*which].placeholder.as_str() } else { "" };
-            head += &format!("X-{name}: {value}{placeholder}\r\n");
+            let name = match kind { 0 => "Authorization".to_string(), 1 => "X-Api-Key".to_string(), _ => format!("X-{name}") };
+            head += &format!("{name}: {value}{placeholder}\r\n");
         }
         head += &format!("Content-Length: {}\r\n\r\n", body.len());
         let mut request = head.into_bytes();
         request.extend_from_slice(&body);
         let (result, out, notes) = rewrite("x.github.test", &s, &[&request]);
         proptest::prop_assert!(result.is_ok(), "{:?}", result);
-        let swapped = headers.iter().filter(|(_, _, w)| *w == 1).count();
+        // Swapped in credential headers only; elsewhere the placeholder goes as it is.
+        let swapped = headers.iter().filter(|(kind, _, _, w)| *w == 1 && *kind < 2).count();
+        let kept = headers.iter().filter(|(kind, _, _, w)| *w == 1 && *kind == 2).count();
         proptest::prop_assert_eq!(notes.iter().filter(|n| matches!(n, Note::Swapped { .. })).count(), swapped);
-        proptest::prop_assert!(!contains(&out, s[1].placeholder.as_bytes()) && !contains(&out, b"real-api-key"));
+        proptest::prop_assert_eq!(contains(&out, s[1].placeholder.as_bytes()), kept > 0);
+        proptest::prop_assert!(!contains(&out, b"real-api-key"));
         proptest::prop_assert!(out.ends_with(&body));
     }
+}
+
+#[test]
+fn a_secret_goes_only_in_credential_headers_and_those_it_names() {
+    let mut s = secrets();
+    let api = s[0].placeholder.clone();
+    // The reflection attack: a server that echoes Origin would hand the value back.
+    let request = format!("GET / HTTP/1.1\r\nHost: api.test\r\nOrigin: https://{api}\r\nReferer: {api}\r\nX-Token: {api}\r\nProxy-Authorization: Bearer {api}\r\n\r\n");
+    let (result, out, notes) = rewrite("api.test", &s, &[request.as_bytes()]);
+    result.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains(&format!("Origin: https://{api}\r\n")) && out.contains(&format!("Referer: {api}\r\n")) && out.contains(&format!("X-Token: {api}\r\n")), "{out}");
+    assert!(out.contains("Proxy-Authorization: Bearer real-api-key\r\n"), "{out}");
+    assert!(notes.contains(&Note::NotSwapped { secret: "API_KEY".into(), place: "header Origin (not a credential header, nor one its config names)".into() }), "{notes:?}");
+    s[0].headers = vec!["x-token".into()];
+    let (result, out, _) = rewrite("api.test", &s, &[request.as_bytes()]);
+    result.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("X-Token: real-api-key\r\n") && out.contains(&format!("Origin: https://{api}\r\n")), "a header its config names: {out}");
+}
+
+#[test]
+fn an_absolute_form_target_may_name_only_the_intercepted_host() {
+    let s = secrets();
+    let api = &s[0].placeholder;
+    for target in ["https://evil.test/x", "http://evil.test:443/", "https://evil.test", "https://user@api.test/", "https://api.test.evil.test/"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {api}\r\n\r\n");
+        let (result, out, _) = rewrite("api.test", &s, &[request.as_bytes()]);
+        assert!(result.is_err() && !contains(&out, b"real-api-key"), "{target}: {}", String::from_utf8_lossy(&out));
+    }
+    let request = format!("GET https://API.test/x HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {api}\r\n\r\n");
+    let (result, out, _) = rewrite("api.test", &s, &[request.as_bytes()]);
+    result.unwrap();
+    assert!(contains(&out, b"Bearer real-api-key"), "its own host in absolute form");
 }
