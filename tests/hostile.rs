@@ -81,7 +81,12 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
     assert_eq!(std::fs::read(project.join(".git/config")).unwrap(), config, "[{engine}] .git/config changed");
     assert_eq!(hooks(), hooks_before, "[{engine}] hooks changed");
     assert!(!project.join("nested/.git").exists() && !project.join("other/.git").exists(), "[{engine}]");
-    assert!(!project.join("sub.git/HEAD").exists() && !project.join("hand/HEAD").exists(), "[{engine}] a repository outside .git");
+    for dir in ["sub.git", "hand"] {
+        // Host git, kept from looking above the directory, finds no repository in it.
+        let found = Command::new("git").arg("-C").arg(project.join(dir)).args(["rev-parse", "--git-dir"]).env("GIT_CEILING_DIRECTORIES", &project).output().unwrap();
+        assert!(!found.status.success(), "[{engine}] host git found a repository in {dir}: {}", text(&found.stdout));
+        assert!(!(project.join(dir).join("HEAD").exists() && project.join(dir).join("objects").exists()), "[{engine}] {dir}");
+    }
     assert!(!project.join(".husky/_").exists(), "[{engine}]");
     assert_eq!(std::fs::read_to_string(project.join(".husky/pre-commit")).unwrap(), "npm test\n", "[{engine}]");
     assert_eq!(std::fs::read_to_string(project.join(".gitconfig-project")).unwrap(), "[user]\n", "[{engine}]");
