@@ -5,7 +5,8 @@
 //! - `--host-port PORT`: 127.0.0.1:PORT in the guest, to 127.0.0.1:PORT on the host (a local
 //!   database, an MCP server), through host vsock port [`HOST_PORT_BASE`] + PORT;
 //! - `-A`: an `SSH_AUTH_SOCK` in the guest, to the host's SSH agent, through vsock port
-//!   [`SSH_AGENT_PORT`];
+//!   [`SSH_AGENT_PORT`], passing only the requests that list keys and sign with them
+//!   ([`relay_ssh_agent`]): a guest cannot add, remove or lock the host's keys;
 //! - `--gpg`: a `GNUPGHOME` in the guest holding the host's public keyring and an agent socket
 //!   that reaches the host gpg-agent's extra socket (the one gpg made for remote use: it
 //!   signs and decrypts, but cannot export or change keys), through vsock port
@@ -359,7 +360,8 @@ impl ForwardRequest {
             if !agent.exists() {
                 bail!("-A: the SSH agent socket {} does not exist (is ssh-agent running?)", agent.display());
             }
-            listening.push(relay_to_socket(dir, SSH_AGENT_PORT, agent)?);
+            let agent = agent.clone();
+            listening.push(Listening::unix(&dir.join(format!("vsock_{SSH_AGENT_PORT}")), move |guest| relay_ssh_agent(guest, &agent))?);
         }
         if let Some(gpg) = &self.gpg_agent {
             listening.push(relay_to_socket(dir, GPG_AGENT_PORT, &gpg.socket)?);
@@ -376,6 +378,71 @@ impl ForwardRequest {
             listening.push(listener);
         }
         Ok(listening)
+    }
+}
+
+/// SSH agent messages (draft-miller-ssh-agent): a request's type byte after its length.
+const SSH_AGENTC_REQUEST_IDENTITIES: u8 = 11;
+const SSH_AGENTC_SIGN_REQUEST: u8 = 13;
+const SSH_AGENTC_EXTENSION: u8 = 27;
+const SSH_AGENT_FAILURE: u8 = 5;
+/// The one extension passed: OpenSSH binds a forwarded agent to the session it serves.
+const SESSION_BIND: &[u8] = b"session-bind@openssh.com";
+/// The longest message OpenSSH's agent takes.
+const MAX_AGENT_MESSAGE: usize = 256 << 10;
+/// How long the host agent may take to answer (a key that asks for a touch or a PIN).
+const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether the guest may make the agent request `message` (its type byte and contents): list
+/// keys, sign, bind the session; never add, remove or lock keys.
+fn ssh_agent_allows(message: &[u8]) -> bool {
+    match message.first() {
+        Some(&SSH_AGENTC_REQUEST_IDENTITIES | &SSH_AGENTC_SIGN_REQUEST) => true,
+        Some(&SSH_AGENTC_EXTENSION) => message.get(1..5).and_then(|n| n.try_into().ok()).map(u32::from_be_bytes).is_some_and(|n| message.get(5..5 + n as usize) == Some(SESSION_BIND)),
+        _ => false,
+    }
+}
+
+/// One agent message from `from` (its length prefix taken off); None at a clean end.
+fn read_agent_message(mut from: impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut length = [0u8; 4];
+    match from.read_exact(&mut length) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        other => other?,
+    }
+    let length = u32::from_be_bytes(length) as usize;
+    if length == 0 || length > MAX_AGENT_MESSAGE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("an agent message of {length} bytes")));
+    }
+    let mut message = vec![0u8; length];
+    from.read_exact(&mut message)?;
+    Ok(Some(message))
+}
+
+fn write_agent_message(mut to: impl Write, message: &[u8]) -> io::Result<()> {
+    to.write_all(&[&(message.len() as u32).to_be_bytes()[..], message].concat())
+}
+
+/// Serves one guest connection of `-A`: each request the guest may make goes to the host agent
+/// at `agent` and its answer back; any other is answered with a failure and never reaches it.
+fn relay_ssh_agent(guest: UnixStream, agent: &Path) {
+    let Ok(host) = UnixStream::connect(agent) else { return };
+    if host.set_read_timeout(Some(AGENT_ANSWER_TIMEOUT)).is_err() {
+        return;
+    }
+    while let Ok(Some(request)) = read_agent_message(&guest) {
+        let answer = if ssh_agent_allows(&request) {
+            match write_agent_message(&host, &request).and_then(|()| read_agent_message(&host)) {
+                Ok(Some(answer)) => answer,
+                _ => return,
+            }
+        } else {
+            tracing::info!("-A: refused an SSH agent request of type {} from the guest", request[0]);
+            vec![SSH_AGENT_FAILURE]
+        };
+        if write_agent_message(&guest, &answer).is_err() {
+            return;
+        }
     }
 }
 
@@ -412,6 +479,42 @@ mod tests {
         }
         assert_eq!(parse_host_port("5432"), Ok(5432));
         assert!(parse_host_port("0").is_err() && parse_host_port("x").is_err());
+    }
+
+    #[test]
+    fn the_ssh_agent_relay_passes_listing_and_signing_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // A stand-in agent: records each request's type and answers SUCCESS (6).
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            while let Ok(Some(request)) = read_agent_message(&conn) {
+                recorded.lock().unwrap().push(request[0]);
+                write_agent_message(&conn, &[6]).unwrap();
+            }
+        });
+        let (guest, relay_end) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || relay_ssh_agent(relay_end, &socket));
+        let ask = |message: &[u8]| {
+            write_agent_message(&guest, message).unwrap();
+            read_agent_message(&guest).unwrap().unwrap()
+        };
+        let bind = [&[SSH_AGENTC_EXTENSION][..], &(SESSION_BIND.len() as u32).to_be_bytes(), SESSION_BIND, b"rest"].concat();
+        let other_extension = [&[SSH_AGENTC_EXTENSION][..], &4u32.to_be_bytes(), b"evil"].concat();
+        assert_eq!(ask(&[SSH_AGENTC_REQUEST_IDENTITIES]), [6], "ssh-add -l");
+        assert_eq!(ask(&[SSH_AGENTC_SIGN_REQUEST, 0, 0]), [6], "a signature");
+        assert_eq!(ask(&bind), [6], "session-bind");
+        // ssh-add -D, -d, a key added, -x (lock), -X (unlock), a smartcard, another extension.
+        for refused in [&[19u8][..], &[18, 0], &[17, 0], &[22, 0], &[23, 0], &[20, 0], &other_extension] {
+            assert_eq!(ask(refused), [SSH_AGENT_FAILURE], "{refused:?}");
+        }
+        assert_eq!(*seen.lock().unwrap(), [SSH_AGENTC_REQUEST_IDENTITIES, SSH_AGENTC_SIGN_REQUEST, SSH_AGENTC_EXTENSION]);
+        // A length past the limit ends the connection.
+        (&guest).write_all(&u32::MAX.to_be_bytes()).unwrap();
+        relay.join().unwrap();
     }
 
     #[test]
@@ -488,8 +591,11 @@ mod tests {
         let during = threads_and_fds();
         eprintln!("2000 connections held: {} served, threads {} -> {}, fds {} -> {} (2000 of them the clients')", listening.open_connections(), before.0, during.0, before.1, during.1);
         assert_eq!(listening.open_connections(), MAX_CONNECTIONS);
-        assert!(during.0 <= before.0 + MAX_CONNECTIONS + 2, "threads: {before:?} -> {during:?}");
-        assert!(during.1 <= before.1 + 2000 + MAX_CONNECTIONS + 2, "fds: {before:?} -> {during:?}");
+        // Counted for the whole process: other tests of this binary run beside this one and
+        // hold a few threads and fds of their own.
+        let others = 16;
+        assert!(during.0 <= before.0 + MAX_CONNECTIONS + others, "threads: {before:?} -> {during:?}");
+        assert!(during.1 <= before.1 + 2000 + MAX_CONNECTIONS + others, "fds: {before:?} -> {during:?}");
         // Those past the cap were closed: their reads end at once.
         let refused = clients.iter().filter(|c| {
             c.set_read_timeout(Some(std::time::Duration::from_millis(1))).unwrap();
