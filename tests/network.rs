@@ -127,7 +127,8 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     // The issue's own example: curl, by name, through the proxy, to a host server; then
     // the host's GPG agent, asked whether it holds the key, and the public keyring.
     let script = format!(
-        "ssh-add -l; curl -s http://api.test:{port}/; echo; echo $GNUPGHOME; \
+        "ssh-add -D >/dev/null 2>&1 && echo emptied; echo pw | ssh-add -x >/dev/null 2>&1 && echo locked; \
+         ssh-add -l; curl -s http://api.test:{port}/; echo; echo $GNUPGHOME; \
          printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
     );
     let out = env
@@ -146,6 +147,8 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     assert!(gpg_lines[0].starts_with("OK ") && gpg_lines[1] == "OK", "[{engine}] the host's gpg-agent holds the key: {gpg_part}");
     assert_eq!(gpg_lines[2], pubring.to_string(), "[{engine}] the public keyring reached the guest");
     assert!(host_list.contains("cvm-test-key"));
+    assert!(!stdout.contains("emptied") && !stdout.contains("locked"), "[{engine}] the guest changed the host agent: {stdout}");
+    assert_eq!(run(std::process::Command::new("ssh-add").arg("-l")), host_list, "[{engine}] the host agent keeps its key, unlocked");
     env.assert_clean();
     let _ = agent.kill();
     let _ = agent.wait();
