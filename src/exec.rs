@@ -14,7 +14,7 @@ use cvm_agent::protocol::{self, Exec, ExitStatus, Reply, Request};
 use rustix::event::{PollFd, PollFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 
-use crate::terminal;
+use crate::terminal::{self, escapes::EscapeFilter};
 
 /// How long the guest may take to answer a connection request: a hung or hostile guest must
 /// not hold cvm. A healthy one answers in milliseconds, even nested.
@@ -210,6 +210,16 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
 fn relay_frames(conn: UnixStream, mut reader: io::BufReader<UnixStream>, writer: Writer, mut signals: SignalWatch, tty: bool, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
     let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
     let mut output_open = (true, true);
+    // What reaches a terminal of the user's is filtered ([`terminal::escapes`]).
+    let mut filters = (EscapeFilter::for_fd(stdout), EscapeFilter::for_fd(stderr));
+    let shown = |filter: &mut Option<EscapeFilter>, data: Vec<u8>| match filter {
+        Some(filter) => {
+            let mut out = Vec::with_capacity(data.len());
+            filter.filter(&data, &mut out);
+            out
+        }
+        None => data,
+    };
     // Set when cvm is told to end: (the signal, when the command's grace ends).
     let mut terminating: Option<(i32, Instant)> = None;
     let ends = |terminating: Option<(i32, Instant)>| [deadline, terminating.map(|(_, at)| at)].into_iter().flatten().min();
@@ -259,8 +269,8 @@ fn relay_frames(conn: UnixStream, mut reader: io::BufReader<UnixStream>, writer:
         // A frame the guest started must arrive whole soon, and never past the deadlines.
         let frame_by = ends(terminating).map_or(Instant::now() + FRAME_TIME, |end| end.min(Instant::now() + FRAME_TIME));
         match protocol::read_reply(&mut ReadBy::new(&mut reader, &conn, frame_by)) {
-            Ok(Some(Reply::Stdout(data))) if output_open.0 => output_open.0 = write_all_fd(stdout, &data).is_ok(),
-            Ok(Some(Reply::Stderr(data))) if output_open.1 => output_open.1 = write_all_fd(stderr, &data).is_ok(),
+            Ok(Some(Reply::Stdout(data))) if output_open.0 => output_open.0 = write_all_fd(stdout, &shown(&mut filters.0, data)).is_ok(),
+            Ok(Some(Reply::Stderr(data))) if output_open.1 => output_open.1 = write_all_fd(stderr, &shown(&mut filters.1, data)).is_ok(),
             Ok(Some(Reply::Failed(message))) => {
                 terminal::restore();
                 eprintln!("cvm: {message}");

@@ -268,16 +268,28 @@ pub fn stop(name: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Copies the VM's console log to `out`; with `follow`, goes on until the VM stops.
-pub fn copy_console(name: &str, follow: bool, out: &mut impl std::io::Write) -> Result<()> {
+/// Copies the console log of the VM `name` to `out`, then, with `follow`, what it writes
+/// until it stops. `filter` is what stands between the guest's bytes and a terminal.
+pub fn copy_console<W: std::io::Write>(name: &str, follow: bool, out: &mut W, mut filter: Option<crate::terminal::escapes::EscapeFilter>) -> Result<()> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let vm = list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;
     let mut file = std::fs::File::open(&vm.info.console_log).with_context(|| format!("the console log of {name} is gone"))?;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut shown = Vec::new();
+    let mut write = |out: &mut W, bytes: &[u8]| -> std::io::Result<()> {
+        match filter.as_mut() {
+            Some(filter) => {
+                shown.clear();
+                filter.filter(bytes, &mut shown);
+                out.write_all(&shown)
+            }
+            None => out.write_all(bytes),
+        }
+    };
     loop {
         let n = file.read(&mut buf)?;
         if n > 0 {
-            out.write_all(&buf[..n])?;
+            write(out, &buf[..n])?;
             continue;
         }
         out.flush()?;
@@ -287,7 +299,7 @@ pub fn copy_console(name: &str, follow: bool, out: &mut impl std::io::Write) -> 
         if find(name).is_err() {
             // Once more after the VM is gone: what it wrote last is not lost.
             let n = file.read(&mut buf)?;
-            out.write_all(&buf[..n])?;
+            write(out, &buf[..n])?;
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

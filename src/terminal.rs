@@ -1,4 +1,7 @@
-//! The user's terminal: raw mode while a guest terminal is attached, always restored.
+//! The user's terminal: raw mode while a guest terminal is attached, always restored, and
+//! what of the guest's output may reach it ([`escapes`]).
+
+pub mod escapes;
 
 use std::os::fd::BorrowedFd;
 use std::sync::Mutex;

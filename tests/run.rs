@@ -190,7 +190,7 @@ fn with_a_terminal_the_command_gets_one_of_the_same_size() {
     // script(1) (util-linux) gives cvm a pseudo-terminal, as a user's terminal would.
     let Some(env) = Env::new() else { return };
     let inner = format!(
-        "stty rows 33 cols 101; XDG_RUNTIME_DIR={} {} run --vmm {} --kernel {} --image {} -- sh -c 'tty; stty size; read x; echo got $x; exit 7'",
+        "stty rows 33 cols 101; XDG_RUNTIME_DIR={} {} run --vmm {} --kernel {} --image {} -- sh -c 'printf \"A\\033]52;c;ZXZpbA==\\007B\\033[31mC\\n\"; tty; stty size; read x; echo got $x; exit 7'",
         env.runtime.path().display(),
         env!("CARGO_BIN_EXE_cvm"),
         engine(),
@@ -227,6 +227,8 @@ fn with_a_terminal_the_command_gets_one_of_the_same_size() {
     assert!(seen.contains("/dev/pts/"), "the command has a terminal: {seen:?}");
     assert!(seen.contains("33 101"), "of the host terminal's size: {seen:?}");
     assert!(seen.contains("got hello"), "keys reach it: {seen:?}");
+    // The guest's clipboard write never reaches the terminal; its colours do.
+    assert!(seen.contains("AB\u{1b}[31mC") && !seen.contains("]52;"), "{seen:?}");
     assert_eq!(status.code(), Some(7), "{seen:?}");
     env.assert_clean();
 }

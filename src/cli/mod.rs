@@ -46,6 +46,11 @@ pub(crate) struct Cli {
     /// the guest's console when a session ends, as --debug does.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Pass the guest's output to this terminal as it is: without it, escape sequences that
+    /// act outside the terminal (OSC 52 clipboard writes, title and state reports, DCS
+    /// strings) are dropped from what reaches a terminal.
+    #[arg(long, global = true)]
+    pub raw_terminal: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -206,6 +211,7 @@ pub(crate) fn main() -> ExitCode {
         }
     }
     init_logging(cli.verbose);
+    cvm::terminal::escapes::set_raw_output(cli.raw_terminal);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
         Command::Run(args) => run(&args, prompt),
@@ -216,7 +222,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Setup(args) => session_exit(setup(args)),
         Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, forwards: args.forwards, timings: false, auto_setup: false, worktree: None, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
         Command::Logs { name, network: _, follow } => match name {
-            Some(name) => report(cvm::named::copy_console(&name, follow, &mut std::io::stdout())),
+            Some(name) => report(cvm::named::copy_console(&name, follow, &mut std::io::stdout(), cvm::terminal::escapes::EscapeFilter::for_fd(rustix::stdio::stdout()))),
             None => {
                 let path = cvm::egress::audit_log_path();
                 match std::fs::read(&path) {
