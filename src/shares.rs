@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{Exec, Setup, Step, User};
-use cvm_backends::fs::{Policy, ShareConfig};
+use cvm_backends::fs::{Policy, Quota, ShareConfig};
 
 /// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
 /// conversations, sessions, todos, history or memory.
@@ -152,6 +152,25 @@ pub struct ShareRequest {
     pub allow_unsandboxed_fs: bool,
     /// Shares whose servers the caller runs (`cvm bench fs --in-vm`'s virtiofsd).
     pub external: Vec<ExternalShare>,
+    /// The most the guest may add to each writable share; none: [`automatic_quota`].
+    pub quota: Option<u64>,
+}
+
+/// Of a file system's free space and files, what is kept from a guest: a tenth of its size,
+/// and at least this much.
+const MIN_RESERVE: u64 = 1 << 30;
+
+/// What the guest may add to the share `dir` by default: what its file system has free, less
+/// a tenth of its size (at least [`MIN_RESERVE`]), in bytes and likewise in files; `bytes`
+/// instead when given.
+pub fn share_quota(dir: &Path, bytes: Option<u64>) -> Result<Quota> {
+    let stat = rustix::fs::statvfs(dir).with_context(|| format!("cannot read the free space of {}", dir.display()))?;
+    let block = stat.f_frsize.max(1);
+    let (total, free) = (stat.f_blocks.saturating_mul(block), stat.f_bavail.saturating_mul(block));
+    let auto_bytes = free.saturating_sub((total / 10).max(MIN_RESERVE));
+    // A file system that counts no inodes (btrfs) has no limit on them to protect.
+    let inodes = if stat.f_files == 0 { u64::MAX } else { stat.f_favail.saturating_sub(stat.f_files / 10) };
+    Ok(Quota { bytes: bytes.unwrap_or(auto_bytes), inodes })
 }
 
 /// A share served by a vhost-user fs server that is not cvm's: the session connects the VM to
@@ -297,21 +316,25 @@ impl SharePlan {
         let mut plan = SharePlan::default();
         let project = request.project.as_ref().map(|p| p.canonicalize().with_context(|| format!("cannot share {}", p.display()))).transpose()?;
         let host_code = crate::host_code::host_code_paths(project.as_deref(), &host.home);
-        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| {
+        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| -> Result<()> {
             policy.protected_paths = crate::host_code::within(&host_code, &dir);
+            if !policy.read_only {
+                policy.quota = Some(share_quota(&dir, request.quota)?);
+            }
             let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid, allow_no_sandbox: request.allow_unsandboxed_fs };
             plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
             plan.shares.push(PlannedShare { backend, guest_path });
+            Ok(())
         };
 
         if let Some(project) = project {
             if !project.is_dir() {
                 bail!("cannot share {}: not a directory", project.display());
             }
-            add(&mut plan, "project".into(), project.clone(), Policy::default(), project.clone(), false);
+            add(&mut plan, "project".into(), project.clone(), Policy::default(), project.clone(), false)?;
             if let Some(git) = worktree_common_dir(&project).filter(|g| !g.starts_with(&project)) {
                 let policy = Policy { git_dir: true, ..Policy::default() };
-                add(&mut plan, "git".into(), git.clone(), policy, git, false);
+                add(&mut plan, "git".into(), git.clone(), policy, git, false)?;
             }
             plan.plan_claude(request, host, &user, &project, &mut add)?;
             if let Some(state) = claude_state(&host.home.join(".claude.json"), &project) {
@@ -329,7 +352,7 @@ impl SharePlan {
                 bail!("{} is mounted twice in the guest", spec.guest.display());
             }
             let policy = Policy { read_only: spec.read_only, ..Policy::default() };
-            add(&mut plan, format!("mount{index}"), host_dir, policy, spec.guest.clone(), spec.read_only);
+            add(&mut plan, format!("mount{index}"), host_dir, policy, spec.guest.clone(), spec.read_only)?;
         }
         for share in &request.external {
             if plan.shares.iter().any(|s| s.guest_path == share.guest_path) {
@@ -349,7 +372,7 @@ impl SharePlan {
                 ("mounts", plan.shares.iter().map(|s| format!("{} {} {}\n", s.backend.dir.display(), s.guest_path.display(), if s.backend.policy.read_only { "ro" } else { "rw" })).collect()),
             ];
             let policy = Policy { read_only: true, ..Policy::default() };
-            add(&mut plan, "meta".into(), meta_dir.to_path_buf(), policy, PathBuf::from(META_GUEST_DIR), true);
+            add(&mut plan, "meta".into(), meta_dir.to_path_buf(), policy, PathBuf::from(META_GUEST_DIR), true)?;
             plan.setup.user = Some(user);
         }
         Ok(plan)
@@ -362,7 +385,7 @@ impl SharePlan {
         host: &HostUser,
         user: &User,
         project: &Path,
-        add: &mut impl FnMut(&mut SharePlan, String, PathBuf, Policy, PathBuf, bool),
+        add: &mut impl FnMut(&mut SharePlan, String, PathBuf, Policy, PathBuf, bool) -> Result<()>,
     ) -> Result<()> {
         let claude = host.home.join(".claude");
         if !claude.is_dir() {
@@ -374,7 +397,7 @@ impl SharePlan {
         let policy = Policy { read_only: true, visible: Some(request.claude_items.clone()), writable_file: writable_file.clone(), ..Policy::default() };
         // Mounted read-write in the guest so the credentials bind can write: the backend's
         // policy is what makes the rest read-only.
-        add(self, "claude".into(), claude.clone(), policy, lower.clone(), false);
+        add(self, "claude".into(), claude.clone(), policy, lower.clone(), false)?;
         self.setup.steps.push(Step::Overlay { lower: bytes(&lower), target: bytes(&guest_claude) });
         if writable_file.is_some() && claude.join(CREDENTIALS).is_file() {
             self.setup.steps.push(Step::Bind { source: bytes(&lower.join(CREDENTIALS)), target: bytes(&guest_claude.join(CREDENTIALS)) });
@@ -390,7 +413,7 @@ impl SharePlan {
             let folder = Path::new("projects").join(encode_project_path(project));
             let host_folder = claude.join(&folder);
             std::fs::create_dir_all(&host_folder).with_context(|| format!("cannot create {}", host_folder.display()))?;
-            add(self, "conversations".into(), host_folder, Policy::default(), guest_claude.join(folder), false);
+            add(self, "conversations".into(), host_folder, Policy::default(), guest_claude.join(folder), false)?;
         }
         Ok(())
     }

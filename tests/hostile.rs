@@ -245,6 +245,8 @@ fn a_hostile_guest_escapes_nothing() {
     git(&project, &["init", "-q", "-b", "main"]);
     std::fs::write(project.join("a.txt"), "one\n").unwrap();
     let config = std::fs::read(project.join(".git/config")).unwrap();
+    let project_bytes = || -> u64 { walk(&project).iter().filter(|(_, meta)| meta.is_file()).map(|(_, meta)| meta.len()).sum() };
+    let bytes_before = project_bytes();
     let (loopback, _) = common::http_server("LOOPBACK-REACHED");
     let (allowed, hosts_seen) = common::http_server("ALLOWED-REACHED");
 
@@ -283,6 +285,9 @@ fn a_hostile_guest_escapes_nothing() {
         try host-header-fronting get -H 'Host: evil.test' http://allowed.test:@ALLOWED@/
         try not-allowed-name get http://example.com/
         try mapped-name-other-port get http://allowed.test:@LOOPBACK@/
+        try fill-the-disk fallocate -l 2G filler
+        try sparse-8t truncate -s 8T sparse
+        try quota-by-many-writes sh -c 'for i in 1 2 3 4 5; do head -c 16M /dev/zero > many$i || exit 1; done'
         try mapped-name-connect-other-port get -p http://allowed.test:@LOOPBACK@/
         # 2000 connections to the proxy, held.
         ulimit -n 4096 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -302,7 +307,7 @@ fn a_hostile_guest_escapes_nothing() {
     let engine = engine();
     let mount = format!("{}:/ro:ro", read_only.display());
     let mut child = env
-        .command(engine, &[arg(&project), "--mount", &mount, "--add-host", "allowed.test:127.0.0.1", "--allow", &format!("allowed.test:{allowed}"), "--", "bash", "-c", &script])
+        .command(engine, &[arg(&project), "--mount", &mount, "--add-host", "allowed.test:127.0.0.1", "--allow", &format!("allowed.test:{allowed}"), "--share-quota", "64M", "--", "bash", "-c", &script])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -340,12 +345,15 @@ fn a_hostile_guest_escapes_nothing() {
     eprintln!("[{engine}] hostile guest:\n{table}{under_flood}");
     assert_eq!(out.status.code(), Some(0), "[{engine}] {table} {}", text(&out.stderr));
     let summary = lines.last().unwrap();
-    assert!(summary.starts_with("attempts 33, blocked 33, escaped 0"), "[{engine}] {table}");
+    assert!(summary.starts_with("attempts 36, blocked 36, escaped 0"), "[{engine}] {table}");
     assert!(!under_flood.is_empty(), "[{engine}] the flood was not held: {table}");
 
     // The host's side.
     assert_eq!(std::fs::read(project.join(".git/config")).unwrap(), config, "[{engine}]");
     assert_eq!(std::fs::read_to_string(read_only.join("file")).unwrap(), "read only\n", "[{engine}]");
+    let added = project_bytes() - bytes_before;
+    assert!(added <= 64 << 20, "[{engine}] the guest added {added} bytes past its 64 MiB quota");
+    assert!(text(&out.stderr).contains("reached its quota on the share"), "[{engine}] cvm says so: {}", text(&out.stderr));
     assert!(!hosts_seen.lock().unwrap().iter().any(|h| h.contains("evil")), "[{engine}] {:?}", hosts_seen.lock().unwrap());
     for (path, meta) in walk(&project) {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -36,6 +36,12 @@ pub(crate) struct VmArgs {
     /// [config: vm.disk, CVM_DISK]
     #[arg(long, value_parser = parse_memory_size)]
     pub disk: Option<u64>,
+    /// The most the guest may add to each writable share (file sizes, sparse or not, net of
+    /// what it removes; 20G, 500M); past it the guest gets "Disk quota exceeded". [config:
+    /// vm.share_quota, CVM_SHARE_QUOTA; default: what the share's file system has free, less
+    /// a tenth of its size (at least 1 GiB); new files likewise]
+    #[arg(long, value_parser = parse_memory_size)]
+    pub share_quota: Option<u64>,
     /// Show the guest's console (kernel and agent messages) when the session ends.
     #[arg(long)]
     pub debug: bool,
@@ -128,6 +134,7 @@ impl VmArgs {
             cpus: self.cpus,
             memory: self.memory,
             disk: self.disk,
+            share_quota: self.share_quota,
             vmm: self.engine,
             image: self.image.clone(),
             timeout: self.timeout,
@@ -195,6 +202,7 @@ pub(crate) fn session_config(settings: &Settings, args: &VmArgs, forwards: Forwa
             mounts: settings.mounts.value.clone(),
             conversations: !args.no_conversations,
             allow_unsandboxed_fs: args.allow_unsandboxed_fs,
+            quota: settings.share_quota.value,
             claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
             external: Vec::new(),
         },

@@ -252,14 +252,15 @@ impl FileConfig {
 }
 
 /// The key, when a project's `[vm]` `name = text` asks more of the host than cvm's defaults
-/// give (vCPUs or memory beyond them, any scratch disk, a time limit beyond CI's): such a
+/// give (vCPUs or memory beyond them, any scratch disk or share quota, a time limit beyond
+/// CI's): such a
 /// file could make the next session take the host's CPUs, memory, disk or time.
 fn raised_limit(name: &str, text: &str) -> Option<&'static str> {
     let defaults = super::Settings::defaults();
     let raised = match name {
         "cpus" => super::keys::parse_cpus(text).is_ok_and(|cpus| cpus > defaults.cpus.value),
         "memory" => cvm_vmm::parse_memory_size(text).is_ok_and(|bytes| bytes > defaults.memory.value),
-        "disk" => true,
+        "disk" | "share_quota" => true,
         "timeout" => crate::run::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
         _ => false,
     };

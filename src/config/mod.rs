@@ -114,6 +114,9 @@ pub struct Settings {
     pub cpus: Sourced<u8>,
     pub memory: Sourced<u64>,
     pub disk: Sourced<Option<u64>>,
+    /// The most the guest may add to each writable share; none: what the share's file system
+    /// has free, less a reserve.
+    pub share_quota: Sourced<Option<u64>>,
     pub vmm: Sourced<Engine>,
     pub image: Sourced<String>,
     pub timeout: Sourced<Option<Duration>>,
@@ -142,6 +145,7 @@ impl Settings {
             cpus: Sourced::default(2),
             memory: Sourced::default(512 << 20),
             disk: Sourced::default(None),
+            share_quota: Sourced::default(None),
             vmm: Sourced::default(Engine::Cvm),
             image: Sourced::default("debian".into()),
             timeout: Sourced::default(None),
@@ -268,6 +272,7 @@ impl Settings {
         self.cpus.set_given(flags.cpus, f());
         self.memory.set_given(flags.memory, f());
         self.disk.set_given(flags.disk.map(Some), f());
+        self.share_quota.set_given(flags.share_quota.map(Some), f());
         self.vmm.set_given(flags.vmm, f());
         self.image.set_given(flags.image, f());
         self.timeout.set_given(flags.timeout.map(Some), f());
@@ -371,6 +376,7 @@ pub struct Flags {
     pub cpus: Option<u8>,
     pub memory: Option<u64>,
     pub disk: Option<u64>,
+    pub share_quota: Option<u64>,
     pub vmm: Option<Engine>,
     pub image: Option<String>,
     pub timeout: Option<Duration>,

@@ -34,7 +34,7 @@ use virtiofsd::sandbox::{Sandbox, SandboxMode};
 use virtiofsd::soft_idmap::cmdline::IdMap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use policy::{Policy, PolicyFs};
+pub use policy::{Policy, PolicyFs, Quota};
 
 /// The fd the backend process finds its listening socket on.
 const LISTENER_FD: i32 = 3;
@@ -42,6 +42,24 @@ const LISTENER_FD: i32 = 3;
 /// only cvm holds and never writes, so it reads end-of-file exactly when cvm is gone or has
 /// dropped the backend.
 const LIFELINE_FD: i32 = 4;
+/// The fd the backend writes what the user must be told on: cvm's own standard error, while
+/// the backend's standard error may be a log.
+const NOTICE_FD: i32 = 5;
+
+/// Tells the user `message` on cvm's standard error (the backend's own where cvm gave none).
+pub(crate) fn notice(message: &str) {
+    use std::io::Write;
+    // SAFETY: fcntl(F_GETFD) only asks whether the fd is open.
+    let line = format!("cvm: {message}\n");
+    if unsafe { libc::fcntl(NOTICE_FD, libc::F_GETFD) } >= 0 {
+        // SAFETY: NOTICE_FD is open (checked above) and stays cvm's to close; ManuallyDrop
+        // keeps this File from closing it.
+        let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(NOTICE_FD) });
+        let _ = out.write_all(line.as_bytes());
+    } else {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
 
 /// One share's backend, as plain data: what it serves and under which rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +115,9 @@ impl ShareConfig {
         for path in &self.policy.protected_paths {
             args.extend(["--protect".into(), path.clone().into()]);
         }
+        if let Some(quota) = self.policy.quota {
+            args.extend(["--quota-bytes".into(), quota.bytes.to_string().into(), "--quota-inodes".into(), quota.inodes.to_string().into()]);
+        }
         args
     }
 
@@ -127,6 +148,8 @@ impl ShareConfig {
                 "--visible" => policy.visible.get_or_insert_with(Vec::new).push(text()?),
                 "--writable-file" => policy.writable_file = Some(text()?),
                 "--protect" => policy.protected_paths.push(PathBuf::from(&value)),
+                "--quota-bytes" => policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).bytes = text()?.parse().map_err(|_| "--quota-bytes needs a number")?,
+                "--quota-inodes" => policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).inodes = text()?.parse().map_err(|_| "--quota-inodes needs a number")?,
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -157,9 +180,12 @@ impl FsBackend {
         let (lifeline_read, lifeline) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         cvm_sandbox::process::pass_fd(&mut command, listener.as_raw_fd(), LISTENER_FD);
         cvm_sandbox::process::pass_fd(&mut command, lifeline_read.as_raw_fd(), LIFELINE_FD);
+        // A copy made here: in the child, fd 2 is already what `command` says (a log).
+        let notices = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stderr(), 10)?;
+        cvm_sandbox::process::pass_fd(&mut command, notices.as_raw_fd(), NOTICE_FD);
         cvm_sandbox::process::die_with_parent(&mut command);
         let child = command.spawn()?;
-        drop(listener);
+        drop((listener, notices));
         Ok(FsBackend { child, _lifeline: lifeline })
     }
 }
@@ -328,7 +354,7 @@ fn passthrough_config(share: &ShareConfig) -> passthrough::Config {
 }
 
 fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::Config) -> io::Result<()> {
-    let fs = PolicyFs::new(PassthroughFs::new(config)?, share.policy.clone());
+    let fs = PolicyFs::new(PassthroughFs::new(config)?, share.policy.clone(), share.dir.display().to_string());
     let mut daemon = VhostUserDaemon::new(format!("cvm-fs-{}", share.tag), Arc::new(queues::FsQueues::new(fs)), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
         .map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     daemon.start(&mut listener).map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;

@@ -49,6 +49,25 @@ pub struct Policy {
     /// everything below them and every name on the way to them. A component ending in `*`
     /// stands for every name that begins with what comes before the `*`.
     pub protected_paths: Vec<PathBuf>,
+    /// How much the guest may add to the share, if it is limited.
+    pub quota: Option<Quota>,
+}
+
+/// What the guest may add to a share over a session: bytes of file size (sparse or not) and
+/// new inodes, net of what it removes. Past either the guest gets EDQUOT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// What the guest has added so far, against its [`Quota`].
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: i128,
+    inodes: i128,
+    /// The first refusal is logged; the rest are not.
+    refused: bool,
 }
 
 /// The rest of a protected path, one component a name.
@@ -81,6 +100,10 @@ fn enoent() -> io::Error {
     io::Error::from_raw_os_error(libc::ENOENT)
 }
 
+fn over_quota() -> io::Error {
+    io::Error::from_raw_os_error(libc::EDQUOT)
+}
+
 /// The guest may not make a repository for host git to find outside a `.git`.
 fn not_a_repository() -> io::Error {
     io::Error::from_raw_os_error(libc::EPERM)
@@ -100,10 +123,13 @@ pub struct PolicyFs<F> {
     repository_names: Mutex<()>,
     /// The protected paths still to be walked, by the directory they continue from.
     path_rules: RwLock<HashMap<u64, Vec<PathRule>>>,
+    usage: Mutex<Usage>,
+    /// What the share is called in messages (its host path).
+    label: String,
 }
 
 impl<F: FileSystem> PolicyFs<F> {
-    pub fn new(inner: F, policy: Policy) -> Self {
+    pub fn new(inner: F, policy: Policy, label: String) -> Self {
         let git_roles = if policy.git_dir { HashMap::from([(ROOT, GitRole::GitDir)]) } else { HashMap::new() };
         let rules: Vec<PathRule> = policy
             .protected_paths
@@ -123,6 +149,66 @@ impl<F: FileSystem> PolicyFs<F> {
             git_roles: RwLock::new(git_roles),
             repository_names: Mutex::new(()),
             path_rules: RwLock::new(path_rules),
+            usage: Mutex::default(),
+            label,
+        }
+    }
+
+    /// Counts `bytes` and `inodes` (either may be negative: freed) against the quota; refuses
+    /// an addition that would pass it.
+    fn charge(&self, bytes: i128, inodes: i128) -> io::Result<()> {
+        let Some(quota) = self.policy.quota else { return Ok(()) };
+        let mut usage = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let (new_bytes, new_inodes) = (usage.bytes + bytes, usage.inodes + inodes);
+        if (bytes > 0 && new_bytes > i128::from(quota.bytes)) || (inodes > 0 && new_inodes > i128::from(quota.inodes)) {
+            if !usage.refused {
+                usage.refused = true;
+                // Whatever the log level: the user should know why the guest's writes fail.
+                super::notice(&format!(
+                    "the guest reached its quota on the share {} ({} MiB and {} files added): it gets EDQUOT (\"Disk quota exceeded\"); --share-quota sets it",
+                    self.label,
+                    quota.bytes >> 20,
+                    quota.inodes
+                ));
+            }
+            return Err(over_quota());
+        }
+        (usage.bytes, usage.inodes) = (new_bytes, new_inodes);
+        Ok(())
+    }
+
+    /// The size of `inode` now (asked of the inner file system), where a quota needs it.
+    fn size_of(&self, ctx: Context, inode: u64) -> io::Result<u64> {
+        Ok(self.inner.getattr(ctx, inode.into(), None)?.0.size)
+    }
+
+    /// Charges the growth of `inode` to `end` bytes, if it grows; returns what was charged.
+    fn charge_growth(&self, ctx: Context, inode: u64, end: u64) -> io::Result<i128> {
+        if self.policy.quota.is_none() {
+            return Ok(0);
+        }
+        let growth = i128::from(end) - i128::from(self.size_of(ctx, inode)?);
+        let charged = growth.max(0);
+        self.charge(charged, 0)?;
+        Ok(charged)
+    }
+
+    /// What removing `name` in `dir` frees, when it is the last link: (bytes, inodes).
+    fn freed_by_removing(&self, ctx: Context, dir: u64, name: &CStr) -> (i128, i128) {
+        if self.policy.quota.is_none() {
+            return (0, 0);
+        }
+        match self.inner.lookup(ctx, dir.into(), name) {
+            Ok(entry) => {
+                self.inner.forget(ctx, entry.inode.into(), 1);
+                let is_dir = entry.attr.mode & libc::S_IFMT == libc::S_IFDIR;
+                if is_dir || entry.attr.nlink <= 1 {
+                    (i128::from(entry.attr.size), 1)
+                } else {
+                    (0, 0)
+                }
+            }
+            Err(_) => (0, 0),
         }
     }
 
@@ -260,6 +346,14 @@ impl<F: FileSystem> PolicyFs<F> {
         }
     }
 
+    /// `result`, with what was charged for it given back when it failed.
+    fn refund_on_error<T>(&self, result: io::Result<T>, bytes: i128, inodes: i128) -> io::Result<T> {
+        if result.is_err() && (bytes != 0 || inodes != 0) {
+            let _ = self.charge(-bytes, -inodes);
+        }
+        result
+    }
+
     fn check_modify(&self, inode: u64) -> io::Result<()> {
         if self.can_modify(inode) {
             Ok(())
@@ -359,7 +453,13 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
             self.check_attributes(inode)?;
         }
         let attr = fuse::SetattrIn { mode: without_set_id(attr.mode), ..attr };
-        self.inner.setattr(ctx, inode.into(), attr, handle, valid)
+        if !valid.contains(SetattrValid::SIZE) || self.policy.quota.is_none() {
+            return self.inner.setattr(ctx, inode.into(), attr, handle, valid);
+        }
+        // A truncation up is charged, one down credited.
+        let change = i128::from(attr.size) - i128::from(self.size_of(ctx, inode)?);
+        self.charge(change, 0)?;
+        self.refund_on_error(self.inner.setattr(ctx, inode.into(), attr, handle, valid), change, 0)
     }
 
     fn readlink(&self, ctx: Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
@@ -370,7 +470,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let parent: u64 = parent.into();
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeSymlink)?;
-        let entry = self.inner.symlink(ctx, linkname, parent.into(), name, extensions)?;
+        self.charge(0, 1)?;
+        let entry = self.refund_on_error(self.inner.symlink(ctx, linkname, parent.into(), name, extensions), 0, 1)?;
         self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
@@ -383,7 +484,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         }
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
-        let entry = self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions)?;
+        self.charge(0, 1)?;
+        let entry = self.refund_on_error(self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions), 0, 1)?;
         self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
@@ -392,7 +494,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let parent: u64 = parent.into();
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeDir)?;
-        let entry = self.inner.mkdir(ctx, parent.into(), name, without_set_id(mode), umask, extensions)?;
+        self.charge(0, 1)?;
+        let entry = self.refund_on_error(self.inner.mkdir(ctx, parent.into(), name, without_set_id(mode), umask, extensions), 0, 1)?;
         self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
@@ -400,13 +503,17 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
     fn unlink(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
         self.can_change_entry(ctx, parent, name, EntryChange::RemoveFile)?;
-        self.inner.unlink(ctx, parent.into(), name)
+        let (bytes, inodes) = self.freed_by_removing(ctx, parent, name);
+        self.inner.unlink(ctx, parent.into(), name)?;
+        self.charge(-bytes, -inodes)
     }
 
     fn rmdir(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         let parent: u64 = parent.into();
         self.can_change_entry(ctx, parent, name, EntryChange::RemoveDir)?;
-        self.inner.rmdir(ctx, parent.into(), name)
+        let (bytes, inodes) = self.freed_by_removing(ctx, parent, name);
+        self.inner.rmdir(ctx, parent.into(), name)?;
+        self.charge(-bytes, -inodes)
     }
 
     fn rename(&self, ctx: Context, olddir: Self::Inode, oldname: &CStr, newdir: Self::Inode, newname: &CStr, flags: u32) -> io::Result<()> {
@@ -458,7 +565,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let parent: u64 = parent.into();
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
-        let (entry, handle, options) = self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions)?;
+        self.charge(0, 1)?;
+        let (entry, handle, options) = self.refund_on_error(self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions), 0, 1)?;
         self.note(ctx, parent, name, &entry);
         Ok((entry, handle, options))
     }
@@ -470,7 +578,14 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
     fn write<R: ZeroCopyReader>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, r: R, size: u32, offset: u64, lock_owner: Option<u64>, delayed_write: bool, kill_priv: bool, flags: u32) -> io::Result<usize> {
         let inode: u64 = inode.into();
         self.check_modify(inode)?;
-        self.inner.write(ctx, inode.into(), handle, r, size, offset, lock_owner, delayed_write, kill_priv, flags)
+        let charged = self.charge_growth(ctx, inode, offset.saturating_add(u64::from(size)))?;
+        let written = self.refund_on_error(self.inner.write(ctx, inode.into(), handle, r, size, offset, lock_owner, delayed_write, kill_priv, flags), charged, 0)?;
+        // A short write grew the file less than was charged.
+        let short = i128::from(size) - written as i128;
+        if charged > 0 && short > 0 {
+            let _ = self.charge(-short.min(charged), 0);
+        }
+        Ok(written)
     }
 
     fn flush(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, lock_owner: u64) -> io::Result<()> {
@@ -484,7 +599,18 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
     fn fallocate(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, mode: u32, offset: u64, length: u64) -> io::Result<()> {
         let inode: u64 = inode.into();
         self.check_modify(inode)?;
-        self.inner.fallocate(ctx, inode.into(), handle, mode, offset, length)
+        let mode_flags = mode as i32;
+        let charged = if mode_flags & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) != 0 {
+            0
+        } else if mode_flags & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            // Blocks past the end without a new size: disk used all the same.
+            let charged = i128::from(length);
+            self.charge(charged, 0)?;
+            charged
+        } else {
+            self.charge_growth(ctx, inode, offset.saturating_add(length))?
+        };
+        self.refund_on_error(self.inner.fallocate(ctx, inode.into(), handle, mode, offset, length), charged, 0)
     }
 
     fn release(&self, ctx: Context, inode: Self::Inode, flags: u32, handle: Self::Handle, flush: bool, flock_release: bool, lock_owner: Option<u64>) -> io::Result<()> {
@@ -559,7 +685,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
     fn copyfilerange(&self, ctx: Context, inode_in: Self::Inode, handle_in: Self::Handle, offset_in: u64, inode_out: Self::Inode, handle_out: Self::Handle, offset_out: u64, len: u64, flags: u64) -> io::Result<usize> {
         let inode_out: u64 = inode_out.into();
         self.check_modify(inode_out)?;
-        self.inner.copyfilerange(ctx, inode_in, handle_in, offset_in, inode_out.into(), handle_out, offset_out, len, flags)
+        let charged = self.charge_growth(ctx, inode_out, offset_out.saturating_add(len))?;
+        self.refund_on_error(self.inner.copyfilerange(ctx, inode_in, handle_in, offset_in, inode_out.into(), handle_out, offset_out, len, flags), charged, 0)
     }
 
     fn syncfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<()> {

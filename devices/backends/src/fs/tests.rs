@@ -7,7 +7,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
-use super::{serve_in_process, Policy, ShareConfig};
+use super::{serve_in_process, Policy, Quota, ShareConfig};
 use cvm_virtual_guest::fuse::{FuseGuest, SetattrIn, ROOT};
 
 const SECRET: &str = "host secret\n";
@@ -462,6 +462,39 @@ fn protected_paths_and_every_name_on_the_way_stay_as_the_host_had_them() {
 }
 
 #[test]
+fn the_guest_adds_no_more_than_its_quota_net_of_what_it_removes() {
+    let quota = Quota { bytes: 1 << 20, inodes: 4 };
+    let (fx, mut g) = Fixture::new(Policy { quota: Some(quota), ..Policy::default() }, |_, _| {});
+    let (big, fh) = g.create(ROOT, b"big", 0o644).unwrap();
+    let half = vec![7u8; 512 << 10];
+    assert_eq!(g.write(big.nodeid, fh, 0, &half).unwrap() as usize, half.len());
+    assert_eq!(g.write(big.nodeid, fh, 0, &half).unwrap() as usize, half.len(), "rewriting in place adds nothing");
+    assert_eq!(g.write(big.nodeid, fh, 512 << 10, &half).unwrap() as usize, half.len(), "up to the quota");
+    assert_eq!(g.write(big.nodeid, fh, 1 << 20, b"x").map(drop).map_err(errno), Err(libc::EDQUOT), "one byte past it");
+    // A sparse file counts by its size: 8 TiB of nothing is refused too.
+    let (sparse, sfh) = g.create(ROOT, b"sparse", 0o644).unwrap();
+    assert_eq!(g.truncate(sparse.nodeid, 8 << 40).map_err(errno), Err(libc::EDQUOT));
+    g.release(sparse.nodeid, sfh, false).unwrap();
+    // Inodes: "big" and "sparse" so far, then two more, then none.
+    g.mkdir(ROOT, b"dir", 0o755).unwrap();
+    g.symlink(ROOT, b"link", b"big").unwrap();
+    assert_eq!(g.create(ROOT, b"fifth", 0o644).map(drop).map_err(errno), Err(libc::EDQUOT));
+    assert_eq!(g.mkdir(ROOT, b"fifth", 0o755).map(drop).map_err(errno), Err(libc::EDQUOT));
+    // What the guest removes is its to use again.
+    g.release(big.nodeid, fh, false).unwrap();
+    g.unlink(ROOT, b"big").unwrap();
+    g.rmdir(ROOT, b"dir").unwrap();
+    let (again, afh) = g.create(ROOT, b"again", 0o644).expect("an inode freed");
+    assert_eq!(g.write(again.nodeid, afh, 0, &half).unwrap() as usize, half.len(), "bytes freed");
+    g.truncate(again.nodeid, 0).unwrap();
+    assert_eq!(g.write(again.nodeid, afh, 0, &vec![1u8; 1 << 20]).unwrap() as usize, 1 << 20, "a truncation down frees its bytes");
+    g.release(again.nodeid, afh, false).unwrap();
+    assert!(!fx.share.join("fifth").exists());
+    assert_eq!(std::fs::metadata(fx.share.join("sparse")).unwrap().len(), 0);
+    fx.finish(g);
+}
+
+#[test]
 fn set_id_bits_and_device_nodes_never_reach_the_host() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let (fx, mut g) = Fixture::new(Policy::default(), |_, _| {});
@@ -537,6 +570,7 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
             git_dir: true,
             writable_file: Some("a".into()),
             protected_paths: vec![".husky/_".into(), ".*".into()],
+            quota: Some(Quota { bytes: 1 << 30, inodes: 1000 }),
         },
         guest_uid: 1000,
         guest_gid: 100,
