@@ -31,10 +31,14 @@ pub(super) enum GitRole {
     ModuleDir,
     /// `worktrees/` in a git directory: each directory in it is a worktree's git dir.
     Worktrees,
+    /// `objects/` in a git directory.
+    ObjectsDir,
+    /// `objects/info/` in a git directory, where `alternates` names other object stores.
+    ObjectsInfo,
 }
 
 impl GitRole {
-    fn is_git_dir(self) -> bool {
+    pub(super) fn is_git_dir(self) -> bool {
         matches!(self, GitRole::GitDir | GitRole::ModuleDir)
     }
 
@@ -64,8 +68,16 @@ fn is_dot_git(name: &[u8]) -> bool {
     is(name, ".git")
 }
 
+/// Files in `objects/info/` that make git read objects from elsewhere: a guest that pointed
+/// one at a repository only the host has would have host git push that repository's objects.
+const ALTERNATES: &[&str] = &["alternates", "http-alternates"];
+
 fn is_control(parent: Option<GitRole>, name: &[u8]) -> bool {
-    parent.is_some_and(GitRole::is_git_dir) && CONTROL_NAMES.iter().any(|c| is(name, c))
+    match parent {
+        Some(GitRole::ObjectsInfo) => ALTERNATES.iter().any(|c| is(name, c)),
+        Some(role) => role.is_git_dir() && CONTROL_NAMES.iter().any(|c| is(name, c)),
+        None => false,
+    }
 }
 
 /// `modules` or `worktrees` in a git directory: only ever a real directory.
@@ -84,7 +96,11 @@ pub(super) fn child_role(parent: Option<GitRole>, name: &[u8]) -> Option<GitRole
     if is_dot_git(name) {
         return Some(GitRole::GitDir);
     }
+    if parent == Some(GitRole::ObjectsDir) {
+        return is(name, "info").then_some(GitRole::ObjectsInfo);
+    }
     match parent? {
+        role if role.is_git_dir() && is(name, "objects") => Some(GitRole::ObjectsDir),
         role if role.is_git_dir() && is(name, "modules") => Some(GitRole::Modules),
         role if role.is_git_dir() && is(name, "worktrees") => Some(GitRole::Worktrees),
         GitRole::Modules => Some(GitRole::ModuleDir),
@@ -239,11 +255,17 @@ mod tests {
         assert_eq!(child_role(None, b"modules"), None);
         assert_eq!(child_role(Some(GitDir), b"modules"), Some(Modules));
         assert_eq!(child_role(Some(GitDir), b"worktrees"), Some(Worktrees));
-        assert_eq!(child_role(Some(GitDir), b"objects"), None);
+        assert_eq!(child_role(Some(GitDir), b"objects"), Some(ObjectsDir));
+        assert_eq!(child_role(Some(ObjectsDir), b"info"), Some(ObjectsInfo));
+        assert_eq!(child_role(Some(ObjectsDir), b"pack"), None);
+        assert_eq!(child_role(Some(ObjectsInfo), b"x"), None);
+        assert!(is_protected_entry(Some(ObjectsInfo), b"alternates", false) && is_protected_entry(Some(ObjectsInfo), b"http-alternates", false));
+        assert!(!is_protected_entry(Some(ObjectsInfo), b"packs", false) && !is_protected_entry(Some(ObjectsDir), b"alternates", false));
+        assert!(!allows(Some(ObjectsInfo), b"alternates", MakeFile) && allows(Some(ObjectsInfo), b"packs", MakeFile));
         assert_eq!(child_role(Some(Modules), b"objects"), Some(ModuleDir), "a submodule may be called objects");
         assert_eq!(child_role(Some(ModuleDir), b"nested"), Some(ModuleDir), "a name with a slash");
         assert_eq!(child_role(Some(ModuleDir), b"modules"), Some(Modules));
-        assert_eq!(child_role(Some(ModuleDir), b"objects"), None);
+        assert_eq!(child_role(Some(ModuleDir), b"objects"), Some(ObjectsDir));
         assert_eq!(child_role(Some(ModuleDir), b"refs"), None);
         assert_eq!(child_role(Some(Worktrees), b"wt"), Some(GitDir));
     }

@@ -46,18 +46,21 @@ const LIFELINE_FD: i32 = 4;
 /// the backend's standard error may be a log.
 const NOTICE_FD: i32 = 5;
 
-/// Tells the user `message` on cvm's standard error (the backend's own where cvm gave none).
+/// Where [`notice`] writes: the fd cvm handed over as [`NOTICE_FD`], once [`serve`] took it.
+static NOTICES: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Tells the user `message` on cvm's standard error (this process's own in a backend that cvm
+/// did not start, as in tests).
 pub(crate) fn notice(message: &str) {
     use std::io::Write;
-    // SAFETY: fcntl(F_GETFD) only asks whether the fd is open.
     let line = format!("cvm: {message}\n");
-    if unsafe { libc::fcntl(NOTICE_FD, libc::F_GETFD) } >= 0 {
-        // SAFETY: NOTICE_FD is open (checked above) and stays cvm's to close; ManuallyDrop
-        // keeps this File from closing it.
-        let mut out = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(NOTICE_FD) });
-        let _ = out.write_all(line.as_bytes());
-    } else {
-        let _ = std::io::stderr().write_all(line.as_bytes());
+    match NOTICES.get() {
+        Some(mut out) => {
+            let _ = out.write_all(line.as_bytes());
+        }
+        None => {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
     }
 }
 
@@ -302,6 +305,12 @@ pub fn guest_open_file_limit() -> u64 {
 /// Forks for the sandbox: call it from a process that has no other threads yet.
 pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     share.validate()?;
+    // SAFETY: fcntl(F_GETFD) only asks whether the fd is open: in a process cvm started, it
+    // is the one FsBackend::spawn passed, which nothing else in this process owns; from here
+    // on NOTICES owns it.
+    if unsafe { libc::fcntl(NOTICE_FD, libc::F_GETFD) } >= 0 {
+        let _ = NOTICES.set(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(NOTICE_FD) }));
+    }
     let dir = share.dir.to_str().expect("validated as UTF-8");
     // Before the sandbox, which hides /proc/sys.
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;

@@ -217,17 +217,17 @@ impl<F: FileSystem> PolicyFs<F> {
     }
 
     /// What `dir` is to git where `name` in it matters: its role in git's layout, or, for a
-    /// directory outside it that holds a repository's names (an implicit bare repository the
-    /// host already had), a git directory from now on.
+    /// directory that is no git directory but holds a repository's names (an implicit bare
+    /// repository the host already had), a git directory from now on.
     fn git_role_for(&self, ctx: Context, dir: u64, name: &CStr) -> Option<GitRole> {
         let role = self.git_role(dir);
-        if role.is_some() || !git_guard::marks_repository(name.to_bytes()) {
+        if role.is_some_and(GitRole::is_git_dir) || !git_guard::marks_repository(name.to_bytes()) {
             return role;
         }
         let (head, objects) = git_guard::repository_names();
         let is_repository = self.has_entry(ctx, dir, head) && objects.iter().any(|o| self.has_entry(ctx, dir, o));
         if !is_repository {
-            return None;
+            return role;
         }
         self.git_roles.write().unwrap_or_else(|e| e.into_inner()).insert(dir, GitRole::GitDir);
         Some(GitRole::GitDir)
@@ -315,7 +315,7 @@ impl<F: FileSystem> PolicyFs<F> {
         if !self.is_visible(parent, name) {
             return Err(enoent());
         }
-        if role.is_none() && change.creates() && git_guard::repository_complements(name.to_bytes()).iter().any(|c| self.has_entry(ctx, parent, c)) {
+        if !role.is_some_and(GitRole::is_git_dir) && change.creates() && git_guard::repository_complements(name.to_bytes()).iter().any(|c| self.has_entry(ctx, parent, c)) {
             return Err(not_a_repository());
         }
         Ok(())
@@ -451,6 +451,14 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
             self.check_modify(inode)?;
         } else {
             self.check_attributes(inode)?;
+        }
+        // Files in a share stay the host user's: an owner the guest gives (its root's chown)
+        // would be another host user's file.
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            let (now, _) = self.inner.getattr(ctx, inode.into(), None)?;
+            if (valid.contains(SetattrValid::UID) && attr.uid != now.uid) || (valid.contains(SetattrValid::GID) && attr.gid != now.gid) {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
         }
         let attr = fuse::SetattrIn { mode: without_set_id(attr.mode), ..attr };
         if !valid.contains(SetattrValid::SIZE) || self.policy.quota.is_none() {

@@ -413,6 +413,15 @@ fn no_directory_outside_git_layout_becomes_a_repository() {
     g.create(origin, b"HEAD", 0o644).expect("refs/remotes/origin/HEAD");
     let logs = g.lookup(git, b"logs").unwrap().nodeid;
     g.create(logs, b"HEAD", 0o644).expect("logs/HEAD");
+    // Not inside git's own directories either: .git/objects made a bare repository.
+    let objects = g.lookup(git, b"objects").unwrap().nodeid;
+    g.mkdir(objects, b"refs", 0o755).unwrap();
+    g.create(objects, b"HEAD", 0o644).expect("HEAD alone");
+    assert_eq!(g.mkdir(objects, b"objects", 0o755).map(drop).map_err(errno), Err(libc::EPERM));
+    // Nor may it borrow objects from a repository only the host has.
+    let info = g.mkdir(objects, b"info", 0o755).unwrap().nodeid;
+    assert_eq!(g.create(info, b"alternates", 0o644).map(drop).map_err(errno), Err(libc::EROFS));
+    g.create(info, b"packs", 0o644).expect("update-server-info's file");
     assert!(!fx.share.join("sub/HEAD").exists() && !fx.share.join("other/objects").exists() && !fx.share.join("other/commondir").exists());
     assert_eq!(std::fs::read_to_string(fx.share.join("fixture.git/config")).unwrap(), "[core]\n\tbare = true\n");
     let status = std::process::Command::new("git").args(["-C", fx.share.join("sub").to_str().unwrap(), "rev-parse", "--git-dir"]).env("GIT_CEILING_DIRECTORIES", &fx.share).output().unwrap();
@@ -514,6 +523,11 @@ fn set_id_bits_and_device_nodes_never_reach_the_host() {
     assert!(std::fs::symlink_metadata(fx.share.join("fifo")).unwrap().file_type().is_fifo());
     assert_eq!(mode("fifo") & 0o7000, 0);
     assert_eq!(g.rename2(ROOT, b"file", ROOT, b"renamed", libc::RENAME_WHITEOUT).map_err(errno), Err(libc::EPERM), "a whiteout is a device node");
+    // The guest's root cannot give a file to another host user; its own owner stays settable.
+    let owner = std::fs::metadata(fx.share.join("file")).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+    assert_eq!(g.setattr(file.nodeid, SetattrIn { uid: 4242, ..SetattrIn::only(2) }).map_err(errno), Err(libc::EPERM)); // FATTR_UID
+    g.setattr(file.nodeid, SetattrIn { uid: rustix::process::geteuid().as_raw(), ..SetattrIn::only(2) }).expect("a chown to the owner it has");
+    assert_eq!(std::fs::metadata(fx.share.join("file")).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap(), owner);
     assert!(!fx.share.join("dev").exists() && fx.share.join("file").exists());
     fx.finish(g);
 }
