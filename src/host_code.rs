@@ -62,22 +62,24 @@ fn path_words(command: &str) -> impl Iterator<Item = &str> {
     command.trim_start_matches('!').split_whitespace().map(|w| w.trim_matches(|c| c == '"' || c == '\'')).filter(|w| w.contains('/'))
 }
 
-/// What the git configuration that applies in `worktree` names: read by host git (which reads
-/// configuration and runs nothing for `config --list`), resolved as git resolves each.
-fn git_named_paths(worktree: &Path, home: &Path) -> Vec<PathBuf> {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(worktree)
-        .args(["config", "--list", "--show-origin", "--includes", "-z"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    let Ok(output) = output else { return Vec::new() };
-    let text = String::from_utf8_lossy(&output.stdout);
+/// Host git's output for `args`, run in `dir` (git reads configuration and runs nothing for
+/// the commands used here).
+fn git_output(dir: &Path, args: &[&str]) -> Option<String> {
+    let output = Command::new("git").arg("-C").arg(dir).args(args).stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// What the git configuration that applies in `project` names, resolved as git resolves each:
+/// relative commands and hooks from the top of its work tree, includes from their file.
+fn git_named_paths(project: &Path, home: &Path) -> Vec<PathBuf> {
+    let Some(text) = git_output(project, &["config", "--list", "--show-origin", "--includes", "-z"]) else { return Vec::new() };
+    let top = git_output(project, &["rev-parse", "--show-toplevel"]).map(|t| PathBuf::from(t.trim_end_matches('\n')));
+    let worktree = top.as_deref().unwrap_or(project);
     let mut fields = text.split('\0');
     let mut paths = Vec::new();
     while let (Some(origin), Some(entry)) = (fields.next(), fields.next()) {
         let Some(file) = origin.strip_prefix("file:") else { continue };
+        // Git names the files it found from the top of the work tree, where it went.
         let file = worktree.join(file);
         let (key, value) = entry.split_once('\n').unwrap_or((entry, ""));
         let file_dir = file.parent().unwrap_or(worktree).to_path_buf();
@@ -166,6 +168,19 @@ mod tests {
         assert!(within(&paths, Path::new("/h/.claude")).is_empty(), "the share itself is the user's choice");
         assert!(within(&paths, Path::new("/h/pp")).is_empty());
         assert_eq!(lexical(Path::new("/h/p/.git/../inc.cfg")), PathBuf::from("/h/p/inc.cfg"));
+    }
+
+    #[test]
+    fn a_project_below_its_work_trees_top_resolves_from_the_top() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, top) = (dir.path().join("home"), dir.path().join("top"));
+        std::fs::create_dir_all(top.join("sub")).unwrap();
+        let git = |args: &[&str]| assert!(Command::new("git").arg("-C").arg(&top).args(args).status().unwrap().success());
+        git(&["init", "-q"]);
+        git(&["config", "core.hooksPath", "sub/hooks"]);
+        let paths: Vec<PathBuf> = git_named_paths(&top.join("sub"), &home).iter().map(|p| lexical(p)).collect();
+        assert!(paths.contains(&top.join("sub/hooks")), "{paths:?}");
+        assert!(paths.contains(&top.join(".git/config")), "{paths:?}");
     }
 
     #[test]
