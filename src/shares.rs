@@ -152,7 +152,7 @@ pub struct ShareRequest {
     pub allow_unsandboxed_fs: bool,
     /// Shares whose servers the caller runs (`cvm bench fs --in-vm`'s virtiofsd).
     pub external: Vec<ExternalShare>,
-    /// The most the guest may add to each writable share; none: [`automatic_quota`].
+    /// The most the guest may add to each writable share; none: what [`share_quota`] finds free.
     pub quota: Option<u64>,
 }
 

@@ -165,7 +165,7 @@ impl<F: FileSystem> PolicyFs<F> {
                 usage.refused = true;
                 // Whatever the log level: the user should know why the guest's writes fail.
                 super::notice(&format!(
-                    "the guest reached its quota on the share {} ({} MiB and {} files added): it gets EDQUOT (\"Disk quota exceeded\"); --share-quota sets it",
+                    "the guest reached its quota on the share {} (it may add {} MiB and {} files): it gets EDQUOT (\"Disk quota exceeded\"); --share-quota sets it",
                     self.label,
                     quota.bytes >> 20,
                     quota.inodes
