@@ -313,13 +313,18 @@ pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
         }
         let (host, port) = split_host_port(authority, Some(80))?;
         let mut forward = format!("{method} {path} HTTP/1.{version}\r\n").into_bytes();
-        for header in parsed.headers.iter() {
+        let hop_by_hop = hop_by_hop_headers(parsed.headers);
+        for header in parsed.headers.iter().filter(|h| !hop_by_hop.iter().any(|n| h.name.eq_ignore_ascii_case(n))) {
             forward.extend_from_slice(header.name.as_bytes());
             forward.extend_from_slice(b": ");
             forward.extend_from_slice(header.value);
             forward.extend_from_slice(b"\r\n");
         }
-        forward.extend_from_slice(b"\r\n");
+        // One request per connection: the server must then answer this one only (RFC 9112,
+        // 9.6), and the client's next request comes on a new connection, which the proxy
+        // decides and logs anew. A kept-alive connection would carry later requests, for any
+        // host, past the allow list.
+        forward.extend_from_slice(b"Connection: close\r\n\r\n");
         (host, port, Some(forward))
     };
     if let Some(named) = host_header {
@@ -329,6 +334,16 @@ pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
         }
     }
     Ok(ProxyRequest { host, port, forward })
+}
+
+/// The headers of a request that are for the proxy hop, not the server: the standard ones and
+/// those its `Connection` header names.
+fn hop_by_hop_headers(headers: &[httparse::Header<'_>]) -> Vec<String> {
+    let mut names: Vec<String> = ["connection", "proxy-connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade"].map(String::from).to_vec();
+    for header in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+        names.extend(String::from_utf8_lossy(header.value).split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()));
+    }
+    names
 }
 
 /// `host[:port]` or `[v6][:port]`, the host a name or an address.

@@ -95,6 +95,61 @@ fn an_allowed_mapped_name_reaches_the_host_server_over_http_and_connect() {
     assert_eq!(audit.lines().filter(|l| l.contains(" allow api.test:")).count(), 2, "{audit}");
 }
 
+/// A server that keeps a connection for as many requests as the client sends, until one says
+/// `Connection: close`; records each request's head.
+fn keep_alive_server() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = std::io::BufReader::new(conn);
+            loop {
+                let mut head = String::new();
+                while !head.ends_with("\r\n\r\n") {
+                    let mut line = String::new();
+                    if std::io::BufRead::read_line(&mut conn, &mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head += &line;
+                }
+                if head.is_empty() {
+                    break;
+                }
+                seen.lock().unwrap().push(head.clone());
+                let close = head.to_ascii_lowercase().contains("connection: close");
+                let _ = write!(conn.get_mut(), "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                if close {
+                    break;
+                }
+            }
+        }
+    });
+    (port, heads)
+}
+
+#[test]
+fn each_plain_http_request_is_decided_alone_however_the_connection_is_kept() {
+    let (port, heads) = keep_alive_server();
+    let s = Setup::new(policy(&[&format!("api.test:{port}")], &[("api.test", "127.0.0.1"), ("other.test", "127.0.0.1")]));
+    // curl's way: a second request, for a host the allow list leaves out, on the same proxy
+    // connection; hop-by-hop headers meant for the proxy.
+    let reply = s.ask(&format!(
+        "GET http://api.test:{port}/one HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\n\r\n\
+         GET http://other.test:{port}/two HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"
+    ));
+    assert!(reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("ok") && reply.matches("HTTP/1.1").count() == 1, "one answer, then the end: {reply}");
+    let seen = heads.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "the second request reached the server: {seen:?}");
+    assert!(seen[0].contains("Connection: close\r\n") && !seen[0].to_ascii_lowercase().contains("proxy-"), "{seen:?}");
+    // The client's next connection is decided and logged like any.
+    let reply = s.ask(&format!("GET http://other.test:{port}/two HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"));
+    assert!(reply.starts_with("HTTP/1.1 403") && reply.contains("not on the allow list"), "{reply}");
+    assert!(s.audit().contains(&format!(" deny other.test:{port} ")), "{}", s.audit());
+    assert_eq!(heads.lock().unwrap().len(), 1);
+}
+
 #[test]
 fn refusals_are_403s_and_are_logged() {
     let port = server("must not be reached", 1);

@@ -130,7 +130,8 @@ fn check_accepted(r: &ProxyRequest) {
             assert!(b >= 0x20 || b == b'\t' || (b == b'\r' && head.get(i + 1) == Some(&b'\n')) || (b == b'\n' && i > 0 && head[i - 1] == b'\r'), "byte {b:#x} at {i} in {head:?}");
             assert_ne!(b, 0x7f);
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        // The request's headers, less hop-by-hop ones, and the proxy's `Connection: close`.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 1];
         assert!(matches!(httparse::Request::new(&mut headers).parse(head), Ok(httparse::Status::Complete(n)) if n == head.len()));
     }
 }
@@ -197,9 +198,12 @@ fn requests_parse_and_hostile_ones_are_refused() {
     assert_eq!((r.host.as_str(), r.port, r.forward), ("api.test", 443, None));
     let r = parse_request(b"GET http://api.test:8080/a/b?c=d HTTP/1.1\r\nHost: api.test\r\n\r\n").unwrap();
     assert_eq!((r.host.as_str(), r.port), ("api.test", 8080));
-    assert_eq!(r.forward.unwrap(), b"GET /a/b?c=d HTTP/1.1\r\nHost: api.test\r\n\r\n");
+    assert_eq!(r.forward.unwrap(), b"GET /a/b?c=d HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n");
     let r = parse_request(b"GET http://plain.test HTTP/1.0\r\n\r\n").unwrap();
-    assert_eq!((r.port, r.forward.unwrap()), (80, b"GET / HTTP/1.0\r\n\r\n".to_vec()));
+    assert_eq!((r.port, r.forward.unwrap()), (80, b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n".to_vec()));
+    // Headers for the proxy hop stay here; the server is told this is the connection's one request.
+    let r = parse_request(b"GET http://api.test/ HTTP/1.1\r\nHost: api.test\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n").unwrap();
+    assert_eq!(String::from_utf8(r.forward.unwrap()).unwrap(), "GET / HTTP/1.1\r\nHost: api.test\r\nAccept: */*\r\nConnection: close\r\n\r\n");
     let r = parse_request(b"CONNECT [2606:4700::1111]:443 HTTP/1.1\r\n\r\n").unwrap();
     assert_eq!(r.host, "2606:4700::1111");
     for bad in [
