@@ -5,7 +5,7 @@
 //! `~/.gitconfig`, `~/.ssh`, `~/.config`, `~/.cvm.toml`...). The fs servers keep them as the
 //! host had them ([`cvm_backends::fs::Policy::protected_paths`]).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Git keys whose values are commands: `*` stands for one subsection name.
@@ -100,21 +100,6 @@ fn git_named_paths(project: &Path, home: &Path) -> Vec<PathBuf> {
     paths
 }
 
-/// `path` with `.` and `..` taken by name, as git takes a configured path.
-fn lexical(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for part in path.components() {
-        match part {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 /// Every host path to protect for a session on `project` (absolute; the last component of a
 /// path may be [`DOT_NAMES`]).
 pub fn host_code_paths(project: Option<&Path>, home: &Path) -> Vec<PathBuf> {
@@ -124,7 +109,8 @@ pub fn host_code_paths(project: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     for (variable, under_home) in [("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"), ("XDG_STATE_HOME", ".local/state"), ("XDG_DATA_HOME", ".local/share")] {
         paths.push(crate::xdg_dir(variable, under_home).join("cvm"));
     }
-    let mut paths: Vec<PathBuf> = paths.iter().map(|p| lexical(p)).collect();
+    // Taken by name, as git takes a configured path.
+    let mut paths: Vec<PathBuf> = paths.iter().map(|p| crate::config::normalize(p)).collect();
     paths.sort();
     paths.dedup();
     paths
@@ -167,7 +153,7 @@ mod tests {
         assert_eq!(within(&paths, Path::new("/h/p")), [PathBuf::from(".husky/_")]);
         assert!(within(&paths, Path::new("/h/.claude")).is_empty(), "the share itself is the user's choice");
         assert!(within(&paths, Path::new("/h/pp")).is_empty());
-        assert_eq!(lexical(Path::new("/h/p/.git/../inc.cfg")), PathBuf::from("/h/p/inc.cfg"));
+        assert_eq!(crate::config::normalize(Path::new("/h/p/.git/../inc.cfg")), PathBuf::from("/h/p/inc.cfg"));
     }
 
     #[test]
@@ -178,7 +164,7 @@ mod tests {
         let git = |args: &[&str]| assert!(Command::new("git").arg("-C").arg(&top).args(args).status().unwrap().success());
         git(&["init", "-q"]);
         git(&["config", "core.hooksPath", "sub/hooks"]);
-        let paths: Vec<PathBuf> = git_named_paths(&top.join("sub"), &home).iter().map(|p| lexical(p)).collect();
+        let paths: Vec<PathBuf> = git_named_paths(&top.join("sub"), &home).iter().map(|p| crate::config::normalize(p)).collect();
         assert!(paths.contains(&top.join("sub/hooks")), "{paths:?}");
         assert!(paths.contains(&top.join(".git/config")), "{paths:?}");
     }
@@ -196,7 +182,7 @@ mod tests {
         git(&["config", "includeIf.onbranch:x.path", "../conf/x.inc"]);
         git(&["config", "alias.z", "!./scripts/z.sh"]);
         std::fs::write(project.join("conf/git.inc"), "[core]\n\tfsmonitor = tools/fsmon\n").unwrap();
-        let paths: Vec<PathBuf> = git_named_paths(&project, &home).iter().map(|p| lexical(p)).collect();
+        let paths: Vec<PathBuf> = git_named_paths(&project, &home).iter().map(|p| crate::config::normalize(p)).collect();
         for expected in [".husky", "conf/git.inc", "conf/x.inc", "scripts/z.sh", "tools/fsmon", ".git/config"] {
             assert!(paths.contains(&project.join(expected)), "{expected} not in {paths:?}");
         }

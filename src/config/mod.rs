@@ -475,7 +475,7 @@ pub fn validate(path: &Path, home: &Path) -> Result<()> {
 
 /// `path` with `.` and `..` resolved by name (a file's `../data` is its sibling), as the
 /// shell does; symlinks are the share checks' business.
-fn normalize(path: &Path) -> PathBuf {
+pub(crate) fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::from("/");
     for part in path.components() {
         match part {
