@@ -152,7 +152,8 @@ pub struct ShareRequest {
     pub allow_unsandboxed_fs: bool,
     /// Shares whose servers the caller runs (`cvm bench fs --in-vm`'s virtiofsd).
     pub external: Vec<ExternalShare>,
-    /// The most the guest may add to each writable share; none: what [`share_quota`] finds free.
+    /// The most the guest may add to the writable shares on one file system, together; none:
+    /// what [`share_quota`] finds free.
     pub quota: Option<u64>,
 }
 
@@ -171,6 +172,29 @@ pub fn share_quota(dir: &Path, bytes: Option<u64>) -> Result<Quota> {
     // A file system that counts no inodes (btrfs) has no limit on them to protect.
     let inodes = if stat.f_files == 0 { u64::MAX } else { stat.f_favail.saturating_sub(stat.f_files / 10) };
     Ok(Quota { bytes: bytes.unwrap_or(auto_bytes), inodes })
+}
+
+/// Divides each file system's quota among the session's writable shares on it, so that
+/// together they add no more than one share may: the session's budget, not each share's.
+fn split_quotas(shares: &mut [PlannedShare]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut devices = Vec::new();
+    for share in shares.iter() {
+        let device = match share.backend.policy.quota {
+            Some(_) => Some(std::fs::metadata(&share.backend.dir).with_context(|| format!("cannot share {}", share.backend.dir.display()))?.dev()),
+            None => None,
+        };
+        devices.push(device);
+    }
+    for (share, device) in shares.iter_mut().zip(&devices) {
+        let (Some(quota), Some(device)) = (&mut share.backend.policy.quota, device) else { continue };
+        let sharing = devices.iter().filter(|d| d.as_ref() == Some(device)).count() as u64;
+        quota.bytes /= sharing;
+        if quota.inodes != u64::MAX {
+            quota.inodes /= sharing;
+        }
+    }
+    Ok(())
 }
 
 /// A share served by a vhost-user fs server that is not cvm's: the session connects the VM to
@@ -375,6 +399,7 @@ impl SharePlan {
             add(&mut plan, "meta".into(), meta_dir.to_path_buf(), policy, PathBuf::from(META_GUEST_DIR), true)?;
             plan.setup.user = Some(user);
         }
+        split_quotas(&mut plan.shares)?;
         Ok(plan)
     }
 

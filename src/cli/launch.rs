@@ -36,10 +36,11 @@ pub(crate) struct VmArgs {
     /// [config: vm.disk, CVM_DISK]
     #[arg(long, value_parser = parse_memory_size)]
     pub disk: Option<u64>,
-    /// The most the guest may add to each writable share (file sizes, sparse or not, net of
-    /// what it removes; 20G, 500M); past it the guest gets "Disk quota exceeded". [config:
-    /// vm.share_quota, CVM_SHARE_QUOTA; default: what the share's file system has free, less
-    /// a tenth of its size (at least 1 GiB); new files likewise]
+    /// The most the guest may add to the writable shares on one file system, together (file
+    /// sizes, sparse or not, net of what it removes; 20G, 500M), split evenly among them; past
+    /// it the guest gets "Disk quota exceeded". [config: vm.share_quota, CVM_SHARE_QUOTA;
+    /// default: what the file system has free, less a tenth of its size (at least 1 GiB); new
+    /// files likewise]
     #[arg(long, value_parser = parse_memory_size)]
     pub share_quota: Option<u64>,
     /// Show the guest's console (kernel and agent messages) when the session ends.

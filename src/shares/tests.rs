@@ -218,3 +218,26 @@ fn files_host_programs_take_code_from_are_protected_in_every_share_that_holds_th
     }
     assert!(protected("meta").is_empty());
 }
+
+/// The quota is the session's: writable shares on one file system split it, so that a guest
+/// cannot add a quota's worth to each of them.
+#[test]
+fn writable_shares_on_one_file_system_split_its_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, project, data, docs) = (dir.path().join("home"), dir.path().join("proj"), dir.path().join("data"), dir.path().join("docs"));
+    for d in [&home, &project, &data, &docs] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let host = HostUser { name: "dev".into(), uid: 1234, gid: 99, home };
+    let mounts = vec![MountSpec { host: data.clone(), guest: "/data".into(), read_only: false }, MountSpec { host: docs.clone(), guest: "/docs".into(), read_only: true }];
+    let request = ShareRequest { project: Some(project.clone()), mounts, quota: Some(9 << 30), ..ShareRequest::default() };
+    let plan = SharePlan::new(&request, &host, &dir.path().join("meta")).unwrap();
+    let quota = |dir: &Path| plan.shares.iter().find(|s| s.backend.dir == dir).unwrap().backend.policy.quota;
+    let whole = share_quota(&project, None).unwrap();
+    for writable in [&project, &data] {
+        let split = quota(writable).unwrap();
+        assert_eq!(split.bytes, (9 << 30) / 2, "{}", writable.display());
+        assert!(whole.inodes == u64::MAX || split.inodes == whole.inodes / 2, "{split:?} of {whole:?}");
+    }
+    assert_eq!(quota(&docs), None, "a read-only share has no quota to take a part of");
+}

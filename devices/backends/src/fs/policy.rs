@@ -547,7 +547,13 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
             self.can_change_entry(ctx, newdir, newname, EntryChange::RenameFrom { is_dir: new_is_dir })?;
             self.can_change_entry(ctx, olddir, oldname, EntryChange::RenameTo { is_dir: new_is_dir })?;
         }
-        self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)
+        // A rename over an entry removes it: what that frees is the guest's again.
+        let (bytes, inodes) = match flags & (libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) {
+            0 => self.freed_by_removing(ctx, newdir, newname),
+            _ => (0, 0),
+        };
+        self.inner.rename(ctx, olddir.into(), oldname, newdir.into(), newname, flags)?;
+        self.charge(-bytes, -inodes)
     }
 
     fn link(&self, ctx: Context, inode: Self::Inode, newparent: Self::Inode, newname: &CStr) -> io::Result<Entry> {

@@ -498,6 +498,13 @@ fn the_guest_adds_no_more_than_its_quota_net_of_what_it_removes() {
     g.truncate(again.nodeid, 0).unwrap();
     assert_eq!(g.write(again.nodeid, afh, 0, &vec![1u8; 1 << 20]).unwrap() as usize, 1 << 20, "a truncation down frees its bytes");
     g.release(again.nodeid, afh, false).unwrap();
+    // A rename over a file frees it (as an editor's save does): "again" goes, its MiB with it.
+    let (saved, sfh) = g.create(ROOT, b"saved", 0o644).unwrap();
+    g.release(saved.nodeid, sfh, false).unwrap();
+    g.rename(ROOT, b"saved", ROOT, b"again").unwrap();
+    let (after, afh) = g.create(ROOT, b"after", 0o644).expect("the replaced file's inode freed");
+    assert_eq!(g.write(after.nodeid, afh, 0, &vec![2u8; 1 << 20]).unwrap() as usize, 1 << 20, "the replaced file's bytes freed");
+    g.release(after.nodeid, afh, false).unwrap();
     assert!(!fx.share.join("fifth").exists());
     assert_eq!(std::fs::metadata(fx.share.join("sparse")).unwrap().len(), 0);
     fx.finish(g);
