@@ -5,7 +5,7 @@ use cvm_vmm::BootTimings;
 #[test]
 fn boot_timings_print_the_set_up_steps_and_parse_back() {
     let ms = Duration::from_millis;
-    let timings = BootTimings { setup: vec![("vm", ms(2)), ("kernel", ms(40))], first_instruction: Some(ms(50)), boot_timer: None, exit: ms(900) };
+    let timings = BootTimings { setup: vec![("vm".into(), ms(2)), ("kernel".into(), ms(40))], first_instruction: Some(ms(50)), boot_timer: None, exit: ms(900) };
     let printed = format_timings(&timings);
     assert!(printed.ends_with("\ncvm set-up (ms from VMM start, each step done): vm 2.000 kernel 40.000"), "{printed}");
     assert_eq!(parse_timings(&printed), Some((Some(50.0), None)));

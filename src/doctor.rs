@@ -73,6 +73,10 @@ pub fn checks() -> Vec<Check> {
             "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), or run with --allow-unsandboxed-fs",
         ),
     });
+    checks.push(match cvm_vmm::jail::available() {
+        Ok(()) => Check::ok("VMM jail", "user, mount, PID, IPC and network namespaces"),
+        Err(e) => Check::bad("VMM jail", Status::Warn, format!("{e}; cvm's VMM does not start without its jail (--vmm qemu still works)"), "allow user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone=1; in a container, a seccomp profile that allows them, as podman's does)"),
+    });
     checks.push(open_files(cvm_backends::fs::guest_open_file_limit()));
     if let Some(check) = git_bare_repositories() {
         checks.push(check);

@@ -46,7 +46,7 @@ pub mod worktree;
 static CVM_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// The cvm executable that cvm re-executes for its helper processes (`__janitor`,
-/// `__fs-backend`, `__vm-daemon`) and benches: this process's own, unless a program using
+/// `__fs-backend`, `__vm-daemon`, `__vmm`) and benches: this process's own, unless a program using
 /// cvm as a library (its tests) named it with [`set_cvm_exe`].
 pub fn cvm_exe() -> std::io::Result<std::path::PathBuf> {
     match CVM_EXE.get() {

@@ -118,7 +118,8 @@ pub enum Scratch {
 
 /// Starts the VM on `engine`, offering QEMU where cvm's VMM cannot run here.
 fn start_vm(engine: Engine, config: &VmConfig) -> Result<Box<dyn RunningVm>> {
-    engine.start(config).map_err(|e| match e {
+    let exe = crate::cvm_exe().context("cannot find the cvm executable for the VMM")?;
+    engine.start(config, &exe).map_err(|e| match e {
         cvm_vmm::Error::Kvm(_) => anyhow!("{e}; or use --vmm qemu"),
         e => e.into(),
     })
@@ -271,7 +272,7 @@ impl Session {
 
         let boot_deadline = started + BOOT_TIMEOUT;
         let deadline = deadline.map_or(boot_deadline, |d| d.min(boot_deadline));
-        if let (warm::Start::ColdThenSnapshot(snapshot), Some(handle)) = (&start, machine.handle()) {
+        if let (warm::Start::ColdThenSnapshot(snapshot), Some(handle)) = (&start, machine.control()) {
             let agent_spoke = || {
                 let mut fds = [PollFd::new(&ready, PollFlags::IN)];
                 rustix::event::poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })).is_ok_and(|n| n > 0)

@@ -158,7 +158,7 @@ pub fn prune() {
 /// snapshot. Gives up at `deadline`, or as soon as `agent_spoke` (an agent that could not poke
 /// the boot timer is ready without it). The VM runs on whatever happens; a failed snapshot is
 /// a warning.
-pub fn snapshot_at_init(vm: &cvm_vmm::VmHandle, dir: &Path, deadline: std::time::Instant, agent_spoke: impl Fn() -> bool) {
+pub fn snapshot_at_init(vm: &cvm_vmm::VmProcess, dir: &Path, deadline: std::time::Instant, agent_spoke: impl Fn() -> bool) {
     while !vm.init_reached() {
         if vm.has_ended() || std::time::Instant::now() >= deadline || agent_spoke() {
             vm.resume();

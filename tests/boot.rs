@@ -66,30 +66,106 @@ fn hello_guest_prints_pokes_the_boot_timer_and_resets() {
     assert!(0.0 < first && first <= timer && timer <= exit, "{timings}");
 }
 
-/// The kernel's side of the VM's end runs in a helper after `cvm boot` has exited; that helper
-/// must be gone soon after, and must not hold the output pipes (the wait above reads them to
-/// their end).
+/// The host processes of `cvm boot` runs marked with `marker` in their command line or their
+/// environment (the VMM process and its teardown helper inherit cvm's environment).
+fn processes_marked(marker: &str) -> Vec<u32> {
+    let marked = |p: &std::path::Path, file: &str| std::fs::read(p.join(file)).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| Some((p.file_name().to_str()?.parse().ok()?, p.path())))
+        .filter(|(_, p)| marked(p, "cmdline") || marked(p, "environ"))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Waits (10 s at most) until no process is marked with `marker`.
+fn assert_all_gone(marker: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_marked(marker).is_empty() {
+        assert!(Instant::now() < deadline, "processes of that cvm boot still run 10 s after {what}: {:?}", processes_marked(marker));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The kernel's side of the VM's end runs in a helper after `cvm boot` has exited, and the VMM
+/// process ends after reporting; both must be gone soon after, and must not hold the output
+/// pipes (the wait above reads them to their end).
 #[test]
 fn nothing_is_left_running_after_the_vm_ends() {
     if !kvm_usable() {
         return;
     }
-    let marker = format!("console=ttyS0 cvm-test-teardown-{}", std::process::id());
-    let out = boot_guest("hello", &["--append", &marker]);
+    let marker = format!("cvm-test-teardown-{}", std::process::id());
+    let out = cvm_with_env(&["boot", "--kernel", guest("hello").to_str().unwrap(), "--append", &format!("console=ttyS0 {marker}")], &[("CVM_TEST_MARKER", &marker)]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
-    let with_marker = || -> Vec<String> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker)))
-            .map(|p| p.file_name().to_string_lossy().into_owned())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !with_marker().is_empty() {
-        assert!(Instant::now() < deadline, "processes of that cvm boot still run 10 s after it exited: {:?}", with_marker());
-        std::thread::sleep(Duration::from_millis(10));
+    assert_all_gone(&marker, "it exited");
+}
+
+/// What `/proc/PID/status` says of `pid`, by field.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|line| line.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
+}
+
+/// The VMM runs the guest in a jail of its own (Firecracker's jailer's): new user, mount, PID,
+/// IPC and network namespaces, an empty root, no capabilities in any of its threads, its
+/// seccomp filter, no new privileges, and (cvm being root) an unprivileged uid; and it ends
+/// with the cvm that started it, even one killed.
+#[test]
+fn the_vmm_runs_jailed_and_ends_with_cvm() {
+    if !kvm_usable() {
+        return;
     }
+    let marker = format!("cvm-test-jail-{}", std::process::id());
+    let mut cvm = Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["boot", "--kernel", guest("ticker").to_str().unwrap()])
+        .env("CVM_TEST_MARKER", &marker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The VMM: the marked process that is its PID namespace's init (NSpid "HOST 1").
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vmm = loop {
+        let found = processes_marked(&marker).into_iter().find(|&pid| status_field(pid, "NSpid").ends_with("\t1") && status_field(pid, "Seccomp") == "2");
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no jailed VMM process within 30 s of cvm boot");
+        assert!(cvm.try_wait().unwrap().is_none(), "cvm boot ended early: {}", text(&cvm.wait_with_output().unwrap().stderr));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    for namespace in ["user", "mnt", "pid", "ipc", "net"] {
+        let of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{namespace}")).unwrap();
+        assert_ne!(of(&vmm.to_string()), of("self"), "the VMM shares cvm's {namespace} namespace");
+    }
+    let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap().flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
+    assert!(threads.len() >= 3, "the VMM's control, VM and vCPU threads: {threads:?}");
+    for thread in &threads {
+        let status = |field: &str| {
+            let status = std::fs::read_to_string(format!("/proc/{vmm}/task/{thread}/status")).unwrap_or_default();
+            status.lines().find_map(|line| line.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
+        };
+        for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status(set), "0000000000000000", "thread {thread} ({}) holds capabilities ({set})", status("Name"));
+        }
+        assert_eq!(status("NoNewPrivs"), "1", "thread {thread} ({})", status("Name"));
+        assert_eq!(status("Seccomp"), "2", "thread {thread} ({}) has no seccomp filter", status("Name"));
+    }
+    if rustix::process::getuid().is_root() {
+        let uid = status_field(vmm, "Uid");
+        assert!(uid.split_whitespace().all(|id| id.parse::<u32>().unwrap() >= cvm_vmm::jail::JAIL_ID_BASE), "cvm is root, the VMM must not be: Uid {uid}");
+        assert_eq!(status_field(vmm, "Groups"), "", "the VMM keeps no supplementary group");
+    }
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/root")).unwrap().collect();
+    assert!(root.is_empty(), "the VMM's root is not empty: {root:?}");
+
+    // cvm killed outright: the VMM sees its control socket close and stops its VM.
+    cvm.kill().unwrap();
+    let _ = cvm.wait();
+    assert_all_gone(&marker, "cvm was killed");
 }
 
 #[test]

@@ -71,17 +71,15 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         },
         None => None,
     };
-    // On a thread of its own, as in a session: the VMM's system-call filter stays on it, and
-    // this thread can still tear the vsock backend down.
-    let result = Vm::create(&config, started).and_then(|vm| {
+    // In the VMM's jailed process, as in a session.
+    let result = cvm::cvm_exe().map_err(cvm_vmm::Error::from).and_then(|exe| cvm_vmm::VmProcess::spawn(&exe, &config, started)).and_then(|vm| {
         if let Some(vhost) = config.vhost_user.first() {
             let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
         }
-        let thread = cvm_vmm::VmThread::spawn(vm)?;
-        if let (Some(dir), Some(handle)) = (&args.snapshot, cvm_vmm::RunningVm::handle(&thread)) {
-            snapshot_at_init(handle, dir);
+        if let Some(dir) = &args.snapshot {
+            snapshot_at_init(&vm, dir);
         }
-        thread.wait()
+        vm.wait()
     });
     match result {
         Ok(exit) => {
@@ -111,7 +109,7 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
 
 /// Waits for the guest to reach its init (the VM pauses there, see `VmConfig::pause_at_init`),
 /// writes its snapshot to `dir` and lets it run on. A guest that ends first has no snapshot.
-fn snapshot_at_init(handle: &cvm_vmm::VmHandle, dir: &std::path::Path) {
+fn snapshot_at_init(handle: &cvm_vmm::VmProcess, dir: &std::path::Path) {
     while !handle.init_reached() {
         if handle.has_ended() {
             eprintln!("cvm: warning: the guest ended before it reached its init; no snapshot written");

@@ -25,7 +25,7 @@ use cvm::environment::Environment;
 use cvm::forward::ForwardRequest;
 use cvm::session::{Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
-use cvm_vmm::{parse_memory_size, Engine, Vm, VmConfig, DEFAULT_CMDLINE};
+use cvm_vmm::{parse_memory_size, Engine, VmConfig, DEFAULT_CMDLINE};
 
 #[cfg(feature = "bench")]
 use crate::bench;
@@ -193,6 +193,12 @@ pub(crate) enum Command {
 
 pub(crate) fn main() -> ExitCode {
     let started = Instant::now();
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == cvm_vmm::process::VMM_COMMAND) {
+        // Internal: cvm's VMM in its jailed process, started by cvm itself (its control socket
+        // on fd 3).
+        init_logging(0);
+        cvm_vmm::process::serve();
+    }
     let mut cli = Cli::parse();
     let mut prompt = Vec::new();
     if let Command::Prompt(words) = cli.command {

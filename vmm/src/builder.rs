@@ -187,7 +187,7 @@ impl Vm {
             memory_bytes: config.memory_bytes,
             serial,
             transports,
-            writable_disks,
+            writable_disks: writable_disks.iter().map(|path| std::fs::File::open(path).map_err(|source| Error::File { path: path.clone(), source })).collect::<Result<_>>()?,
             msr_list: x86_64::state::msr_list(&kvm)?,
             restored: matches!(start, Start::Restore(_)),
             kernel_text: match &start {

@@ -17,7 +17,7 @@ pub const RETAIN_INITRD: &str = retain_initrd!();
 pub const DEFAULT_CMDLINE: &str = concat!("console=ttyS0 reboot=k panic=-1 ", retain_initrd!());
 
 /// A virtual machine, as plain data. [`crate::Vm::create`] turns it into live objects.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// A vmlinux (ELF, PVH entry preferred, else its 64-bit entry) or a bzImage.
     pub kernel: PathBuf,
@@ -52,7 +52,7 @@ pub struct VmConfig {
 
 /// A virtio-net device whose wire is a stream socket (QEMU's stream protocol: each frame after
 /// its 32-bit big-endian length), as a userspace network stack such as passt serves it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Where the network stack listens; the engine connects to it.
     pub socket: PathBuf,
@@ -60,7 +60,7 @@ pub struct NetConfig {
 }
 
 /// A disk image file as the guest sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     /// Refused by the device itself, not only by a guest mount flag.
@@ -68,14 +68,14 @@ pub struct DiskConfig {
 }
 
 /// A device whose queues a vhost-user backend serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VhostUserConfig {
     /// The backend's listening socket.
     pub socket: PathBuf,
     pub kind: VhostUserKind,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VhostUserKind {
     Vsock,
     /// virtio-fs; the guest mounts it by `tag` (the backend reports it in its config space

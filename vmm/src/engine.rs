@@ -1,12 +1,14 @@
 //! One interface over both engines: [`Engine::start`] turns a [`VmConfig`] into a
-//! [`RunningVm`], cvm's own VMM on a thread of this process or a QEMU process. Whatever the
-//! engine, dropping the running VM tears it down: stopped, its threads joined or its process
+//! [`RunningVm`], cvm's own VMM in a jailed process ([`VmProcess`]) or a QEMU process. Whatever
+//! the engine, dropping the running VM tears it down: stopped, and its process gone or
 //! reaped, so an error path that forgets a VM leaves nothing running.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::process::VmProcess;
 use crate::qemu::{QemuOptions, QemuVm};
 use crate::{Result, Vm, VmConfig, VmExit, VmHandle};
 
@@ -29,16 +31,17 @@ impl Engine {
         }
     }
 
-    /// Starts `config` on this engine. cvm's VMM needs KVM that can run a stock kernel (not
+    /// Starts `config` on this engine; `exe` is the cvm executable, which runs cvm's VMM as
+    /// [`crate::process::VMM_COMMAND`]. cvm's VMM needs KVM that can run a stock kernel (not
     /// PVM): [`crate::Error::Kvm`] says why not, and the caller may offer QEMU instead.
-    pub fn start(self, config: &VmConfig) -> Result<Box<dyn RunningVm>> {
+    pub fn start(self, config: &VmConfig, exe: &Path) -> Result<Box<dyn RunningVm>> {
         match self {
             Engine::Cvm => {
                 crate::host::open_kvm()?;
                 if crate::host::is_pvm() {
                     return Err(crate::host::KvmUnavailable::Pvm.into());
                 }
-                Ok(Box::new(VmThread::spawn(Vm::create(config, Instant::now())?)?))
+                Ok(Box::new(VmProcess::spawn(exe, config, Instant::now())?))
             }
             Engine::Qemu => Ok(Box::new(QemuVm::spawn(config, &QemuOptions::default())?)),
         }
@@ -53,8 +56,8 @@ pub trait RunningVm: Send {
     /// Stops the VM if it still runs and waits until it is gone.
     fn finish(&mut self) -> Finished;
 
-    /// A handle that pauses and snapshots the VM, where its engine can (cvm's VMM).
-    fn handle(&self) -> Option<&VmHandle> {
+    /// cvm's VMM process, which pauses and snapshots its VM; None on QEMU.
+    fn control(&self) -> Option<&VmProcess> {
         None
     }
 }
@@ -69,8 +72,19 @@ pub struct Finished {
     pub warning: Option<String>,
 }
 
-/// cvm's VMM running [`Vm::run`] on its own thread.
-pub struct VmThread {
+impl Finished {
+    /// How a run of cvm's VMM that ended so (or failed) finished.
+    pub(crate) fn of(exit: Result<VmExit>) -> Finished {
+        match exit {
+            Ok(exit) => Finished { unclean: (!exit.reason.is_clean()).then(|| exit.reason.to_string()), warning: exit.stuck_warning() },
+            Err(e) => Finished { unclean: Some(format!("the VM failed: {e}")), warning: None },
+        }
+    }
+}
+
+/// cvm's VMM running [`Vm::run`] on its own thread (of the VMM process). Dropping it stops the
+/// VM and joins the thread.
+pub(crate) struct VmThread {
     thread: Option<JoinHandle<Result<VmExit>>>,
     /// Written when the thread's run ends.
     done: OwnedFd,
@@ -78,7 +92,7 @@ pub struct VmThread {
 }
 
 impl VmThread {
-    pub fn spawn(vm: Vm) -> Result<VmThread> {
+    pub(crate) fn spawn(vm: Vm) -> Result<VmThread> {
         let handle = vm.handle();
         let done = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).map_err(std::io::Error::from)?;
         let signal = done.try_clone()?;
@@ -90,36 +104,24 @@ impl VmThread {
         Ok(VmThread { thread: Some(thread), done, handle })
     }
 
-    /// Waits until the VM ends by itself, and says how.
-    pub fn wait(mut self) -> Result<VmExit> {
+    /// Readable once the VM has stopped by itself.
+    pub(crate) fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.done.as_fd()
+    }
+
+    /// Waits until the VM ends, and says how.
+    pub(crate) fn wait(mut self) -> Result<VmExit> {
         let thread = self.thread.take().expect("a VM thread is joined once");
         thread.join().unwrap_or_else(|_| Err(crate::Error::Boot("the VM's thread panicked".into())))
     }
 }
 
-impl RunningVm for VmThread {
-    fn exit_fd(&self) -> BorrowedFd<'_> {
-        self.done.as_fd()
-    }
-
-    fn handle(&self) -> Option<&VmHandle> {
-        Some(&self.handle)
-    }
-
-    fn finish(&mut self) -> Finished {
-        self.handle.stop();
-        let Some(thread) = self.thread.take() else { return Finished::default() };
-        match thread.join() {
-            Ok(Ok(exit)) => Finished { unclean: (!exit.reason.is_clean()).then(|| exit.reason.to_string()), warning: exit.stuck_warning() },
-            Ok(Err(e)) => Finished { unclean: Some(format!("the VM failed: {e}")), warning: None },
-            Err(_) => Finished { unclean: Some("the VM's thread panicked".into()), warning: None },
-        }
-    }
-}
-
 impl Drop for VmThread {
     fn drop(&mut self) {
-        self.finish();
+        self.handle.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use crate::host;
 use crate::vm::{PVM_LINUX_GRACE, VCPU_STOP_TIMEOUT};
 
 /// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitReason {
     /// The guest pulsed the reset line (i8042 command 0xfe, what `reboot=k` does) or asked
     /// KVM for a reset.
@@ -77,10 +77,10 @@ impl std::fmt::Display for ExitReason {
 }
 
 /// When the boot reached its milestones, counted from the VMM's start.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BootTimings {
     /// The VMM's set-up before the first instruction, by step: when each step was done.
-    pub setup: Vec<(&'static str, Duration)>,
+    pub setup: Vec<(String, Duration)>,
     /// To the boot processor's first KVM_RUN: the guest's first instruction.
     pub first_instruction: Option<Duration>,
     /// To the guest's write to the boot timer.
@@ -89,7 +89,7 @@ pub struct BootTimings {
     pub exit: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmExit {
     pub reason: ExitReason,
     pub timings: BootTimings,

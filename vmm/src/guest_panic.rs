@@ -23,7 +23,7 @@ const KEPT_LINES: usize = 40;
 const MAX_LINE: usize = 512;
 
 /// A panic the guest's console showed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestPanic {
     /// The `Kernel panic - not syncing: ...` line.
     pub summary: String,

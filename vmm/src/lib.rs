@@ -4,7 +4,8 @@
 //!
 //! Layout, as Firecracker's:
 //! - `builder` turns a `VmConfig` (`config`: plain data and its parsers) into a [`Vm`]; `vm` runs
-//!   it; `engine` puts either engine (this VMM or `qemu`) behind one interface, torn down on drop.
+//!   it; `engine` puts either engine (this VMM or `qemu`) behind one interface, torn down on drop;
+//!   `process` runs this VMM in a process of its own, which `jail` confines.
 //! - `device_manager`: where a guest's MMIO or port access goes (the buses, IRQs, command-line
 //!   entries).
 //! - `vstate/`: KVM's side: the VM and its memory slots (`vm`), memfd guest RAM and the address
@@ -23,9 +24,11 @@ mod control;
 mod device_manager;
 mod engine;
 pub mod console_log;
+pub mod jail;
 mod exit;
 pub mod guest_panic;
 pub mod host;
+pub mod process;
 pub mod qemu;
 pub mod snapshot;
 mod teardown;
@@ -33,10 +36,11 @@ mod vm;
 pub mod vstate;
 
 pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
-pub use engine::{Engine, Finished, RunningVm, VmThread};
+pub use engine::{Engine, Finished, RunningVm};
+pub use process::VmProcess;
 pub use vstate::memory::layout;
 pub use exit::{BootTimings, ExitReason, VmExit};
-pub use vm::{Vm, VmHandle};
+pub use vm::{Captured, Vm, VmHandle};
 pub use vstate::vcpu::VcpuState;
 
 /// Everything that can stop a VM from being built or run. Each message says what went wrong
@@ -59,11 +63,20 @@ pub enum Error {
     Boot(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// What the VMM process reported (its own error's message), or what went wrong with it.
+    #[error("{0}")]
+    Vmm(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<rustix::io::Errno> for Error {
+    fn from(e: rustix::io::Errno) -> Error {
+        Error::Io(e.into())
+    }
+}
 
 pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::KvmCall { what, source }

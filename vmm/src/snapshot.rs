@@ -35,6 +35,8 @@ const FORMAT: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// No state body is near this; a larger length is a corrupt header.
 const MAX_STATE_LEN: u64 = 64 << 20;
+/// The largest state file a snapshot may have.
+pub const MAX_STATE_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_STATE_LEN;
 const PAGE: usize = crate::layout::PAGE_SIZE as usize;
 
 /// Everything of a paused VM but its memory.
@@ -78,44 +80,16 @@ impl Snapshot {
         Ok(())
     }
 
+    /// The state file's contents: the header, then the encoded body.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let body = postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
+        Ok(framed(&body))
+    }
+
     /// Writes the snapshot, guest RAM (`ram`, the VM's memfd) and the writable `disks` to
     /// `dir`, replacing whatever snapshot was there.
     pub fn write(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
-        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(file_err(parent))?;
-        let scratch = scratch_dir(dir);
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(file_err(&scratch))?;
-        let written = self.write_files(&scratch, ram, disks).and_then(|()| {
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(file_err(dir))?;
-            }
-            std::fs::rename(&scratch, dir).map_err(file_err(dir))
-        });
-        if written.is_err() {
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-        written
-    }
-
-    fn write_files(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
-        let body = postcard::to_stdvec(self).map_err(|e| Error::Snapshot(format!("cannot encode the state: {e}")))?;
-        let path = dir.join(STATE_FILE);
-        let mut state = private_file(&path)?;
-        state.write_all(&framed(&body)).and_then(|()| state.sync_all()).map_err(file_err(&path))?;
-
-        let path = dir.join(MEMORY_FILE);
-        let memory = private_file(&path)?;
-        copy_pages(ram, &memory, self.memory_bytes, true).map_err(file_err(&path))?;
-        memory.set_len(self.memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
-
-        for (index, (disk, &size)) in disks.iter().zip(&self.disks).enumerate() {
-            let from = File::open(disk).map_err(file_err(disk))?;
-            let path = dir.join(format!("disk-{index}"));
-            let to = private_file(&path)?;
-            copy_pages(&from, &to, size, true).and_then(|_| to.set_len(size)).and_then(|()| to.sync_all()).map_err(file_err(&path))?;
-        }
-        Ok(())
+        write(dir, &self.encode()?, ram, self.memory_bytes, disks)
     }
 
     /// Makes each of `disks` (the VM's writable disks, in order) a copy of the snapshot's.
@@ -169,6 +143,48 @@ impl Snapshot {
         }
         Ok((snapshot, memory))
     }
+}
+
+/// Writes a snapshot whose state file holds `state` ([`Snapshot::encode`]), with the first
+/// `memory_bytes` of guest RAM (`ram`) and the writable `disks` as they are now (the VM is
+/// paused), to `dir`, replacing whatever snapshot was there. It only copies bytes: cvm writes
+/// a jailed VMM's snapshot with this, without decoding what the VMM sent.
+pub fn write(dir: &Path, state: &[u8], ram: &File, memory_bytes: u64, disks: &[PathBuf]) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(file_err(parent))?;
+    let scratch = scratch_dir(dir);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::DirBuilder::new().mode(0o700).create(&scratch).map_err(file_err(&scratch))?;
+    let written = write_files(&scratch, state, ram, memory_bytes, disks).and_then(|()| {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(file_err(dir))?;
+        }
+        std::fs::rename(&scratch, dir).map_err(file_err(dir))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    written
+}
+
+fn write_files(dir: &Path, state: &[u8], ram: &File, memory_bytes: u64, disks: &[PathBuf]) -> Result<()> {
+    let path = dir.join(STATE_FILE);
+    let mut file = private_file(&path)?;
+    file.write_all(state).and_then(|()| file.sync_all()).map_err(file_err(&path))?;
+
+    let path = dir.join(MEMORY_FILE);
+    let memory = private_file(&path)?;
+    copy_pages(ram, &memory, memory_bytes, true).map_err(file_err(&path))?;
+    memory.set_len(memory_bytes).and_then(|()| memory.sync_all()).map_err(file_err(&path))?;
+
+    for (index, disk) in disks.iter().enumerate() {
+        let from = File::open(disk).map_err(file_err(disk))?;
+        let size = from.metadata().map_err(file_err(disk))?.len();
+        let path = dir.join(format!("disk-{index}"));
+        let to = private_file(&path)?;
+        copy_pages(&from, &to, size, true).and_then(|_| to.set_len(size)).and_then(|()| to.sync_all()).map_err(file_err(&path))?;
+    }
+    Ok(())
 }
 
 /// The state file's contents for `body`: the header (magic, format, length, SHA-256), then it.

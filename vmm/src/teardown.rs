@@ -21,7 +21,7 @@ impl DeferredTeardown {
     pub(crate) fn start(vm: &impl AsRawFd, ram: &impl AsRawFd) -> std::io::Result<DeferredTeardown> {
         let (release_read, release_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let keep = [release_read.as_raw_fd(), vm.as_raw_fd(), ram.as_raw_fd()];
-        // SAFETY: the child runs only async-signal-safe system calls (fork, dup2, close_range,
+        // SAFETY: the child runs only async-signal-safe system calls (fork, dup2, close_range, capset,
         // read, _exit) on values computed before the fork, so it never touches a lock another
         // thread of this process held at the fork.
         let child = unsafe { libc::fork() };
@@ -48,8 +48,8 @@ impl DeferredTeardown {
 
 /// The forked child: forks the helper and exits, so that the helper is reparented at once.
 /// The helper moves the fds it keeps to 0, 1 and 2 (dup2 clears their close-on-exec flag, which
-/// does not matter here), closes every other one (the terminal, pipes a caller waits on), and
-/// waits for the release pipe's end of file.
+/// does not matter here), closes every other one (the terminal, pipes a caller waits on), drops
+/// its capabilities, and waits for the release pipe's end of file.
 ///
 /// # Safety
 /// Only to be called in a child right after `fork`.
@@ -67,6 +67,10 @@ unsafe fn helper([release, vm, ram]: [i32; 3]) -> ! {
         }
     }
     libc::close_range(3, u32::MAX, 0);
+    // In a jailed VMM it was forked before the jail: it gives up the capabilities it had.
+    if cvm_sandbox::process::drop_capabilities().is_err() {
+        libc::_exit(1);
+    }
     let mut byte = 0u8;
     while libc::read(0, (&mut byte as *mut u8).cast(), 1) == -1 && *libc::__errno_location() == libc::EINTR {}
     libc::_exit(0)

@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -71,16 +70,19 @@ impl VmHandle {
         self.boot_timer.get().is_some()
     }
 
-    /// Pauses the VM, writes a snapshot of it to `dir` (see [`crate::snapshot`]) and lets it
-    /// run on. The devices must be at rest: each has returned every buffer it took.
-    /// Resumes it even where the snapshot fails, or was paused at init for it.
-    pub fn snapshot(&self, dir: &Path) -> Result<()> {
-        let written = self.write_snapshot(dir);
-        self.resume();
-        written
+    /// Pauses the VM and captures it: the snapshot's state file ([`Snapshot::encode`]) and its
+    /// RAM, to be written with [`crate::snapshot::write`] while the VM stays paused. The devices
+    /// must be at rest: each has returned every buffer it took. The caller resumes the VM;
+    /// where the capture fails it is resumed here.
+    pub fn capture(&self) -> Result<Captured> {
+        let captured = self.capture_paused();
+        if captured.is_err() {
+            self.resume();
+        }
+        captured
     }
 
-    fn write_snapshot(&self, dir: &Path) -> Result<()> {
+    fn capture_paused(&self) -> Result<Captured> {
         let machine = self.machine.upgrade().ok_or_else(|| Error::Snapshot("the VM has ended".into()))?;
         if machine.restored {
             return Err(Error::Snapshot("a VM restored from a snapshot is not snapshotted again".into()));
@@ -95,16 +97,24 @@ impl VmHandle {
             vcpus,
             serial: lock(&machine.serial).save_state(),
             transports: machine.transports.iter().map(|t| lock(t).save_state()).collect(),
-            disks: machine.writable_disks.iter().map(|d| std::fs::metadata(d).map(|m| m.len()).map_err(|source| Error::File { path: d.clone(), source })).collect::<Result<_>>()?,
+            disks: machine.writable_disks.iter().map(|disk| disk.metadata().map(|m| m.len())).collect::<std::io::Result<_>>()?,
             kernel_private,
         };
-        snapshot.write(dir, &machine.ram, &machine.writable_disks)
+        Ok(Captured { state: snapshot.encode()?, ram: machine.ram.try_clone()? })
     }
 
     /// Whether the VM's run has ended (or is ending).
     pub fn has_ended(&self) -> bool {
         self.shared.exit_reason().is_some()
     }
+}
+
+/// A paused VM as a snapshot keeps it (see [`VmHandle::capture`]).
+pub struct Captured {
+    /// The state file's contents.
+    pub state: Vec<u8>,
+    /// The guest RAM's memfd.
+    pub ram: File,
 }
 
 /// KVM's VM, guest RAM and the devices: what a snapshot reads besides the vCPUs.
@@ -115,8 +125,8 @@ pub(crate) struct Machine {
     pub(crate) memory_bytes: u64,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
-    /// The writable disks, whose contents a snapshot keeps.
-    pub(crate) writable_disks: Vec<std::path::PathBuf>,
+    /// The writable disks (open for reading), whose sizes a snapshot records.
+    pub(crate) writable_disks: Vec<File>,
     /// The MSRs a vCPU's snapshot saves.
     pub(crate) msr_list: Vec<u32>,
     /// Restored from a snapshot: its RAM may be a private mapping the memory file does not see.
@@ -241,7 +251,7 @@ impl Vm {
             exits,
             stuck_vcpus,
             timings: BootTimings {
-                setup: std::mem::take(&mut self.setup),
+                setup: self.setup.drain(..).map(|(step, at)| (step.to_string(), at)).collect(),
                 first_instruction: self.shared.first_entry.get().map(since_start),
                 boot_timer: self.boot_timer.get().map(since_start),
                 exit,

@@ -50,6 +50,32 @@ pub fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// Clears the calling thread's effective, permitted and inheritable capabilities (capabilities
+/// are per thread: threads it starts afterwards inherit the empty sets).
+pub fn drop_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522; // _LINUX_CAPABILITY_VERSION_3: two 32-bit words
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let data = [Data::default(); 2];
+    // SAFETY: capset reads the header and two data words, all valid for the call; pid 0 is
+    // the calling thread.
+    match unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +92,19 @@ mod tests {
             let out = command.output().unwrap();
             assert!(String::from_utf8_lossy(&out.stdout).ends_with("open\n"), "fd {target}: {:?}", out);
         }
+    }
+
+    #[test]
+    fn a_thread_that_drops_its_capabilities_holds_none_and_starts_threads_with_none() {
+        let caps = |line: &str| std::fs::read_to_string("/proc/thread-self/status").unwrap().lines().find(|l| l.starts_with(line)).unwrap().to_string();
+        std::thread::spawn(move || {
+            drop_capabilities().unwrap();
+            for set in ["CapEff:", "CapPrm:", "CapInh:"] {
+                assert_eq!(caps(set), format!("{set}\t0000000000000000"));
+            }
+            std::thread::spawn(move || assert_eq!(caps("CapEff:"), "CapEff:\t0000000000000000")).join().unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }

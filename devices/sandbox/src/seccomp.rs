@@ -105,10 +105,10 @@ pub enum Role {
     /// Threads of cvm: the vsock device's vhost-user server and its vring worker, with the
     /// muxer that connects the guest to host Unix sockets.
     VsockBackend,
-    /// Threads of cvm's VMM: the event loop (the devices' queues, disk I/O, the network
-    /// device's socket, timers) and the vCPUs (KVM_RUN, port and MMIO exits, a device's
-    /// vhost-user set-up when the guest's driver starts it). Every file they use is open
-    /// before they start.
+    /// Threads of cvm's jailed VMM process: its control thread, the event loop (the devices'
+    /// queues, disk I/O, the network device's socket, timers) and the vCPUs (KVM_RUN, port and
+    /// MMIO exits, a device's vhost-user set-up when the guest's driver starts it). Every file
+    /// they use is open before they start.
     Vmm,
     /// Threads of cvm: each listener for the guest or the host and the connections it serves
     /// (the egress proxy, published and host ports, the SSH and GPG agents' relays). They
@@ -247,6 +247,9 @@ const VMM: &[i64] = &[
     libc::SYS_statx,
     // The end: the session's done signal, the vCPU threads' kicks, the guest memory unmapped.
     libc::SYS_nanosleep,
+    // The VMM process's control thread: cvm's requests and the VM's end, on one poll.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
 ];
 
 /// cvm's listeners' system calls.
@@ -354,9 +357,13 @@ pub fn confine_process(role: Role) -> io::Result<()> {
     seccompiler::apply_filter_all_threads(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
-/// Confines the calling thread (and the threads it starts) to `role`'s calls.
+/// Confines the calling thread (and the threads it starts) to `role`'s calls. A VMM thread
+/// also gives up every capability it holds: it runs what the guest asks.
 pub fn confine_thread(role: Role) -> io::Result<()> {
     let program = program(role)?;
+    if role == Role::Vmm {
+        crate::process::drop_capabilities()?;
+    }
     report_violations()?;
     seccompiler::apply_filter(&program).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
