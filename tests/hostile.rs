@@ -149,18 +149,41 @@ fn a_shared_home_keeps_its_dot_files_and_cvm_s_own() {
     env.assert_clean();
 }
 
-/// The live processes whose command line names `marker`: "PID COMMAND LINE" each.
+/// The live processes whose command line or environment names `marker` (cvm's VMM process
+/// names nothing of a session in its command line, but has cvm's HOME and XDG_RUNTIME_DIR):
+/// "PID COMMAND LINE" each.
 fn processes_naming(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
         let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if pid != std::process::id() && line.contains(marker) {
+        if pid != std::process::id() && (line.contains(marker) || String::from_utf8_lossy(&environ).contains(marker)) {
             found.push(format!("{pid} {line}"));
         }
     }
     found
+}
+
+/// The thread names of process `pid` under a seccomp filter, and those not, each sorted once.
+fn threads_by_filter(pid: u32) -> (Vec<String>, Vec<String>) {
+    let (mut filtered, mut unfiltered) = (Vec::new(), Vec::new());
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
+        // KVM's own worker (NX huge page recovery) is a kernel thread; the command's stdin
+        // reader ends with its stdin, here at once.
+        if comm.starts_with("kvm-") || comm == "exec-stdin" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if status.lines().any(|l| l == "Seccomp:\t2") { &mut filtered } else { &mut unfiltered }.push(comm);
+    }
+    for names in [&mut filtered, &mut unfiltered] {
+        names.sort();
+        names.dedup();
+    }
+    (filtered, unfiltered)
 }
 
 #[test]
@@ -217,31 +240,26 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     assert_eq!(line, "ready\n", "[{engine}]");
     // Every thread of cvm that serves the guest runs under its role's seccomp filter: the
-    // vsock backend's, the listeners' (the egress proxy's among them), the command's relay
-    // and, on cvm's engine, the VMM's event loop and vCPUs. Only the session's own thread and
-    // the console log's writer do not.
-    let (mut filtered, mut unfiltered) = (Vec::new(), Vec::new());
-    for task in std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        // KVM's own worker (NX huge page recovery) is a kernel thread; the command's stdin
-        // reader ends with its stdin, here at once.
-        if comm.starts_with("kvm-") || comm == "exec-stdin" {
-            continue;
-        }
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        if status.lines().any(|l| l == "Seccomp:\t2") { &mut filtered } else { &mut unfiltered }.push(comm);
-    }
-    filtered.sort();
-    filtered.dedup();
-    unfiltered.sort();
-    unfiltered.dedup();
-    let mut expected = vec!["cvm-vsock", "exec-relay", "listen", "vring_worker", "vsock-vhost-use"];
-    if engine == "cvm" {
-        expected.extend(["vcpu0", "vcpu1", "vm"]);
-    }
-    expected.sort();
-    assert_eq!(filtered, expected, "[{engine}]");
+    // vsock backend's, the listeners' (the egress proxy's among them) and the command's relay.
+    // Only the session's own thread and the console log's writer do not.
+    let (filtered, unfiltered) = threads_by_filter(child.id());
+    assert_eq!(filtered, ["cvm-vsock", "exec-relay", "listen", "vring_worker", "vsock-vhost-use"], "[{engine}]");
     assert_eq!(unfiltered, ["console-log", "cvm"], "[{engine}]");
+    if engine == "cvm" {
+        // cvm's VMM is a process of its own (its PID namespace's init), and every thread of it
+        // is filtered: its control thread, the event loop, the vCPUs, the disks' I/O.
+        let vmm: Vec<u32> = processes_naming(&env.home.path().display().to_string())
+            .iter()
+            .filter_map(|line| line.split(' ').next()?.parse().ok())
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))))
+            .collect();
+        assert_eq!(vmm.len(), 1, "[{engine}] one VMM process: {vmm:?}");
+        let (filtered, unfiltered) = threads_by_filter(vmm[0]);
+        for thread in ["cvm", "vm", "vcpu0", "vcpu1"] {
+            assert!(filtered.iter().any(|t| t == thread), "[{engine}] the VMM's {thread} thread is not filtered: {filtered:?}");
+        }
+        assert!(unfiltered.is_empty(), "[{engine}] VMM threads without a filter: {unfiltered:?}");
+    }
     let sent = Instant::now();
     // SAFETY (test): SIGTERM to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
