@@ -290,13 +290,22 @@ pub fn serve() -> ! {
     // SAFETY: VmProcess::spawn passes the control socket at fd 3 and the exit pipe at fd 4;
     // nothing else in this process owns them.
     let (control, exit_pipe) = unsafe { (OwnedFd::from_raw_fd(3), File::from_raw_fd(4)) };
-    match run(&control, exit_pipe) {
-        Ok(()) => std::process::exit(0),
+    let status = match run(&control, exit_pipe) {
+        Ok(()) => 0,
         Err(e) => {
             let _ = send(&control, &FromVmm::Failed(e.to_string()), &[]);
-            std::process::exit(1)
+            1
         }
+    };
+    // The kernel's side of the VM's end happens as this process ends (the init of its PID
+    // namespace waits for its teardown helper, killed with it): whoever reads cvm's output to
+    // its end must not wait for that.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    for stdio in 0..3 {
+        // SAFETY: closes this process's standard streams; nothing uses them from here on.
+        unsafe { libc::close(stdio) };
     }
+    std::process::exit(status)
 }
 
 /// The VMM process's start (see the module's documentation), then its VM's life.
