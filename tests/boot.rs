@@ -102,9 +102,9 @@ fn nothing_is_left_running_after_the_vm_ends() {
     assert_all_gone(&marker, "it exited");
 }
 
-/// What `/proc/PID/status` says of `pid`, by field.
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// What `/proc/TASK/status` says, by field: TASK is a pid, or `PID/task/TID` for a thread.
+fn status_field(task: impl std::fmt::Display, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{task}/status")).unwrap_or_default();
     status.lines().find_map(|line| line.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
 }
 
@@ -144,10 +144,7 @@ fn the_vmm_runs_jailed_and_ends_with_cvm() {
     let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap().flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
     assert!(threads.len() >= 3, "the VMM's control, VM and vCPU threads: {threads:?}");
     for thread in &threads {
-        let status = |field: &str| {
-            let status = std::fs::read_to_string(format!("/proc/{vmm}/task/{thread}/status")).unwrap_or_default();
-            status.lines().find_map(|line| line.strip_prefix(&format!("{field}:"))).unwrap_or_default().trim().to_string()
-        };
+        let status = |field: &str| status_field(format!("{vmm}/task/{thread}"), field);
         for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
             assert_eq!(status(set), "0000000000000000", "thread {thread} ({}) holds capabilities ({set})", status("Name"));
         }
