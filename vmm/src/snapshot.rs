@@ -86,12 +86,6 @@ impl Snapshot {
         Ok(framed(&body))
     }
 
-    /// Writes the snapshot, guest RAM (`ram`, the VM's memfd) and the writable `disks` to
-    /// `dir`, replacing whatever snapshot was there.
-    pub fn write(&self, dir: &Path, ram: &File, disks: &[PathBuf]) -> Result<()> {
-        write(dir, &self.encode()?, ram, self.memory_bytes, disks)
-    }
-
     /// Makes each of `disks` (the VM's writable disks, in order) a copy of the snapshot's.
     pub fn restore_disks(&self, dir: &Path, disks: &[PathBuf]) -> Result<()> {
         if disks.len() != self.disks.len() {

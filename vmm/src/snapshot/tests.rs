@@ -26,10 +26,15 @@ fn ram() -> File {
     file
 }
 
+/// Writes `snapshot` with [`ram`] and `disks` to `at`, as cvm writes what a VMM captured.
+fn save(snapshot: &Snapshot, at: &Path, disks: &[PathBuf]) {
+    write(at, &snapshot.encode().unwrap(), &ram(), snapshot.memory_bytes, disks).unwrap();
+}
+
 fn written() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let at = dir.path().join("cache/snapshots/key");
-    snapshot(2).write(&at, &ram(), &[]).unwrap();
+    save(&snapshot(2), &at, &[]);
     (dir, at)
 }
 
@@ -56,7 +61,7 @@ fn a_snapshot_reads_back_as_written_with_its_memory_sparse() {
 #[test]
 fn a_new_snapshot_replaces_the_old_whole_and_leaves_no_scratch() {
     let (dir, at) = written();
-    snapshot(1).write(&at, &ram(), &[]).unwrap();
+    save(&snapshot(1), &at, &[]);
     assert_eq!(Snapshot::read(&at).unwrap().0.vcpus.len(), 1);
     let names: Vec<_> = std::fs::read_dir(at.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("key")]);
@@ -70,7 +75,7 @@ fn writable_disks_are_kept_as_they_were_and_copied_back() {
     std::fs::write(&disk, [b"superblock".as_slice(), &[0; 2 * PAGE], b"journal"].concat()).unwrap();
     let size = std::fs::metadata(&disk).unwrap().len();
     let at = dir.path().join("snapshot");
-    Snapshot { disks: vec![size], ..snapshot(1) }.write(&at, &ram(), std::slice::from_ref(&disk)).unwrap();
+    save(&Snapshot { disks: vec![size], ..snapshot(1) }, &at, std::slice::from_ref(&disk));
     let (read, _) = Snapshot::read(&at).unwrap();
 
     let session_disk = dir.path().join("session.img");
