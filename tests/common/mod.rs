@@ -49,6 +49,12 @@ pub fn deadline() -> Duration {
     nested_scale(Duration::from_secs(120))
 }
 
+/// The hang bound for work that downloads from Debian's or npm's mirrors (a `cvm setup` of
+/// packages), whose speed is the mirror's and not cvm's: 600 s, four times that inside L1.
+pub fn download_deadline() -> Duration {
+    nested_scale(Duration::from_secs(600))
+}
+
 /// `wait`, four times longer inside L1 (CVM_NESTED): how long clean-up may take there.
 pub fn nested_scale(wait: Duration) -> Duration {
     if std::env::var_os("CVM_NESTED").is_some() { wait * 4 } else { wait }
@@ -120,13 +126,18 @@ impl Env {
 
     /// Runs `cvm run` with `stdin` as its input.
     pub fn run(&self, engine: &str, args: &[&str], stdin: &[u8]) -> Output {
+        self.run_within(engine, args, stdin, deadline())
+    }
+
+    /// [`Env::run`] with its own hang bound.
+    pub fn run_within(&self, engine: &str, args: &[&str], stdin: &[u8], wait: Duration) -> Output {
         let mut child = self.command(engine, args).stdin(Stdio::piped()).spawn().unwrap();
         let mut input = child.stdin.take().unwrap();
         let data = stdin.to_vec();
         let feeder = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
-        let out = wait_output(child);
+        let out = wait_output_within(child, wait);
         feeder.join().unwrap();
         out
     }
@@ -166,15 +177,20 @@ impl Env {
 }
 
 pub fn wait_output(child: Child) -> Output {
+    wait_output_within(child, deadline())
+}
+
+/// [`wait_output`] with its own hang bound, `wait`.
+pub fn wait_output_within(child: Child, wait: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
-    rx.recv_timeout(deadline()).unwrap_or_else(|_| {
+    rx.recv_timeout(wait).unwrap_or_else(|_| {
         let consoles = console_tails(pid) + &threads(pid);
         // SAFETY (test): SIGKILL to our own hung child.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         let said = rx.recv_timeout(Duration::from_secs(10)).map(|out| text(&out.stderr)).unwrap_or_default();
-        panic!("process {pid} did not finish within {:?}; its stderr: {said}{consoles}", deadline());
+        panic!("process {pid} did not finish within {wait:?}; its stderr: {said}{consoles}");
     })
 }
 
