@@ -60,20 +60,7 @@ pub fn set_cvm_exe(path: impl Into<std::path::PathBuf>) {
     let _ = CVM_EXE.set(path.into());
 }
 
-/// Polls `fds` until one is ready or `deadline` (none: no limit) passes; 0 when it passed.
-/// A signal's interruption is not an answer: the poll goes on with the time left.
-pub fn poll_until(fds: &mut [rustix::event::PollFd<'_>], deadline: Option<std::time::Instant>) -> std::io::Result<usize> {
-    loop {
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(std::time::Instant::now());
-            rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
-        });
-        match rustix::event::poll(fds, timeout.as_ref()) {
-            Err(rustix::io::Errno::INTR) => continue,
-            result => return Ok(result?),
-        }
-    }
-}
+pub use cvm_vmm::poll_until;
 
 /// An XDG base directory: `$variable`, else `$HOME/<under_home>`, else `/tmp`.
 pub fn xdg_dir(variable: &str, under_home: &str) -> std::path::PathBuf {

@@ -82,6 +82,21 @@ pub(crate) fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> 
     move |source| Error::KvmCall { what, source }
 }
 
+/// Polls `fds` until one is ready or `deadline` (none: no limit) passes; 0 when it passed.
+/// A signal's interruption is not an answer: the poll goes on with the time left.
+pub fn poll_until(fds: &mut [rustix::event::PollFd<'_>], deadline: Option<std::time::Instant>) -> std::io::Result<usize> {
+    loop {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
+        });
+        match rustix::event::poll(fds, timeout.as_ref()) {
+            Err(rustix::io::Errno::INTR) => continue,
+            result => return Ok(result?),
+        }
+    }
+}
+
 /// Locks `mutex`, taking over a lock whose holder panicked: the VM's state stays usable and
 /// the panic is reported where it happened.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

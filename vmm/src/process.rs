@@ -171,7 +171,7 @@ impl VmProcess {
         let mut report = Vec::new();
         loop {
             let mut fds = [PollFd::new(&self.exit_pipe, PollFlags::IN)];
-            if poll(&mut fds, deadline)? == 0 {
+            if crate::poll_until(&mut fds, deadline)? == 0 {
                 let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
                 return Err(Error::Vmm(format!("the VMM did not stop within {:?}; killed", VCPU_STOP_TIMEOUT + STOP_GRACE)));
             }
@@ -346,7 +346,7 @@ fn run(control: &OwnedFd, exit_pipe: File) -> Result<()> {
         if cvm_there {
             fds.push(PollFd::new(control, PollFlags::IN));
         }
-        poll(&mut fds, None)?;
+        crate::poll_until(&mut fds, None)?;
         if !fds[0].revents().is_empty() {
             break;
         }
@@ -400,7 +400,7 @@ fn send(socket: &OwnedFd, message: &impl Serialize, fds: &[BorrowedFd<'_>]) -> R
 /// The next message on `socket` and the descriptors that came with it, by `deadline`.
 fn receive<M: for<'de> Deserialize<'de>>(socket: &OwnedFd, deadline: Option<Instant>) -> Result<(M, Vec<OwnedFd>)> {
     let mut fds = [PollFd::new(socket, PollFlags::IN)];
-    if poll(&mut fds, deadline)? == 0 {
+    if crate::poll_until(&mut fds, deadline)? == 0 {
         return Err(Error::Vmm("no answer from the VMM process in time".into()));
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -430,20 +430,6 @@ fn expect(control: &OwnedFd, deadline: Instant, what: &str, is: impl Fn(&FromVmm
         Ok((FromVmm::Failed(why), _)) => Err(Error::Vmm(why)),
         Ok((message, _)) => Err(Error::Vmm(format!("the VMM process said {message:?}, not {what}"))),
         Err(e) => Err(e),
-    }
-}
-
-/// Polls `fds` until one is ready or `deadline` passes (none: no limit); 0 when it passed.
-fn poll(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> Result<usize> {
-    loop {
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            rustix::event::Timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 }
-        });
-        match rustix::event::poll(fds, timeout.as_ref()) {
-            Err(rustix::io::Errno::INTR) => continue,
-            result => return Ok(result?),
-        }
     }
 }
 
