@@ -65,6 +65,12 @@ pub fn checks() -> Vec<Check> {
     });
     checks.push(match cvm_backends::fs::sandbox_on_this_host() {
         ("namespaces", _) => Check::ok("fs sandbox", "namespaces (mount, PID, network)"),
+        ("chroot", why) if cvm_vmm::host::in_container() => Check::bad(
+            "fs sandbox",
+            Status::Warn,
+            format!("a chroot only: {} (root in a container has no CAP_SYS_ADMIN)", why.unwrap_or_default()),
+            "run the container as a user other than root (the image's user cvm): the backends then get namespaces of a user namespace",
+        ),
         ("chroot", why) => Check::bad("fs sandbox", Status::Warn, format!("a chroot only: {}", why.unwrap_or_default()), "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)"),
         (_, why) => Check::bad(
             "fs sandbox",
@@ -75,7 +81,13 @@ pub fn checks() -> Vec<Check> {
     });
     checks.push(match cvm_vmm::jail::available() {
         Ok(()) => Check::ok("VMM jail", "user, mount, PID, IPC and network namespaces"),
-        Err(e) => Check::bad("VMM jail", Status::Warn, format!("{e}; cvm's VMM does not start without its jail (--vmm qemu still works)"), "allow user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone=1; in a container, a seccomp profile that allows them, as podman's does)"),
+        Err(e) if cvm_vmm::host::in_container() => Check::bad(
+            "VMM jail",
+            Status::Warn,
+            format!("user namespaces are refused in this container ({e}); cvm's VMM does not start without its jail (QEMU still works)"),
+            "run the container with a seccomp profile that allows them: --security-opt seccomp=deploy/seccomp.json (docker's default refuses them; podman's allows them)",
+        ),
+        Err(e) => Check::bad("VMM jail", Status::Warn, format!("{e}; cvm's VMM does not start without its jail (--vmm qemu still works)"), "allow user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone=1)"),
     });
     checks.push(open_files(cvm_backends::fs::guest_open_file_limit()));
     if let Some(check) = git_bare_repositories() {
@@ -100,12 +112,10 @@ pub fn checks() -> Vec<Check> {
 /// The KVM device (`CVM_KVM_DEVICE`, else /dev/kvm): present, usable by this user, and
 /// hardware (PVM cannot run Linux).
 fn kvm(device: &Path) -> Check {
-    if !device.exists() {
-        return Check::bad("/dev/kvm", Status::Warn, format!("{} does not exist: only --vmm qemu (TCG, slow) works", device.display()), "enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd");
-    }
-    match cvm_vmm::host::open_kvm() {
-        Err(e) => Check::bad("/dev/kvm", Status::Warn, format!("{e}: only --vmm qemu works"), access_fix(device)),
-        Ok(_) if cvm_vmm::host::is_pvm() => Check::bad("/dev/kvm", Status::Warn, "PVM, a software hypervisor: cvm's VMM cannot run Linux here", "use --vmm qemu here (export CVM_VMM=qemu), or a host with hardware KVM (vmx/svm)"),
+    match cvm_vmm::host::open_kvm_at(device.to_path_buf()) {
+        // The error says what to do: here, and where `cvm run --vmm cvm` refuses.
+        Err(e) => Check::bad("/dev/kvm", Status::Warn, format!("{} cannot be used: sessions run on QEMU's TCG (slow)", device.display()), e.to_string()),
+        Ok(_) if cvm_vmm::host::is_pvm() => Check::bad("/dev/kvm", Status::Warn, "PVM, a software hypervisor: cvm's VMM cannot run Linux here, so sessions run on QEMU (--vmm auto)", "for cvm's VMM, use a host with hardware KVM (vmx/svm)"),
         Ok(_) => Check::ok("/dev/kvm", "hardware KVM, usable"),
     }
 }
@@ -158,10 +168,6 @@ fn bare_repositories(version: &str, setting: Option<&str>) -> Check {
     }
 }
 
-fn access_fix(device: &Path) -> String {
-    format!("give yourself access to {}: sudo usermod -aG kvm $USER, then log in again", device.display())
-}
-
 /// The report, one line per check, with each fix under its problem.
 pub fn report(checks: &[Check]) -> String {
     let mut out = String::new();
@@ -209,7 +215,9 @@ mod tests {
     fn a_missing_kvm_device_is_reported_with_a_fix() {
         let check = kvm(Path::new("/nonexistent/kvm"));
         assert_eq!(check.status, Status::Warn);
-        assert!(check.detail.contains("/nonexistent/kvm does not exist") && check.fix.is_some(), "{check:?}");
+        assert!(check.detail.starts_with("/nonexistent/kvm cannot be used"), "{check:?}");
+        // "does not exist" on a host, "is not in this container" in one: each with what to do.
+        assert!(check.fix.as_deref().is_some_and(|f| f.starts_with("/nonexistent/kvm ") && f.contains(": ")), "{check:?}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Where the guest kernel and images are: built by the project's scripts into the cache, with
-//! a `current` link to the latest build of each.
+//! a `current` link to the latest build of each, else installed beside cvm (`scripts/install`,
+//! the .deb, the container image: `<prefix>/lib/cvm/` for `<prefix>/bin/cvm`).
 //!
 //! An image is a root file system in one of two forms: an initramfs (the minimal image, a cpio
 //! the kernel unpacks into memory) or a disk image (the Debian image, EROFS on a read-only
@@ -15,11 +16,34 @@ pub fn cache_dir() -> PathBuf {
     crate::xdg_dir("XDG_CACHE_HOME", ".cache").join("cvm")
 }
 
-/// The guest kernel: `--kernel`, else `$CVM_KERNEL`, else the latest scripts/build-kernel.
+/// Where an installed cvm keeps its kernel, images and image recipe: `<prefix>/lib/cvm` for
+/// `<prefix>/bin/cvm` (`/usr/lib/cvm` from the .deb).
+pub fn installed_dir() -> Option<PathBuf> {
+    let exe = crate::cvm_exe().ok()?;
+    Some(exe.parent()?.parent()?.join("lib/cvm"))
+}
+
+/// The file an installed cvm ships as `name` in [`installed_dir`], if it does.
+fn installed(name: &str) -> Option<PathBuf> {
+    installed_dir().map(|dir| dir.join(name)).filter(|path| path.exists())
+}
+
+/// The cache's latest build (`<dir>/current/<file>`) when there is one, else the installed
+/// `installed_name`; the cache's path when neither exists, for the error.
+fn built_or_installed(dir: &str, file: &str, installed_name: &str) -> PathBuf {
+    let cached = cache_dir().join(dir).join("current").join(file);
+    match cached.exists() {
+        true => cached,
+        false => installed(installed_name).unwrap_or(cached),
+    }
+}
+
+/// The guest kernel: `--kernel`, else `$CVM_KERNEL`, else the latest scripts/build-kernel, else
+/// the installed one.
 pub fn kernel(explicit: Option<PathBuf>) -> Result<PathBuf> {
     let path = explicit
         .or_else(|| std::env::var_os("CVM_KERNEL").map(PathBuf::from))
-        .unwrap_or_else(|| cache_dir().join("kernel/current/vmlinux"));
+        .unwrap_or_else(|| built_or_installed("kernel", "vmlinux", "vmlinux"));
     if !path.exists() {
         bail!("no guest kernel at {}: build it with scripts/build-kernel or pass --kernel", path.display());
     }
@@ -51,18 +75,20 @@ impl Image {
 }
 
 /// A built-in image: its name, the variable that overrides its path, where its recipe caches
-/// builds (`<dir>/<recipe hash>/<file>`, with `<dir>/current` the latest) and the recipe.
+/// builds (`<dir>/<recipe hash>/<file>`, with `<dir>/current` the latest), its file's name
+/// where cvm is installed, and the recipe (in the source tree; installed beside the image).
 struct Named {
     name: &'static str,
     variable: &'static str,
     dir: &'static str,
     file: &'static str,
+    installed: &'static str,
     script: &'static str,
 }
 
 const NAMED: &[Named] = &[
-    Named { name: "minimal", variable: "CVM_MINIMAL_IMAGE", dir: "initramfs", file: "initramfs.cpio", script: "scripts/build-initramfs" },
-    Named { name: "debian", variable: "CVM_DEBIAN_IMAGE", dir: "images/debian", file: "root.erofs", script: "scripts/build-image" },
+    Named { name: "minimal", variable: "CVM_MINIMAL_IMAGE", dir: "initramfs", file: "initramfs.cpio", installed: "minimal.cpio", script: "scripts/build-initramfs" },
+    Named { name: "debian", variable: "CVM_DEBIAN_IMAGE", dir: "images/debian", file: "root.erofs", installed: "debian.erofs", script: "scripts/build-image" },
 ];
 
 fn named(name: &str) -> Option<&'static Named> {
@@ -163,21 +189,26 @@ pub fn cached() -> Vec<CachedImage> {
     out
 }
 
-/// The recipe that builds a named image, from the source tree this cvm was built from.
+/// The recipe that builds a named image: in the source tree this cvm was built from, else
+/// installed beside cvm (the .deb ships the Debian image's, with its agent).
 pub fn recipe(name: &str) -> Result<PathBuf> {
     let named = named(name).with_context(|| format!("no image is called {name} (debian, minimal)"))?;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(named.script);
-    if !path.is_file() {
-        bail!("{} is gone: cvm builds images from the source tree it was built from", path.display());
+    if path.is_file() {
+        return Ok(path);
     }
-    Ok(path)
+    let script = Path::new(named.script).file_name().expect("a recipe is a file");
+    match installed(&script.to_string_lossy()) {
+        Some(installed) => Ok(installed),
+        None => bail!("no recipe for the {name} image: {} is gone and this installation has none", path.display()),
+    }
 }
 
 /// The root image for `--image`: a name (`debian`, `minimal`) or a path to an image.
 pub fn image(name: &str) -> Result<Image> {
     let path = match named(name) {
         Some(n) => {
-            let path = std::env::var_os(n.variable).map(PathBuf::from).unwrap_or_else(|| cache_dir().join(n.dir).join("current").join(n.file));
+            let path = std::env::var_os(n.variable).map(PathBuf::from).unwrap_or_else(|| built_or_installed(n.dir, n.file, n.installed));
             if !path.exists() {
                 bail!("the {name} image is not built ({} is missing): run `cvm image build {name}` ({})", path.display(), n.script);
             }

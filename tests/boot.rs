@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{is_pvm, kvm_usable, linux_artifacts, text, Env};
+use common::{is_pvm, kvm_usable, linux_artifacts, processes_marked, text, Env};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -68,17 +68,6 @@ fn hello_guest_prints_pokes_the_boot_timer_and_resets() {
 
 /// The host processes of `cvm boot` runs marked with `marker` in their command line or their
 /// environment (the VMM process and its teardown helper inherit cvm's environment).
-fn processes_marked(marker: &str) -> Vec<u32> {
-    let marked = |p: &std::path::Path, file: &str| std::fs::read(p.join(file)).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker));
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|p| Some((p.file_name().to_str()?.parse().ok()?, p.path())))
-        .filter(|(_, p)| marked(p, "cmdline") || marked(p, "environ"))
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
 /// Waits (10 s at most) until no process is marked with `marker`.
 fn assert_all_gone(marker: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{arg, engine, nested_scale, text, Env};
+use common::{arg, describe, engine, nested_scale, processes_marked, text, Env};
 
 /// Runs host git in `dir` and says what it printed.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -149,23 +149,6 @@ fn a_shared_home_keeps_its_dot_files_and_cvm_s_own() {
     env.assert_clean();
 }
 
-/// The live processes whose command line or environment names `marker` (cvm's VMM process
-/// names nothing of a session in its command line, but has cvm's HOME and XDG_RUNTIME_DIR):
-/// "PID COMMAND LINE" each.
-fn processes_naming(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if pid != std::process::id() && (line.contains(marker) || String::from_utf8_lossy(&environ).contains(marker)) {
-            found.push(format!("{pid} {line}"));
-        }
-    }
-    found
-}
-
 /// The thread names of process `pid` under a seccomp filter, and those not, each sorted once.
 fn threads_by_filter(pid: u32) -> (Vec<String>, Vec<String>) {
     let (mut filtered, mut unfiltered) = (Vec::new(), Vec::new());
@@ -194,7 +177,7 @@ fn killing_cvm_at_any_moment_leaves_no_helper_running() {
     // Every helper names a path of this test's: the fs backends their share, QEMU and the
     // janitor the session's directory under the private XDG_RUNTIME_DIR.
     let markers = [env.home.path().display().to_string(), env.runtime.path().display().to_string()];
-    let alive = || markers.iter().flat_map(|m| processes_naming(m)).collect::<Vec<_>>();
+    let alive = || markers.iter().flat_map(|m| processes_marked(m)).map(describe).collect::<Vec<_>>();
     let engine = engine();
     // Kill points spread over start-up, the command and teardown of a session that takes
     // about a second on the QEMU engine here.
@@ -248,9 +231,8 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     if engine == "cvm" {
         // cvm's VMM is a process of its own (its PID namespace's init), and every thread of it
         // is filtered: its control thread, the event loop, the vCPUs, the disks' I/O.
-        let vmm: Vec<u32> = processes_naming(&env.home.path().display().to_string())
-            .iter()
-            .filter_map(|line| line.split(' ').next()?.parse().ok())
+        let vmm: Vec<u32> = processes_marked(&env.home.path().display().to_string())
+            .into_iter()
             .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))))
             .collect();
         assert_eq!(vmm.len(), 1, "[{engine}] one VMM process: {vmm:?}");

@@ -38,6 +38,29 @@ fn binary_stdin_round_trips_and_stderr_stays_apart() {
     env.assert_clean();
 }
 
+/// `--vmm auto` (the default) takes cvm's VMM where /dev/kvm is hardware KVM and QEMU
+/// elsewhere, and says which and why in one line.
+#[test]
+fn auto_picks_the_engine_this_host_can_run_and_says_why() {
+    let Some(env) = Env::new() else { return };
+    let out = env.run("auto", &["--", "sh", "-c", "exit 3"], b"");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
+    let expected = match engine() {
+        "cvm" => "cvm: using cvm's VMM: /dev/kvm is hardware KVM\n",
+        _ => "cvm: using QEMU, since cvm's VMM cannot run here: this host's /dev/kvm is PVM",
+    };
+    assert!(stderr.starts_with(expected), "expected {expected:?}, got: {stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.contains("using")).count(), 1, "{stderr}");
+    if engine() == "qemu" {
+        // No KVM device at all: QEMU still runs the session.
+        let out = wait_output(env.command("auto", &["--", "true"]).env("CVM_KVM_DEVICE", "/nonexistent").spawn().unwrap());
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        assert!(text(&out.stderr).starts_with("cvm: using QEMU, since cvm's VMM cannot run here: /nonexistent does not exist"), "{}", text(&out.stderr));
+    }
+    env.assert_clean();
+}
+
 #[test]
 fn a_missing_command_exits_127() {
     let Some(env) = Env::new() else { return };

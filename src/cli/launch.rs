@@ -8,10 +8,11 @@ use super::*;
 /// .cvm.toml, then CVM_* variables.
 #[derive(clap::Args, Clone)]
 pub(crate) struct VmArgs {
-    /// Which monitor runs the VM: cvm's own (needs hardware KVM) or QEMU (TCG where there is
-    /// no hardware KVM). [config: vm.vmm, CVM_VMM; default: cvm]
+    /// Which monitor runs the VM: `auto` (cvm's own where /dev/kvm is hardware KVM, else
+    /// QEMU; one line on stderr says which and why), `cvm` (needs hardware KVM) or `qemu`
+    /// (TCG where there is no hardware KVM). [config: vm.vmm, CVM_VMM; default: auto]
     #[arg(long = "vmm", value_enum)]
-    pub engine: Option<Engine>,
+    pub engine: Option<VmmChoice>,
     /// Root image: `debian` (Debian with Claude Code, from scripts/build-image), `minimal`
     /// (cvm-agent and busybox in an initramfs, from scripts/build-initramfs) or a path to an
     /// image of either kind. [config: vm.image, CVM_IMAGE; default: debian]
@@ -207,7 +208,13 @@ pub(crate) fn session_config(settings: &Settings, args: &VmArgs, forwards: Forwa
             claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
             external: Vec::new(),
         },
-        engine: settings.vmm.value,
+        engine: {
+            let (engine, why) = settings.vmm.value.engine();
+            if let Some(why) = why {
+                eprintln!("{why}");
+            }
+            engine
+        },
         kernel: cvm::images::kernel(args.kernel.clone())?,
         image: cvm::images::image(&settings.image.value)?,
         cpus: settings.cpus.value,

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use cvm::run::{parse_duration, EXIT_CVM_FAILED};
-use cvm::config::{Flags, Settings, Source};
+use cvm::config::{Flags, Settings, Source, VmmChoice};
 use cvm::egress::{EgressPolicy, NetworkMode};
 use cvm::environment::Environment;
 use cvm::forward::ForwardRequest;
 use cvm::session::{Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
-use cvm_vmm::{parse_memory_size, Engine, VmConfig, DEFAULT_CMDLINE};
+use cvm_vmm::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
 
 #[cfg(feature = "bench")]
 use crate::bench;

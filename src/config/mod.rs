@@ -108,6 +108,32 @@ impl<T: PartialEq> Sourced<Vec<T>> {
     }
 }
 
+/// `vm.vmm`: which monitor runs a session's VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmmChoice {
+    /// cvm's own VMM where /dev/kvm is hardware KVM, else QEMU.
+    Auto,
+    /// cvm's own VMM; refused where /dev/kvm cannot run Linux.
+    Cvm,
+    /// QEMU's microvm machine: KVM where it can, else TCG (slow).
+    Qemu,
+}
+
+impl VmmChoice {
+    /// The engine this choice runs on this host; for `auto`, also the line that tells the
+    /// user which one and why.
+    pub fn engine(self) -> (Engine, Option<String>) {
+        match self {
+            VmmChoice::Cvm => (Engine::Cvm, None),
+            VmmChoice::Qemu => (Engine::Qemu, None),
+            VmmChoice::Auto => match cvm_vmm::host::hardware_kvm() {
+                Ok(()) => (Engine::Cvm, Some(format!("cvm: using cvm's VMM: {} is hardware KVM", cvm_vmm::host::kvm_device().display()))),
+                Err(why) => (Engine::Qemu, Some(format!("cvm: using QEMU, since cvm's VMM cannot run here: {why}"))),
+            },
+        }
+    }
+}
+
 /// The effective configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -117,7 +143,7 @@ pub struct Settings {
     /// The most the guest may add to each writable share; none: what the share's file system
     /// has free, less a reserve.
     pub share_quota: Sourced<Option<u64>>,
-    pub vmm: Sourced<Engine>,
+    pub vmm: Sourced<VmmChoice>,
     pub image: Sourced<String>,
     pub timeout: Sourced<Option<Duration>>,
     pub tools: BTreeMap<String, Sourced<bool>>,
@@ -146,7 +172,7 @@ impl Settings {
             memory: Sourced::default(512 << 20),
             disk: Sourced::default(None),
             share_quota: Sourced::default(None),
-            vmm: Sourced::default(Engine::Cvm),
+            vmm: Sourced::default(VmmChoice::Auto),
             image: Sourced::default("debian".into()),
             timeout: Sourced::default(None),
             tools: crate::template::CAPABILITIES.iter().map(|c| (c.name.to_string(), Sourced::default(false))).collect(),
@@ -377,7 +403,7 @@ pub struct Flags {
     pub memory: Option<u64>,
     pub disk: Option<u64>,
     pub share_quota: Option<u64>,
-    pub vmm: Option<Engine>,
+    pub vmm: Option<VmmChoice>,
     pub image: Option<String>,
     pub timeout: Option<Duration>,
     pub network: Option<NetworkMode>,

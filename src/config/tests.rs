@@ -122,7 +122,7 @@ fn env_overrides_files_and_flags_override_env() {
     assert_eq!((s.cpus.value, &s.cpus.sources[..]), (3, &[Source::Env("CVM_CPUS")][..]));
     s.apply_flags(Flags { cpus: Some(1), mounts: vec![], ..Flags::default() });
     assert_eq!((s.cpus.value, &s.cpus.sources[..]), (1, &[Source::Flag][..]));
-    assert_eq!(s.vmm.value, Engine::Qemu);
+    assert_eq!(s.vmm.value, VmmChoice::Qemu);
     assert_eq!(s.memory.value, 1 << 30);
     for (name, value) in [("CVM_CPUS", "0"), ("CVM_CPUS", "many"), ("CVM_MEMORY", "lots"), ("CVM_VMM", "xen"), ("CVM_NETWORK", "wide"), ("CVM_TIMEOUT", "soon")] {
         let err = Settings::defaults().apply_env(|n| (n == name).then(|| value.to_string())).unwrap_err();

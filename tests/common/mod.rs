@@ -281,3 +281,21 @@ pub fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::Mutex<
     });
     (port, hosts)
 }
+
+/// Processes other than this one whose command line or environment contains `marker`.
+pub fn processes_marked(marker: &str) -> Vec<u32> {
+    let marked = |p: &Path, file: &str| std::fs::read(p.join(file)).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| Some((p.file_name().to_str()?.parse().ok()?, p.path())))
+        .filter(|&(pid, ref p)| pid != std::process::id() && (marked(p, "cmdline") || marked(p, "environ")))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// `pid` and its command line, for a failure's message.
+pub fn describe(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    format!("{pid} {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
+}

@@ -37,10 +37,7 @@ impl Engine {
     pub fn start(self, config: &VmConfig, exe: &Path) -> Result<Box<dyn RunningVm>> {
         match self {
             Engine::Cvm => {
-                crate::host::open_kvm()?;
-                if crate::host::is_pvm() {
-                    return Err(crate::host::KvmUnavailable::Pvm.into());
-                }
+                crate::host::hardware_kvm()?;
                 Ok(Box::new(VmProcess::spawn(exe, config, Instant::now())?))
             }
             Engine::Qemu => Ok(Box::new(QemuVm::spawn(config, &QemuOptions::default())?)),

@@ -7,8 +7,14 @@ use std::path::Path;
 pub enum KvmUnavailable {
     #[error("{0} does not exist: this host has no KVM. Enable virtualization (VT-x/AMD-V) in the firmware and load kvm_intel or kvm_amd; in a cloud VM, choose an instance type with nested virtualization")]
     Missing(std::path::PathBuf),
+    #[error("{0} is not in this container: start it with --device /dev/kvm (in Kubernetes, request devices.kubevirt.io/kvm from a KVM device plugin)")]
+    NotInContainer(std::path::PathBuf),
     #[error("permission denied opening {0}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again), or run: sudo setfacl -m u:$USER:rw /dev/kvm")]
     PermissionDenied(std::path::PathBuf),
+    #[error("permission denied opening {0} in this container: start it with --group-add $(stat -c %g /dev/kvm), or --user root where /dev/kvm is root's only (mode 0600)")]
+    PermissionDeniedInContainer(std::path::PathBuf),
+    #[error("{0} may not be used here (EPERM: the device cgroup refuses it): pass it with --device /dev/kvm or a device rule (c 10:232 rwm), not a bind mount; in Kubernetes, request devices.kubevirt.io/kvm from a KVM device plugin")]
+    DeviceNotAllowed(std::path::PathBuf),
     #[error("cannot use {0} as KVM: {1}")]
     Other(std::path::PathBuf, std::io::Error),
     #[error("{0} is not a KVM device (its KVM API version is {1}, not 12)")]
@@ -27,13 +33,20 @@ pub fn kvm_device() -> std::path::PathBuf {
 
 /// Opens the KVM device and checks the capabilities cvm relies on.
 pub fn open_kvm() -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
+    open_kvm_at(kvm_device())
+}
+
+/// Opens `path` as the KVM device and checks the capabilities cvm relies on.
+pub fn open_kvm_at(path: std::path::PathBuf) -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
     use kvm_ioctls::Cap;
-    let path = kvm_device();
     let device = std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes())
         .map_err(|_| KvmUnavailable::Missing(path.clone()))?;
     let kvm = kvm_ioctls::Kvm::new_with_path(&device).map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV if in_container() => KvmUnavailable::NotInContainer(path.clone()),
         libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmUnavailable::Missing(path.clone()),
-        libc::EACCES | libc::EPERM => KvmUnavailable::PermissionDenied(path.clone()),
+        libc::EACCES if in_container() => KvmUnavailable::PermissionDeniedInContainer(path.clone()),
+        libc::EACCES => KvmUnavailable::PermissionDenied(path.clone()),
+        libc::EPERM => KvmUnavailable::DeviceNotAllowed(path.clone()),
         errno => KvmUnavailable::Other(path.clone(), std::io::Error::from_raw_os_error(errno)),
     })?;
     let version = kvm.get_api_version();
@@ -53,6 +66,30 @@ pub fn open_kvm() -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
         }
     }
     Ok(kvm)
+}
+
+/// Opens the KVM device and checks that it can run a stock Linux kernel: what cvm's VMM needs.
+pub fn hardware_kvm() -> Result<(), KvmUnavailable> {
+    open_kvm()?;
+    if is_pvm() {
+        return Err(KvmUnavailable::Pvm);
+    }
+    Ok(())
+}
+
+/// True inside a container: podman's marker file, the `container` variable (systemd's
+/// convention, which podman follows), a Kubernetes pod's service variables, or docker's marker
+/// file on an overlay root (machines built from a docker image keep the file on their own disk).
+pub fn in_container() -> bool {
+    let overlay_root = || {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        // Fields: id, parent, dev, root, mount point, options, optional..., "-", type, ...
+        mounts.lines().any(|l| l.split(' ').nth(4) == Some("/") && l.split(" - ").nth(1).is_some_and(|t| t.starts_with("overlay ")))
+    };
+    Path::new("/run/.containerenv").exists()
+        || std::env::var_os("container").is_some()
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || (Path::new("/.dockerenv").exists() && overlay_root())
 }
 
 /// True when `/dev/kvm` is PVM (`kvm_pvm`), a software hypervisor that runs small guests but

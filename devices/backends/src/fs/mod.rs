@@ -212,10 +212,13 @@ impl Drop for FsBackend {
     }
 }
 
-/// The sandboxes a backend tries, strongest first: namespaces; a chroot as root; none only
-/// when the user allowed it.
-fn sandbox_modes(root: bool, allow_none: bool) -> Vec<SandboxMode> {
-    let mut modes = vec![SandboxMode::Namespace];
+/// The sandboxes a backend tries, strongest first: namespaces where this host allows them; a
+/// chroot as root; none only when the user allowed it.
+fn sandbox_modes(root: bool, namespaces: bool, allow_none: bool) -> Vec<SandboxMode> {
+    let mut modes = Vec::new();
+    if namespaces {
+        modes.push(SandboxMode::Namespace);
+    }
     if root {
         modes.push(SandboxMode::Chroot);
     }
@@ -248,7 +251,7 @@ pub fn sandbox_on_this_host() -> (&'static str, Option<String>) {
 }
 
 /// Enters the strongest sandbox the host allows and says which.
-fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<(Listener, Sandbox)> {
+fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<(Listener, Sandbox, SandboxMode)> {
     // A failed attempt consumes the listener: keep a copy of the socket for the next one.
     let spare = |l: &Listener| -> io::Result<Listener> {
         // SAFETY: the fd is open for the duration of this call; dup makes a new one we own.
@@ -260,7 +263,10 @@ fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<
         Ok(Listener::from(UnixListener::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     };
     let mut last = listener;
-    for mode in sandbox_modes(rustix::process::geteuid().is_root(), allow_none) {
+    // Probed first: virtiofsd's namespace sandbox, refused (root without CAP_SYS_ADMIN, in a
+    // container), leaves a helper that panics on its way out.
+    let namespaces = sandbox_on_this_host().0 == "namespaces";
+    for mode in sandbox_modes(rustix::process::geteuid().is_root(), namespaces, allow_none) {
         let next = spare(&last)?;
         let mut sandbox = Sandbox::new(dir.to_string(), mode, Vec::new(), Vec::new());
         match sandbox.enter(last) {
@@ -268,7 +274,7 @@ fn enter_sandbox(dir: &str, listener: Listener, allow_none: bool) -> io::Result<
                 // The sandbox forked: dies with its parent again.
                 cvm_sandbox::process::set_parent_death_signal()?;
                 tracing::info!("fs backend for {dir}: sandbox {mode:?}");
-                return Ok((listener, sandbox));
+                return Ok((listener, sandbox, mode));
             }
             // Inside the new namespaces already (a failure after the fork): no way back.
             Err(e) if rustix::process::getpid().is_init() => return Err(io::Error::other(format!("sandbox: {e}"))),
@@ -314,13 +320,16 @@ pub fn serve(listener: UnixListener, share: &ShareConfig) -> io::Result<()> {
     let dir = share.dir.to_str().expect("validated as UTF-8");
     // Before the sandbox, which hides /proc/sys.
     let fd_limit = virtiofsd::limits::setup_rlimit_nofile(None).map_err(io::Error::other)?;
-    let (listener, mut sandbox) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
+    // A chroot leaves /proc/self/mountinfo's host paths: the prefix to strip is the share's
+    // real path, resolved before the chroot hides it.
+    let real_dir = std::fs::canonicalize(dir)?.into_os_string().into_string().map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (listener, mut sandbox, mode) = enter_sandbox(dir, Listener::from(listener), share.allow_no_sandbox)?;
     exit_with_cvm()?;
     keep_only_needed_capabilities()?;
     cvm_sandbox::seccomp::confine_process(cvm_sandbox::seccomp::Role::FsBackend)?;
     let config = passthrough::Config {
         root_dir: sandbox.get_root_dir(),
-        mountinfo_prefix: sandbox.get_mountinfo_prefix()?,
+        mountinfo_prefix: (mode == SandboxMode::Chroot).then_some(real_dir),
         proc_sfd_rawfd: sandbox.get_proc_self_fd(),
         proc_mountinfo_rawfd: sandbox.get_mountinfo_fd(),
         guest_fd_limit: fd_limit.saturating_sub(OWN_FILES),

@@ -571,10 +571,13 @@ fn unknown_requests_and_a_flood_get_answers() {
 #[test]
 fn no_sandbox_only_when_the_user_allowed_it() {
     use virtiofsd::sandbox::SandboxMode::*;
-    assert_eq!(super::sandbox_modes(false, false), [Namespace]);
-    assert_eq!(super::sandbox_modes(true, false), [Namespace, Chroot]);
-    assert_eq!(super::sandbox_modes(false, true), [Namespace, None]);
-    assert_eq!(super::sandbox_modes(true, true), [Namespace, Chroot, None]);
+    assert_eq!(super::sandbox_modes(false, true, false), [Namespace]);
+    assert_eq!(super::sandbox_modes(true, true, false), [Namespace, Chroot]);
+    assert_eq!(super::sandbox_modes(false, true, true), [Namespace, None]);
+    assert_eq!(super::sandbox_modes(true, true, true), [Namespace, Chroot, None]);
+    // Where namespaces are refused (root without CAP_SYS_ADMIN in a container), none is tried.
+    assert_eq!(super::sandbox_modes(true, false, false), [Chroot]);
+    assert_eq!(super::sandbox_modes(false, false, false), []);
     // This host (CI's too) has namespaces: the test suite's backends run in them.
     assert_eq!(super::sandbox_on_this_host(), ("namespaces", Option::None));
 }
