@@ -115,7 +115,9 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
     let env_file = env.home.path().join("vars.env");
     std::fs::write(&env_file, "FROM_FILE=file value\nOVERRIDDEN=from the file\n").unwrap();
-    let script = "echo \"$API_TOKEN|$FROM_FILE|$OVERRIDDEN|$PASSED|$FLAG\"; grep -rl hunter2 /run/cvm 2>/dev/null | wc -l";
+    // The project's [env] needs no trust (it widens nothing); the files and flags beat it.
+    std::fs::write(dir.join(".cvm.toml"), "[env]\nFROM_CONFIG = \"config value\"\nFROM_FILE = \"from the config\"\n").unwrap();
+    let script = "echo \"$API_TOKEN|$FROM_FILE|$OVERRIDDEN|$PASSED|$FLAG|$FROM_CONFIG\"; grep -rl hunter2 /run/cvm 2>/dev/null | wc -l";
     let engine = engine();
     let out = wait_output(
         env.command(engine, &["-v", "--debug", arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
@@ -123,7 +125,7 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
             .spawn()
             .unwrap(),
     );
-    assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes\n0\n", "[{engine}] {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes|config value\n0\n", "[{engine}] {}", text(&out.stderr));
     let logged = text(&out.stderr);
     assert!(logged.contains("guest console") && !logged.contains("hunter2"), "[{engine}] the logs and the console never show a secret: {logged}");
     env.assert_clean();
@@ -136,6 +138,11 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
     assert!(text(&out.stderr).contains("chmod 600"), "{}", text(&out.stderr));
     let bad = env.run(engine, &["--env", "NOT A NAME=1", "--", "true"], b"");
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad.stderr));
+    // A project cannot point the guest's tools past cvm's proxy.
+    std::fs::write(dir.join(".cvm.toml"), "[env]\nHTTPS_PROXY = \"http://10.0.0.1:3128\"\n").unwrap();
+    let out = wait_output(env.command(engine, &[arg(&dir), "--", "true"]).spawn().unwrap());
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains(".cvm.toml:2:1: HTTPS_PROXY is cvm's to set"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -170,6 +170,9 @@ pub(crate) fn session_config(settings: &Settings, args: &VmArgs, forwards: Forwa
         anyhow::bail!("--allow, --deny and --add-host (network.allow, deny, hosts) are rules of the proxy: --network open has no allow-list");
     }
     let mut env = Environment::default();
+    for (name, value) in &settings.env.value {
+        env.set(name.clone(), value.clone());
+    }
     // Files inside the project are the guest's to write: read only by ways that stay inside.
     let root = project.as_deref().and_then(|p| p.canonicalize().ok());
     let mut secrets = Vec::new();

@@ -77,6 +77,9 @@ pub struct FileConfig {
     pub mounts: Vec<MountTable>,
     #[serde(default)]
     pub secrets: SecretsTable,
+    /// Variables every command of a session gets (`[env]`), by name.
+    #[serde(default)]
+    pub env: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 /// `[vm]`: single-valued keys only, each read by its entry in [`super::keys::KEYS`] (an unknown

@@ -78,6 +78,14 @@ impl<T> Sourced<T> {
         self.sources = vec![source];
     }
 
+    /// A layer merged into the value (a table whose entries override by name): the merged
+    /// value, with this layer among its sources.
+    fn add(&mut self, value: T, source: Source) {
+        self.value = value;
+        self.sources.retain(|s| *s != Source::Default);
+        self.sources.push(source);
+    }
+
     /// Sets the value when one was given; leaves the layers below alone otherwise.
     fn set_given(&mut self, value: Option<T>, source: Source) {
         if let Some(value) = value {
@@ -162,6 +170,8 @@ pub struct Settings {
     pub mounts: Sourced<Vec<MountSpec>>,
     pub secrets_file: Sourced<Option<PathBuf>>,
     pub proxied_secrets: Sourced<Vec<ProxiedSecret>>,
+    /// `[env]`: what every command gets, by name, below `--env-file`, `--inherit-env` and `-e`.
+    pub env: Sourced<Vec<(String, String)>>,
 }
 
 impl Settings {
@@ -191,6 +201,7 @@ impl Settings {
             mounts: Sourced::default(Vec::new()),
             secrets_file: Sourced::default(Some(crate::xdg_dir("XDG_CONFIG_HOME", ".config").join("cvm/secrets.env"))),
             proxied_secrets: Sourced::default(Vec::new()),
+            env: Sourced::default(Vec::new()),
         }
     }
 
@@ -271,6 +282,15 @@ impl Settings {
         }
         if let Some(env_file) = file.secrets.env_file {
             self.secrets_file.set(Some(path(&env_file)), source.clone());
+        }
+        if !file.env.is_empty() {
+            let mut env = self.env.value.clone();
+            for (name, value) in file.env {
+                crate::environment::check_configurable(name.get_ref()).map_err(|e| at(name.span(), e))?;
+                env.retain(|(n, _)| n != name.get_ref());
+                env.push((name.into_inner(), value.into_inner()));
+            }
+            self.env.add(env, source.clone());
         }
         for (name, table) in file.secrets.proxied {
             let secret = proxied_secret(name, table, &path, &at)?;
@@ -391,6 +411,9 @@ impl Settings {
             let place = if secret.body { "headers and bodies" } else { "headers" };
             let value = format!("placeholder in the guest; swapped in {place} for {} from {}", list(&secret.hosts), secret.source);
             line(&format!("secrets.proxied.{}", secret.name), value, &self.proxied_secrets.sources);
+        }
+        for (name, value) in &self.env.value {
+            line(&format!("env.{name}"), format!("{value:?}"), &self.env.sources);
         }
         out
     }

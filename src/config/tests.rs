@@ -171,6 +171,9 @@ fn errors_name_the_file_line_and_column() {
         ("[[mounts]]\nhost = \"/data\"\nguest = \"relative\"\n", 2, 8, "absolute"),
         ("[sandbox]\n", 1, 2, "unknown field `sandbox`"),
         ("[vm\n", 1, 4, ""),
+        ("[env]\nA = \"1\"\nHTTPS_PROXY = \"http://elsewhere\"\n", 3, 1, "HTTPS_PROXY is cvm's to set"),
+        ("[env]\nCVM_VMM = \"qemu\"\n", 2, 1, "CVM_VMM is cvm's to set"),
+        ("[env]\nA = 1\n", 2, 5, "invalid type"),
     ];
     for (text, line, column, message) in cases {
         let err = layered(&[("/p/.cvm.toml", text)]).unwrap_err();
@@ -260,4 +263,19 @@ fn a_project_file_asking_more_of_the_host_than_the_defaults_needs_trust() {
     assert!(widening("[vm]\ncpus = 2\nmemory = \"512M\"\ntimeout = \"10m\"\n").is_empty(), "the defaults, or less");
     assert!(widening("[vm]\ncpus = 1\nmemory = \"256M\"\ntimeout = \"1h\"\nvmm = \"qemu\"\n").is_empty());
     assert_eq!(widening("[vm]\ndisk = \"1G\"\n"), ["vm.disk"], "any disk is host disk");
+}
+
+#[test]
+fn env_tables_merge_by_name_the_project_over_the_user() {
+    let s = layered(&[
+        ("/home/dev/.cvm.toml", "[env]\nANTHROPIC_BASE_URL = \"https://llm.corp.test\"\nEDITOR = \"vi\"\n"),
+        ("/p/.cvm.toml", "[env]\nEDITOR = \"nano\"\nNODE_OPTIONS = \"--max-old-space-size=4096\"\n"),
+    ])
+    .unwrap();
+    let env: Vec<(&str, &str)> = s.env.value.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    assert_eq!(env, [("ANTHROPIC_BASE_URL", "https://llm.corp.test"), ("EDITOR", "nano"), ("NODE_OPTIONS", "--max-old-space-size=4096")]);
+    assert_eq!(s.env.sources, [Source::File("/home/dev/.cvm.toml".into()), Source::File("/p/.cvm.toml".into())]);
+    let shown = s.show();
+    assert!(shown.lines().any(|l| l.starts_with("env.EDITOR") && l.contains("\"nano\"")), "{shown}");
+    assert!(Settings::defaults().show().lines().all(|l| !l.starts_with("env.")));
 }
