@@ -25,7 +25,12 @@ fn main() {
         let object = out.join(format!("{stem}.o"));
         let elf = out.join(format!("{stem}.elf"));
         run(Command::new(&cc).args(["-c", "-m64", "-nostdlib", "-fno-pic", "-I"]).arg(src).arg("-o").arg(&object).arg(&path));
-        run(Command::new("ld").args(["-m", "elf_x86_64", "-static", "--build-id=none", "-z", "noexecstack", "-T"]).arg(src.join("guest.ld")).arg("-o").arg(&elf).arg(&object));
+        run(Command::new("ld")
+            .args(["-m", "elf_x86_64", "-static", "--build-id=none", "-z", "noexecstack", "-T"])
+            .arg(src.join("guest.ld"))
+            .arg("-o")
+            .arg(&elf)
+            .arg(&object));
     }
     println!("cargo:rustc-env=CVM_MICRO_GUESTS={}", out.display());
 }

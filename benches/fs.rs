@@ -23,10 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cvm_vmm::Engine;
 use cvm_agent::fs_workloads::{self, Sizes, Workload, BIG_FILE, TREE};
 use cvm_backends::fs::{FsBackend, Policy, ShareConfig};
 use cvm_virtual_guest::fuse::{FuseGuest, MAX_PAYLOAD, ROOT};
+use cvm_vmm::Engine;
 
 #[derive(clap::Args)]
 pub struct FsBench {
@@ -291,7 +291,10 @@ impl Table {
     /// one saying how to read the rounds' range.
     fn print(&self) {
         let servers = self.servers();
-        let range_header = format!("round range, {}", servers.iter().map(|&c| self.columns[c].split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(" / "));
+        let range_header = format!(
+            "round range, {}",
+            servers.iter().map(|&c| self.columns[c].split(' ').next().unwrap_or_default()).collect::<Vec<_>>().join(" / ")
+        );
         println!("{}", self.title);
         println!();
         print!("| {:<44} |", "workload");
@@ -307,7 +310,12 @@ impl Table {
             }
             let (vs_first, vs_reference) = self.ratios(&row.medians());
             let ranges: Vec<String> = servers.iter().map(|&c| format!("{:.0}%", row.results[c].range * 100.0)).collect();
-            println!(" {vs_first:>15.2} | {:>15} | {:>w$} |", vs_reference.map_or("-".into(), |r| format!("{r:.2}")), ranges.join(" / "), w = range_header.len());
+            println!(
+                " {vs_first:>15.2} | {:>15} | {:>w$} |",
+                vs_reference.map_or("-".into(), |r| format!("{r:.2}")),
+                ranges.join(" / "),
+                w = range_header.len()
+            );
         }
         println!();
         println!("Round range: (fastest - slowest round) / median, per server. A cvm/virtiofsd ratio nearer 1 than the ranges is within this host's noise.");
@@ -319,7 +327,9 @@ impl Table {
             .rows
             .iter()
             .map(|row| {
-                let per_target = |value: fn(&Summary) -> f64| -> serde_json::Map<String, serde_json::Value> { self.columns.iter().cloned().zip(row.results.iter().map(|r| serde_json::json!(value(r)))).collect() };
+                let per_target = |value: fn(&Summary) -> f64| -> serde_json::Map<String, serde_json::Value> {
+                    self.columns.iter().cloned().zip(row.results.iter().map(|r| serde_json::json!(value(r)))).collect()
+                };
                 let (vs_first, vs_reference) = self.ratios(&row.medians());
                 serde_json::json!({
                     "workload": row.workload,
@@ -393,7 +403,9 @@ impl Virtiofsd {
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                eprintln!("bench fs: no virtiofsd reference ({binary}: {e}); `cargo install virtiofsd` or scripts/install-virtiofsd provides one");
+                eprintln!(
+                    "bench fs: no virtiofsd reference ({binary}: {e}); `cargo install virtiofsd` or scripts/install-virtiofsd provides one"
+                );
                 return Ok(None);
             }
         };
@@ -459,7 +471,14 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
     let listener = UnixListener::bind(&socket)?;
     let mut command = Command::new(cvm::cvm_exe()?);
     command.arg("__fs-backend");
-    let config = ShareConfig { dir: share.to_path_buf(), tag: "bench".into(), policy: Policy::default(), guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
+    let config = ShareConfig {
+        dir: share.to_path_buf(),
+        tag: "bench".into(),
+        policy: Policy::default(),
+        guest_uid: uid,
+        guest_gid: gid,
+        allow_no_sandbox: false,
+    };
     let _cvm_backend = FsBackend::spawn(command, listener, &config)?;
     columns.push((CVM.into(), Box::new(Fuse(FuseGuest::connect(&socket).context("cannot reach cvm's fs backend")?))));
     let reference_socket = work.join("virtiofsd.sock");
@@ -486,7 +505,11 @@ fn server_level(args: &FsBench, host: &super::HostFacts, work: &Path, share: &Pa
                 samples[c].push(target.measure(workload, args.sizes(), round).with_context(|| format!("{} on {name}", workload.name()))?);
             }
         }
-        rows.push(Row { workload: workload.name().to_string(), unit: workload.unit().to_string(), results: samples.into_iter().map(Summary::of).collect() });
+        rows.push(Row {
+            workload: workload.name().to_string(),
+            unit: workload.unit().to_string(),
+            results: samples.into_iter().map(Summary::of).collect(),
+        });
         eprintln!("bench fs: {} done", workload.name());
     }
     let title = format!(

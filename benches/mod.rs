@@ -105,8 +105,12 @@ pub struct HostFacts {
 impl HostFacts {
     pub fn read() -> HostFacts {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())).unwrap_or_else(|| "unknown CPU".into());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|k| k.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+            .unwrap_or_else(|| "unknown CPU".into());
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|k| k.trim().to_string()).unwrap_or_else(|_| "unknown".into());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         HostFacts { cpu, cores, kernel, nested: std::env::var_os(NESTED_VARIABLE).is_some() }
     }
@@ -215,7 +219,10 @@ fn measure(cmd: &mut Command) -> Result<Sample> {
     if waited != pid {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
-    let tv = |t: &libc::rusage| Duration::new(t.ru_utime.tv_sec as u64, t.ru_utime.tv_usec as u32 * 1000) + Duration::new(t.ru_stime.tv_sec as u64, t.ru_stime.tv_usec as u32 * 1000);
+    let tv = |t: &libc::rusage| {
+        Duration::new(t.ru_utime.tv_sec as u64, t.ru_utime.tv_usec as u32 * 1000)
+            + Duration::new(t.ru_stime.tv_sec as u64, t.ru_stime.tv_usec as u32 * 1000)
+    };
     let mut cpu = tv(&usage);
     // Processes it left to finish its work (cvm's teardown helper), reparented to this one (a
     // subreaper): their CPU is its CPU, and they must be done before the next run starts.
@@ -223,12 +230,7 @@ fn measure(cmd: &mut Command) -> Result<Sample> {
     while unsafe { libc::wait4(-1, &mut status, 0, &mut usage) } > 0 {
         cpu += tv(&usage);
     }
-    let sample = Sample {
-        wall,
-        cpu,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    };
+    let sample = Sample { wall, cpu, stdout: out_reader.join().unwrap_or_default(), stderr: err_reader.join().unwrap_or_default() };
     let status = std::process::ExitStatus::from_raw(status);
     // The reaped child must not be waited for again by Child's drop.
     std::mem::forget(child);
@@ -330,7 +332,13 @@ fn boot(args: BootBench) -> Result<()> {
 
     let guest = args.kernel.as_deref().map_or("the printing micro-guest".to_string(), |k| k.display().to_string());
     let names: Vec<&str> = runners.iter().map(|r| r.name).collect();
-    println!("boot benchmark: {} rounds of {guest}, {} vCPU(s), {} of memory: {} in turn", args.runs, args.cpus, args.memory, names.join(", "));
+    println!(
+        "boot benchmark: {} rounds of {guest}, {} vCPU(s), {} of memory: {} in turn",
+        args.runs,
+        args.cpus,
+        args.memory,
+        names.join(", ")
+    );
     if std::env::var_os(NESTED_VARIABLE).is_some() {
         println!("measured nested, in L1 (QEMU's TCG emulating AMD SVM): absolute times mean nothing here, the ratios do");
     }
@@ -436,7 +444,11 @@ fn parse_run_start(stderr: &str) -> Option<bool> {
 fn check_start(name: &str, warm: bool, restored: Option<bool>) -> Result<()> {
     match restored {
         Some(restored) if restored == warm => Ok(()),
-        Some(restored) => bail!("{name}: the session was {} (is {} writable?)", if restored { "restored" } else { "booted" }, cvm::warm::snapshots_dir().display()),
+        Some(restored) => bail!(
+            "{name}: the session was {} (is {} writable?)",
+            if restored { "restored" } else { "booted" },
+            cvm::warm::snapshots_dir().display()
+        ),
         None => bail!("{name}: cvm did not say how the session started"),
     }
 }
@@ -444,17 +456,15 @@ fn check_start(name: &str, warm: bool, restored: Option<bool>) -> Result<()> {
 fn parse_run_timings(stderr: &str) -> Option<Vec<f64>> {
     let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    cvm::run::TIMING_PHASES
-        .iter()
-        .map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok()))
-        .collect()
+    cvm::run::TIMING_PHASES.iter().map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok())).collect()
 }
 
 /// Starts `cmd` and returns how long it took to print `line`; then kills it.
 fn time_to_line(cmd: &mut Command, line: &str) -> Result<Duration> {
     use std::io::BufRead;
     let start = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    let mut child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().with_context(|| format!("cannot run {cmd:?}"))?;
     let mut reader = std::io::BufReader::new(child.stdout.take().expect("piped"));
     let mut text = String::new();
     let found = loop {
@@ -482,15 +492,11 @@ fn run_bench(args: RunBench) -> Result<()> {
     // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
     // timed to the init's line on the console (then QEMU is killed: its power-off under TCG
     // is slower than the boot and not part of what is compared).
-    let mut vm = cvm_vmm::VmConfig {
-        cmdline: boot_test_cmdline(),
-        vcpus: 2,
-        serial_input: false,
-        ..cvm_vmm::VmConfig::new(&kernel)
-    };
+    let mut vm = cvm_vmm::VmConfig { cmdline: boot_test_cmdline(), vcpus: 2, serial_input: false, ..cvm_vmm::VmConfig::new(&kernel) };
     image.configure(&mut vm);
     // Without QEMU (as inside L1), the same kernel and initramfs booted by a bare `cvm boot`.
-    let qemu_here = Command::new(&args.qemu).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let qemu_here =
+        Command::new(&args.qemu).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     // A disk image without QEMU has none: cvm's rows are still measured against each other.
     let mut reference = match (&image, qemu_here) {
         (_, true) => {
@@ -611,7 +617,10 @@ fn run_bench(args: RunBench) -> Result<()> {
     let median_of = |name: &str| commands.iter().position(|(n, _, _)| n == name).map(|i| stats(walls[i].clone()).median);
     for (index, (engine, _)) in execs.iter().enumerate() {
         if let Some(cold) = median_of(&format!("--vmm {engine}, cold")) {
-            println!("ratio cvm exec ({engine}) / cvm run --vmm {engine} cold, median wall: {:.3}x", stats(exec_walls[index].clone()).median / cold);
+            println!(
+                "ratio cvm exec ({engine}) / cvm run --vmm {engine} cold, median wall: {:.3}x",
+                stats(exec_walls[index].clone()).median / cold
+            );
         }
     }
     if let (Some(warm), Some(cold)) = (median_of("--vmm cvm, warm"), median_of("--vmm cvm, cold")) {
@@ -674,7 +683,8 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
             }
             let mut vms = Vec::new();
             for i in 0..sessions {
-                let vm = NamedVm::start(cvm, &name, cold, kernel, &args.image).with_context(|| format!("session {} of {sessions}", i + 1))?;
+                let vm =
+                    NamedVm::start(cvm, &name, cold, kernel, &args.image).with_context(|| format!("session {} of {sessions}", i + 1))?;
                 if *engine == cvm_vmm::Engine::Cvm {
                     check_start(&format!("--vmm {name}, {start}, {}", vm.name), !cold, Some(vm.restored()))?;
                 }
@@ -694,7 +704,13 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
             }
             let each = |kib: u64| kib as f64 / 1024.0 / sessions as f64;
             let total = (files + anonymous) as f64 / 1024.0;
-            println!("{:<44} {total:>9.1} {:>12.1} {:>16.1} {:>16.1}", format!("--vmm {name}, {start}"), total / sessions as f64, each(files), each(anonymous));
+            println!(
+                "{:<44} {total:>9.1} {:>12.1} {:>16.1} {:>16.1}",
+                format!("--vmm {name}, {start}"),
+                total / sessions as f64,
+                each(files),
+                each(anonymous)
+            );
             totals.push((format!("--vmm {name}, {start}"), total));
         }
     }
@@ -720,7 +736,8 @@ fn session_memory(daemon: u32) -> Result<SessionMemory> {
     let mut memory_files = std::collections::HashSet::new();
     let mut held = SessionMemory { memory_files_kib: 0, anonymous_kib: 0 };
     for pid in process_tree(daemon) {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} of the session ended"))?;
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} of the session ended"))?;
         held.anonymous_kib += status_kib(&status, "RssAnon:").with_context(|| format!("no RssAnon in /proc/{pid}/status"))?;
         // A sandboxed backend's descriptors may be closed to this process: the VMM or QEMU
         // holds the guest's RAM too.

@@ -60,7 +60,11 @@ pub fn run(args: ProxyBench) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("proxy.sock");
     let localhost = "127.0.0.1".parse()?;
-    let policy = EgressPolicy { allow: vec![format!("tunnel.test:{port}"), format!("swap.test:{port}")], hosts: vec![("tunnel.test".into(), localhost), ("swap.test".into(), localhost)], ..EgressPolicy::default() };
+    let policy = EgressPolicy {
+        allow: vec![format!("tunnel.test:{port}"), format!("swap.test:{port}")],
+        hosts: vec![("tunnel.test".into(), localhost), ("swap.test".into(), localhost)],
+        ..EgressPolicy::default()
+    };
     let _proxy = start_proxy(&socket, policy, Some(swap), &dir.path().join("network.log"), "bench".into())?;
 
     let request = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {placeholder}\r\n\r\n").into_bytes();
@@ -109,7 +113,12 @@ pub fn run(args: ProxyBench) -> Result<()> {
     let swapped = server.seen().iter().filter(|r| r.head.contains("bench-secret-value")).count();
     anyhow::ensure!(swapped == args.connections + args.requests + 1, "the server saw the secret swapped in {swapped} requests");
 
-    println!("cvm bench proxy on {}: {} new connections and {} kept-alive requests per path", super::HostFacts::read(), args.connections, args.requests);
+    println!(
+        "cvm bench proxy on {}: {} new connections and {} kept-alive requests per path",
+        super::HostFacts::read(),
+        args.connections,
+        args.requests
+    );
     println!();
     println!("| path | new connection + request (median) | added | request on a kept-alive connection (median) | added |");
     println!("|---|---|---|---|---|");
@@ -117,7 +126,14 @@ pub fn run(args: ProxyBench) -> Result<()> {
     let request_base = median(&mut per_request[0]);
     for (i, path) in Path::ALL.into_iter().enumerate() {
         let (c, r) = (median(&mut per_connection[i]), median(&mut per_request[i]));
-        println!("| {} | {} | {} | {} | {} |", path.name(), micros(c), micros(c.saturating_sub(connection_base)), micros(r), micros(r.saturating_sub(request_base)));
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            path.name(),
+            micros(c),
+            micros(c.saturating_sub(connection_base)),
+            micros(r),
+            micros(r.saturating_sub(request_base))
+        );
     }
     Ok(())
 }

@@ -5,7 +5,12 @@ use cvm_vmm::BootTimings;
 #[test]
 fn boot_timings_print_the_set_up_steps_and_parse_back() {
     let ms = Duration::from_millis;
-    let timings = BootTimings { setup: vec![("vm".into(), ms(2)), ("kernel".into(), ms(40))], first_instruction: Some(ms(50)), boot_timer: None, exit: ms(900) };
+    let timings = BootTimings {
+        setup: vec![("vm".into(), ms(2)), ("kernel".into(), ms(40))],
+        first_instruction: Some(ms(50)),
+        boot_timer: None,
+        exit: ms(900),
+    };
     let printed = format_timings(&timings);
     assert!(printed.ends_with("\ncvm set-up (ms from VMM start, each step done): vm 2.000 kernel 40.000"), "{printed}");
     assert_eq!(parse_timings(&printed), Some((Some(50.0), None)));
@@ -49,7 +54,10 @@ fn firecracker_is_given_the_same_vm() {
 fn run_timings_print_every_phase_and_parse_back() {
     let ms = Duration::from_millis;
     let line = cvm::run::timings_line([ms(1), ms(2), ms(3), ms(4), ms(7), ms(8), ms(9), ms(30)], true);
-    assert_eq!(line, "cvm run timings (ms): host 1.0 vm 2.0 agent 3.0 guest-setup 4.0 boot 7.0 exec 8.0 teardown 9.0 total 30.0 start warm");
+    assert_eq!(
+        line,
+        "cvm run timings (ms): host 1.0 vm 2.0 agent 3.0 guest-setup 4.0 boot 7.0 exec 8.0 teardown 9.0 total 30.0 start warm"
+    );
     assert_eq!(parse_run_timings(&format!("other\n{line}\n")), Some(vec![1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 30.0]));
     assert_eq!(parse_run_start(&line), Some(true));
     assert_eq!(parse_run_start(&cvm::run::timings_line([ms(1); 8], false)), Some(false));
@@ -83,5 +91,9 @@ fn a_session_holds_the_memory_file_its_processes_share_once() {
     child.wait().unwrap();
     let files = held.memory_files_kib;
     assert!((32 << 10..48 << 10).contains(&files), "{files} KiB of memory files: not counted, or counted twice?");
-    assert!(held.anonymous_kib >= childs && held.anonymous_kib < own + childs + (16 << 10), "{} KiB anonymous, against {own} + {childs}", held.anonymous_kib);
+    assert!(
+        held.anonymous_kib >= childs && held.anonymous_kib < own + childs + (16 << 10),
+        "{} KiB anonymous, against {own} + {childs}",
+        held.anonymous_kib
+    );
 }

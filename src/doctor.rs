@@ -71,7 +71,12 @@ pub fn checks() -> Vec<Check> {
             format!("a chroot only: {} (root in a container has no CAP_SYS_ADMIN)", why.unwrap_or_default()),
             "run the container as a user other than root (the image's user cvm): the backends then get namespaces of a user namespace",
         ),
-        ("chroot", why) => Check::bad("fs sandbox", Status::Warn, format!("a chroot only: {}", why.unwrap_or_default()), "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)"),
+        ("chroot", why) => Check::bad(
+            "fs sandbox",
+            Status::Warn,
+            format!("a chroot only: {}", why.unwrap_or_default()),
+            "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)",
+        ),
         (_, why) => Check::bad(
             "fs sandbox",
             Status::Fail,
@@ -114,8 +119,18 @@ pub fn checks() -> Vec<Check> {
 fn kvm(device: &Path) -> Check {
     match cvm_vmm::host::open_kvm_at(device.to_path_buf()) {
         // The error says what to do: here, and where `cvm run --vmm cvm` refuses.
-        Err(e) => Check::bad("/dev/kvm", Status::Warn, format!("{} cannot be used: sessions run on QEMU's TCG (slow)", device.display()), e.to_string()),
-        Ok(_) if cvm_vmm::host::is_pvm() => Check::bad("/dev/kvm", Status::Warn, "PVM, a software hypervisor: cvm's VMM cannot run Linux here, so sessions run on QEMU (--vmm auto)", "for cvm's VMM, use a host with hardware KVM (vmx/svm)"),
+        Err(e) => Check::bad(
+            "/dev/kvm",
+            Status::Warn,
+            format!("{} cannot be used: sessions run on QEMU's TCG (slow)", device.display()),
+            e.to_string(),
+        ),
+        Ok(_) if cvm_vmm::host::is_pvm() => Check::bad(
+            "/dev/kvm",
+            Status::Warn,
+            "PVM, a software hypervisor: cvm's VMM cannot run Linux here, so sessions run on QEMU (--vmm auto)",
+            "for cvm's VMM, use a host with hardware KVM (vmx/svm)",
+        ),
         Ok(_) => Check::ok("/dev/kvm", "hardware KVM, usable"),
     }
 }
@@ -145,7 +160,10 @@ fn git_bare_repositories() -> Option<Check> {
     let git = |args: &[&str]| std::process::Command::new("git").args(args).stdin(std::process::Stdio::null()).output().ok();
     let version = git(&["--version"]).filter(|o| o.status.success())?;
     let setting = git(&["config", "--get", "safe.bareRepository"]).filter(|o| o.status.success());
-    Some(bare_repositories(&String::from_utf8_lossy(&version.stdout), setting.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).as_deref()))
+    Some(bare_repositories(
+        &String::from_utf8_lossy(&version.stdout),
+        setting.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).as_deref(),
+    ))
 }
 
 /// `git --version`'s text and the `safe.bareRepository` setting, judged: cvm's fs servers stop
@@ -155,14 +173,22 @@ fn bare_repositories(version: &str, setting: Option<&str>) -> Check {
     let what = "git bare repositories";
     let number: Vec<u32> = version.split_whitespace().nth(2).unwrap_or("").split('.').map_while(|p| p.parse().ok()).collect();
     if number.as_slice() < [2, 38].as_slice() {
-        return Check::bad(what, Status::Warn, format!("{}: git before 2.38 uses any repository it finds in a directory", version.trim()), "install git 2.38 or newer, then: git config --global safe.bareRepository explicit");
+        return Check::bad(
+            what,
+            Status::Warn,
+            format!("{}: git before 2.38 uses any repository it finds in a directory", version.trim()),
+            "install git 2.38 or newer, then: git config --global safe.bareRepository explicit",
+        );
     }
     match setting {
         Some(value) if value.eq_ignore_ascii_case("explicit") => Check::ok(what, "safe.bareRepository=explicit"),
         other => Check::bad(
             what,
             Status::Warn,
-            format!("safe.bareRepository={}: host git uses a repository a guest could plant in any directory you cd into", other.unwrap_or("all (git's default)")),
+            format!(
+                "safe.bareRepository={}: host git uses a repository a guest could plant in any directory you cd into",
+                other.unwrap_or("all (git's default)")
+            ),
             "git config --global safe.bareRepository explicit",
         ),
     }

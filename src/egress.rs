@@ -96,7 +96,8 @@ const UPSTREAM_VARIABLES: [&str; 4] = ["https_proxy", "HTTPS_PROXY", "http_proxy
 /// (a trailing `/` allowed) or `host:port`. A value cvm cannot use is an error, not ignored:
 /// connections would otherwise fail later, less clearly.
 pub fn upstream_from_env() -> Result<Option<String>, String> {
-    let Some((name, value)) = UPSTREAM_VARIABLES.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| (n, v))) else {
+    let Some((name, value)) = UPSTREAM_VARIABLES.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| (n, v)))
+    else {
         return Ok(None);
     };
     parse_upstream(&value).map(Some).map_err(|e| format!("{name}={value:?}: {e}"))
@@ -179,7 +180,11 @@ fn covers(pattern: &str, host: &str, port: u16, mapped: bool) -> bool {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 253 && name.split('.').all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|label| !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// Whether `name` (lower case) matches `pattern` (a name, or `*.` and a domain).
@@ -193,7 +198,15 @@ pub(crate) fn matches(pattern: &str, name: &str) -> bool {
 /// Addresses the guest must never reach unless the user mapped a name to them.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || is_shared_v4(v4),
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || is_shared_v4(v4)
+        }
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => is_internal(IpAddr::V4(v4)),
             None => v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || is_unique_local(v6) || is_link_local_v6(v6),
@@ -236,7 +249,9 @@ impl EgressPolicy {
         let mapped = self.hosts.iter().find(|(name, _)| *name == host).map(|(_, ip)| *ip);
         if !self.allow.iter().any(|p| covers(p, &host, port, mapped.is_some())) {
             if mapped.is_some() && self.allow.iter().any(|p| covers(p, &host, MAPPED_PORTS[0], true)) {
-                return Decision::Deny(format!("{host} is mapped with --add-host, so only its ports 80 and 443 are allowed without naming one (--allow {host}:{port})"));
+                return Decision::Deny(format!(
+                    "{host} is mapped with --add-host, so only its ports 80 and 443 are allowed without naming one (--allow {host}:{port})"
+                ));
             }
             return Decision::Deny(format!("{host} is not on the allow list (--allow {host})"));
         }
@@ -303,7 +318,8 @@ pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
         let (host, port) = split_host_port(target, None)?;
         (host, port, None)
     } else {
-        let after_scheme = target.strip_prefix("http://").ok_or_else(|| format!("{method} needs an absolute http:// URL, not {target:?}"))?;
+        let after_scheme =
+            target.strip_prefix("http://").ok_or_else(|| format!("{method} needs an absolute http:// URL, not {target:?}"))?;
         let (authority, path) = match after_scheme.find('/') {
             Some(i) => (&after_scheme[..i], &after_scheme[i..]),
             None => (after_scheme, "/"),
@@ -339,7 +355,8 @@ pub fn parse_request(head: &[u8]) -> Result<ProxyRequest, String> {
 /// The headers of a request that are for the proxy hop, not the server: the standard ones and
 /// those its `Connection` header names.
 fn hop_by_hop_headers(headers: &[httparse::Header<'_>]) -> Vec<String> {
-    let mut names: Vec<String> = ["connection", "proxy-connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade"].map(String::from).to_vec();
+    let mut names: Vec<String> =
+        ["connection", "proxy-connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade"].map(String::from).to_vec();
     for header in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
         names.extend(String::from_utf8_lossy(header.value).split(',').map(|n| n.trim().to_ascii_lowercase()).filter(|n| !n.is_empty()));
     }
@@ -406,7 +423,13 @@ fn escape_controls(text: &str) -> String {
 
 /// Serves `policy` on `socket` (the VM's `<vsock socket>_3128`), swapping in `secrets` where
 /// they may go, logging to `audit`; stops accepting when the result is dropped.
-pub fn start_proxy(socket: &Path, policy: EgressPolicy, secrets: Option<Arc<SecretSwap>>, audit: &Path, session: String) -> io::Result<Listening> {
+pub fn start_proxy(
+    socket: &Path,
+    policy: EgressPolicy,
+    secrets: Option<Arc<SecretSwap>>,
+    audit: &Path,
+    session: String,
+) -> io::Result<Listening> {
     let audit = Audit::open(audit, session)?;
     Listening::unix(socket, move |conn| serve(conn, &policy, secrets.as_deref(), &audit))
 }
@@ -467,7 +490,8 @@ fn serve(conn: UnixStream, policy: &EgressPolicy, secrets: Option<&SecretSwap>, 
     let mut reader = BufReader::new(conn);
     let refuse = |mut w: &UnixStream, status: &str, message: &str| {
         let body = format!("cvm: {message}\n");
-        let _ = write!(w, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ =
+            write!(w, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     };
     let head = match read_head(&mut reader, Instant::now() + CONNECT_TIMEOUT) {
         Ok(h) if h.ends_with(b"\r\n\r\n") => h,
@@ -552,7 +576,10 @@ fn intercept(swap: &SecretSwap, guest: BufReader<UnixStream>, upstream: TcpStrea
         Err(e) => {
             audit.record("fail", target, &format!("{via}: {e:#}"));
             let body = format!("cvm: cannot reach {target}: {e:#}\n");
-            let _ = answer(&format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()));
+            let _ = answer(&format!(
+                "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ));
             return;
         }
     };
@@ -563,7 +590,9 @@ fn intercept(swap: &SecretSwap, guest: BufReader<UnixStream>, upstream: TcpStrea
     let early = guest.buffer().to_vec();
     let note = |note: Note| match note {
         Note::Swapped { secret, place } => audit.record("swap", target, &format!("{secret} in {place}")),
-        Note::NotSwapped { secret, place } => audit.record("placeholder", target, &format!("{secret}'s placeholder in {place}, not swapped: not one of its hosts")),
+        Note::NotSwapped { secret, place } => {
+            audit.record("placeholder", target, &format!("{secret}'s placeholder in {place}, not swapped: not one of its hosts"))
+        }
     };
     if let Err(e) = swap.relay(guest.into_inner(), &early, host, upstream, TUNNEL_IDLE, &note) {
         audit.record("fail", target, &format!("{e:#}"));

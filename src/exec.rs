@@ -65,9 +65,10 @@ pub fn connect_port_within(host_socket: &Path, port: u32, answer: Duration) -> i
     let mut byte = [0u8; 1];
     while line.len() < 64 {
         let n = stream.read(&mut byte).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                io::Error::new(io::ErrorKind::TimedOut, format!("the guest did not answer a connection to vsock port {port} within {} s", answer.as_secs()))
-            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the guest did not answer a connection to vsock port {port} within {} s", answer.as_secs()),
+            ),
             _ => e,
         })?;
         match n {
@@ -207,7 +208,15 @@ pub fn relay(conn: UnixStream, exec: Exec, deadline: Option<Instant>, machine_ex
 }
 
 /// [`relay`]'s loop, from the command's start to its end.
-fn relay_frames(conn: UnixStream, mut reader: io::BufReader<UnixStream>, writer: Writer, mut signals: SignalWatch, tty: bool, deadline: Option<Instant>, machine_exit: BorrowedFd<'_>) -> io::Result<Outcome> {
+fn relay_frames(
+    conn: UnixStream,
+    mut reader: io::BufReader<UnixStream>,
+    writer: Writer,
+    mut signals: SignalWatch,
+    tty: bool,
+    deadline: Option<Instant>,
+    machine_exit: BorrowedFd<'_>,
+) -> io::Result<Outcome> {
     let (stdout, stderr) = (rustix::stdio::stdout(), rustix::stdio::stderr());
     let mut output_open = (true, true);
     // What reaches a terminal of the user's is filtered ([`terminal::escapes`]).
@@ -350,6 +359,10 @@ mod tests {
         let (_dir, path) = guest_saying(Some(b"NO\n"));
         assert_eq!(connect_port_within(&path, 52, Duration::from_secs(5)).unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
         let (_dir, path) = guest_saying(Some(&[b'x'; 100]));
-        assert_eq!(connect_port_within(&path, 52, Duration::from_secs(5)).unwrap_err().kind(), io::ErrorKind::ConnectionRefused, "an endless line");
+        assert_eq!(
+            connect_port_within(&path, 52, Duration::from_secs(5)).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused,
+            "an endless line"
+        );
     }
 }

@@ -17,8 +17,8 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{self, Listen, Reply, Request, Step, CONTROL_PORT};
@@ -167,7 +167,11 @@ pub struct Listening {
 }
 
 impl Listening {
-    fn spawn<S: Stream>(wake: Wake, mut accept: impl FnMut() -> io::Result<S> + Send + 'static, handle: impl Fn(S) + Send + Sync + 'static) -> io::Result<Listening> {
+    fn spawn<S: Stream>(
+        wake: Wake,
+        mut accept: impl FnMut() -> io::Result<S> + Send + 'static,
+        handle: impl Fn(S) + Send + Sync + 'static,
+    ) -> io::Result<Listening> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let handle = Arc::new(handle);
@@ -254,7 +258,9 @@ pub struct Publish {
 
 /// Parses `-p HOSTPORT:GUESTPORT` (the host side is always 127.0.0.1).
 pub fn parse_publish(text: &str) -> Result<Publish, String> {
-    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port {p:?} in -p {text:?}: expected HOSTPORT:GUESTPORT"));
+    let port = |p: &str| {
+        p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port {p:?} in -p {text:?}: expected HOSTPORT:GUESTPORT"))
+    };
     match text.split_once(':') {
         Some((host, guest)) => Ok(Publish { host_port: port(host)?, guest_port: port(guest)? }),
         None => Err(format!("bad -p {text:?}: expected HOSTPORT:GUESTPORT")),
@@ -291,7 +297,8 @@ impl GpgAgent {
     /// the public keyring.
     pub fn from_host() -> Result<GpgAgent> {
         let gpgconf = |args: &[&str]| -> Result<String> {
-            let out = std::process::Command::new("gpgconf").args(args).output().context("--gpg: cannot run gpgconf (Debian package gpgconf)")?;
+            let out =
+                std::process::Command::new("gpgconf").args(args).output().context("--gpg: cannot run gpgconf (Debian package gpgconf)")?;
             if !out.status.success() {
                 bail!("--gpg: gpgconf {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
             }
@@ -311,7 +318,12 @@ impl GpgAgent {
             keyring.push((name.to_string(), contents));
         }
         if total > MAX_GPG_KEYRING {
-            bail!("--gpg: the public keyring in {} is {} KiB, more than the {} KiB cvm copies into the guest", home.display(), total >> 10, MAX_GPG_KEYRING >> 10);
+            bail!(
+                "--gpg: the public keyring in {} is {} KiB, more than the {} KiB cvm copies into the guest",
+                home.display(),
+                total >> 10,
+                MAX_GPG_KEYRING >> 10
+            );
         }
         Ok(GpgAgent { socket, keyring })
     }
@@ -320,14 +332,21 @@ impl GpgAgent {
 impl ForwardRequest {
     /// The guest's set-up steps: its relays to the host.
     pub fn steps(&self) -> Vec<Step> {
-        let mut steps: Vec<Step> = self.host_ports.iter().map(|p| Step::Relay { listen: Listen::Tcp(*p), host_port: HOST_PORT_BASE + u32::from(*p) }).collect();
+        let mut steps: Vec<Step> =
+            self.host_ports.iter().map(|p| Step::Relay { listen: Listen::Tcp(*p), host_port: HOST_PORT_BASE + u32::from(*p) }).collect();
         if self.ssh_agent.is_some() {
             steps.push(Step::Relay { listen: Listen::Unix(GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), host_port: SSH_AGENT_PORT });
         }
         if let Some(gpg) = &self.gpg_agent {
             // The relay first: it makes the directory, the user's alone.
-            steps.push(Step::Relay { listen: Listen::Unix(format!("{GUEST_GNUPGHOME}/S.gpg-agent").into_bytes()), host_port: GPG_AGENT_PORT });
-            steps.extend(gpg.keyring.iter().map(|(name, contents)| Step::File { target: format!("{GUEST_GNUPGHOME}/{name}").into_bytes(), contents: contents.clone() }));
+            steps.push(Step::Relay {
+                listen: Listen::Unix(format!("{GUEST_GNUPGHOME}/S.gpg-agent").into_bytes()),
+                host_port: GPG_AGENT_PORT,
+            });
+            steps.extend(gpg.keyring.iter().map(|(name, contents)| Step::File {
+                target: format!("{GUEST_GNUPGHOME}/{name}").into_bytes(),
+                contents: contents.clone(),
+            }));
         }
         steps
     }
@@ -374,7 +393,9 @@ impl ForwardRequest {
                     splice(Box::new(host), Box::new(guest), None);
                 }
             })
-            .with_context(|| format!("-p {}:{}: cannot listen on 127.0.0.1:{}", publish.host_port, publish.guest_port, publish.host_port))?;
+            .with_context(|| {
+                format!("-p {}:{}: cannot listen on 127.0.0.1:{}", publish.host_port, publish.guest_port, publish.host_port)
+            })?;
             listening.push(listener);
         }
         Ok(listening)
@@ -398,7 +419,11 @@ const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 fn ssh_agent_allows(message: &[u8]) -> bool {
     match message.first() {
         Some(&SSH_AGENTC_REQUEST_IDENTITIES | &SSH_AGENTC_SIGN_REQUEST) => true,
-        Some(&SSH_AGENTC_EXTENSION) => message.get(1..5).and_then(|n| n.try_into().ok()).map(u32::from_be_bytes).is_some_and(|n| message.get(5..5 + n as usize) == Some(SESSION_BIND)),
+        Some(&SSH_AGENTC_EXTENSION) => message
+            .get(1..5)
+            .and_then(|n| n.try_into().ok())
+            .map(u32::from_be_bytes)
+            .is_some_and(|n| message.get(5..5 + n as usize) == Some(SESSION_BIND)),
         _ => false,
     }
 }
@@ -534,7 +559,10 @@ mod tests {
         );
         assert_eq!(
             all.environment(),
-            [(b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()), (b"GNUPGHOME".to_vec(), GUEST_GNUPGHOME.as_bytes().to_vec())]
+            [
+                (b"SSH_AUTH_SOCK".to_vec(), GUEST_SSH_AUTH_SOCK.as_bytes().to_vec()),
+                (b"GNUPGHOME".to_vec(), GUEST_GNUPGHOME.as_bytes().to_vec())
+            ]
         );
     }
 
@@ -589,7 +617,14 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         let during = threads_and_fds();
-        eprintln!("2000 connections held: {} served, threads {} -> {}, fds {} -> {} (2000 of them the clients')", listening.open_connections(), before.0, during.0, before.1, during.1);
+        eprintln!(
+            "2000 connections held: {} served, threads {} -> {}, fds {} -> {} (2000 of them the clients')",
+            listening.open_connections(),
+            before.0,
+            during.0,
+            before.1,
+            during.1
+        );
         assert_eq!(listening.open_connections(), MAX_CONNECTIONS);
         // Counted for the whole process: other tests of this binary run beside this one and
         // hold a few threads and fds of their own.

@@ -44,7 +44,9 @@ const DOT_NAMES: &str = ".*";
 fn key_matches(pattern: &str, key: &str) -> bool {
     match pattern.split_once(".*") {
         Some((section, "")) => key.strip_prefix(section).is_some_and(|rest| rest.starts_with('.') && rest.len() > 1),
-        Some((section, name)) => key.strip_prefix(section).and_then(|rest| rest.strip_suffix(name)).is_some_and(|sub| sub.len() > 1 && sub.starts_with('.')),
+        Some((section, name)) => {
+            key.strip_prefix(section).and_then(|rest| rest.strip_suffix(name)).is_some_and(|sub| sub.len() > 1 && sub.starts_with('.'))
+        }
         None => key == pattern,
     }
 }
@@ -106,7 +108,12 @@ pub fn host_code_paths(project: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = project.map(|p| git_named_paths(p, home)).unwrap_or_default();
     paths.push(home.join(DOT_NAMES));
     paths.push(home.join(crate::config::FILE_NAME));
-    for (variable, under_home) in [("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"), ("XDG_STATE_HOME", ".local/state"), ("XDG_DATA_HOME", ".local/share")] {
+    for (variable, under_home) in [
+        ("XDG_CONFIG_HOME", ".config"),
+        ("XDG_CACHE_HOME", ".cache"),
+        ("XDG_STATE_HOME", ".local/state"),
+        ("XDG_DATA_HOME", ".local/share"),
+    ] {
         paths.push(crate::xdg_dir(variable, under_home).join("cvm"));
     }
     // Taken by name, as git takes a configured path.
@@ -175,7 +182,8 @@ mod tests {
         let (home, project) = (dir.path().join("home"), dir.path().join("project"));
         std::fs::create_dir_all(project.join("conf")).unwrap();
         std::fs::create_dir_all(&home).unwrap();
-        let git = |args: &[&str]| assert!(Command::new("git").arg("-C").arg(&project).args(args).env("HOME", &home).status().unwrap().success());
+        let git =
+            |args: &[&str]| assert!(Command::new("git").arg("-C").arg(&project).args(args).env("HOME", &home).status().unwrap().success());
         git(&["init", "-q"]);
         git(&["config", "core.hooksPath", ".husky/_"]);
         git(&["config", "include.path", "../conf/git.inc"]);

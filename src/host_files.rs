@@ -16,14 +16,16 @@ pub fn read(path: &Path, root: Option<&Path>, cap: u64) -> Result<Vec<u8>> {
     let shown = path.display();
     let file = match root.and_then(|root| path.strip_prefix(root).ok().map(|rest| (root, rest))) {
         Some((root, rest)) => {
-            let dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", root.display()))?;
+            let dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .with_context(|| format!("cannot open {}", root.display()))?;
             let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
             match rustix::fs::openat2(&dir, rest, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty(), how) {
                 Err(rustix::io::Errno::XDEV) => bail!("cannot read {shown}: a symbolic link leads out of {}", root.display()),
                 other => other.with_context(|| format!("cannot read {shown}"))?,
             }
         }
-        None => rustix::fs::open(path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot read {shown}"))?,
+        None => rustix::fs::open(path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot read {shown}"))?,
     };
     let stat = rustix::fs::fstat(&file).with_context(|| format!("cannot read {shown}"))?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
@@ -85,7 +87,13 @@ mod tests {
         let r = |name: &str| read_text(&root.join(name), Some(&root), 1024);
         assert_eq!(r("ok").unwrap(), "fine");
         assert_eq!(r("sub/in").unwrap(), "fine", "a link that stays inside is followed");
-        for (name, says) in [("out", "leads out"), ("dirout/secret", "leads out"), ("fifo", "not a regular file"), ("big", "larger than"), ("missing", "cannot read")] {
+        for (name, says) in [
+            ("out", "leads out"),
+            ("dirout/secret", "leads out"),
+            ("fifo", "not a regular file"),
+            ("big", "larger than"),
+            ("missing", "cannot read"),
+        ] {
             let e = format!("{:#}", r(name).unwrap_err());
             assert!(e.contains(says), "{name}: {e}");
         }

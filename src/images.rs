@@ -87,8 +87,22 @@ struct Named {
 }
 
 const NAMED: &[Named] = &[
-    Named { name: "minimal", variable: "CVM_MINIMAL_IMAGE", dir: "initramfs", file: "initramfs.cpio", installed: "minimal.cpio", script: "scripts/build-initramfs" },
-    Named { name: "debian", variable: "CVM_DEBIAN_IMAGE", dir: "images/debian", file: "root.erofs", installed: "debian.erofs", script: "scripts/build-image" },
+    Named {
+        name: "minimal",
+        variable: "CVM_MINIMAL_IMAGE",
+        dir: "initramfs",
+        file: "initramfs.cpio",
+        installed: "minimal.cpio",
+        script: "scripts/build-initramfs",
+    },
+    Named {
+        name: "debian",
+        variable: "CVM_DEBIAN_IMAGE",
+        dir: "images/debian",
+        file: "root.erofs",
+        installed: "debian.erofs",
+        script: "scripts/build-image",
+    },
 ];
 
 fn named(name: &str) -> Option<&'static Named> {

@@ -65,14 +65,20 @@ impl SecretSwap {
         let mut roots = rustls::RootCertStore::empty();
         let (added, _) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
-            anyhow::bail!("no trusted CA certificate found on this host (install ca-certificates, or set SSL_CERT_FILE){}", found.errors.first().map(|e| format!(": {e}")).unwrap_or_default());
+            anyhow::bail!(
+                "no trusted CA certificate found on this host (install ca-certificates, or set SSL_CERT_FILE){}",
+                found.errors.first().map(|e| format!(": {e}")).unwrap_or_default()
+            );
         }
         SecretSwap::with_roots(secrets, roots)
     }
 
     /// The same, trusting `roots` for the real hosts.
     pub fn with_roots(secrets: Vec<Secret>, roots: rustls::RootCertStore) -> Result<SecretSwap> {
-        let mut client = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+        let mut client = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         client.alpn_protocols = vec![ALPN.to_vec()];
 
         let ca_key = rcgen::KeyPair::generate().context("cannot make the session's CA key")?;
@@ -81,12 +87,16 @@ impl SecretSwap {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
         // Were the key ever taken, it could vouch for these names only, and for no address.
-        let mut permitted: Vec<String> = secrets.iter().flat_map(|s| s.hosts.iter()).map(|p| p.trim_start_matches("*.").to_string()).collect();
+        let mut permitted: Vec<String> =
+            secrets.iter().flat_map(|s| s.hosts.iter()).map(|p| p.trim_start_matches("*.").to_string()).collect();
         permitted.sort();
         permitted.dedup();
         params.name_constraints = Some(rcgen::NameConstraints {
             permitted_subtrees: permitted.into_iter().map(rcgen::GeneralSubtree::DnsName).collect(),
-            excluded_subtrees: vec![rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])), rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16]))],
+            excluded_subtrees: vec![
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+            ],
         });
         let ca = params.self_signed(&ca_key).context("cannot make the session's CA")?;
         Ok(SecretSwap { secrets, ca, ca_key, client: Arc::new(client), servers: Mutex::new(HashMap::new()) })
@@ -148,7 +158,15 @@ impl SecretSwap {
     /// then relays requests, rewritten, to `upstream` and responses back, until either side
     /// ends or nothing moves for `idle`. `note` hears what each request did with
     /// placeholders.
-    pub fn relay(&self, guest: UnixStream, early: &[u8], host: &str, upstream: Upstream, idle: Duration, note: &dyn Fn(Note)) -> Result<()> {
+    pub fn relay(
+        &self,
+        guest: UnixStream,
+        early: &[u8],
+        host: &str,
+        upstream: Upstream,
+        idle: Duration,
+        note: &dyn Fn(Note),
+    ) -> Result<()> {
         let mut server = ServerConnection::new(self.server_config(host)?)?;
         let mut early = early;
         while !early.is_empty() {
@@ -239,7 +257,10 @@ impl Relay<'_> {
     /// Tells the guest why its request went no further, as an HTTP answer.
     fn refuse(&mut self, e: &io::Error) {
         let body = format!("cvm: the secrets proxy refused the request: {e}\n");
-        let answer = format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         let _ = self.server.writer().write_all(answer.as_bytes());
         let _ = self.close();
     }
@@ -369,7 +390,15 @@ pub struct RequestRewriter<'a> {
 
 impl<'a> RequestRewriter<'a> {
     pub fn new(host: &str, secrets: &'a [Secret]) -> RequestRewriter<'a> {
-        RequestRewriter { host: host.to_ascii_lowercase(), secrets, state: State::Head, pending: Vec::new(), trailer: 0, held_head: Vec::new(), held_body: Vec::new() }
+        RequestRewriter {
+            host: host.to_ascii_lowercase(),
+            secrets,
+            state: State::Head,
+            pending: Vec::new(),
+            trailer: 0,
+            held_head: Vec::new(),
+            held_body: Vec::new(),
+        }
     }
 
     /// Takes the next bytes from the guest; appends what goes upstream to `out`. An error
@@ -515,7 +544,10 @@ impl<'a> RequestRewriter<'a> {
                     return Err(format!("the Host header names {named:?}, not {:?}", self.host));
                 }
             } else if name.eq_ignore_ascii_case("content-length") {
-                let value = std::str::from_utf8(header.value).ok().map(str::trim).filter(|v| !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()));
+                let value = std::str::from_utf8(header.value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()));
                 lengths.push(value.and_then(|v| v.parse::<u64>().ok()).ok_or("a bad Content-Length")?);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
@@ -601,7 +633,10 @@ impl<'a> RequestRewriter<'a> {
                 value = replace_all(&value, secret.placeholder.as_bytes(), secret.value().as_bytes());
                 notes.push(Note::Swapped { secret: secret.name.clone(), place: name.to_string() });
             } else if secret.applies_to(&self.host) {
-                notes.push(Note::NotSwapped { secret: secret.name.clone(), place: format!("header {name} (not a credential header, nor one its config names)") });
+                notes.push(Note::NotSwapped {
+                    secret: secret.name.clone(),
+                    place: format!("header {name} (not a credential header, nor one its config names)"),
+                });
             } else {
                 notes.push(Note::NotSwapped { secret: secret.name.clone(), place: format!("header {name}") });
             }

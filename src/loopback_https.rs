@@ -103,9 +103,16 @@ pub fn connect_through(socket: &Path, host: &str, port: u16) -> Result<UnixStrea
 }
 
 /// A TLS client session for `host` over `stream`, trusting `roots` only.
-pub fn tls_client<S: Read + Write>(stream: S, host: &str, roots: rustls::RootCertStore) -> Result<rustls::StreamOwned<rustls::ClientConnection, S>> {
+pub fn tls_client<S: Read + Write>(
+    stream: S,
+    host: &str,
+    roots: rustls::RootCertStore,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, S>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let tls = rustls::ClientConnection::new(Arc::new(config), host.to_string().try_into()?)?;
     Ok(rustls::StreamOwned::new(tls, stream))
 }
@@ -133,7 +140,8 @@ struct Recording {
 
 impl ResolvesServerCert for Recording {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let offered = hello.alpn().map(|protocols| protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect()).unwrap_or_default();
+        let offered =
+            hello.alpn().map(|protocols| protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect()).unwrap_or_default();
         *self.offered_alpn.lock().unwrap_or_else(|e| e.into_inner()) = offered;
         Some(self.key.clone())
     }
@@ -143,13 +151,20 @@ fn serve(conn: TcpStream, key: Arc<CertifiedKey>, seen: &Mutex<Vec<SeenRequest>>
     let _ = conn.set_nodelay(true);
     let recording = Arc::new(Recording { key, offered_alpn: Mutex::new(Vec::new()) });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions().ok()?.with_no_client_auth().with_cert_resolver(recording.clone());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_no_client_auth()
+        .with_cert_resolver(recording.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tls = rustls::ServerConnection::new(Arc::new(config)).ok()?;
     let mut stream = rustls::StreamOwned::new(tls, conn);
     loop {
         let head = read_head(&mut stream).ok()??;
-        let header = |name: &str| head.lines().find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.split_once(':').filter(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()))
+        };
         let mut body = Vec::new();
         if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             skip_chunks(&mut stream).ok()?;

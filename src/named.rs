@@ -270,7 +270,12 @@ pub fn stop(name: &str, force: bool) -> Result<()> {
 
 /// Copies the console log of the VM `name` to `out`, then, with `follow`, what it writes
 /// until it stops. `filter` is what stands between the guest's bytes and a terminal.
-pub fn copy_console<W: std::io::Write>(name: &str, follow: bool, out: &mut W, mut filter: Option<crate::terminal::escapes::EscapeFilter>) -> Result<()> {
+pub fn copy_console<W: std::io::Write>(
+    name: &str,
+    follow: bool,
+    out: &mut W,
+    mut filter: Option<crate::terminal::escapes::EscapeFilter>,
+) -> Result<()> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let vm = list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;
     let mut file = std::fs::File::open(&vm.info.console_log).with_context(|| format!("the console log of {name} is gone"))?;
@@ -327,7 +332,14 @@ mod tests {
 
     #[test]
     fn info_round_trips_through_json() {
-        let info = VmInfo { name: "web".into(), pid: 42, project: Some("/p".into()), engine: "qemu".into(), started: 1, console_log: "/run/x/console.log".into() };
+        let info = VmInfo {
+            name: "web".into(),
+            pid: 42,
+            project: Some("/p".into()),
+            engine: "qemu".into(),
+            started: 1,
+            console_log: "/run/x/console.log".into(),
+        };
         let json = serde_json::to_string(&Listed { info: info.clone(), status: "running" }).unwrap();
         assert!(json.contains("\"status\":\"running\"") && json.contains("\"name\":\"web\""), "{json}");
         assert_eq!(serde_json::from_str::<VmInfo>(&serde_json::to_string(&info).unwrap()).unwrap(), info);

@@ -89,7 +89,22 @@ pub fn run(config: &SessionConfig, argv: Vec<OsString>, timeout: Option<Duration
     let teardown_started = Instant::now();
     let vm_end = session.shutdown();
     if timings {
-        eprintln!("{}", timings_line([start.host, start.vm, start.agent, start.guest_setup, start.boot(), exec_time, teardown_started.elapsed(), started.elapsed()], session_warm));
+        eprintln!(
+            "{}",
+            timings_line(
+                [
+                    start.host,
+                    start.vm,
+                    start.agent,
+                    start.guest_setup,
+                    start.boot(),
+                    exec_time,
+                    teardown_started.elapsed(),
+                    started.elapsed()
+                ],
+                session_warm
+            )
+        );
     }
     if let Some(panic) = panic {
         eprintln!("cvm: {}", crate::session::panic_report(&panic));

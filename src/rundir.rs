@@ -56,7 +56,11 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     let others_write = above.permissions().mode() & 0o022 != 0;
     let sticky = above.permissions().mode() & libc::S_ISVTX != 0;
     if (above.uid() != uid && above.uid() != 0) || (others_write && !sticky) {
-        bail!("{} is in {}, where another user could replace it: set XDG_RUNTIME_DIR to a directory only you can use", dir.display(), parent.display());
+        bail!(
+            "{} is in {}, where another user could replace it: set XDG_RUNTIME_DIR to a directory only you can use",
+            dir.display(),
+            parent.display()
+        );
     }
     Ok(())
 }

@@ -114,7 +114,12 @@ fn context(facts: &VmFacts<'_>) -> String {
         }
     ));
     for (host, guest, read_only) in &facts.mounts {
-        text.push_str(&format!("- `{}` is the host's `{}`, {}.\n", guest.display(), host.display(), if *read_only { "read-only" } else { "read-write" }));
+        text.push_str(&format!(
+            "- `{}` is the host's `{}`, {}.\n",
+            guest.display(),
+            host.display(),
+            if *read_only { "read-only" } else { "read-write" }
+        ));
     }
     if let Some(instructions) = facts.instructions {
         text.push('\n');
@@ -134,7 +139,14 @@ mod tests {
         std::fs::write(dir.path().join(PROJECT_SCRIPT), "export A=1\n").unwrap();
         let extra = dir.path().join("more.sh");
         std::fs::write(&extra, "export B=2\n").unwrap();
-        let facts = VmFacts { cpus: 2, memory_bytes: 512 << 20, project: dir.path(), mounts: vec![("/data".into(), "/mnt/data".into(), true)], network: crate::egress::NetworkMode::None, instructions: Some("Run `make check` before committing.") };
+        let facts = VmFacts {
+            cpus: 2,
+            memory_bytes: 512 << 20,
+            project: dir.path(),
+            mounts: vec![("/data".into(), "/mnt/data".into(), true)],
+            network: crate::egress::NetworkMode::None,
+            instructions: Some("Run `make check` before committing."),
+        };
         let runtime = Runtime::new(dir.path(), &[extra], &facts).unwrap();
         assert_eq!(runtime.scripts, [("00.sh".to_string(), b"export A=1\n".to_vec()), ("01.sh".to_string(), b"export B=2\n".to_vec())]);
         assert!(runtime.context.contains("2 vCPUs and 512 MiB"), "{}", runtime.context);

@@ -137,7 +137,10 @@ pub fn resolve(declared: &[ProxiedSecret], secrets_file: &mut Environment) -> Re
         .map(|secret| {
             let name = &secret.name;
             let value = match &secret.source {
-                SecretSource::SecretsFile => secrets_file.get(name).map(str::to_string).with_context(|| format!("secret {name}: the secrets file has no {name}= line (or give it a file, env or command)"))?,
+                SecretSource::SecretsFile => secrets_file
+                    .get(name)
+                    .map(str::to_string)
+                    .with_context(|| format!("secret {name}: the secrets file has no {name}= line (or give it a file, env or command)"))?,
                 SecretSource::File(path) => read_file(path).with_context(|| format!("secret {name}: cannot read {}", path.display()))?,
                 SecretSource::Env(variable) => std::env::var(variable).with_context(|| format!("secret {name}: ${variable} is not set"))?,
                 SecretSource::Command(argv) => run(argv).with_context(|| format!("secret {name}: command `{}`", argv.join(" ")))?,
@@ -162,7 +165,13 @@ fn read_file(path: &Path) -> Result<String> {
 /// Runs `argv` with no input, its output captured, for at most [`COMMAND_TIMEOUT`].
 fn run(argv: &[String]) -> Result<String> {
     let (program, args) = argv.split_first().context("an empty command")?;
-    let mut child = Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("cannot start it")?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start it")?;
     let (mut stdout, mut stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
     let reader = std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -198,7 +207,13 @@ mod tests {
     use super::*;
 
     fn declared(name: &str, source: SecretSource) -> ProxiedSecret {
-        ProxiedSecret { name: name.into(), hosts: vec!["api.test".into(), "*.github.test".into()], source, body: false, headers: Vec::new() }
+        ProxiedSecret {
+            name: name.into(),
+            hosts: vec!["api.test".into(), "*.github.test".into()],
+            source,
+            body: false,
+            headers: Vec::new(),
+        }
     }
 
     #[test]

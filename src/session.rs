@@ -7,9 +7,9 @@
 //! power off and makes sure the VM is gone.
 
 use std::os::fd::BorrowedFd;
-use std::process::{Command, Stdio};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,18 +20,18 @@ use cvm_vmm::guest_panic::GuestPanic;
 use cvm_vmm::{Engine, RunningVm, VhostUserConfig, VhostUserKind, VmConfig};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::exec::{self, Outcome};
-use crate::host_files::{log_tail, read_tail};
 use crate::egress::{self, EgressPolicy, NetworkMode};
-use crate::interception::SecretSwap;
 use crate::environment::Environment;
-use crate::open_network::OpenNetwork;
+use crate::exec::{self, Outcome};
 use crate::forward::{ForwardRequest, Listening};
+use crate::host_files::{log_tail, read_tail};
 use crate::images::{Image, Layer};
+use crate::interception::SecretSwap;
+use crate::open_network::OpenNetwork;
 use crate::rundir::RunDir;
 use crate::runtime::{Runtime, VmFacts};
 use crate::secrets::Secret;
-use crate::shares::{HostUser, ShareRequest, SharePlan};
+use crate::shares::{HostUser, SharePlan, ShareRequest};
 use crate::warm;
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
@@ -139,7 +139,10 @@ fn finish(machine: &mut dyn RunningVm) -> Option<String> {
 enum Network {
     /// Kept for its accept loop; `swaps` when it swaps secrets in, with the guest trusting
     /// its CA.
-    Proxy { _server: Listening, swaps: bool },
+    Proxy {
+        _server: Listening,
+        swaps: bool,
+    },
     Open(OpenNetwork),
 }
 
@@ -206,15 +209,18 @@ impl Session {
             NetworkMode::Proxy | NetworkMode::None => {
                 let swap = match config.secrets.is_empty() || config.egress.mode == NetworkMode::None {
                     true => None,
-                    false => Some(std::sync::Arc::new(SecretSwap::new(config.secrets.clone()).context("cannot set up the proxy's secret swap")?)),
+                    false => {
+                        Some(std::sync::Arc::new(SecretSwap::new(config.secrets.clone()).context("cannot set up the proxy's secret swap")?))
+                    }
                 };
                 if let Some(swap) = &swap {
                     plan.setup.steps.push(Step::TrustCa { pem: swap.ca_pem().into_bytes() });
                 }
                 let audit = egress::audit_log_path();
                 let swaps = swap.is_some();
-                let proxy = egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), swap, &audit, session)
-                    .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
+                let proxy =
+                    egress::start_proxy(&dir.join(format!("vsock_{}", egress::PROXY_PORT)), config.egress.clone(), swap, &audit, session)
+                        .with_context(|| format!("cannot start the egress proxy (audit log {})", audit.display()))?;
                 Network::Proxy { _server: proxy, swaps }
             }
         };
@@ -303,7 +309,23 @@ impl Session {
         }
         drop(ready);
         let _ = std::fs::remove_file(&ready_socket);
-        Ok(Session { machine, _vsock: vsock, _fs: fs, network, _forwards: forwards, forward_env: config.forwards.environment(), env: config.env.clone(), plan, runtime, host_socket, console_log, debug: config.debug, _rundir: rundir, timings, warm: matches!(start, warm::Start::Warm(_)) })
+        Ok(Session {
+            machine,
+            _vsock: vsock,
+            _fs: fs,
+            network,
+            _forwards: forwards,
+            forward_env: config.forwards.environment(),
+            env: config.env.clone(),
+            plan,
+            runtime,
+            host_socket,
+            console_log,
+            debug: config.debug,
+            _rundir: rundir,
+            timings,
+            warm: matches!(start, warm::Start::Warm(_)),
+        })
     }
 
     /// Gives `exec` the session's user, working directory and identity variables, and, in a
@@ -380,7 +402,8 @@ impl Session {
 /// with the set-up steps the agent carries out.
 fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<Runtime>)> {
     let meta = dir.join("meta");
-    let mut plan = if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &meta)? };
+    let mut plan =
+        if config.shares.is_empty() { SharePlan::default() } else { SharePlan::new(&config.shares, &HostUser::current()?, &meta)? };
     for warning in &plan.warnings {
         eprintln!("cvm: {warning}");
     }
@@ -388,7 +411,14 @@ fn plan_guest(config: &SessionConfig, dir: &Path) -> Result<(SharePlan, Option<R
     let runtime = match &plan.workdir {
         Some(project) if config.runtime => {
             let mounts = config.shares.mounts.iter().map(|m| (m.host.clone(), m.guest.clone(), m.read_only)).collect();
-            let facts = VmFacts { cpus: config.cpus, memory_bytes: config.memory_bytes, project, mounts, network: config.egress.mode, instructions: config.instructions.as_deref() };
+            let facts = VmFacts {
+                cpus: config.cpus,
+                memory_bytes: config.memory_bytes,
+                project,
+                mounts,
+                network: config.egress.mode,
+                instructions: config.instructions.as_deref(),
+            };
             let runtime = Runtime::new(project, &config.runtime_scripts, &facts)?;
             plan.setup.steps.extend(runtime.files());
             Some(runtime)
@@ -426,7 +456,8 @@ fn start_fs_backends(plan: &SharePlan, dir: &Path, vhost_user: &mut Vec<VhostUse
         } else {
             command.stderr(log.try_clone()?);
         }
-        let backend = FsBackend::spawn(command, listener, &share.backend).with_context(|| format!("cannot share {}", share.backend.dir.display()))?;
+        let backend =
+            FsBackend::spawn(command, listener, &share.backend).with_context(|| format!("cannot share {}", share.backend.dir.display()))?;
         backends.push(backend);
         vhost_user.push(VhostUserConfig { socket, kind: VhostUserKind::Fs { tag: tag.clone() } });
     }

@@ -24,17 +24,8 @@ use cvm_backends::fs::{Policy, Quota, ShareConfig};
 
 /// What `~/.claude` shows the guest by default: what configures Claude, never other projects'
 /// conversations, sessions, todos, history or memory.
-pub const CLAUDE_DEFAULT_ITEMS: &[&str] = &[
-    ".credentials.json",
-    "CLAUDE.md",
-    "settings.json",
-    "file-suggestion.sh",
-    "statusline.sh",
-    "skills",
-    "commands",
-    "agents",
-    "plugins",
-];
+pub const CLAUDE_DEFAULT_ITEMS: &[&str] =
+    &[".credentials.json", "CLAUDE.md", "settings.json", "file-suggestion.sh", "statusline.sh", "skills", "commands", "agents", "plugins"];
 /// The one file in `~/.claude` whose rewrites reach the host (OAuth token refresh).
 const CREDENTIALS: &str = ".credentials.json";
 /// Where the agent mounts shares that are not mounted at a host path.
@@ -122,7 +113,13 @@ impl HostUser {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let home = std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")?;
-        let name = std::env::var("USER").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| if uid == 0 { "root".into() } else { format!("user{uid}") });
+        let name = std::env::var("USER").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| {
+            if uid == 0 {
+                "root".into()
+            } else {
+                format!("user{uid}")
+            }
+        });
         Ok(HostUser { name, uid, gid, home })
     }
 
@@ -181,7 +178,9 @@ fn split_quotas(shares: &mut [PlannedShare]) -> Result<()> {
     let mut devices = Vec::new();
     for share in shares.iter() {
         let device = match share.backend.policy.quota {
-            Some(_) => Some(std::fs::metadata(&share.backend.dir).with_context(|| format!("cannot share {}", share.backend.dir.display()))?.dev()),
+            Some(_) => {
+                Some(std::fs::metadata(&share.backend.dir).with_context(|| format!("cannot share {}", share.backend.dir.display()))?.dev())
+            }
             None => None,
         };
         devices.push(device);
@@ -303,7 +302,10 @@ fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
     let gitdir = resolve(project, pointer.strip_prefix("gitdir:")?)?;
     let back = resolve(&gitdir, &read(&gitdir.join("gitdir"), None)?)?;
     let common = resolve(&gitdir, &read(&gitdir.join("commondir"), None)?)?;
-    let verified = back == project.join(".git") && gitdir.parent() == Some(&common.join("worktrees")) && common.join("HEAD").is_file() && common.join("objects").is_dir();
+    let verified = back == project.join(".git")
+        && gitdir.parent() == Some(&common.join("worktrees"))
+        && common.join("HEAD").is_file()
+        && common.join("objects").is_dir();
     verified.then_some(common)
 }
 
@@ -338,18 +340,27 @@ impl SharePlan {
     pub fn new(request: &ShareRequest, host: &HostUser, meta_dir: &Path) -> Result<SharePlan> {
         let user = host.guest();
         let mut plan = SharePlan::default();
-        let project = request.project.as_ref().map(|p| p.canonicalize().with_context(|| format!("cannot share {}", p.display()))).transpose()?;
+        let project =
+            request.project.as_ref().map(|p| p.canonicalize().with_context(|| format!("cannot share {}", p.display()))).transpose()?;
         let host_code = crate::host_code::host_code_paths(project.as_deref(), &host.home);
-        let mut add = |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| -> Result<()> {
-            policy.protected_paths = crate::host_code::within(&host_code, &dir);
-            if !policy.read_only {
-                policy.quota = Some(share_quota(&dir, request.quota)?);
-            }
-            let backend = ShareConfig { dir, tag: tag.clone(), policy, guest_uid: user.uid, guest_gid: user.gid, allow_no_sandbox: request.allow_unsandboxed_fs };
-            plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
-            plan.shares.push(PlannedShare { backend, guest_path });
-            Ok(())
-        };
+        let mut add =
+            |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| -> Result<()> {
+                policy.protected_paths = crate::host_code::within(&host_code, &dir);
+                if !policy.read_only {
+                    policy.quota = Some(share_quota(&dir, request.quota)?);
+                }
+                let backend = ShareConfig {
+                    dir,
+                    tag: tag.clone(),
+                    policy,
+                    guest_uid: user.uid,
+                    guest_gid: user.gid,
+                    allow_no_sandbox: request.allow_unsandboxed_fs,
+                };
+                plan.setup.steps.push(Step::Share { tag, target: bytes(&guest_path), read_only });
+                plan.shares.push(PlannedShare { backend, guest_path });
+                Ok(())
+            };
 
         if let Some(project) = project {
             if !project.is_dir() {
@@ -362,7 +373,9 @@ impl SharePlan {
             }
             plan.plan_claude(request, host, &user, &project, &mut add)?;
             if let Some(state) = claude_state(&host.home.join(".claude.json"), &project) {
-                plan.setup.steps.push(Step::File { target: [user.home.as_slice(), b"/.claude.json"].concat(), contents: state.into_bytes() });
+                plan.setup
+                    .steps
+                    .push(Step::File { target: [user.home.as_slice(), b"/.claude.json"].concat(), contents: state.into_bytes() });
             }
             plan.workdir = Some(project);
         }
@@ -393,7 +406,20 @@ impl SharePlan {
                 ("gid", user.gid.to_string()),
                 ("home", host.home.display().to_string()),
                 ("project", plan.workdir.as_ref().map(|p| p.display().to_string()).unwrap_or_default()),
-                ("mounts", plan.shares.iter().map(|s| format!("{} {} {}\n", s.backend.dir.display(), s.guest_path.display(), if s.backend.policy.read_only { "ro" } else { "rw" })).collect()),
+                (
+                    "mounts",
+                    plan.shares
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{} {} {}\n",
+                                s.backend.dir.display(),
+                                s.guest_path.display(),
+                                if s.backend.policy.read_only { "ro" } else { "rw" }
+                            )
+                        })
+                        .collect(),
+                ),
             ];
             let policy = Policy { read_only: true, ..Policy::default() };
             add(&mut plan, "meta".into(), meta_dir.to_path_buf(), policy, PathBuf::from(META_GUEST_DIR), true)?;
@@ -419,7 +445,12 @@ impl SharePlan {
         let guest_claude = Path::new(OsStr::from_bytes(&user.home)).join(".claude");
         let lower = Path::new(GUEST_SHARE_DIR).join("claude");
         let writable_file = request.claude_items.iter().any(|i| i == CREDENTIALS).then(|| CREDENTIALS.to_string());
-        let policy = Policy { read_only: true, visible: Some(request.claude_items.clone()), writable_file: writable_file.clone(), ..Policy::default() };
+        let policy = Policy {
+            read_only: true,
+            visible: Some(request.claude_items.clone()),
+            writable_file: writable_file.clone(),
+            ..Policy::default()
+        };
         // Mounted read-write in the guest so the credentials bind can write: the backend's
         // policy is what makes the rest read-only.
         add(self, "claude".into(), claude.clone(), policy, lower.clone(), false)?;
@@ -462,7 +493,11 @@ impl SharePlan {
         exec.uid = Some(user.uid);
         exec.gid = Some(user.gid);
         exec.cwd = Some(self.workdir.as_deref().map(bytes).unwrap_or_else(|| user.home.clone()));
-        let identity = [(b"HOME".to_vec(), user.home.clone()), (b"USER".to_vec(), user.name.as_bytes().to_vec()), (b"LOGNAME".to_vec(), user.name.as_bytes().to_vec())];
+        let identity = [
+            (b"HOME".to_vec(), user.home.clone()),
+            (b"USER".to_vec(), user.name.as_bytes().to_vec()),
+            (b"LOGNAME".to_vec(), user.name.as_bytes().to_vec()),
+        ];
         exec.env.splice(0..0, identity);
     }
 }

@@ -69,7 +69,10 @@ pub fn command(packages: &[String], scripts: &[Vec<u8>]) -> Vec<Vec<u8>> {
     if !packages.is_empty() {
         s.push_str("echo 'cvm setup: installing Debian packages' >&2\n");
         s.push_str("sudo -E apt-get update -q\n");
-        s.push_str(&format!("sudo -E DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}\n", packages.join(" ")));
+        s.push_str(&format!(
+            "sudo -E DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}\n",
+            packages.join(" ")
+        ));
         s.push_str("sudo apt-get clean\n");
     }
     s.push_str("for cvm_setup_script in \"$@\"; do echo 'cvm setup: running a setup script' >&2; eval \"$cvm_setup_script\"; done\n");

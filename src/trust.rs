@@ -51,7 +51,13 @@ impl Store {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let record = self.record(file);
         let partial = record.with_extension("partial");
-        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .with_context(|| format!("cannot write {}", partial.display()))?;
         out.write_all(format!("{}\n{path}\n{text}", sha256(text.as_bytes())).as_bytes())?;
         out.sync_all()?;
         std::fs::rename(&partial, &record).with_context(|| format!("cannot write {}", record.display()))
@@ -70,7 +76,13 @@ impl Store {
     /// used: it is trusted as it is, or its widening settings are those trusted. Otherwise
     /// says which settings need trust and how to give it. `widening_of` finds the widening
     /// settings of the trusted contents.
-    pub fn check(&self, file: &Path, text: &str, widening: &[(&'static str, String)], widening_of: impl Fn(&str) -> Vec<(&'static str, String)>) -> Result<()> {
+    pub fn check(
+        &self,
+        file: &Path,
+        text: &str,
+        widening: &[(&'static str, String)],
+        widening_of: impl Fn(&str) -> Vec<(&'static str, String)>,
+    ) -> Result<()> {
         let dir = file.parent().unwrap_or(Path::new("/")).display();
         let how = format!("the guest can write this file, so review it, then run: cvm trust {dir}");
         let Some(trusted) = self.trusted(file) else {

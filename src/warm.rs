@@ -44,7 +44,8 @@ pub fn key(vm: &VmConfig) -> Option<String> {
     if let Some(initrd) = &vm.initrd {
         file(initrd)?;
     }
-    let mut shape = format!("cmdline {}\ncpus {}\nmemory {}\nrng {}\nnet {}\n", vm.cmdline, vm.vcpus, vm.memory_bytes, vm.rng, vm.network.is_some());
+    let mut shape =
+        format!("cmdline {}\ncpus {}\nmemory {}\nrng {}\nnet {}\n", vm.cmdline, vm.vcpus, vm.memory_bytes, vm.rng, vm.network.is_some());
     for disk in &vm.disks {
         if disk.read_only {
             file(&disk.path)?;

@@ -122,14 +122,26 @@ mod tests {
     use super::*;
 
     fn git_ok(dir: &Path, args: &[&str]) {
-        let status = Command::new("git").arg("-C").arg(dir).args(args).env("GIT_AUTHOR_NAME", "t").env("GIT_AUTHOR_EMAIL", "t@t").env("GIT_COMMITTER_NAME", "t").env("GIT_COMMITTER_EMAIL", "t@t").status().unwrap();
+        let status = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .status()
+            .unwrap();
         assert!(status.success(), "git {args:?}");
     }
 
     #[test]
     fn porcelain_lists() {
         let text = "worktree /src/app\nHEAD abc\nbranch refs/heads/main\n\nworktree /src/app-fix\nHEAD def\ndetached\n\n";
-        assert_eq!(parse_list(text), [Worktree { path: "/src/app".into(), branch: Some("main".into()) }, Worktree { path: "/src/app-fix".into(), branch: None }]);
+        assert_eq!(
+            parse_list(text),
+            [Worktree { path: "/src/app".into(), branch: Some("main".into()) }, Worktree { path: "/src/app-fix".into(), branch: None }]
+        );
         assert_eq!(path_for(Path::new("/src/app"), "feature/login"), Path::new("/src/app-feature-login"));
     }
 

@@ -86,7 +86,10 @@ fn nothing_is_left_running_after_the_vm_ends() {
         return;
     }
     let marker = format!("cvm-test-teardown-{}", std::process::id());
-    let out = cvm_with_env(&["boot", "--kernel", guest("hello").to_str().unwrap(), "--append", &format!("console=ttyS0 {marker}")], &[("CVM_TEST_MARKER", &marker)]);
+    let out = cvm_with_env(
+        &["boot", "--kernel", guest("hello").to_str().unwrap(), "--append", &format!("console=ttyS0 {marker}")],
+        &[("CVM_TEST_MARKER", &marker)],
+    );
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_all_gone(&marker, "it exited");
 }
@@ -128,9 +131,17 @@ fn the_vmm_runs_jailed_and_ends_with_cvm() {
     // The VMM: the marked process that is its PID namespace's init (NSpid "HOST 1"), once its
     // guest runs (its first vCPU's thread started).
     let deadline = Instant::now() + Duration::from_secs(30);
-    let runs = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten().any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "vcpu0"));
+    let runs = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "vcpu0"))
+    };
     let vmm = loop {
-        let found = processes_marked(&marker).into_iter().find(|&pid| status_field(pid, "NSpid").ends_with("\t1") && status_field(pid, "Seccomp") == "2" && runs(pid));
+        let found = processes_marked(&marker)
+            .into_iter()
+            .find(|&pid| status_field(pid, "NSpid").ends_with("\t1") && status_field(pid, "Seccomp") == "2" && runs(pid));
         if let Some(pid) = found {
             break pid;
         }
@@ -146,7 +157,8 @@ fn the_vmm_runs_jailed_and_ends_with_cvm() {
         let of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{namespace}")).unwrap();
         assert_ne!(of(&vmm.to_string()), of("self"), "the VMM shares cvm's {namespace} namespace");
     }
-    let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap().flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
+    let threads: Vec<u32> =
+        std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap().flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
     assert!(threads.len() >= 3, "the VMM's control, VM and vCPU threads: {threads:?}");
     for thread in &threads {
         let status = |field: &str| status_field(format!("{vmm}/task/{thread}"), field);
@@ -161,7 +173,10 @@ fn the_vmm_runs_jailed_and_ends_with_cvm() {
     }
     if rustix::process::getuid().is_root() {
         let uid = status_field(vmm, "Uid");
-        assert!(uid.split_whitespace().all(|id| id.parse::<u32>().unwrap() >= cvm_vmm::jail::JAIL_ID_BASE), "cvm is root, the VMM must not be: Uid {uid}");
+        assert!(
+            uid.split_whitespace().all(|id| id.parse::<u32>().unwrap() >= cvm_vmm::jail::JAIL_ID_BASE),
+            "cvm is root, the VMM must not be: Uid {uid}"
+        );
         assert_eq!(status_field(vmm, "Groups"), "", "the VMM keeps no supplementary group");
     }
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/root")).unwrap().collect();
@@ -305,8 +320,10 @@ fn guest_kernel_reaches_init_under_qemu_tcg() {
     let out = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "256M", "-smp", "2"])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"])
-        .arg("-kernel").arg(&kernel)
-        .arg("-initrd").arg(&initrd)
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
         .args(["-append", "console=ttyS0 reboot=k panic=-1 quiet cvm.boot_test"])
         .stdin(Stdio::null())
         .output()

@@ -24,7 +24,8 @@ fn the_layers_reach_the_vm_in_order() {
     let data = env.home.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("fact"), "from the data dir\n").unwrap();
-    std::fs::write(env.home.path().join(".cvm.toml"), "[vm]\ncpus = 1\nmemory = \"384M\"\n[context]\ninstructions = \"Global words.\"\n").unwrap();
+    std::fs::write(env.home.path().join(".cvm.toml"), "[vm]\ncpus = 1\nmemory = \"384M\"\n[context]\ninstructions = \"Global words.\"\n")
+        .unwrap();
     // The project sets cpus back to the default: it still wins over the global 1.
     std::fs::write(
         dir.join(".cvm.toml"),
@@ -38,7 +39,12 @@ fn the_layers_reach_the_vm_in_order() {
     // The guest can rewrite the project's file: its mount waits for the user's trust.
     let out = wait_output(env.command(engine, &[arg(&dir), "--", "true"]).spawn().unwrap());
     assert_eq!(out.status.code(), Some(125), "[{engine}] {}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("sets mounts, which widen the sandbox, and is not trusted") && text(&out.stderr).contains(&format!("cvm trust {}", dir.display())), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sets mounts, which widen the sandbox, and is not trusted")
+            && text(&out.stderr).contains(&format!("cvm trust {}", dir.display())),
+        "{}",
+        text(&out.stderr)
+    );
     let trusted = env.cvm(&["trust", arg(&dir)]).output().unwrap();
     assert_eq!(trusted.status.code(), Some(0), "{}", text(&trusted.stderr));
     assert!(text(&trusted.stdout).contains("mounts = [\"../../data:/mnt/data:ro\"]"), "{}", text(&trusted.stdout));
@@ -59,14 +65,25 @@ fn the_layers_reach_the_vm_in_order() {
     let out = wait_output(env.command(engine, &[arg(&dir), "--", "sh", "-c", mem_kib]).env("CVM_MEMORY", "320M").spawn().unwrap());
     let kib: u64 = text(&out.stdout).trim().parse().unwrap();
     assert!(kib <= 327_680, "[{engine}] CVM_MEMORY=320M: {kib} KiB");
-    let out = wait_output(env.command(engine, &[arg(&dir), "--cpus", "1", "--", "grep", "-c", "^processor", "/proc/cpuinfo"]).env("CVM_CPUS", "2").spawn().unwrap());
+    let out = wait_output(
+        env.command(engine, &[arg(&dir), "--cpus", "1", "--", "grep", "-c", "^processor", "/proc/cpuinfo"])
+            .env("CVM_CPUS", "2")
+            .spawn()
+            .unwrap(),
+    );
     assert_eq!(text(&out.stdout), "1\n", "[{engine}] --cpus over CVM_CPUS");
     env.assert_clean();
 
     let show = env.cvm(&["config", "show", arg(&dir)]).env("CVM_MEMORY", "1G").output().unwrap();
     let shown = text(&show.stdout);
-    let line = |key: &str| shown.lines().find(|l| l.starts_with(&format!("{key} "))).unwrap_or_else(|| panic!("{key} missing: {shown}")).to_string();
-    assert!(line("vm.cpus").contains("= 2") && line("vm.cpus").ends_with(&format!("# {}", dir.join(".cvm.toml").display())), "{}", line("vm.cpus"));
+    let line = |key: &str| {
+        shown.lines().find(|l| l.starts_with(&format!("{key} "))).unwrap_or_else(|| panic!("{key} missing: {shown}")).to_string()
+    };
+    assert!(
+        line("vm.cpus").contains("= 2") && line("vm.cpus").ends_with(&format!("# {}", dir.join(".cvm.toml").display())),
+        "{}",
+        line("vm.cpus")
+    );
     assert!(line("vm.memory").contains("1024M") && line("vm.memory").ends_with("# $CVM_MEMORY"), "{}", line("vm.memory"));
     assert!(line("vm.vmm").ends_with("# default"), "{}", line("vm.vmm"));
     assert!(line("mounts").contains("/mnt/data:ro"), "{}", line("mounts"));
@@ -120,14 +137,43 @@ fn environment_options_and_secrets_reach_commands_and_nothing_else() {
     let script = "echo \"$API_TOKEN|$FROM_FILE|$OVERRIDDEN|$PASSED|$FLAG|$FROM_CONFIG\"; grep -rl hunter2 /run/cvm 2>/dev/null | wc -l";
     let engine = engine();
     let out = wait_output(
-        env.command(engine, &["-v", "--debug", arg(&dir), "--env-file", arg(&env_file), "--inherit-env", "PASSED", "--inherit-env", "UNSET_ONE", "-e", "OVERRIDDEN=by the flag", "--env", "FLAG=yes", "--", "sh", "-c", script])
-            .env("PASSED", "from my shell")
-            .spawn()
-            .unwrap(),
+        env.command(
+            engine,
+            &[
+                "-v",
+                "--debug",
+                arg(&dir),
+                "--env-file",
+                arg(&env_file),
+                "--inherit-env",
+                "PASSED",
+                "--inherit-env",
+                "UNSET_ONE",
+                "-e",
+                "OVERRIDDEN=by the flag",
+                "--env",
+                "FLAG=yes",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+        .env("PASSED", "from my shell")
+        .spawn()
+        .unwrap(),
     );
-    assert_eq!(text(&out.stdout), "hunter2-secret|file value|by the flag|from my shell|yes|config value\n0\n", "[{engine}] {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "hunter2-secret|file value|by the flag|from my shell|yes|config value\n0\n",
+        "[{engine}] {}",
+        text(&out.stderr)
+    );
     let logged = text(&out.stderr);
-    assert!(logged.contains("guest console") && !logged.contains("hunter2"), "[{engine}] the logs and the console never show a secret: {logged}");
+    assert!(
+        logged.contains("guest console") && !logged.contains("hunter2"),
+        "[{engine}] the logs and the console never show a secret: {logged}"
+    );
     env.assert_clean();
     let show = env.cvm(&["config", "show", arg(&dir)]).output().unwrap();
     assert!(!text(&show.stdout).contains("hunter2") && text(&show.stdout).contains(arg(&secrets)), "{}", text(&show.stdout));
@@ -150,7 +196,16 @@ fn run_worktree_makes_and_uses_a_branch_worktree() {
     let Some(env) = Env::new() else { return };
     let main = project(&env);
     let git = |args: &[&str]| {
-        let out = std::process::Command::new("git").arg("-C").arg(&main).args(args).env("GIT_AUTHOR_NAME", "t").env("GIT_AUTHOR_EMAIL", "t@t").env("GIT_COMMITTER_NAME", "t").env("GIT_COMMITTER_EMAIL", "t@t").output().unwrap();
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&main)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
     };
     git(&["init", "-q", "-b", "main"]);
@@ -159,7 +214,12 @@ fn run_worktree_makes_and_uses_a_branch_worktree() {
     git(&["commit", "-q", "-m", "first"]);
     let worktree = main.with_file_name("app-agent-1");
     let engine = engine();
-    let out = wait_output(env.command(engine, &["--worktree", "agent/1", "--", "sh", "-c", "pwd; cat README; git branch --show-current 2>/dev/null || true"]).current_dir(&main).spawn().unwrap());
+    let out = wait_output(
+        env.command(engine, &["--worktree", "agent/1", "--", "sh", "-c", "pwd; cat README; git branch --show-current 2>/dev/null || true"])
+            .current_dir(&main)
+            .spawn()
+            .unwrap(),
+    );
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with(&format!("{}\nhello\n", worktree.display())), "[{engine}] {}", text(&out.stdout));
     env.assert_clean();

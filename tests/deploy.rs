@@ -16,7 +16,10 @@ fn checkers() -> Option<(PathBuf, PathBuf)> {
     match (var("CVM_TEST_CHECKERS"), var("CVM_TEST_AGENT_SANDBOX_CRDS")) {
         (Some(bin), Some(crds)) => Some((bin, crds)),
         _ => {
-            assert!(std::env::var("CVM_REQUIRE_SHIP").as_deref() != Ok("1"), "CVM_REQUIRE_SHIP=1 but CVM_TEST_CHECKERS or CVM_TEST_AGENT_SANDBOX_CRDS is unset");
+            assert!(
+                std::env::var("CVM_REQUIRE_SHIP").as_deref() != Ok("1"),
+                "CVM_REQUIRE_SHIP=1 but CVM_TEST_CHECKERS or CVM_TEST_AGENT_SANDBOX_CRDS is unset"
+            );
             eprintln!("skipped: no CVM_TEST_CHECKERS and CVM_TEST_AGENT_SANDBOX_CRDS (scripts/test sets them)");
             None
         }
@@ -46,10 +49,16 @@ fn the_kubernetes_job_validates_strictly() {
     let Some((bin, _)) = checkers() else { return };
     let validate = |path: &Path| run(Command::new(bin.join("kubernetes-validate")).arg("--strict").arg(path));
     let out = validate(&source("deploy/kubernetes/job.yaml"));
-    assert!(out.status.success() && text(&out.stdout).contains("passed for resource job/cvm-agent-task"), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success() && text(&out.stdout).contains("passed for resource job/cvm-agent-task"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     // A hostPath of /dev/kvm is what users try first; the field does not even exist there.
     let dir = tempfile::tempdir().unwrap();
-    let bad = broken(dir.path(), "deploy/kubernetes/job.yaml", "      restartPolicy: Never", "      restartPolicy: Never\n      kvm: /dev/kvm");
+    let bad =
+        broken(dir.path(), "deploy/kubernetes/job.yaml", "      restartPolicy: Never", "      restartPolicy: Never\n      kvm: /dev/kvm");
     assert!(!validate(&bad).status.success(), "an unknown field passed");
 }
 
@@ -57,7 +66,10 @@ fn the_kubernetes_job_validates_strictly() {
 fn the_agent_sandbox_manifests_match_their_crds() {
     let Some((_, crds)) = checkers() else { return };
     let check = |paths: &[PathBuf]| run(Command::new(source("scripts/check-recipes")).arg("crd").arg(&crds).args(paths));
-    let manifests: Vec<PathBuf> = ["sandbox-template", "sandbox-warm-pool", "sandbox-claim"].iter().map(|n| source(&format!("deploy/kubernetes/agent-sandbox/{n}.yaml"))).collect();
+    let manifests: Vec<PathBuf> = ["sandbox-template", "sandbox-warm-pool", "sandbox-claim"]
+        .iter()
+        .map(|n| source(&format!("deploy/kubernetes/agent-sandbox/{n}.yaml")))
+        .collect();
     let out = check(&manifests);
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     for kind in ["SandboxTemplate cvm", "SandboxWarmPool cvm", "SandboxClaim agent-session-1"] {
@@ -67,7 +79,12 @@ fn the_agent_sandbox_manifests_match_their_crds() {
     // An unknown field in the claim, and one in the pod template's container.
     let claim = broken(dir.path(), "deploy/kubernetes/agent-sandbox/sandbox-claim.yaml", "  warmPoolRef:", "  warmPool:");
     assert!(!check(&[claim]).status.success(), "an unknown field in the claim passed");
-    let template = broken(dir.path(), "deploy/kubernetes/agent-sandbox/sandbox-template.yaml", "          workingDir: /work", "          workDir: /work");
+    let template = broken(
+        dir.path(),
+        "deploy/kubernetes/agent-sandbox/sandbox-template.yaml",
+        "          workingDir: /work",
+        "          workDir: /work",
+    );
     let out = check(&[template]);
     assert!(!out.status.success() && text(&out.stdout).contains("workDir"), "an unknown container field passed: {}", text(&out.stdout));
 }
@@ -127,7 +144,14 @@ fn the_actions_run_step_passes_the_commands_status() {
         .env("XDG_RUNTIME_DIR", env.runtime.path())
         .env("HOME", env.home.path())
         .env("XDG_CACHE_HOME", env.home.path().join(".cache"))
-        .envs([("COMMAND", "echo from-bash > out; exit 5"), ("PROJECT", "."), ("TIMEOUT", "5m"), ("MEMORY", "1G"), ("CPUS", "1"), ("ALLOW", "a.example b.example")])
+        .envs([
+            ("COMMAND", "echo from-bash > out; exit 5"),
+            ("PROJECT", "."),
+            ("TIMEOUT", "5m"),
+            ("MEMORY", "1G"),
+            ("CPUS", "1"),
+            ("ALLOW", "a.example b.example"),
+        ])
         .env("IMAGE", &env.image);
     let out = run(&mut step_command);
     assert_eq!(out.status.code(), Some(5), "stdout: {}\nstderr: {}", text(&out.stdout), text(&out.stderr));

@@ -139,7 +139,10 @@ fn each_plain_http_request_is_decided_alone_however_the_connection_is_kept() {
         "GET http://api.test:{port}/one HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic eDp5\r\n\r\n\
          GET http://other.test:{port}/two HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"
     ));
-    assert!(reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("ok") && reply.matches("HTTP/1.1").count() == 1, "one answer, then the end: {reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("ok") && reply.matches("HTTP/1.1").count() == 1,
+        "one answer, then the end: {reply}"
+    );
     let seen = heads.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "the second request reached the server: {seen:?}");
     assert!(seen[0].contains("Connection: close\r\n") && !seen[0].to_ascii_lowercase().contains("proxy-"), "{seen:?}");
@@ -265,12 +268,24 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let mut session_ca = rustls::RootCertStore::empty();
     session_ca.add_parsable_certificates(certificates(&swap.ca_pem()));
     let http = server("plain", 1);
-    let s = Setup::swapping(policy(&[&format!("secret.test:{port}"), &format!("plain.test:{port}"), &format!("plain.test:{http}")], &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")]), Some(swap));
+    let s = Setup::swapping(
+        policy(
+            &[&format!("secret.test:{port}"), &format!("plain.test:{port}"), &format!("plain.test:{http}")],
+            &[("secret.test", "127.0.0.1"), ("plain.test", "127.0.0.1")],
+        ),
+        Some(swap),
+    );
 
     // Two requests on one intercepted connection, the first with a body, the second chunked.
     let body = format!("{{\"key\":\"{placeholder}\"}}");
-    let first = format!("POST /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-    let second = format!("POST /two HTTP/1.1\r\nHost: secret.test\r\nX-Key: {placeholder}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}\r\n0\r\n\r\n", &placeholder[..4]);
+    let first = format!(
+        "POST /one HTTP/1.1\r\nHost: secret.test:{port}\r\nAuthorization: Bearer {placeholder}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let second = format!(
+        "POST /two HTTP/1.1\r\nHost: secret.test\r\nX-Key: {placeholder}\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}\r\n0\r\n\r\n",
+        &placeholder[..4]
+    );
     // A body near the largest held: much more than rustls buffers by default.
     let large = format!("{}{placeholder}", "x".repeat(250_000));
     let third = format!("PUT /three HTTP/1.1\r\nContent-Length: {}\r\n\r\n{large}", large.len());
@@ -279,19 +294,35 @@ fn secrets_are_swapped_in_only_on_their_own_hosts_and_never_cross_in_plain_http(
     let seen = https.seen();
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen[2].body.len() == 250_000 + "the-real-value".len() && seen[2].body.ends_with("xthe-real-value"), "{}", seen[2].head);
-    assert!(seen[0].head.contains("Authorization: Bearer the-real-value\r\n") && seen[1].head.contains("X-Key: the-real-value\r\n"), "{seen:?}");
+    assert!(
+        seen[0].head.contains("Authorization: Bearer the-real-value\r\n") && seen[1].head.contains("X-Key: the-real-value\r\n"),
+        "{seen:?}"
+    );
     assert_eq!(seen[0].body, "{\"key\":\"the-real-value\"}");
     assert_eq!(seen[0].offered_alpn, ["http/1.1"], "the proxy's own client reached the server");
 
     // The session CA vouches for secret.test only; the real server's CA is not what the
     // guest sees there.
-    assert!(https_through(&s, "secret.test", port, https.roots(), &[String::new()]).is_err(), "an intercepted host shows the session's certificate");
+    assert!(
+        https_through(&s, "secret.test", port, https.roots(), &[String::new()]).is_err(),
+        "an intercepted host shows the session's certificate"
+    );
 
     // Another allowed host: tunneled as it is, the placeholder unswapped.
-    let answers = https_through(&s, "plain.test", port, https.roots(), &[format!("GET /three HTTP/1.1\r\nHost: plain.test\r\nAuthorization: Bearer {placeholder}\r\n\r\n")]).unwrap();
+    let answers = https_through(
+        &s,
+        "plain.test",
+        port,
+        https.roots(),
+        &[format!("GET /three HTTP/1.1\r\nHost: plain.test\r\nAuthorization: Bearer {placeholder}\r\n\r\n")],
+    )
+    .unwrap();
     assert_eq!(answers.len(), 1);
     let tunneled = https.seen().pop().unwrap();
-    assert!(tunneled.head.contains(&format!("Bearer {placeholder}")) && tunneled.offered_alpn.is_empty(), "the test's own client reached the server: {tunneled:?}");
+    assert!(
+        tunneled.head.contains(&format!("Bearer {placeholder}")) && tunneled.offered_alpn.is_empty(),
+        "the test's own client reached the server: {tunneled:?}"
+    );
 
     // Plain HTTP to the secret's host is refused; elsewhere its placeholder is logged.
     let reply = s.ask(&format!("GET http://secret.test:{port}/ HTTP/1.1\r\nAuthorization: {placeholder}\r\n\r\n"));

@@ -26,7 +26,8 @@ fn start(guest_uid: u32) -> Backend {
     std::fs::write(dir.path().join("secret"), "outside\n").unwrap();
     let socket = dir.path().join("fs.vhost");
     let listener = UnixListener::bind(&socket).unwrap();
-    let config = ShareConfig { dir: share, tag: "t".into(), policy: Policy::default(), guest_uid, guest_gid: guest_uid, allow_no_sandbox: false };
+    let config =
+        ShareConfig { dir: share, tag: "t".into(), policy: Policy::default(), guest_uid, guest_gid: guest_uid, allow_no_sandbox: false };
     let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
     command.arg("__fs-backend");
     let process = FsBackend::spawn(command, listener, &config).unwrap();
@@ -47,7 +48,8 @@ impl Backend {
     }
 
     fn assert_outside_untouched(&self) {
-        let mut names: Vec<_> = std::fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<_> =
+            std::fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["fs.vhost", "secret", "share"]);
         assert_eq!(std::fs::read_to_string(self.dir.path().join("secret")).unwrap(), "outside\n");
@@ -120,13 +122,35 @@ fn bench_fs_measures_every_workload_and_says_when_the_reference_is_missing() {
         let (host, cvm): (f64, f64) = (cells[1].parse().unwrap(), cells[2].parse().unwrap());
         assert!(host > 0.0 && cvm > 0.0, "{row}");
     }
-    assert!(stdout.lines().next().is_some_and(|l| l.starts_with("cvm bench fs on ") && l.contains("Linux") && l.contains("4 MiB file")), "the host and sizes head the table: {stdout}");
+    assert!(
+        stdout.lines().next().is_some_and(|l| l.starts_with("cvm bench fs on ") && l.contains("Linux") && l.contains("4 MiB file")),
+        "the host and sizes head the table: {stdout}"
+    );
     assert!(stdout.lines().next().is_some_and(|l| l.contains("guest driver and servers on CPU ")), "pinned by default: {stdout}");
-    assert!(stdout.contains("round range, cvm |") && stdout.contains("Round range: "), "the rounds' range is shown and explained: {stdout}");
+    assert!(
+        stdout.contains("round range, cvm |") && stdout.contains("Round range: "),
+        "the rounds' range is shown and explained: {stdout}"
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the bench's files are removed");
 
     let out = Command::new(env!("CARGO_BIN_EXE_cvm"))
-        .args(["bench", "fs", "--json", "--size", "4M", "--random-reads", "50", "--files", "50", "--tree", "600", "--rounds", "1", "--virtiofsd", "/no/such/virtiofsd"])
+        .args([
+            "bench",
+            "fs",
+            "--json",
+            "--size",
+            "4M",
+            "--random-reads",
+            "50",
+            "--files",
+            "50",
+            "--tree",
+            "600",
+            "--rounds",
+            "1",
+            "--virtiofsd",
+            "/no/such/virtiofsd",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -153,7 +177,14 @@ fn a_backend_ends_when_cvm_is_gone_even_before_a_frontend_came() {
     let dir = tempfile::tempdir().unwrap();
     let listener = UnixListener::bind(dir.path().join("fs.vhost")).unwrap();
     let (lifeline_read, lifeline) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
-    let config = ShareConfig { dir: dir.path().to_path_buf(), tag: "t".into(), policy: Policy::default(), guest_uid: 1000, guest_gid: 1000, allow_no_sandbox: false };
+    let config = ShareConfig {
+        dir: dir.path().to_path_buf(),
+        tag: "t".into(),
+        policy: Policy::default(),
+        guest_uid: 1000,
+        guest_gid: 1000,
+        allow_no_sandbox: false,
+    };
     let mut command = Command::new(env!("CARGO_BIN_EXE_cvm"));
     command.arg("__fs-backend").args(config.to_args());
     cvm_sandbox::process::pass_fd(&mut command, listener.as_raw_fd(), 3);

@@ -11,7 +11,13 @@ use common::{arg, describe, engine, nested_scale, processes_marked, text, Env};
 
 /// Runs host git in `dir` and says what it printed.
 fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git").arg("-C").arg(dir).args(["-c", "user.name=host", "-c", "user.email=host@example.com"]).args(args).output().unwrap();
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=host", "-c", "user.email=host@example.com"])
+        .args(args)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
     text(&out.stdout)
 }
@@ -83,7 +89,13 @@ fn git_works_in_the_guest_but_cannot_plant_code_for_the_host() {
     assert!(!project.join("nested/.git").exists() && !project.join("other/.git").exists(), "[{engine}]");
     for dir in ["sub.git", "hand"] {
         // Host git, kept from looking above the directory, finds no repository in it.
-        let found = Command::new("git").arg("-C").arg(project.join(dir)).args(["rev-parse", "--git-dir"]).env("GIT_CEILING_DIRECTORIES", &project).output().unwrap();
+        let found = Command::new("git")
+            .arg("-C")
+            .arg(project.join(dir))
+            .args(["rev-parse", "--git-dir"])
+            .env("GIT_CEILING_DIRECTORIES", &project)
+            .output()
+            .unwrap();
         assert!(!found.status.success(), "[{engine}] host git found a repository in {dir}: {}", text(&found.stdout));
         assert!(!(project.join(dir).join("HEAD").exists() && project.join(dir).join("objects").exists()), "[{engine}] {dir}");
     }
@@ -112,7 +124,11 @@ fn files_the_guest_plants_in_the_project_do_not_widen_the_next_session() {
     // The next session refuses the planted configuration before any VM starts.
     let out = env.run(engine, &[arg(&project), "--", "cat", "/etc/hostname"], b"");
     assert_eq!(out.status.code(), Some(125), "[{engine}] {}", text(&out.stdout));
-    assert!(text(&out.stderr).contains("sets mounts, network.mode, which widen the sandbox, and is not trusted"), "[{engine}] {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sets mounts, network.mode, which widen the sandbox, and is not trusted"),
+        "[{engine}] {}",
+        text(&out.stderr)
+    );
     // Without it, the planted runtime script is a link out of the project, and is not read.
     std::fs::remove_file(project.join(".cvm.toml")).unwrap();
     let out = env.run(engine, &[arg(&project), "--", "true"], b"");
@@ -139,13 +155,18 @@ fn a_shared_home_keeps_its_dot_files_and_cvm_s_own() {
     let engine = engine();
     let out = env.run(engine, &[arg(home), "--", "sh", "-c", script], b"");
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
-    let expected = "cvm-toml refused\nbashrc refused\nauthorized-keys refused\ngitconfig refused\nprofile-by-rename refused\nplain-file ok\n";
+    let expected =
+        "cvm-toml refused\nbashrc refused\nauthorized-keys refused\ngitconfig refused\nprofile-by-rename refused\nplain-file ok\n";
     assert_eq!(text(&out.stdout), expected, "[{engine}] {}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(home.join(".bashrc")).unwrap(), "# the user's\n", "[{engine}]");
     for planted in [".cvm.toml", ".ssh", ".gitconfig", ".profile"] {
         assert!(!home.join(planted).exists(), "[{engine}] {planted} was made");
     }
-    assert_eq!(std::fs::read_to_string(home.join("notes.txt")).unwrap(), "mine\n", "[{engine}] the rest of the home is the guest's to write");
+    assert_eq!(
+        std::fs::read_to_string(home.join("notes.txt")).unwrap(),
+        "mine\n",
+        "[{engine}] the rest of the home is the guest's to write"
+    );
     env.assert_clean();
 }
 
@@ -190,7 +211,10 @@ fn killing_cvm_at_any_moment_leaves_no_helper_running() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let delay = Duration::from_micros(seed % span);
-        let mut child = env.command(engine, &[arg(&project), "--mount", &format!("{}:/mnt/sub", project.join("sub").display()), "--", "sh", "-c", "sleep 0.2"]);
+        let mut child = env.command(
+            engine,
+            &[arg(&project), "--mount", &format!("{}:/mnt/sub", project.join("sub").display()), "--", "sh", "-c", "sleep 0.2"],
+        );
         let mut child = child.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(delay);
         child.kill().unwrap();
@@ -217,7 +241,11 @@ fn killing_cvm_at_any_moment_leaves_no_helper_running() {
 fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
     let Some(env) = Env::new() else { return };
     let engine = engine();
-    let mut child = env.command(engine, &["--", "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]).stdin(Stdio::null()).spawn().unwrap();
+    let mut child = env
+        .command(engine, &["--", "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
@@ -233,7 +261,10 @@ fn a_command_that_ignores_sigterm_cannot_hold_cvm() {
         // is filtered: its control thread, the event loop, the vCPUs, the disks' I/O.
         let vmm: Vec<u32> = processes_marked(&env.home.path().display().to_string())
             .into_iter()
-            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"))))
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .is_ok_and(|s| s.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")))
+            })
             .collect();
         assert_eq!(vmm.len(), 1, "[{engine}] one VMM process: {vmm:?}");
         let (filtered, unfiltered) = threads_by_filter(vmm[0]);
@@ -336,7 +367,24 @@ fn a_hostile_guest_escapes_nothing() {
     let engine = engine();
     let mount = format!("{}:/ro:ro", read_only.display());
     let mut child = env
-        .command(engine, &[arg(&project), "--mount", &mount, "--add-host", "allowed.test:127.0.0.1", "--allow", &format!("allowed.test:{allowed}"), "--share-quota", "64M", "--", "bash", "-c", &script])
+        .command(
+            engine,
+            &[
+                arg(&project),
+                "--mount",
+                &mount,
+                "--add-host",
+                "allowed.test:127.0.0.1",
+                "--allow",
+                &format!("allowed.test:{allowed}"),
+                "--share-quota",
+                "64M",
+                "--",
+                "bash",
+                "-c",
+                &script,
+            ],
+        )
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

@@ -62,7 +62,12 @@ fn image_ls_and_rm_manage_the_cache() {
     assert_eq!(cvm(&["image", "rm", "--all"]), "removed debian bbbb\n");
     assert!(!debian.join("bbbb").exists());
     // A missing named image says how to build it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["run", "--vmm", engine(), "--kernel", env!("CARGO_BIN_EXE_cvm"), "--", "true"]).env("XDG_CACHE_HOME", cache.path()).env_remove("CVM_DEBIAN_IMAGE").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["run", "--vmm", engine(), "--kernel", env!("CARGO_BIN_EXE_cvm"), "--", "true"])
+        .env("XDG_CACHE_HOME", cache.path())
+        .env_remove("CVM_DEBIAN_IMAGE")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("cvm image build debian"), "{}", text(&out.stderr));
 }
@@ -145,7 +150,11 @@ fn setup_makes_a_template_that_later_sessions_start_from_and_a_failed_setup_keep
     let out = env.run(engine, &[project, "--", "sh", "-c", &format!("{tool_check} >/dev/null && echo still")], b"");
     assert_eq!(text(&out.stdout), "still\n", "the old template is still used");
     let templates = env.home.path().join(".cache/cvm/templates");
-    let files: Vec<String> = std::fs::read_dir(templates).unwrap().flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap()).map(|f| f.unwrap().file_name().into_string().unwrap()).collect();
+    let files: Vec<String> = std::fs::read_dir(templates)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(!files.iter().any(|f| f.ends_with(".new")), "no half-made template: {files:?}");
 
     // cvm list, clean: asks first, and without a terminal only --yes agrees.

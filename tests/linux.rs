@@ -28,7 +28,20 @@ fn artifacts() -> Option<(PathBuf, PathBuf)> {
 
 fn cvm_boot(kernel: &Path, initrd: &Path, cpus: &str, append: &str) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_cvm"))
-        .args(["boot", "--kernel", arg(kernel), "--initrd", arg(initrd), "--cpus", cpus, "--memory", "256M", "--timings", "--append", append])
+        .args([
+            "boot",
+            "--kernel",
+            arg(kernel),
+            "--initrd",
+            arg(initrd),
+            "--cpus",
+            cpus,
+            "--memory",
+            "256M",
+            "--timings",
+            "--append",
+            append,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -124,8 +137,19 @@ fn linux_snapshotted_at_init_resumes_there() {
     };
     let append = "console=ttyS0 reboot=k panic=-1 retain_initrd quiet cvm.snapshot_test";
     let (stdout, stderr) = run(&[
-        "boot", "--kernel", arg(&kernel), "--initrd", arg(&initrd), "--cpus", "2", "--memory", "256M", "--append", append,
-        "--snapshot", arg(&snapshot),
+        "boot",
+        "--kernel",
+        arg(&kernel),
+        "--initrd",
+        arg(&initrd),
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--append",
+        append,
+        "--snapshot",
+        arg(&snapshot),
     ]);
     assert!(stdout.contains(SNAPSHOT_TEST_BEFORE), "{stdout}");
     assert!(stderr.contains("cvm: snapshot written to"), "{stderr}");

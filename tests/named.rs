@@ -26,7 +26,8 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     assert_eq!(bad.status.code(), Some(2), "[{engine}] a bad name is a usage error");
 
     let ps: serde_json::Value = serde_json::from_slice(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).unwrap();
-    let listed: Vec<(&str, &str)> = ps.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap())).collect();
+    let listed: Vec<(&str, &str)> =
+        ps.as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap())).collect();
     assert_eq!(listed, [("alpha", "running"), ("beta", "running")], "[{engine}] {ps}");
     assert_eq!(ps[0]["project"], project_str, "[{engine}]");
     // A value given with -e reaches the VM's commands, but not the daemon's argv, which every
@@ -82,7 +83,9 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
     // SAFETY (test): SIGTERM to the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + nested_scale(std::time::Duration::from_secs(30));
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
         assert!(std::time::Instant::now() < deadline, "[{engine}] the daemon of gamma is still running");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -92,7 +95,12 @@ fn two_named_vms_run_side_by_side_and_take_concurrent_execs() {
 #[test]
 fn a_vm_that_cannot_start_says_why_and_leaves_nothing() {
     let Some(env) = Env::new() else { return };
-    let out = env.cvm(&["start", "--name", "broken", "--vmm", engine(), "--kernel"]).arg(&env.kernel).args(["--image", "/nonexistent/image"]).output().unwrap();
+    let out = env
+        .cvm(&["start", "--name", "broken", "--vmm", engine(), "--kernel"])
+        .arg(&env.kernel)
+        .args(["--image", "/nonexistent/image"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("did not start") && text(&out.stderr).contains("/nonexistent/image"), "{}", text(&out.stderr));
     assert_eq!(text(&env.cvm(&["ps", "--json"]).output().unwrap().stdout).trim(), "[]");

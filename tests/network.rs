@@ -34,13 +34,22 @@ fn an_allowed_name_reaches_the_host_server_and_everything_else_is_refused_and_lo
     assert!(log.lines().any(|l| l.contains(&format!(" deny api.test:{port} ")) && l.contains("not on the allow list")), "[{engine}] {log}");
 
     // An address literal inside a private range, and the host's own loopback by address.
-    let out = env.run(engine, &["--", "sh", "-c", &format!("wget -q -O - http://10.1.2.3/ 2>&1; wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo done")], b"");
+    let out = env.run(
+        engine,
+        &["--", "sh", "-c", &format!("wget -q -O - http://10.1.2.3/ 2>&1; wget -q -O - http://127.0.0.1:{port}/ 2>&1; echo done")],
+        b"",
+    );
     assert_eq!(text(&out.stdout).matches("403").count(), 2, "[{engine}] {}", text(&out.stdout));
 
     let out = env.run(engine, &["--network", "none", "--add-host", "api.test:127.0.0.1", "--allow", &allow, "--", "sh", "-c", &fetch], b"");
     assert!(text(&out.stdout).contains("403"), "[{engine}] --network none: {}", text(&out.stdout));
     env.assert_clean();
-    let logs = std::process::Command::new(env!("CARGO_BIN_EXE_cvm")).args(["logs", "--network"]).env("HOME", env.home.path()).env_remove("XDG_STATE_HOME").output().unwrap();
+    let logs = std::process::Command::new(env!("CARGO_BIN_EXE_cvm"))
+        .args(["logs", "--network"])
+        .env("HOME", env.home.path())
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
     assert_eq!(text(&logs.stdout), std::fs::read_to_string(&audit).unwrap(), "cvm logs --network shows the audit log");
 }
 
@@ -97,12 +106,19 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     // Each host tool with a deadline, and without the test's pipes for a daemon it starts
     // (gpg starts gpg-agent) to keep: a hang names the command.
     let run = |cmd: &mut std::process::Command| {
-        let child = cmd.env("SSH_AUTH_SOCK", &sock).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let child = cmd
+            .env("SSH_AUTH_SOCK", &sock)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         let out = common::wait_output(child);
         assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
         text(&out.stdout)
     };
-    let mut agent = std::process::Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut agent =
+        std::process::Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(std::process::Stdio::null()).spawn().unwrap();
     let started = std::time::Instant::now();
     while !sock.exists() {
         assert!(started.elapsed() < common::deadline(), "ssh-agent made no socket");
@@ -117,11 +133,19 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     // The agent started first, with no pipe of the test's: gpg would start it holding one.
     let null = std::process::Stdio::null;
-    let launched = std::process::Command::new("gpgconf").args(["--launch", "gpg-agent"]).env("GNUPGHOME", &gnupg).stdin(null()).stdout(null()).stderr(null()).status().unwrap();
+    let launched = std::process::Command::new("gpgconf")
+        .args(["--launch", "gpg-agent"])
+        .env("GNUPGHOME", &gnupg)
+        .stdin(null())
+        .stdout(null())
+        .stderr(null())
+        .status()
+        .unwrap();
     assert!(launched.success(), "gpgconf --launch gpg-agent: {launched}");
     let gpg = |args: &[&str]| run(std::process::Command::new("gpg").args(["--batch", "--with-colons"]).args(args).env("GNUPGHOME", &gnupg));
     gpg(&["--passphrase", "", "--quick-gen-key", "cvm-test@example.com", "ed25519", "sign", "never"]);
-    let keygrip = gpg(&["--with-keygrip", "-K"]).lines().find_map(|l| l.strip_prefix("grp:::::::::")).unwrap().trim_end_matches(':').to_string();
+    let keygrip =
+        gpg(&["--with-keygrip", "-K"]).lines().find_map(|l| l.strip_prefix("grp:::::::::")).unwrap().trim_end_matches(':').to_string();
     let pubring = std::fs::metadata(gnupg.join("pubring.kbx")).unwrap().len();
     let engine = engine();
     // The issue's own example: curl, by name, through the proxy, to a host server; then
@@ -132,7 +156,10 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
          printf 'HAVEKEY {keygrip}\\n' | socat - UNIX-CONNECT:$GNUPGHOME/S.gpg-agent; wc -c < $GNUPGHOME/pubring.kbx"
     );
     let out = env
-        .command(engine, &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", &format!("api.test:{port}"), "--", "sh", "-c", &script])
+        .command(
+            engine,
+            &["-A", "--gpg", "--add-host", "api.test:127.0.0.1", "--allow", &format!("api.test:{port}"), "--", "sh", "-c", &script],
+        )
         .env("SSH_AUTH_SOCK", &sock)
         .env("GNUPGHOME", &gnupg)
         .stdin(std::process::Stdio::null())
@@ -142,7 +169,11 @@ fn the_guest_uses_the_hosts_ssh_and_gpg_agents_and_curl_goes_through_the_proxy()
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let (first, gpg_part) = stdout.split_once("\n/run/cvm/gnupg\n").unwrap_or_else(|| panic!("[{engine}] no GNUPGHOME: {stdout}"));
-    assert_eq!(first, format!("{host_list}hello from the host"), "[{engine}] the guest sees the host agent's key, and curl the host's page");
+    assert_eq!(
+        first,
+        format!("{host_list}hello from the host"),
+        "[{engine}] the guest sees the host agent's key, and curl the host's page"
+    );
     let gpg_lines: Vec<&str> = gpg_part.lines().collect();
     assert!(gpg_lines[0].starts_with("OK ") && gpg_lines[1] == "OK", "[{engine}] the host's gpg-agent holds the key: {gpg_part}");
     assert_eq!(gpg_lines[2], pubring.to_string(), "[{engine}] the public keyring reached the guest");
@@ -174,7 +205,11 @@ fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
         for mut conn in listener.incoming().flatten() {
             let mut head = [0u8; 1024];
             let n = conn.read(&mut head).unwrap_or(0);
-            let body: Vec<u8> = if head[..n].starts_with(b"GET /big ") { (0..4u32 << 20).map(|i| (i % 253) as u8).collect() } else { b"raw network".to_vec() };
+            let body: Vec<u8> = if head[..n].starts_with(b"GET /big ") {
+                (0..4u32 << 20).map(|i| (i % 253) as u8).collect()
+            } else {
+                b"raw network".to_vec()
+            };
             let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = conn.write_all(&body);
         }
@@ -193,7 +228,11 @@ fn an_open_network_reaches_the_host_by_its_address_but_not_its_loopback() {
     let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
     // The host's sha256sum of the same bytes.
     let digest = {
-        let mut child = std::process::Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         child.stdin.take().unwrap().write_all(&big).unwrap();
         text(&child.wait_with_output().unwrap().stdout).split(' ').next().unwrap().to_string()
     };
@@ -243,7 +282,13 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
     let config = env.home.path().join(".cvm.toml");
     std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\nenv = \"CVM_TEST_API_TOKEN\"\nbody = true\n").unwrap();
     let shown = env.cvm(&["config", "show"]).output().unwrap();
-    assert!(text(&shown.stdout).lines().any(|l| l.starts_with("secrets.proxied.API_TOKEN") && l.contains("placeholder") && l.contains("secret.test")), "{}", text(&shown.stdout));
+    assert!(
+        text(&shown.stdout)
+            .lines()
+            .any(|l| l.starts_with("secrets.proxied.API_TOKEN") && l.contains("placeholder") && l.contains("secret.test")),
+        "{}",
+        text(&shown.stdout)
+    );
 
     // The guest looks for the value's fixed part only (the whole value is never in its
     // hands), in a control file first.
@@ -257,35 +302,80 @@ fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the
          echo $P > /tmp/control; echo leaks: $(grep -rls \"$P\" /etc /run /home /tmp /root /var/tmp /proc/[0-9]*/environ 2>/dev/null)"
     );
     let project_arg = project.path().to_str().unwrap();
-    let (allow_secret, allow_other, allow_other_http) = (format!("secret.test:{port}"), format!("other.test:{port}"), format!("other.test:{http}"));
-    let hosts = ["--add-host", "secret.test:127.0.0.1", "--add-host", "other.test:127.0.0.1", "--allow", &allow_secret, "--allow", &allow_other, "--allow", &allow_other_http];
+    let (allow_secret, allow_other, allow_other_http) =
+        (format!("secret.test:{port}"), format!("other.test:{port}"), format!("other.test:{http}"));
+    let hosts = [
+        "--add-host",
+        "secret.test:127.0.0.1",
+        "--add-host",
+        "other.test:127.0.0.1",
+        "--allow",
+        &allow_secret,
+        "--allow",
+        &allow_other,
+        "--allow",
+        &allow_other_http,
+    ];
     let mut args = vec![project_arg, "-v"];
     args.extend(hosts);
     args.extend(["--", "sh", "-c", &script]);
-    let child = env.command(engine, &args).env("CVM_TEST_API_TOKEN", &value).env("SSL_CERT_FILE", &host_ca).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let child = env
+        .command(engine, &args)
+        .env("CVM_TEST_API_TOKEN", &value)
+        .env("SSL_CERT_FILE", &host_ca)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let out = common::wait_output(child);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "[{engine}] {stdout}\n{stderr}");
     assert!(stdout.contains("token=cvm-placeholder-") && stdout.contains(" ca=/run/cvm/proxy-ca.pem\n"), "[{engine}] {stdout}");
-    for expected in ["ok\nswapped 0\n", "pinned 60\n", "ok\ntunneled 0\n", "plain to its host 403\n", "plain plain 0\n", "leaks: /tmp/control\n"] {
+    for expected in
+        ["ok\nswapped 0\n", "pinned 60\n", "ok\ntunneled 0\n", "plain to its host 403\n", "plain plain 0\n", "leaks: /tmp/control\n"]
+    {
         assert!(stdout.contains(expected), "[{engine}] {expected:?} in:\n{stdout}\n{stderr}");
     }
-    assert!(!stdout.contains(&value) && !stderr.contains(&value), "[{engine}] the value was in the guest's output or the console: {stdout}\n{stderr}");
+    assert!(
+        !stdout.contains(&value) && !stderr.contains(&value),
+        "[{engine}] the value was in the guest's output or the console: {stdout}\n{stderr}"
+    );
     let seen = https.seen();
     let one = seen.iter().find(|r| r.head.starts_with("POST /one ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
-    assert!(one.head.contains(&format!("Authorization: Bearer {value}\r\n")) && one.body == format!("token={value}") && one.offered_alpn == ["http/1.1"], "[{engine}] swapped, by the proxy's client: {one:?}");
+    assert!(
+        one.head.contains(&format!("Authorization: Bearer {value}\r\n"))
+            && one.body == format!("token={value}")
+            && one.offered_alpn == ["http/1.1"],
+        "[{engine}] swapped, by the proxy's client: {one:?}"
+    );
     let two = seen.iter().find(|r| r.head.starts_with("GET /two ")).unwrap_or_else(|| panic!("[{engine}] {seen:?}"));
-    assert!(two.head.contains("Authorization: Bearer cvm-placeholder-") && two.offered_alpn.iter().any(|p| p == "h2"), "[{engine}] tunneled, the guest's curl: {two:?}");
+    assert!(
+        two.head.contains("Authorization: Bearer cvm-placeholder-") && two.offered_alpn.iter().any(|p| p == "h2"),
+        "[{engine}] tunneled, the guest's curl: {two:?}"
+    );
     let audit = std::fs::read_to_string(env.home.path().join(".local/state/cvm/network.log")).unwrap();
-    for expected in [format!(" swap secret.test:{port} API_TOKEN in Authorization"), format!(" swap secret.test:{port} API_TOKEN in the body"), format!(" placeholder other.test:{http} API_TOKEN's placeholder sent in plain HTTP"), format!(" deny secret.test:{port} plain HTTP")] {
+    for expected in [
+        format!(" swap secret.test:{port} API_TOKEN in Authorization"),
+        format!(" swap secret.test:{port} API_TOKEN in the body"),
+        format!(" placeholder other.test:{http} API_TOKEN's placeholder sent in plain HTTP"),
+        format!(" deny secret.test:{port} plain HTTP"),
+    ] {
         assert!(audit.contains(&expected), "[{engine}] {expected:?} in:\n{audit}");
     }
     assert!(!audit.contains(&value), "[{engine}] {audit}");
 
     // A source that fails stops the session before the VM starts, saying which and why.
-    std::fs::write(&config, "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\ncommand = [\"sh\", \"-c\", \"echo no login >&2; exit 4\"]\n").unwrap();
+    std::fs::write(
+        &config,
+        "[secrets.proxied.API_TOKEN]\nhosts = [\"secret.test\"]\ncommand = [\"sh\", \"-c\", \"echo no login >&2; exit 4\"]\n",
+    )
+    .unwrap();
     let out = common::wait_output(env.command(engine, &[project_arg, "--", "true"]).stdin(std::process::Stdio::null()).spawn().unwrap());
     let stderr = text(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("secret API_TOKEN: command `sh -c echo no login >&2; exit 4`") && stderr.contains("no login"), "[{engine}] {stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("secret API_TOKEN: command `sh -c echo no login >&2; exit 4`")
+            && stderr.contains("no login"),
+        "[{engine}] {stderr}"
+    );
     env.assert_clean();
 }

@@ -56,7 +56,11 @@ fn auto_picks_the_engine_this_host_can_run_and_says_why() {
         // No KVM device at all: QEMU still runs the session.
         let out = wait_output(env.command("auto", &["--", "true"]).env("CVM_KVM_DEVICE", "/nonexistent").spawn().unwrap());
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-        assert!(text(&out.stderr).starts_with("cvm: using QEMU, since cvm's VMM cannot run here: /nonexistent does not exist"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).starts_with("cvm: using QEMU, since cvm's VMM cannot run here: /nonexistent does not exist"),
+            "{}",
+            text(&out.stderr)
+        );
     }
     env.assert_clean();
 }
@@ -134,7 +138,11 @@ fn sigkill_of_cvm_leaves_nothing_running() {
     child.wait().unwrap();
     let deadline = Instant::now() + nested_scale(Duration::from_secs(10));
     while helpers.iter().any(|&p| running(p)) {
-        assert!(Instant::now() < deadline, "still running after cvm was killed: {:?}", helpers.iter().filter(|&&p| running(p)).collect::<Vec<_>>());
+        assert!(
+            Instant::now() < deadline,
+            "still running after cvm was killed: {:?}",
+            helpers.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     env.assert_clean();
@@ -158,23 +166,42 @@ fn a_guest_kernel_panic_is_reported_with_the_console() {
 #[test]
 fn bad_input_gets_a_clear_error() {
     let Some(env) = Env::new() else { return };
-    let no_kernel = Env { kernel: "/no/such/kernel".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
+    let no_kernel = Env {
+        kernel: "/no/such/kernel".into(),
+        image: env.image.clone(),
+        runtime: tempfile::tempdir().unwrap(),
+        home: tempfile::tempdir().unwrap(),
+    };
     let out = no_kernel.run(engine(), &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/kernel"), "{}", text(&out.stderr));
 
-    let no_image = Env { kernel: env.kernel.clone(), image: "/no/such/image".into(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
+    let no_image = Env {
+        kernel: env.kernel.clone(),
+        image: "/no/such/image".into(),
+        runtime: tempfile::tempdir().unwrap(),
+        home: tempfile::tempdir().unwrap(),
+    };
     let out = no_image.run(engine(), &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("/no/such/image"), "{}", text(&out.stderr));
 
     // Refused before either engine starts, at once and with the reason (the QEMU engine used
     // to sit out the agent's 60 s, or end in QEMU's own words).
-    let not_a_kernel = Env { kernel: "/etc/passwd".into(), image: env.image.clone(), runtime: tempfile::tempdir().unwrap(), home: tempfile::tempdir().unwrap() };
+    let not_a_kernel = Env {
+        kernel: "/etc/passwd".into(),
+        image: env.image.clone(),
+        runtime: tempfile::tempdir().unwrap(),
+        home: tempfile::tempdir().unwrap(),
+    };
     let started = Instant::now();
     let out = not_a_kernel.run(engine(), &["--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("/etc/passwd") && text(&out.stderr).contains("neither an ELF vmlinux nor a bzImage"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/etc/passwd") && text(&out.stderr).contains("neither an ELF vmlinux nor a bzImage"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = env.run(engine(), &["--memory", "1T", "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("more than this host's"), "{}", text(&out.stderr));

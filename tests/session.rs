@@ -57,11 +57,15 @@ fn forks() -> Vec<String> {
     let me = std::process::id().to_string();
     let exe = std::fs::read_link("/proc/self/exe").unwrap();
     let marker = marker();
-    let marked = |dir: &Path| std::fs::read(dir.join("environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()));
+    let marked =
+        |dir: &Path| std::fs::read(dir.join("environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == marker.as_bytes()));
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
-        if pid != me && pid.bytes().all(|b| b.is_ascii_digit()) && (std::fs::read_link(entry.path().join("exe")).is_ok_and(|e| e == exe) || marked(&entry.path())) {
+        if pid != me
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && (std::fs::read_link(entry.path().join("exe")).is_ok_and(|e| e == exe) || marked(&entry.path()))
+        {
             found.push(pid);
         }
     }
@@ -118,7 +122,9 @@ fn a_session_that_fails_or_is_dropped_leaves_no_thread_process_or_file() {
     // The VM cannot start: the kernel is not one.
     let not_a_kernel = project.path().join("not-a-kernel");
     std::fs::write(&not_a_kernel, vec![0x5a; 64 << 10]).unwrap();
-    let error = Session::start(&SessionConfig { kernel: not_a_kernel, ..config.clone() }, None).err().expect("a session on a file that is not a kernel started");
+    let error = Session::start(&SessionConfig { kernel: not_a_kernel, ..config.clone() }, None)
+        .err()
+        .expect("a session on a file that is not a kernel started");
     eprintln!("not a kernel: {error:#}");
     assert_nothing_left("a VM that could not start", &baseline, runtime.path());
 
@@ -132,7 +138,11 @@ fn a_session_that_fails_or_is_dropped_leaves_no_thread_process_or_file() {
     eprintln!("running: started in {:?}", session.timings);
     assert!(!children().is_empty(), "a session with a share runs its fs backend as a process");
     if engine == Engine::Cvm {
-        assert!(forks().len() >= 2, "cvm's VMM runs in a process of its own, with a helper for the kernel's side of the VM's end: {:?}", forks());
+        assert!(
+            forks().len() >= 2,
+            "cvm's VMM runs in a process of its own, with a helper for the kernel's side of the VM's end: {:?}",
+            forks()
+        );
     }
     assert!(!files(runtime.path()).is_empty(), "a running session has its directory");
     drop(session);

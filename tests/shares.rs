@@ -53,7 +53,8 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
     std::fs::write(claude.join("settings.json"), "{\"theme\":\"dark\"}").unwrap();
     std::fs::write(claude.join(".credentials.json"), "{\"token\":\"old\"}").unwrap();
     std::fs::create_dir_all(claude.join("skills/mine")).unwrap();
-    let state = format!(r#"{{"hasCompletedOnboarding":true,"projects":{{"{}":{{"allowedTools":[]}},"/other-secret":{{}}}}}}"#, dir.display());
+    let state =
+        format!(r#"{{"hasCompletedOnboarding":true,"projects":{{"{}":{{"allowedTools":[]}},"/other-secret":{{}}}}}}"#, dir.display());
     std::fs::write(env.home.path().join(".claude.json"), &state).unwrap();
     let script = "cd ~/.claude; ls -A; ls projects; cat settings.json; echo; \
                   test -e history.jsonl && echo LEAK; \
@@ -68,7 +69,11 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
     assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
     // CLAUDE.md is the guest's own, with the context block the runtime prologue wrote.
-    assert_eq!(lines[..5], [".credentials.json", "CLAUDE.md", "projects", "settings.json", "skills"], "[{engine}] what ~/.claude shows: {stdout}");
+    assert_eq!(
+        lines[..5],
+        [".credentials.json", "CLAUDE.md", "projects", "settings.json", "skills"],
+        "[{engine}] what ~/.claude shows: {stdout}"
+    );
     assert_eq!(lines[5], folder.file_name().unwrap().to_str().unwrap(), "[{engine}] only this project's folder: {stdout}");
     assert_eq!(lines[6], "{\"theme\":\"dark\"}", "[{engine}]");
     assert!(!stdout.contains("LEAK"), "[{engine}] history.jsonl is visible");
@@ -78,11 +83,25 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
     assert_eq!(std::fs::read_to_string(claude.join(".credentials.json")).unwrap(), "{\"token\":\"refreshed\"}\n", "[{engine}]");
     assert_eq!(std::fs::read_to_string(folder.join("session.jsonl")).unwrap(), "turn\n", "[{engine}]");
     assert_eq!(std::fs::read_to_string(claude.join("settings.json")).unwrap(), "{\"theme\":\"dark\"}", "[{engine}]");
-    assert!(!claude.join("debug.log").exists() && !claude.join("todos").exists() && !claude.join("CLAUDE.md").exists(), "[{engine}] guest writes stayed in the guest");
+    assert!(
+        !claude.join("debug.log").exists() && !claude.join("todos").exists() && !claude.join("CLAUDE.md").exists(),
+        "[{engine}] guest writes stayed in the guest"
+    );
     std::fs::remove_file(folder.join("session.jsonl")).unwrap();
 
     // Without the conversation folder, the guest's conversation stays in the guest.
-    let out = env.run(engine, &[arg(&dir), "--no-conversations", "--", "sh", "-c", "ls ~/.claude/projects 2>/dev/null | wc -l; mkdir -p ~/.claude/projects/x; echo t > ~/.claude/projects/x/s"], b"");
+    let out = env.run(
+        engine,
+        &[
+            arg(&dir),
+            "--no-conversations",
+            "--",
+            "sh",
+            "-c",
+            "ls ~/.claude/projects 2>/dev/null | wc -l; mkdir -p ~/.claude/projects/x; echo t > ~/.claude/projects/x/s",
+        ],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(0), "[{engine}] {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "0", "[{engine}]");
     assert!(!claude.join("projects/x").exists(), "[{engine}]");
@@ -98,7 +117,20 @@ fn mounts_are_shared_read_only_when_asked_and_bad_ones_are_refused() {
     let ro = format!("{}:/mnt/data:ro", data.display());
     let rw = format!("{}:/mnt/rw", data.display());
     let engine = engine();
-    let out = env.run(engine, &["--mount", &ro, "--mount", &rw, "--", "sh", "-c", "cat /mnt/data/in.txt; echo x > /mnt/data/new; echo status $?; echo w > /mnt/rw/new"], b"");
+    let out = env.run(
+        engine,
+        &[
+            "--mount",
+            &ro,
+            "--mount",
+            &rw,
+            "--",
+            "sh",
+            "-c",
+            "cat /mnt/data/in.txt; echo x > /mnt/data/new; echo status $?; echo w > /mnt/rw/new",
+        ],
+        b"",
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
     assert_eq!(stdout, "data\nstatus 1\n", "[{engine}]");
@@ -120,7 +152,11 @@ fn mounts_are_shared_read_only_when_asked_and_bad_ones_are_refused() {
     let unmountable = format!("{}:/proc/cvm-test", data.display());
     let out = env.run(engine, &["--mount", &unmountable, "--", "true"], b"");
     assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("could not set up its shares") && text(&out.stderr).contains("/proc/cvm-test"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("could not set up its shares") && text(&out.stderr).contains("/proc/cvm-test"),
+        "{}",
+        text(&out.stderr)
+    );
     // Two host directories at one guest path (the same mount given twice is only one).
     let (first, second) = (format!("{}:/mnt/x", data.display()), format!("{}:/mnt/x", env.home.path().display()));
     let out = env.run(engine, &["--mount", &first, "--mount", &second, "--", "true"], b"");
@@ -197,7 +233,11 @@ fn a_worktree_gets_its_main_git_dir_with_hooks_and_config_read_only() {
 fn runtime_scripts_prepare_the_shell_and_claude_md_says_where_claude_is() {
     let Some(env) = Env::new() else { return };
     let dir = project(&env);
-    std::fs::write(dir.join(".cvm.runtime.sh"), "export GREETING=hello\nmkdir -p ~/.cvm/context\necho 'Build with make.' > ~/.cvm/context/build.txt\n").unwrap();
+    std::fs::write(
+        dir.join(".cvm.runtime.sh"),
+        "export GREETING=hello\nmkdir -p ~/.cvm/context\necho 'Build with make.' > ~/.cvm/context/build.txt\n",
+    )
+    .unwrap();
     let claude = env.home.path().join(".claude");
     std::fs::create_dir_all(&claude).unwrap();
     std::fs::write(claude.join("CLAUDE.md"), "My own rules.\n").unwrap();
@@ -206,12 +246,17 @@ fn runtime_scripts_prepare_the_shell_and_claude_md_says_where_claude_is() {
     let failing = env.home.path().join("failing.sh");
     std::fs::write(&failing, "echo about to fail\nfalse\necho not reached\n").unwrap();
     let engine = engine();
-    let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&extra), "--", "sh", "-c", "echo $SECOND; cat ~/.claude/CLAUDE.md"], b"");
+    let out =
+        env.run(engine, &[arg(&dir), "--runtime-script", arg(&extra), "--", "sh", "-c", "echo $SECOND; cat ~/.claude/CLAUDE.md"], b"");
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "[{engine}] {stdout} {}", text(&out.stderr));
     assert!(stdout.starts_with("hello again\nMy own rules.\n<!-- cvm:begin -->\n"), "[{engine}] {stdout}");
     assert!(stdout.contains(arg(&dir)) && stdout.contains("Build with make.\n<!-- cvm:end -->"), "[{engine}] {stdout}");
-    assert_eq!(std::fs::read_to_string(claude.join("CLAUDE.md")).unwrap(), "My own rules.\n", "[{engine}] the host's CLAUDE.md is untouched");
+    assert_eq!(
+        std::fs::read_to_string(claude.join("CLAUDE.md")).unwrap(),
+        "My own rules.\n",
+        "[{engine}] the host's CLAUDE.md is untouched"
+    );
 
     // A failing runtime script stops the run with its status; the command never runs.
     let out = env.run(engine, &[arg(&dir), "--runtime-script", arg(&failing), "--", "sh", "-c", "echo COMMAND RAN"], b"");
@@ -243,7 +288,20 @@ fn bench_fs_in_vm_measures_the_share_against_virtiofsd_and_the_guests_tmpfs_in_o
     std::fs::create_dir(&work).unwrap();
     let sizes = ["--size", "4M", "--random-reads", "200", "--files", "50", "--tree", "300", "--git-files", "200", "--rounds", "1"];
     let out = env
-        .cvm(&["bench", "fs", "--in-vm", "--json", "--vmm", engine(), "--kernel", arg(&env.kernel), "--virtiofsd", &virtiofsd, "--dir", arg(&work)])
+        .cvm(&[
+            "bench",
+            "fs",
+            "--in-vm",
+            "--json",
+            "--vmm",
+            engine(),
+            "--kernel",
+            arg(&env.kernel),
+            "--virtiofsd",
+            &virtiofsd,
+            "--dir",
+            arg(&work),
+        ])
         .args(sizes)
         .env("CVM_DEBIAN_IMAGE", &env.image)
         .output()
@@ -261,7 +319,12 @@ fn bench_fs_in_vm_measures_the_share_against_virtiofsd_and_the_guests_tmpfs_in_o
     let rows = tables[0]["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["workload"].as_str().unwrap()).collect();
     assert_eq!(names.len(), 8, "{names:?}");
-    assert!(names.contains(&"git checkout of the project") && names.contains(&"git status") && names.iter().any(|n| n.starts_with("compile-like")), "{names:?}");
+    assert!(
+        names.contains(&"git checkout of the project")
+            && names.contains(&"git status")
+            && names.iter().any(|n| n.starts_with("compile-like")),
+        "{names:?}"
+    );
     for row in rows {
         for target in ["guest tmpfs", "cvm backend", "virtiofsd"] {
             let value = row["medians"][target].as_f64().unwrap_or(0.0);

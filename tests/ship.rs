@@ -28,7 +28,10 @@ fn built() -> Option<Built> {
     match (var("CVM_TEST_DEB"), var("CVM_TEST_OCI"), var("CVM_TEST_DEBIAN_OCI")) {
         (Some(deb), Some(image), Some(clean_debian)) => Some(Built { deb: deb.into(), image, clean_debian }),
         _ => {
-            assert!(std::env::var("CVM_REQUIRE_SHIP").as_deref() != Ok("1"), "CVM_REQUIRE_SHIP=1 but CVM_TEST_DEB, CVM_TEST_OCI or CVM_TEST_DEBIAN_OCI is unset");
+            assert!(
+                std::env::var("CVM_REQUIRE_SHIP").as_deref() != Ok("1"),
+                "CVM_REQUIRE_SHIP=1 but CVM_TEST_DEB, CVM_TEST_OCI or CVM_TEST_DEBIAN_OCI is unset"
+            );
             eprintln!("skipped: no CVM_TEST_DEB, CVM_TEST_OCI and CVM_TEST_DEBIAN_OCI (scripts/test builds them)");
             None
         }
@@ -123,10 +126,29 @@ impl Containers {
             Kind::Podman => format!("containers-storage:[overlay@{}+{}]{name}", storage.display(), self.dir.path().join("run").display()),
             Kind::Docker => format!("docker-archive:{}:{name}", archive.display()),
         };
-        let copy = wait_output_within(Command::new("skopeo").args(["copy", "--quiet", reference, &target]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), deadline());
+        let copy = wait_output_within(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", reference, &target])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            deadline(),
+        );
         assert!(copy.status.success(), "skopeo copy {reference}: {}", text(&copy.stderr));
         if self.kind == Kind::Docker {
-            let load = wait_output_within(self.cli().arg("load").arg("--quiet").arg("--input").arg(&archive).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), deadline());
+            let load = wait_output_within(
+                self.cli()
+                    .arg("load")
+                    .arg("--quiet")
+                    .arg("--input")
+                    .arg(&archive)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+                deadline(),
+            );
             assert!(load.status.success(), "docker load: {}", text(&load.stderr));
             std::fs::remove_file(&archive).unwrap();
         }
@@ -220,7 +242,12 @@ fn image_checks(engine: &Containers, secure: &[&str]) {
     let out = run(with(&[IMAGE, "doctor"]));
     let report = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "[{kind:?}] doctor: {report}{}", text(&out.stderr));
-    for line in ["ok    guest kernel         /usr/lib/cvm/vmlinux", "ok    debian image         /usr/lib/cvm/debian.erofs", "ok    minimal image        /usr/lib/cvm/minimal.cpio", "ok    VMM jail"] {
+    for line in [
+        "ok    guest kernel         /usr/lib/cvm/vmlinux",
+        "ok    debian image         /usr/lib/cvm/debian.erofs",
+        "ok    minimal image        /usr/lib/cvm/minimal.cpio",
+        "ok    VMM jail",
+    ] {
         assert!(report.contains(line), "[{kind:?}] doctor lacks {line:?}: {report}");
     }
 
@@ -233,7 +260,8 @@ fn image_checks(engine: &Containers, secure: &[&str]) {
 
     // A session on the Debian image with the project bind-mounted: the file lands on the host,
     // the status comes back.
-    let out = run(with(&["--volume", &volume, IMAGE, "run", ".", "--", "sh", "-c", "grep -q bookworm /etc/os-release && echo x > f; exit 3"]));
+    let out =
+        run(with(&["--volume", &volume, IMAGE, "run", ".", "--", "sh", "-c", "grep -q bookworm /etc/os-release && echo x > f; exit 3"]));
     assert_eq!(out.status.code(), Some(3), "[{kind:?}] run: {}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(project.path().join("f")).unwrap(), "x\n", "[{kind:?}] the guest's file on the host");
 
@@ -248,7 +276,10 @@ fn image_checks(engine: &Containers, secure: &[&str]) {
         let mut container = engine.run_command(&args).spawn().unwrap();
         let started = Instant::now();
         // Running once QEMU (the engine here) or cvm's VMM runs under the container.
-        while !processes_marked(&engine.marker).into_iter().any(|pid| describe(pid).contains("qemu-system") || describe(pid).contains("__vmm")) {
+        while !processes_marked(&engine.marker)
+            .into_iter()
+            .any(|pid| describe(pid).contains("qemu-system") || describe(pid).contains("__vmm"))
+        {
             assert!(container.try_wait().unwrap().is_none(), "[{kind:?}] the session ended before its VM ran");
             assert!(started.elapsed() < deadline(), "[{kind:?}] no VM within {:?}", deadline());
             std::thread::sleep(Duration::from_millis(100));
@@ -261,16 +292,33 @@ fn image_checks(engine: &Containers, secure: &[&str]) {
 
     // Named by doctor with its fix: no /dev/kvm given at all.
     let out = run([secure, &["--user", "root", IMAGE, "doctor"]].concat().iter().map(|s| s.to_string()).collect());
-    assert!(text(&out.stdout).contains("/dev/kvm is not in this container: start it with --device /dev/kvm"), "[{kind:?}] doctor without /dev/kvm: {}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("/dev/kvm is not in this container: start it with --device /dev/kvm"),
+        "[{kind:?}] doctor without /dev/kvm: {}",
+        text(&out.stdout)
+    );
     // Refused, each in one line, never a hang: /dev/kvm bind-mounted without the device rule.
-    let out = run([secure, &["--volume", "/dev/kvm:/dev/kvm", "--user", "root", "--volume", &guest, IMAGE, "boot", "--kernel", "/guest.elf"]].concat().iter().map(|s| s.to_string()).collect());
-    assert!(!out.status.success() && text(&out.stderr).contains("EPERM: the device cgroup refuses it): pass it with --device /dev/kvm"), "[{kind:?}] bind-mounted /dev/kvm: {}", text(&out.stderr));
+    let out =
+        run([secure, &["--volume", "/dev/kvm:/dev/kvm", "--user", "root", "--volume", &guest, IMAGE, "boot", "--kernel", "/guest.elf"]]
+            .concat()
+            .iter()
+            .map(|s| s.to_string())
+            .collect());
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("EPERM: the device cgroup refuses it): pass it with --device /dev/kvm"),
+        "[{kind:?}] bind-mounted /dev/kvm: {}",
+        text(&out.stderr)
+    );
     // The image's own user, where /dev/kvm is not open to others (root's only here, or a kvm
     // group the container's user is not in).
     let mode = std::fs::metadata("/dev/kvm").map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap_or(0);
     if mode & 0o006 != 0o006 {
         let out = run([secure, &["--device", "/dev/kvm", IMAGE, "doctor"]].concat().iter().map(|s| s.to_string()).collect());
-        assert!(text(&out.stdout).contains("permission denied opening /dev/kvm in this container: start it with --group-add"), "[{kind:?}] doctor as the image's user: {}", text(&out.stdout));
+        assert!(
+            text(&out.stdout).contains("permission denied opening /dev/kvm in this container: start it with --group-add"),
+            "[{kind:?}] doctor as the image's user: {}",
+            text(&out.stdout)
+        );
     }
 }
 
@@ -292,9 +340,15 @@ fn the_image_runs_under_docker_with_the_seccomp_profile() {
     // docker's default profile refuses user namespaces: doctor names the profile, and cvm's VMM
     // refuses to start in one line.
     let out = docker.run(&["--device", "/dev/kvm", "--user", "root", IMAGE, "doctor"], deadline());
-    assert!(text(&out.stdout).contains("fix: run the container with a seccomp profile that allows them: --security-opt seccomp=deploy/seccomp.json"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout)
+            .contains("fix: run the container with a seccomp profile that allows them: --security-opt seccomp=deploy/seccomp.json"),
+        "{}",
+        text(&out.stdout)
+    );
     let guest = format!("{}:/guest.elf:ro", hello_guest().display());
-    let out = docker.run(&["--device", "/dev/kvm", "--user", "root", "--volume", &guest, IMAGE, "boot", "--kernel", "/guest.elf"], deadline());
+    let out =
+        docker.run(&["--device", "/dev/kvm", "--user", "root", "--volume", &guest, IMAGE, "boot", "--kernel", "/guest.elf"], deadline());
     assert!(!out.status.success() && text(&out.stderr).contains("seccomp profile"), "{}", text(&out.stderr));
 }
 
@@ -311,7 +365,10 @@ fn the_deb_installs_in_a_clean_debian_container() {
     let script = "set -e; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends /tmp/cvm.deb qemu-system-x86 >/dev/null; \
                   test -f /usr/share/man/man1/cvm-run.1.gz; test -f /usr/share/bash-completion/completions/cvm; \
                   cvm doctor || true; cd /work && cvm run --vmm auto --image minimal . -- sh -c 'echo from-the-guest; exit 7'";
-    let out = podman.run(&["--network", "host", "--device", "/dev/kvm", "--volume", &deb, "--volume", &volume, CLEAN_DEBIAN, "sh", "-c", script], download_deadline());
+    let out = podman.run(
+        &["--network", "host", "--device", "/dev/kvm", "--volume", &deb, "--volume", &volume, CLEAN_DEBIAN, "sh", "-c", script],
+        download_deadline(),
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(7), "stdout: {stdout}\nstderr: {stderr}");
     for line in ["ok    guest kernel         /usr/lib/cvm/vmlinux", "ok    minimal image        /usr/lib/cvm/minimal.cpio", "ok    passt"] {

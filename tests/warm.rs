@@ -48,7 +48,8 @@ fn a_second_session_restores_the_first_ones_guest() {
     std::fs::write(project.path().join("hello.txt"), "hello from the host\n").unwrap();
     let marker = format!("marker-{}-{:?}", std::process::id(), std::time::SystemTime::now());
 
-    let (stdout, stderr) = ok(&run(&env, project.path(), &["--env", &format!("MARKER={marker}"), "--", "sh", "-c", "cat hello.txt; echo $MARKER"]));
+    let (stdout, stderr) =
+        ok(&run(&env, project.path(), &["--env", &format!("MARKER={marker}"), "--", "sh", "-c", "cat hello.txt; echo $MARKER"]));
     assert!(stdout.contains("hello from the host") && stdout.contains(&marker), "{stdout}");
     assert!(!stderr.contains(RESTORED), "the first session boots: {stderr}");
     if engine() != "cvm" {

@@ -146,7 +146,10 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
         let reference_socket = work.join("virtiofsd.sock");
         let _ = std::fs::remove_file(&reference_socket);
         let reference = Virtiofsd::start(&args.virtiofsd, &reference_socket, share, Some((user.uid, user.gid)))?;
-        let external = reference.iter().map(|_| ExternalShare { socket: reference_socket.clone(), tag: "virtiofsd".into(), guest_path: REFERENCE_GUEST_PATH.into() }).collect();
+        let external = reference
+            .iter()
+            .map(|_| ExternalShare { socket: reference_socket.clone(), tag: "virtiofsd".into(), guest_path: REFERENCE_GUEST_PATH.into() })
+            .collect();
         let config = SessionConfig {
             debug: tracing::enabled!(tracing::Level::INFO),
             shares: ShareRequest { project: Some(share.to_path_buf()), external, ..ShareRequest::default() },
@@ -176,7 +179,9 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
         drop(reference);
         match outcome? {
             cvm::exec::Outcome::Exited(status) if status.shell_code() == 0 => {}
-            other => bail!("the workloads failed in the guest on {label}: {other:?}{}", ended.map(|e| format!(" ({e})")).unwrap_or_default()),
+            other => {
+                bail!("the workloads failed in the guest on {label}: {other:?}{}", ended.map(|e| format!(" ({e})")).unwrap_or_default())
+            }
         }
         let results = std::fs::read_to_string(share.join(RESULTS)).context("the guest wrote no results")?;
         tables.push(table(args, host, &label, &results)?);
@@ -194,7 +199,10 @@ fn table(args: &FsBench, host: &crate::bench::HostFacts, label: &str, results: &
             _ => bail!("unexpected line from the guest: {line:?}"),
         }
     }
-    let targets: Vec<(&str, &str)> = [("tmpfs", "guest tmpfs"), ("cvm", CVM), ("virtiofsd", VIRTIOFSD)].into_iter().filter(|(key, _)| samples.keys().any(|(t, _)| t == key)).collect();
+    let targets: Vec<(&str, &str)> = [("tmpfs", "guest tmpfs"), ("cvm", CVM), ("virtiofsd", VIRTIOFSD)]
+        .into_iter()
+        .filter(|(key, _)| samples.keys().any(|(t, _)| t == key))
+        .collect();
     let keys = Workload::ALL.iter().map(|w| (w.key(), w.name(), w.unit())).chain(GIT_ROWS);
     let mut rows = Vec::new();
     for (key, name, unit) in keys {
@@ -241,7 +249,11 @@ mod tests {
         assert!(table.title.contains("QEMU under TCG") && table.title.contains("median of 3 rounds"), "{}", table.title);
         for row in &table.rows {
             assert_eq!(row.medians(), [80.0, 40.0, 20.0], "{}", row.workload);
-            assert_eq!(row.results.iter().map(|r| r.range).collect::<Vec<_>>(), [1.0, 1.0, 1.0], "fastest 3x, slowest 1x the base, median 2x");
+            assert_eq!(
+                row.results.iter().map(|r| r.range).collect::<Vec<_>>(),
+                [1.0, 1.0, 1.0],
+                "fastest 3x, slowest 1x the base, median 2x"
+            );
             assert_eq!(table.ratios(&row.medians()), (0.5, Some(2.0)));
         }
         assert_eq!(table.rows[5].workload, "git checkout of the project");

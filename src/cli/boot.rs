@@ -42,7 +42,8 @@ pub(crate) struct BootArgs {
 pub(crate) fn start_vsock(path: &std::path::Path, config: &mut VmConfig) -> anyhow::Result<cvm_backends::vsock::VsockServer> {
     use anyhow::Context;
     let vhost_socket = PathBuf::from(format!("{}.vhost", path.display()));
-    let listener = std::os::unix::net::UnixListener::bind(&vhost_socket).with_context(|| format!("cannot create {}", vhost_socket.display()))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(&vhost_socket).with_context(|| format!("cannot create {}", vhost_socket.display()))?;
     let server = cvm_backends::vsock::VsockServer::start(cvm::session::GUEST_CID, path, listener)
         .with_context(|| format!("cannot serve vsock on {}", path.display()))?;
     config.vhost_user.push(cvm_vmm::VhostUserConfig { socket: vhost_socket, kind: cvm_vmm::VhostUserKind::Vsock });
@@ -72,15 +73,16 @@ pub(crate) fn boot(args: &BootArgs, started: Instant) -> ExitCode {
         None => None,
     };
     // In the VMM's jailed process, as in a session.
-    let result = cvm::cvm_exe().map_err(cvm_vmm::Error::from).and_then(|exe| cvm_vmm::VmProcess::spawn(&exe, &config, started)).and_then(|vm| {
-        if let Some(vhost) = config.vhost_user.first() {
-            let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
-        }
-        if let Some(dir) = &args.snapshot {
-            snapshot_at_init(&vm, dir);
-        }
-        vm.wait()
-    });
+    let result =
+        cvm::cvm_exe().map_err(cvm_vmm::Error::from).and_then(|exe| cvm_vmm::VmProcess::spawn(&exe, &config, started)).and_then(|vm| {
+            if let Some(vhost) = config.vhost_user.first() {
+                let _ = std::fs::remove_file(&vhost.socket); // connected: not needed any more
+            }
+            if let Some(dir) = &args.snapshot {
+                snapshot_at_init(&vm, dir);
+            }
+            vm.wait()
+        });
     match result {
         Ok(exit) => {
             if let Some(warning) = exit.stuck_warning() {

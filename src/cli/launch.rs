@@ -121,7 +121,11 @@ impl ForwardArgs {
             publish: self.publish.clone(),
             host_ports: self.host_ports.clone(),
             ssh_agent: match self.forward_ssh_agent {
-                true => Some(std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?),
+                true => Some(
+                    std::env::var_os("SSH_AUTH_SOCK")
+                        .map(PathBuf::from)
+                        .ok_or_else(|| anyhow::anyhow!("-A: SSH_AUTH_SOCK is not set (is ssh-agent running?)"))?,
+                ),
                 false => None,
             },
             gpg_agent: if self.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
@@ -165,9 +169,19 @@ pub(crate) fn home_dir() -> PathBuf {
 
 /// The session `settings` and the per-run flags describe. Secrets only where asked: a
 /// template's set-up never sees them.
-pub(crate) fn session_config(settings: &Settings, args: &VmArgs, forwards: ForwardRequest, project: Option<PathBuf>, with_secrets: bool) -> anyhow::Result<SessionConfig> {
-    if settings.network.value == NetworkMode::Open && !(settings.allow.sources == [Source::Default] && settings.deny.value.is_empty() && settings.hosts.value.is_empty()) {
-        anyhow::bail!("--allow, --deny and --add-host (network.allow, deny, hosts) are rules of the proxy: --network open has no allow-list");
+pub(crate) fn session_config(
+    settings: &Settings,
+    args: &VmArgs,
+    forwards: ForwardRequest,
+    project: Option<PathBuf>,
+    with_secrets: bool,
+) -> anyhow::Result<SessionConfig> {
+    if settings.network.value == NetworkMode::Open
+        && !(settings.allow.sources == [Source::Default] && settings.deny.value.is_empty() && settings.hosts.value.is_empty())
+    {
+        anyhow::bail!(
+            "--allow, --deny and --add-host (network.allow, deny, hosts) are rules of the proxy: --network open has no allow-list"
+        );
     }
     let mut env = Environment::default();
     for (name, value) in &settings.env.value {

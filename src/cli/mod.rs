@@ -18,11 +18,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::config::{Flags, Settings, Source, VmmChoice};
 use cvm::egress::{EgressPolicy, NetworkMode};
 use cvm::environment::Environment;
 use cvm::forward::ForwardRequest;
+use cvm::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::session::{Scratch, SessionConfig};
 use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
@@ -39,7 +39,12 @@ use templates::*;
 use worktree::*;
 
 #[derive(Parser)]
-#[command(name = "cvm", version, about = "A microVM sandbox for coding agents", after_help = "cvm \"PROMPT\" is `cvm run` with Claude Code given that prompt, in the current directory.")]
+#[command(
+    name = "cvm",
+    version,
+    about = "A microVM sandbox for coding agents",
+    after_help = "cvm \"PROMPT\" is `cvm run` with Claude Code given that prompt, in the current directory."
+)]
 #[command(allow_external_subcommands = true)]
 pub(crate) struct Cli {
     /// Log what cvm and the VMM do (repeat for more; CVM_LOG=debug does the same), and show
@@ -127,13 +132,9 @@ pub(crate) enum Command {
         json: bool,
     },
     /// Stop a named VM gracefully (the guest syncs its disks) and remove it.
-    Stop {
-        name: String,
-    },
+    Stop { name: String },
     /// Remove a named VM at once, running or not, with everything it owned.
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
     /// Build, list and remove the cached root images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -226,9 +227,25 @@ pub(crate) fn main() -> ExitCode {
         Command::Clean { path, yes } => report(clean(path, yes)),
         Command::CleanAll { yes } => report(clean_all(yes)),
         Command::Setup(args) => session_exit(setup(args)),
-        Command::Shell(args) => run(&RunArgs { path: args.path, vm: args.vm, forwards: args.forwards, timings: false, auto_setup: false, worktree: None, command: vec!["/bin/sh".into(), "-l".into()] }, Vec::new()),
+        Command::Shell(args) => run(
+            &RunArgs {
+                path: args.path,
+                vm: args.vm,
+                forwards: args.forwards,
+                timings: false,
+                auto_setup: false,
+                worktree: None,
+                command: vec!["/bin/sh".into(), "-l".into()],
+            },
+            Vec::new(),
+        ),
         Command::Logs { name, network: _, follow } => match name {
-            Some(name) => report(cvm::named::copy_console(&name, follow, &mut std::io::stdout(), cvm::terminal::escapes::EscapeFilter::for_fd(rustix::stdio::stdout()))),
+            Some(name) => report(cvm::named::copy_console(
+                &name,
+                follow,
+                &mut std::io::stdout(),
+                cvm::terminal::escapes::EscapeFilter::for_fd(rustix::stdio::stdout()),
+            )),
             None => {
                 let path = cvm::egress::audit_log_path();
                 match std::fs::read(&path) {

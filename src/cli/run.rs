@@ -78,7 +78,10 @@ impl clap::FromArgMatches for ToolFlags {
 impl clap::Args for ToolFlags {
     fn augment_args(command: clap::Command) -> clap::Command {
         let flag = |name: &'static str, about: &'static str| clap::Arg::new(name).long(name).help(about).action(clap::ArgAction::SetTrue);
-        cvm::template::CAPABILITIES.iter().fold(command, |command, c| command.arg(flag(c.name, c.about))).arg(flag("all", "Every capability above"))
+        cvm::template::CAPABILITIES
+            .iter()
+            .fold(command, |command, c| command.arg(flag(c.name, c.about)))
+            .arg(flag("all", "Every capability above"))
     }
 
     fn augment_args_for_update(command: clap::Command) -> clap::Command {

@@ -220,7 +220,10 @@ impl FileConfig {
             }
         };
         let mounts = |mounts: &[MountTable]| -> Vec<String> {
-            mounts.iter().map(|m| format!("{}:{}:{}", m.host.get_ref(), m.guest.as_deref().unwrap_or(""), if m.read_only { "ro" } else { "rw" })).collect()
+            mounts
+                .iter()
+                .map(|m| format!("{}:{}:{}", m.host.get_ref(), m.guest.as_deref().unwrap_or(""), if m.read_only { "ro" } else { "rw" }))
+                .collect()
         };
         let spanned = |list: &Option<List<Spanned<String>>>| -> Vec<String> {
             match list {
@@ -298,4 +301,3 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         ConfigError::at(path, text, span, message)
     })
 }
-

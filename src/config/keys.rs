@@ -45,12 +45,27 @@ macro_rules! key {
 pub const KEYS: &[Key] = &[
     key!("vm.cpus", Some("CVM_CPUS"), "4", cpus, parse_cpus, |v: &u8| v.to_string()),
     key!("vm.memory", Some("CVM_MEMORY"), "2G", memory, cvm_vmm::parse_memory_size, |v: &u64| format!("\"{}M\"", v >> 20)),
-    key!("vm.disk", Some("CVM_DISK"), "8G", disk, |t: &str| cvm_vmm::parse_memory_size(t).map(Some), |v: &Option<u64>| v.map_or("none".into(), |d| format!("\"{}M\"", d >> 20))),
-    key!("vm.share_quota", Some("CVM_SHARE_QUOTA"), "20G", share_quota, |t: &str| cvm_vmm::parse_memory_size(t).map(Some), |v: &Option<u64>| v.map_or("\"auto\"".into(), |d| format!("\"{}M\"", d >> 20))),
-    key!("vm.vmm", Some("CVM_VMM"), "qemu", vmm, |t: &str| parse_enum::<VmmChoice>(t, "vmm"), |v: &VmmChoice| format!("{:?}", enum_name(v))),
+    key!("vm.disk", Some("CVM_DISK"), "8G", disk, |t: &str| cvm_vmm::parse_memory_size(t).map(Some), |v: &Option<u64>| v
+        .map_or("none".into(), |d| format!("\"{}M\"", d >> 20))),
+    key!("vm.share_quota", Some("CVM_SHARE_QUOTA"), "20G", share_quota, |t: &str| cvm_vmm::parse_memory_size(t).map(Some), |v: &Option<
+        u64,
+    >| v
+        .map_or("\"auto\"".into(), |d| format!("\"{}M\"", d >> 20))),
+    key!("vm.vmm", Some("CVM_VMM"), "qemu", vmm, |t: &str| parse_enum::<VmmChoice>(t, "vmm"), |v: &VmmChoice| format!(
+        "{:?}",
+        enum_name(v)
+    )),
     key!("vm.image", Some("CVM_IMAGE"), "minimal", image, |t: &str| Ok::<_, String>(t.to_string()), |v: &String| format!("{v:?}")),
-    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::run::parse_duration(t).map(Some), |v: &Option<Duration>| v.map_or("none".into(), |t| format!("\"{}s\"", t.as_secs()))),
-    key!("network.mode", Some("CVM_NETWORK"), "none", network, |t: &str| parse_enum::<NetworkMode>(t, "network mode"), |v: &NetworkMode| format!("{:?}", enum_name(v))),
+    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::run::parse_duration(t).map(Some), |v: &Option<Duration>| v
+        .map_or("none".into(), |t| format!("\"{}s\"", t.as_secs()))),
+    key!(
+        "network.mode",
+        Some("CVM_NETWORK"),
+        "none",
+        network,
+        |t: &str| parse_enum::<NetworkMode>(t, "network mode"),
+        |v: &NetworkMode| format!("{:?}", enum_name(v))
+    ),
 ];
 
 /// The key named `name`.

@@ -26,8 +26,8 @@ use toml::Spanned;
 
 use crate::egress::NetworkMode;
 use crate::secrets::{ProxiedSecret, SecretSource};
-use cvm_vmm::Engine;
 use crate::shares::{expand_home, MountSpec};
+use cvm_vmm::Engine;
 
 mod file;
 pub mod keys;
@@ -371,7 +371,9 @@ impl Settings {
     pub fn instructions(&self, project: Option<&Path>) -> Result<Option<String>> {
         let mut text: Vec<String> = self.instructions.value.iter().cloned().collect();
         if let Some(path) = &self.instructions_file.value {
-            text.push(crate::host_files::read_text(path, project, crate::host_files::MAX_PROJECT_FILE).context("[context] instructions_file")?);
+            text.push(
+                crate::host_files::read_text(path, project, crate::host_files::MAX_PROJECT_FILE).context("[context] instructions_file")?,
+            );
         }
         Ok((!text.is_empty()).then(|| text.join("\n")))
     }
@@ -386,7 +388,14 @@ impl Settings {
         };
         let list = |items: &[String]| format!("[{}]", items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "));
         let paths = |items: &[PathBuf]| list(&items.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
-        let mounts = |items: &[MountSpec]| list(&items.iter().map(|m| format!("{}:{}:{}", m.host.display(), m.guest.display(), if m.read_only { "ro" } else { "rw" })).collect::<Vec<_>>());
+        let mounts = |items: &[MountSpec]| {
+            list(
+                &items
+                    .iter()
+                    .map(|m| format!("{}:{}:{}", m.host.display(), m.guest.display(), if m.read_only { "ro" } else { "rw" }))
+                    .collect::<Vec<_>>(),
+            )
+        };
         for key in keys::KEYS {
             let (value, sources) = (key.show)(self);
             line(key.name, value, sources);
@@ -400,13 +409,25 @@ impl Settings {
         line("runtime.scripts", paths(&self.runtime_scripts.value), &self.runtime_scripts.sources);
         line("defaults.claude_args", list(&self.claude_args.value), &self.claude_args.sources);
         line("defaults.command", self.command.value.as_deref().map_or("none (Claude Code)".into(), list), &self.command.sources);
-        line("context.instructions", self.instructions.value.as_ref().map_or("none".into(), |t| format!("{t:?}")), &self.instructions.sources);
-        line("context.instructions_file", self.instructions_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())), &self.instructions_file.sources);
+        line(
+            "context.instructions",
+            self.instructions.value.as_ref().map_or("none".into(), |t| format!("{t:?}")),
+            &self.instructions.sources,
+        );
+        line(
+            "context.instructions_file",
+            self.instructions_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())),
+            &self.instructions_file.sources,
+        );
         line("network.allow", list(&self.allow.value), &self.allow.sources);
         line("network.deny", list(&self.deny.value), &self.deny.sources);
         line("network.hosts", list(&self.hosts.value.iter().map(|(n, ip)| format!("{n}:{ip}")).collect::<Vec<_>>()), &self.hosts.sources);
         line("mounts", mounts(&self.mounts.value), &self.mounts.sources);
-        line("secrets.env_file", self.secrets_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())), &self.secrets_file.sources);
+        line(
+            "secrets.env_file",
+            self.secrets_file.value.as_ref().map_or("none".into(), |p| format!("{:?}", p.display().to_string())),
+            &self.secrets_file.sources,
+        );
         for secret in &self.proxied_secrets.value {
             let place = if secret.body { "headers and bodies" } else { "headers" };
             let value = format!("placeholder in the guest; swapped in {place} for {} from {}", list(&secret.hosts), secret.source);
@@ -450,9 +471,11 @@ pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
         files.push(project.join(FILE_NAME));
     }
     let mut seen = Vec::new();
-    files.retain(|f| f.is_file() && !seen.contains(f) && {
-        seen.push(f.clone());
-        true
+    files.retain(|f| {
+        f.is_file() && !seen.contains(f) && {
+            seen.push(f.clone());
+            true
+        }
     });
     files
 }
@@ -478,7 +501,10 @@ pub fn read_layer(path: &Path, home: &Path, trust: &crate::trust::Store) -> Resu
 /// and a declaration names where a secret may be sent and which host command gives it.
 fn refuse_proxied_secrets(path: &Path, file: &FileConfig) -> Result<()> {
     if !file.secrets.proxied.is_empty() {
-        anyhow::bail!("{}: [secrets.proxied] is read only from ~/{FILE_NAME}, never from a project's file (the guest can write it)", path.display());
+        anyhow::bail!(
+            "{}: [secrets.proxied] is read only from ~/{FILE_NAME}, never from a project's file (the guest can write it)",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -539,11 +565,21 @@ pub(crate) fn normalize(path: &Path) -> PathBuf {
 }
 
 /// One `[secrets.proxied.NAME]` table as plain data.
-fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str) -> PathBuf, at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError) -> Result<ProxiedSecret, ConfigError> {
+fn proxied_secret(
+    name: Spanned<String>,
+    table: ProxiedTable,
+    path: &dyn Fn(&str) -> PathBuf,
+    at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<ProxiedSecret, ConfigError> {
     let (span, name) = (name.span(), name.into_inner());
     crate::environment::check_name(&name).map_err(|e| at(span.clone(), format!("secrets.proxied: {e}")))?;
     let hosts_span = table.hosts.span();
-    let hosts = table.hosts.into_inner().into_iter().map(|h| crate::egress::parse_pattern(h.get_ref()).map_err(|e| at(h.span(), e))).collect::<Result<Vec<_>, _>>()?;
+    let hosts = table
+        .hosts
+        .into_inner()
+        .into_iter()
+        .map(|h| crate::egress::parse_pattern(h.get_ref()).map_err(|e| at(h.span(), e)))
+        .collect::<Result<Vec<_>, _>>()?;
     if hosts.is_empty() {
         return Err(at(hosts_span, format!("secret {name} needs at least one host to go to")));
     }
@@ -565,8 +601,13 @@ fn proxied_secret(name: Spanned<String>, table: ProxiedTable, path: &dyn Fn(&str
         .headers
         .into_iter()
         .map(|h| {
-            let valid = !h.get_ref().is_empty() && h.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if valid { Ok(h.get_ref().to_ascii_lowercase()) } else { Err(at(h.span(), format!("secret {name}: {:?} is not a header name", h.get_ref()))) }
+            let valid =
+                !h.get_ref().is_empty() && h.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if valid {
+                Ok(h.get_ref().to_ascii_lowercase())
+            } else {
+                Err(at(h.span(), format!("secret {name}: {:?} is not a header name", h.get_ref())))
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ProxiedSecret { name, hosts, source, body: table.body, headers })
@@ -579,7 +620,8 @@ fn enum_name<T: clap::ValueEnum>(value: &T) -> String {
 
 fn parse_enum<T: clap::ValueEnum>(text: &str, what: &str) -> Result<T, String> {
     T::from_str(text, false).map_err(|_| {
-        let names: Vec<String> = T::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|p| p.get_name().to_string()).collect();
+        let names: Vec<String> =
+            T::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|p| p.get_name().to_string()).collect();
         format!("unknown {what} {text:?} (expected {})", names.join(", "))
     })
 }
@@ -593,7 +635,12 @@ fn map_list<T, U, E>(list: List<T>, f: impl Fn(T) -> Result<U, E>) -> Result<Lis
 
 /// A `[[mounts]]` entry: the host path may be relative to the file; the guest path is
 /// absolute (or under `~`) and defaults to the host path.
-fn mount(table: MountTable, path: &impl Fn(&str) -> PathBuf, home: &Path, at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError) -> Result<MountSpec, ConfigError> {
+fn mount(
+    table: MountTable,
+    path: &impl Fn(&str) -> PathBuf,
+    home: &Path,
+    at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<MountSpec, ConfigError> {
     let host = path(table.host.get_ref());
     let guest = table.guest.as_deref().map_or_else(|| host.clone(), |g| expand_home(g, home));
     MountSpec::new(host, guest, table.read_only).map_err(|e| at(table.host.span(), format!("bad mount: {e}")))

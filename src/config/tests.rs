@@ -4,12 +4,45 @@ const HOME: &str = "/home/dev";
 
 /// Pieces of configuration files, valid and not, to build hostile files from.
 const PIECES: &[&str] = &[
-    "[vm]\n", "cpus = 2\n", "cpus = 0\n", "cpus = 300\n", "memory = \"1T\"\n", "memory = \"12Q\"\n", "timeout = \"-1s\"\n",
-    "vmm = \"qemu\"\n", "image = \"/etc/passwd\"\n", "[network]\n", "mode = \"open\"\n", "allow = [\"*.x\", \"\"]\n",
-    "allow = { replace = [] }\n", "allow = { replace = 3 }\n", "hosts = [\"a:1.2.3.4\", \"b:nope\"]\n", "[[mounts]]\n",
-    "host = \"~\"\n", "host = \"../../..\"\n", "guest = \"/\"\n", "read_only = true\n", "[tools]\n", "node = true\n",
-    "cobol = true\n", "[runtime]\n", "scripts = [\"../x.sh\"]\n", "[secrets]\n", "env_file = \"/dev/zero\"\n", "[secrets.proxied.T]\n", "hosts = [\"a.test\"]\n", "command = []\n", "env = \"X\"\n", "[[", "]]\n",
-    "= \"\n", "\u{0}", "\u{feff}", "\"\"\"\n", "x.y.z = 1\n", "[vm.cpus]\n",
+    "[vm]\n",
+    "cpus = 2\n",
+    "cpus = 0\n",
+    "cpus = 300\n",
+    "memory = \"1T\"\n",
+    "memory = \"12Q\"\n",
+    "timeout = \"-1s\"\n",
+    "vmm = \"qemu\"\n",
+    "image = \"/etc/passwd\"\n",
+    "[network]\n",
+    "mode = \"open\"\n",
+    "allow = [\"*.x\", \"\"]\n",
+    "allow = { replace = [] }\n",
+    "allow = { replace = 3 }\n",
+    "hosts = [\"a:1.2.3.4\", \"b:nope\"]\n",
+    "[[mounts]]\n",
+    "host = \"~\"\n",
+    "host = \"../../..\"\n",
+    "guest = \"/\"\n",
+    "read_only = true\n",
+    "[tools]\n",
+    "node = true\n",
+    "cobol = true\n",
+    "[runtime]\n",
+    "scripts = [\"../x.sh\"]\n",
+    "[secrets]\n",
+    "env_file = \"/dev/zero\"\n",
+    "[secrets.proxied.T]\n",
+    "hosts = [\"a.test\"]\n",
+    "command = []\n",
+    "env = \"X\"\n",
+    "[[",
+    "]]\n",
+    "= \"\n",
+    "\u{0}",
+    "\u{feff}",
+    "\"\"\"\n",
+    "x.y.z = 1\n",
+    "[vm.cpus]\n",
 ];
 
 // Cases: PROPTEST_CASES (scripts/test sets thousands; more by hand for a soak).
@@ -46,9 +79,18 @@ fn proxied_secrets_are_declared_in_the_users_file_only_and_shown_as_placeholders
     let global = "[secrets.proxied.GH_TOKEN]\nhosts = [\"github.com\", \"*.github.com\"]\ncommand = [\"gh\", \"auth\", \"token\"]\n[secrets.proxied.KEY]\nhosts = [\"api.test\"]\nfile = \"~/.key\"\n";
     let s = layered(&[("/home/dev/.cvm.toml", global)]).unwrap();
     let sources: Vec<&SecretSource> = s.proxied_secrets.value.iter().map(|p| &p.source).collect();
-    assert_eq!(sources, [&SecretSource::Command(vec!["gh".into(), "auth".into(), "token".into()]), &SecretSource::File("/home/dev/.key".into())]);
+    assert_eq!(
+        sources,
+        [&SecretSource::Command(vec!["gh".into(), "auth".into(), "token".into()]), &SecretSource::File("/home/dev/.key".into())]
+    );
     let shown = s.show();
-    assert!(shown.lines().any(|l| l.starts_with("secrets.proxied.GH_TOKEN") && l.contains("placeholder in the guest") && l.contains("\"*.github.com\"") && l.contains("command `gh auth token`")), "{shown}");
+    assert!(
+        shown.lines().any(|l| l.starts_with("secrets.proxied.GH_TOKEN")
+            && l.contains("placeholder in the guest")
+            && l.contains("\"*.github.com\"")
+            && l.contains("command `gh auth token`")),
+        "{shown}"
+    );
     for (text, says) in [
         ("[secrets.proxied.K]\nhosts = []\n", "at least one host"),
         ("[secrets.proxied.K]\nhosts = [\"a b\"]\n", "bad host pattern"),
@@ -78,12 +120,17 @@ fn file(name: &str) -> Source {
 fn a_project_value_equal_to_the_default_still_overrides_the_global_one() {
     let s = layered(&[("/home/dev/.cvm.toml", "[vm]\ncpus = 4\nmemory = \"2G\"\n"), ("/p/.cvm.toml", "[vm]\ncpus = 2\n")]).unwrap();
     assert_eq!(s.cpus, Sourced { value: 2, sources: vec![file("/p/.cvm.toml")] });
-    assert_eq!(s.memory, Sourced { value: 2 << 30, sources: vec![file("/home/dev/.cvm.toml")] }, "a key the project leaves alone stays global");
+    assert_eq!(
+        s.memory,
+        Sourced { value: 2 << 30, sources: vec![file("/home/dev/.cvm.toml")] },
+        "a key the project leaves alone stays global"
+    );
 }
 
 #[test]
 fn a_tool_turned_off_by_the_project_stays_off() {
-    let s = layered(&[("/home/dev/.cvm.toml", "[tools]\nnode = true\npython = true\n"), ("/p/.cvm.toml", "[tools]\nnode = false\n")]).unwrap();
+    let s =
+        layered(&[("/home/dev/.cvm.toml", "[tools]\nnode = true\npython = true\n"), ("/p/.cvm.toml", "[tools]\nnode = false\n")]).unwrap();
     assert_eq!(s.tools_on(), ["python"]);
     assert_eq!(s.tools["node"].sources, [file("/p/.cvm.toml")]);
 }
@@ -124,7 +171,14 @@ fn env_overrides_files_and_flags_override_env() {
     assert_eq!((s.cpus.value, &s.cpus.sources[..]), (1, &[Source::Flag][..]));
     assert_eq!(s.vmm.value, VmmChoice::Qemu);
     assert_eq!(s.memory.value, 1 << 30);
-    for (name, value) in [("CVM_CPUS", "0"), ("CVM_CPUS", "many"), ("CVM_MEMORY", "lots"), ("CVM_VMM", "xen"), ("CVM_NETWORK", "wide"), ("CVM_TIMEOUT", "soon")] {
+    for (name, value) in [
+        ("CVM_CPUS", "0"),
+        ("CVM_CPUS", "many"),
+        ("CVM_MEMORY", "lots"),
+        ("CVM_VMM", "xen"),
+        ("CVM_NETWORK", "wide"),
+        ("CVM_TIMEOUT", "soon"),
+    ] {
         let err = Settings::defaults().apply_env(|n| (n == name).then(|| value.to_string())).unwrap_err();
         assert!(err.to_string().starts_with(&format!("${name}: ")), "{err}");
     }
@@ -217,7 +271,13 @@ fn every_key_is_read_from_a_file_and_its_variable_and_shown() {
         let (table, name) = key.name.split_once('.').unwrap();
         let text = format!("[{table}]\n{name} = {:?}\n", key.example);
         let from_file = layered(&[("/p/.cvm.toml", &text)]).unwrap_or_else(|e| panic!("{text:?}: {e}"));
-        let line = |s: &Settings| s.show().lines().find(|l| l.split_whitespace().next() == Some(key.name)).map(str::to_string).unwrap_or_else(|| panic!("{} is not shown", key.name));
+        let line = |s: &Settings| {
+            s.show()
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(key.name))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("{} is not shown", key.name))
+        };
         assert!(line(&from_file).ends_with("# /p/.cvm.toml"), "{}", line(&from_file));
         assert_ne!(line(&from_file), line(&Settings::defaults()), "{}: its example is its default", key.name);
         let env = key.env.expect("every single-valued key has a variable");
@@ -239,7 +299,11 @@ fn the_readme_lists_every_key_and_its_variable() {
     let example = readme.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).expect("the README's example .cvm.toml");
     for key in keys::KEYS {
         let (table, name) = key.name.split_once('.').unwrap();
-        let section = example.split(&format!("[{table}]\n")).nth(1).and_then(|rest| rest.split("\n[").next()).unwrap_or_else(|| panic!("no [{table}] in the README's example"));
+        let section = example
+            .split(&format!("[{table}]\n"))
+            .nth(1)
+            .and_then(|rest| rest.split("\n[").next())
+            .unwrap_or_else(|| panic!("no [{table}] in the README's example"));
         assert!(section.lines().any(|l| l.starts_with(&format!("{name} = "))), "the README's example does not set {}", key.name);
         if let Some(env) = key.env {
             assert!(readme.contains(&format!("`{env}`")), "README.md does not document ${env}");
@@ -258,8 +322,13 @@ fn a_mount_path_with_a_colon_is_taken_as_written() {
 #[test]
 fn a_project_file_asking_more_of_the_host_than_the_defaults_needs_trust() {
     let path = Path::new("/p/.cvm.toml");
-    let widening = |text: &str| -> Vec<&'static str> { parse_file(path, text).unwrap().widening(path, Path::new(HOME)).into_iter().map(|(k, _)| k).collect() };
-    assert_eq!(widening("[vm]\ncpus = 4\nmemory = \"20G\"\ndisk = \"8T\"\ntimeout = \"9999h\"\n"), ["vm.cpus", "vm.disk", "vm.memory", "vm.timeout"]);
+    let widening = |text: &str| -> Vec<&'static str> {
+        parse_file(path, text).unwrap().widening(path, Path::new(HOME)).into_iter().map(|(k, _)| k).collect()
+    };
+    assert_eq!(
+        widening("[vm]\ncpus = 4\nmemory = \"20G\"\ndisk = \"8T\"\ntimeout = \"9999h\"\n"),
+        ["vm.cpus", "vm.disk", "vm.memory", "vm.timeout"]
+    );
     assert!(widening("[vm]\ncpus = 2\nmemory = \"512M\"\ntimeout = \"10m\"\n").is_empty(), "the defaults, or less");
     assert!(widening("[vm]\ncpus = 1\nmemory = \"256M\"\ntimeout = \"1h\"\nvmm = \"qemu\"\n").is_empty());
     assert_eq!(widening("[vm]\ndisk = \"1G\"\n"), ["vm.disk"], "any disk is host disk");

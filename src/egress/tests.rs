@@ -30,7 +30,17 @@ fn upstream_proxies_are_parsed_or_refused() {
     assert_eq!(parse_upstream("http://proxy.corp:8080/"), Ok("proxy.corp:8080".into()));
     assert_eq!(parse_upstream("proxy.corp:8080"), Ok("proxy.corp:8080".into()));
     assert_eq!(parse_upstream("http://[::1]:3128"), Ok("[::1]:3128".into()));
-    for bad in ["https://proxy:443", "socks5://p:1080", "http://user:pw@p:3128", "http://p", "http://p:0", "http://p:99999", "http://p:80/path", "", "http://:3128"] {
+    for bad in [
+        "https://proxy:443",
+        "socks5://p:1080",
+        "http://user:pw@p:3128",
+        "http://p",
+        "http://p:0",
+        "http://p:99999",
+        "http://p:80/path",
+        "",
+        "http://:3128",
+    ] {
         assert!(parse_upstream(bad).is_err(), "{bad:?}");
     }
 }
@@ -83,7 +93,21 @@ fn a_mapped_name_opens_only_the_web_ports_unless_its_port_is_named() {
 
 #[test]
 fn internal_addresses_are_recognized() {
-    for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "224.0.0.1", "::1", "fc00::1", "fe80::1", "::ffff:10.0.0.1", "::"] {
+    for ip in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "100.64.0.1",
+        "224.0.0.1",
+        "::1",
+        "fc00::1",
+        "fe80::1",
+        "::ffff:10.0.0.1",
+        "::",
+    ] {
         assert!(is_internal(ip.parse().unwrap()), "{ip}");
     }
     for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1"] {
@@ -96,7 +120,10 @@ fn decisions() {
     let mut p = policy(&["api.test", "*.allowed.test", "localhost", "10.0.0.1"]);
     p.hosts.push(("api.test".into(), "127.0.0.1".parse().unwrap()));
     p.hosts.push(("mapped.test".into(), "127.0.0.1".parse().unwrap()));
-    assert!(matches!(p.decide("mapped.test", 80), Decision::Deny(r) if r.contains("not on the allow list")), "a mapping is not an allowance");
+    assert!(
+        matches!(p.decide("mapped.test", 80), Decision::Deny(r) if r.contains("not on the allow list")),
+        "a mapping is not an allowance"
+    );
     assert_eq!(p.decide("api.test", 443), Decision::Allow("127.0.0.1:443".parse().unwrap()), "a mapped name may be internal");
     assert_eq!(p.decide("API.TEST", 80), Decision::Allow("127.0.0.1:80".parse().unwrap()));
     assert!(matches!(p.decide("other.test", 80), Decision::Deny(r) if r.contains("not on the allow list")));
@@ -127,7 +154,10 @@ fn check_accepted(r: &ProxyRequest) {
     if let Some(head) = &r.forward {
         assert!(head.ends_with(b"\r\n\r\n"), "{head:?}");
         for (i, &b) in head.iter().enumerate() {
-            assert!(b >= 0x20 || b == b'\t' || (b == b'\r' && head.get(i + 1) == Some(&b'\n')) || (b == b'\n' && i > 0 && head[i - 1] == b'\r'), "byte {b:#x} at {i} in {head:?}");
+            assert!(
+                b >= 0x20 || b == b'\t' || (b == b'\r' && head.get(i + 1) == Some(&b'\n')) || (b == b'\n' && i > 0 && head[i - 1] == b'\r'),
+                "byte {b:#x} at {i} in {head:?}"
+            );
             assert_ne!(b, 0x7f);
         }
         // The request's headers, less hop-by-hop ones, and the proxy's `Connection: close`.
@@ -203,7 +233,10 @@ fn requests_parse_and_hostile_ones_are_refused() {
     assert_eq!((r.port, r.forward.unwrap()), (80, b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n".to_vec()));
     // Headers for the proxy hop stay here; the server is told this is the connection's one request.
     let r = parse_request(b"GET http://api.test/ HTTP/1.1\r\nHost: api.test\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n").unwrap();
-    assert_eq!(String::from_utf8(r.forward.unwrap()).unwrap(), "GET / HTTP/1.1\r\nHost: api.test\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        String::from_utf8(r.forward.unwrap()).unwrap(),
+        "GET / HTTP/1.1\r\nHost: api.test\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
     let r = parse_request(b"CONNECT [2606:4700::1111]:443 HTTP/1.1\r\n\r\n").unwrap();
     assert_eq!(r.host, "2606:4700::1111");
     for bad in [

@@ -80,10 +80,16 @@ fn bodies_are_swapped_only_for_secrets_that_ask_and_only_when_they_can_be_held()
     let (result, out, notes) = rewrite("api.test", &s, &pieces);
     result.unwrap();
     let swapped = format!("{{\"key\":\"real-api-key\",\"again\":\"real-api-key\",\"gh\":\"{gh}\"}}");
-    assert_eq!(String::from_utf8(out).unwrap(), format!("POST /v1 HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{swapped}GET /next HTTP/1.1\r\n\r\n", swapped.len()));
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("POST /v1 HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{swapped}GET /next HTTP/1.1\r\n\r\n", swapped.len())
+    );
     assert_eq!(
         notes,
-        [Note::Swapped { secret: "API_KEY".into(), place: "the body".into() }, Note::NotSwapped { secret: "GH_TOKEN".into(), place: "the body".into() }]
+        [
+            Note::Swapped { secret: "API_KEY".into(), place: "the body".into() },
+            Note::NotSwapped { secret: "GH_TOKEN".into(), place: "the body".into() }
+        ]
     );
     // Not held: a client waiting for 100 Continue, a body over the limit, a chunked body,
     // another host.
@@ -171,21 +177,37 @@ fn a_secret_goes_only_in_credential_headers_and_those_it_names() {
     let (result, out, notes) = rewrite("api.test", &s, &[request.as_bytes()]);
     result.unwrap();
     let out = String::from_utf8(out).unwrap();
-    assert!(out.contains(&format!("Origin: https://{api}\r\n")) && out.contains(&format!("Referer: {api}\r\n")) && out.contains(&format!("X-Token: {api}\r\n")), "{out}");
+    assert!(
+        out.contains(&format!("Origin: https://{api}\r\n"))
+            && out.contains(&format!("Referer: {api}\r\n"))
+            && out.contains(&format!("X-Token: {api}\r\n")),
+        "{out}"
+    );
     assert!(out.contains("Proxy-Authorization: Bearer real-api-key\r\n"), "{out}");
-    assert!(notes.contains(&Note::NotSwapped { secret: "API_KEY".into(), place: "header Origin (not a credential header, nor one its config names)".into() }), "{notes:?}");
+    assert!(
+        notes.contains(&Note::NotSwapped {
+            secret: "API_KEY".into(),
+            place: "header Origin (not a credential header, nor one its config names)".into()
+        }),
+        "{notes:?}"
+    );
     s[0].headers = vec!["x-token".into()];
     let (result, out, _) = rewrite("api.test", &s, &[request.as_bytes()]);
     result.unwrap();
     let out = String::from_utf8(out).unwrap();
-    assert!(out.contains("X-Token: real-api-key\r\n") && out.contains(&format!("Origin: https://{api}\r\n")), "a header its config names: {out}");
+    assert!(
+        out.contains("X-Token: real-api-key\r\n") && out.contains(&format!("Origin: https://{api}\r\n")),
+        "a header its config names: {out}"
+    );
 }
 
 #[test]
 fn an_absolute_form_target_may_name_only_the_intercepted_host() {
     let s = secrets();
     let api = &s[0].placeholder;
-    for target in ["https://evil.test/x", "http://evil.test:443/", "https://evil.test", "https://user@api.test/", "https://api.test.evil.test/"] {
+    for target in
+        ["https://evil.test/x", "http://evil.test:443/", "https://evil.test", "https://user@api.test/", "https://api.test.evil.test/"]
+    {
         let request = format!("GET {target} HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {api}\r\n\r\n");
         let (result, out, _) = rewrite("api.test", &s, &[request.as_bytes()]);
         assert!(result.is_err() && !contains(&out, b"real-api-key"), "{target}: {}", String::from_utf8_lossy(&out));

@@ -13,7 +13,20 @@ fn mount_specs() {
     assert_eq!(m("/data:/mnt/d:rw"), Ok(MountSpec { host: "/data".into(), guest: "/mnt/d".into(), read_only: false }));
     assert_eq!(m("~/src:/src:ro"), Ok(MountSpec { host: "/home/dev/src".into(), guest: "/src".into(), read_only: true }));
     assert_eq!(m("~"), Ok(MountSpec { host: "/home/dev".into(), guest: "/home/dev".into(), read_only: false }));
-    for bad in ["", "data", "./data", "/data:mnt", "/a/../etc", "/data:/mnt/./x", "/a:/b:ro:rw", "/a:/b:/c", "/data:/", "~user/x", ":ro", "/a:ro:/b"] {
+    for bad in [
+        "",
+        "data",
+        "./data",
+        "/data:mnt",
+        "/a/../etc",
+        "/data:/mnt/./x",
+        "/a:/b:ro:rw",
+        "/a:/b:/c",
+        "/data:/",
+        "~user/x",
+        ":ro",
+        "/a:ro:/b",
+    ] {
         assert!(m(bad).is_err(), "{bad:?} should be refused");
     }
 }
@@ -25,7 +38,12 @@ fn project_folder_names() {
 }
 
 fn request(project: &Path) -> ShareRequest {
-    ShareRequest { project: Some(project.to_path_buf()), conversations: true, claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(), ..ShareRequest::default() }
+    ShareRequest {
+        project: Some(project.to_path_buf()),
+        conversations: true,
+        claude_items: CLAUDE_DEFAULT_ITEMS.iter().map(|s| s.to_string()).collect(),
+        ..ShareRequest::default()
+    }
 }
 
 #[test]
@@ -96,7 +114,8 @@ fn a_conversation_folder_another_project_maps_to_is_not_shared() {
 fn claude_json_keeps_only_this_projects_entry() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(".claude.json");
-    std::fs::write(&path, r#"{"hasCompletedOnboarding":true,"projects":{"/p":{"history":[1]},"/secret":{"history":[2]}},"userID":"u"}"#).unwrap();
+    std::fs::write(&path, r#"{"hasCompletedOnboarding":true,"projects":{"/p":{"history":[1]},"/secret":{"history":[2]}},"userID":"u"}"#)
+        .unwrap();
     let state: serde_json::Value = serde_json::from_str(&claude_state(&path, Path::new("/p")).unwrap()).unwrap();
     assert_eq!(state["hasCompletedOnboarding"], true);
     assert_eq!(state["userID"], "u");
@@ -229,7 +248,10 @@ fn writable_shares_on_one_file_system_split_its_quota() {
         std::fs::create_dir_all(d).unwrap();
     }
     let host = HostUser { name: "dev".into(), uid: 1234, gid: 99, home };
-    let mounts = vec![MountSpec { host: data.clone(), guest: "/data".into(), read_only: false }, MountSpec { host: docs.clone(), guest: "/docs".into(), read_only: true }];
+    let mounts = vec![
+        MountSpec { host: data.clone(), guest: "/data".into(), read_only: false },
+        MountSpec { host: docs.clone(), guest: "/docs".into(), read_only: true },
+    ];
     let request = ShareRequest { project: Some(project.clone()), mounts, quota: Some(9 << 30), ..ShareRequest::default() };
     let plan = SharePlan::new(&request, &host, &dir.path().join("meta")).unwrap();
     let quota = |dir: &Path| plan.shares.iter().find(|s| s.backend.dir == dir).unwrap().backend.policy.quota;

@@ -27,7 +27,10 @@ pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
     match (kernel, initrd) {
         (Some(k), Some(i)) => Some((k, i)),
         _ => {
-            assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_KERNEL/CVM_TEST_INITRAMFS are not set");
+            assert!(
+                std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"),
+                "CVM_REQUIRE_KERNEL=1 but CVM_TEST_KERNEL/CVM_TEST_INITRAMFS are not set"
+            );
             eprintln!("skipped: CVM_TEST_KERNEL and CVM_TEST_INITRAMFS are not set (run scripts/test)");
             None
         }
@@ -57,7 +60,11 @@ pub fn download_deadline() -> Duration {
 
 /// `wait`, four times longer inside L1 (CVM_NESTED): how long clean-up may take there.
 pub fn nested_scale(wait: Duration) -> Duration {
-    if std::env::var_os("CVM_NESTED").is_some() { wait * 4 } else { wait }
+    if std::env::var_os("CVM_NESTED").is_some() {
+        wait * 4
+    } else {
+        wait
+    }
 }
 
 /// A `cvm run` environment: the project's kernel and image, a private XDG_RUNTIME_DIR (so
@@ -82,7 +89,10 @@ impl Env {
         match std::env::var_os("CVM_TEST_DEBIAN_IMAGE") {
             Some(image) => env.image = PathBuf::from(image),
             None => {
-                assert!(std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"), "CVM_REQUIRE_KERNEL=1 but CVM_TEST_DEBIAN_IMAGE is not set");
+                assert!(
+                    std::env::var("CVM_REQUIRE_KERNEL").as_deref() != Ok("1"),
+                    "CVM_REQUIRE_KERNEL=1 but CVM_TEST_DEBIAN_IMAGE is not set"
+                );
                 eprintln!("skipped: CVM_TEST_DEBIAN_IMAGE is not set (run scripts/test)");
                 return None;
             }
@@ -202,10 +212,20 @@ fn threads(pid: u32) -> String {
         let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
         let stat = read("stat");
         let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
-        let stack: Vec<String> = read("stack").lines().take(8).map(|l| l.trim_start_matches(|c: char| c != ' ').trim().to_string()).collect();
+        let stack: Vec<String> =
+            read("stack").lines().take(8).map(|l| l.trim_start_matches(|c: char| c != ' ').trim().to_string()).collect();
         let status = read("status");
         let signals: Vec<&str> = status.lines().filter(|l| l.starts_with("SigPnd") || l.starts_with("SigBlk")).collect();
-        out += &format!("\n{} {} {} wchan={} syscall={} {} {}", task.file_name().to_string_lossy(), read("comm").trim(), state, read("wchan"), read("syscall").trim(), signals.join(" "), stack.join(" < "));
+        out += &format!(
+            "\n{} {} {} wchan={} syscall={} {} {}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state,
+            read("wchan"),
+            read("syscall").trim(),
+            signals.join(" "),
+            stack.join(" < ")
+        );
     }
     out
 }

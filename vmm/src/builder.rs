@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cvm_devices::legacy::{BootTimer, I8042, SerialConsole};
+use cvm_devices::legacy::{BootTimer, SerialConsole, I8042};
 use cvm_devices::virtio::{Block, Net, Rng, Subscriber, VhostUserDevice};
 use cvm_devices::EventFdTrigger;
 use event_manager::{EventManager, SubscriberOps};
@@ -21,13 +21,13 @@ use crate::console::{console_sink, ConsoleOut, ConsolePanic};
 use crate::control::{Control, HaltWatch, PvmWatch};
 use crate::device_manager::{event_err, DeviceManager};
 use crate::layout::*;
+use crate::snapshot::Snapshot;
 use crate::teardown::DeferredTeardown;
+use crate::vm::Machine;
 use crate::vm::PVM_LINUX_GRACE;
 use crate::vstate::exit_stats::HaltStats;
 use crate::vstate::memory::{self, RestoredRam};
 use crate::vstate::vcpu::{self, Shared, Vcpu};
-use crate::snapshot::Snapshot;
-use crate::vm::Machine;
 use crate::{host, kvm_call, lock, vstate, Error, Result, Vm, VmConfig};
 
 /// Where a VM's guest starts: its kernel's entry, or where a snapshot left it.
@@ -43,7 +43,8 @@ impl Vm {
         config.validate()?;
         let mut setup = Vec::new();
         let mut done = |step: &'static str| setup.push((step, started.elapsed()));
-        let snapshot = config.restore.as_deref().map(|dir| Snapshot::read(dir).map(|(snapshot, memory)| (dir, snapshot, memory))).transpose()?;
+        let snapshot =
+            config.restore.as_deref().map(|dir| Snapshot::read(dir).map(|(snapshot, memory)| (dir, snapshot, memory))).transpose()?;
         let (kvm, vm_fd) = vstate::vm::create()?;
         done("vm");
 
@@ -55,7 +56,8 @@ impl Vm {
                 snapshot.restore_disks(dir, &writable_disks)?;
                 // A vhost-user backend maps guest RAM itself, so it must be shared.
                 let shared = !config.vhost_user.is_empty();
-                let RestoredRam { mem, file, data } = memory::restore_guest_memory(memory, config.memory_bytes, shared, &snapshot.kernel_private)?;
+                let RestoredRam { mem, file, data } =
+                    memory::restore_guest_memory(memory, config.memory_bytes, shared, &snapshot.kernel_private)?;
                 (Some(snapshot), mem, file, data)
             }
             None => {
@@ -111,7 +113,9 @@ impl Vm {
                 .write(!disk.read_only)
                 .open(&disk.path)
                 .map_err(|source| Error::File { path: disk.path.clone(), source })?;
-            devices.add_virtio(Box::new(Block::new(file, disk.read_only).map_err(|source| Error::File { path: disk.path.clone(), source })?))?;
+            devices.add_virtio(Box::new(
+                Block::new(file, disk.read_only).map_err(|source| Error::File { path: disk.path.clone(), source })?,
+            ))?;
         }
         if let Some(net) = &config.network {
             let socket = UnixStream::connect(&net.socket).map_err(|source| Error::File { path: net.socket.clone(), source })?;
@@ -124,7 +128,11 @@ impl Vm {
         let (io, cmdline, transports) = devices.finish();
         if let Start::Restore(snapshot) = &start {
             if snapshot.transports.len() != transports.len() {
-                return Err(Error::Snapshot(format!("the snapshot has {} virtio devices, this VM {}", snapshot.transports.len(), transports.len())));
+                return Err(Error::Snapshot(format!(
+                    "the snapshot has {} virtio devices, this VM {}",
+                    snapshot.transports.len(),
+                    transports.len()
+                )));
             }
             for (index, (transport, saved)) in transports.iter().zip(&snapshot.transports).enumerate() {
                 lock(transport).restore_state(saved).map_err(|e| Error::Snapshot(format!("virtio device {index}: {e}")))?;
@@ -141,9 +149,7 @@ impl Vm {
         }
 
         vcpu::install_kick_handler()?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_call("report its CPUID"))?;
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_call("report its CPUID"))?;
         let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let io = Arc::new(io);
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
@@ -177,17 +183,17 @@ impl Vm {
         tracing::debug!("VMM set-up (ms from VMM start, each step done):{steps}");
 
         let boots_linux = matches!(&start, Start::Boot { kernel, .. } if kernel.is_linux);
-        let pvm_watch = (boots_linux && host::is_pvm()).then(|| PvmWatch {
-            deadline: Instant::now() + PVM_LINUX_GRACE,
-            console_bytes,
-        });
+        let pvm_watch = (boots_linux && host::is_pvm()).then(|| PvmWatch { deadline: Instant::now() + PVM_LINUX_GRACE, console_bytes });
         let machine = Machine {
             vm_fd,
             ram,
             memory_bytes: config.memory_bytes,
             serial,
             transports,
-            writable_disks: writable_disks.iter().map(|path| std::fs::File::open(path).map_err(|source| Error::File { path: path.clone(), source })).collect::<Result<_>>()?,
+            writable_disks: writable_disks
+                .iter()
+                .map(|path| std::fs::File::open(path).map_err(|source| Error::File { path: path.clone(), source }))
+                .collect::<Result<_>>()?,
             msr_list: x86_64::state::msr_list(&kvm)?,
             restored: matches!(start, Start::Restore(_)),
             kernel_text: match &start {
@@ -196,7 +202,9 @@ impl Vm {
             },
             // Its whole pages; the kernel reserves the last, partial one itself.
             retained_initrd: match &start {
-                Start::Boot { initrd: Some((address, size)), .. } if config.cmdline.split_whitespace().any(|arg| arg == crate::config::RETAIN_INITRD) => {
+                Start::Boot { initrd: Some((address, size)), .. }
+                    if config.cmdline.split_whitespace().any(|arg| arg == crate::config::RETAIN_INITRD) =>
+                {
                     Some((*address, (address + size) / PAGE_SIZE * PAGE_SIZE))
                 }
                 _ => None,
@@ -240,5 +248,4 @@ impl Vm {
         self.event_loop.add_subscriber(Box::new(control));
         Ok(())
     }
-
 }

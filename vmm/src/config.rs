@@ -80,7 +80,9 @@ pub enum VhostUserKind {
     Vsock,
     /// virtio-fs; the guest mounts it by `tag` (the backend reports it in its config space
     /// too, but QEMU takes it as a property).
-    Fs { tag: String },
+    Fs {
+        tag: String,
+    },
 }
 
 impl VhostUserKind {
@@ -165,17 +167,10 @@ impl VmConfig {
     pub fn validate(&self) -> Result<()> {
         self.check_device_count("cvm's VMM", (crate::layout::IRQ_COUNT - crate::layout::VIRTIO_IRQ_START) as usize)?;
         if self.vcpus == 0 || usize::from(self.vcpus) > crate::arch::x86_64::MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "--cpus must be between 1 and {}, not {}",
-                crate::arch::x86_64::MAX_VCPUS,
-                self.vcpus
-            )));
+            return Err(Error::Config(format!("--cpus must be between 1 and {}, not {}", crate::arch::x86_64::MAX_VCPUS, self.vcpus)));
         }
         if self.memory_bytes < crate::layout::MIN_MEMORY {
-            return Err(Error::Config(format!(
-                "--memory must be at least {} MiB",
-                crate::layout::MIN_MEMORY >> 20
-            )));
+            return Err(Error::Config(format!("--memory must be at least {} MiB", crate::layout::MIN_MEMORY >> 20)));
         }
         if !self.memory_bytes.is_multiple_of(crate::layout::PAGE_SIZE) {
             return Err(Error::Config("--memory must be a whole number of 4 KiB pages".into()));
@@ -184,8 +179,7 @@ impl VmConfig {
         let boots = self.restore.is_none();
         let kernel = boots.then_some(&self.kernel).into_iter().chain(self.initrd.as_ref().filter(|_| boots));
         for path in kernel.chain(self.disks.iter().map(|d| &d.path)) {
-            let meta = std::fs::metadata(path)
-                .map_err(|source| Error::File { path: path.clone(), source })?;
+            let meta = std::fs::metadata(path).map_err(|source| Error::File { path: path.clone(), source })?;
             if !meta.is_file() {
                 return Err(Error::Config(format!("{} is not a regular file", path.display())));
             }
@@ -216,9 +210,7 @@ pub fn parse_memory_size(text: &str) -> std::result::Result<u64, String> {
         _ => return Err(format!("invalid memory size {text:?}: unknown unit {unit:?} (use K, M, G or T)")),
     };
     let value: u64 = digits.parse().map_err(|_| format!("invalid memory size {text:?}: too large"))?;
-    let bytes = value
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("invalid memory size {text:?}: too large"))?;
+    let bytes = value.checked_mul(1 << shift).ok_or_else(|| format!("invalid memory size {text:?}: too large"))?;
     if bytes == 0 {
         return Err("memory size must be greater than zero".into());
     }
@@ -302,6 +294,10 @@ mod tests {
         for _ in 0..15 {
             config.vhost_user.push(crate::VhostUserConfig { socket: "/s".into(), kind: VhostUserKind::Fs { tag: "x".into() } });
         }
-        assert!(matches!(config.validate(), Err(Error::Config(ref why)) if why.contains("cvm's VMM has room for 19")), "{:?}", config.validate());
+        assert!(
+            matches!(config.validate(), Err(Error::Config(ref why)) if why.contains("cvm's VMM has room for 19")),
+            "{:?}",
+            config.validate()
+        );
     }
 }

@@ -15,8 +15,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::console::ConsolePanic;
 use crate::exit::ExitReason;
-use crate::vstate::exit_stats::{HaltState, HaltStats};
 use crate::lock;
+use crate::vstate::exit_stats::{HaltState, HaltStats};
 use crate::vstate::vcpu::{self, Shared};
 
 /// How often the event loop looks at the vCPUs for one halted for good, the PVM watch and the

@@ -32,8 +32,7 @@ impl<'a> DeviceManager<'a> {
     pub(crate) fn new(vm_fd: &'a VmFd, mem: GuestMemory, event_loop: EventLoopHandle, cmdline: &str) -> Result<Self> {
         let mut line = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Config(format!("command line: {e}")))?;
         if !cmdline.trim().is_empty() {
-            line.insert_str(cmdline.trim())
-                .map_err(|e| Error::Config(format!("kernel command line {cmdline:?}: {e}")))?;
+            line.insert_str(cmdline.trim()).map_err(|e| Error::Config(format!("kernel command line {cmdline:?}: {e}")))?;
         }
         Ok(Self {
             vm_fd,
@@ -67,9 +66,7 @@ impl<'a> DeviceManager<'a> {
         let transport = MmioTransport::new(device, self.mem.clone(), Arc::new(Interrupt::new(irqfd)), self.event_loop.clone())?;
         for (queue, kick) in transport.kick_events().iter().enumerate() {
             let notify = IoEventAddress::Mmio(addr + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY));
-            self.vm_fd
-                .register_ioevent(kick, &notify, queue as u32)
-                .map_err(kvm_call("wire a virtio queue notification"))?;
+            self.vm_fd.register_ioevent(kick, &notify, queue as u32).map_err(kvm_call("wire a virtio queue notification"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
         self.add_mmio(addr, MMIO_WINDOW_SIZE, transport.clone())?;

@@ -18,14 +18,23 @@ pub enum ExitReason {
     Halted,
     /// A fault while delivering a double fault: the CPU shuts down. Where it was (the
     /// instruction pointer and the last page-fault address), when KVM still tells.
-    TripleFault { rip: Option<u64>, cr2: Option<u64> },
+    TripleFault {
+        rip: Option<u64>,
+        cr2: Option<u64>,
+    },
     /// KVM gave up on the guest; `emulation` when it could not emulate an instruction.
-    InternalError { emulation: bool, pvm: bool },
+    InternalError {
+        emulation: bool,
+        pvm: bool,
+    },
     /// On a PVM host, a Linux kernel showed no sign of life (no console output, no boot timer)
     /// within [`PVM_LINUX_GRACE`]: it is crawling towards an emulation failure.
     NoProgressOnPvm,
     /// KVM could not enter the guest (bad vCPU state).
-    FailedEntry { reason: u64, cpu: u32 },
+    FailedEntry {
+        reason: u64,
+        cpu: u32,
+    },
     /// The guest's kernel panicked (its console said so), however it went on from there.
     GuestPanic(GuestPanic),
     /// cvm stopped it (the session ended).
@@ -60,12 +69,9 @@ impl std::fmt::Display for ExitReason {
                 write!(f, "KVM internal error: it could not emulate an instruction of the guest")
             }
             ExitReason::InternalError { emulation: false, .. } => write!(f, "KVM internal error"),
-            ExitReason::NoProgressOnPvm => write!(
-                f,
-                "the kernel showed no sign of life after {} s: {}",
-                PVM_LINUX_GRACE.as_secs(),
-                host::PVM_CANNOT_RUN_LINUX
-            ),
+            ExitReason::NoProgressOnPvm => {
+                write!(f, "the kernel showed no sign of life after {} s: {}", PVM_LINUX_GRACE.as_secs(), host::PVM_CANNOT_RUN_LINUX)
+            }
             ExitReason::FailedEntry { reason, cpu } => {
                 write!(f, "KVM could not enter the guest on vCPU {cpu} (hardware reason {reason:#x})")
             }
@@ -103,6 +109,7 @@ pub struct VmExit {
 impl VmExit {
     /// What to tell the user when vCPU threads were left running.
     pub fn stuck_warning(&self) -> Option<String> {
-        (!self.stuck_vcpus.is_empty()).then(|| format!("vCPU {:?} did not stop within {VCPU_STOP_TIMEOUT:?} of the VM's end; left to end with cvm", self.stuck_vcpus))
+        (!self.stuck_vcpus.is_empty())
+            .then(|| format!("vCPU {:?} did not stop within {VCPU_STOP_TIMEOUT:?} of the VM's end; left to end with cvm", self.stuck_vcpus))
     }
 }

@@ -39,8 +39,8 @@ pub fn open_kvm() -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
 /// Opens `path` as the KVM device and checks the capabilities cvm relies on.
 pub fn open_kvm_at(path: std::path::PathBuf) -> Result<kvm_ioctls::Kvm, KvmUnavailable> {
     use kvm_ioctls::Cap;
-    let device = std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes())
-        .map_err(|_| KvmUnavailable::Missing(path.clone()))?;
+    let device =
+        std::ffi::CString::new(path.clone().into_os_string().into_encoded_bytes()).map_err(|_| KvmUnavailable::Missing(path.clone()))?;
     let kvm = kvm_ioctls::Kvm::new_with_path(&device).map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV if in_container() => KvmUnavailable::NotInContainer(path.clone()),
         libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmUnavailable::Missing(path.clone()),

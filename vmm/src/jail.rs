@@ -73,7 +73,9 @@ pub fn write_id_maps(pid: u32) -> io::Result<(u32, u32)> {
     let (host_uid, host_gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
     let (uid_map, gid_map) = id_maps(pid, host_uid, host_gid);
     let proc = Path::new("/proc").join(pid.to_string());
-    let write = |name: &str, contents: &str| std::fs::write(proc.join(name), contents).map_err(|e| io::Error::new(e.kind(), format!("cannot write the VMM's {name}: {e}")));
+    let write = |name: &str, contents: &str| {
+        std::fs::write(proc.join(name), contents).map_err(|e| io::Error::new(e.kind(), format!("cannot write the VMM's {name}: {e}")))
+    };
     if host_uid != 0 {
         // A user may map its own gid only with supplementary groups left as they are.
         write("setgroups", "deny")?;

@@ -20,14 +20,14 @@ pub mod arch;
 mod builder;
 mod config;
 mod console;
+pub mod console_log;
 mod control;
 mod device_manager;
 mod engine;
-pub mod console_log;
-pub mod jail;
 mod exit;
 pub mod guest_panic;
 pub mod host;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 pub mod snapshot;
@@ -37,10 +37,10 @@ pub mod vstate;
 
 pub use config::{parse_memory_size, DiskConfig, NetConfig, VhostUserConfig, VhostUserKind, VmConfig, DEFAULT_CMDLINE};
 pub use engine::{Engine, Finished, RunningVm};
-pub use process::VmProcess;
-pub use vstate::memory::layout;
 pub use exit::{BootTimings, ExitReason, VmExit};
+pub use process::VmProcess;
 pub use vm::{Captured, Vm, VmHandle};
+pub use vstate::memory::layout;
 pub use vstate::vcpu::VcpuState;
 
 /// Everything that can stop a VM from being built or run. Each message says what went wrong

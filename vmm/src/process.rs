@@ -55,9 +55,14 @@ const MAX_EXIT_REPORT: u64 = 1 << 20;
 enum ToVmm {
     /// The VM to run, and how long before the spawn the VMM's clock started (the zero of its
     /// boot timings).
-    Start { config: Box<VmConfig>, since_start: Duration },
+    Start {
+        config: Box<VmConfig>,
+        since_start: Duration,
+    },
     /// The id maps are written; where cvm is root, the unprivileged ids the VMM is to take.
-    Mapped { ids: Option<(u32, u32)> },
+    Mapped {
+        ids: Option<(u32, u32)>,
+    },
     Stop,
     /// Whether the guest has reached its init, and whether the VM has ended.
     Query,
@@ -75,9 +80,14 @@ enum FromVmm {
     Forked,
     /// The VM is built and runs, jailed.
     Started,
-    State { init_reached: bool, ended: bool },
+    State {
+        init_reached: bool,
+        ended: bool,
+    },
     /// The VM is paused; the state's length (in the memfd cvm sent) and the RAM's memfd come along.
-    Captured { state_len: u64 },
+    Captured {
+        state_len: u64,
+    },
     Failed(String),
 }
 
@@ -187,7 +197,8 @@ impl VmProcess {
         if report.is_empty() {
             return Err(Error::Vmm("the VMM process died without a report (see cvm's standard error for its last words)".into()));
         }
-        let report: std::result::Result<VmExit, String> = serde_json::from_slice(&report).map_err(|e| Error::Vmm(format!("the VMM's exit report is unreadable: {e}")))?;
+        let report: std::result::Result<VmExit, String> =
+            serde_json::from_slice(&report).map_err(|e| Error::Vmm(format!("the VMM's exit report is unreadable: {e}")))?;
         report.map_err(Error::Vmm)
     }
 
@@ -327,7 +338,10 @@ fn run(control: &OwnedFd, exit_pipe: File) -> Result<()> {
             jail::prepare(ids)?;
         }
         pid => {
-            let pidfd = rustix::process::pidfd_open(rustix::process::Pid::from_raw(pid).expect("fork returns a pid"), rustix::process::PidfdFlags::empty())?;
+            let pidfd = rustix::process::pidfd_open(
+                rustix::process::Pid::from_raw(pid).expect("fork returns a pid"),
+                rustix::process::PidfdFlags::empty(),
+            )?;
             send(control, &FromVmm::Forked, &[pidfd.as_fd()])?;
             std::process::exit(0);
         }
@@ -370,11 +384,12 @@ fn serve_request(control: &OwnedFd, handle: &crate::VmHandle) -> Result<()> {
         (ToVmm::Stop, _) => handle.stop(),
         (ToVmm::Query, _) => send(control, &FromVmm::State { init_reached: handle.init_reached(), ended: handle.has_ended() }, &[])?,
         (ToVmm::Capture, fds) => {
-            let captured = fds.into_iter().next().ok_or_else(|| Error::Vmm("a capture needs its state file".into())).and_then(|state_file| {
-                let captured = handle.capture()?;
-                File::from(state_file).write_all(&captured.state)?;
-                Ok(captured)
-            });
+            let captured =
+                fds.into_iter().next().ok_or_else(|| Error::Vmm("a capture needs its state file".into())).and_then(|state_file| {
+                    let captured = handle.capture()?;
+                    File::from(state_file).write_all(&captured.state)?;
+                    Ok(captured)
+                });
             match captured {
                 Ok(captured) => send(control, &FromVmm::Captured { state_len: captured.state.len() as u64 }, &[captured.ram.as_fd()])?,
                 Err(e) => send(control, &FromVmm::Failed(e.to_string()), &[])?,
@@ -438,7 +453,13 @@ mod tests {
     use super::*;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        rustix::net::socketpair(rustix::net::AddressFamily::UNIX, rustix::net::SocketType::SEQPACKET, rustix::net::SocketFlags::CLOEXEC, None).unwrap()
+        rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
     }
 
     #[test]

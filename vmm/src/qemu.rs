@@ -107,7 +107,10 @@ pub fn arguments(config: &VmConfig, accel: Accel) -> Vec<OsString> {
         args.extend(["-chardev".into(), chardev]);
         let device = match &vhost.kind {
             VhostUserKind::Vsock => format!("vhost-user-vsock-device,chardev=vhost{index}"),
-            VhostUserKind::Fs { tag } => format!("vhost-user-fs-device,chardev=vhost{index},tag={tag},queue-size={}", cvm_devices::virtio::VhostUserDeviceKind::FS.queue_size),
+            VhostUserKind::Fs { tag } => format!(
+                "vhost-user-fs-device,chardev=vhost{index},tag={tag},queue-size={}",
+                cvm_devices::virtio::VhostUserDeviceKind::FS.queue_size
+            ),
         };
         args.extend(["-device".into(), device.into()]);
     }
@@ -134,11 +137,13 @@ impl QemuVm {
         // Its own process group: a Ctrl-C at the terminal is cvm's to forward, not QEMU's.
         command.process_group(0);
         cvm_sandbox::process::die_with_parent(&mut command);
-        let mut child = command.spawn().map_err(|e| {
-            Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display()))
-        })?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::Config(format!("cannot start {}: {e} (Debian package qemu-system-x86)", options.binary.display())))?;
         let console_relay = match (&config.console_log, child.stdout.take()) {
-            (Some(path), Some(stdout)) => Some(crate::console_log::relay(stdout, path).map_err(|source| Error::File { path: path.clone(), source })?),
+            (Some(path), Some(stdout)) => {
+                Some(crate::console_log::relay(stdout, path).map_err(|source| Error::File { path: path.clone(), source })?)
+            }
             _ => None,
         };
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -210,7 +215,9 @@ mod tests {
         config.rng = false;
         config.console_log = Some("/run/x/console.log".into());
         config.vhost_user.push(VhostUserConfig { socket: "/run/x/vsock.vhost".into(), kind: VhostUserKind::Vsock });
-        config.vhost_user.push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
+        config
+            .vhost_user
+            .push(VhostUserConfig { socket: "/run/x/fs-project.vhost".into(), kind: VhostUserKind::Fs { tag: "project".into() } });
         config.disks.push(crate::DiskConfig { path: "/img/root,1.erofs".into(), read_only: true });
         config.network = Some(crate::NetConfig { socket: "/run/x/net.sock".into(), mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef] });
         let args: Vec<String> = arguments(&config, Accel::Tcg { tsc_khz: None }).into_iter().map(|a| a.into_string().unwrap()).collect();

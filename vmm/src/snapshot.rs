@@ -98,7 +98,11 @@ impl Snapshot {
                 return Err(corrupt(dir, format!("disk-{index} is not {size} bytes")));
             }
             let to = std::fs::OpenOptions::new().write(true).open(disk).map_err(file_err(disk))?;
-            to.set_len(0).and_then(|()| to.set_len(size)).and_then(|()| copy_pages(&from, &to, size, true)).map(drop).map_err(file_err(disk))?;
+            to.set_len(0)
+                .and_then(|()| to.set_len(size))
+                .and_then(|()| copy_pages(&from, &to, size, true))
+                .map(drop)
+                .map_err(file_err(disk))?;
         }
         Ok(())
     }
@@ -213,7 +217,8 @@ pub(crate) fn data_runs(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)
         let data = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(runs) } else { Err(e) }; // no data after offset
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(runs) } else { Err(e) };
+            // no data after offset
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };

@@ -201,11 +201,7 @@ impl Vm {
         let threads: Vec<JoinHandle<()>> = self
             .vcpus
             .drain(..)
-            .map(|vcpu| {
-                std::thread::Builder::new()
-                    .name(format!("vcpu{}", vcpu.index))
-                    .spawn(move || vcpu.run())
-            })
+            .map(|vcpu| std::thread::Builder::new().name(format!("vcpu{}", vcpu.index)).spawn(move || vcpu.run()))
             .collect::<std::io::Result<_>>()?;
         let pthreads: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
         *lock(&self.vcpu_threads) = pthreads.clone();

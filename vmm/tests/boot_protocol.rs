@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use cvm_vmm::layout::*;
 use cvm_vmm::arch::x86_64::{self, mptable, BootInfo, EntryPoint};
+use cvm_vmm::layout::*;
 use linux_loader::bootparam::boot_params;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
@@ -76,7 +76,8 @@ fn vmlinux_boots_through_pvh_with_start_info() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(initrd_addr + initrd_size - 1)).unwrap(), 0x5a);
 
     let line = cmdline("console=ttyS0 reboot=k");
-    x86_64::write_boot_info(&mem, &BootInfo { kernel: &loaded, cmdline: &line, initrd: Some((initrd_addr, initrd_size)), memory: MEMORY }).unwrap();
+    x86_64::write_boot_info(&mem, &BootInfo { kernel: &loaded, cmdline: &line, initrd: Some((initrd_addr, initrd_size)), memory: MEMORY })
+        .unwrap();
 
     let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
     assert_eq!(info.magic, 0x336e_c578);
@@ -116,7 +117,8 @@ fn bzimage_boots_through_the_64bit_entry_with_a_zero_page() {
     assert!(initrd_addr + initrd_size <= u64::from(header.initrd_addr_max) + 1);
 
     let line = cmdline("console=ttyS0 panic=-1");
-    x86_64::write_boot_info(&mem, &BootInfo { kernel: &loaded, cmdline: &line, initrd: Some((initrd_addr, initrd_size)), memory: MEMORY }).unwrap();
+    x86_64::write_boot_info(&mem, &BootInfo { kernel: &loaded, cmdline: &line, initrd: Some((initrd_addr, initrd_size)), memory: MEMORY })
+        .unwrap();
     let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
     assert_eq!({ params.hdr.header }, 0x5372_6448);
     assert_eq!(params.hdr.type_of_loader, 0xff);

@@ -6,7 +6,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
 use cvm_backends::vsock::VsockServer;
-use cvm_devices::virtio::{DeviceConfig, GuestMemory, Interrupt, MmioTransport, Subscriber, VhostUserDevice, VhostUserDeviceKind, FS_TAG_LEN};
+use cvm_devices::virtio::{
+    DeviceConfig, GuestMemory, Interrupt, MmioTransport, Subscriber, VhostUserDevice, VhostUserDeviceKind, FS_TAG_LEN,
+};
 use cvm_virtual_guest::{GuestQueue, MmioDriver};
 use event_manager::EventManager;
 use virtio_bindings::virtio_mmio::*;
@@ -62,7 +64,15 @@ fn request(d: &MmioDriver, mem: &GuestMemory, queues: &mut [GuestQueue], from: u
 }
 
 /// As [`request`], then waits for the host's end and the guest's RESPONSE.
-fn connect(d: &MmioDriver, mem: &GuestMemory, irq: &EventFd, queues: &mut [GuestQueue], from: u32, to: u32, listener: &UnixListener) -> UnixStream {
+fn connect(
+    d: &MmioDriver,
+    mem: &GuestMemory,
+    irq: &EventFd,
+    queues: &mut [GuestQueue],
+    from: u32,
+    to: u32,
+    listener: &UnixListener,
+) -> UnixStream {
     request(d, mem, queues, from, to);
     let (host, _) = listener.accept().unwrap();
     // Packets may come before the RESPONSE (credit updates); the TX and RX interrupts may
@@ -91,8 +101,7 @@ fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend_before_and
     let dir = tempfile::tempdir().unwrap();
     let ram = tempfile::tempfile().unwrap();
     ram.set_len(16 << 20).unwrap();
-    let mem: GuestMemory =
-        GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), 16 << 20, Some(FileOffset::new(ram, 0)))]).unwrap();
+    let mem: GuestMemory = GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), 16 << 20, Some(FileOffset::new(ram, 0)))]).unwrap();
     let vhost_path = dir.path().join("vsock.vhost");
     let server = VsockServer::start(GUEST_CID, &dir.path().join("v.sock"), UnixListener::bind(&vhost_path).unwrap()).unwrap();
     let listener = UnixListener::bind(dir.path().join("v.sock_1234")).unwrap();
@@ -101,7 +110,9 @@ fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend_before_and
     let device = VhostUserDevice::connect(UnixStream::connect(&vhost_path).unwrap(), kind, DeviceConfig::FromBackend).unwrap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let event_loop = EventManager::<Subscriber>::new().unwrap();
-    let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone().unwrap())), event_loop.remote_endpoint()).unwrap();
+    let transport =
+        MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone().unwrap())), event_loop.remote_endpoint())
+            .unwrap();
     let d = MmioDriver(Arc::new(Mutex::new(transport)));
 
     assert_eq!(d.read(VIRTIO_MMIO_DEVICE_ID), VhostUserDeviceKind::VSOCK.device_type);
@@ -115,7 +126,10 @@ fn a_guest_reaches_a_host_socket_through_the_frontend_and_the_backend_before_and
     request(&d, &mem, &mut queues, 5002, 1234);
     std::thread::sleep(std::time::Duration::from_millis(300));
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the backend served a ring after the driver's reset");
+    assert!(
+        listener.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the backend served a ring after the driver's reset"
+    );
     listener.set_nonblocking(false).unwrap();
     let _ = irq.read();
     let mut queues = bring_up(&d, 0x4_0000);

@@ -96,7 +96,9 @@ mod tests {
 
     #[test]
     fn a_thread_that_drops_its_capabilities_holds_none_and_starts_threads_with_none() {
-        let caps = |line: &str| std::fs::read_to_string("/proc/thread-self/status").unwrap().lines().find(|l| l.starts_with(line)).unwrap().to_string();
+        let caps = |line: &str| {
+            std::fs::read_to_string("/proc/thread-self/status").unwrap().lines().find(|l| l.starts_with(line)).unwrap().to_string()
+        };
         std::thread::spawn(move || {
             drop_capabilities().unwrap();
             for set in ["CapEff:", "CapPrm:", "CapInh:"] {

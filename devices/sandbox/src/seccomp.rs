@@ -338,7 +338,8 @@ fn program(role: Role) -> io::Result<BpfProgram> {
     if let std::collections::btree_map::Entry::Vacant(open) = rules.entry(libc::SYS_openat) {
         // glibc's allocator reads /proc/sys/vm/overcommit_memory when a thread's arena
         // shrinks: a role that opens no file of its own may open files for reading only.
-        let read_only = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(bad)?;
+        let read_only =
+            SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(bad)?;
         open.insert(vec![SeccompRule::new(vec![read_only]).map_err(bad)?]);
     }
     if matches!(role, Role::Vmm | Role::Listener | Role::ExecRelay) {
@@ -399,7 +400,15 @@ fn report_violations() -> io::Result<()> {
         // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL-terminated, into the buffer.
         unsafe { libc::prctl(libc::PR_GET_NAME, thread.as_mut_ptr()) };
         let thread = &thread[..thread.iter().position(|&b| b == 0).unwrap_or(thread.len())];
-        let parts: [&[u8]; 7] = [b"cvm", role.as_bytes(), b": seccomp: system call ", &number[at..], b" by thread '", thread, b"' is not allowed for its role\n"];
+        let parts: [&[u8]; 7] = [
+            b"cvm",
+            role.as_bytes(),
+            b": seccomp: system call ",
+            &number[at..],
+            b" by thread '",
+            thread,
+            b"' is not allowed for its role\n",
+        ];
         for part in parts {
             // SAFETY: write is async-signal-safe; the bytes live on this stack or are static.
             unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };

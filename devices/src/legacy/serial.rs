@@ -1,10 +1,10 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::NoEvents;
-use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 use vm_superio::Serial;
 
@@ -187,6 +187,9 @@ mod tests {
 
         let mut flood = saved.clone();
         flood.fifo = vec![0; 65];
-        assert!(SerialConsole::from_state(&flood, EventFdTrigger::new(EventFd::new(0).unwrap()), Box::new(std::io::sink())).is_err(), "more than the FIFO holds");
+        assert!(
+            SerialConsole::from_state(&flood, EventFdTrigger::new(EventFd::new(0).unwrap()), Box::new(std::io::sink())).is_err(),
+            "more than the FIFO holds"
+        );
     }
 }

@@ -11,8 +11,8 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -166,11 +166,24 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, _features: u64, mem: GuestMemory, mut queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
-        let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "virtio-blk needs its queue"))?;
+    fn activate(
+        &mut self,
+        _features: u64,
+        mem: GuestMemory,
+        mut queues: Vec<ActiveQueue>,
+        interrupt: Arc<Interrupt>,
+    ) -> io::Result<Option<Subscriber>> {
+        let ActiveQueue { queue, kick, .. } =
+            queues.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "virtio-blk needs its queue"))?;
         // The worker gets its own handle, so that after a reset the next activation has one too.
         let file = self.file.try_clone()?;
-        self.io.activate(BlockWorker { mem, queue, kick, interrupt, disk: Disk { file, read_only: self.read_only, sectors: self.sectors } })?;
+        self.io.activate(BlockWorker {
+            mem,
+            queue,
+            kick,
+            interrupt,
+            disk: Disk { file, read_only: self.read_only, sectors: self.sectors },
+        })?;
         Ok(None)
     }
 
@@ -314,10 +327,10 @@ impl Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::QueueT;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const HDR: u64 = 0x10_0000;
@@ -357,14 +370,24 @@ mod tests {
         vq.build_desc_chain(chain).unwrap();
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let mut w = BlockWorker { mem: mem.clone(), queue, kick: EventFd::new(0).unwrap(), interrupt, disk: Disk { file, read_only, sectors: DISK_SECTORS } };
+        let mut w = BlockWorker {
+            mem: mem.clone(),
+            queue,
+            kick: EventFd::new(0).unwrap(),
+            interrupt,
+            disk: Disk { file, read_only, sectors: DISK_SECTORS },
+        };
         assert_eq!(w.process_queue(), 1, "every chain comes back");
         let used_len: u32 = mem.read_obj(GuestAddress(w.queue.used_ring() + 8)).unwrap();
         (used_len, mem.read_obj(GuestAddress(STATUS)).unwrap())
     }
 
     fn request(data_len: u32, data_flags: u32) -> [RawDescriptor; 3] {
-        [desc(HDR, 16, VRING_DESC_F_NEXT, 1), desc(DATA, data_len, data_flags | VRING_DESC_F_NEXT, 2), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)]
+        [
+            desc(HDR, 16, VRING_DESC_F_NEXT, 1),
+            desc(DATA, data_len, data_flags | VRING_DESC_F_NEXT, 2),
+            desc(STATUS, 1, VRING_DESC_F_WRITE, 0),
+        ]
     }
 
     #[test]
@@ -385,7 +408,10 @@ mod tests {
         assert_eq!(on_disk, [0xab; 512]);
 
         header(&mem, VIRTIO_BLK_T_FLUSH, 0);
-        assert_eq!(run(&mem, file.try_clone().unwrap(), false, &[desc(HDR, 16, VRING_DESC_F_NEXT, 1), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)]).1, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            run(&mem, file.try_clone().unwrap(), false, &[desc(HDR, 16, VRING_DESC_F_NEXT, 1), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)]).1,
+            VIRTIO_BLK_S_OK as u8
+        );
         header(&mem, VIRTIO_BLK_T_GET_ID, 0);
         assert_eq!(run(&mem, file, false, &request(20, VRING_DESC_F_WRITE)).1, VIRTIO_BLK_S_OK as u8);
         let mut id = [0u8; 8];
@@ -420,8 +446,24 @@ mod tests {
             ("read into a device-readable buffer", VIRTIO_BLK_T_IN, 0, request(512, 0).to_vec(), VIRTIO_BLK_S_OK as u8),
             ("unknown request", 0xdead, 0, request(512, 0).to_vec(), VIRTIO_BLK_S_UNSUPP as u8),
             ("discard", VIRTIO_BLK_T_DISCARD, 0, request(16, 0).to_vec(), VIRTIO_BLK_S_UNSUPP as u8),
-            ("short header", VIRTIO_BLK_T_IN, 0, vec![desc(HDR, 8, VRING_DESC_F_NEXT, 1), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)], VIRTIO_BLK_S_IOERR as u8),
-            ("data outside guest RAM", VIRTIO_BLK_T_OUT, 0, vec![desc(HDR, 16, VRING_DESC_F_NEXT, 1), desc(0xffff_f000, 512, VRING_DESC_F_NEXT, 2), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)], 0xff),
+            (
+                "short header",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![desc(HDR, 8, VRING_DESC_F_NEXT, 1), desc(STATUS, 1, VRING_DESC_F_WRITE, 0)],
+                VIRTIO_BLK_S_IOERR as u8,
+            ),
+            (
+                "data outside guest RAM",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![
+                    desc(HDR, 16, VRING_DESC_F_NEXT, 1),
+                    desc(0xffff_f000, 512, VRING_DESC_F_NEXT, 2),
+                    desc(STATUS, 1, VRING_DESC_F_WRITE, 0),
+                ],
+                0xff,
+            ),
         ];
         for (what, kind, sector, chain, want) in cases {
             header(&mem, kind, sector);
@@ -451,7 +493,13 @@ mod tests {
         let (disk, _) = disk();
         // Never run: the device must not need the event loop.
         let event_loop = EventManager::<Subscriber>::new().unwrap();
-        let transport = MmioTransport::new(Box::new(Block::new(disk.reopen().unwrap(), false).unwrap()), mem.clone(), Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), event_loop.remote_endpoint()).unwrap();
+        let transport = MmioTransport::new(
+            Box::new(Block::new(disk.reopen().unwrap(), false).unwrap()),
+            mem.clone(),
+            Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            event_loop.remote_endpoint(),
+        )
+        .unwrap();
         let driver = MmioDriver(Arc::new(Mutex::new(transport)));
         let read_sector = |queue: &mut GuestQueue, sector: u64| -> u8 {
             header(&mem, VIRTIO_BLK_T_IN, sector);

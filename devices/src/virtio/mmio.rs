@@ -5,9 +5,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use event_manager::SubscriberId;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
@@ -123,9 +122,7 @@ impl MmioTransport {
         event_loop: EventLoopHandle,
     ) -> std::io::Result<Self> {
         let queues = fresh_queues(device.as_ref());
-        let kicks = (0..queues.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<_>>()?;
+        let kicks = (0..queues.len()).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<_>>()?;
         Ok(Self {
             device,
             mem,
@@ -257,16 +254,10 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => {
-                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
-                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
                 match self.driver_features_sel {
-                    0 if negotiating => {
-                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
-                    }
-                    1 if negotiating => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
+                    0 if negotiating => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+                    1 if negotiating => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
                     _ => tracing::debug!("virtio-mmio: feature write ignored"),
                 }
             }
@@ -284,19 +275,31 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH if setup => {
                 let high = offset == VIRTIO_MMIO_QUEUE_DESC_HIGH;
                 if let Some(q) = self.selected_queue() {
-                    if high { q.set_desc_table_address(None, Some(value)) } else { q.set_desc_table_address(Some(value), None) }
+                    if high {
+                        q.set_desc_table_address(None, Some(value))
+                    } else {
+                        q.set_desc_table_address(Some(value), None)
+                    }
                 }
             }
             VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH if setup => {
                 let high = offset == VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
                 if let Some(q) = self.selected_queue() {
-                    if high { q.set_avail_ring_address(None, Some(value)) } else { q.set_avail_ring_address(Some(value), None) }
+                    if high {
+                        q.set_avail_ring_address(None, Some(value))
+                    } else {
+                        q.set_avail_ring_address(Some(value), None)
+                    }
                 }
             }
             VIRTIO_MMIO_QUEUE_USED_LOW | VIRTIO_MMIO_QUEUE_USED_HIGH if setup => {
                 let high = offset == VIRTIO_MMIO_QUEUE_USED_HIGH;
                 if let Some(q) = self.selected_queue() {
-                    if high { q.set_used_ring_address(None, Some(value)) } else { q.set_used_ring_address(Some(value), None) }
+                    if high {
+                        q.set_used_ring_address(None, Some(value))
+                    } else {
+                        q.set_used_ring_address(Some(value), None)
+                    }
                 }
             }
             VIRTIO_MMIO_QUEUE_NOTIFY => {
@@ -323,7 +326,8 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         let mut next = value;
-        if added & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0 && added & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0 {
+        if added & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0 && added & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0
+        {
             next &= !VIRTIO_CONFIG_S_DRIVER;
         }
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
@@ -349,10 +353,7 @@ impl MmioTransport {
 
     fn activate(&mut self) -> std::io::Result<()> {
         if let Some(bad) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("queue {bad} does not fit in guest memory"),
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("queue {bad} does not fit in guest memory")));
         }
         let queues = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
         self.activated = queues.iter().map(|q| q.ready().then(|| QueueState::of(q))).collect();
@@ -363,12 +364,7 @@ impl MmioTransport {
             .filter(|(_, (q, _))| q.ready())
             .map(|(index, (queue, kick))| Ok(ActiveQueue { index, queue, kick: kick.try_clone()? }))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let worker = self.device.activate(
-            self.driver_features,
-            self.mem.clone(),
-            active,
-            self.interrupt.clone(),
-        )?;
+        let worker = self.device.activate(self.driver_features, self.mem.clone(), active, self.interrupt.clone())?;
         if let Some(worker) = worker {
             // Handed over, not waited for: the vCPU that set DRIVER_OK goes back to the guest at
             // once, and the event loop takes the worker before any later message (a reset's).
@@ -411,11 +407,7 @@ impl MmioTransport {
 }
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
-    device
-        .queue_max_sizes()
-        .iter()
-        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
-        .collect()
+    device.queue_max_sizes().iter().map(|&max| Queue::new(max).expect("device queue sizes are powers of two")).collect()
 }
 
 impl MutDeviceMmio for MmioTransport {
@@ -450,8 +442,8 @@ mod tests {
     //! interrupt) while this thread runs the VMM's event loop.
 
     use super::*;
-    use cvm_virtual_guest::MmioDriver as Driver;
     use crate::virtio::{Rng, Subscriber};
+    use cvm_virtual_guest::MmioDriver as Driver;
     use event_manager::EventManager;
     use std::sync::Mutex;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;

@@ -81,7 +81,13 @@ impl VirtioDevice for Net {
         super::read_config_bytes(&self.mac, offset, data);
     }
 
-    fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
+    fn activate(
+        &mut self,
+        features: u64,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<Interrupt>,
+    ) -> io::Result<Option<Subscriber>> {
         let mut rx = None;
         let mut tx = None;
         for queue in queues {
@@ -96,7 +102,8 @@ impl VirtioDevice for Net {
         };
         // The transport stops a worker (and so gets the wire back) before it activates again.
         let wire = self.wire.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Wire { socket, outgoing, incoming, peer_gone, hung_up } = wire.ok_or_else(|| io::Error::other("virtio-net: activated while active"))?;
+        let Wire { socket, outgoing, incoming, peer_gone, hung_up } =
+            wire.ok_or_else(|| io::Error::other("virtio-net: activated while active"))?;
         socket.set_nonblocking(true)?;
         Ok(Some(Box::new(NetWorker {
             mem,
@@ -243,8 +250,8 @@ impl NetWorker {
             let fits = chains.iter().map(|(_, room)| room).sum::<usize>() >= NET_HDR_LEN + frame_len;
             let mut header = [0u8; NET_HDR_LEN];
             header[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes()); // num_buffers
-            // The header and the frame, spread over the buffers in order; a frame that does not
-            // fit is dropped and its buffers go back empty.
+                                                                                  // The header and the frame, spread over the buffers in order; a frame that does not
+                                                                                  // fit is dropped and its buffers go back empty.
             let mut bytes = header.iter().chain(frame).copied();
             for (chain, room) in chains {
                 let head = chain.head_index();
@@ -315,7 +322,12 @@ impl NetWorker {
 /// buffers as many as it takes. `None` (nothing taken) when the guest has not posted enough
 /// yet. A guest whose whole ring cannot hold the frame gets it dropped rather than stalling
 /// the link.
-fn take_rx_buffers<'a>(rx: &mut Queue, mem: &'a GuestMemory, mergeable: bool, needed: usize) -> Option<Vec<(DescriptorChain<&'a GuestMemory>, usize)>> {
+fn take_rx_buffers<'a>(
+    rx: &mut Queue,
+    mem: &'a GuestMemory,
+    mergeable: bool,
+    needed: usize,
+) -> Option<Vec<(DescriptorChain<&'a GuestMemory>, usize)>> {
     let start = rx.next_avail();
     let mut chains = Vec::new();
     let mut room = 0;
@@ -336,7 +348,9 @@ fn take_rx_buffers<'a>(rx: &mut Queue, mem: &'a GuestMemory, mergeable: bool, ne
 
 impl MutEventSubscriber for NetWorker {
     fn init(&mut self, ops: &mut EventOps) {
-        for events in [Events::new(&self.rx_kick, EventSet::IN), Events::new(&self.tx_kick, EventSet::IN), Events::new(&self.socket, EventSet::IN)] {
+        for events in
+            [Events::new(&self.rx_kick, EventSet::IN), Events::new(&self.tx_kick, EventSet::IN), Events::new(&self.socket, EventSet::IN)]
+        {
             if let Err(e) = ops.add(events) {
                 tracing::error!("virtio-net: cannot watch a queue or the socket: {e:?}");
             }

@@ -43,9 +43,8 @@ impl VirtioDevice for Rng {
         mut queues: Vec<ActiveQueue>,
         interrupt: Arc<Interrupt>,
     ) -> std::io::Result<Option<Subscriber>> {
-        let ActiveQueue { queue, kick, .. } = queues.pop().ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "virtio-rng needs its queue")
-        })?;
+        let ActiveQueue { queue, kick, .. } =
+            queues.pop().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "virtio-rng needs its queue"))?;
         Ok(Some(Box::new(RngWorker { mem, queue, kick, interrupt })))
     }
 }
@@ -92,9 +91,7 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own.
-        let n = unsafe {
-            libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0)
-        };
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
@@ -123,10 +120,10 @@ impl MutEventSubscriber for RngWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::QueueT;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::QueueT;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -135,12 +132,7 @@ mod tests {
         vq.build_desc_chain(descs).unwrap();
         let queue: Queue = vq.create_queue().unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let w = RngWorker {
-            mem: mem.clone(),
-            queue,
-            kick: EventFd::new(0).unwrap(),
-            interrupt: interrupt.clone(),
-        };
+        let w = RngWorker { mem: mem.clone(), queue, kick: EventFd::new(0).unwrap(), interrupt: interrupt.clone() };
         (w, interrupt)
     }
 
@@ -170,10 +162,7 @@ mod tests {
     #[test]
     fn read_only_and_out_of_bounds_buffers_get_nothing() {
         let mem = mem();
-        let chain = [
-            desc(0x10_0000, 64, VRING_DESC_F_NEXT, 1),
-            desc(0xffff_ff00, 4096, VRING_DESC_F_WRITE, 0),
-        ];
+        let chain = [desc(0x10_0000, 64, VRING_DESC_F_NEXT, 1), desc(0xffff_ff00, 4096, VRING_DESC_F_WRITE, 0)];
         let (mut w, _) = worker(&mem, &chain);
         assert_eq!(w.process_queue(), 1, "the chain is completed, with nothing written");
         let used_len: u32 = mem.read_obj(GuestAddress(w.queue.used_ring() + 4 + 4)).unwrap();

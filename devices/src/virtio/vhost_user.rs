@@ -45,7 +45,8 @@ impl VhostUserDeviceKind {
     pub const VSOCK: VhostUserDeviceKind = VhostUserDeviceKind { device_type: 19, num_queues: 3, queue_size: 1024, config_len: 8 };
     /// virtio-fs: the high-priority queue and one request queue; the config space is the tag
     /// ([`FS_TAG_LEN`] bytes) and the number of request queues (le32).
-    pub const FS: VhostUserDeviceKind = VhostUserDeviceKind { device_type: 26, num_queues: 2, queue_size: 1024, config_len: FS_TAG_LEN as u32 + 4 };
+    pub const FS: VhostUserDeviceKind =
+        VhostUserDeviceKind { device_type: 26, num_queues: 2, queue_size: 1024, config_len: FS_TAG_LEN as u32 + 4 };
 }
 
 /// The longest tag a virtio-fs config space holds.
@@ -96,9 +97,8 @@ impl VhostUserDevice {
             frontend.set_protocol_features(used).map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
             if from_backend && used.contains(VhostUserProtocolFeatures::CONFIG) && kind.config_len > 0 {
                 let buf = vec![0u8; kind.config_len as usize];
-                let (_, payload) = frontend
-                    .get_config(0, kind.config_len, VhostUserConfigFlags::WRITABLE, &buf)
-                    .map_err(vhost_err("GET_CONFIG"))?;
+                let (_, payload) =
+                    frontend.get_config(0, kind.config_len, VhostUserConfigFlags::WRITABLE, &buf).map_err(vhost_err("GET_CONFIG"))?;
                 config = payload;
             }
         }
@@ -156,7 +156,13 @@ impl VirtioDevice for VhostUserDevice {
         super::read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, features: u64, mem: GuestMemory, queues: Vec<ActiveQueue>, interrupt: Arc<Interrupt>) -> io::Result<Option<Subscriber>> {
+    fn activate(
+        &mut self,
+        features: u64,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Arc<Interrupt>,
+    ) -> io::Result<Option<Subscriber>> {
         let protocol = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend.set_features(features | protocol).map_err(vhost_err("SET_FEATURES"))?;
         // A private mapping (in a restored guest, memory no device touches: the kernel's code,

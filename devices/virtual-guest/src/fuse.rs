@@ -85,7 +85,14 @@ impl Entry {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
         let attr = 40;
-        Ok(Entry { nodeid: u64_at(0), ino: u64_at(attr), size: u64_at(attr + 8), mode: u32_at(attr + 60), uid: u32_at(attr + 68), gid: u32_at(attr + 72) })
+        Ok(Entry {
+            nodeid: u64_at(0),
+            ino: u64_at(attr),
+            size: u64_at(attr + 8),
+            mode: u32_at(attr + 60),
+            uid: u32_at(attr + 68),
+            gid: u32_at(attr + 72),
+        })
     }
 }
 
@@ -125,8 +132,9 @@ impl FuseGuest {
         let device = VhostUserDevice::connect(UnixStream::connect(socket)?, kind, DeviceConfig::Local(vec![0; kind.config_len as usize]))?;
         let irq = EventFd::new(EFD_NONBLOCK)?;
         let event_loop = EventManager::<Subscriber>::new().map_err(|e| io::Error::other(format!("{e:?}")))?;
-        let transport = MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone()?)), event_loop.remote_endpoint())
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let transport =
+            MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq.try_clone()?)), event_loop.remote_endpoint())
+                .map_err(|e| io::Error::other(format!("{e:?}")))?;
         let transport = Arc::new(Mutex::new(transport));
         let driver = MmioDriver(transport.clone());
         driver.negotiate();
@@ -204,7 +212,15 @@ impl FuseGuest {
 
     /// Sends one request (with `data` as a second device-readable buffer, if any) and waits
     /// for its reply; returns the payload's length, which stays in guest RAM.
-    fn send(&mut self, opcode: u32, nodeid: u64, args: &[u8], data: Option<(u64, u32)>, reply_room: u32, (uid, gid): (u32, u32)) -> io::Result<u32> {
+    fn send(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[u8],
+        data: Option<(u64, u32)>,
+        reply_room: u32,
+        (uid, gid): (u32, u32),
+    ) -> io::Result<u32> {
         let data_len = data.map_or(0, |(_, len)| len as usize);
         if args.len() > (MAX_PAYLOAD as usize + 4096) || reply_room > MAX_PAYLOAD {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "request too large for the virtual guest"));
@@ -318,7 +334,8 @@ impl FuseGuest {
         args.extend_from_slice(&name(n));
         let reply = self.request(op::CREATE, parent, &args, 128 + 16)?;
         let entry = Entry::parse(&reply)?;
-        let fh = u64::from_le_bytes(reply.get(128..136).ok_or_else(|| io::Error::other("short create reply"))?.try_into().expect("8 bytes"));
+        let fh =
+            u64::from_le_bytes(reply.get(128..136).ok_or_else(|| io::Error::other("short create reply"))?.try_into().expect("8 bytes"));
         Ok((entry, fh))
     }
 

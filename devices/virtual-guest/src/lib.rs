@@ -8,7 +8,9 @@ pub mod fuse;
 
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+};
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vm_device::bus::MmioAddress;
@@ -54,7 +56,9 @@ impl<T: MutDeviceMmio> MmioDriver<T> {
     pub fn setup_queue(&self, index: u32, queue: &GuestQueue) {
         self.write(VIRTIO_MMIO_QUEUE_SEL, index);
         self.write(VIRTIO_MMIO_QUEUE_NUM, u32::from(queue.size));
-        for (reg, addr) in [(VIRTIO_MMIO_QUEUE_DESC_LOW, queue.desc), (VIRTIO_MMIO_QUEUE_AVAIL_LOW, queue.avail), (VIRTIO_MMIO_QUEUE_USED_LOW, queue.used)] {
+        for (reg, addr) in
+            [(VIRTIO_MMIO_QUEUE_DESC_LOW, queue.desc), (VIRTIO_MMIO_QUEUE_AVAIL_LOW, queue.avail), (VIRTIO_MMIO_QUEUE_USED_LOW, queue.used)]
+        {
             self.write(reg, addr as u32);
             self.write(reg + 4, (addr >> 32) as u32);
         }

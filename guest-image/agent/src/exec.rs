@@ -39,7 +39,10 @@ pub fn serve(conn: File) {
             Some(Request::Forward { port }) => match crate::relay::connect_local(port) {
                 Ok(local) => {
                     send(&writer, &Reply::Done)?;
-                    let conn = Arc::try_unwrap(writer).map_err(|_| io::Error::other("the connection is shared"))?.into_inner().map_err(|_| io::Error::other("poisoned"))?;
+                    let conn = Arc::try_unwrap(writer)
+                        .map_err(|_| io::Error::other("the connection is shared"))?
+                        .into_inner()
+                        .map_err(|_| io::Error::other("poisoned"))?;
                     crate::relay::splice(conn, local);
                     Ok(())
                 }
@@ -133,11 +136,8 @@ fn run(exec: Exec, mut reader: File, writer: Writer) -> io::Result<()> {
     for p in pumps {
         let _ = p.join();
     }
-    let status = if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    };
+    let status =
+        if libc::WIFSIGNALED(status) { ExitStatus::Signal(libc::WTERMSIG(status)) } else { ExitStatus::Code(libc::WEXITSTATUS(status)) };
     send(&writer, &Reply::Exited(status))?;
     let _ = writer.lock().unwrap().flush();
     // SAFETY: shutdown on our own socket fd; it ends the input thread's blocking read.
@@ -271,10 +271,8 @@ fn start(exec: &Exec) -> Result<Child, StartError> {
     };
     let path = cstring(&path, "the program path")?;
     let argv: Vec<CString> = exec.argv.iter().map(|a| cstring(a, "an argument")).collect::<Result<_, _>>()?;
-    let envp: Vec<CString> = env
-        .iter()
-        .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat(), "an environment variable"))
-        .collect::<Result<_, _>>()?;
+    let envp: Vec<CString> =
+        env.iter().map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat(), "an environment variable")).collect::<Result<_, _>>()?;
     let cwd = exec.cwd.as_deref().map(|c| cstring(c, "the working directory")).transpose()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());

@@ -23,7 +23,8 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [Workload::SeqRead, Workload::SeqWrite, Workload::RandomRead, Workload::CreateStatUnlink, Workload::Walk];
+    pub const ALL: [Workload; 5] =
+        [Workload::SeqRead, Workload::SeqWrite, Workload::RandomRead, Workload::CreateStatUnlink, Workload::Walk];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -57,7 +57,8 @@ fn poke_boot_timer() -> std::io::Result<()> {
     // SAFETY: maps one page of the boot timer's MMIO window, writes one byte to it and unmaps
     // it; the mapping is private to this function.
     unsafe {
-        let page = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_WRITE, libc::MAP_SHARED, mem.as_raw_fd(), BOOT_TIMER_ADDR as libc::off_t);
+        let page =
+            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_WRITE, libc::MAP_SHARED, mem.as_raw_fd(), BOOT_TIMER_ADDR as libc::off_t);
         if page == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -155,7 +156,9 @@ fn parse_args() -> Result<Options, String> {
     let mut ready = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().and_then(|v| Address::parse(&v)).ok_or(format!("{name} needs vsock:PORT, vsock:CID:PORT or unix:PATH"));
+        let mut value = |name: &str| {
+            args.next().and_then(|v| Address::parse(&v)).ok_or(format!("{name} needs vsock:PORT, vsock:CID:PORT or unix:PATH"))
+        };
         match arg.as_str() {
             "--listen" => listen = Some(value("--listen")?),
             "--ready" => ready = Some(value("--ready")?),
@@ -188,7 +191,8 @@ fn bench_fs(args: &[String]) -> Result<f64, String> {
         [workload, dir, file, random_reads, files, round] => {
             let workload = Workload::from_key(workload).ok_or(format!("bench-fs: no workload {workload:?}"))?;
             let sizes = Sizes { file: number(file)?, random_reads: number(random_reads)? as usize, files: number(files)? as usize };
-            fs_workloads::measure(workload, dir.as_ref(), sizes, number(round)? as usize).map_err(|e| format!("bench-fs {}: {e}", workload.key()))
+            fs_workloads::measure(workload, dir.as_ref(), sizes, number(round)? as usize)
+                .map_err(|e| format!("bench-fs {}: {e}", workload.key()))
         }
         _ => Err("usage: cvm-agent bench-fs WORKLOAD DIR FILE_BYTES RANDOM_READS FILES ROUND | bench-fs compile SRC OUT".into()),
     }

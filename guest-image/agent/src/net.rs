@@ -99,7 +99,12 @@ impl Control {
 
 /// An IPv4 address as the generic sockaddr that interface ioctls take.
 fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
-    let inet = libc::sockaddr_in { sin_family: libc::AF_INET as libc::sa_family_t, sin_port: 0, sin_addr: libc::in_addr { s_addr: u32::from(address).to_be() }, sin_zero: [0; 8] };
+    let inet = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(address).to_be() },
+        sin_zero: [0; 8],
+    };
     // SAFETY: sockaddr_in and sockaddr are both 16 bytes, and the kernel reads an AF_INET
     // sockaddr as a sockaddr_in.
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(inet) }

@@ -69,7 +69,9 @@ pub enum Request {
     /// Connect this stream to 127.0.0.1:port in the guest (a published port): answered with
     /// [`Reply::Done`], after which the connection carries the bytes both ways, or with
     /// [`Reply::Failed`].
-    Forward { port: u16 },
+    Forward {
+        port: u16,
+    },
     /// Prepare the guest before the first exec: the user, then the steps in order. Answered
     /// with [`Reply::Done`] or [`Reply::Failed`].
     Setup(Setup),
@@ -151,7 +153,9 @@ impl ExitStatus {
 pub enum Reply {
     /// The agent is up and serving; its version.
     Ready(String),
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     /// The command could not be started; followed by `Exited`.
@@ -349,7 +353,13 @@ impl Request {
                         Step::File { target, contents } => enc.u8(4).bytes(target).bytes(contents),
                         Step::Relay { listen: Listen::Tcp(port), host_port } => enc.u8(5).u8(1).u16(*port).u32(*host_port),
                         Step::Relay { listen: Listen::Unix(path), host_port } => enc.u8(5).u8(2).bytes(path).u32(*host_port),
-                        Step::Network { address, prefix_len, gateway, nameserver, mtu } => enc.u8(6).u32(u32::from(*address)).u8(*prefix_len).u32(u32::from(*gateway)).u32(u32::from(*nameserver)).u16(*mtu),
+                        Step::Network { address, prefix_len, gateway, nameserver, mtu } => enc
+                            .u8(6)
+                            .u32(u32::from(*address))
+                            .u8(*prefix_len)
+                            .u32(u32::from(*gateway))
+                            .u32(u32::from(*nameserver))
+                            .u16(*mtu),
                         Step::TrustCa { pem } => enc.u8(7).bytes(pem),
                         Step::Fresh { unix_nanos, seed } => enc.u8(8).bytes(&unix_nanos.to_le_bytes()).bytes(seed),
                     };
@@ -407,7 +417,13 @@ impl Request {
                                 };
                                 Step::Relay { listen, host_port: d.u32()? }
                             }
-                            6 => Step::Network { address: d.u32()?.into(), prefix_len: d.u8()?, gateway: d.u32()?.into(), nameserver: d.u32()?.into(), mtu: d.u16()? },
+                            6 => Step::Network {
+                                address: d.u32()?.into(),
+                                prefix_len: d.u8()?,
+                                gateway: d.u32()?.into(),
+                                nameserver: d.u32()?.into(),
+                                mtu: d.u16()?,
+                            },
                             7 => Step::TrustCa { pem: d.bytes()? },
                             8 => {
                                 let nanos = d.bytes()?;

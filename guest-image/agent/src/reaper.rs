@@ -18,10 +18,7 @@ struct Reaper {
 fn reaper() -> &'static Reaper {
     static REAPER: OnceLock<Reaper> = OnceLock::new();
     REAPER.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(reap_forever)
-            .expect("cannot start the reaper thread");
+        std::thread::Builder::new().name("reaper".into()).spawn(reap_forever).expect("cannot start the reaper thread");
         Reaper { waiting: Mutex::new(HashMap::new()), children_appeared: Condvar::new() }
     })
 }

@@ -27,7 +27,8 @@ pub fn mount(source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_u
     let source = CString::new(source).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a mount source"))?;
     let target = cstr(target)?;
     let fstype = fstype.map(|f| CString::new(f).expect("file system names have no NUL"));
-    let data = data.map(CString::new).transpose().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in mount options"))?;
+    let data =
+        data.map(CString::new).transpose().map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in mount options"))?;
     // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
     let rc = unsafe {
         libc::mount(
@@ -152,7 +153,8 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 let path = Path::new(OsStr::from_bytes(target));
                 owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
                 let flags = libc::MS_NOSUID | libc::MS_NODEV | if *read_only { libc::MS_RDONLY } else { 0 };
-                mount(tag, path, Some("virtiofs"), flags, None).map_err(|e| describe(&format!("cannot mount share {tag} on"), target, e))?;
+                mount(tag, path, Some("virtiofs"), flags, None)
+                    .map_err(|e| describe(&format!("cannot mount share {tag} on"), target, e))?;
             }
             Step::Overlay { lower, target } => {
                 let path = Path::new(OsStr::from_bytes(target));
@@ -163,10 +165,12 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 }
                 // The overlay's root takes the upper directory's owner.
                 if let Some(user) = &setup.user {
-                    std::os::unix::fs::chown(&upper, Some(user.uid), Some(user.gid)).map_err(|e| describe("cannot chown", upper.as_os_str().as_bytes(), e))?;
+                    std::os::unix::fs::chown(&upper, Some(user.uid), Some(user.gid))
+                        .map_err(|e| describe("cannot chown", upper.as_os_str().as_bytes(), e))?;
                 }
                 owner.create_dirs(path).map_err(|e| describe("cannot create", target, e))?;
-                let options = format!("lowerdir={},upperdir={},workdir={}", String::from_utf8_lossy(lower), upper.display(), work.display());
+                let options =
+                    format!("lowerdir={},upperdir={},workdir={}", String::from_utf8_lossy(lower), upper.display(), work.display());
                 mount("overlay", path, Some("overlay"), libc::MS_NOSUID | libc::MS_NODEV, Some(&options))
                     .map_err(|e| describe("cannot mount an overlay on", target, e))?;
             }
@@ -184,7 +188,8 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                     owner.claim(path).map_err(|e| describe("cannot chown", target, e))?;
                 }
                 let source_str = source_path.to_str().ok_or_else(|| describe("not UTF-8:", source, io::ErrorKind::InvalidInput.into()))?;
-                mount(source_str, path, None, libc::MS_BIND, None).map_err(|e| describe(&format!("cannot bind {source_str} on"), target, e))?;
+                mount(source_str, path, None, libc::MS_BIND, None)
+                    .map_err(|e| describe(&format!("cannot bind {source_str} on"), target, e))?;
             }
             Step::Relay { listen, host_port } => {
                 let owner = setup.user.as_ref().map(|u| (u.uid, u.gid));
@@ -194,10 +199,13 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
                 })?;
             }
             Step::Network { address, prefix_len, gateway, nameserver, mtu } => {
-                crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver, *mtu).map_err(|e| format!("cannot configure the network: {e}"))?;
+                crate::net::configure_ethernet(*address, *prefix_len, *gateway, *nameserver, *mtu)
+                    .map_err(|e| format!("cannot configure the network: {e}"))?;
             }
             Step::TrustCa { pem } => {
-                std::fs::create_dir_all("/run/cvm").and_then(|()| std::fs::write(PROXY_CA_FILE, pem)).map_err(|e| describe("cannot write", PROXY_CA_FILE.as_bytes(), e))?;
+                std::fs::create_dir_all("/run/cvm")
+                    .and_then(|()| std::fs::write(PROXY_CA_FILE, pem))
+                    .map_err(|e| describe("cannot write", PROXY_CA_FILE.as_bytes(), e))?;
                 // An image without a store gets one holding just this certificate.
                 std::fs::create_dir_all("/etc/ssl/certs")
                     .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(SYSTEM_CA_BUNDLE))
@@ -271,7 +279,8 @@ fn add_user(user: &User) -> io::Result<()> {
 }
 
 fn set_clock(unix_nanos: u64) -> io::Result<()> {
-    let now = libc::timespec { tv_sec: (unix_nanos / 1_000_000_000) as libc::time_t, tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long };
+    let now =
+        libc::timespec { tv_sec: (unix_nanos / 1_000_000_000) as libc::time_t, tv_nsec: (unix_nanos % 1_000_000_000) as libc::c_long };
     // SAFETY: clock_settime reads the timespec we pass.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
         return Err(io::Error::last_os_error());

@@ -147,7 +147,8 @@ fn ten_mib_of_binary_stdin_round_trips() {
 #[test]
 fn a_terminal_with_its_size_resizes_and_ctrl_c() {
     let agent = Agent::start();
-    let exec = Exec { tty: Some(TtySize { rows: 24, cols: 80 }), ..sh("tty; stty size; read line; stty size; echo sleeping; exec sleep 100") };
+    let exec =
+        Exec { tty: Some(TtySize { rows: 24, cols: 80 }), ..sh("tty; stty size; read line; stty size; echo sleeping; exec sleep 100") };
     let mut conn = agent.connect(exec);
     let mut seen = Vec::new();
     let wait_for = |conn: &mut UnixStream, seen: &mut Vec<u8>, want: &str| {

@@ -166,7 +166,13 @@ mod tests {
 
     #[test]
     fn exit_counters_are_read_and_other_statistics_left_out() {
-        let file = stats_file(&[("exits", 0, 1234), ("io_exits", 0, 40), ("mmio_exits", 0, 7), ("halt_poll_success_ns", 0, 99), ("preemption_reported", 1, 5)]);
+        let file = stats_file(&[
+            ("exits", 0, 1234),
+            ("io_exits", 0, 40),
+            ("mmio_exits", 0, 7),
+            ("halt_poll_success_ns", 0, 99),
+            ("preemption_reported", 1, 5),
+        ]);
         let counts = parse(&file).unwrap();
         assert_eq!(counts, ExitCounts::from([("exits".into(), 1234), ("io_exits".into(), 40), ("mmio_exits".into(), 7)]));
     }

@@ -236,8 +236,7 @@ fn map_ram(file: &File, size: u64, sharing: libc::c_int, private: Option<(&[Priv
             sharing | libc::MAP_NORESERVE,
         )
         .map_err(|e| Error::Memory(format!("cannot map {} MiB of guest RAM: {e}", len >> 20)))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
-            .ok_or_else(|| Error::Memory("guest RAM range overflows".into()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or_else(|| Error::Memory("guest RAM range overflows".into()))?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
@@ -254,11 +253,7 @@ pub fn check_host_can_give(size: u64) -> Result<()> {
     #[allow(clippy::unnecessary_cast)] // the field widths differ between libc targets
     let total = (info.totalram as u64).saturating_mul(info.mem_unit as u64);
     if size > total {
-        return Err(Error::Config(format!(
-            "--memory {} MiB is more than this host's {} MiB of RAM",
-            size >> 20,
-            total >> 20
-        )));
+        return Err(Error::Config(format!("--memory {} MiB is more than this host's {} MiB of RAM", size >> 20, total >> 20)));
     }
     Ok(())
 }
@@ -339,15 +334,38 @@ mod tests {
     fn private_ranges_are_whole_pages_inside_one_ram_range() {
         let (gap, high) = (layout::MMIO_GAP_START, layout::HIGH_RAM_START);
         let size = gap + (1 << 30);
-        let ranges = private_ranges(size, &[(high + 0x2000, high + 0x4000), (0x1000, 0x3000), (0x2000, 0x5000), (0x8000, 0x8800), (gap - 0x1000, high + 0x1000), (0x9000, 0x9000)]);
+        let ranges = private_ranges(
+            size,
+            &[
+                (high + 0x2000, high + 0x4000),
+                (0x1000, 0x3000),
+                (0x2000, 0x5000),
+                (0x8000, 0x8800),
+                (gap - 0x1000, high + 0x1000),
+                (0x9000, 0x9000),
+            ],
+        );
         assert_eq!(
             ranges,
-            [PrivateRange { start: 0x1000, end: 0x3000, file_offset: 0x1000 }, PrivateRange { start: high + 0x2000, end: high + 0x4000, file_offset: gap + 0x2000 }],
+            [
+                PrivateRange { start: 0x1000, end: 0x3000, file_offset: 0x1000 },
+                PrivateRange { start: high + 0x2000, end: high + 0x4000, file_offset: gap + 0x2000 }
+            ],
             "sorted; overlapping, partial-page, empty and gap-spanning ranges dropped"
         );
         let mem = map_ram(&memfd(size).unwrap(), size, libc::MAP_SHARED, Some((&ranges, &memfd(size).unwrap()))).unwrap();
         let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        assert_eq!(regions, [(0, 0x1000), (0x1000, 0x2000), (0x3000, gap - 0x3000), (high, 0x2000), (high + 0x2000, 0x2000), (high + 0x4000, (1 << 30) - 0x4000)]);
+        assert_eq!(
+            regions,
+            [
+                (0, 0x1000),
+                (0x1000, 0x2000),
+                (0x3000, gap - 0x3000),
+                (high, 0x2000),
+                (high + 0x2000, 0x2000),
+                (high + 0x4000, (1 << 30) - 0x4000)
+            ]
+        );
     }
 
     #[test]

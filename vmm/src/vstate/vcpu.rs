@@ -14,9 +14,9 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::state::CpuState;
-use crate::vstate::exit_stats::{self, ExitCounts};
-use crate::lock;
 use crate::exit::ExitReason;
+use crate::lock;
+use crate::vstate::exit_stats::{self, ExitCounts};
 
 const RFLAGS_IF: u64 = 1 << 9;
 const CR0_PE: u64 = 1;
@@ -64,10 +64,7 @@ pub enum VcpuState {
 pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
     INSTALLED
-        .get_or_init(|| {
-            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-                .map_err(|e| e.errno())
-        })
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
         .map_err(std::io::Error::from_raw_os_error)
 }
 
@@ -193,7 +190,11 @@ impl Shared {
             if now >= deadline {
                 break Err(format!("the vCPUs did not save their state within {timeout:?}"));
             }
-            states = self.state_changed.wait_timeout(states, (deadline - now).min(std::time::Duration::from_millis(10))).unwrap_or_else(|e| e.into_inner()).0;
+            states = self
+                .state_changed
+                .wait_timeout(states, (deadline - now).min(std::time::Duration::from_millis(10)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         };
         *lock(&self.saves) = None;
         results
@@ -320,15 +321,9 @@ fn handle_exit(exit: VcpuExit, io: &IoManager) -> Option<ExitReason> {
         VcpuExit::Shutdown => return Some(ExitReason::TripleFault { rip: None, cr2: None }),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => return Some(ExitReason::PowerOff),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => return Some(ExitReason::Reset),
-        VcpuExit::SystemEvent(kind, _) => {
-            return Some(ExitReason::Unexpected(format!("system event {kind}")))
-        }
-        VcpuExit::InternalError => {
-            return Some(ExitReason::InternalError { emulation: false, pvm: crate::host::is_pvm() })
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Some(ExitReason::FailedEntry { reason, cpu })
-        }
+        VcpuExit::SystemEvent(kind, _) => return Some(ExitReason::Unexpected(format!("system event {kind}"))),
+        VcpuExit::InternalError => return Some(ExitReason::InternalError { emulation: false, pvm: crate::host::is_pvm() }),
+        VcpuExit::FailEntry(reason, cpu) => return Some(ExitReason::FailedEntry { reason, cpu }),
         VcpuExit::Intr => {}
         other => return Some(ExitReason::Unexpected(format!("{other:?}"))),
     }

@@ -52,8 +52,21 @@ impl GitRole {
 const CONTROL_NAMES: &[&str] = &["config", "config.worktree", "hooks", "info", "commondir", "gitdir"];
 /// Directories git itself keeps in a git directory: below `modules/`, these are not parts of
 /// a submodule's name.
-const INTERNAL_DIRS: &[&str] =
-    &["objects", "refs", "logs", "hooks", "info", "branches", "remotes", "rr-cache", "lfs", "rebase-merge", "rebase-apply", "sequencer", "fsmonitor--daemon"];
+const INTERNAL_DIRS: &[&str] = &[
+    "objects",
+    "refs",
+    "logs",
+    "hooks",
+    "info",
+    "branches",
+    "remotes",
+    "rr-cache",
+    "lfs",
+    "rebase-merge",
+    "rebase-apply",
+    "sequencer",
+    "fsmonitor--daemon",
+];
 
 /// `HEAD`, which with one of [`OBJECT_MARKERS`] makes a directory a repository.
 const HEAD: &str = "HEAD";
@@ -143,8 +156,12 @@ pub(super) enum EntryChange {
     MakeFile,
     MakeSymlink,
     RemoveFile,
-    RenameFrom { is_dir: bool },
-    RenameTo { is_dir: bool },
+    RenameFrom {
+        is_dir: bool,
+    },
+    RenameTo {
+        is_dir: bool,
+    },
 }
 
 impl EntryChange {
@@ -177,8 +194,17 @@ mod tests {
     use super::GitRole::*;
     use super::*;
 
-    const ALL: [EntryChange; 9] =
-        [MakeDir, RemoveDir, MakeFile, MakeSymlink, RemoveFile, RenameFrom { is_dir: false }, RenameFrom { is_dir: true }, RenameTo { is_dir: false }, RenameTo { is_dir: true }];
+    const ALL: [EntryChange; 9] = [
+        MakeDir,
+        RemoveDir,
+        MakeFile,
+        MakeSymlink,
+        RemoveFile,
+        RenameFrom { is_dir: false },
+        RenameFrom { is_dir: true },
+        RenameTo { is_dir: false },
+        RenameTo { is_dir: true },
+    ];
 
     #[test]
     fn dot_git_and_control_names_never_change_whatever_their_case() {
@@ -202,7 +228,19 @@ mod tests {
 
     #[test]
     fn the_rest_of_a_git_directory_stays_writable() {
-        for name in ["index", "index.lock", "HEAD", "ORIG_HEAD", "FETCH_HEAD", "packed-refs", "objects", "refs", "logs", "rebase-merge", "COMMIT_EDITMSG"] {
+        for name in [
+            "index",
+            "index.lock",
+            "HEAD",
+            "ORIG_HEAD",
+            "FETCH_HEAD",
+            "packed-refs",
+            "objects",
+            "refs",
+            "logs",
+            "rebase-merge",
+            "COMMIT_EDITMSG",
+        ] {
             for change in [MakeFile, RemoveFile, RenameFrom { is_dir: false }, RenameTo { is_dir: false }, MakeDir, RemoveDir] {
                 assert!(allows(Some(GitDir), name.as_bytes(), change), "{name} {change:?}");
                 assert!(allows(Some(ModuleDir), name.as_bytes(), change), "{name} {change:?}");
@@ -215,7 +253,15 @@ mod tests {
         for name in ["modules", "worktrees", "Modules"] {
             assert!(allows(Some(GitDir), name.as_bytes(), MakeDir));
             assert!(allows(Some(GitDir), name.as_bytes(), RemoveDir));
-            for change in [MakeFile, MakeSymlink, RemoveFile, RenameFrom { is_dir: false }, RenameFrom { is_dir: true }, RenameTo { is_dir: true }, RenameTo { is_dir: false }] {
+            for change in [
+                MakeFile,
+                MakeSymlink,
+                RemoveFile,
+                RenameFrom { is_dir: false },
+                RenameFrom { is_dir: true },
+                RenameTo { is_dir: true },
+                RenameTo { is_dir: false },
+            ] {
                 assert!(!allows(Some(GitDir), name.as_bytes(), change), "{name} {change:?}");
             }
         }
@@ -259,7 +305,9 @@ mod tests {
         assert_eq!(child_role(Some(ObjectsDir), b"info"), Some(ObjectsInfo));
         assert_eq!(child_role(Some(ObjectsDir), b"pack"), None);
         assert_eq!(child_role(Some(ObjectsInfo), b"x"), None);
-        assert!(is_protected_entry(Some(ObjectsInfo), b"alternates", false) && is_protected_entry(Some(ObjectsInfo), b"http-alternates", false));
+        assert!(
+            is_protected_entry(Some(ObjectsInfo), b"alternates", false) && is_protected_entry(Some(ObjectsInfo), b"http-alternates", false)
+        );
         assert!(!is_protected_entry(Some(ObjectsInfo), b"packs", false) && !is_protected_entry(Some(ObjectsDir), b"alternates", false));
         assert!(!allows(Some(ObjectsInfo), b"alternates", MakeFile) && allows(Some(ObjectsInfo), b"packs", MakeFile));
         assert_eq!(child_role(Some(Modules), b"objects"), Some(ModuleDir), "a submodule may be called objects");

@@ -21,8 +21,8 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +91,10 @@ impl ShareConfig {
         }
         // virtiofsd's sandbox takes the path as text.
         if self.dir.to_str().is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a UTF-8 path, which the file server needs", self.dir.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a UTF-8 path, which the file server needs", self.dir.display()),
+            ));
         }
         Ok(())
     }
@@ -151,8 +154,14 @@ impl ShareConfig {
                 "--visible" => policy.visible.get_or_insert_with(Vec::new).push(text()?),
                 "--writable-file" => policy.writable_file = Some(text()?),
                 "--protect" => policy.protected_paths.push(PathBuf::from(&value)),
-                "--quota-bytes" => policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).bytes = text()?.parse().map_err(|_| "--quota-bytes needs a number")?,
-                "--quota-inodes" => policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).inodes = text()?.parse().map_err(|_| "--quota-inodes needs a number")?,
+                "--quota-bytes" => {
+                    policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).bytes =
+                        text()?.parse().map_err(|_| "--quota-bytes needs a number")?
+                }
+                "--quota-inodes" => {
+                    policy.quota.get_or_insert(Quota { bytes: 0, inodes: 0 }).inodes =
+                        text()?.parse().map_err(|_| "--quota-inodes needs a number")?
+                }
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -373,8 +382,12 @@ fn passthrough_config(share: &ShareConfig) -> passthrough::Config {
 
 fn serve_with(mut listener: Listener, share: &ShareConfig, config: passthrough::Config) -> io::Result<()> {
     let fs = PolicyFs::new(PassthroughFs::new(config)?, share.policy.clone(), share.dir.display().to_string());
-    let mut daemon = VhostUserDaemon::new(format!("cvm-fs-{}", share.tag), Arc::new(queues::FsQueues::new(fs)), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-        .map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
+    let mut daemon = VhostUserDaemon::new(
+        format!("cvm-fs-{}", share.tag),
+        Arc::new(queues::FsQueues::new(fs)),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     daemon.start(&mut listener).map_err(|e| io::Error::other(format!("fs backend: {e:?}")))?;
     match daemon.wait() {
         Ok(()) => Ok(()),

@@ -22,8 +22,8 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use virtiofsd::filesystem::{
-    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply, ListxattrReply,
-    OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
+    Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
+    SerializableFileSystem, SetattrValid, SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
 };
 use virtiofsd::fuse;
 
@@ -134,10 +134,14 @@ impl<F: FileSystem> PolicyFs<F> {
         let rules: Vec<PathRule> = policy
             .protected_paths
             .iter()
-            .map(|p| p.components().filter_map(|c| match c {
-                std::path::Component::Normal(name) => Some(name.as_bytes().to_vec()),
-                _ => None,
-            }).collect())
+            .map(|p| {
+                p.components()
+                    .filter_map(|c| match c {
+                        std::path::Component::Normal(name) => Some(name.as_bytes().to_vec()),
+                        _ => None,
+                    })
+                    .collect()
+            })
             .filter(|rule: &PathRule| !rule.is_empty())
             .collect();
         let path_rules = if rules.is_empty() { HashMap::new() } else { HashMap::from([(ROOT, rules)]) };
@@ -309,13 +313,21 @@ impl<F: FileSystem> PolicyFs<F> {
         check_name(name)?;
         let role = self.git_role_for(ctx, parent, name);
         let (ends, rests) = self.rules_through(parent, name.to_bytes());
-        if self.policy.read_only || self.is_protected(parent) || ends || !rests.is_empty() || !git_guard::allows(role, name.to_bytes(), change) {
+        if self.policy.read_only
+            || self.is_protected(parent)
+            || ends
+            || !rests.is_empty()
+            || !git_guard::allows(role, name.to_bytes(), change)
+        {
             return Err(erofs());
         }
         if !self.is_visible(parent, name) {
             return Err(enoent());
         }
-        if !role.is_some_and(GitRole::is_git_dir) && change.creates() && git_guard::repository_complements(name.to_bytes()).iter().any(|c| self.has_entry(ctx, parent, c)) {
+        if !role.is_some_and(GitRole::is_git_dir)
+            && change.creates()
+            && git_guard::repository_complements(name.to_bytes()).iter().any(|c| self.has_entry(ctx, parent, c))
+        {
             return Err(not_a_repository());
         }
         Ok(())
@@ -385,7 +397,9 @@ fn open_writes(flags: u32) -> bool {
     if flags & libc::O_PATH != 0 {
         return false;
     }
-    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+        || flags & (libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) != 0
+        || flags & libc::O_TMPFILE == libc::O_TMPFILE
 }
 
 /// A directory listing: passed through, or (for the root of a share that hides names) read
@@ -401,7 +415,12 @@ impl<I: DirectoryIterator> DirectoryIterator for PolicyDirIter<I> {
             PolicyDirIter::Pass(inner) => inner.next(),
             PolicyDirIter::Filtered { entries, current } => {
                 *current = entries.pop_front();
-                current.as_ref().map(|(ino, offset, type_, name)| DirEntry { ino: *ino, offset: *offset, type_: *type_, name: name.as_c_str() })
+                current.as_ref().map(|(ino, offset, type_, name)| DirEntry {
+                    ino: *ino,
+                    offset: *offset,
+                    type_: *type_,
+                    name: name.as_c_str(),
+                })
             }
         }
     }
@@ -443,10 +462,18 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         self.inner.getattr(ctx, inode, handle)
     }
 
-    fn setattr(&self, ctx: Context, inode: Self::Inode, attr: fuse::SetattrIn, handle: Option<Self::Handle>, valid: SetattrValid) -> io::Result<(fuse::Attr, Duration)> {
+    fn setattr(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        attr: fuse::SetattrIn,
+        handle: Option<Self::Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(fuse::Attr, Duration)> {
         let inode: u64 = inode.into();
         // A truncation, with the times it updates, changes contents; anything else attributes.
-        let truncation = SetattrValid::SIZE | SetattrValid::MTIME | SetattrValid::MTIME_NOW | SetattrValid::CTIME | SetattrValid::KILL_SUIDGID;
+        let truncation =
+            SetattrValid::SIZE | SetattrValid::MTIME | SetattrValid::MTIME_NOW | SetattrValid::CTIME | SetattrValid::KILL_SUIDGID;
         if valid.contains(SetattrValid::SIZE) && truncation.contains(valid) {
             self.check_modify(inode)?;
         } else {
@@ -484,7 +511,16 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         Ok(entry)
     }
 
-    fn mknod(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, rdev: u32, umask: u32, extensions: Extensions) -> io::Result<Entry> {
+    fn mknod(
+        &self,
+        ctx: Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+        extensions: Extensions,
+    ) -> io::Result<Entry> {
         let parent: u64 = parent.into();
         // A device node on the host is a door to that device for whoever can open it there.
         if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
@@ -493,7 +529,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
         self.charge(0, 1)?;
-        let entry = self.refund_on_error(self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions), 0, 1)?;
+        let entry =
+            self.refund_on_error(self.inner.mknod(ctx, parent.into(), name, without_set_id(mode), rdev, umask, extensions), 0, 1)?;
         self.note(ctx, parent, name, &entry);
         Ok(entry)
     }
@@ -575,25 +612,65 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         self.inner.open(ctx, inode.into(), kill_priv, flags)
     }
 
-    fn create(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, kill_priv: bool, flags: u32, umask: u32, extensions: Extensions) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
+    fn create(
+        &self,
+        ctx: Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        kill_priv: bool,
+        flags: u32,
+        umask: u32,
+        extensions: Extensions,
+    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
         let parent: u64 = parent.into();
         let _held = self.hold_repository_names(&[name]);
         self.can_change_entry(ctx, parent, name, EntryChange::MakeFile)?;
         self.charge(0, 1)?;
-        let (entry, handle, options) = self.refund_on_error(self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions), 0, 1)?;
+        let (entry, handle, options) = self.refund_on_error(
+            self.inner.create(ctx, parent.into(), name, without_set_id(mode), kill_priv, flags, umask, extensions),
+            0,
+            1,
+        )?;
         self.note(ctx, parent, name, &entry);
         Ok((entry, handle, options))
     }
 
-    fn read<W: ZeroCopyWriter>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, w: W, size: u32, offset: u64, lock_owner: Option<u64>, flags: u32) -> io::Result<usize> {
+    fn read<W: ZeroCopyWriter>(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        w: W,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
         self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
 
-    fn write<R: ZeroCopyReader>(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, r: R, size: u32, offset: u64, lock_owner: Option<u64>, delayed_write: bool, kill_priv: bool, flags: u32) -> io::Result<usize> {
+    fn write<R: ZeroCopyReader>(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        r: R,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        kill_priv: bool,
+        flags: u32,
+    ) -> io::Result<usize> {
         let inode: u64 = inode.into();
         self.check_modify(inode)?;
         let charged = self.charge_growth(ctx, inode, offset.saturating_add(u64::from(size)))?;
-        let written = self.refund_on_error(self.inner.write(ctx, inode.into(), handle, r, size, offset, lock_owner, delayed_write, kill_priv, flags), charged, 0)?;
+        let written = self.refund_on_error(
+            self.inner.write(ctx, inode.into(), handle, r, size, offset, lock_owner, delayed_write, kill_priv, flags),
+            charged,
+            0,
+        )?;
         // A short write grew the file less than was charged.
         let short = i128::from(size) - written as i128;
         if charged > 0 && short > 0 {
@@ -627,7 +704,16 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         self.refund_on_error(self.inner.fallocate(ctx, inode.into(), handle, mode, offset, length), charged, 0)
     }
 
-    fn release(&self, ctx: Context, inode: Self::Inode, flags: u32, handle: Self::Handle, flush: bool, flock_release: bool, lock_owner: Option<u64>) -> io::Result<()> {
+    fn release(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
         self.inner.release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }
 
@@ -635,7 +721,15 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         self.inner.statfs(ctx, inode)
     }
 
-    fn setxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, value: &[u8], flags: u32, extra_flags: SetxattrFlags) -> io::Result<()> {
+    fn setxattr(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+        extra_flags: SetxattrFlags,
+    ) -> io::Result<()> {
         let inode: u64 = inode.into();
         self.check_attributes(inode)?;
         self.inner.setxattr(ctx, inode.into(), name, value, flags, extra_flags)
@@ -696,11 +790,26 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
     }
 
-    fn copyfilerange(&self, ctx: Context, inode_in: Self::Inode, handle_in: Self::Handle, offset_in: u64, inode_out: Self::Inode, handle_out: Self::Handle, offset_out: u64, len: u64, flags: u64) -> io::Result<usize> {
+    fn copyfilerange(
+        &self,
+        ctx: Context,
+        inode_in: Self::Inode,
+        handle_in: Self::Handle,
+        offset_in: u64,
+        inode_out: Self::Inode,
+        handle_out: Self::Handle,
+        offset_out: u64,
+        len: u64,
+        flags: u64,
+    ) -> io::Result<usize> {
         let inode_out: u64 = inode_out.into();
         self.check_modify(inode_out)?;
         let charged = self.charge_growth(ctx, inode_out, offset_out.saturating_add(len))?;
-        self.refund_on_error(self.inner.copyfilerange(ctx, inode_in, handle_in, offset_in, inode_out.into(), handle_out, offset_out, len, flags), charged, 0)
+        self.refund_on_error(
+            self.inner.copyfilerange(ctx, inode_in, handle_in, offset_in, inode_out.into(), handle_out, offset_out, len, flags),
+            charged,
+            0,
+        )
     }
 
     fn syncfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<()> {

@@ -105,7 +105,13 @@ pub(super) struct FsQueues<F: FileSystem + Sync> {
 
 impl<F: FileSystem + Sync> FsQueues<F> {
     pub(super) fn new(fs: F) -> Self {
-        FsQueues { server: Server::new(fs), memory: RwLock::new(None), event_idx: AtomicBool::new(false), poll: Mutex::new(PollWindow::default()), told_of_bad_request: AtomicBool::new(false) }
+        FsQueues {
+            server: Server::new(fs),
+            memory: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            poll: Mutex::new(PollWindow::default()),
+            told_of_bad_request: AtomicBool::new(false),
+        }
     }
 
     /// Answers every request on the queue; says whether there was any.
@@ -148,12 +154,18 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsQueues<F> {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC | 1 << VIRTIO_RING_F_EVENT_IDX | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // No tag (the frontend gives the guest the config space), no DAX window, no migration.
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS | VhostUserProtocolFeatures::RESET_DEVICE
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {
@@ -178,7 +190,8 @@ impl<F: FileSystem + Send + Sync + 'static> VhostUserBackend for FsQueues<F> {
             REQUEST_QUEUE => true,
             _ => return Err(io::Error::other(format!("fs: event on unknown queue {device_event}"))),
         };
-        let memory = self.memory.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| io::Error::other("fs: no guest memory"))?;
+        let memory =
+            self.memory.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| io::Error::other("fs: no guest memory"))?;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mut queue = vrings[usize::from(device_event)].get_mut();
         let mut poll = self.poll.lock().unwrap_or_else(|e| e.into_inner());
@@ -219,7 +232,13 @@ mod tests {
     fn an_idle_queue_is_not_watched_until_short_gaps_are_seen() {
         let mut poll = PollWindow::default();
         let mut looked = 0;
-        assert!(!poll.watch(Instant::now(), || { looked += 1; true }), "a new queue sleeps at once");
+        assert!(
+            !poll.watch(Instant::now(), || {
+                looked += 1;
+                true
+            }),
+            "a new queue sleeps at once"
+        );
         assert_eq!(looked, 0);
         // Work came soon after: the window opens, then doubles up to its cap.
         let start = Instant::now();
@@ -242,7 +261,10 @@ mod tests {
         // (how it then resizes depends on how long they took: `learn` is tested above).
         let mut poll = PollWindow { window: Duration::from_secs(60), idle_since: None };
         let mut looks = 0;
-        assert!(poll.watch(Instant::now(), || { looks += 1; looks == 3 }));
+        assert!(poll.watch(Instant::now(), || {
+            looks += 1;
+            looks == 3
+        }));
         assert_eq!(looks, 3, "it stops looking once work came");
         assert!(poll.idle_since.is_none(), "no idle gap began");
         poll.window = MAX_POLL;

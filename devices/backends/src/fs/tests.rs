@@ -34,7 +34,8 @@ impl Fixture {
         let listener = UnixListener::bind(&socket).unwrap();
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        let config = ShareConfig { dir: share.clone(), tag: "test".into(), policy, guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
+        let config =
+            ShareConfig { dir: share.clone(), tag: "test".into(), policy, guest_uid: uid, guest_gid: gid, allow_no_sandbox: false };
         let backend = std::thread::spawn(move || serve_in_process(listener, &config));
         let guest = FuseGuest::connect(&socket).unwrap();
         (Fixture { _dir: dir, share, outside, backend: Some(backend) }, guest)
@@ -187,7 +188,8 @@ fn links_and_renames_cannot_name_anything_outside() {
 
 #[test]
 fn a_read_only_share_refuses_every_change_with_erofs() {
-    let (fx, mut g) = Fixture::new(Policy { read_only: true, ..Policy::default() }, |share, _| std::fs::create_dir(share.join("dir")).unwrap());
+    let (fx, mut g) =
+        Fixture::new(Policy { read_only: true, ..Policy::default() }, |share, _| std::fs::create_dir(share.join("dir")).unwrap());
     let file = g.lookup(ROOT, b"file").unwrap();
     let dir = g.lookup(ROOT, b"dir").unwrap();
     let fh = g.open(file.nodeid, libc::O_RDONLY).unwrap();
@@ -215,7 +217,12 @@ fn a_read_only_share_refuses_every_change_with_erofs() {
 
 #[test]
 fn a_selected_view_hides_names_and_lets_only_its_one_file_be_rewritten() {
-    let policy = Policy { read_only: true, visible: Some(vec!["settings.json".into(), ".credentials.json".into(), "skills".into()]), writable_file: Some(".credentials.json".into()), ..Policy::default() };
+    let policy = Policy {
+        read_only: true,
+        visible: Some(vec!["settings.json".into(), ".credentials.json".into(), "skills".into()]),
+        writable_file: Some(".credentials.json".into()),
+        ..Policy::default()
+    };
     let (fx, mut g) = Fixture::new(policy, |share, _| {
         std::fs::write(share.join("settings.json"), "{}").unwrap();
         std::fs::write(share.join(".credentials.json"), "old token").unwrap();
@@ -269,10 +276,29 @@ fn walk(g: &mut FuseGuest, path: &str) -> u64 {
 #[test]
 fn git_control_files_stay_read_only_in_every_git_directory() {
     let (fx, mut g) = Fixture::new(Policy::default(), |share, _| {
-        for dir in [".git/hooks", ".git/info", ".git/objects", ".git/refs/heads", ".git/modules/sub/hooks", ".git/modules/a/b/objects", ".git/worktrees/wt", "sub", "plain/inner", "evil"] {
+        for dir in [
+            ".git/hooks",
+            ".git/info",
+            ".git/objects",
+            ".git/refs/heads",
+            ".git/modules/sub/hooks",
+            ".git/modules/a/b/objects",
+            ".git/worktrees/wt",
+            "sub",
+            "plain/inner",
+            "evil",
+        ] {
             std::fs::create_dir_all(share.join(dir)).unwrap();
         }
-        for file in [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config", ".git/modules/a/b/config", ".git/worktrees/wt/commondir", ".git/worktrees/wt/gitdir", "evil/config"] {
+        for file in [
+            ".git/config",
+            ".git/hooks/pre-commit",
+            ".git/modules/sub/config",
+            ".git/modules/a/b/config",
+            ".git/worktrees/wt/commondir",
+            ".git/worktrees/wt/gitdir",
+            "evil/config",
+        ] {
             std::fs::write(share.join(file), "original\n").unwrap();
         }
         std::fs::write(share.join("sub/.git"), "gitdir: ../.git/modules/sub\n").unwrap();
@@ -346,13 +372,29 @@ fn git_control_files_stay_read_only_in_every_git_directory() {
     g.rmdir(worktrees, b"wt2").expect("git prunes worktree dirs");
     g.rename(ROOT, b"evil", plain, b"moved").expect("directories move freely outside git dirs");
 
-    for file in [".git/config", ".git/hooks/pre-commit", ".git/modules/sub/config", ".git/modules/a/b/config", ".git/worktrees/wt/commondir", ".git/worktrees/wt/gitdir", "plain/moved/config"] {
+    for file in [
+        ".git/config",
+        ".git/hooks/pre-commit",
+        ".git/modules/sub/config",
+        ".git/modules/a/b/config",
+        ".git/worktrees/wt/commondir",
+        ".git/worktrees/wt/gitdir",
+        "plain/moved/config",
+    ] {
         assert_eq!(std::fs::read_to_string(fx.share.join(file)).unwrap(), "original\n", "{file}");
     }
     assert_eq!(std::fs::read_to_string(fx.share.join("sub/.git")).unwrap(), "gitdir: ../.git/modules/sub\n");
     assert_eq!(std::fs::read_to_string(fx.share.join(".git/index")).unwrap(), "index");
     assert!(fx.share.join(".git/modules/sub/HEAD").exists() && fx.share.join(".git/objects/ab").exists());
-    for absent in [".git/hooks/post-checkout", ".git/CONFIG", ".git/modules/new/config", ".git/worktrees/wt2", ".git/modules/link", "plain/.git", "plain/inner/.git"] {
+    for absent in [
+        ".git/hooks/post-checkout",
+        ".git/CONFIG",
+        ".git/modules/new/config",
+        ".git/worktrees/wt2",
+        ".git/modules/link",
+        "plain/.git",
+        "plain/inner/.git",
+    ] {
         assert!(std::fs::symlink_metadata(fx.share.join(absent)).is_err(), "{absent} was made");
     }
     fx.finish(g);
@@ -424,7 +466,11 @@ fn no_directory_outside_git_layout_becomes_a_repository() {
     g.create(info, b"packs", 0o644).expect("update-server-info's file");
     assert!(!fx.share.join("sub/HEAD").exists() && !fx.share.join("other/objects").exists() && !fx.share.join("other/commondir").exists());
     assert_eq!(std::fs::read_to_string(fx.share.join("fixture.git/config")).unwrap(), "[core]\n\tbare = true\n");
-    let status = std::process::Command::new("git").args(["-C", fx.share.join("sub").to_str().unwrap(), "rev-parse", "--git-dir"]).env("GIT_CEILING_DIRECTORIES", &fx.share).output().unwrap();
+    let status = std::process::Command::new("git")
+        .args(["-C", fx.share.join("sub").to_str().unwrap(), "rev-parse", "--git-dir"])
+        .env("GIT_CEILING_DIRECTORIES", &fx.share)
+        .output()
+        .unwrap();
     assert!(!status.status.success(), "host git found a repository in sub/");
     fx.finish(g);
 }
@@ -529,11 +575,16 @@ fn set_id_bits_and_device_nodes_never_reach_the_host() {
     g.mknod(ROOT, b"fifo", libc::S_IFIFO | 0o4644, 0).expect("a FIFO is no device");
     assert!(std::fs::symlink_metadata(fx.share.join("fifo")).unwrap().file_type().is_fifo());
     assert_eq!(mode("fifo") & 0o7000, 0);
-    assert_eq!(g.rename2(ROOT, b"file", ROOT, b"renamed", libc::RENAME_WHITEOUT).map_err(errno), Err(libc::EPERM), "a whiteout is a device node");
+    assert_eq!(
+        g.rename2(ROOT, b"file", ROOT, b"renamed", libc::RENAME_WHITEOUT).map_err(errno),
+        Err(libc::EPERM),
+        "a whiteout is a device node"
+    );
     // The guest's root cannot give a file to another host user; its own owner stays settable.
     let owner = std::fs::metadata(fx.share.join("file")).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
     assert_eq!(g.setattr(file.nodeid, SetattrIn { uid: 4242, ..SetattrIn::only(2) }).map_err(errno), Err(libc::EPERM)); // FATTR_UID
-    g.setattr(file.nodeid, SetattrIn { uid: rustix::process::geteuid().as_raw(), ..SetattrIn::only(2) }).expect("a chown to the owner it has");
+    g.setattr(file.nodeid, SetattrIn { uid: rustix::process::geteuid().as_raw(), ..SetattrIn::only(2) })
+        .expect("a chown to the owner it has");
     assert_eq!(std::fs::metadata(fx.share.join("file")).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap(), owner);
     assert!(!fx.share.join("dev").exists() && fx.share.join("file").exists());
     fx.finish(g);
@@ -603,7 +654,12 @@ fn share_configs_round_trip_through_arguments_and_bad_ones_are_refused() {
     assert_eq!(ShareConfig::from_args(config.to_args()), Ok(config.clone()));
     let plain = ShareConfig { policy: Policy::default(), allow_no_sandbox: false, ..config.clone() };
     assert_eq!(ShareConfig::from_args(plain.to_args()), Ok(plain));
-    for bad in [&["--dir"][..], &["--tag", "t", "--uid", "1", "--gid", "1"], &["--dir", "/", "--tag", "t", "--uid", "x", "--gid", "1"], &["--bogus", "1"]] {
+    for bad in [
+        &["--dir"][..],
+        &["--tag", "t", "--uid", "1", "--gid", "1"],
+        &["--dir", "/", "--tag", "t", "--uid", "x", "--gid", "1"],
+        &["--bogus", "1"],
+    ] {
         assert!(ShareConfig::from_args(bad.iter().map(std::ffi::OsString::from)).is_err(), "{bad:?}");
     }
     assert!(config.validate().is_ok());
@@ -638,7 +694,8 @@ enum Op {
     Chmod(usize, u32),
 }
 
-const NAMES: &[&[u8]] = &[b".git", b".GIT", b"config", b"Config", b"hooks", b"modules", b"worktrees", b"commondir", b"sub", b"a", b"b", b"..", b"a/b", b""];
+const NAMES: &[&[u8]] =
+    &[b".git", b".GIT", b"config", b"Config", b"hooks", b"modules", b"worktrees", b"commondir", b"sub", b"a", b"b", b"..", b"a/b", b""];
 
 fn any_op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;

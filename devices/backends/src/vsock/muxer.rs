@@ -66,11 +66,7 @@ impl Muxer {
         let listener = UnixListener::bind(socket_path)?;
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
-        )?;
+        epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER_TOKEN))?;
         Ok(Self {
             guest_cid,
             socket_path: socket_path.to_path_buf(),
@@ -152,11 +148,7 @@ impl Muxer {
                         continue;
                     }
                     let token = self.new_token();
-                    if self
-                        .epoll
-                        .ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
-                        .is_ok()
-                    {
+                    if self.epoll.ctl(ControlOperation::Add, stream.as_raw_fd(), EpollEvent::new(EventSet::IN, token)).is_ok() {
                         self.pending.insert(token, PendingConnect { stream, line: Vec::new() });
                         // Clients usually write the line right after connecting.
                         self.read_connect_line(token);
@@ -187,7 +179,10 @@ impl Muxer {
             }
         }
         let conn = self.conns.get_mut(&key).expect("still there");
-        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) && !conn.rx_queued && !conn.credit_blocked {
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
+            && !conn.rx_queued
+            && !conn.credit_blocked
+        {
             conn.rx_queued = true;
             self.rx_ready.push_back(key);
         }
@@ -247,11 +242,7 @@ impl Muxer {
 
     fn insert_conn(&mut self, key: Key, conn: Conn) {
         let token = conn.token;
-        if self
-            .epoll
-            .ctl(ControlOperation::Add, conn.stream.as_raw_fd(), EpollEvent::new(EventSet::empty(), token))
-            .is_err()
-        {
+        if self.epoll.ctl(ControlOperation::Add, conn.stream.as_raw_fd(), EpollEvent::new(EventSet::empty(), token)).is_err() {
             return;
         }
         self.tokens.insert(token, key);
@@ -297,10 +288,7 @@ impl Muxer {
             want |= EventSet::IN;
         }
         if want != conn.interest
-            && self
-                .epoll
-                .ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), EpollEvent::new(want, conn.token))
-                .is_ok()
+            && self.epoll.ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), EpollEvent::new(want, conn.token)).is_ok()
         {
             conn.interest = want;
         }
@@ -433,11 +421,8 @@ impl Muxer {
     /// A guest connection to host port P: connect to `<socket>_P`, or refuse.
     fn connect_to_host(&mut self, key: Key, hdr: &Header) {
         let path = format!("{}_{}", self.socket_path.display(), key.0);
-        let stream = if self.conns.len() + self.pending.len() < MAX_CONNECTIONS {
-            connect_nonblocking(Path::new(&path)).ok()
-        } else {
-            None
-        };
+        let stream =
+            if self.conns.len() + self.pending.len() < MAX_CONNECTIONS { connect_nonblocking(Path::new(&path)).ok() } else { None };
         let Some(stream) = stream else {
             let reply = self.reply_header(key, op::RST);
             self.push_control(reply);

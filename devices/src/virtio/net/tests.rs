@@ -46,7 +46,13 @@ impl NetGuest {
                 let _ = event_loop.run_with_timeout(20);
             }
         });
-        let transport = MmioTransport::new(Box::new(Net::new(device_end, MAC)), mem.clone(), Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())), endpoint_rx.recv().unwrap()).unwrap();
+        let transport = MmioTransport::new(
+            Box::new(Net::new(device_end, MAC)),
+            mem.clone(),
+            Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            endpoint_rx.recv().unwrap(),
+        )
+        .unwrap();
         let driver = MmioDriver(Arc::new(Mutex::new(transport)));
         driver.negotiate_with(features);
         let (rx, tx) = (GuestQueue::new(0x1000, QUEUE_SIZE), GuestQueue::new(0x8000, QUEUE_SIZE));
@@ -126,7 +132,11 @@ impl NetGuest {
         self.driver.setup_queue(TX_QUEUE as u32, &self.tx);
         self.driver.driver_ok();
         let status = self.driver.read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
-        assert_ne!(status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK, 0, "the device starts again after a reset: {status:#x}");
+        assert_ne!(
+            status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK,
+            0,
+            "the device starts again after a reset: {status:#x}"
+        );
     }
 
     fn write_wire(&mut self, frame: &[u8]) {
@@ -193,7 +203,7 @@ fn hostile_tx_chains_are_dropped_and_the_device_goes_on() {
     let mut guest = NetGuest::new();
     guest.send_raw(&[0u8; NET_HDR_LEN - 1]); // shorter than its header
     guest.send_raw(&vec![0u8; NET_HDR_LEN + MAX_FRAME + 1]); // longer than any frame
-    // A chain pointing outside guest RAM.
+                                                             // A chain pointing outside guest RAM.
     guest.tx.push(&guest.mem, &[(0xffff_ffff_0000, 64, false)]);
     guest.kick(TX_QUEUE);
     guest.send(b"still working");

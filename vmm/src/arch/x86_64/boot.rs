@@ -118,9 +118,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
                 _ => EntryPoint::Linux64(loaded.kernel_load),
             };
             let is_linux = has_linux_note(&mut file).unwrap_or(false);
-            let text = text_section(&mut file)
-                .inspect_err(|e| tracing::debug!("{}: no .text range: {e}", path.display()))
-                .unwrap_or(None);
+            let text = text_section(&mut file).inspect_err(|e| tracing::debug!("{}: no .text range: {e}", path.display())).unwrap_or(None);
             Ok(LoadedKernel { entry, end: loaded.kernel_end, setup_header: None, is_linux, text })
         }
         KernelFormat::BzImage => {
@@ -278,8 +276,7 @@ pub struct BootInfo<'a> {
 
 /// Writes the command line and the entry protocol's structure (PVH start info or zero page).
 pub fn write_boot_info(mem: &GuestMemory, info: &BootInfo) -> Result<()> {
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), info.cmdline)
-        .map_err(|e| Error::Boot(format!("command line: {e}")))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), info.cmdline).map_err(|e| Error::Boot(format!("command line: {e}")))?;
     let cmdline_len = info.cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
     let map = e820_map(info.memory);
     match info.kernel.entry {
@@ -297,10 +294,8 @@ fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry]) -
         memmap_entries: map.len() as u32,
         ..Default::default()
     };
-    let memmap: Vec<hvm_memmap_table_entry> = map
-        .iter()
-        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 })
-        .collect();
+    let memmap: Vec<hvm_memmap_table_entry> =
+        map.iter().map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 }).collect();
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_START_INFO_ADDR));
     if let Some((addr, size)) = info.initrd {
         start_info.nr_modules = 1;
@@ -310,8 +305,7 @@ fn write_pvh_start_info(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry]) -
         params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
-    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem)
-        .map_err(|e| Error::Boot(format!("PVH start info: {e}")))
+    PvhBootConfigurator::write_bootparams::<GuestMemory>(&params, mem).map_err(|e| Error::Boot(format!("PVH start info: {e}")))
 }
 
 fn write_zero_page(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry], cmdline_len: usize) -> Result<()> {
@@ -336,11 +330,8 @@ fn write_zero_page(mem: &GuestMemory, info: &BootInfo, map: &[E820Entry], cmdlin
         *slot = boot_e820_entry { addr: e.addr, size: e.size, type_: e.kind };
     }
     params.e820_entries = map.len() as u8;
-    LinuxBootConfigurator::write_bootparams::<GuestMemory>(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
-        mem,
-    )
-    .map_err(|e| Error::Boot(format!("zero page: {e}")))
+    LinuxBootConfigurator::write_bootparams::<GuestMemory>(&BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)), mem)
+        .map_err(|e| Error::Boot(format!("zero page: {e}")))
 }
 
 /// Loads the initrd at the highest page-aligned address of low RAM that the kernel accepts.
@@ -349,26 +340,17 @@ pub fn load_initrd(mem: &GuestMemory, path: &Path, kernel: &LoadedKernel) -> Res
     let mut file = File::open(path).map_err(|source| Error::File { path: path.into(), source })?;
     let size = file.metadata()?.len();
     let low_end = mem.last_addr().raw_value().min(MMIO_GAP_START - 1) + 1;
-    let max_end = kernel
-        .setup_header
-        .map(|h| u64::from(h.initrd_addr_max) + 1)
-        .unwrap_or(low_end)
-        .min(low_end);
-    let addr = max_end
-        .checked_sub(size)
-        .map(|a| a & !0xfff)
-        .filter(|&a| a >= kernel.end)
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "the initrd ({} MiB) does not fit in guest memory next to the kernel: give the guest more --memory",
-                size >> 20
-            ))
-        })?;
+    let max_end = kernel.setup_header.map(|h| u64::from(h.initrd_addr_max) + 1).unwrap_or(low_end).min(low_end);
+    let addr = max_end.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel.end).ok_or_else(|| {
+        Error::Config(format!(
+            "the initrd ({} MiB) does not fit in guest memory next to the kernel: give the guest more --memory",
+            size >> 20
+        ))
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| Error::Boot(format!("cannot load the initrd: {e}")))?;
     Ok((addr, size))
 }
-
 
 #[cfg(test)]
 mod tests {

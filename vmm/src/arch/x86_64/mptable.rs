@@ -92,8 +92,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 /// Writes the MP table for `vcpus` processors into guest memory.
 pub fn write(mem: &GuestMemory, vcpus: u8) -> Result<()> {
     let bytes = build(MPTABLE_ADDR, vcpus);
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_ADDR))
-        .map_err(|e| Error::Boot(format!("MP table: {e}")))
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_ADDR)).map_err(|e| Error::Boot(format!("MP table: {e}")))
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //! into a new one in the order KVM needs.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -102,8 +102,7 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     let mut saved = Vec::with_capacity(list.len());
     let mut rest = list;
     while !rest.is_empty() {
-        let batch: Vec<kvm_msr_entry> =
-            rest.iter().take(MSR_BATCH).map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let batch: Vec<kvm_msr_entry> = rest.iter().take(MSR_BATCH).map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = Msrs::from_entries(&batch).map_err(|_| Error::Snapshot("MSR batch too large".into()))?;
         let read = fd.get_msrs(&mut msrs).map_err(kvm_call("read a vCPU's MSRs"))?;
         saved.extend_from_slice(&msrs.as_slice()[..read]);

@@ -3,16 +3,7 @@ use super::*;
 const GUEST: u64 = 3;
 
 fn guest_hdr(src_port: u32, dst_port: u32, op: u16) -> Header {
-    Header {
-        src_cid: GUEST,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        type_: TYPE_STREAM,
-        op,
-        buf_alloc: 64 * 1024,
-        ..Default::default()
-    }
+    Header { src_cid: GUEST, dst_cid: HOST_CID, src_port, dst_port, type_: TYPE_STREAM, op, buf_alloc: 64 * 1024, ..Default::default() }
 }
 
 fn drain(m: &mut Muxer) -> Vec<(Header, Vec<u8>)> {
@@ -32,7 +23,8 @@ fn muxer() -> (tempfile::TempDir, Muxer) {
 
 #[test]
 fn header_wire_layout() {
-    let h = Header { src_cid: 3, dst_cid: 2, src_port: 7, dst_port: 1024, len: 5, type_: 1, op: op::RW, flags: 3, buf_alloc: 9, fwd_cnt: 11 };
+    let h =
+        Header { src_cid: 3, dst_cid: 2, src_port: 7, dst_port: 1024, len: 5, type_: 1, op: op::RW, flags: 3, buf_alloc: 9, fwd_cnt: 11 };
     let b = h.to_bytes();
     assert_eq!(&b[24..28], &5u32.to_le_bytes(), "len at offset 24");
     assert_eq!(&b[30..32], &op::RW.to_le_bytes(), "op at offset 30");
@@ -131,10 +123,13 @@ fn data_to_the_guest_stops_at_its_credit_and_resumes_on_update() {
     drain(&mut m);
     host.write_all(&[7u8; 3000]).unwrap();
     m.handle_host_events();
-    let sent: usize = drain(&mut m).iter().map(|(h, d)| {
-        assert_eq!(h.len as usize, d.len());
-        d.len()
-    }).sum();
+    let sent: usize = drain(&mut m)
+        .iter()
+        .map(|(h, d)| {
+            assert_eq!(h.len as usize, d.len());
+            d.len()
+        })
+        .sum();
     assert_eq!(sent, 1000, "no more than the guest's buffer");
     let mut update = guest_hdr(100, 7, op::CREDIT_UPDATE);
     update.buf_alloc = 1000;
