@@ -37,7 +37,8 @@ impl Agent {
 
     fn connect(&self, exec: Exec) -> UnixStream {
         let mut conn = UnixStream::connect(&self.socket).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // A hang bound, not a timing: generous for a loaded CI machine.
+        conn.set_read_timeout(Some(READ_DEADLINE)).unwrap();
         protocol::write_frame(&mut conn, &Request::Exec(exec).encode()).unwrap();
         conn
     }
@@ -49,6 +50,9 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// How long a test waits for the agent's next reply before it fails.
+const READ_DEADLINE: Duration = Duration::from_secs(60);
 
 fn sh(script: &str) -> Exec {
     Exec { argv: vec![b"sh".to_vec(), b"-c".to_vec(), script.as_bytes().to_vec()], ..Default::default() }
@@ -67,7 +71,9 @@ struct Result {
 fn collect(conn: &mut UnixStream) -> Result {
     let mut r = Result::default();
     loop {
-        match protocol::read_reply(conn).unwrap() {
+        let reply =
+            protocol::read_reply(conn).unwrap_or_else(|e| panic!("no reply from the agent within {READ_DEADLINE:?} ({e}) after {r:?}"));
+        match reply {
             Some(Reply::Started { pid }) => r.pid = Some(pid),
             Some(Reply::Stdout(d)) => r.stdout.extend(d),
             Some(Reply::Stderr(d)) => r.stderr.extend(d),
@@ -166,10 +172,29 @@ fn a_terminal_with_its_size_resizes_and_ctrl_c() {
     send(&mut conn, Request::Stdin(b"go\r".to_vec()));
     wait_for(&mut conn, &mut seen, "sleeping");
     assert!(String::from_utf8_lossy(&seen).contains("50 132"));
-    // Ctrl-C as a byte: the terminal turns it into SIGINT for the foreground job.
-    send(&mut conn, Request::Stdin(vec![3]));
-    let r = collect(&mut conn);
-    assert_eq!(r.status, Some(ExitStatus::Signal(libc::SIGINT)));
+    // Ctrl-C as a byte: the terminal turns it into SIGINT for the foreground job. The shell
+    // may still be on its way to `exec sleep` when "sleeping" arrives: the byte is sent again
+    // each second until the job ends, and the reply that ends it is the exit status.
+    conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        send(&mut conn, Request::Stdin(vec![3]));
+        // Replies until a second passes without one: the echoed ^C, then the exit status.
+        let ended = loop {
+            match protocol::read_reply(&mut conn) {
+                Ok(Some(Reply::Exited(status))) => break Some(status),
+                Ok(Some(Reply::Stdout(_))) => {}
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        if let Some(status) = ended {
+            break status;
+        }
+        assert!(started.elapsed() < READ_DEADLINE, "Ctrl-C did not end the job within {READ_DEADLINE:?}");
+    };
+    assert_eq!(status, ExitStatus::Signal(libc::SIGINT));
 }
 
 #[test]
