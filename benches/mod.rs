@@ -431,7 +431,7 @@ fn p90(values: &[f64]) -> f64 {
 
 /// Whether the `--timings` line says the guest was restored (`start warm`) or booted.
 fn parse_run_start(stderr: &str) -> Option<bool> {
-    let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
+    let line = stderr.lines().find(|l| l.starts_with(cvm::session::run::TIMINGS_PREFIX))?;
     match line.split_whitespace().skip_while(|w| *w != "start").nth(1)? {
         "warm" => Some(true),
         "cold" => Some(false),
@@ -447,16 +447,19 @@ fn check_start(name: &str, warm: bool, restored: Option<bool>) -> Result<()> {
         Some(restored) => bail!(
             "{name}: the session was {} (is {} writable?)",
             if restored { "restored" } else { "booted" },
-            cvm::warm::snapshots_dir().display()
+            cvm::session::warm::snapshots_dir().display()
         ),
         None => bail!("{name}: cvm did not say how the session started"),
     }
 }
 
 fn parse_run_timings(stderr: &str) -> Option<Vec<f64>> {
-    let line = stderr.lines().find(|l| l.starts_with(cvm::run::TIMINGS_PREFIX))?;
+    let line = stderr.lines().find(|l| l.starts_with(cvm::session::run::TIMINGS_PREFIX))?;
     let words: Vec<&str> = line.split_whitespace().collect();
-    cvm::run::TIMING_PHASES.iter().map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok())).collect()
+    cvm::session::run::TIMING_PHASES
+        .iter()
+        .map(|name| words.iter().position(|w| w == name).and_then(|i| words.get(i + 1)?.parse().ok()))
+        .collect()
 }
 
 /// Starts `cmd` and returns how long it took to print `line`; then kills it.
@@ -485,8 +488,8 @@ fn run_bench(args: RunBench) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let kernel = cvm::images::kernel(args.kernel.clone())?;
-    let image = cvm::images::image(&args.image)?;
+    let kernel = cvm::project::images::kernel(args.kernel.clone())?;
+    let image = cvm::project::images::image(&args.image)?;
     let engines = engines_or_every_one_here(&args.engines, "bench run");
     let cvm = cvm::cvm_exe()?;
     // The reference: the same kernel and image booted to init by bare QEMU, no cvm around it,
@@ -504,13 +507,13 @@ fn run_bench(args: RunBench) -> Result<()> {
             qemu.args(cvm_vmm::qemu::arguments(&vm, cvm_vmm::qemu::Accel::for_this_host()));
             Some(("bare QEMU", qemu))
         }
-        (cvm::images::Image::Initramfs(initrd), false) => {
+        (cvm::project::images::Image::Initramfs(initrd), false) => {
             let mut boot = Command::new(&cvm);
             boot.arg("boot").arg("--kernel").arg(&kernel).arg("--initrd").arg(initrd);
             boot.args(["--cpus", &vm.vcpus.to_string(), "--memory", "512M", "--append", &vm.cmdline]);
             Some(("bare cvm boot (no QEMU here)", boot))
         }
-        (cvm::images::Image::Disk(_), false) => {
+        (cvm::project::images::Image::Disk(_), false) => {
             eprintln!("bench run: no reference: {} is missing, and a disk image cannot be booted bare", args.qemu);
             None
         }
@@ -545,7 +548,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); commands.len()];
     let mut reference_walls = Vec::new();
-    let mut phases: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cvm::run::TIMING_PHASES.len()]; commands.len()];
+    let mut phases: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); cvm::session::run::TIMING_PHASES.len()]; commands.len()];
     let check = |name: &str, s: &Sample, want: &str| -> Result<()> {
         if !s.stdout.contains(want) && !s.stderr.contains(want) {
             bail!("{name} did not finish as expected; stdout: {:?}, stderr: {:?}", s.stdout, s.stderr);
@@ -554,7 +557,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     };
     // Warm-up: page cache, first exec.
     for (name, _, c) in commands.iter_mut() {
-        check(name, &measure(c)?, cvm::run::TIMINGS_PREFIX)?;
+        check(name, &measure(c)?, cvm::session::run::TIMINGS_PREFIX)?;
     }
     for (name, c) in execs.iter_mut() {
         let s = measure(c)?;
@@ -599,7 +602,7 @@ fn run_bench(args: RunBench) -> Result<()> {
     for (index, (name, _, _)) in commands.iter().enumerate() {
         row(&format!("cvm run {name}: wall"), &walls[index]);
         row(&format!("cvm run {name}: CPU (user+sys)"), &cpus[index]);
-        for (phase, values) in cvm::run::TIMING_PHASES.iter().zip(&phases[index]) {
+        for (phase, values) in cvm::session::run::TIMING_PHASES.iter().zip(&phases[index]) {
             row(&format!("  phase: {phase}"), values);
         }
     }
@@ -628,7 +631,8 @@ fn run_bench(args: RunBench) -> Result<()> {
     }
     // The warm start's own figure: from the VM starting to a guest ready for commands.
     let boot_median = |name: &str| {
-        let (index, phase) = (commands.iter().position(|(n, _, _)| n == name)?, cvm::run::TIMING_PHASES.iter().position(|p| *p == "boot")?);
+        let (index, phase) =
+            (commands.iter().position(|(n, _, _)| n == name)?, cvm::session::run::TIMING_PHASES.iter().position(|p| *p == "boot")?);
         Some(stats(phases[index][phase].clone()).median)
     };
     if let (Some(warm), Some(cold)) = (boot_median("--vmm cvm, warm"), boot_median("--vmm cvm, cold")) {
@@ -698,7 +702,7 @@ fn sessions_memory(args: &RunBench, cvm: &Path, kernel: &Path, engines: &[cvm_vm
                 if !s.stderr.is_empty() {
                     bail!("cvm exec on {}: {:?}", vm.name, s.stderr);
                 }
-                let held = session_memory(cvm::named::find(&vm.name)?.pid)?;
+                let held = session_memory(cvm::session::named::find(&vm.name)?.pid)?;
                 files += held.memory_files_kib;
                 anonymous += held.anonymous_kib;
             }
@@ -812,8 +816,8 @@ impl NamedVm {
 
     /// Whether its daemon restored the guest from a warm-start snapshot, from its log.
     fn restored(&self) -> bool {
-        let Ok(dir) = cvm::named::state_dir(&self.name) else { return false };
-        std::fs::read_to_string(dir.join(cvm::named::DAEMON_LOG)).is_ok_and(|log| log.contains(cvm::warm::RESTORED))
+        let Ok(dir) = cvm::session::named::state_dir(&self.name) else { return false };
+        std::fs::read_to_string(dir.join(cvm::session::named::DAEMON_LOG)).is_ok_and(|log| log.contains(cvm::session::warm::RESTORED))
     }
 
     fn exec_true(&self) -> Command {

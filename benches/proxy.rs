@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use cvm::egress::{start_proxy, EgressPolicy};
-use cvm::interception::SecretSwap;
-use cvm::loopback_https::{connect_through, exchange, tls_client, LoopbackHttps};
-use cvm::secrets::Secret;
+use cvm::network::egress::{start_proxy, EgressPolicy};
+use cvm::network::interception::SecretSwap;
+use cvm::network::loopback_https::{connect_through, exchange, tls_client, LoopbackHttps};
+use cvm::network::secrets::Secret;
 
 #[derive(clap::Args)]
 pub struct ProxyBench {

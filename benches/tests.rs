@@ -53,14 +53,14 @@ fn firecracker_is_given_the_same_vm() {
 #[test]
 fn run_timings_print_every_phase_and_parse_back() {
     let ms = Duration::from_millis;
-    let line = cvm::run::timings_line([ms(1), ms(2), ms(3), ms(4), ms(7), ms(8), ms(9), ms(30)], true);
+    let line = cvm::session::run::timings_line([ms(1), ms(2), ms(3), ms(4), ms(7), ms(8), ms(9), ms(30)], true);
     assert_eq!(
         line,
         "cvm run timings (ms): host 1.0 vm 2.0 agent 3.0 guest-setup 4.0 boot 7.0 exec 8.0 teardown 9.0 total 30.0 start warm"
     );
     assert_eq!(parse_run_timings(&format!("other\n{line}\n")), Some(vec![1.0, 2.0, 3.0, 4.0, 7.0, 8.0, 9.0, 30.0]));
     assert_eq!(parse_run_start(&line), Some(true));
-    assert_eq!(parse_run_start(&cvm::run::timings_line([ms(1); 8], false)), Some(false));
+    assert_eq!(parse_run_start(&cvm::session::run::timings_line([ms(1); 8], false)), Some(false));
     assert_eq!(parse_run_start("cvm run timings (ms): host 1.0 start"), None);
     assert_eq!(parse_run_start("cvm run timings (ms): host 1.0 start lukewarm"), None);
     assert!(check_start("--vmm cvm, warm", true, Some(true)).is_ok());

@@ -47,19 +47,19 @@ const TOOLS: &[(&str, &str, &str, bool)] = &[
 pub fn checks() -> Vec<Check> {
     let device = std::env::var_os("CVM_KVM_DEVICE").map_or_else(|| PathBuf::from("/dev/kvm"), PathBuf::from);
     let mut checks = vec![kvm(&device)];
-    checks.push(match crate::images::kernel(None) {
+    checks.push(match crate::project::images::kernel(None) {
         Ok(path) => Check::ok("guest kernel", path.display().to_string()),
         Err(e) => Check::bad("guest kernel", Status::Fail, e.to_string(), "scripts/build-kernel (about 5 minutes on 2 cores)"),
     });
-    checks.push(match crate::images::image("debian") {
+    checks.push(match crate::project::images::image("debian") {
         Ok(image) => Check::ok("debian image", image.path().display().to_string()),
         Err(e) => Check::bad("debian image", Status::Fail, e.to_string(), "cvm image build debian"),
     });
-    checks.push(match crate::images::image("minimal") {
+    checks.push(match crate::project::images::image("minimal") {
         Ok(image) => Check::ok("minimal image", image.path().display().to_string()),
         Err(e) => Check::bad("minimal image", Status::Warn, e.to_string(), "cvm image build minimal"),
     });
-    checks.push(match crate::rundir::runtime_base() {
+    checks.push(match crate::session::rundir::runtime_base() {
         Ok(runtime) => Check::ok("session directory", runtime.display().to_string()),
         Err(e) => Check::bad("session directory", Status::Fail, format!("{e:#}"), "set XDG_RUNTIME_DIR to a directory only you can use"),
     });

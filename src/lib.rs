@@ -1,47 +1,26 @@
-//! cvm as a library; the `cvm` binary is a thin command line over it.
+//! cvm as a library; the `cvm` binary is a thin command line over it. Each folder is one
+//! concern, and none reaches into a folder that builds on it:
 //!
-//! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU.
-//! - [`shares`]: what the guest gets of the host's files, planned as plain data.
-//! - [`egress`]: the host-side HTTP proxy that is the guest's only way out, and its policy.
-//! - [`secrets`]: secrets the guest holds only as placeholders, and their sources.
-//! - [`interception`]: the proxy's TLS interception that swaps placeholders for secrets.
-//! - [`loopback_https`]: an HTTPS server on the loopback with its own CA, for benches and tests.
-//! - [`forward`]: published ports, host ports and the SSH agent, relayed over vsock.
-//! - [`exec`]: the host end of an exec (stdio, terminal, signals, exit status).
-//! - [`run`]: `cvm run` and `cvm shell` from plain options to an exit code.
-//! - [`runtime`]: runtime scripts and the CLAUDE.md context, run before each command.
-//! - [`template`]: per-project templates that `cvm setup` makes.
-//! - [`rundir`]: a session's private directory and the janitor that removes it.
-//! - [`images`]: where the kernel and images are.
-//! - [`terminal`]: raw mode and window size.
-//! - [`trust`]: which widening settings of a project's own configuration the user trusted.
-//! - [`host_files`]: reading files the guest may have written, without being led out.
-//! - [`host_code`]: the files host programs take code from, which no share lets the guest write.
+//! - [`config`]: the layered configuration as plain data, and which widening settings of a
+//!   project's own file the user trusted.
+//! - [`host`]: what cvm reads of the host it runs on: its environment, files the guest may have
+//!   written (read without being led out), the terminal.
+//! - [`project`]: the project's kernel, images, templates and git worktrees.
+//! - [`guest`]: what the guest gets, planned as data: shares, the files host programs take code
+//!   from (which no share lets the guest write), runtime scripts and the CLAUDE.md context.
+//! - [`network`]: the guest's only ways out: the egress proxy and its policy, TLS interception,
+//!   proxied secrets, forwarded ports and agents, passt for `--network open`.
+//! - [`session`]: one disposable VM with the agent inside, on cvm's VMM or QEMU; `cvm run`,
+//!   execs, named VMs, warm starts and a session's private directory.
+//! - [`doctor`]: what this host has of what cvm needs.
 
 pub mod config;
 pub mod doctor;
-pub mod egress;
-pub mod environment;
-pub mod exec;
-pub mod forward;
-pub mod host_code;
-pub mod host_files;
-pub mod images;
-pub mod interception;
-pub mod loopback_https;
-pub mod named;
-pub mod open_network;
-pub mod run;
-pub mod rundir;
-pub mod runtime;
-pub mod secrets;
+pub mod guest;
+pub mod host;
+pub mod network;
+pub mod project;
 pub mod session;
-pub mod shares;
-pub mod template;
-pub mod terminal;
-pub mod trust;
-pub mod warm;
-pub mod worktree;
 
 static CVM_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 

@@ -6,11 +6,11 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use cvm::egress::{start_proxy, EgressPolicy, NetworkMode};
-use cvm::forward::Listening;
-use cvm::interception::SecretSwap;
-use cvm::loopback_https::{self, LoopbackHttps};
-use cvm::secrets::Secret;
+use cvm::network::egress::{start_proxy, EgressPolicy, NetworkMode};
+use cvm::network::forward::Listening;
+use cvm::network::interception::SecretSwap;
+use cvm::network::loopback_https::{self, LoopbackHttps};
+use cvm::network::secrets::Secret;
 use std::sync::Arc;
 
 /// An HTTP server on 127.0.0.1 that answers `count` requests with `body`.

@@ -268,7 +268,7 @@ fn passt_running() -> bool {
 fn a_proxied_secret_reaches_only_its_host_as_the_real_value_and_never_enters_the_guest() {
     let Some(env) = Env::debian() else { return };
     let engine = engine();
-    let https = cvm::loopback_https::LoopbackHttps::start(&["secret.test", "other.test"]).unwrap();
+    let https = cvm::network::loopback_https::LoopbackHttps::start(&["secret.test", "other.test"]).unwrap();
     let port = https.port();
     let http = server("plain");
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();

@@ -9,9 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cvm::images::Image;
+use cvm::guest::shares::ShareRequest;
+use cvm::project::images::Image;
 use cvm::session::{Session, SessionConfig};
-use cvm::shares::ShareRequest;
 use cvm_vmm::Engine;
 
 fn threads() -> Vec<String> {

@@ -46,7 +46,7 @@ fn claude_sees_only_its_configuration_and_its_own_conversations() {
     let Some(env) = Env::new() else { return };
     let dir = project(&env);
     let claude = env.home.path().join(".claude");
-    let folder = claude.join("projects").join(cvm::shares::encode_project_path(&dir));
+    let folder = claude.join("projects").join(cvm::guest::shares::encode_project_path(&dir));
     std::fs::create_dir_all(claude.join("projects/-other-project")).unwrap();
     std::fs::write(claude.join("projects/-other-project/s.jsonl"), "another project's conversation").unwrap();
     std::fs::write(claude.join("history.jsonl"), "every prompt ever").unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{engine, text, Env};
-use cvm::warm::RESTORED;
+use cvm::session::warm::RESTORED;
 
 fn snapshots(env: &Env) -> Vec<PathBuf> {
     let dir = env.home.path().join(".cache/cvm/snapshots");

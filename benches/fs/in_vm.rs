@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cvm::guest::shares::{ExternalShare, HostUser, ShareRequest};
 use cvm::session::{Session, SessionConfig};
-use cvm::shares::{ExternalShare, HostUser, ShareRequest};
 use cvm_agent::fs_workloads::Workload;
 
 use super::{FsBench, Row, Summary, Table, Virtiofsd, CVM, VIRTIOFSD};
@@ -134,8 +134,8 @@ fn memory(args: &FsBench) -> u64 {
 
 pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, share: &Path) -> Result<Vec<Table>> {
     let engines = crate::bench::engines_or_every_one_here(&args.engines, "bench fs");
-    let kernel = cvm::images::kernel(args.kernel.clone())?;
-    let image = cvm::images::image("debian")?;
+    let kernel = cvm::project::images::kernel(args.kernel.clone())?;
+    let image = cvm::project::images::image("debian")?;
     make_git_project(share, args.git_files)?;
     let user = HostUser::current()?.guest();
     let mut tables = Vec::new();
@@ -153,7 +153,7 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
         let config = SessionConfig {
             debug: tracing::enabled!(tracing::Level::INFO),
             shares: ShareRequest { project: Some(share.to_path_buf()), external, ..ShareRequest::default() },
-            egress: cvm::egress::EgressPolicy { mode: cvm::egress::NetworkMode::None, ..Default::default() },
+            egress: cvm::network::egress::EgressPolicy { mode: cvm::network::egress::NetworkMode::None, ..Default::default() },
             ..SessionConfig::new(engine, kernel.clone(), image.clone(), 2, memory(args))
         };
         let session = Session::start(&config, None).with_context(|| format!("cannot start the guest on {label}"))?;
@@ -178,7 +178,7 @@ pub(super) fn run(args: &FsBench, host: &crate::bench::HostFacts, work: &Path, s
         let ended = session.shutdown();
         drop(reference);
         match outcome? {
-            cvm::exec::Outcome::Exited(status) if status.shell_code() == 0 => {}
+            cvm::session::exec::Outcome::Exited(status) if status.shell_code() == 0 => {}
             other => {
                 bail!("the workloads failed in the guest on {label}: {other:?}{}", ended.map(|e| format!(" ({e})")).unwrap_or_default())
             }

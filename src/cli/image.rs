@@ -24,19 +24,19 @@ pub(crate) fn image_command(command: ImageCommand) -> anyhow::Result<ExitCode> {
     match command {
         ImageCommand::Build { name } => {
             // The recipe prints its progress on stderr and the image's path last on stdout.
-            let status = std::process::Command::new(cvm::images::recipe(&name)?).status()?;
+            let status = std::process::Command::new(cvm::project::images::recipe(&name)?).status()?;
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         ImageCommand::Ls => {
             println!("{:<8} {:<17} {:>9}  PATH", "IMAGE", "RECIPE", "SIZE");
-            for image in cvm::images::cached() {
+            for image in cvm::project::images::cached() {
                 let mark = if image.current { " (current)" } else { "" };
                 println!("{:<8} {:<17} {:>8}M  {}{mark}", image.name, image.key, image.bytes >> 20, image.path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Rm { all } => {
-            for image in cvm::images::cached().into_iter().filter(|i| all || !i.current) {
+            for image in cvm::project::images::cached().into_iter().filter(|i| all || !i.current) {
                 let dir = image.path.parent().expect("a build directory");
                 std::fs::remove_dir_all(dir)?;
                 println!("removed {} {}", image.name, image.key);

@@ -70,23 +70,23 @@ pub(crate) struct VmArgs {
     pub network: Option<NetworkMode>,
     /// Also allow this host name through the proxy (`*.example.com` for its subdomains).
     /// Repeatable. [config: network.allow]
-    #[arg(long = "allow", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
+    #[arg(long = "allow", value_name = "NAME", value_parser = cvm::network::egress::parse_pattern)]
     pub allow: Vec<String>,
     /// Refuse this host name even if allowed. Repeatable. [config: network.deny]
-    #[arg(long = "deny", value_name = "NAME", value_parser = cvm::egress::parse_pattern)]
+    #[arg(long = "deny", value_name = "NAME", value_parser = cvm::network::egress::parse_pattern)]
     pub deny: Vec<String>,
     /// Resolve NAME to IP for the proxy (docker's --add-host); such a name may point at a
     /// private or loopback address. Repeatable. [config: network.hosts]
-    #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::egress::parse_add_host)]
+    #[arg(long = "add-host", value_name = "NAME:IP", value_parser = cvm::network::egress::parse_add_host)]
     pub add_hosts: Vec<(String, std::net::IpAddr)>,
     /// Set a variable for every command: NAME=VALUE. Repeatable.
-    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE", value_parser = cvm::environment::parse_pair)]
+    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE", value_parser = cvm::host::environment::parse_pair)]
     pub env: Vec<(String, String)>,
     /// Read variables from a file of NAME=VALUE lines. Repeatable.
     #[arg(long = "env-file", value_name = "FILE")]
     pub env_files: Vec<PathBuf>,
     /// Pass this variable of yours on to every command (skipped if unset). Repeatable.
-    #[arg(long = "inherit-env", value_name = "NAME", value_parser = cvm::environment::parse_name)]
+    #[arg(long = "inherit-env", value_name = "NAME", value_parser = cvm::host::environment::parse_name)]
     pub inherit_env: Vec<String>,
     /// A script sourced before the command, in the same shell, after the project's own
     /// .cvm.runtime.sh; a failure stops the run with its status. Repeatable.
@@ -100,11 +100,11 @@ pub(crate) struct VmArgs {
 #[derive(clap::Args, Clone, Default)]
 pub(crate) struct ForwardArgs {
     /// Publish a guest TCP port on the host's 127.0.0.1: HOSTPORT:GUESTPORT. Repeatable.
-    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT", value_parser = cvm::forward::parse_publish)]
-    pub publish: Vec<cvm::forward::Publish>,
+    #[arg(short = 'p', long = "publish", value_name = "HOSTPORT:GUESTPORT", value_parser = cvm::network::forward::parse_publish)]
+    pub publish: Vec<cvm::network::forward::Publish>,
     /// Let the guest reach 127.0.0.1:PORT on the host at its own 127.0.0.1:PORT (a local
     /// database, an MCP server). Repeatable.
-    #[arg(long = "host-port", value_name = "PORT", value_parser = cvm::forward::parse_host_port)]
+    #[arg(long = "host-port", value_name = "PORT", value_parser = cvm::network::forward::parse_host_port)]
     pub host_ports: Vec<u16>,
     /// Give the guest an SSH_AUTH_SOCK that reaches your SSH agent ($SSH_AUTH_SOCK).
     #[arg(short = 'A', long = "forward-ssh-agent")]
@@ -128,7 +128,7 @@ impl ForwardArgs {
                 ),
                 false => None,
             },
-            gpg_agent: if self.forward_gpg_agent { Some(cvm::forward::GpgAgent::from_host()?) } else { None },
+            gpg_agent: if self.forward_gpg_agent { Some(cvm::network::forward::GpgAgent::from_host()?) } else { None },
         })
     }
 }
@@ -192,10 +192,10 @@ pub(crate) fn session_config(
     let mut secrets = Vec::new();
     if with_secrets {
         let mut secrets_file = match &settings.secrets_file.value {
-            Some(path) => cvm::environment::read_secrets(path, root.as_deref())?,
+            Some(path) => cvm::host::environment::read_secrets(path, root.as_deref())?,
             None => Environment::default(),
         };
-        secrets = cvm::secrets::resolve(&settings.proxied_secrets.value, &mut secrets_file)?;
+        secrets = cvm::network::secrets::resolve(&settings.proxied_secrets.value, &mut secrets_file)?;
         env.extend(secrets_file);
         for secret in &secrets {
             env.set(secret.name.clone(), secret.placeholder.clone());
@@ -205,7 +205,7 @@ pub(crate) fn session_config(
         }
     }
     for file in &args.env_files {
-        env.extend(cvm::environment::read_file(file, None)?);
+        env.extend(cvm::host::environment::read_file(file, None)?);
     }
     for name in &args.inherit_env {
         if let Ok(value) = std::env::var(name) {
@@ -232,8 +232,8 @@ pub(crate) fn session_config(
             }
             engine
         },
-        kernel: cvm::images::kernel(args.kernel.clone())?,
-        image: cvm::images::image(&settings.image.value)?,
+        kernel: cvm::project::images::kernel(args.kernel.clone())?,
+        image: cvm::project::images::image(&settings.image.value)?,
         cpus: settings.cpus.value,
         memory_bytes: settings.memory.value,
         // -v shows the guest's side too: its console, kernel and agent messages included.
@@ -247,7 +247,7 @@ pub(crate) fn session_config(
             allow: settings.allow.value.clone(),
             deny: settings.deny.value.clone(),
             hosts: settings.hosts.value.clone(),
-            upstream: cvm::egress::upstream_from_env().map_err(anyhow::Error::msg)?,
+            upstream: cvm::network::egress::upstream_from_env().map_err(anyhow::Error::msg)?,
         },
         forwards,
         env,

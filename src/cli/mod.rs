@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use cvm::config::{Flags, Settings, Source, VmmChoice};
-use cvm::egress::{EgressPolicy, NetworkMode};
-use cvm::environment::Environment;
-use cvm::forward::ForwardRequest;
-use cvm::run::{parse_duration, EXIT_CVM_FAILED};
+use cvm::guest::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
+use cvm::host::environment::Environment;
+use cvm::network::egress::{EgressPolicy, NetworkMode};
+use cvm::network::forward::ForwardRequest;
+use cvm::session::run::{parse_duration, EXIT_CVM_FAILED};
 use cvm::session::{Scratch, SessionConfig};
-use cvm::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm_vmm::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
 
 #[cfg(feature = "bench")]
@@ -218,7 +218,7 @@ pub(crate) fn main() -> ExitCode {
         }
     }
     init_logging(cli.verbose);
-    cvm::terminal::escapes::set_raw_output(cli.raw_terminal);
+    cvm::host::terminal::escapes::set_raw_output(cli.raw_terminal);
     match cli.command {
         Command::Boot(args) => boot(&args, started),
         Command::Run(args) => run(&args, prompt),
@@ -240,14 +240,14 @@ pub(crate) fn main() -> ExitCode {
             Vec::new(),
         ),
         Command::Logs { name, network: _, follow } => match name {
-            Some(name) => report(cvm::named::copy_console(
+            Some(name) => report(cvm::session::named::copy_console(
                 &name,
                 follow,
                 &mut std::io::stdout(),
-                cvm::terminal::escapes::EscapeFilter::for_fd(rustix::stdio::stdout()),
+                cvm::host::terminal::escapes::EscapeFilter::for_fd(rustix::stdio::stdout()),
             )),
             None => {
-                let path = cvm::egress::audit_log_path();
+                let path = cvm::network::egress::audit_log_path();
                 match std::fs::read(&path) {
                     Ok(log) => {
                         let _ = std::io::Write::write_all(&mut std::io::stdout(), &log);
@@ -266,8 +266,8 @@ pub(crate) fn main() -> ExitCode {
         Command::VmDaemon => report(Err(anyhow::anyhow!("__vm-daemon takes a `cvm start` command line on its standard input"))),
         Command::Exec { name, command } => session_exit(vm_exec(&name, command)),
         Command::Ps { json } => report(ps(json)),
-        Command::Stop { name } => report(cvm::named::stop(&name, false)),
-        Command::Rm { name } => report(cvm::named::stop(&name, true)),
+        Command::Stop { name } => report(cvm::session::named::stop(&name, false)),
+        Command::Rm { name } => report(cvm::session::named::stop(&name, true)),
         Command::Config(command) => config_command(command),
         Command::Trust { path, revoke } => report(trust(path, revoke)),
         Command::Doctor => {
@@ -310,7 +310,7 @@ pub(crate) fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Janitor { dir } => report(cvm::rundir::janitor_main(&dir)),
+        Command::Janitor { dir } => report(cvm::session::rundir::janitor_main(&dir)),
     }
 }
 
@@ -337,7 +337,7 @@ pub(crate) fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
 /// ([`EXIT_CVM_FAILED`]) with the terminal given back.
 pub(crate) fn session_exit(result: anyhow::Result<u8>) -> ExitCode {
     result.map(ExitCode::from).unwrap_or_else(|e| {
-        cvm::terminal::restore();
+        cvm::host::terminal::restore();
         eprintln!("cvm: {e:#}");
         ExitCode::from(EXIT_CVM_FAILED)
     })

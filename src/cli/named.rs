@@ -5,7 +5,7 @@ use super::*;
 #[derive(clap::Args, Clone)]
 pub(crate) struct StartArgs {
     /// The VM's name: letters, digits, '.', '_', '-'.
-    #[arg(long, value_parser = |s: &str| cvm::named::validate_name(s).map(|()| s.to_string()))]
+    #[arg(long, value_parser = |s: &str| cvm::session::named::validate_name(s).map(|()| s.to_string()))]
     pub name: String,
     /// The project, shared as with `cvm run`.
     pub path: Option<PathBuf>,
@@ -18,7 +18,7 @@ pub(crate) struct StartArgs {
 /// `cvm start`: this command line again, as `cvm __vm-daemon`, in the background.
 pub(crate) fn start(args: &StartArgs) -> anyhow::Result<()> {
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    cvm::named::spawn(&args.name, &argv)?;
+    cvm::session::named::spawn(&args.name, &argv)?;
     println!("{}", args.name);
     Ok(())
 }
@@ -45,18 +45,18 @@ pub(crate) fn nul_terminated_words(bytes: &[u8]) -> Vec<OsString> {
 
 /// `cvm __vm-daemon`: the session of a named VM, kept until stopped.
 pub(crate) fn vm_daemon(args: &StartArgs) -> anyhow::Result<()> {
-    let dir = cvm::named::state_dir(&args.name)?;
+    let dir = cvm::session::named::state_dir(&args.name)?;
     let project = args.path.clone();
     let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
     let settings = settings(args.vm.flags(), canonical.as_deref())?;
     let mut config = session_config(&settings, &args.vm, args.forwards.request()?, project, true)?;
     // Its console is what `cvm logs NAME` shows: kernel and agent messages included.
     config.debug = true;
-    if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
-        config.template = cvm::template::find(project, image);
+    if let (Some(project), cvm::project::images::Image::Disk(image)) = (&canonical, &config.image) {
+        config.template = cvm::project::template::find(project, image);
     }
     let session = cvm::session::Session::start(&config, None)?;
-    let info = cvm::named::VmInfo {
+    let info = cvm::session::named::VmInfo {
         name: args.name.clone(),
         pid: std::process::id(),
         project: canonical,
@@ -64,20 +64,20 @@ pub(crate) fn vm_daemon(args: &StartArgs) -> anyhow::Result<()> {
         started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         console_log: session.console_log().to_path_buf(),
     };
-    let result = cvm::named::serve(session, info, &dir);
-    cvm::named::clear(&args.name);
+    let result = cvm::session::named::serve(session, info, &dir);
+    cvm::session::named::clear(&args.name);
     result
 }
 
 /// `cvm exec NAME [-- CMD]`: a shell by default.
 pub(crate) fn vm_exec(name: &str, command: Vec<OsString>) -> anyhow::Result<u8> {
     let argv = if command.is_empty() { vec!["/bin/sh".into(), "-l".into()] } else { command };
-    cvm::named::exec(name, cvm::run::exec_request(argv))
+    cvm::session::named::exec(name, cvm::session::run::exec_request(argv))
 }
 
 pub(crate) fn ps(json: bool) -> anyhow::Result<()> {
     use std::io::Write;
-    let vms = cvm::named::list();
+    let vms = cvm::session::named::list();
     // A closed pipe (`cvm ps | head`) ends the listing quietly.
     let mut out = std::io::stdout().lock();
     if json {

@@ -56,7 +56,7 @@ pub(crate) struct SetupArgs {
     pub vm: VmArgs,
 }
 
-/// `cvm setup`'s `--NAME` for each of [`cvm::template::CAPABILITIES`], and `--all`.
+/// `cvm setup`'s `--NAME` for each of [`cvm::project::template::CAPABILITIES`], and `--all`.
 #[derive(Clone, Default)]
 pub(crate) struct ToolFlags {
     /// The capabilities asked for.
@@ -66,7 +66,9 @@ pub(crate) struct ToolFlags {
 impl clap::FromArgMatches for ToolFlags {
     fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
         let all = matches.get_flag("all");
-        Ok(ToolFlags { on: cvm::template::CAPABILITIES.iter().filter(|c| all || matches.get_flag(c.name)).map(|c| c.name).collect() })
+        Ok(ToolFlags {
+            on: cvm::project::template::CAPABILITIES.iter().filter(|c| all || matches.get_flag(c.name)).map(|c| c.name).collect(),
+        })
     }
 
     fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
@@ -78,7 +80,7 @@ impl clap::FromArgMatches for ToolFlags {
 impl clap::Args for ToolFlags {
     fn augment_args(command: clap::Command) -> clap::Command {
         let flag = |name: &'static str, about: &'static str| clap::Arg::new(name).long(name).help(about).action(clap::ArgAction::SetTrue);
-        cvm::template::CAPABILITIES
+        cvm::project::template::CAPABILITIES
             .iter()
             .fold(command, |command, c| command.arg(flag(c.name, c.about)))
             .arg(flag("all", "Every capability above"))
@@ -96,10 +98,10 @@ pub(crate) fn run(args: &RunArgs, prompt: Vec<OsString>) -> ExitCode {
 
 pub(crate) fn run_session(args: &RunArgs, prompt: Vec<OsString>) -> anyhow::Result<u8> {
     let path = match &args.worktree {
-        Some(branch) => Some(cvm::worktree::create(&std::env::current_dir()?, branch, None)?),
+        Some(branch) => Some(cvm::project::worktree::create(&std::env::current_dir()?, branch, None)?),
         None => args.path.clone(),
     };
-    let project = cvm::run::default_project(path, !args.command.is_empty());
+    let project = cvm::session::run::default_project(path, !args.command.is_empty());
     let canonical = project.as_ref().and_then(|p| p.canonicalize().ok());
     let settings = settings(args.vm.flags(), canonical.as_deref())?;
     let command = match args.command.is_empty() {
@@ -108,18 +110,18 @@ pub(crate) fn run_session(args: &RunArgs, prompt: Vec<OsString>) -> anyhow::Resu
     };
     let mut config = session_config(&settings, &args.vm, args.forwards.request()?, project, true)?;
     // A project's template, made by `cvm setup` on this image, is where it starts from.
-    if let (Some(project), cvm::images::Image::Disk(image)) = (&canonical, &config.image) {
-        config.template = cvm::template::find(project, image);
+    if let (Some(project), cvm::project::images::Image::Disk(image)) = (&canonical, &config.image) {
+        config.template = cvm::project::template::find(project, image);
         if config.template.is_none() && args.auto_setup && wants_setup(&settings, project) {
             eprintln!("cvm: --auto-setup: {} has no template yet; running cvm setup first", project.display());
             let code = run_setup(&settings, &args.vm, project)?;
             if code != 0 {
                 return Ok(code);
             }
-            config.template = cvm::template::find(project, image);
+            config.template = cvm::project::template::find(project, image);
         }
     }
-    cvm::run::run(&config, command, settings.timeout.value, args.timings)
+    cvm::session::run::run(&config, command, settings.timeout.value, args.timings)
 }
 
 /// Whether the configuration asks for anything `cvm setup` would install or run.
@@ -127,7 +129,7 @@ pub(crate) fn wants_setup(settings: &Settings, project: &Path) -> bool {
     !settings.tools_on().is_empty()
         || !settings.packages.value.is_empty()
         || !settings.setup_scripts.value.is_empty()
-        || project.join(cvm::template::HOME_SCRIPT).is_file()
+        || project.join(cvm::project::template::HOME_SCRIPT).is_file()
 }
 
 /// `cvm setup`: the flags' tools, packages and scripts on top of the configuration's.
@@ -143,7 +145,7 @@ pub(crate) fn setup(args: SetupArgs) -> anyhow::Result<u8> {
 
 /// One session on a scratch disk that becomes the project's template.
 pub(crate) fn run_setup(settings: &Settings, vm: &VmArgs, project: &Path) -> anyhow::Result<u8> {
-    use cvm::template;
+    use cvm::project::template;
     let packages = template::packages(&settings.tools_on(), &settings.packages.value);
     // The user's scripts, read here: ~/.cvm.setup.sh, then [setup] scripts and --setup-script,
     // then the project's.
@@ -152,18 +154,18 @@ pub(crate) fn run_setup(settings: &Settings, vm: &VmArgs, project: &Path) -> any
     let scripts = own
         .chain(settings.setup_scripts.value.iter().cloned())
         .chain(project_script)
-        .map(|p| cvm::host_files::read(&p, Some(project), cvm::host_files::MAX_PROJECT_FILE))
+        .map(|p| cvm::host::host_files::read(&p, Some(project), cvm::host::host_files::MAX_PROJECT_FILE))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut config = session_config(settings, vm, ForwardRequest::default(), Some(project.to_path_buf()), false)?;
     config.shares.mounts.extend(settings.setup_mounts.value.iter().cloned());
     let dir = template::dir_for(project);
     std::fs::create_dir_all(&dir)?;
     let layer = dir.join("layer.ext4.new");
-    cvm::images::make_scratch_disk(&layer, template::LAYER_BYTES)?;
+    cvm::project::images::make_scratch_disk(&layer, template::LAYER_BYTES)?;
     config.scratch = Some(Scratch::Kept(layer.clone()));
     config.runtime = false;
     let argv = template::command(&packages, &scripts).into_iter().map(<OsString as std::os::unix::ffi::OsStringExt>::from_vec).collect();
-    let code = cvm::run::run(&config, argv, settings.timeout.value, false);
+    let code = cvm::session::run::run(&config, argv, settings.timeout.value, false);
     match code {
         Ok(0) => {
             let kept = template::keep(project, &layer, config.image.path())?;
@@ -192,7 +194,7 @@ mod tests {
     fn setup_has_a_flag_per_capability_and_all_of_them_with_all() {
         assert_eq!(tools(&["--gpg", "--node"]), ["node", "gpg"], "in the table's order");
         assert_eq!(tools(&[]), Vec::<&str>::new());
-        assert_eq!(tools(&["--all"]), cvm::template::CAPABILITIES.iter().map(|c| c.name).collect::<Vec<_>>());
+        assert_eq!(tools(&["--all"]), cvm::project::template::CAPABILITIES.iter().map(|c| c.name).collect::<Vec<_>>());
         assert!(Cli::try_parse_from(["cvm", "setup", "--nodejs"]).is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! `cvm snapshot ls|rm`: the warm-start snapshots ([`cvm::warm`]).
+//! `cvm snapshot ls|rm`: the warm-start snapshots ([`cvm::session::warm`]).
 
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -22,7 +22,7 @@ pub(crate) fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitC
     match command {
         SnapshotCommand::Ls => {
             println!("{:<17} {:>9}  {:<12} PATH", "KEY", "SIZE", "USED");
-            for entry in cvm::warm::list() {
+            for entry in cvm::session::warm::list() {
                 let ago = SystemTime::now().duration_since(entry.used).unwrap_or_default().as_secs();
                 let used = match ago {
                     0..=59 => format!("{ago} s ago"),
@@ -34,9 +34,9 @@ pub(crate) fn snapshot_command(command: SnapshotCommand) -> anyhow::Result<ExitC
             }
         }
         SnapshotCommand::Rm { keys, all } => {
-            let keys = if all { cvm::warm::list().into_iter().map(|e| e.key).collect() } else { keys };
+            let keys = if all { cvm::session::warm::list().into_iter().map(|e| e.key).collect() } else { keys };
             for key in keys {
-                cvm::warm::remove(&key)?;
+                cvm::session::warm::remove(&key)?;
                 println!("removed {key}");
             }
         }

@@ -4,15 +4,15 @@ use super::*;
 
 /// The image `--image debian` uses now, if built.
 pub(crate) fn current_debian() -> Option<PathBuf> {
-    match cvm::images::image("debian") {
-        Ok(cvm::images::Image::Disk(path)) => Some(path),
+    match cvm::project::images::image("debian") {
+        Ok(cvm::project::images::Image::Disk(path)) => Some(path),
         _ => None,
     }
 }
 
 pub(crate) fn list_templates(disk_usage: bool, unused_only: bool) -> anyhow::Result<()> {
     let current = current_debian();
-    for t in cvm::template::list() {
+    for t in cvm::project::template::list() {
         let unused = t.unused(current.as_deref());
         if unused_only && !unused {
             continue;
@@ -26,15 +26,15 @@ pub(crate) fn list_templates(disk_usage: bool, unused_only: bool) -> anyhow::Res
 pub(crate) fn info(path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let project = project_or_cwd(path)?;
     let image = current_debian();
-    let kernel = cvm::images::kernel(None);
-    let template = image.as_deref().and_then(|i| cvm::template::find(&project, i));
+    let kernel = cvm::project::images::kernel(None);
+    let template = image.as_deref().and_then(|i| cvm::project::template::find(&project, i));
     if json {
         let value = serde_json::json!({
             "project": project,
             "image": image,
             "kernel": kernel.as_ref().ok(),
             "template": template,
-            "worktree_of": cvm::shares::main_repository(&project),
+            "worktree_of": cvm::guest::shares::main_repository(&project),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -48,29 +48,29 @@ pub(crate) fn info(path: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
 
 pub(crate) fn clean(path: Option<PathBuf>, yes: bool) -> anyhow::Result<()> {
     let project = project_or_cwd(path)?;
-    let Some(template) = cvm::template::list().into_iter().find(|t| t.project == project) else {
+    let Some(template) = cvm::project::template::list().into_iter().find(|t| t.project == project) else {
         println!("{} has no template", project.display());
         return Ok(());
     };
     confirm(&format!("Remove the template of {}?", project.display()), yes)?;
-    cvm::template::remove(&template)?;
+    cvm::project::template::remove(&template)?;
     println!("removed the template of {}", project.display());
     Ok(())
 }
 
 pub(crate) fn clean_all(yes: bool) -> anyhow::Result<()> {
-    let all = cvm::template::list();
-    let snapshots = cvm::warm::list();
+    let all = cvm::project::template::list();
+    let snapshots = cvm::session::warm::list();
     if all.is_empty() && snapshots.is_empty() {
         return Ok(());
     }
     confirm(&format!("Remove all {} templates and {} warm-start snapshots?", all.len(), snapshots.len()), yes)?;
     for t in &all {
-        cvm::template::remove(t)?;
+        cvm::project::template::remove(t)?;
         println!("removed the template of {}", t.project.display());
     }
     for snapshot in &snapshots {
-        cvm::warm::remove(&snapshot.key)?;
+        cvm::session::warm::remove(&snapshot.key)?;
         println!("removed the warm-start snapshot {}", snapshot.key);
     }
     Ok(())
@@ -101,7 +101,7 @@ pub(crate) fn trust(path: Option<PathBuf>, revoke: bool) -> anyhow::Result<()> {
         false => vec![path.clone()],
     };
     anyhow::ensure!(!files.is_empty(), "{} has no {} to trust", path.display(), cvm::config::FILE_NAME);
-    let store = cvm::trust::Store::new();
+    let store = cvm::config::trust_store::Store::new();
     for file in files {
         if revoke {
             let was = if store.revoke(&file)? { "no longer trusted" } else { "was not trusted" };

@@ -21,13 +21,17 @@ pub(crate) enum WorktreeCommand {
 pub(crate) fn worktree_command(command: WorktreeCommand) -> anyhow::Result<()> {
     let here = std::env::current_dir()?;
     match command {
-        WorktreeCommand::Create { branch, base } => println!("{}", cvm::worktree::create(&here, &branch, base.as_deref())?.display()),
+        WorktreeCommand::Create { branch, base } => {
+            println!("{}", cvm::project::worktree::create(&here, &branch, base.as_deref())?.display())
+        }
         WorktreeCommand::List => {
-            for w in cvm::worktree::list(&here)? {
+            for w in cvm::project::worktree::list(&here)? {
                 println!("{}  {}", w.path.display(), w.branch.as_deref().unwrap_or("(detached)"));
             }
         }
-        WorktreeCommand::Remove { branch, force } => println!("removed {}", cvm::worktree::remove(&here, &branch, force)?.display()),
+        WorktreeCommand::Remove { branch, force } => {
+            println!("removed {}", cvm::project::worktree::remove(&here, &branch, force)?.display())
+        }
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::normalize;
-use crate::shares::expand_home;
+use crate::guest::shares::expand_home;
 
 /// A list as a file writes it: `[...]` extends the layers below, `{ replace = [...] }`
 /// replaces them.
@@ -247,7 +247,7 @@ impl FileConfig {
         add("context.instructions_file", self.context.instructions_file.iter().filter_map(outside).collect());
         add("secrets.env_file", self.secrets.env_file.iter().filter_map(outside).collect());
         let image = self.vm.iter().find(|(name, _)| name.get_ref() == "image").map(|(_, value)| value.get_ref().0.clone());
-        add("vm.image", image.into_iter().filter(|i| !crate::images::is_named(i)).collect());
+        add("vm.image", image.into_iter().filter(|i| !crate::project::images::is_named(i)).collect());
         for (name, value) in &self.vm {
             if let Some(key) = raised_limit(name.get_ref(), &value.get_ref().0) {
                 add(key, vec![value.get_ref().0.clone()]);
@@ -267,7 +267,7 @@ fn raised_limit(name: &str, text: &str) -> Option<&'static str> {
         "cpus" => super::keys::parse_cpus(text).is_ok_and(|cpus| cpus > defaults.cpus.value),
         "memory" => cvm_vmm::parse_memory_size(text).is_ok_and(|bytes| bytes > defaults.memory.value),
         "disk" | "share_quota" => true,
-        "timeout" => crate::run::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
+        "timeout" => crate::session::run::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
         _ => false,
     };
     raised.then(|| super::keys::key(&format!("vm.{name}")).map(|k| k.name)).flatten()

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use super::{enum_name, parse_enum, Settings, Source, VmmChoice};
-use crate::egress::NetworkMode;
+use crate::network::egress::NetworkMode;
 
 /// One single-valued key.
 pub struct Key {
@@ -56,7 +56,9 @@ pub const KEYS: &[Key] = &[
         enum_name(v)
     )),
     key!("vm.image", Some("CVM_IMAGE"), "minimal", image, |t: &str| Ok::<_, String>(t.to_string()), |v: &String| format!("{v:?}")),
-    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::run::parse_duration(t).map(Some), |v: &Option<Duration>| v
+    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::session::run::parse_duration(t).map(Some), |v: &Option<
+        Duration,
+    >| v
         .map_or("none".into(), |t| format!("\"{}s\"", t.as_secs()))),
     key!(
         "network.mode",

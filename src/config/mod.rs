@@ -24,13 +24,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use toml::Spanned;
 
-use crate::egress::NetworkMode;
-use crate::secrets::{ProxiedSecret, SecretSource};
-use crate::shares::{expand_home, MountSpec};
+use crate::guest::shares::{expand_home, MountSpec};
+use crate::network::egress::NetworkMode;
+use crate::network::secrets::{ProxiedSecret, SecretSource};
 use cvm_vmm::Engine;
 
 mod file;
 pub mod keys;
+pub mod trust_store;
 
 pub use file::{parse_file, ConfigError, FileConfig, List, MountTable, ProxiedTable};
 
@@ -185,7 +186,7 @@ impl Settings {
             vmm: Sourced::default(VmmChoice::Auto),
             image: Sourced::default("debian".into()),
             timeout: Sourced::default(None),
-            tools: crate::template::CAPABILITIES.iter().map(|c| (c.name.to_string(), Sourced::default(false))).collect(),
+            tools: crate::project::template::CAPABILITIES.iter().map(|c| (c.name.to_string(), Sourced::default(false))).collect(),
             packages: Sourced::default(Vec::new()),
             setup_scripts: Sourced::default(Vec::new()),
             setup_mounts: Sourced::default(Vec::new()),
@@ -195,7 +196,7 @@ impl Settings {
             instructions: Sourced::default(None),
             instructions_file: Sourced::default(None),
             network: Sourced::default(NetworkMode::Proxy),
-            allow: Sourced::default(crate::egress::DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect()),
+            allow: Sourced::default(crate::network::egress::DEFAULT_ALLOW.iter().map(|s| s.to_string()).collect()),
             deny: Sourced::default(Vec::new()),
             hosts: Sourced::default(Vec::new()),
             mounts: Sourced::default(Vec::new()),
@@ -232,7 +233,7 @@ impl Settings {
         for (name, on) in file.tools {
             let span = name.span();
             let Some(tool) = self.tools.get_mut(name.get_ref()) else {
-                let known: Vec<&str> = crate::template::CAPABILITIES.iter().map(|c| c.name).collect();
+                let known: Vec<&str> = crate::project::template::CAPABILITIES.iter().map(|c| c.name).collect();
                 return Err(at(span, format!("unknown tool {:?} (known: {})", name.get_ref(), known.join(", "))));
             };
             tool.set(on, source.clone());
@@ -268,13 +269,22 @@ impl Settings {
             (key.set)(self, &mode.get_ref().0, source.clone()).map_err(|e| at(mode.span(), e))?;
         }
         if let Some(allow) = network.allow {
-            self.allow.apply(map_list(allow, |p| crate::egress::parse_pattern(p.get_ref()).map_err(|e| at(p.span(), e)))?, source.clone());
+            self.allow.apply(
+                map_list(allow, |p| crate::network::egress::parse_pattern(p.get_ref()).map_err(|e| at(p.span(), e)))?,
+                source.clone(),
+            );
         }
         if let Some(deny) = network.deny {
-            self.deny.apply(map_list(deny, |p| crate::egress::parse_pattern(p.get_ref()).map_err(|e| at(p.span(), e)))?, source.clone());
+            self.deny.apply(
+                map_list(deny, |p| crate::network::egress::parse_pattern(p.get_ref()).map_err(|e| at(p.span(), e)))?,
+                source.clone(),
+            );
         }
         if let Some(hosts) = network.hosts {
-            self.hosts.apply(map_list(hosts, |h| crate::egress::parse_add_host(h.get_ref()).map_err(|e| at(h.span(), e)))?, source.clone());
+            self.hosts.apply(
+                map_list(hosts, |h| crate::network::egress::parse_add_host(h.get_ref()).map_err(|e| at(h.span(), e)))?,
+                source.clone(),
+            );
         }
         if !file.mounts.is_empty() {
             let mounts = file.mounts.into_iter().map(|m| mount(m, &path, home, &at)).collect::<Result<Vec<_>, _>>()?;
@@ -286,7 +296,7 @@ impl Settings {
         if !file.env.is_empty() {
             let mut env = self.env.value.clone();
             for (name, value) in file.env {
-                crate::environment::check_configurable(name.get_ref()).map_err(|e| at(name.span(), e))?;
+                crate::host::environment::check_configurable(name.get_ref()).map_err(|e| at(name.span(), e))?;
                 env.retain(|(n, _)| n != name.get_ref());
                 env.push((name.into_inner(), value.into_inner()));
             }
@@ -357,7 +367,7 @@ impl Settings {
         if let Some(command) = &self.command.value {
             return command.clone();
         }
-        let mut argv: Vec<String> = crate::run::AGENT_COMMAND.iter().map(|s| s.to_string()).collect();
+        let mut argv: Vec<String> = crate::session::run::AGENT_COMMAND.iter().map(|s| s.to_string()).collect();
         for arg in &self.claude_args.value {
             if !argv.contains(arg) {
                 argv.push(arg.clone());
@@ -372,7 +382,8 @@ impl Settings {
         let mut text: Vec<String> = self.instructions.value.iter().cloned().collect();
         if let Some(path) = &self.instructions_file.value {
             text.push(
-                crate::host_files::read_text(path, project, crate::host_files::MAX_PROJECT_FILE).context("[context] instructions_file")?,
+                crate::host::host_files::read_text(path, project, crate::host::host_files::MAX_PROJECT_FILE)
+                    .context("[context] instructions_file")?,
             );
         }
         Ok((!text.is_empty()).then(|| text.join("\n")))
@@ -465,7 +476,7 @@ pub struct Flags {
 pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
     let mut files = vec![home.join(FILE_NAME)];
     if let Some(project) = project {
-        if let Some(main) = crate::shares::main_repository(project) {
+        if let Some(main) = crate::guest::shares::main_repository(project) {
             files.push(main.join(FILE_NAME));
         }
         files.push(project.join(FILE_NAME));
@@ -482,10 +493,10 @@ pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
 
 /// Reads and parses one layer file. A project's file (any but `~/.cvm.toml`) is one the guest
 /// can write: it is read only by ways that stay in its directory, and one whose settings
-/// widen the sandbox must be trusted as it is ([`crate::trust`]).
-pub fn read_layer(path: &Path, home: &Path, trust: &crate::trust::Store) -> Result<(String, FileConfig)> {
+/// widen the sandbox must be trusted as it is ([`crate::config::trust`]).
+pub fn read_layer(path: &Path, home: &Path, trust: &crate::config::trust_store::Store) -> Result<(String, FileConfig)> {
     let own_dir = path.parent().filter(|_| path != home.join(FILE_NAME));
-    let text = crate::host_files::read_text(path, own_dir, crate::host_files::MAX_PROJECT_FILE)?;
+    let text = crate::host::host_files::read_text(path, own_dir, crate::host::host_files::MAX_PROJECT_FILE)?;
     let file = parse_file(path, &text)?;
     if own_dir.is_some() {
         refuse_proxied_secrets(path, &file)?;
@@ -515,8 +526,8 @@ pub fn project_layer_files(home: &Path, project: &Path) -> Vec<PathBuf> {
 }
 
 /// Records a project's layer `file` as trusted, once it is valid; returns what it widens.
-pub fn trust(file: &Path, home: &Path, store: &crate::trust::Store) -> Result<Vec<(&'static str, String)>> {
-    let text = crate::host_files::read_text(file, file.parent(), crate::host_files::MAX_PROJECT_FILE)?;
+pub fn trust(file: &Path, home: &Path, store: &crate::config::trust_store::Store) -> Result<Vec<(&'static str, String)>> {
+    let text = crate::host::host_files::read_text(file, file.parent(), crate::host::host_files::MAX_PROJECT_FILE)?;
     let parsed = parse_file(file, &text)?;
     refuse_proxied_secrets(file, &parsed)?;
     let widening = parsed.widening(file, home);
@@ -531,7 +542,7 @@ pub fn load(home: &Path, project: Option<&Path>, ci: bool, env: impl Fn(&str) ->
     if ci {
         settings.apply_ci(std::thread::available_parallelism().map_or(1, |n| n.get()));
     }
-    let trust = crate::trust::Store::new();
+    let trust = crate::config::trust_store::Store::new();
     for path in layer_files(home, project) {
         let (text, file) = read_layer(&path, home, &trust)?;
         settings.apply_file(file, &path, &text, home)?;
@@ -572,13 +583,13 @@ fn proxied_secret(
     at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
 ) -> Result<ProxiedSecret, ConfigError> {
     let (span, name) = (name.span(), name.into_inner());
-    crate::environment::check_name(&name).map_err(|e| at(span.clone(), format!("secrets.proxied: {e}")))?;
+    crate::host::environment::check_name(&name).map_err(|e| at(span.clone(), format!("secrets.proxied: {e}")))?;
     let hosts_span = table.hosts.span();
     let hosts = table
         .hosts
         .into_inner()
         .into_iter()
-        .map(|h| crate::egress::parse_pattern(h.get_ref()).map_err(|e| at(h.span(), e)))
+        .map(|h| crate::network::egress::parse_pattern(h.get_ref()).map_err(|e| at(h.span(), e)))
         .collect::<Result<Vec<_>, _>>()?;
     if hosts.is_empty() {
         return Err(at(hosts_span, format!("secret {name} needs at least one host to go to")));

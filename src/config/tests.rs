@@ -106,7 +106,7 @@ fn proxied_secrets_are_declared_in_the_users_file_only_and_shown_as_placeholders
     let dir = tempfile::tempdir().unwrap();
     let project_file = dir.path().join(".cvm.toml");
     std::fs::write(&project_file, global).unwrap();
-    let store = crate::trust::Store::at(dir.path().join("trusted"));
+    let store = crate::config::trust_store::Store::at(dir.path().join("trusted"));
     for e in [read_layer(&project_file, Path::new(HOME), &store).unwrap_err(), trust(&project_file, Path::new(HOME), &store).unwrap_err()] {
         assert!(e.to_string().contains("[secrets.proxied] is read only from ~/.cvm.toml"), "{e}");
     }
@@ -242,7 +242,7 @@ fn a_worktree_reads_its_main_repositorys_file_before_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
-    let (main, wt) = crate::shares::fake_worktree(dir.path());
+    let (main, wt) = crate::guest::shares::fake_worktree(dir.path());
     for d in [&home, &main, &wt] {
         std::fs::write(d.join(FILE_NAME), "").unwrap();
     }

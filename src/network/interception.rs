@@ -1,5 +1,5 @@
 //! The egress proxy's secret swap. For a host that a proxied secret may be sent to
-//! ([`crate::secrets`]), the proxy ends the guest's TLS itself, with a certificate for that
+//! ([`crate::network::secrets`]), the proxy ends the guest's TLS itself, with a certificate for that
 //! host from a CA made for this session (its certificate is in the guest's trust store; its
 //! key never leaves this process), opens its own verified TLS connection to the real host,
 //! and forwards each HTTP/1.1 request with the placeholders of that host's secrets replaced in
@@ -19,7 +19,7 @@ use base64::Engine as _;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
-use crate::secrets::Secret;
+use crate::network::secrets::Secret;
 
 /// The longest request head, chunk line or trailer section the proxy reads.
 const MAX_HEAD: usize = 64 * 1024;
@@ -523,7 +523,8 @@ impl<'a> RequestRewriter<'a> {
         // An absolute-form target goes where it names, whatever Host says: only this host's.
         if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-            let (named, _) = crate::egress::split_host_port(authority, Some(443)).map_err(|e| format!("the request target: {e}"))?;
+            let (named, _) =
+                crate::network::egress::split_host_port(authority, Some(443)).map_err(|e| format!("the request target: {e}"))?;
             if !named.eq_ignore_ascii_case(&self.host) {
                 return Err(format!("the request target names {named:?}, not {:?}", self.host));
             }
@@ -539,7 +540,7 @@ impl<'a> RequestRewriter<'a> {
             if name.eq_ignore_ascii_case("host") {
                 hosts += 1;
                 let value = std::str::from_utf8(header.value).map_err(|_| "a Host header that is not text")?.trim();
-                let (named, _) = crate::egress::split_host_port(value, Some(443)).map_err(|e| format!("the Host header: {e}"))?;
+                let (named, _) = crate::network::egress::split_host_port(value, Some(443)).map_err(|e| format!("the Host header: {e}"))?;
                 if !named.eq_ignore_ascii_case(&self.host) {
                     return Err(format!("the Host header names {named:?}, not {:?}", self.host));
                 }

@@ -37,9 +37,9 @@ pub const LAYER_BYTES: u64 = 16 << 30;
 /// The directory of `project`'s template (for a git worktree, its main repository's, so the
 /// worktrees of one repository share it).
 pub fn dir_for(project: &Path) -> PathBuf {
-    let owner = crate::shares::main_repository(project).unwrap_or_else(|| project.to_path_buf());
+    let owner = crate::guest::shares::main_repository(project).unwrap_or_else(|| project.to_path_buf());
     let key = fnv_hash(owner.to_string_lossy().as_bytes());
-    crate::images::cache_dir().join("templates").join(key)
+    crate::project::images::cache_dir().join("templates").join(key)
 }
 
 /// A short, stable hash for directory names (FNV-1a, 64 bits).
@@ -127,7 +127,7 @@ impl Template {
 
 /// Every kept template.
 pub fn list() -> Vec<Template> {
-    let Ok(entries) = std::fs::read_dir(crate::images::cache_dir().join("templates")) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(crate::project::images::cache_dir().join("templates")) else { return Vec::new() };
     let mut out: Vec<Template> = entries
         .flatten()
         .filter_map(|e| {
@@ -166,7 +166,7 @@ mod tests {
     #[test]
     fn the_worktrees_of_a_repository_share_its_template() {
         let dir = tempfile::tempdir().unwrap();
-        let (main, wt) = crate::shares::fake_worktree(dir.path());
+        let (main, wt) = crate::guest::shares::fake_worktree(dir.path());
         assert_eq!(dir_for(&wt), dir_for(&main.canonicalize().unwrap()));
         assert_ne!(dir_for(&wt), dir_for(dir.path()));
     }

@@ -57,7 +57,7 @@ pub struct VmFacts<'a> {
     pub project: &'a Path,
     /// (host path, guest path, read-only) of each share the user asked for.
     pub mounts: Vec<(PathBuf, PathBuf, bool)>,
-    pub network: crate::egress::NetworkMode,
+    pub network: crate::network::egress::NetworkMode,
     /// The project's own words (`[context]`), after cvm's.
     pub instructions: Option<&'a str>,
 }
@@ -70,7 +70,7 @@ impl Runtime {
         let own = project.join(PROJECT_SCRIPT);
         let paths = own.is_file().then_some(own).into_iter().chain(extra.iter().cloned());
         for (index, path) in paths.enumerate() {
-            let contents = crate::host_files::read(&path, Some(project), crate::host_files::MAX_PROJECT_FILE)?;
+            let contents = crate::host::host_files::read(&path, Some(project), crate::host::host_files::MAX_PROJECT_FILE)?;
             scripts.push((format!("{index:02}.sh"), contents));
         }
         Ok(Runtime { scripts, context: context(facts) })
@@ -108,9 +108,9 @@ fn context(facts: &VmFacts<'_>) -> String {
         facts.memory_bytes >> 20,
         facts.project.display(),
         match facts.network {
-            crate::egress::NetworkMode::Proxy => "No network interface: HTTP and HTTPS go through cvm's proxy on the host (HTTPS_PROXY is set), to allowed hosts only; others get 403.",
-            crate::egress::NetworkMode::None => "No network at all: nothing outside this VM can be reached.",
-            crate::egress::NetworkMode::Open => "An open network interface (eth0, through passt on the host): direct TCP and UDP to the internet, no proxy.",
+            crate::network::egress::NetworkMode::Proxy => "No network interface: HTTP and HTTPS go through cvm's proxy on the host (HTTPS_PROXY is set), to allowed hosts only; others get 403.",
+            crate::network::egress::NetworkMode::None => "No network at all: nothing outside this VM can be reached.",
+            crate::network::egress::NetworkMode::Open => "An open network interface (eth0, through passt on the host): direct TCP and UDP to the internet, no proxy.",
         }
     ));
     for (host, guest, read_only) in &facts.mounts {
@@ -144,7 +144,7 @@ mod tests {
             memory_bytes: 512 << 20,
             project: dir.path(),
             mounts: vec![("/data".into(), "/mnt/data".into(), true)],
-            network: crate::egress::NetworkMode::None,
+            network: crate::network::egress::NetworkMode::None,
             instructions: Some("Run `make check` before committing."),
         };
         let runtime = Runtime::new(dir.path(), &[extra], &facts).unwrap();

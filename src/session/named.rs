@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use cvm_agent::protocol::{self, Request, CONTROL_PORT};
 use serde::{Deserialize, Serialize};
 
-use crate::forward::splice;
+use crate::network::forward::splice;
 use crate::session::Session;
 
 pub const INFO_FILE: &str = "info.json";
@@ -66,7 +66,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 
 /// Where named VMs keep their state.
 pub fn vms_dir() -> Result<PathBuf> {
-    Ok(crate::rundir::runtime_base()?.join("vms"))
+    Ok(crate::session::rundir::runtime_base()?.join("vms"))
 }
 
 pub fn state_dir(name: &str) -> Result<PathBuf> {
@@ -115,7 +115,7 @@ pub fn claim(name: &str) -> Result<PathBuf> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    crate::rundir::create_private_dir(&vms_dir()?)?;
+    crate::session::rundir::create_private_dir(&vms_dir()?)?;
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
@@ -186,7 +186,7 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
     };
     client.set_read_timeout(None)?;
     session.prepare(&mut exec);
-    let mut agent = crate::exec::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
+    let mut agent = crate::session::exec::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
     protocol::write_frame(&mut agent, &Request::Exec(exec).encode())?;
     std::thread::spawn(move || match cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::ExecRelay) {
         Ok(()) => splice(Box::new(client), Box::new(agent), None),
@@ -223,7 +223,7 @@ pub fn spawn(name: &str, start_args: &[std::ffi::OsString]) -> Result<()> {
             return Ok(());
         }
         if let Some(status) = daemon.try_wait()? {
-            let said = crate::host_files::log_tail(&log, 20);
+            let said = crate::host::host_files::log_tail(&log, 20);
             clear(name);
             bail!("the VM {name} did not start ({status}):\n{said}");
         }
@@ -238,10 +238,10 @@ pub fn exec(name: &str, exec: cvm_agent::protocol::Exec) -> Result<u8> {
     let conn = UnixStream::connect(state_dir(name)?.join(CONTROL_SOCKET)).with_context(|| format!("cannot reach the VM {name}"))?;
     // The daemon's end (its pidfd readable) is the VM's end, as the relay sees it.
     let daemon = pidfd(info.pid)?;
-    let raw = if exec.tty.is_some() { Some(crate::terminal::RawMode::enter()?) } else { None };
-    let outcome = crate::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
+    let raw = if exec.tty.is_some() { Some(crate::host::terminal::RawMode::enter()?) } else { None };
+    let outcome = crate::session::exec::relay(conn, exec, None, std::os::fd::AsFd::as_fd(&daemon));
     drop(raw);
-    Ok(crate::run::exit_status(outcome?, None, None))
+    Ok(crate::session::run::exit_status(outcome?, None, None))
 }
 
 /// `cvm stop` (SIGTERM: the daemon shuts the guest down, which syncs) or, with `force`,
@@ -274,7 +274,7 @@ pub fn copy_console<W: std::io::Write>(
     name: &str,
     follow: bool,
     out: &mut W,
-    mut filter: Option<crate::terminal::escapes::EscapeFilter>,
+    mut filter: Option<crate::host::terminal::escapes::EscapeFilter>,
 ) -> Result<()> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let vm = list().into_iter().find(|v| v.info.name == name).ok_or_else(|| anyhow::anyhow!("no VM called {name} (cvm ps lists them)"))?;

@@ -80,7 +80,7 @@ const SET_BY_CVM: &[&str] = &["HOME", "USER", "LOGNAME", "TERM", "SSH_AUTH_SOCK"
 /// (the proxy's, the CA's, the forwarded sockets', the user's identity).
 pub fn check_configurable(name: &str) -> Result<(), String> {
     check_name(name)?;
-    let proxy = crate::egress::guest_environment().into_iter().any(|(n, _)| n == name.as_bytes());
+    let proxy = crate::network::egress::guest_environment().into_iter().any(|(n, _)| n == name.as_bytes());
     if name.starts_with("CVM_") || proxy || SET_BY_CVM.contains(&name) {
         return Err(format!("{name} is cvm's to set: [env] cannot change it"));
     }
@@ -92,7 +92,7 @@ pub fn check_configurable(name: &str) -> Result<(), String> {
 /// line, never a value.
 /// Inside `root` (a project the guest can write), only by ways that stay inside.
 pub fn read_file(path: &Path, root: Option<&Path>) -> Result<Environment> {
-    let text = crate::host_files::read_text(path, root, crate::host_files::MAX_PROJECT_FILE)?;
+    let text = crate::host::host_files::read_text(path, root, crate::host::host_files::MAX_PROJECT_FILE)?;
     parse_file(&text).map_err(|(line, why)| anyhow::anyhow!("{}:{line}: {why}", path.display()))
 }
 

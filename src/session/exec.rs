@@ -14,7 +14,7 @@ use cvm_agent::protocol::{self, Exec, ExitStatus, Reply, Request};
 use rustix::event::{PollFd, PollFlags};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
 
-use crate::terminal::{self, escapes::EscapeFilter};
+use crate::host::terminal::{self, escapes::EscapeFilter};
 
 /// How long the guest may take to answer a connection request: a hung or hostile guest must
 /// not hold cvm. A healthy one answers in milliseconds, even nested.

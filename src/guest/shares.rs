@@ -10,7 +10,7 @@
 //! - The project's conversation folder `~/.claude/projects/<encoded path>`, read-write.
 //! - The main repository's `.git` when the project is a git worktree. In it, as in every git
 //!   directory of every share, git's control files are read-only on the host side, and so
-//!   are the files outside them that host programs take code from ([`crate::host_code`]).
+//!   are the files outside them that host programs take code from ([`crate::guest::host_code`]).
 //! - `--mount` directories, read-write or read-only.
 //! - The meta dir, read-only at [`META_GUEST_DIR`]: who and where the host user is.
 
@@ -293,7 +293,7 @@ fn claude_state(path: &Path, project: &Path) -> Option<String> {
 /// one of its common dir's `worktrees/`, and the common dir must be a repository.
 fn worktree_common_dir(project: &Path) -> Option<PathBuf> {
     const MAX_POINTER: u64 = 4096;
-    let read = |path: &Path, root: Option<&Path>| crate::host_files::read_text(path, root, MAX_POINTER).ok();
+    let read = |path: &Path, root: Option<&Path>| crate::host::host_files::read_text(path, root, MAX_POINTER).ok();
     let resolve = |base: &Path, text: &str| {
         let path = PathBuf::from(text.trim());
         if path.is_absolute() { path } else { base.join(path) }.canonicalize().ok()
@@ -342,10 +342,10 @@ impl SharePlan {
         let mut plan = SharePlan::default();
         let project =
             request.project.as_ref().map(|p| p.canonicalize().with_context(|| format!("cannot share {}", p.display()))).transpose()?;
-        let host_code = crate::host_code::host_code_paths(project.as_deref(), &host.home);
+        let host_code = crate::guest::host_code::host_code_paths(project.as_deref(), &host.home);
         let mut add =
             |plan: &mut SharePlan, tag: String, dir: PathBuf, mut policy: Policy, guest_path: PathBuf, read_only: bool| -> Result<()> {
-                policy.protected_paths = crate::host_code::within(&host_code, &dir);
+                policy.protected_paths = crate::guest::host_code::within(&host_code, &dir);
                 if !policy.read_only {
                     policy.quota = Some(share_quota(&dir, request.quota)?);
                 }

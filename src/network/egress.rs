@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::forward::{splice, Listening};
-use crate::interception::{Note, SecretSwap};
+use crate::network::forward::{splice, Listening};
+use crate::network::interception::{Note, SecretSwap};
 
 pub use cvm_agent::protocol::PROXY_PORT;
 /// The longest request head (request line and headers) the proxy reads.

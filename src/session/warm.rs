@@ -26,7 +26,7 @@ pub const KEEP: usize = 8;
 
 /// `$XDG_CACHE_HOME/cvm/snapshots`.
 pub fn snapshots_dir() -> PathBuf {
-    crate::images::cache_dir().join("snapshots")
+    crate::project::images::cache_dir().join("snapshots")
 }
 
 /// What a snapshot is valid for: a hash of everything that shapes the booted guest. A file is

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use cvm_agent::protocol::Exec;
 
-use crate::exec::Outcome;
+use crate::host::terminal;
+use crate::session::exec::Outcome;
 use crate::session::{Session, SessionConfig};
-use crate::terminal;
 
 /// Exit status when `--timeout` expires (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -123,7 +123,10 @@ pub fn exit_status(outcome: Outcome, timeout: Option<Duration>, vm_end: Option<S
             EXIT_TIMEOUT
         }
         Outcome::Terminated(signal) => {
-            eprintln!("cvm: the command did not end within {:?} of signal {signal}; the VM was stopped", crate::exec::TERMINATE_GRACE);
+            eprintln!(
+                "cvm: the command did not end within {:?} of signal {signal}; the VM was stopped",
+                crate::session::exec::TERMINATE_GRACE
+            );
             128 + signal as u8
         }
         Outcome::MachineStopped => {

@@ -6,6 +6,17 @@
 //! the user and the shares. Execs then go over vsock; [`Session::shutdown`] asks the agent to
 //! power off and makes sure the VM is gone.
 
+//!
+//! Beside it: [`run`] (`cvm run` and `cvm shell` from options to an exit code), [`exec`] (the
+//! host end of an exec), [`named`] (named VMs and their daemon), [`warm`] (warm starts from a
+//! snapshot), [`rundir`] (a session's private directory and its janitor).
+
+pub mod exec;
+pub mod named;
+pub mod run;
+pub mod rundir;
+pub mod warm;
+
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -20,19 +31,18 @@ use cvm_vmm::guest_panic::GuestPanic;
 use cvm_vmm::{Engine, RunningVm, VhostUserConfig, VhostUserKind, VmConfig};
 use rustix::event::{PollFd, PollFlags};
 
-use crate::egress::{self, EgressPolicy, NetworkMode};
-use crate::environment::Environment;
-use crate::exec::{self, Outcome};
-use crate::forward::{ForwardRequest, Listening};
-use crate::host_files::{log_tail, read_tail};
-use crate::images::{Image, Layer};
-use crate::interception::SecretSwap;
-use crate::open_network::OpenNetwork;
-use crate::rundir::RunDir;
-use crate::runtime::{Runtime, VmFacts};
-use crate::secrets::Secret;
-use crate::shares::{HostUser, SharePlan, ShareRequest};
-use crate::warm;
+use crate::guest::runtime::{Runtime, VmFacts};
+use crate::guest::shares::{HostUser, SharePlan, ShareRequest};
+use crate::host::environment::Environment;
+use crate::host::host_files::{log_tail, read_tail};
+use crate::network::egress::{self, EgressPolicy, NetworkMode};
+use crate::network::forward::{ForwardRequest, Listening};
+use crate::network::interception::SecretSwap;
+use crate::network::open_network::OpenNetwork;
+use crate::network::secrets::Secret;
+use crate::project::images::{Image, Layer};
+use crate::session::exec::Outcome;
+use crate::session::rundir::RunDir;
 
 /// The guest's vsock CID. Each VM has its own vsock device and host socket, so all use the
 /// first CID the spec leaves to guests.
@@ -67,7 +77,7 @@ pub struct SessionConfig {
     /// Variables every command gets (`--env`, the secrets file, proxied secrets'
     /// placeholders), after cvm's own.
     pub env: Environment,
-    /// Secrets the proxy swaps in for their placeholders ([`crate::secrets`]).
+    /// Secrets the proxy swaps in for their placeholders ([`crate::network::secrets`]).
     pub secrets: Vec<Secret>,
     /// Text added to what Claude is told about the VM (`[context]`).
     pub instructions: Option<String>,
@@ -250,7 +260,7 @@ impl Session {
         let scratch = match &config.scratch {
             Some(Scratch::Fresh(bytes)) => {
                 let path = dir.join("scratch.ext4");
-                crate::images::make_scratch_disk(&path, *bytes)?;
+                crate::project::images::make_scratch_disk(&path, *bytes)?;
                 Some(path)
             }
             Some(Scratch::Kept(path)) => Some(path.clone()),

@@ -1,7 +1,7 @@
 //! Secrets the guest never holds. A secret declared in `~/.cvm.toml` under
 //! `[secrets.proxied.NAME]` names where its value comes from and the hosts it may be sent to.
 //! Commands in the guest get `NAME` holding a random placeholder; the host's egress proxy
-//! swaps the real value in only on requests to those hosts ([`crate::interception`]).
+//! swaps the real value in only on requests to those hosts ([`crate::network::interception`]).
 //!
 //! A value is read on the host before the VM boots, from one source: a file, a variable of
 //! cvm's own environment, a command (`gh auth token`), or, with none of those, the secrets
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::environment::Environment;
+use crate::host::environment::Environment;
 
 /// How long a secret's command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,7 +104,7 @@ impl Secret {
     /// Whether the value may be sent to `host`.
     pub fn applies_to(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        self.hosts.iter().any(|p| crate::egress::matches(crate::egress::pattern_name(p), &host))
+        self.hosts.iter().any(|p| crate::network::egress::matches(crate::network::egress::pattern_name(p), &host))
     }
 
     /// Whether the value may go in the header `name`.
