@@ -18,12 +18,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use cvm::config::keys::parse_duration;
 use cvm::config::{Flags, Settings, Source, VmmChoice};
 use cvm::guest::shares::{parse_mount_spec, MountSpec, ShareRequest, CLAUDE_DEFAULT_ITEMS};
 use cvm::host::environment::Environment;
 use cvm::network::egress::{EgressPolicy, NetworkMode};
 use cvm::network::forward::ForwardRequest;
-use cvm::session::run::{parse_duration, EXIT_CVM_FAILED};
+use cvm::session::run::EXIT_CVM_FAILED;
 use cvm::session::{Scratch, SessionConfig};
 use cvm_vmm::{parse_memory_size, VmConfig, DEFAULT_CMDLINE};
 

@@ -100,7 +100,7 @@ pub(crate) fn trust(path: Option<PathBuf>, revoke: bool) -> anyhow::Result<()> {
         true => cvm::config::project_layer_files(&home_dir(), &path),
         false => vec![path.clone()],
     };
-    anyhow::ensure!(!files.is_empty(), "{} has no {} to trust", path.display(), cvm::config::FILE_NAME);
+    anyhow::ensure!(!files.is_empty(), "{} has no {} to trust", path.display(), cvm::host::CONFIG_FILE);
     let store = cvm::config::trust_store::Store::new();
     for file in files {
         if revoke {

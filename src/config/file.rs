@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::normalize;
 use crate::guest::shares::expand_home;
+use crate::host::host_files::normalize;
 
 /// A list as a file writes it: `[...]` extends the layers below, `{ replace = [...] }`
 /// replaces them.
@@ -267,7 +267,7 @@ fn raised_limit(name: &str, text: &str) -> Option<&'static str> {
         "cpus" => super::keys::parse_cpus(text).is_ok_and(|cpus| cpus > defaults.cpus.value),
         "memory" => cvm_vmm::parse_memory_size(text).is_ok_and(|bytes| bytes > defaults.memory.value),
         "disk" | "share_quota" => true,
-        "timeout" => crate::session::run::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
+        "timeout" => crate::config::keys::parse_duration(text).is_ok_and(|limit| limit > super::CI_TIMEOUT),
         _ => false,
     };
     raised.then(|| super::keys::key(&format!("vm.{name}")).map(|k| k.name)).flatten()

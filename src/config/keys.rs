@@ -56,7 +56,7 @@ pub const KEYS: &[Key] = &[
         enum_name(v)
     )),
     key!("vm.image", Some("CVM_IMAGE"), "minimal", image, |t: &str| Ok::<_, String>(t.to_string()), |v: &String| format!("{v:?}")),
-    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::session::run::parse_duration(t).map(Some), |v: &Option<
+    key!("vm.timeout", Some("CVM_TIMEOUT"), "30m", timeout, |t: &str| crate::config::keys::parse_duration(t).map(Some), |v: &Option<
         Duration,
     >| v
         .map_or("none".into(), |t| format!("\"{}s\"", t.as_secs()))),
@@ -82,4 +82,23 @@ pub fn parse_cpus(text: &str) -> Result<u8, String> {
         Ok(cpus) => Ok(cpus),
         Err(_) => Err(format!("invalid vCPU count {text:?}: a number from 1 to 255")),
     }
+}
+
+/// Parses a duration: a whole number with an optional unit `ms`, `s`, `m` or `h` (bare: s).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: expected a number like 30s, 5m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value.saturating_mul(60)),
+        "h" => Duration::from_secs(value.saturating_mul(3600)),
+        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be greater than zero".into());
+    }
+    Ok(duration)
 }

@@ -25,6 +25,8 @@ use anyhow::{Context, Result};
 use toml::Spanned;
 
 use crate::guest::shares::{expand_home, MountSpec};
+use crate::host::host_files::normalize;
+use crate::host::CONFIG_FILE;
 use crate::network::egress::NetworkMode;
 use crate::network::secrets::{ProxiedSecret, SecretSource};
 use cvm_vmm::Engine;
@@ -35,8 +37,6 @@ pub mod trust_store;
 
 pub use file::{parse_file, ConfigError, FileConfig, List, MountTable, ProxiedTable};
 
-/// The file each layer reads.
-pub const FILE_NAME: &str = ".cvm.toml";
 /// How long a CI job may run unless told otherwise.
 pub const CI_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -115,6 +115,25 @@ impl<T: PartialEq> Sourced<Vec<T>> {
             List::Replace { replace } => self.set(replace, source),
         }
     }
+}
+
+/// What `cvm run` runs when no command is given: the coding agent, allowed to act without
+/// asking (the VM is the sandbox).
+pub const AGENT_COMMAND: &[&str] = &["claude", "--dangerously-skip-permissions"];
+
+/// What cvm itself sets in the guest, or reads as its own configuration (`CVM_*`): a
+/// configuration file's `[env]` may not set these (the flags may: they are the user's).
+const SET_BY_CVM: &[&str] = &["HOME", "USER", "LOGNAME", "TERM", "SSH_AUTH_SOCK", "GNUPGHOME", "NODE_EXTRA_CA_CERTS"];
+
+/// A name `[env]` may set: a variable name, neither cvm's own nor one cvm sets in the guest
+/// (the proxy's, the CA's, the forwarded sockets', the user's identity).
+pub fn check_configurable(name: &str) -> Result<(), String> {
+    crate::host::environment::check_name(name)?;
+    let proxy = crate::network::egress::guest_environment().into_iter().any(|(n, _)| n == name.as_bytes());
+    if name.starts_with("CVM_") || proxy || SET_BY_CVM.contains(&name) {
+        return Err(format!("{name} is cvm's to set: [env] cannot change it"));
+    }
+    Ok(())
 }
 
 /// `vm.vmm`: which monitor runs a session's VM.
@@ -296,7 +315,7 @@ impl Settings {
         if !file.env.is_empty() {
             let mut env = self.env.value.clone();
             for (name, value) in file.env {
-                crate::host::environment::check_configurable(name.get_ref()).map_err(|e| at(name.span(), e))?;
+                check_configurable(name.get_ref()).map_err(|e| at(name.span(), e))?;
                 env.retain(|(n, _)| n != name.get_ref());
                 env.push((name.into_inner(), value.into_inner()));
             }
@@ -367,7 +386,7 @@ impl Settings {
         if let Some(command) = &self.command.value {
             return command.clone();
         }
-        let mut argv: Vec<String> = crate::session::run::AGENT_COMMAND.iter().map(|s| s.to_string()).collect();
+        let mut argv: Vec<String> = AGENT_COMMAND.iter().map(|s| s.to_string()).collect();
         for arg in &self.claude_args.value {
             if !argv.contains(arg) {
                 argv.push(arg.clone());
@@ -474,12 +493,12 @@ pub struct Flags {
 
 /// The layer files for a session on `project` (or none), lowest first, those that exist.
 pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
-    let mut files = vec![home.join(FILE_NAME)];
+    let mut files = vec![home.join(CONFIG_FILE)];
     if let Some(project) = project {
         if let Some(main) = crate::guest::shares::main_repository(project) {
-            files.push(main.join(FILE_NAME));
+            files.push(main.join(CONFIG_FILE));
         }
-        files.push(project.join(FILE_NAME));
+        files.push(project.join(CONFIG_FILE));
     }
     let mut seen = Vec::new();
     files.retain(|f| {
@@ -495,7 +514,7 @@ pub fn layer_files(home: &Path, project: Option<&Path>) -> Vec<PathBuf> {
 /// can write: it is read only by ways that stay in its directory, and one whose settings
 /// widen the sandbox must be trusted as it is ([`crate::config::trust`]).
 pub fn read_layer(path: &Path, home: &Path, trust: &crate::config::trust_store::Store) -> Result<(String, FileConfig)> {
-    let own_dir = path.parent().filter(|_| path != home.join(FILE_NAME));
+    let own_dir = path.parent().filter(|_| path != home.join(CONFIG_FILE));
     let text = crate::host::host_files::read_text(path, own_dir, crate::host::host_files::MAX_PROJECT_FILE)?;
     let file = parse_file(path, &text)?;
     if own_dir.is_some() {
@@ -513,7 +532,7 @@ pub fn read_layer(path: &Path, home: &Path, trust: &crate::config::trust_store::
 fn refuse_proxied_secrets(path: &Path, file: &FileConfig) -> Result<()> {
     if !file.secrets.proxied.is_empty() {
         anyhow::bail!(
-            "{}: [secrets.proxied] is read only from ~/{FILE_NAME}, never from a project's file (the guest can write it)",
+            "{}: [secrets.proxied] is read only from ~/{CONFIG_FILE}, never from a project's file (the guest can write it)",
             path.display()
         );
     }
@@ -522,7 +541,7 @@ fn refuse_proxied_secrets(path: &Path, file: &FileConfig) -> Result<()> {
 
 /// The layer files of `project` that the guest can write: all but `~/.cvm.toml`.
 pub fn project_layer_files(home: &Path, project: &Path) -> Vec<PathBuf> {
-    layer_files(home, Some(project)).into_iter().filter(|f| *f != home.join(FILE_NAME)).collect()
+    layer_files(home, Some(project)).into_iter().filter(|f| *f != home.join(CONFIG_FILE)).collect()
 }
 
 /// Records a project's layer `file` as trusted, once it is valid; returns what it widens.
@@ -557,22 +576,6 @@ pub fn validate(path: &Path, home: &Path) -> Result<()> {
     let file = parse_file(path, &text)?;
     Settings::defaults().apply_file(file, path, &text, home)?;
     Ok(())
-}
-
-/// `path` with `.` and `..` resolved by name (a file's `../data` is its sibling), as the
-/// shell does; symlinks are the share checks' business.
-pub(crate) fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::from("/");
-    for part in path.components() {
-        match part {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::Normal(name) => out.push(name),
-            _ => {}
-        }
-    }
-    out
 }
 
 /// One `[secrets.proxied.NAME]` table as plain data.

@@ -244,13 +244,13 @@ fn a_worktree_reads_its_main_repositorys_file_before_its_own() {
     std::fs::create_dir(&home).unwrap();
     let (main, wt) = crate::guest::shares::fake_worktree(dir.path());
     for d in [&home, &main, &wt] {
-        std::fs::write(d.join(FILE_NAME), "").unwrap();
+        std::fs::write(d.join(CONFIG_FILE), "").unwrap();
     }
     let main = main.canonicalize().unwrap();
-    assert_eq!(layer_files(&home, Some(&wt)), [home.join(FILE_NAME), main.join(FILE_NAME), wt.join(FILE_NAME)]);
-    assert_eq!(layer_files(&home, Some(&main)), [home.join(FILE_NAME), main.join(FILE_NAME)], "the main checkout reads its own once");
-    assert_eq!(layer_files(&home, None), [home.join(FILE_NAME)]);
-    std::fs::remove_file(home.join(FILE_NAME)).unwrap();
+    assert_eq!(layer_files(&home, Some(&wt)), [home.join(CONFIG_FILE), main.join(CONFIG_FILE), wt.join(CONFIG_FILE)]);
+    assert_eq!(layer_files(&home, Some(&main)), [home.join(CONFIG_FILE), main.join(CONFIG_FILE)], "the main checkout reads its own once");
+    assert_eq!(layer_files(&home, None), [home.join(CONFIG_FILE)]);
+    std::fs::remove_file(home.join(CONFIG_FILE)).unwrap();
     assert_eq!(layer_files(&home, None), Vec::<PathBuf>::new(), "missing files are no layers");
 }
 
@@ -347,4 +347,25 @@ fn env_tables_merge_by_name_the_project_over_the_user() {
     let shown = s.show();
     assert!(shown.lines().any(|l| l.starts_with("env.EDITOR") && l.contains("\"nano\"")), "{shown}");
     assert!(Settings::defaults().show().lines().all(|l| !l.starts_with("env.")));
+}
+
+#[test]
+fn durations() {
+    use keys::parse_duration;
+    assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    for bad in ["", "s", "0", "-1s", "1.5s", "10x", "1 s", "99999999999999999999999"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_configuration_file_cannot_set_what_cvm_sets() {
+    assert!(check_configurable("ANTHROPIC_BASE_URL").is_ok());
+    for name in ["CVM_VMM", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "HOME", "NODE_EXTRA_CA_CERTS", "SSH_AUTH_SOCK", "1X", "A-B"] {
+        assert!(check_configurable(name).is_err(), "{name}");
+    }
 }

@@ -107,7 +107,7 @@ fn git_named_paths(project: &Path, home: &Path) -> Vec<PathBuf> {
 pub fn host_code_paths(project: Option<&Path>, home: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = project.map(|p| git_named_paths(p, home)).unwrap_or_default();
     paths.push(home.join(DOT_NAMES));
-    paths.push(home.join(crate::config::FILE_NAME));
+    paths.push(home.join(crate::host::CONFIG_FILE));
     for (variable, under_home) in [
         ("XDG_CONFIG_HOME", ".config"),
         ("XDG_CACHE_HOME", ".cache"),
@@ -117,7 +117,7 @@ pub fn host_code_paths(project: Option<&Path>, home: &Path) -> Vec<PathBuf> {
         paths.push(crate::xdg_dir(variable, under_home).join("cvm"));
     }
     // Taken by name, as git takes a configured path.
-    let mut paths: Vec<PathBuf> = paths.iter().map(|p| crate::config::normalize(p)).collect();
+    let mut paths: Vec<PathBuf> = paths.iter().map(|p| crate::host::host_files::normalize(p)).collect();
     paths.sort();
     paths.dedup();
     paths
@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(within(&paths, Path::new("/h/p")), [PathBuf::from(".husky/_")]);
         assert!(within(&paths, Path::new("/h/.claude")).is_empty(), "the share itself is the user's choice");
         assert!(within(&paths, Path::new("/h/pp")).is_empty());
-        assert_eq!(crate::config::normalize(Path::new("/h/p/.git/../inc.cfg")), PathBuf::from("/h/p/inc.cfg"));
+        assert_eq!(crate::host::host_files::normalize(Path::new("/h/p/.git/../inc.cfg")), PathBuf::from("/h/p/inc.cfg"));
     }
 
     #[test]
@@ -171,7 +171,7 @@ mod tests {
         let git = |args: &[&str]| assert!(Command::new("git").arg("-C").arg(&top).args(args).status().unwrap().success());
         git(&["init", "-q"]);
         git(&["config", "core.hooksPath", "sub/hooks"]);
-        let paths: Vec<PathBuf> = git_named_paths(&top.join("sub"), &home).iter().map(|p| crate::config::normalize(p)).collect();
+        let paths: Vec<PathBuf> = git_named_paths(&top.join("sub"), &home).iter().map(|p| crate::host::host_files::normalize(p)).collect();
         assert!(paths.contains(&top.join("sub/hooks")), "{paths:?}");
         assert!(paths.contains(&top.join(".git/config")), "{paths:?}");
     }
@@ -190,7 +190,7 @@ mod tests {
         git(&["config", "includeIf.onbranch:x.path", "../conf/x.inc"]);
         git(&["config", "alias.z", "!./scripts/z.sh"]);
         std::fs::write(project.join("conf/git.inc"), "[core]\n\tfsmonitor = tools/fsmon\n").unwrap();
-        let paths: Vec<PathBuf> = git_named_paths(&project, &home).iter().map(|p| crate::config::normalize(p)).collect();
+        let paths: Vec<PathBuf> = git_named_paths(&project, &home).iter().map(|p| crate::host::host_files::normalize(p)).collect();
         for expected in [".husky", "conf/git.inc", "conf/x.inc", "scripts/z.sh", "tools/fsmon", ".git/config"] {
             assert!(paths.contains(&project.join(expected)), "{expected} not in {paths:?}");
         }

@@ -72,21 +72,6 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// What cvm itself sets in the guest, or reads as its own configuration (`CVM_*`): a
-/// configuration file's `[env]` may not set these (the flags may: they are the user's).
-const SET_BY_CVM: &[&str] = &["HOME", "USER", "LOGNAME", "TERM", "SSH_AUTH_SOCK", "GNUPGHOME", "NODE_EXTRA_CA_CERTS"];
-
-/// A name `[env]` may set: a variable name, neither cvm's own nor one cvm sets in the guest
-/// (the proxy's, the CA's, the forwarded sockets', the user's identity).
-pub fn check_configurable(name: &str) -> Result<(), String> {
-    check_name(name)?;
-    let proxy = crate::network::egress::guest_environment().into_iter().any(|(n, _)| n == name.as_bytes());
-    if name.starts_with("CVM_") || proxy || SET_BY_CVM.contains(&name) {
-        return Err(format!("{name} is cvm's to set: [env] cannot change it"));
-    }
-    Ok(())
-}
-
 /// Reads an env file: `NAME=VALUE` lines, `export ` allowed in front, blank lines and `#`
 /// comments skipped, one pair of matching quotes around a value removed. An error names the
 /// line, never a value.
@@ -143,14 +128,6 @@ mod tests {
             assert!(parse_pair(bad).is_err(), "{bad:?}");
         }
         assert!(parse_name("HOME").is_ok() && parse_name("NO-PE").is_err());
-    }
-
-    #[test]
-    fn a_configuration_file_cannot_set_what_cvm_sets() {
-        assert!(check_configurable("ANTHROPIC_BASE_URL").is_ok());
-        for name in ["CVM_VMM", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "HOME", "NODE_EXTRA_CA_CERTS", "SSH_AUTH_SOCK", "1X", "A-B"] {
-            assert!(check_configurable(name).is_err(), "{name}");
-        }
     }
 
     #[test]

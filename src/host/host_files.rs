@@ -3,7 +3,7 @@
 //! or a device (which would block or never end), never more than a cap.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
@@ -66,6 +66,22 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&read_tail(path)).into_owned();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `path` with `.` and `..` resolved by name (a file's `../data` is its sibling), as the
+/// shell does; symlinks are the share checks' business.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(name) => out.push(name),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -483,7 +483,7 @@ fn relay_to_socket(dir: &Path, port: u32, target: &Path) -> Result<Listening> {
 
 /// A stream to 127.0.0.1:`port` in the guest, through the agent.
 fn open_guest_port(vsock: &Path, port: u16) -> io::Result<UnixStream> {
-    let mut conn = crate::session::exec::connect_port(vsock, CONTROL_PORT)?;
+    let mut conn = crate::network::vsock::connect_port(vsock, CONTROL_PORT)?;
     protocol::write_frame(&mut conn, &Request::Forward { port }.encode())?;
     match protocol::read_reply(&mut conn)? {
         Some(Reply::Done) => Ok(conn),

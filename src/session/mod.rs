@@ -40,6 +40,7 @@ use crate::network::forward::{ForwardRequest, Listening};
 use crate::network::interception::SecretSwap;
 use crate::network::open_network::OpenNetwork;
 use crate::network::secrets::Secret;
+use crate::network::vsock;
 use crate::project::images::{Image, Layer};
 use crate::session::exec::Outcome;
 use crate::session::rundir::RunDir;
@@ -381,7 +382,7 @@ impl Session {
 
     /// Runs one command with this process's stdio.
     pub fn exec(&self, exec: Exec, deadline: Option<Instant>) -> Result<Outcome> {
-        let conn = exec::connect_port(&self.host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
+        let conn = vsock::connect_port(&self.host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
         Ok(exec::relay(conn, exec, deadline, self.machine.exit_fd())?)
     }
 
@@ -391,7 +392,7 @@ impl Session {
     pub fn shutdown(mut self) -> Option<String> {
         // The whole exchange within SYNC_TIMEOUT: a guest that stopped answering holds no one.
         let by = Instant::now() + SYNC_TIMEOUT;
-        let synced = exec::connect_port_within(&self.host_socket, CONTROL_PORT, SYNC_TIMEOUT).and_then(|mut conn| {
+        let synced = vsock::connect_port_within(&self.host_socket, CONTROL_PORT, SYNC_TIMEOUT).and_then(|mut conn| {
             conn.set_write_timeout(Some(SYNC_TIMEOUT))?;
             protocol::write_frame(&mut conn, &Request::Shutdown.encode())?;
             let socket = conn.try_clone()?;
@@ -482,7 +483,7 @@ fn set_up_guest(host_socket: &Path, setup: &Setup) -> Result<()> {
     if *setup == Setup::default() {
         return Ok(());
     }
-    let mut conn = exec::connect_port(host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
+    let mut conn = vsock::connect_port(host_socket, CONTROL_PORT).context("cannot reach the guest agent")?;
     protocol::write_frame(&mut conn, &Request::Setup(setup.clone()).encode())?;
     match protocol::read_reply(&mut conn)? {
         Some(Reply::Done) => Ok(()),

@@ -186,7 +186,7 @@ fn start_exec(session: &Session, mut client: UnixStream) -> Result<()> {
     };
     client.set_read_timeout(None)?;
     session.prepare(&mut exec);
-    let mut agent = crate::session::exec::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
+    let mut agent = crate::network::vsock::connect_port(session.vsock_socket(), CONTROL_PORT).context("cannot reach the guest agent")?;
     protocol::write_frame(&mut agent, &Request::Exec(exec).encode())?;
     std::thread::spawn(move || match cvm_sandbox::seccomp::confine_thread(cvm_sandbox::seccomp::Role::ExecRelay) {
         Ok(()) => splice(Box::new(client), Box::new(agent), None),

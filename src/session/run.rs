@@ -18,29 +18,6 @@ pub const EXIT_TIMEOUT: u8 = 124;
 /// Exit status when cvm itself fails (as `docker run`).
 pub const EXIT_CVM_FAILED: u8 = 125;
 
-/// Parses a duration: a whole number with an optional unit `ms`, `s`, `m` or `h` (bare: s).
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: expected a number like 30s, 5m or 1h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(value),
-        "" | "s" => Duration::from_secs(value),
-        "m" => Duration::from_secs(value.saturating_mul(60)),
-        "h" => Duration::from_secs(value.saturating_mul(3600)),
-        other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m or h)")),
-    };
-    if duration.is_zero() {
-        return Err("the duration must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
-/// What `cvm run` runs when no command is given: the coding agent, allowed to act without
-/// asking (the VM is the sandbox).
-pub const AGENT_COMMAND: &[&str] = &["claude", "--dangerously-skip-permissions"];
-
 /// `cvm run [PATH] [-- CMD]`: with no command, the agent runs in the project (`.` by
 /// default); with one, no project is shared unless PATH is given.
 pub fn default_project(path: Option<PathBuf>, has_command: bool) -> Option<PathBuf> {
@@ -166,17 +143,5 @@ mod tests {
         assert_eq!(default_project(Some("/p".into()), false), Some(PathBuf::from("/p")));
         assert_eq!(default_project(None, true), None, "a command shares nothing unasked");
         assert_eq!(default_project(Some("/p".into()), true), Some(PathBuf::from("/p")));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "s", "0", "-1s", "1.5s", "10x", "1 s", "99999999999999999999999"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
     }
 }

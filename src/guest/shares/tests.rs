@@ -259,7 +259,9 @@ fn writable_shares_on_one_file_system_split_its_quota() {
     for writable in [&project, &data] {
         let split = quota(writable).unwrap();
         assert_eq!(split.bytes, (9 << 30) / 2, "{}", writable.display());
-        assert!(whole.inodes == u64::MAX || split.inodes == whole.inodes / 2, "{split:?} of {whole:?}");
+        // Free inodes are read twice, here and in the plan, while other processes make and
+        // remove files: within 1% of half.
+        assert!(whole.inodes == u64::MAX || split.inodes.abs_diff(whole.inodes / 2) <= whole.inodes / 100, "{split:?} of {whole:?}");
     }
     assert_eq!(quota(&docs), None, "a read-only share has no quota to take a part of");
 }
