@@ -226,10 +226,16 @@ fn behind_an_upstream_proxy_allowed_names_are_tunnelled_through_it() {
     let s = Setup::new(p);
     let reply = s.ask(&format!("GET http://registry.test:{port}/pkg HTTP/1.1\r\nHost: registry.test\r\n\r\n"));
     assert!(reply.ends_with("hello through the upstream (GET /pkg HTTP/1.1)"), "{reply}");
-    assert_eq!(targets.recv_timeout(Duration::from_secs(5)).unwrap(), format!("CONNECT registry.test:{port} HTTP/1.1"));
+    assert_eq!(
+        targets.recv_timeout(Duration::from_secs(60)).expect("the upstream saw no CONNECT within 60 s"),
+        format!("CONNECT registry.test:{port} HTTP/1.1")
+    );
     let reply = s.ask("CONNECT registry.test:443 HTTP/1.1\r\n\r\nGET /tls HTTP/1.1\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 200 Connection established\r\n\r\n") && reply.ends_with("(GET /tls HTTP/1.1)"), "{reply}");
-    assert_eq!(targets.recv_timeout(Duration::from_secs(5)).unwrap(), "CONNECT registry.test:443 HTTP/1.1");
+    assert_eq!(
+        targets.recv_timeout(Duration::from_secs(60)).expect("the upstream saw no CONNECT within 60 s"),
+        "CONNECT registry.test:443 HTTP/1.1"
+    );
     // The allow list is still cvm's: nothing else reaches the upstream.
     assert!(s.ask("CONNECT elsewhere.test:443 HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 403"));
     assert!(targets.recv_timeout(Duration::from_millis(300)).is_err(), "a refused name never reaches the upstream");

@@ -250,7 +250,7 @@ fn garbage_and_shutdown() {
     for junk in [&[5u8, 0, 0, 0, 99, 1, 2, 3, 4][..], &u32::MAX.to_le_bytes()[..]] {
         let mut conn = UnixStream::connect(&agent.socket).unwrap();
         conn.write_all(junk).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        conn.set_read_timeout(Some(READ_DEADLINE)).unwrap();
         assert!(matches!(protocol::read_reply(&mut conn), Ok(None) | Err(_)));
     }
     let r = collect(&mut agent.connect(sh("echo still here")));
