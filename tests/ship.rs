@@ -200,8 +200,9 @@ impl Drop for Containers {
             }
         }
         if self.kind == Kind::Podman {
-            // podman keeps no daemon; this unmounts whatever its store still has mounted.
-            let _ = self.cli().args(["system", "reset", "--force"]).output();
+            // podman keeps no daemon: its images go with the store's directory, after this
+            // unmounts whatever of them is still mounted.
+            let _ = self.cli().args(["rmi", "--all", "--force"]).output();
         }
         if let Some(mut daemon) = self.daemon.take() {
             // SAFETY (test): SIGTERM to the daemon this test started; it stops its containerd.
