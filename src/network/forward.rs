@@ -48,35 +48,26 @@ pub trait Stream: Read + Write + Send + 'static {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
-impl Stream for TcpStream {
-    fn clone_stream(&self) -> io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn close_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-    fn close(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_read_timeout(self, timeout)
-    }
+/// TCP and Unix streams are relayed alike: their std methods have the same names.
+macro_rules! impl_stream {
+    ($($stream:ty),*) => {$(
+        impl Stream for $stream {
+            fn clone_stream(&self) -> io::Result<Box<dyn Stream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn close_write(&self) {
+                let _ = self.shutdown(Shutdown::Write);
+            }
+            fn close(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+            fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+                <$stream>::set_read_timeout(self, timeout)
+            }
+        }
+    )*};
 }
-
-impl Stream for UnixStream {
-    fn clone_stream(&self) -> io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn close_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-    fn close(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_read_timeout(self, timeout)
-    }
-}
+impl_stream!(TcpStream, UnixStream);
 
 /// The most connections one listener serves at a time: past it, a new one is closed at once
 /// (the guest is told no), so a flood costs the host a bounded number of threads and fds.
